@@ -1,0 +1,34 @@
+"""Errors a user can cause, each with a message that says what to do. No torch here."""
+
+from __future__ import annotations
+
+
+class VramplanError(Exception):
+    """Base class of every error vramplan raises on purpose."""
+
+
+class UnsupportedModelError(VramplanError, TypeError):
+    """A model or pipeline class without an adapter."""
+
+
+class PlanMismatchError(VramplanError, ValueError):
+    """A plan made for another model, config or sample shape."""
+
+
+class PlanFormatError(VramplanError, ValueError):
+    """A plan file that is corrupt, invalid or from an unknown schema version."""
+
+
+class InvalidPlanError(VramplanError, ValueError):
+    """A plan whose groups or slice counts the runtime cannot execute as written."""
+
+
+class UnknownGPUError(VramplanError, KeyError):
+    """A GPU name that matches no profile."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class InfeasibleError(VramplanError, ValueError):
+    """No plan fits the target: says the smallest reachable peak and the unit that sets it."""

@@ -1,0 +1,143 @@
+"""The JSON contracts between the profiler, the planner and the runtime (pydantic, no torch).
+
+A :class:`Plan` says, for one model config and one sample shape, how many slices each unit is
+cut into and which consecutive units run as one group. It is versioned JSON: ``Plan.load``
+names the field that is wrong in a corrupt file and refuses versions it does not know.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import PlanFormatError
+
+SCHEMA_VERSION = 1
+
+DType = Literal["fp32", "fp16", "bf16"]
+Axis = Literal["frames", "tokens"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class ModelRef(_Strict):
+    """Which model a plan or profile belongs to: class plus a hash of its config."""
+
+    class_name: str = Field(description="diffusers model class, e.g. UNetSpatioTemporalConditionModel")
+    config_hash: str = Field(description="sha256 of the model config (keys starting with '_' ignored)")
+    name: str | None = Field(default=None, description="short name, Hugging Face id or path, for messages")
+
+    def describe(self) -> str:
+        label = f"{self.name} " if self.name else ""
+        return f"{label}({self.class_name}, config {self.config_hash[:12]})"
+
+
+class SampleShape(_Strict):
+    """The UNet's input: batch (CFG doubles it), frames, latent height/width, dtype."""
+
+    batch: int = Field(ge=1, description="UNet batch; classifier-free guidance doubles it")
+    frames: int = Field(ge=1)
+    latent_height: int = Field(ge=1)
+    latent_width: int = Field(ge=1)
+    dtype: DType
+
+    def describe(self) -> str:
+        return (
+            f"batch {self.batch} x {self.frames} frames x {self.latent_height}x{self.latent_width} latents, "
+            f"{self.dtype}"
+        )
+
+
+class Group(_Strict):
+    """Consecutive units of one axis that run slice by slice end to end with one slice count."""
+
+    units: list[str] = Field(min_length=1, description="unit names, consecutive in execution order")
+    axis: Axis
+    k: int = Field(ge=1, description="slice count shared by every unit of the group")
+
+
+class Plan(_Strict):
+    """How to run one model on one sample shape. Units not named in ``slices`` run unsliced."""
+
+    schema_version: int = Field(default=SCHEMA_VERSION, description="version of this JSON schema")
+    model: ModelRef
+    shape: SampleShape
+    slices: dict[str, int] = Field(default_factory=dict, description="unit name -> slice count k (>= 1)")
+    groups: list[Group] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Plan:
+        if self.schema_version != SCHEMA_VERSION:
+            raise ValueError(f"schema_version {self.schema_version} is not {SCHEMA_VERSION}")
+        bad = {u: k for u, k in self.slices.items() if k < 1}
+        if bad:
+            raise ValueError(f"slice counts must be >= 1: {bad}")
+        seen: set[str] = set()
+        for group in self.groups:
+            for unit in group.units:
+                if unit in seen:
+                    raise ValueError(f"unit {unit!r} is in more than one group")
+                seen.add(unit)
+                if self.slices.get(unit, group.k) != group.k:
+                    raise ValueError(
+                        f"unit {unit!r} has k={self.slices[unit]} but its group has k={group.k}"
+                    )
+        return self
+
+    def k(self, unit: str) -> int:
+        return self.slices.get(unit, 1)
+
+    # -- JSON ------------------------------------------------------------------------------
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(self.to_json() + "\n")
+        return path
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "plan") -> Plan:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise PlanFormatError(f"{source} is not valid JSON: {err}") from err
+        if not isinstance(data, dict):
+            raise PlanFormatError(f"{source} must hold a JSON object, not {type(data).__name__}")
+        version = data.get("schema_version")
+        if not isinstance(version, int):
+            raise PlanFormatError(f"{source} has no integer 'schema_version' field; is it a vramplan plan?")
+        if version > SCHEMA_VERSION:
+            raise PlanFormatError(
+                f"{source} uses plan schema version {version}, but this vramplan reads version "
+                f"{SCHEMA_VERSION}; upgrade vramplan to read it."
+            )
+        if version < SCHEMA_VERSION:
+            raise PlanFormatError(f"{source} uses plan schema version {version}, which is no longer read.")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise PlanFormatError(f"{source} is not a valid plan: {_describe(err)}") from err
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise PlanFormatError(f"cannot read plan file {path}: {err.strerror}") from err
+        return cls.from_json(text, source=str(path))
+
+
+def _describe(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors()[:5]:
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        parts.append(f"field '{where}': {e['msg']}")
+    more = len(err.errors()) - 5
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")

@@ -1,0 +1,61 @@
+"""Adapters: the only place that knows diffusers model classes.
+
+An adapter lowers one model class to a unit program (:mod:`vramplan.runtime.program`): the ops in
+execution order (static for a model) and, per call, the initial values and per-call constants.
+The slicer, grouping and memory code work on that program and never see a diffusers class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from ...planner.errors import UnsupportedModelError
+from ..program import Layout, Op
+
+
+@dataclass
+class CallBinding:
+    """One call of a model, lowered: what the program starts from and how to finish."""
+
+    env: dict[str, torch.Tensor]
+    layouts: dict[str, Layout]
+    globals: dict[str, Any]
+    finish: Any
+    shape: dict[str, Any]  # batch, frames, latent_height, latent_width, dtype (for plan checks)
+
+
+class Adapter(Protocol):
+    name: str
+    model_classes: tuple[str, ...]
+
+    def ops(self, model: torch.nn.Module) -> tuple[list[Op], str]:
+        """The model's ops in execution order and the name of the value the forward returns."""
+
+    def bind(self, model: torch.nn.Module, *args, **kwargs) -> CallBinding:
+        """Lower one forward call's arguments."""
+
+
+_ADAPTERS: list[Adapter] = []
+
+
+def register(adapter: Adapter) -> Adapter:
+    _ADAPTERS.append(adapter)
+    return adapter
+
+
+def supported_classes() -> list[str]:
+    return [cls for a in _ADAPTERS for cls in a.model_classes]
+
+
+def adapter_for(model: torch.nn.Module) -> Adapter:
+    """The adapter for ``model``'s class, or a clear error naming the supported classes."""
+    name = type(model).__name__
+    for adapter in _ADAPTERS:
+        if name in adapter.model_classes:
+            return adapter
+    raise UnsupportedModelError(
+        f"vramplan has no adapter for {name}. Supported model classes: {', '.join(supported_classes())}."
+    )

@@ -1,0 +1,273 @@
+"""Adapter for ``UNetSpatioTemporalConditionModel`` (Stable Video Diffusion, SVD-XT).
+
+Units, in execution order (module paths of the stock model):
+
+- ``conv_in``, ``*.spatial_res_block``, ``*.attentions.N.proj_in`` (GroupNorm + proj_in),
+  ``*.transformer_blocks.M``, ``*.attentions.N.proj_out`` (+ residual), down/upsamplers and
+  ``conv_norm_out`` (+ act + conv_out) work frame by frame: sliced along frames (``B*T``).
+- ``*.temporal_res_block.norm1`` (norm1, conv1, + temb) and ``*.temporal_res_block.norm2``
+  (norm2, conv2, shortcut, ``time_mixer``) mix along time at each spatial position: sliced along
+  tokens, with GroupNorm statistics over all tokens gathered first.
+- ``*.temporal_transformer_blocks.M`` (+ frame position embedding + ``time_mixer``): tokens.
+
+The up path's ``torch.cat`` of the skip connection happens inside the sliced spatial unit, so
+the concatenated feature never exists at full size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..norm import merged_moments, normalize_groups
+from ..program import Op, SliceCtx, UnitSpec, take
+from .base import CallBinding, register
+
+
+class SVDUNetAdapter:
+    name = "svd-unet"
+    model_classes = ("UNetSpatioTemporalConditionModel",)
+
+    # ------------------------------------------------------------------ program structure
+    def ops(self, unet) -> tuple[list[Op], str]:
+        ops: list[Op] = []
+
+        def add(op: Op) -> str:
+            ops.append(op)
+            return op.output
+
+        h = add(_frames("conv_in", ("sample",), lambda ctx, x: unet.conv_in(x), kind="conv"))
+        skips = [h]
+        for i, block in enumerate(unet.down_blocks):
+            attentions = getattr(block, "attentions", None)
+            for j, resnet in enumerate(block.resnets):
+                h = _resnet(add, f"down_blocks.{i}.resnets.{j}", resnet, (h,))
+                if attentions is not None:
+                    h = _transformer(add, f"down_blocks.{i}.attentions.{j}", attentions[j], h)
+                skips.append(h)
+            if block.downsamplers is not None:
+                ds = block.downsamplers[0]
+                h = add(_frames(f"down_blocks.{i}.downsamplers.0", (h,), lambda ctx, x, m=ds: m(x), kind="down"))
+                skips.append(h)
+
+        mid = unet.mid_block
+        h = _resnet(add, "mid_block.resnets.0", mid.resnets[0], (h,))
+        for j, (attn, resnet) in enumerate(zip(mid.attentions, mid.resnets[1:], strict=True)):
+            h = _transformer(add, f"mid_block.attentions.{j}", attn, h)
+            h = _resnet(add, f"mid_block.resnets.{j + 1}", resnet, (h,))
+
+        for i, block in enumerate(unet.up_blocks):
+            res = skips[-len(block.resnets) :]
+            skips = skips[: -len(block.resnets)]
+            attentions = getattr(block, "attentions", None)
+            for j, resnet in enumerate(block.resnets):
+                h = _resnet(add, f"up_blocks.{i}.resnets.{j}", resnet, (h, res[-1 - j]))
+                if attentions is not None:
+                    h = _transformer(add, f"up_blocks.{i}.attentions.{j}", attentions[j], h)
+            if block.upsamplers is not None:
+                h = add(_upsampler(f"up_blocks.{i}.upsamplers.0", block.upsamplers[0], h, skips[-1]))
+
+        def head(ctx, x):
+            return unet.conv_out(unet.conv_act(unet.conv_norm_out(x)))
+
+        h = add(_frames("conv_norm_out", (h,), head, kind="conv"))
+        return ops, h
+
+    # ------------------------------------------------------------------ one call
+    def bind(
+        self,
+        unet,
+        sample: torch.Tensor,
+        timestep,
+        encoder_hidden_states: torch.Tensor,
+        added_time_ids: torch.Tensor,
+        return_dict: bool = True,
+    ) -> CallBinding:
+        from diffusers.models.unets.unet_spatio_temporal_condition import UNetSpatioTemporalConditionOutput
+        from diffusers.utils.torch_utils import maybe_adjust_dtype_for_device
+
+        # Same steps as UNetSpatioTemporalConditionModel.forward, "1. time" and the flattening.
+        up_factor = 2**unet.num_upsamplers
+        forward_upsample_size = any(s % up_factor != 0 for s in sample.shape[-2:])
+        timesteps = timestep
+        if not torch.is_tensor(timesteps):
+            dtype = maybe_adjust_dtype_for_device(
+                torch.float64 if isinstance(timestep, float) else torch.int64, sample.device
+            )
+            timesteps = torch.tensor([timesteps], dtype=dtype, device=sample.device)
+        elif len(timesteps.shape) == 0:
+            timesteps = timesteps[None].to(sample.device)
+        batch, frames = sample.shape[:2]
+        timesteps = timesteps.expand(batch)
+        t_emb = unet.time_proj(timesteps).to(dtype=sample.dtype)
+        emb = unet.time_embedding(t_emb)
+        time_embeds = unet.add_time_proj(added_time_ids.flatten()).reshape((batch, -1)).to(emb.dtype)
+        emb = emb + unet.add_embedding(time_embeds)
+        emb = emb.repeat_interleave(frames, dim=0, output_size=emb.shape[0] * frames)
+        ehs = encoder_hidden_states.repeat_interleave(
+            frames, dim=0, output_size=encoder_hidden_states.shape[0] * frames
+        )
+        indicator = torch.zeros(batch, frames, dtype=sample.dtype, device=sample.device)
+
+        def finish(out: torch.Tensor):
+            out = out.reshape(batch, frames, *out.shape[1:])
+            return UNetSpatioTemporalConditionOutput(sample=out) if return_dict else (out,)
+
+        return CallBinding(
+            env={"sample": sample.flatten(0, 1)},
+            layouts={"sample": "nchw"},
+            globals={
+                "emb": emb,
+                "ehs": ehs,
+                "indicator": indicator,
+                "batch": batch,
+                "frames": frames,
+                "forward_upsample_size": forward_upsample_size,
+            },
+            finish=finish,
+            shape={
+                "batch": batch,
+                "frames": frames,
+                "latent_height": sample.shape[-2],
+                "latent_width": sample.shape[-1],
+                "dtype": sample.dtype,
+            },
+        )
+
+
+# ---------------------------------------------------------------------- unit builders
+def _frames(name, inputs, fn, layout="nchw", kind="") -> Op:
+    return Op(UnitSpec(name, "frames", kind=kind), tuple(inputs), name, fn, layout)
+
+
+def _resnet(add, prefix: str, block, inputs: tuple[str, ...]) -> str:
+    """SpatioTemporalResBlock -> spatial unit (frames) + two temporal units (tokens)."""
+    spatial = block.spatial_res_block
+
+    def spatial_fn(ctx: SliceCtx, x, skip=None):
+        if skip is not None:
+            x = torch.cat([x, skip], dim=1)
+        return spatial(x, ctx.globals["emb"][ctx.start : ctx.stop])
+
+    xs = add(_frames(f"{prefix}.spatial_res_block", inputs, spatial_fn, kind="resnet"))
+    temporal = block.temporal_res_block
+    h1 = add(_temporal_conv1(f"{prefix}.temporal_res_block.norm1", temporal, xs))
+    return add(_temporal_conv2(f"{prefix}.temporal_res_block.norm2", temporal, block.time_mixer, h1, xs))
+
+
+def _to_video(x: torch.Tensor, ctx: SliceCtx) -> torch.Tensor:
+    """A token slice ``[B*T, C, n]`` as the 5-D ``[B, C, T, n, 1]`` the temporal convs expect."""
+    b, t = ctx.globals["batch"], ctx.globals["frames"]
+    return x.reshape(b, t, x.shape[1], x.shape[2]).permute(0, 2, 1, 3).unsqueeze(-1)
+
+
+def _from_video(x: torch.Tensor) -> torch.Tensor:
+    b, c, t, n, _ = x.shape
+    return x.squeeze(-1).permute(0, 2, 1, 3).reshape(b * t, c, n)
+
+
+def _time_stats(norm: torch.nn.GroupNorm):
+    """``prepare`` hook: GroupNorm moments over (channels in group, time, all tokens)."""
+
+    def prepare(ctx: SliceCtx, full: torch.Tensor, bounds):
+        b, t, g = ctx.globals["batch"], ctx.globals["frames"], norm.num_groups
+        c = full.shape[1]
+        pieces = (
+            take(full, "nchw", "tokens", start, stop).reshape(b, t, g, c // g, stop - start)
+            for start, stop in bounds
+        )
+        return merged_moments(pieces, reduce_dims=(1, 3, 4))
+
+    return prepare
+
+
+def _group_norm(norm: torch.nn.GroupNorm, x: torch.Tensor, stats) -> torch.Tensor:
+    mean, var = stats
+    return normalize_groups(x, mean, var, norm.num_groups, norm.eps, norm.weight, norm.bias)
+
+
+def _temporal_conv1(name: str, block, xs: str) -> Op:
+    def fn(ctx: SliceCtx, x):
+        h = block.nonlinearity(_group_norm(block.norm1, _to_video(x, ctx), ctx.prepared))
+        h = block.conv1(h)
+        if block.time_emb_proj is not None:
+            temb = ctx.globals["emb"].reshape(ctx.globals["batch"], ctx.globals["frames"], -1)
+            temb = block.time_emb_proj(block.nonlinearity(temb))[:, :, :, None, None].permute(0, 2, 1, 3, 4)
+            h = h + temb
+        return _from_video(h)
+
+    return Op(UnitSpec(name, "tokens", True, kind="temporal_conv"), (xs,), name, fn, "nchw", _time_stats(block.norm1))
+
+
+def _temporal_conv2(name: str, block, mixer, h1: str, xs: str) -> Op:
+    def fn(ctx: SliceCtx, h, x):
+        h = block.nonlinearity(_group_norm(block.norm2, _to_video(h, ctx), ctx.prepared))
+        h = block.conv2(block.dropout(h))
+        x = _to_video(x, ctx)
+        shortcut = block.conv_shortcut(x) if block.conv_shortcut is not None else x
+        out = mixer(x_spatial=x, x_temporal=shortcut + h, image_only_indicator=ctx.globals["indicator"])
+        return _from_video(out)
+
+    return Op(UnitSpec(name, "tokens", True, kind="temporal_conv"), (h1, xs), name, fn, "nchw", _time_stats(block.norm2))
+
+
+def _transformer(add, prefix: str, model, h: str) -> str:
+    """TransformerSpatioTemporalModel -> proj_in, per layer (spatial, temporal) blocks, proj_out."""
+
+    def proj_in(ctx: SliceCtx, x):
+        n, c, height, width = x.shape
+        y = model.norm(x)
+        return model.proj_in(y.permute(0, 2, 3, 1).reshape(n, height * width, y.shape[1]))
+
+    t = add(_frames(f"{prefix}.proj_in", (h,), proj_in, layout="nlc", kind="proj"))
+    for m, (block, temporal) in enumerate(zip(model.transformer_blocks, model.temporal_transformer_blocks, strict=True)):
+
+        def spatial_fn(ctx: SliceCtx, x, block=block):
+            return block(x, encoder_hidden_states=ctx.globals["ehs"][ctx.start : ctx.stop])
+
+        t = add(_frames(f"{prefix}.transformer_blocks.{m}", (t,), spatial_fn, layout="nlc", kind="attention"))
+        t = add(_temporal_block(f"{prefix}.temporal_transformer_blocks.{m}", prefix, model, temporal, t))
+
+    def proj_out(ctx: SliceCtx, t_, x):
+        n, _, height, width = x.shape
+        y = model.proj_out(t_)
+        y = y.reshape(n, height, width, y.shape[-1]).permute(0, 3, 1, 2).contiguous()
+        return y + x
+
+    return add(_frames(f"{prefix}.proj_out", (t, h), proj_out, kind="proj"))
+
+
+def _temporal_block(name: str, prefix: str, model, block, t: str) -> Op:
+    def fn(ctx: SliceCtx, x):
+        g = ctx.globals
+        b, frames = g["batch"], g["frames"]
+        emb = _frame_embedding(model, prefix, g, x)
+        ehs = g["ehs"]
+        first = ehs[None, :].reshape(b, frames, -1, ehs.shape[-1])[:, 0]
+        n = x.shape[1]
+        context = first[:, None].broadcast_to(b, n, first.shape[-2], first.shape[-1])
+        context = context.reshape(b * n, -1, first.shape[-1])
+        mixed = block(x + emb, num_frames=frames, encoder_hidden_states=context)
+        return model.time_mixer(x_spatial=x, x_temporal=mixed, image_only_indicator=g["indicator"])
+
+    return Op(UnitSpec(name, "tokens", kind="temporal_attention"), (t,), name, fn, "nlc")
+
+
+def _frame_embedding(model, prefix: str, g: dict, x: torch.Tensor) -> torch.Tensor:
+    """The transformer's frame-position embedding ``[B*T, 1, C]``, computed once per call."""
+    key = f"{prefix}.frame_embedding"
+    if key not in g:
+        index = torch.arange(g["frames"], device=x.device).repeat(g["batch"], 1).reshape(-1)
+        emb = model.time_pos_embed(model.time_proj(index).to(dtype=x.dtype))
+        g[key] = emb[:, None, :]
+    return g[key]
+
+
+def _upsampler(name: str, module, h: str, next_skip: str) -> Op:
+    def fn(ctx: SliceCtx, x):
+        size = ctx.shapes[next_skip][2:] if ctx.globals["forward_upsample_size"] else None
+        return module(x, size)
+
+    return Op(UnitSpec(name, "frames", kind="up"), (h,), name, fn, "nchw")
+
+
+register(SVDUNetAdapter())

@@ -1,0 +1,160 @@
+"""Run a unit program under a plan: Feature Slicer + Operator Grouping.
+
+A *segment* is either one plan group (consecutive units of one axis, one slice count) or a single
+ungrouped unit. A segment runs slice by slice end to end: for each slice every op of the segment
+runs on that slice, so values made and used inside the segment only ever exist one slice at a
+time. Values that outlive the segment are written slice by slice into one preallocated buffer —
+or, when an input of the same shape dies in this segment and nothing else holds it, back into
+that input's buffer. After the segment every value past its last use is released.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .memory import unit_label
+from .program import Axis, Op, Program, SliceCtx, as_whole, axis_length, full_shape, put, split_bounds, take
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Segment:
+    ops: list[Op]
+    axis: Axis | None
+    k: int
+
+
+def execute(program: Program, segments: Sequence[Segment]) -> object:
+    """Run ``program``'s ops, segment by segment; return the model's output."""
+    env = dict(program.env)
+    layouts = dict(program.layouts)
+    owned: set[str] = set()
+    last_use = _last_uses(program)
+    position = 0
+    for seg in segments:
+        end = position + len(seg.ops) - 1
+        _run_segment(seg, env, layouts, owned, last_use, end, program.globals)
+        for name in [n for n in env if last_use.get(n, -1) <= end and n != program.result]:
+            del env[name]
+        position = end + 1
+    return program.finish(env.pop(program.result))
+
+
+def _last_uses(program: Program) -> dict[str, int]:
+    last: dict[str, int] = {}
+    for i, op in enumerate(program.ops):
+        for name in op.inputs:
+            last[name] = i
+        last.setdefault(op.output, i)
+    last[program.result] = len(program.ops)
+    return last
+
+
+def _run_segment(seg, env, layouts, owned, last_use, end, globals_) -> None:
+    ops = seg.ops
+    first = ops[0]
+    if seg.axis is None or not first.inputs:
+        for op in ops:
+            with unit_label(op.name):
+                ctx = SliceCtx(None, 0, 0, 0, globals_, shapes=_shapes(env))
+                env[op.output] = op.fn(ctx, *(env[n] for n in op.inputs))
+            layouts[op.output] = op.layout
+            owned.add(op.output)
+        return
+
+    axis = seg.axis
+    lead = env[first.inputs[0]]
+    length = axis_length(lead, layouts[first.inputs[0]], axis)
+    bounds = split_bounds(length, seg.k)
+    shapes = _shapes(env)
+    prepared = {}
+    for op in ops:
+        if op.prepare is not None:
+            with unit_label(op.name):
+                ctx = SliceCtx(axis, 0, length, length, globals_, shapes=shapes)
+                prepared[op.name] = op.prepare(ctx, env[op.inputs[0]], bounds)
+
+    escaping = {op.output for op in ops if last_use.get(op.output, -1) > end}
+    # Reads inside the segment: value name -> index (within ops) of its last read.
+    local_last: dict[str, int] = {}
+    for i, op in enumerate(ops):
+        for name in op.inputs:
+            local_last[name] = i
+    buffers: dict[str, torch.Tensor] = {}
+    full_shapes: dict[str, tuple[int, ...]] = {}
+
+    for start, stop in bounds:
+        local: dict[str, torch.Tensor] = {}
+        for i, op in enumerate(ops):
+            with unit_label(op.name):
+                args = [
+                    local[n] if n in local else take(env[n], layouts[n], axis, start, stop) for n in op.inputs
+                ]
+                ctx = SliceCtx(axis, start, stop, length, globals_, prepared.get(op.name), shapes)
+                piece = op.fn(ctx, *args)
+                del args
+                if op.output not in full_shapes:
+                    like = full_shapes.get(op.inputs[0]) or tuple(env[op.inputs[0]].shape)
+                    full_shapes[op.output] = full_shape(piece.shape, op.layout, axis, length, like)
+                if op.output in escaping:
+                    if len(bounds) == 1:
+                        buffers[op.output] = as_whole(piece, op.layout, axis, full_shapes[op.output])
+                    else:
+                        if op.output not in buffers:
+                            buffers[op.output] = _output_buffer(
+                                full_shapes[op.output], piece, op, i, env, owned, last_use, end, local_last,
+                                buffers, local,
+                            )
+                        put(buffers[op.output], op.layout, axis, start, stop, piece)
+                if local_last.get(op.output, -1) > i:
+                    local[op.output] = piece
+                del piece
+                for name in [n for n in local if local_last.get(n, -1) <= i]:
+                    del local[name]
+        del local
+
+    for op in ops:
+        layouts[op.output] = op.layout
+        owned.add(op.output)
+        if op.output in buffers:
+            env[op.output] = buffers[op.output]
+
+
+def _output_buffer(shape, piece, op, i, env, owned, last_use, end, local_last, buffers, local):
+    """Where an escaping output lives: a dying input's buffer if that is safe, else a new one."""
+    held = {id(b.untyped_storage()) for b in buffers.values()}
+    later_locals = {id(t.untyped_storage()) for n, t in local.items() if local_last.get(n, -1) > i}
+    for name in op.inputs:
+        if name not in env or name not in owned:
+            continue
+        cand = env[name]
+        if (
+            tuple(cand.shape) == tuple(shape)
+            and cand.dtype == piece.dtype
+            and cand.is_contiguous()
+            and last_use.get(name, -1) <= end
+            and local_last.get(name, -1) <= i
+            and id(cand.untyped_storage()) not in held
+            and id(cand.untyped_storage()) not in later_locals
+            and not _shared(name, cand, env, last_use, end)
+        ):
+            return cand
+    return piece.new_empty(shape)
+
+
+def _shared(name: str, tensor: torch.Tensor, env, last_use, end) -> bool:
+    """Whether another value that outlives the segment shares ``tensor``'s storage."""
+    key = id(tensor.untyped_storage())
+    return any(
+        other != name and last_use.get(other, -1) > end and id(t.untyped_storage()) == key
+        for other, t in env.items()
+    )
+
+
+def _shapes(env: dict[str, torch.Tensor]) -> dict[str, torch.Size]:
+    return {name: t.shape for name, t in env.items()}

@@ -1,0 +1,191 @@
+"""Measure activation memory by counting live tensor storages at the dispatcher.
+
+One instrument for every device: real CPU tensors, meta ("fake") tensors of a full-size model and
+CUDA tensors all pass through ``__torch_dispatch__``, so the same bookkeeping measures all three.
+A storage is counted when an op returns it for the first time (views and in-place results share
+their input's storage and are not counted again) and uncounted when it dies (a weakref callback
+on the storage object, which PyTorch keeps alive exactly as long as the storage itself).
+Anything that existed before the tracker was entered, weights included, is never counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+log = logging.getLogger(__name__)
+
+_active: list[MemoryTracker] = []
+_lock = threading.Lock()
+
+
+def current_tracker() -> MemoryTracker | None:
+    """The innermost active tracker, so the runtime can label units without being handed one."""
+    return _active[-1] if _active else None
+
+
+@contextmanager
+def unit_label(name: str) -> Iterator[None]:
+    """Attribute allocations to ``name`` in the active tracker (no-op without one)."""
+    tracker = current_tracker()
+    if tracker is None:
+        yield
+        return
+    with tracker.label(name):
+        yield
+
+
+@dataclass
+class UnitMemory:
+    """What one unit needed. ``transient_bytes`` is the most it ever added above its entry level."""
+
+    entry_bytes: int = 0
+    peak_bytes: int = 0
+    transient_bytes: int = 0
+    calls: int = 0
+
+
+@dataclass
+class _Frame:
+    name: str
+    entry: int
+    peak: int
+
+
+class MemoryTracker(TorchDispatchMode):
+    """Context manager: ``peak_bytes``, ``current_bytes`` and ``units`` (a per-label breakdown).
+
+    ``label_modules`` maps names to modules whose forward calls should be labelled (used to get a
+    per-unit breakdown of the *original* forward); the runtime labels planned units itself.
+    On CUDA, ``cuda_peak_allocated_bytes`` is ``torch.cuda.max_memory_allocated`` above the level at
+    entry, for cross-checking.
+    """
+
+    def __init__(self, label_modules: dict[str, torch.nn.Module] | None = None) -> None:
+        super().__init__()
+        self.label_modules = label_modules
+        self.current_bytes = 0
+        self.peak_bytes = 0
+        self.peak_label: str | None = None
+        self.units: dict[str, UnitMemory] = {}
+        self.cuda_peak_allocated_bytes: int | None = None
+        self._live: dict[int, tuple[int, weakref.ref]] = {}
+        self._stack: list[_Frame] = []
+        self._hooks: list = []
+        self._cuda_base: int | None = None
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def _add(self, storage: torch.UntypedStorage) -> None:
+        key = id(storage)
+        if key in self._live:
+            return
+        nbytes = storage.nbytes()
+        ref = weakref.ref(storage, lambda _r, k=key: self._free(k))
+        self._live[key] = (nbytes, ref)
+        self.current_bytes += nbytes
+        if self.current_bytes > self.peak_bytes:
+            self.peak_bytes = self.current_bytes
+            self.peak_label = self._stack[-1].name if self._stack else None
+        for frame in self._stack:
+            frame.peak = max(frame.peak, self.current_bytes)
+
+    def _free(self, key: int) -> None:
+        entry = self._live.pop(key, None)
+        if entry is not None:
+            self.current_bytes -= entry[0]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if _has_storage(t)}
+        for t in tree_flatten(out)[0]:
+            if _has_storage(t):
+                storage = t.untyped_storage()
+                if id(storage) not in inputs:
+                    self._add(storage)
+        return out
+
+    # -- labels ------------------------------------------------------------------------------
+    @contextmanager
+    def label(self, name: str) -> Iterator[None]:
+        frame = _Frame(name, self.current_bytes, self.current_bytes)
+        self._stack.append(frame)
+        try:
+            yield
+        finally:
+            self._stack.pop()
+            self._close(frame)
+
+    def _close(self, frame: _Frame) -> None:
+        stats = self.units.setdefault(frame.name, UnitMemory(entry_bytes=frame.entry))
+        stats.calls += 1
+        stats.peak_bytes = max(stats.peak_bytes, frame.peak)
+        stats.transient_bytes = max(stats.transient_bytes, frame.peak - frame.entry)
+
+    def reset_peak(self) -> None:
+        self.peak_bytes = self.current_bytes
+        self.peak_label = None
+
+    # -- context -----------------------------------------------------------------------------
+    def __enter__(self) -> MemoryTracker:
+        if self.label_modules:
+            for name, module in self.label_modules.items():
+                self._hooks.append(module.register_forward_pre_hook(self._pre_hook(name)))
+                self._hooks.append(module.register_forward_hook(self._post_hook(), always_call=True))
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._cuda_base = torch.cuda.memory_allocated()
+        with _lock:
+            _active.append(self)
+        super().__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        with _lock:
+            _active.remove(self)
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        if self._cuda_base is not None:
+            torch.cuda.synchronize()
+            self.cuda_peak_allocated_bytes = torch.cuda.max_memory_allocated() - self._cuda_base
+
+    def _pre_hook(self, name: str):
+        def hook(_module, _args):
+            self._stack.append(_Frame(name, self.current_bytes, self.current_bytes))
+
+        return hook
+
+    def _post_hook(self):
+        def hook(_module, _args, _out):
+            if self._stack:
+                self._close(self._stack.pop())
+
+        return hook
+
+    def summary(self, top: int = 10) -> str:
+        """A short human-readable table of the largest per-unit peaks."""
+        rows = sorted(self.units.items(), key=lambda kv: kv[1].peak_bytes, reverse=True)[:top]
+        lines = [f"peak {gib(self.peak_bytes):.3f} GiB at {self.peak_label or '-'}"]
+        lines += [
+            f"  {name:<60} peak {gib(u.peak_bytes):8.3f} GiB  transient {gib(u.transient_bytes):8.3f} GiB"
+            for name, u in rows
+        ]
+        return "\n".join(lines)
+
+
+def _has_storage(t: object) -> bool:
+    return isinstance(t, torch.Tensor) and t.layout == torch.strided
+
+
+def gib(nbytes: float) -> float:
+    return nbytes / 2**30

@@ -1,0 +1,133 @@
+"""The unit program: a model forward lowered to a list of sliceable units.
+
+An adapter turns one model class into ``Op``s in execution order. Each op reads named values and
+writes one; its ``fn`` computes the output *for one slice* of its axis from slices of its inputs,
+so running it on all slices and writing each result into the matching part of a full buffer
+reproduces the full computation exactly. This module knows layouts and slicing, not diffusers.
+
+Layouts (every value has the ``B*T`` frames dimension first):
+
+- ``nchw``: ``[B*T, C, H, W]``; a token slice is ``[B*T, C, n]`` over the flattened ``H*W``.
+- ``nlc``: ``[B*T, L, C]`` with ``L = H*W``; a token slice is ``[B*T, n, C]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+Axis = Literal["frames", "tokens"]
+Layout = Literal["nchw", "nlc"]
+AXES: tuple[str, ...] = ("frames", "tokens")
+
+
+@dataclass(frozen=True)
+class UnitSpec:
+    """What the planner needs to know about a unit.
+
+    ``needs_input_stats``: the unit normalises its input with statistics over the whole token axis
+    (GroupNorm over time); they are gathered in a first pass over the full input, so the unit must
+    start its group.
+    """
+
+    name: str
+    axis: Axis | None
+    needs_input_stats: bool = False
+    kind: str = ""
+
+
+@dataclass
+class SliceCtx:
+    """What an op's ``fn`` sees besides its input slices."""
+
+    axis: Axis | None
+    start: int
+    stop: int
+    length: int
+    globals: dict[str, Any]
+    prepared: Any = None
+    shapes: dict[str, torch.Size] = field(default_factory=dict)
+
+    @property
+    def is_whole(self) -> bool:
+        return self.start == 0 and self.stop == self.length
+
+
+@dataclass
+class Op:
+    spec: UnitSpec
+    inputs: tuple[str, ...]
+    output: str
+    fn: Callable[..., torch.Tensor]
+    layout: Layout = "nchw"
+    # Called once on the whole first input before the slice loop, with the slice bounds; its result
+    # reaches every slice as ``ctx.prepared`` (used for GroupNorm statistics over all tokens).
+    prepare: Callable[[SliceCtx, torch.Tensor, Sequence[tuple[int, int]]], Any] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@dataclass
+class Program:
+    """One call of a model, lowered: initial values, ops, and how to build the model's return value."""
+
+    ops: list[Op]
+    env: dict[str, torch.Tensor]
+    layouts: dict[str, Layout]
+    result: str
+    finish: Callable[[torch.Tensor], Any]
+    globals: dict[str, Any] = field(default_factory=dict)
+
+
+def axis_length(t: torch.Tensor, layout: Layout, axis: Axis) -> int:
+    if axis == "frames":
+        return t.shape[0]
+    return t.shape[2] * t.shape[3] if layout == "nchw" else t.shape[1]
+
+
+def take(t: torch.Tensor, layout: Layout, axis: Axis, start: int, stop: int) -> torch.Tensor:
+    """A view of ``t`` restricted to ``[start, stop)`` along ``axis`` (never a copy)."""
+    if axis == "frames":
+        return t[start:stop]
+    if layout == "nchw":
+        return t.view(t.shape[0], t.shape[1], -1)[:, :, start:stop]
+    return t[:, start:stop]
+
+
+def put(buf: torch.Tensor, layout: Layout, axis: Axis, start: int, stop: int, value: torch.Tensor) -> None:
+    take(buf, layout, axis, start, stop).copy_(value)
+
+
+def as_whole(piece: torch.Tensor, layout: Layout, axis: Axis, shape: tuple[int, ...]) -> torch.Tensor:
+    """The value itself when one slice covers the whole axis (a token slice of ``nchw`` is flat)."""
+    return piece.reshape(shape) if axis == "tokens" and layout == "nchw" else piece
+
+
+def full_shape(piece: torch.Size, layout: Layout, axis: Axis, length: int, like: torch.Size) -> tuple[int, ...]:
+    """The full shape of a value whose slice has shape ``piece``.
+
+    Along frames only the first dimension grows. Along tokens the spatial extent comes from
+    ``like``, the full shape of the op's first input (token ops keep the spatial grid).
+    """
+    if axis == "frames":
+        return (length, *piece[1:])
+    if layout == "nchw":
+        return (piece[0], piece[1], like[-2], like[-1])
+    return (piece[0], length, piece[2])
+
+
+def split_bounds(length: int, k: int) -> list[tuple[int, int]]:
+    """``k`` contiguous ranges covering ``[0, length)``, sizes differing by at most one."""
+    k = max(1, min(k, length))
+    base, extra = divmod(length, k)
+    bounds, start = [], 0
+    for i in range(k):
+        stop = start + base + (1 if i < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds

@@ -1,0 +1,1 @@
+"""vramplan: make video diffusion fit the GPU you have."""
