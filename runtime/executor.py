@@ -107,7 +107,7 @@ def _run_segment(seg, env, layouts, owned, last_use, end, globals_) -> None:
                     else:
                         if op.output not in buffers:
                             buffers[op.output] = _output_buffer(
-                                full_shapes[op.output], piece, op, i, env, owned, last_use, end, local_last,
+                                full_shapes[op.output], piece, ops, i, env, owned, last_use, end, local_last,
                                 buffers, local,
                             )
                         put(buffers[op.output], op.layout, axis, start, stop, piece)
@@ -125,11 +125,17 @@ def _run_segment(seg, env, layouts, owned, last_use, end, globals_) -> None:
             env[op.output] = buffers[op.output]
 
 
-def _output_buffer(shape, piece, op, i, env, owned, last_use, end, local_last, buffers, local):
-    """Where an escaping output lives: a dying input's buffer if that is safe, else a new one."""
+def _output_buffer(shape, piece, ops, i, env, owned, last_use, end, local_last, buffers, local):
+    """Where the escaping output of ``ops[i]`` lives: a dying input's buffer if safe, else a new one.
+
+    An input of any op up to ``i`` qualifies when it has the output's shape, was made by this
+    program, is read for the last time at or before ``ops[i]`` and nothing else holds it: each
+    slice of it is then read before the same slice of the output is written.
+    """
     held = {id(b.untyped_storage()) for b in buffers.values()}
     later_locals = {id(t.untyped_storage()) for n, t in local.items() if local_last.get(n, -1) > i}
-    for name in op.inputs:
+    candidates = dict.fromkeys(name for op in ops[: i + 1] for name in op.inputs)
+    for name in candidates:
         if name not in env or name not in owned:
             continue
         cand = env[name]

@@ -87,13 +87,20 @@ def empty_model(model_cls: type[torch.nn.Module], config: dict, dtype: torch.dty
 
     ``accelerate.init_empty_weights`` is used rather than ``torch.device("meta")`` because some
     diffusers modules (SVD's ``AlphaBlender.mix_factor``) create parameters with the legacy
-    ``torch.Tensor([...])`` constructor, which ignores the default device.
+    ``torch.Tensor([...])`` constructor, which ignores the default device. Buffers (built on the
+    CPU) are moved to meta afterwards.
     """
     from accelerate import init_empty_weights
+    from diffusers.utils import logging as diffusers_logging
 
-    with init_empty_weights(include_buffers=True):
+    with init_empty_weights():  # include_buffers=True would leave mix_factor on the CPU again
         model = model_cls.from_config(config)
-    return model.to(dtype).eval()
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # .to(dtype) warns about fp32 modules; nothing to keep here
+    try:
+        return model.to(device="meta", dtype=dtype).eval()
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

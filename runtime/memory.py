@@ -63,6 +63,9 @@ class _Frame:
 class MemoryTracker(TorchDispatchMode):
     """Context manager: ``peak_bytes``, ``current_bytes`` and ``units`` (a per-label breakdown).
 
+    ``peak_breakdown`` says what was live at the peak, by the label that allocated it ("" for
+    allocations outside any unit).
+
     ``label_modules`` maps names to modules whose forward calls should be labelled (used to get a
     per-unit breakdown of the *original* forward); the runtime labels planned units itself.
     On CUDA, ``cuda_peak_allocated_bytes`` is ``torch.cuda.max_memory_allocated`` above the level at
@@ -77,7 +80,9 @@ class MemoryTracker(TorchDispatchMode):
         self.peak_label: str | None = None
         self.units: dict[str, UnitMemory] = {}
         self.cuda_peak_allocated_bytes: int | None = None
-        self._live: dict[int, tuple[int, weakref.ref]] = {}
+        self.peak_breakdown: dict[str, int] = {}
+        self._live: dict[int, tuple[int, weakref.ref, str]] = {}
+        self._breakdown_stale = False
         self._stack: list[_Frame] = []
         self._hooks: list = []
         self._cuda_base: int | None = None
@@ -89,18 +94,29 @@ class MemoryTracker(TorchDispatchMode):
             return
         nbytes = storage.nbytes()
         ref = weakref.ref(storage, lambda _r, k=key: self._free(k))
-        self._live[key] = (nbytes, ref)
+        label = self._stack[-1].name if self._stack else ""
+        self._live[key] = (nbytes, ref, label)
         self.current_bytes += nbytes
         if self.current_bytes > self.peak_bytes:
             self.peak_bytes = self.current_bytes
-            self.peak_label = self._stack[-1].name if self._stack else None
+            self.peak_label = label or None
+            self._breakdown_stale = True
         for frame in self._stack:
             frame.peak = max(frame.peak, self.current_bytes)
 
     def _free(self, key: int) -> None:
+        if self._breakdown_stale and self.current_bytes == self.peak_bytes:
+            self._snapshot()  # the live set right now is the peak's: record who allocated it
         entry = self._live.pop(key, None)
         if entry is not None:
             self.current_bytes -= entry[0]
+
+    def _snapshot(self) -> None:
+        breakdown: dict[str, int] = {}
+        for nbytes, _ref, label in self._live.values():
+            breakdown[label] = breakdown.get(label, 0) + nbytes
+        self.peak_breakdown = breakdown
+        self._breakdown_stale = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -132,6 +148,7 @@ class MemoryTracker(TorchDispatchMode):
     def reset_peak(self) -> None:
         self.peak_bytes = self.current_bytes
         self.peak_label = None
+        self._breakdown_stale = True
 
     # -- context -----------------------------------------------------------------------------
     def __enter__(self) -> MemoryTracker:
@@ -150,6 +167,8 @@ class MemoryTracker(TorchDispatchMode):
 
     def __exit__(self, *exc) -> None:
         super().__exit__(*exc)
+        if self._breakdown_stale and self.current_bytes == self.peak_bytes:
+            self._snapshot()
         with _lock:
             _active.remove(self)
         for hook in self._hooks:

@@ -37,6 +37,9 @@ class Adapter(Protocol):
     def bind(self, model: torch.nn.Module, *args, **kwargs) -> CallBinding:
         """Lower one forward call's arguments."""
 
+    def example_inputs(self, model: torch.nn.Module, shape, device="cpu", seed: int = 0) -> tuple:
+        """Forward arguments of a plan ``shape``: random on real devices, empty on meta."""
+
 
 _ADAPTERS: list[Adapter] = []
 

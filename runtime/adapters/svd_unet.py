@@ -72,6 +72,24 @@ class SVDUNetAdapter:
         h = add(_frames("conv_norm_out", (h,), head, kind="conv"))
         return ops, h
 
+    def example_inputs(self, unet, shape, device="cpu", seed: int = 0) -> tuple:
+        """Positional forward arguments of ``shape`` (random on real devices, empty on meta)."""
+        cfg = unet.config
+        dtype = next(unet.parameters()).dtype
+        gen = torch.Generator().manual_seed(seed)
+
+        def make(*size):
+            if torch.device(device).type == "meta":
+                return torch.empty(*size, device=device, dtype=dtype)
+            return torch.randn(*size, generator=gen).to(device=device, dtype=dtype)
+
+        b, t = shape.batch, shape.frames
+        n_ids = cfg.projection_class_embeddings_input_dim // cfg.addition_time_embed_dim
+        sample = make(b, t, cfg.in_channels, shape.latent_height, shape.latent_width)
+        ehs = make(b, 1, cfg.cross_attention_dim)
+        added = make(b, n_ids)
+        return sample, torch.tensor(1.0, device=device), ehs, added
+
     # ------------------------------------------------------------------ one call
     def bind(
         self,

@@ -1,0 +1,20 @@
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+try:
+    import torch
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+except ImportError:  # the planner tests run without torch
+    torch = None
+
+
+@pytest.fixture(scope="session")
+def tiny_unet():
+    from tiny import tiny_svd_unet
+
+    return tiny_svd_unet()

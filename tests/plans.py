@@ -1,0 +1,32 @@
+"""Hypothesis strategies for random plans over a model's units."""
+
+from __future__ import annotations
+
+from hypothesis import strategies as st
+from vramplan.planner.schema import Group, Plan
+
+
+@st.composite
+def random_plans(draw, units, model_ref, shape, max_k: int = 12):
+    """Random slice counts, random group boundaries inside same-axis runs, some units ungrouped."""
+    slices: dict[str, int] = {}
+    groups: list[Group] = []
+    i = 0
+    while i < len(units):
+        unit = units[i]
+        if unit.axis is None:
+            i += 1
+            continue
+        # The longest run this unit may start: same axis, and no later unit that needs input stats.
+        j = i + 1
+        while j < len(units) and units[j].axis == unit.axis and not units[j].needs_input_stats:
+            j += 1
+        size = draw(st.integers(1, j - i))
+        k = draw(st.integers(1, max_k))
+        names = [u.name for u in units[i : i + size]]
+        if size > 1 or draw(st.booleans()):
+            groups.append(Group(units=names, axis=unit.axis, k=k))
+        if k > 1:
+            slices.update(dict.fromkeys(names, k))
+        i += size
+    return Plan(model=model_ref, shape=shape, slices=slices, groups=groups)
