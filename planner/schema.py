@@ -61,6 +61,129 @@ class Group(_Strict):
     k: int = Field(ge=1, description="slice count shared by every unit of the group")
 
 
+class GpuProfile(_Strict):
+    """One GPU model's specs (``profiles/gpus.json``). Latency figures are vendor peaks until calibrated."""
+
+    name: str
+    aliases: list[str] = Field(default_factory=list)
+    memory_total_bytes: int
+    memory_usable_bytes: int = Field(description="what cudaMemGetInfo reports as total")
+    cuda_context_bytes: int = Field(description="CUDA context + library workspaces of a PyTorch process")
+    memory_bandwidth_gbps: float
+    fp16_tensor_tflops: float = Field(description="dense fp16 tensor throughput with fp32 accumulation")
+    fp32_tflops: float
+    compute_capability: str
+    attention_kernels: list[Literal["flash", "efficient"]]
+    bf16: bool
+    pcie_gbps: float
+    calibrated: bool = False
+    sources: list[str] = Field(default_factory=list)
+    notes: str = ""
+
+    @property
+    def attention_kernel(self) -> str:
+        """The fused SDPA kernel PyTorch runs here for fp16 without a mask."""
+        return "flash" if "flash" in self.attention_kernels else "efficient"
+
+
+class UnitProfile(_Strict):
+    """What one unit reads, makes and needs, measured on the full-size model."""
+
+    name: str
+    axis: Axis | None
+    needs_input_stats: bool = False
+    kind: str = ""
+    block: str = Field(description="top-level block, for per-block tables (down_blocks.0, mid_block, ...)")
+    inputs: list[str] = Field(description="values read: names of the units that made them, or initial inputs")
+    output_bytes: int
+    output_shape: list[int]
+    axis_length: int = Field(description="size of the slicing axis at this unit (B*T frames or H*W tokens)")
+    flops: int = Field(description="matmul/conv/attention FLOPs of the unsliced unit")
+    bytes_moved: int = Field(description="bytes read + written by its other (memory-bound) ops")
+    kernels: int = Field(description="non-view ops per slice (launch-cost model)")
+    scratch: dict[int, int] = Field(
+        description="slice count k -> peak bytes the unit's computation adds above its entry for one "
+        "(the largest) slice, its output piece included, output buffer excluded"
+    )
+
+
+class AllocatorProfile(_Strict):
+    """CUDA caching-allocator overhead from replays of the traced allocation sequences."""
+
+    method: str = Field(description="how the factors were obtained")
+    default: dict[int, float] = Field(description="k -> memory needed / bytes allocated, default allocator")
+    expandable_segments: dict[int, float] = Field(description="k -> the same with expandable segments")
+    original_default: float = Field(description="needed/allocated of the unmodified forward, default allocator")
+    original_expandable_segments: float
+
+
+class ModelProfile(_Strict):
+    """Everything the planner needs about one model at one sample shape, with no torch."""
+
+    schema_version: int = SCHEMA_VERSION
+    model: ModelRef
+    shape: SampleShape
+    attention_kernel: Literal["flash", "efficient", "cpu_flash", "math"]
+    weight_bytes: int
+    globals_bytes: int = Field(description="bytes live when the first unit starts (embeddings etc.)")
+    result: str = Field(description="the value the forward returns")
+    units: list[UnitProfile]
+    original_peak_bytes: int = Field(description="activation peak of the unmodified forward")
+    original_block_peaks: dict[str, int] = Field(default_factory=dict)
+    allocator: AllocatorProfile
+    versions: dict[str, str] = Field(default_factory=dict)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(self.model_dump_json(indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelProfile:
+        try:
+            return cls.model_validate_json(Path(path).read_text())
+        except ValidationError as err:
+            raise PlanFormatError(f"{path} is not a valid model profile: {_describe(err)}") from err
+
+
+class Target(_Strict):
+    """What the plan was asked to meet."""
+
+    gpu: str
+    usable_bytes: int = Field(description="memory the plan may use in all (usable VRAM or vram_gb)")
+    max_latency_s: float | None = None
+    objective: Literal["min_latency", "min_peak"]
+    allocator: Literal["default", "expandable_segments"] = "expandable_segments"
+    steps: int = 1
+
+
+class Prediction(_Strict):
+    """Predicted peak memory, broken down, and latency."""
+
+    peak_bytes: int = Field(description="context + weights + activations + allocator overhead + margin")
+    context_bytes: int
+    weight_bytes: int
+    live_bytes: int = Field(description="full-size values held at the peak (skips, residuals, buffers)")
+    transient_bytes: int = Field(description="one slice's intermediates at the peak")
+    allocator_bytes: int = Field(description="modelled caching-allocator overhead at the peak")
+    margin_bytes: int
+    activation_peak_bytes: int = Field(description="live + transient: what `verify` measures")
+    peak_unit: str
+    original_activation_peak_bytes: int
+    unet_call_s: float
+    latency_s: float = Field(description="unet_call_s x steps")
+    latency_calibrated: bool = False
+    allocator_model: str
+
+
+class SolverInfo(_Strict):
+    method: str
+    status: str
+    gap: float | None = None
+    solve_seconds: float
+    candidates: int
+
+
 class Plan(_Strict):
     """How to run one model on one sample shape. Units not named in ``slices`` run unsliced."""
 
@@ -69,6 +192,9 @@ class Plan(_Strict):
     shape: SampleShape
     slices: dict[str, int] = Field(default_factory=dict, description="unit name -> slice count k (>= 1)")
     groups: list[Group] = Field(default_factory=list)
+    target: Target | None = None
+    prediction: Prediction | None = None
+    solver: SolverInfo | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Plan:

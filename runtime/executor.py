@@ -29,8 +29,16 @@ class Segment:
     k: int
 
 
-def execute(program: Program, segments: Sequence[Segment]) -> object:
-    """Run ``program``'s ops, segment by segment; return the model's output."""
+def execute(
+    program: Program, segments: Sequence[Segment], *, first_slice_only: bool = False, observer=None
+) -> object:
+    """Run ``program``'s ops, segment by segment; return the model's output.
+
+    ``first_slice_only`` (profiling) runs only the first, largest slice of every segment: enough to
+    measure each unit's per-slice memory and op count, at the cost of one unsliced forward. The
+    output is then garbage (unwritten buffers), as is fine on meta tensors. ``observer(op, value,
+    axis_length)`` sees every value a segment leaves behind (the profiler reads shapes from it).
+    """
     env = dict(program.env)
     layouts = dict(program.layouts)
     owned: set[str] = set()
@@ -38,7 +46,11 @@ def execute(program: Program, segments: Sequence[Segment]) -> object:
     position = 0
     for seg in segments:
         end = position + len(seg.ops) - 1
-        _run_segment(seg, env, layouts, owned, last_use, end, program.globals)
+        length = _run_segment(seg, env, layouts, owned, last_use, end, program.globals, first_slice_only)
+        if observer is not None:
+            for op in seg.ops:
+                if op.output in env:
+                    observer(op, env[op.output], length)
         for name in [n for n in env if last_use.get(n, -1) <= end and n != program.result]:
             del env[name]
         position = end + 1
@@ -55,7 +67,7 @@ def _last_uses(program: Program) -> dict[str, int]:
     return last
 
 
-def _run_segment(seg, env, layouts, owned, last_use, end, globals_) -> None:
+def _run_segment(seg, env, layouts, owned, last_use, end, globals_, first_slice_only=False) -> None:
     ops = seg.ops
     first = ops[0]
     if seg.axis is None or not first.inputs:
@@ -65,7 +77,7 @@ def _run_segment(seg, env, layouts, owned, last_use, end, globals_) -> None:
                 env[op.output] = op.fn(ctx, *(env[n] for n in op.inputs))
             layouts[op.output] = op.layout
             owned.add(op.output)
-        return
+        return 0
 
     axis = seg.axis
     lead = env[first.inputs[0]]
@@ -77,7 +89,8 @@ def _run_segment(seg, env, layouts, owned, last_use, end, globals_) -> None:
         if op.prepare is not None:
             with unit_label(op.name):
                 ctx = SliceCtx(axis, 0, length, length, globals_, shapes=shapes)
-                prepared[op.name] = op.prepare(ctx, env[op.inputs[0]], bounds)
+                # Profiling needs the memory of the statistics pass, which one slice shows.
+                prepared[op.name] = op.prepare(ctx, env[op.inputs[0]], bounds[:1] if first_slice_only else bounds)
 
     escaping = {op.output for op in ops if last_use.get(op.output, -1) > end}
     # Reads inside the segment: value name -> index (within ops) of its last read.
@@ -88,7 +101,7 @@ def _run_segment(seg, env, layouts, owned, last_use, end, globals_) -> None:
     buffers: dict[str, torch.Tensor] = {}
     full_shapes: dict[str, tuple[int, ...]] = {}
 
-    for start, stop in bounds:
+    for start, stop in bounds[:1] if first_slice_only else bounds:
         local: dict[str, torch.Tensor] = {}
         for i, op in enumerate(ops):
             with unit_label(op.name):
@@ -98,24 +111,24 @@ def _run_segment(seg, env, layouts, owned, last_use, end, globals_) -> None:
                 ctx = SliceCtx(axis, start, stop, length, globals_, prepared.get(op.name), shapes)
                 piece = op.fn(ctx, *args)
                 del args
-                if op.output not in full_shapes:
-                    like = full_shapes.get(op.inputs[0]) or tuple(env[op.inputs[0]].shape)
-                    full_shapes[op.output] = full_shape(piece.shape, op.layout, axis, length, like)
-                if op.output in escaping:
-                    if len(bounds) == 1:
-                        buffers[op.output] = as_whole(piece, op.layout, axis, full_shapes[op.output])
-                    else:
+            if op.output not in full_shapes:
+                like = full_shapes.get(op.inputs[0]) or tuple(env[op.inputs[0]].shape)
+                full_shapes[op.output] = full_shape(piece.shape, op.layout, axis, length, like)
+            if op.output in escaping:
+                if len(bounds) == 1:
+                    buffers[op.output] = as_whole(piece, op.layout, axis, full_shapes[op.output])
+                else:
+                    with unit_label(f"{op.name}:output"):
                         if op.output not in buffers:
                             buffers[op.output] = _output_buffer(
-                                full_shapes[op.output], piece, ops, i, env, owned, last_use, end, local_last,
-                                buffers, local,
+                                full_shapes[op.output], piece, op, i, env, owned, last_use, end, local_last, buffers
                             )
                         put(buffers[op.output], op.layout, axis, start, stop, piece)
-                if local_last.get(op.output, -1) > i:
-                    local[op.output] = piece
-                del piece
-                for name in [n for n in local if local_last.get(n, -1) <= i]:
-                    del local[name]
+            if local_last.get(op.output, -1) > i:
+                local[op.output] = piece
+            del piece
+            for name in [n for n in local if local_last.get(n, -1) <= i]:
+                del local[name]
         del local
 
     for op in ops:
@@ -123,19 +136,19 @@ def _run_segment(seg, env, layouts, owned, last_use, end, globals_) -> None:
         owned.add(op.output)
         if op.output in buffers:
             env[op.output] = buffers[op.output]
+    return length
 
 
-def _output_buffer(shape, piece, ops, i, env, owned, last_use, end, local_last, buffers, local):
-    """Where the escaping output of ``ops[i]`` lives: a dying input's buffer if safe, else a new one.
+def _output_buffer(shape, piece, op, i, env, owned, last_use, end, local_last, buffers):
+    """Where the escaping output of ``op`` (the segment's ``i``-th) lives.
 
-    An input of any op up to ``i`` qualifies when it has the output's shape, was made by this
-    program, is read for the last time at or before ``ops[i]`` and nothing else holds it: each
-    slice of it is then read before the same slice of the output is written.
+    The buffer of one of ``op``'s own inputs is reused when that input has the output's shape, was
+    made by this program (not the caller's tensor), is read for the last time by ``op`` and
+    nothing else holds it: each slice of it is read before the same slice of the output is
+    written. Otherwise a new buffer. The planner's memory model assumes exactly this rule.
     """
     held = {id(b.untyped_storage()) for b in buffers.values()}
-    later_locals = {id(t.untyped_storage()) for n, t in local.items() if local_last.get(n, -1) > i}
-    candidates = dict.fromkeys(name for op in ops[: i + 1] for name in op.inputs)
-    for name in candidates:
+    for name in op.inputs:
         if name not in env or name not in owned:
             continue
         cand = env[name]
@@ -146,7 +159,6 @@ def _output_buffer(shape, piece, ops, i, env, owned, last_use, end, local_last, 
             and last_use.get(name, -1) <= end
             and local_last.get(name, -1) <= i
             and id(cand.untyped_storage()) not in held
-            and id(cand.untyped_storage()) not in later_locals
             and not _shared(name, cand, env, last_use, end)
         ):
             return cand

@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_flatten
 log = logging.getLogger(__name__)
 
 _active: list[MemoryTracker] = []
+_labels: list[str] = []
 _lock = threading.Lock()
 
 
@@ -32,15 +33,24 @@ def current_tracker() -> MemoryTracker | None:
     return _active[-1] if _active else None
 
 
+def current_label() -> str:
+    """The innermost unit label ("" outside any unit); other dispatch-mode tools attribute by it."""
+    return _labels[-1] if _labels else ""
+
+
 @contextmanager
 def unit_label(name: str) -> Iterator[None]:
-    """Attribute allocations to ``name`` in the active tracker (no-op without one)."""
+    """Attribute what happens inside to unit ``name`` (in the active tracker, if any)."""
+    _labels.append(name)
     tracker = current_tracker()
-    if tracker is None:
-        yield
-        return
-    with tracker.label(name):
-        yield
+    try:
+        if tracker is None:
+            yield
+        else:
+            with tracker.label(name):
+                yield
+    finally:
+        _labels.pop()
 
 
 @dataclass
@@ -72,9 +82,14 @@ class MemoryTracker(TorchDispatchMode):
     entry, for cross-checking.
     """
 
-    def __init__(self, label_modules: dict[str, torch.nn.Module] | None = None) -> None:
+    def __init__(
+        self, label_modules: dict[str, torch.nn.Module] | None = None, record_events: bool = False
+    ) -> None:
         super().__init__()
         self.label_modules = label_modules
+        # (+nbytes, key) for an allocation, (-nbytes, key) for a free: replayed through an
+        # allocator model by the profiler (vramplan.planner.allocator).
+        self.events: list[tuple[int, int]] | None = [] if record_events else None
         self.current_bytes = 0
         self.peak_bytes = 0
         self.peak_label: str | None = None
@@ -96,6 +111,8 @@ class MemoryTracker(TorchDispatchMode):
         ref = weakref.ref(storage, lambda _r, k=key: self._free(k))
         label = self._stack[-1].name if self._stack else ""
         self._live[key] = (nbytes, ref, label)
+        if self.events is not None:
+            self.events.append((nbytes, key))
         self.current_bytes += nbytes
         if self.current_bytes > self.peak_bytes:
             self.peak_bytes = self.current_bytes
@@ -110,6 +127,8 @@ class MemoryTracker(TorchDispatchMode):
         entry = self._live.pop(key, None)
         if entry is not None:
             self.current_bytes -= entry[0]
+            if self.events is not None:
+                self.events.append((-entry[0], key))
 
     def _snapshot(self) -> None:
         breakdown: dict[str, int] = {}
