@@ -153,7 +153,11 @@ class Target(_Strict):
     usable_bytes: int = Field(description="memory the plan may use in all (usable VRAM or vram_gb)")
     max_latency_s: float | None = None
     objective: Literal["min_latency", "min_peak"]
-    allocator: Literal["default", "expandable_segments"] = "expandable_segments"
+    allocator: Literal["default", "expandable_segments", "none"] = Field(
+        default="expandable_segments",
+        description="caching-allocator setting the prediction assumes ('none': no allocator, e.g. CPU)",
+    )
+    attention_kernel: Literal["flash", "efficient", "cpu_flash", "math"] = "flash"
     steps: int = 1
 
 

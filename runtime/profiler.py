@@ -218,3 +218,29 @@ def cached_profile(model, shape: SampleShape, kernel: str, name: str | None = No
 
 def dtype_of(shape: SampleShape) -> torch.dtype:
     return _DTYPES[shape.dtype]
+
+
+SHIPPED = [
+    (model, frames, height, width, kernel)
+    for model, frames in (("svd", 14), ("svd-xt", 25))
+    for height, width in ((576, 1024), (512, 512))
+    for kernel in ("flash", "efficient")
+]
+
+
+def regenerate_shipped(progress: Callable[[str], None] | None = None) -> list[Path]:
+    """Re-profile every shipped configuration (CFG, fp16) into ``vramplan/profiles/models``."""
+    from importlib import resources
+
+    from ..planner.plan import SHIPPED_DIR, shipped_profile_name
+    from .models import meta_unet
+
+    folder = Path(str(resources.files("vramplan.profiles").joinpath(SHIPPED_DIR)))
+    written = []
+    for model, frames, height, width, kernel in SHIPPED:
+        shape = SampleShape(batch=2, frames=frames, latent_height=height // 8, latent_width=width // 8, dtype="fp16")
+        if progress:
+            progress(f"profiling {model} {frames}x{height}x{width} ({kernel})")
+        prof = profile(meta_unet(model, "fp16"), shape, kernel, name=model)
+        written.append(prof.save(folder / shipped_profile_name(model, shape, kernel)))
+    return written

@@ -1,0 +1,192 @@
+"""Memory and latency of one *segment* of a plan, from a ModelProfile alone.
+
+A plan cuts the units into segments: a group (consecutive units of one axis sharing a slice count
+k) or a single unit. Because every value that crosses a segment boundary is materialised at full
+size, the memory of a segment depends only on the segment itself — never on how the rest of the
+model is cut. That makes the planning problem a shortest path over segments and keeps this model
+exact with respect to the executor (``vramplan.runtime.executor``), whose rules it mirrors:
+
+- values alive when the segment starts stay alive until it ends;
+- a value read after the segment gets a full buffer, unless it can take over a dying input of its
+  own unit (same shape, made by the program, last read by this unit);
+- values made and consumed inside the segment exist one slice at a time;
+- with one slice (k=1) a unit's output is its computation's own result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+from .schema import GpuProfile, ModelProfile
+
+# Uncalibrated latency constants: fractions of peak rates reached, and host cost per kernel launch.
+COMPUTE_EFFICIENCY = 0.6
+BANDWIDTH_EFFICIENCY = 0.75
+LAUNCH_SECONDS = 8e-6
+
+
+@dataclass(frozen=True)
+class Segment:
+    start: int
+    stop: int  # inclusive
+    k: int
+
+
+@dataclass(frozen=True)
+class SegmentCost:
+    activation_bytes: int  # peak live + transient while the segment runs
+    live_bytes: int  # full-size values held at that peak
+    transient_bytes: int  # slice intermediates at that peak
+    peak_unit: int  # index of the unit where the peak occurs
+    needed_bytes: int  # activation_bytes x allocator factor
+    seconds: float
+
+
+class CostModel:
+    """Segment costs for one profile on one GPU."""
+
+    def __init__(self, profile: ModelProfile, gpu: GpuProfile, allocator: str = "expandable_segments"):
+        self.profile = profile
+        self.gpu = gpu
+        self.allocator = allocator
+        self.units = profile.units
+        self.n = len(self.units)
+        self.index = {u.name: i for i, u in enumerate(self.units)}
+        fp32 = profile.shape.dtype == "fp32"
+        tflops = gpu.fp32_tflops if fp32 else gpu.fp16_tensor_tflops
+        self.flops_per_s = tflops * 1e12 * COMPUTE_EFFICIENCY
+        self.bytes_per_s = gpu.memory_bandwidth_gbps * 1e9 * BANDWIDTH_EFFICIENCY
+
+    # -- static structure ----------------------------------------------------------------------
+    @cached_property
+    def producer(self) -> dict[str, int]:
+        return {u.name: i for i, u in enumerate(self.units)}
+
+    @cached_property
+    def last_use(self) -> dict[str, int]:
+        last: dict[str, int] = {}
+        for i, unit in enumerate(self.units):
+            for name in unit.inputs:
+                last[name] = i
+            last.setdefault(unit.name, i)
+        last[self.profile.result] = self.n
+        return last
+
+    @cached_property
+    def live_in(self) -> list[int]:
+        """Bytes of program-made values alive when unit ``a`` starts (read at ``a`` or later)."""
+        out = []
+        for a in range(self.n):
+            held = sum(
+                u.output_bytes for i, u in enumerate(self.units[:a]) if self.last_use[u.name] >= a
+            )
+            out.append(self.profile.globals_bytes + held)
+        return out
+
+    def ks(self, start: int, stop: int) -> list[int]:
+        """Slice counts profiled for every unit of ``[start, stop]``."""
+        common = set(self.units[start].scratch)
+        for unit in self.units[start + 1 : stop + 1]:
+            common &= set(unit.scratch)
+        return sorted(common)
+
+    # -- one segment -----------------------------------------------------------------------------
+    def cost(self, seg: Segment) -> SegmentCost:
+        units = self.units[seg.start : seg.stop + 1]
+        entry = self.live_in[seg.start]
+        first = units[0]
+        slices = min(seg.k, first.axis_length) if first.axis else 1
+        if slices <= 1:
+            scratch = first.scratch[seg.k]
+            act = entry + scratch
+            return self._finish(act, entry, scratch, seg.start, seg, 1)
+
+        frac = -(-first.axis_length // seg.k) / first.axis_length  # largest slice / whole
+        escaping = [self.last_use[u.name] > seg.stop for u in units]
+        taken: set[str] = set()
+        buffers = 0
+        for i, unit in enumerate(units):
+            if escaping[i] and not self._in_place(seg, seg.start + i, taken):
+                buffers += unit.output_bytes
+        local_last: dict[str, int] = {}
+        for i, unit in enumerate(units):
+            for name in unit.inputs:
+                local_last[name] = seg.start + i
+        best = None
+        for i, unit in enumerate(units):
+            j = seg.start + i
+            locals_ = sum(
+                int(v.output_bytes * frac)
+                for v in units[:i]
+                if local_last.get(v.name, -1) >= j
+            )
+            transient = locals_ + unit.scratch[seg.k]
+            act = entry + buffers + transient
+            if best is None or act > best[0]:
+                best = (act, entry + buffers, transient, j)
+        act, live, transient, j = best
+        return self._finish(act, live, transient, j, seg, slices)
+
+    def _in_place(self, seg: Segment, u: int, taken: set[str]) -> bool:
+        unit = self.units[u]
+        for name in unit.inputs:
+            p = self.producer.get(name)
+            if p is None or p >= seg.start or name in taken or self.last_use[name] != u:
+                continue
+            if self.units[p].output_shape == unit.output_shape:
+                taken.add(name)
+                return True
+        return False
+
+    def _finish(self, act: int, live: int, transient: int, j: int, seg: Segment, slices: int) -> SegmentCost:
+        factor = self.allocator_factor(seg.k)
+        return SegmentCost(act, live, transient, j, int(act * factor), self.seconds(seg, slices))
+
+    def allocator_factor(self, k: int) -> float:
+        if self.allocator == "none":
+            return 1.0
+        table = getattr(self.profile.allocator, self.allocator)
+        targets = sorted(table)
+        for target in targets:
+            if target >= k:
+                return table[target]
+        return table[targets[-1]]
+
+    def seconds(self, seg: Segment, slices: int) -> float:
+        total = 0.0
+        for i in range(seg.start, seg.stop + 1):
+            unit = self.units[i]
+            total += unit.flops / self.flops_per_s + unit.bytes_moved / self.bytes_per_s
+            total += slices * unit.kernels * LAUNCH_SECONDS
+            if slices > 1:
+                if self.last_use[unit.name] > seg.stop:
+                    total += 2 * unit.output_bytes / self.bytes_per_s  # writing slices into the buffer
+                if unit.needs_input_stats:
+                    total += 3 * self._input_bytes(unit) / self.bytes_per_s  # statistics pass
+        return total
+
+    def _input_bytes(self, unit) -> int:
+        name = unit.inputs[0]
+        p = self.producer.get(name)
+        return self.units[p].output_bytes if p is not None else unit.output_bytes
+
+    # -- candidates ----------------------------------------------------------------------------
+    def segments(self, max_group: int = 8) -> list[Segment]:
+        """Every segment a plan may use: single units at each profiled k, and groups (k > 1)."""
+        out = []
+        for a, unit in enumerate(self.units):
+            if unit.axis is None:
+                out.append(Segment(a, a, 1))
+                continue
+            b = a
+            while b < self.n and b - a < max_group:
+                if b > a and (self.units[b].axis != unit.axis or self.units[b].needs_input_stats):
+                    break
+                if self.units[b].axis_length != unit.axis_length:
+                    break
+                for k in self.ks(a, b):
+                    if b == a or k > 1:
+                        out.append(Segment(a, b, k))
+                b += 1
+        return out

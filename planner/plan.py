@@ -1,0 +1,148 @@
+"""From a ModelProfile and a GpuProfile to a Plan with its prediction. No torch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from ..profiles import read_json
+from .costs import CostModel, Segment
+from .errors import InfeasibleError
+from .fmt import human_bytes
+from .schema import Group, ModelProfile, Plan, Prediction, SampleShape, SolverInfo, Target
+from .solve import solve
+
+# Headroom kept free beyond the modelled allocator overhead: other processes, cuBLAS workspaces
+# growing on first use, allocator bookkeeping.
+MARGIN_FRACTION = 0.02
+SHIPPED_DIR = "models"
+
+
+def shipped_profile_name(model: str, shape: SampleShape, kernel: str) -> str:
+    return (
+        f"{model}-{shape.latent_height}x{shape.latent_width}-f{shape.frames}-b{shape.batch}-"
+        f"{shape.dtype}-{kernel}.profile.json"
+    )
+
+
+def shipped_profile(model: str, shape: SampleShape, kernel: str) -> ModelProfile | None:
+    """A profile shipped in ``vramplan/profiles/models``, or None."""
+    name = shipped_profile_name(model.lower(), shape, kernel)
+    try:
+        data = read_json(f"{SHIPPED_DIR}/{name}")
+    except FileNotFoundError:
+        return None
+    return ModelProfile.model_validate(data)
+
+
+def shipped_profiles() -> list[str]:
+    from importlib import resources
+
+    folder = resources.files("vramplan.profiles").joinpath(SHIPPED_DIR)
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".profile.json"))
+
+
+def make_plan(
+    profile: ModelProfile,
+    gpu,
+    *,
+    usable_bytes: int | None = None,
+    steps: int = 25,
+    max_latency_s: float | None = None,
+    allocator: str = "expandable_segments",
+    method: str = "auto",
+) -> Plan:
+    """Plan ``profile`` for ``gpu`` (a GpuProfile): fastest within memory, or smallest peak within
+    ``max_latency_s`` (per denoising run of ``steps`` UNet calls)."""
+    usable = usable_bytes if usable_bytes is not None else gpu.memory_usable_bytes
+    margin = int(usable * MARGIN_FRACTION)
+    base = gpu.cuda_context_bytes + profile.weight_bytes + margin
+    budget = usable - base
+    model = CostModel(profile, gpu, allocator)
+    per_call = None if max_latency_s is None else max_latency_s / steps
+    try:
+        if budget <= 0:
+            raise InfeasibleError("")
+        solution = solve(model, budget, per_call, method=method)
+    except InfeasibleError as err:
+        raise _explain(err, profile, gpu, usable, base) from None
+
+    slices, groups = _to_plan(model, solution.segments)
+    peak_cost = max(solution.costs, key=lambda c: c.needed_bytes)
+    needed = peak_cost.needed_bytes
+    prediction = Prediction(
+        peak_bytes=base + needed,
+        context_bytes=gpu.cuda_context_bytes,
+        weight_bytes=profile.weight_bytes,
+        live_bytes=peak_cost.live_bytes,
+        transient_bytes=peak_cost.transient_bytes,
+        allocator_bytes=needed - peak_cost.activation_bytes,
+        margin_bytes=margin,
+        activation_peak_bytes=max(c.activation_bytes for c in solution.costs),
+        peak_unit=model.units[peak_cost.peak_unit].name,
+        original_activation_peak_bytes=profile.original_peak_bytes,
+        unet_call_s=round(solution.latency_s, 6),
+        latency_s=round(solution.latency_s * steps, 4),
+        latency_calibrated=gpu.calibrated,
+        allocator_model=f"{allocator}: factor from {profile.allocator.method}",
+    )
+    return Plan(
+        model=profile.model,
+        shape=profile.shape,
+        slices=slices,
+        groups=groups,
+        target=Target(
+            gpu=gpu.name,
+            usable_bytes=usable,
+            max_latency_s=max_latency_s,
+            objective="min_peak" if max_latency_s is not None else "min_latency",
+            allocator=allocator,
+            attention_kernel=profile.attention_kernel,
+            steps=steps,
+        ),
+        prediction=prediction,
+        solver=SolverInfo(
+            method=solution.method,
+            status=solution.status,
+            gap=solution.gap,
+            solve_seconds=round(solution.seconds, 4),
+            candidates=solution.candidates,
+        ),
+    )
+
+
+def _to_plan(model: CostModel, segments: Iterable[Segment]) -> tuple[dict[str, int], list[Group]]:
+    slices: dict[str, int] = {}
+    groups: list[Group] = []
+    for seg in segments:
+        units = model.units[seg.start : seg.stop + 1]
+        if seg.k > 1:
+            slices.update({u.name: seg.k for u in units})
+        if len(units) > 1:
+            groups.append(Group(units=[u.name for u in units], axis=units[0].axis, k=seg.k))
+    return slices, groups
+
+
+def _explain(err: InfeasibleError, profile: ModelProfile, gpu, usable: int, base: int) -> InfeasibleError:
+    floor = getattr(err, "min_needed_bytes", None)
+    if floor is None:  # weights + context alone do not fit
+        return InfeasibleError(
+            f"{profile.model.name or profile.model.class_name} does not fit {gpu.name} at all: CUDA context "
+            f"{human_bytes(gpu.cuda_context_bytes)} + weights {human_bytes(profile.weight_bytes)} + margin "
+            f"already exceed the {human_bytes(usable)} usable."
+        )
+    if not str(err).startswith("no plan fits"):
+        return err
+    total = base + floor
+    out = InfeasibleError(
+        f"{profile.model.name or profile.model.class_name} at {profile.shape.describe()} cannot fit "
+        f"{gpu.name} ({human_bytes(usable)} usable): the smallest reachable peak is {human_bytes(total)} "
+        f"(activations {human_bytes(floor)}, set by {err.unit}, + context, weights and margin "
+        f"{human_bytes(base)}). Use a GPU with at least {human_bytes(total)}, a smaller resolution or fewer frames."
+    )
+    out.min_peak_bytes, out.unit = total, err.unit
+    return out
+
+
+def load_plan(path: str | Path) -> Plan:
+    return Plan.load(path)

@@ -1,0 +1,105 @@
+"""plan_for on shipped profiles, without torch, and its errors; the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from vramplan.planner.plan import shipped_profiles
+
+from vramplan import InfeasibleError, UnknownGPUError, VramplanError, plan_for
+from vramplan.cli import main
+
+
+def test_plan_for_is_fast_and_imports_no_torch():
+    code = (
+        "import sys, time\n"
+        "sys.modules['torch'] = None  # any import of torch now fails\n"
+        "t = time.perf_counter()\n"
+        "from vramplan import plan_for\n"
+        "plan = plan_for(gpu='2080Ti', model='svd', height=576, width=1024)\n"
+        "print(time.perf_counter() - t, plan.prediction.peak_bytes, plan.solver.status)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    seconds, peak, status = float(out[0]), int(out[1]), out[2]
+    assert seconds < 2.0
+    assert status == "Optimal"
+    assert peak < 10.76 * 2**30
+
+
+def test_every_shipped_config_plans_within_the_gpu():
+    assert len(shipped_profiles()) == 8
+    for model in ("svd", "svd-xt"):
+        for height, width in ((576, 1024), (512, 512)):
+            for gpu in ("2080Ti", "RTX 4090"):
+                plan = plan_for(gpu=gpu, model=model, height=height, width=width)
+                assert plan.prediction.peak_bytes <= plan.target.usable_bytes
+
+
+def test_tighter_memory_means_more_slicing_and_a_lower_peak():
+    loose = plan_for(gpu="2080Ti", model="svd")
+    tight = plan_for(gpu="2080Ti", model="svd", vram_gb=4.5)
+    assert tight.prediction.peak_bytes < loose.prediction.peak_bytes
+    assert tight.prediction.peak_bytes <= 4.5 * 2**30
+    assert sum(tight.slices.values()) > sum(loose.slices.values())
+
+
+def test_latency_limit_minimises_memory():
+    fastest = plan_for(gpu="RTX 4090", model="svd")
+    relaxed = plan_for(gpu="RTX 4090", model="svd", max_latency_s=fastest.prediction.latency_s * 1.05)
+    assert relaxed.target.objective == "min_peak"
+    assert relaxed.prediction.peak_bytes <= fastest.prediction.peak_bytes
+    assert relaxed.prediction.latency_s <= fastest.prediction.latency_s * 1.05 + 1e-6
+
+
+def test_impossible_budget_names_smallest_peak_and_unit():
+    with pytest.raises(InfeasibleError, match=r"smallest reachable peak is 4\.\d\d GiB .*set by up_blocks"):
+        plan_for(gpu="2080Ti", model="svd", vram_gb=4.0)
+
+
+def test_weights_alone_too_big():
+    with pytest.raises(InfeasibleError, match="does not fit"):
+        plan_for(gpu="2080Ti", model="svd", vram_gb=2.0)
+
+
+def test_unknown_gpu():
+    with pytest.raises(UnknownGPUError, match="Did you mean"):
+        plan_for(gpu="RTX 4900")
+
+
+def test_auto_without_a_driver_says_so():
+    with pytest.raises(VramplanError, match="no NVIDIA driver|nvidia-ml-py"):
+        plan_for(gpu="auto")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(height=570), "not a multiple of 8"),
+        (dict(width=32), "too small"),
+        (dict(frames=0), "at least one frame"),
+        (dict(dtype="int8"), "choose fp16"),
+    ],
+)
+def test_shapes_the_model_cannot_take(kwargs, message):
+    with pytest.raises(VramplanError, match=message):
+        plan_for(gpu="2080Ti", model="svd", **kwargs)
+
+
+def test_cli_plan_gpus_schema(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--gpu", "2080Ti", "--vram-gb", "5", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "up_blocks.3" in text and "predicted peak" in text and "solver" in text
+    assert json.loads(out.read_text())["target"]["gpu"] == "RTX 2080 Ti"
+    assert main(["gpus"]) == 0
+    assert "H100 SXM" in capsys.readouterr().out
+    assert main(["schema"]) == 0
+    assert json.loads(capsys.readouterr().out)["title"] == "Plan"
+
+
+def test_cli_reports_user_errors_without_a_traceback(capsys):
+    assert main(["plan", "--gpu", "2080Tii"]) == 2
+    assert "error: unknown GPU" in capsys.readouterr().err
