@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 
 from report import machine, table, write_section
-
-from vramplan import plan_for
 from vramplan.planner.plan import shipped_profiles
 from vramplan.runtime.verify import verify
+
+from vramplan import plan_for
 
 GPUS = {"efficient": "2080Ti", "flash": "RTX 4090"}
 

@@ -20,6 +20,15 @@ from functools import cached_property
 
 from .schema import GpuProfile, ModelProfile
 
+
+def roofline_seconds(flops: int, bytes_moved: int, gpu: GpuProfile, dtype: str) -> float:
+    """Latency of work that is not sliced (a whole stage): compute + memory traffic at derated peaks."""
+    tflops = gpu.fp32_tflops if dtype == "fp32" else gpu.fp16_tensor_tflops
+    return flops / (tflops * 1e12 * COMPUTE_EFFICIENCY) + bytes_moved / (
+        gpu.memory_bandwidth_gbps * 1e9 * BANDWIDTH_EFFICIENCY
+    )
+
+
 # Uncalibrated latency constants: fractions of peak rates reached, and host cost per kernel launch.
 COMPUTE_EFFICIENCY = 0.6
 BANDWIDTH_EFFICIENCY = 0.75
@@ -93,6 +102,13 @@ class CostModel:
 
     # -- one segment -----------------------------------------------------------------------------
     def cost(self, seg: Segment) -> SegmentCost:
+        """Memory and latency of ``seg`` (memoised: a segment's cost never depends on the budget)."""
+        cache = self.__dict__.setdefault("_costs", {})
+        if seg not in cache:
+            cache[seg] = self._cost(seg)
+        return cache[seg]
+
+    def _cost(self, seg: Segment) -> SegmentCost:
         units = self.units[seg.start : seg.stop + 1]
         entry = self.live_in[seg.start]
         first = units[0]
@@ -174,6 +190,9 @@ class CostModel:
     # -- candidates ----------------------------------------------------------------------------
     def segments(self, max_group: int = 8) -> list[Segment]:
         """Every segment a plan may use: single units at each profiled k, and groups (k > 1)."""
+        key = ("_segments", max_group)
+        if key in self.__dict__:
+            return self.__dict__[key]
         out = []
         for a, unit in enumerate(self.units):
             if unit.axis is None:
@@ -189,4 +208,5 @@ class CostModel:
                     if b == a or k > 1:
                         out.append(Segment(a, b, k))
                 b += 1
+        self.__dict__[key] = out
         return out

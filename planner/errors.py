@@ -11,6 +11,10 @@ class UnsupportedModelError(VramplanError, TypeError):
     """A model or pipeline class without an adapter."""
 
 
+class UnsupportedArgumentError(VramplanError, NotImplementedError):
+    """A forward argument the planned forward cannot reproduce exactly."""
+
+
 class PlanMismatchError(VramplanError, ValueError):
     """A plan made for another model, config or sample shape."""
 

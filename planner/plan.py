@@ -9,13 +9,38 @@ from ..profiles import read_json
 from .costs import CostModel, Segment
 from .errors import InfeasibleError
 from .fmt import human_bytes
-from .schema import Group, ModelProfile, Plan, Prediction, SampleShape, SolverInfo, Target
+from .schema import (
+    ComponentPlan,
+    Group,
+    ModelProfile,
+    PipelineProfile,
+    Plan,
+    Prediction,
+    SampleShape,
+    SolverInfo,
+    Target,
+)
 from .solve import solve
 
 # Headroom kept free beyond the modelled allocator overhead: other processes, cuBLAS workspaces
 # growing on first use, allocator bookkeeping.
 MARGIN_FRACTION = 0.02
 SHIPPED_DIR = "models"
+
+
+def pipeline_profile_name(model: str, height: int, width: int, frames: int, guidance: bool, dtype: str, kernel: str) -> str:
+    return f"{model}-{height}x{width}-f{frames}-{'cfg' if guidance else 'nocfg'}-{dtype}-{kernel}.pipeline.json"
+
+
+def shipped_pipeline_profile(model: str, height: int, width: int, frames: int, guidance: bool, dtype: str,
+                             kernel: str) -> PipelineProfile | None:
+    """A whole-pipeline profile shipped in ``vramplan/profiles/models``, or None."""
+    name = pipeline_profile_name(model.lower(), height, width, frames, guidance, dtype, kernel)
+    try:
+        data = read_json(f"{SHIPPED_DIR}/{name}")
+    except FileNotFoundError:
+        return None
+    return PipelineProfile.model_validate(data)
 
 
 def shipped_profile_name(model: str, shape: SampleShape, kernel: str) -> str:
@@ -39,7 +64,7 @@ def shipped_profiles() -> list[str]:
     from importlib import resources
 
     folder = resources.files("vramplan.profiles").joinpath(SHIPPED_DIR)
-    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".profile.json"))
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith((".profile.json", ".pipeline.json")))
 
 
 def make_plan(
@@ -52,8 +77,8 @@ def make_plan(
     allocator: str = "expandable_segments",
     method: str = "auto",
 ) -> Plan:
-    """Plan ``profile`` for ``gpu`` (a GpuProfile): fastest within memory, or smallest peak within
-    ``max_latency_s`` (per denoising run of ``steps`` UNet calls)."""
+    """Plan one model (``profile``) for ``gpu``: fastest within memory, or smallest peak within
+    ``max_latency_s`` (for ``steps`` calls). Whole pipelines: :func:`.pipeline.plan_pipeline`."""
     usable = usable_bytes if usable_bytes is not None else gpu.memory_usable_bytes
     margin = int(usable * MARGIN_FRACTION)
     base = gpu.cuda_context_bytes + profile.weight_bytes + margin
@@ -67,7 +92,7 @@ def make_plan(
     except InfeasibleError as err:
         raise _explain(err, profile, gpu, usable, base) from None
 
-    slices, groups = _to_plan(model, solution.segments)
+    slices, groups = to_component(model, solution.segments)
     peak_cost = max(solution.costs, key=lambda c: c.needed_bytes)
     needed = peak_cost.needed_bytes
     prediction = Prediction(
@@ -86,11 +111,11 @@ def make_plan(
         latency_calibrated=gpu.calibrated,
         allocator_model=f"{allocator}: factor from {profile.allocator.method}",
     )
+    component = ComponentPlan(component=profile.component, model=profile.model, shape=profile.shape,
+                              slices=slices, groups=groups)
     return Plan(
-        model=profile.model,
-        shape=profile.shape,
-        slices=slices,
-        groups=groups,
+        model_name=profile.model.name,
+        components=[component],
         target=Target(
             gpu=gpu.name,
             usable_bytes=usable,
@@ -111,7 +136,7 @@ def make_plan(
     )
 
 
-def _to_plan(model: CostModel, segments: Iterable[Segment]) -> tuple[dict[str, int], list[Group]]:
+def to_component(model: CostModel, segments: Iterable[Segment]) -> tuple[dict[str, int], list[Group]]:
     slices: dict[str, int] = {}
     groups: list[Group] = []
     for seg in segments:

@@ -121,6 +121,7 @@ class ModelProfile(_Strict):
     """Everything the planner needs about one model at one sample shape, with no torch."""
 
     schema_version: int = SCHEMA_VERSION
+    component: str = Field(default="unet", description="pipeline attribute the model is (unet, vae)")
     model: ModelRef
     shape: SampleShape
     attention_kernel: Literal["flash", "efficient", "cpu_flash", "math"]
@@ -144,6 +145,55 @@ class ModelProfile(_Strict):
             return cls.model_validate_json(Path(path).read_text())
         except ValidationError as err:
             raise PlanFormatError(f"{path} is not a valid model profile: {_describe(err)}") from err
+
+
+class ComponentProfile(_Strict):
+    component: str = Field(description="pipeline attribute: unet, vae, image_encoder, text_encoder")
+    model: ModelRef
+    weight_bytes: int
+
+
+class StageProfile(_Strict):
+    """One stage of a pipeline run: which component, how often, and what it needs."""
+
+    stage: str = Field(description="encode_image, encode_vae, encode_text, denoise, decode")
+    component: str
+    per_step: bool = Field(default=False, description="runs once per denoising step")
+    profile: ModelProfile | None = Field(default=None, description="unit profile of a stage the planner slices")
+    activation_bytes: int = Field(description="activation peak of the unmodified stage")
+    flops: int = 0
+    bytes_moved: int = 0
+    held_bytes: int = Field(description="tensors of other stages on the GPU meanwhile (latents, embeddings)")
+    extra_weight_bytes: int = Field(default=0, description="weights added for the stage (a VAE upcast to fp32)")
+
+
+class PipelineProfile(_Strict):
+    """Everything the planner needs about a whole pipeline run at one size."""
+
+    schema_version: int = SCHEMA_VERSION
+    model_name: str
+    pipeline: str
+    height: int
+    width: int
+    frames: int
+    guidance: bool
+    dtype: DType
+    attention_kernel: Literal["flash", "efficient", "cpu_flash", "math"]
+    components: list[ComponentProfile]
+    stages: list[StageProfile]
+    versions: dict[str, str] = Field(default_factory=dict)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(self.model_dump_json(indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> PipelineProfile:
+        try:
+            return cls.model_validate_json(Path(path).read_text())
+        except ValidationError as err:
+            raise PlanFormatError(f"{path} is not a valid pipeline profile: {_describe(err)}") from err
 
 
 class Target(_Strict):
@@ -173,7 +223,11 @@ class Prediction(_Strict):
     margin_bytes: int
     activation_peak_bytes: int = Field(description="live + transient: what `verify` measures")
     peak_unit: str
+    peak_stage: str = "denoise"
     original_activation_peak_bytes: int
+    original_peak_bytes: int | None = Field(
+        default=None, description="the unmodified pipeline with every component resident: context + weights + activations"
+    )
     unet_call_s: float
     latency_s: float = Field(description="unet_call_s x steps")
     latency_calibrated: bool = False
@@ -188,22 +242,22 @@ class SolverInfo(_Strict):
     candidates: int
 
 
-class Plan(_Strict):
-    """How to run one model on one sample shape. Units not named in ``slices`` run unsliced."""
+class ComponentPlan(_Strict):
+    """How to run one model (a pipeline component) on one sample shape.
 
-    schema_version: int = Field(default=SCHEMA_VERSION, description="version of this JSON schema")
+    Units not named in ``slices`` run unsliced. ``resident``: the weights stay on the GPU for the
+    whole run; otherwise they are moved to the GPU before the component's stage and off after it.
+    """
+
+    component: str = Field(default="unet", description="pipeline attribute: unet, vae, image_encoder, ...")
     model: ModelRef
-    shape: SampleShape
+    shape: SampleShape | None = Field(default=None, description="None for a component that is not sliced")
     slices: dict[str, int] = Field(default_factory=dict, description="unit name -> slice count k (>= 1)")
     groups: list[Group] = Field(default_factory=list)
-    target: Target | None = None
-    prediction: Prediction | None = None
-    solver: SolverInfo | None = None
+    resident: bool = True
 
     @model_validator(mode="after")
-    def _consistent(self) -> Plan:
-        if self.schema_version != SCHEMA_VERSION:
-            raise ValueError(f"schema_version {self.schema_version} is not {SCHEMA_VERSION}")
+    def _consistent(self) -> ComponentPlan:
         bad = {u: k for u, k in self.slices.items() if k < 1}
         if bad:
             raise ValueError(f"slice counts must be >= 1: {bad}")
@@ -221,6 +275,59 @@ class Plan(_Strict):
 
     def k(self, unit: str) -> int:
         return self.slices.get(unit, 1)
+
+
+class StagePrediction(_Strict):
+    """One pipeline stage at its worst moment."""
+
+    stage: str
+    component: str
+    calls: int
+    peak_bytes: int = Field(description="everything on the GPU at the stage's peak")
+    weight_bytes: int = Field(description="weights on the GPU during the stage")
+    held_bytes: int = Field(description="tensors from other stages held meanwhile")
+    activation_bytes: int
+    needed_bytes: int = Field(description="activation x allocator factor")
+    original_activation_bytes: int
+    peak_unit: str | None = None
+    seconds: float = Field(description="predicted time of all its calls, weight transfers included")
+
+
+class Plan(_Strict):
+    """A whole run: per component slicing, groups and residency, the target and the prediction."""
+
+    schema_version: int = Field(default=SCHEMA_VERSION, description="version of this JSON schema")
+    model_name: str | None = Field(default=None, description="svd, svd-xt, a Hugging Face id or a path")
+    pipeline: str | None = Field(default=None, description="diffusers pipeline class, if a whole pipeline")
+    height: int | None = Field(default=None, description="pixels")
+    width: int | None = None
+    frames: int | None = None
+    components: list[ComponentPlan] = Field(min_length=1)
+    target: Target | None = None
+    prediction: Prediction | None = None
+    stages: list[StagePrediction] = Field(default_factory=list)
+    solver: SolverInfo | None = None
+
+    @model_validator(mode="after")
+    def _version(self) -> Plan:
+        if self.schema_version != SCHEMA_VERSION:
+            raise ValueError(f"schema_version {self.schema_version} is not {SCHEMA_VERSION}")
+        names = [c.component for c in self.components]
+        if len(set(names)) != len(names):
+            raise ValueError(f"components named twice: {names}")
+        return self
+
+    def component(self, name: str) -> ComponentPlan:
+        for comp in self.components:
+            if comp.component == name:
+                return comp
+        raise KeyError(f"the plan has no component {name!r} (it has {[c.component for c in self.components]})")
+
+    def describe(self) -> str:
+        if self.height and self.width:
+            return f"{self.model_name or '?'} {self.frames} x {self.height}x{self.width}"
+        comp = self.components[0]
+        return f"{comp.model.describe()} at {comp.shape.describe()}"
 
     # -- JSON ------------------------------------------------------------------------------
     def to_json(self) -> str:

@@ -197,6 +197,13 @@ def _ilp(segments, costs, n, max_latency_s):
     return chosen, status, 0.0
 
 
+def min_needed(model: CostModel, max_group: int = 8) -> tuple[int, str]:
+    """The smallest reachable needed-memory peak of ``model`` and the unit that sets it."""
+    candidates = model.segments(max_group)
+    err = _infeasible(model, candidates, {s: model.cost(s) for s in candidates}, 0)
+    return err.min_needed_bytes, err.unit
+
+
 def _infeasible(model: CostModel, candidates, costs, budget_bytes) -> InfeasibleError:
     # Minimax path: the smallest reachable peak, and the segment that sets it.
     best: list[tuple[int, Segment | None] | None] = [None] * (model.n + 1)

@@ -30,7 +30,13 @@ def model_entry(name: str) -> dict[str, Any]:
 
 
 def unet_config(name: str) -> dict[str, Any]:
+    return component_config(name, "unet")
+
+
+def component_config(name: str, component: str) -> dict[str, Any]:
+    """The config of a shipped model's component (unet, vae, image_encoder)."""
     entry = model_entry(name)
-    config = read_json(f"models/{entry['unet_config']}")
-    config.update(entry.get("unet_config_overrides", {}))
+    config = read_json(f"models/{entry['components'][component]}")
+    if component == "unet":
+        config.update(entry.get("unet_config_overrides", {}))
     return config

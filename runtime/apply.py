@@ -1,7 +1,8 @@
 """Attach a plan to a model, reversibly, and the helpers that make plans by hand.
 
-``apply_plan`` replaces the model's ``forward`` with the planned executor (an instance attribute,
-like diffusers' hooks and accelerate's) and ``remove()`` puts back exactly what was there. No
+``apply_plan`` replaces the model's entry method (``forward``; ``decode`` for VAEs: the adapter
+says) with the planned executor, as an instance attribute like diffusers' hooks and accelerate's,
+and ``remove()`` puts back exactly what was there. No
 weight is copied or moved.
 """
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..planner.errors import InvalidPlanError, PlanMismatchError
-from ..planner.schema import Group, ModelRef, Plan, SampleShape
+from ..planner.schema import ComponentPlan, Group, ModelRef, Plan, SampleShape
 from . import adapters  # noqa: F401  (registers the adapters)
 from .adapters.base import adapter_for
 from .executor import Segment, execute
@@ -36,7 +37,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def config_hash(config: dict) -> str:
     """sha256 of a diffusers config, ignoring bookkeeping keys (``_name_or_path``, versions)."""
-    clean = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    items = config.to_dict() if hasattr(config, "to_dict") else dict(config)  # transformers or diffusers
+    clean = {k: v for k, v in items.items() if not k.startswith("_") and k != "transformers_version"}
     text = json.dumps(clean, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -58,10 +60,13 @@ def sample_shape(sample: torch.Tensor) -> SampleShape:
 
 
 def uniform_plan(model: torch.nn.Module, k: int, shape: SampleShape, *, group: bool = True) -> Plan:
-    """Slice every sliceable unit ``k`` ways; with ``group``, group maximal runs of one axis.
+    """A one-component plan that slices every sliceable unit ``k`` ways; with ``group``, maximal runs
+    of one axis are grouped (a unit that needs statistics over its whole input starts a new group)."""
+    return Plan(components=[uniform_component(model, k, shape, group=group)])
 
-    A unit that needs statistics over its whole input starts a new group.
-    """
+
+def uniform_component(model: torch.nn.Module, k: int, shape: SampleShape, *, group: bool = True) -> ComponentPlan:
+    """The component plan of :func:`uniform_plan`."""
     units = list_units(model)
     slices = {u.name: k for u in units if u.axis is not None and k > 1}
     groups = []
@@ -74,7 +79,8 @@ def uniform_plan(model: torch.nn.Module, k: int, shape: SampleShape, *, group: b
                 run = []
             if unit is not None and unit.axis is not None:
                 run.append(unit)
-    return Plan(model=fingerprint(model), shape=shape, slices=slices, groups=groups)
+    component = getattr(adapter_for(model), "component", "unet")
+    return ComponentPlan(component=component, model=fingerprint(model), shape=shape, slices=slices, groups=groups)
 
 
 @dataclass(eq=False)
@@ -82,11 +88,12 @@ class PlanHandle:
     """A plan attached to a model. ``remove()`` (or leaving the ``with`` block) restores it."""
 
     model: torch.nn.Module
-    plan: Plan
+    plan: ComponentPlan
     ops: list[Op]
     result: str
     segments: list[Segment]
     unsliced: dict[str, str] = field(default_factory=dict)
+    method: str = "forward"
     _saved_forward: object = _MISSING
     active: bool = True
 
@@ -100,9 +107,9 @@ class PlanHandle:
         if not self.active:
             return
         if self._saved_forward is _MISSING:
-            del self.model.forward
+            delattr(self.model, self.method)
         else:
-            self.model.forward = self._saved_forward
+            setattr(self.model, self.method, self._saved_forward)
         self.active = False
 
     def __call__(self, *args, **kwargs):
@@ -120,21 +127,41 @@ class PlanHandle:
         return execute(program, self.segments)
 
 
-def apply_plan(model: torch.nn.Module, plan: Plan) -> PlanHandle:
-    """Make ``model`` run ``plan`` until the returned handle's ``remove()``."""
+def apply_plan(model: torch.nn.Module, plan: Plan | ComponentPlan) -> PlanHandle:
+    """Make ``model`` run its part of ``plan`` until the returned handle's ``remove()``.
+
+    A whole-pipeline plan is searched for the component made for this model (class and config).
+    """
     adapter = adapter_for(model)
-    _check_model(model, plan)
+    plan = component_for(model, plan)
     ops, result = adapter.ops(model)
     segments, unsliced = build_segments(ops, plan)
     for unit, why in unsliced.items():
         log.warning("%s runs unsliced: %s", unit, why)
     handle = PlanHandle(model, plan, ops, result, segments, unsliced)
-    handle._saved_forward = model.__dict__.get("forward", _MISSING)
-    model.forward = handle
+    handle.method = getattr(adapter, "method", "forward")
+    handle._saved_forward = model.__dict__.get(handle.method, _MISSING)
+    setattr(model, handle.method, handle)
     return handle
 
 
-def build_segments(ops: list[Op], plan: Plan) -> tuple[list[Segment], dict[str, str]]:
+def component_for(model: torch.nn.Module, plan: Plan | ComponentPlan) -> ComponentPlan:
+    """The component of ``plan`` made for ``model``, or a PlanMismatchError saying what it was made for."""
+    if isinstance(plan, ComponentPlan):
+        _check_model(model, plan)
+        return plan
+    actual = fingerprint(model)
+    for comp in plan.components:
+        if (comp.model.class_name, comp.model.config_hash) == (actual.class_name, actual.config_hash):
+            return comp
+    made_for = "; ".join(f"{c.component}: {c.model.describe()} with {c.shape.describe()}" for c in plan.components)
+    raise PlanMismatchError(
+        f"this plan was made for {made_for}, but the model is {actual.describe()}. "
+        f"Make a plan for this model (vramplan.plan_for or vramplan.runtime.uniform_plan)."
+    )
+
+
+def build_segments(ops: list[Op], plan: ComponentPlan) -> tuple[list[Segment], dict[str, str]]:
     """Plan groups and ungrouped units as executor segments; validates the plan against the ops."""
     index = {op.name: i for i, op in enumerate(ops)}
     unknown = [u for u in list(plan.slices) + [u for g in plan.groups for u in g.units] if u not in index]
@@ -179,7 +206,7 @@ def build_segments(ops: list[Op], plan: Plan) -> tuple[list[Segment], dict[str, 
     return segments, unsliced
 
 
-def _check_model(model: torch.nn.Module, plan: Plan) -> None:
+def _check_model(model: torch.nn.Module, plan: ComponentPlan) -> None:
     actual = fingerprint(model)
     if (actual.class_name, actual.config_hash) != (plan.model.class_name, plan.model.config_hash):
         raise PlanMismatchError(
@@ -189,7 +216,7 @@ def _check_model(model: torch.nn.Module, plan: Plan) -> None:
         )
 
 
-def _check_shape(plan: Plan, shape: dict) -> None:
+def _check_shape(plan: ComponentPlan, shape: dict) -> None:
     got = SampleShape(
         batch=shape["batch"],
         frames=shape["frames"],

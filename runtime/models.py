@@ -45,11 +45,24 @@ def load_unet_config(model: str) -> dict:
 
 def meta_unet(model: str, dtype: str = "fp16") -> torch.nn.Module:
     """The UNet of ``model`` on the meta device (no memory, no weights)."""
+    return meta_from_config(load_unet_config(model), dtype)
+
+
+def meta_from_config(config: dict, dtype: str = "fp16") -> torch.nn.Module:
+    """A diffusers or transformers model from its config, on the meta device."""
     import diffusers
 
-    config = load_unet_config(model)
-    class_name = config.get("_class_name")
+    class_name = config.get("_class_name") or (config.get("architectures") or [None])[0]
     cls = getattr(diffusers, class_name or "", None)
+    if cls is not None:
+        return empty_model(cls, config, DTYPES[dtype])
+    import transformers
+    from accelerate import init_empty_weights
+
+    cls = getattr(transformers, class_name or "", None)
     if cls is None:
-        raise VramplanError(f"{model!r}: config names no diffusers model class ({class_name!r})")
-    return empty_model(cls, config, DTYPES[dtype])
+        raise VramplanError(f"config names no diffusers or transformers model class ({class_name!r})")
+    fields = {k: v for k, v in config.items() if not k.startswith("_")}
+    with init_empty_weights():
+        model = cls(cls.config_class(**fields))
+    return model.to(device="meta", dtype=DTYPES[dtype]).eval()

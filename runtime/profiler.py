@@ -61,8 +61,14 @@ def slice_counts(length: int, max_k: int = DEFAULT_MAX_K) -> list[int]:
 
 
 def block_of(unit: str) -> str:
+    """The top-level block of a unit, for per-block tables: ``down_blocks.1``, ``decoder.mid_block``."""
     parts = unit.split(".")
-    return ".".join(parts[:2]) if parts[0] in ("down_blocks", "up_blocks") else parts[0]
+    for i, part in enumerate(parts):
+        if part in ("down_blocks", "up_blocks"):
+            return ".".join(parts[: i + 2])
+        if part == "mid_block":
+            return ".".join(parts[: i + 1])
+    return ".".join(parts[:2]) if len(parts) > 1 and parts[0] in ("decoder", "encoder") else parts[0]
 
 
 def profile(
@@ -86,7 +92,7 @@ def profile(
     blocks = {block_of(op.name) for op in ops}
     label = {b: modules[b] for b in sorted(blocks) if b in modules}
     with torch.no_grad(), attention_kernel(kernel), MemoryTracker(label, record_events=True) as original:
-        model(*args)
+        getattr(model, getattr(adapter, "method", "forward"))(*args)
     say(f"original forward: activation peak {original.peak_bytes / 2**30:.3f} GiB")
 
     # 2. Unsliced unit program: sizes, FLOPs, traffic, kernels.
@@ -147,6 +153,7 @@ def profile(
 
     ref = fingerprint(model, name)
     return ModelProfile(
+        component=getattr(adapter, "component", "unet"),
         model=ModelRef(class_name=ref.class_name, config_hash=ref.config_hash, name=name),
         shape=shape,
         attention_kernel=kernel,
@@ -228,19 +235,53 @@ SHIPPED = [
 ]
 
 
+def pipeline_profile(model: str, height: int, width: int, frames: int, guidance: bool = True,
+                     dtype: str = "fp16", kernel: str = "flash", progress=None):
+    """Profile a shipped model's whole pipeline on meta tensors (about half a minute)."""
+    from ..profiles import component_config, model_entry
+    from .adapters.svd_pipeline import PIPELINE, profile_pipeline
+    from .models import meta_from_config
+
+    entry = model_entry(model)
+    if entry["pipeline"] != PIPELINE:
+        raise NotImplementedError(f"no pipeline profiler for {entry['pipeline']}")
+    components = {c: meta_from_config(component_config(model, c), dtype) for c in entry["components"]}
+    return profile_pipeline(components, model, height, width, frames, guidance, dtype, kernel, progress=progress)
+
+
+def cached_pipeline_profile(model: str, height: int, width: int, frames: int, guidance: bool, dtype: str,
+                            kernel: str):
+    """:func:`pipeline_profile`, read from / written to the on-disk cache."""
+    from ..planner.plan import pipeline_profile_name
+    from ..planner.schema import PipelineProfile
+    from ..profiles import model_catalogue
+
+    if model.lower() not in model_catalogue():
+        raise NotImplementedError(
+            f"whole-pipeline profiles are built for the shipped models ({', '.join(model_catalogue())}); "
+            f"for {model!r} profile the UNet with `vramplan profile`"
+        )
+    path = cache_dir() / pipeline_profile_name(model.lower(), height, width, frames, guidance, dtype, kernel)
+    if path.exists():
+        return PipelineProfile.load(path)
+    prof = pipeline_profile(model.lower(), height, width, frames, guidance, dtype, kernel)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prof.save(path)
+    return prof
+
+
 def regenerate_shipped(progress: Callable[[str], None] | None = None) -> list[Path]:
-    """Re-profile every shipped configuration (CFG, fp16) into ``vramplan/profiles/models``."""
+    """Re-profile every shipped pipeline configuration (CFG, fp16) into ``vramplan/profiles/models``."""
     from importlib import resources
 
-    from ..planner.plan import SHIPPED_DIR, shipped_profile_name
-    from .models import meta_unet
+    from ..planner.plan import SHIPPED_DIR, pipeline_profile_name
 
     folder = Path(str(resources.files("vramplan.profiles").joinpath(SHIPPED_DIR)))
     written = []
     for model, frames, height, width, kernel in SHIPPED:
-        shape = SampleShape(batch=2, frames=frames, latent_height=height // 8, latent_width=width // 8, dtype="fp16")
         if progress:
-            progress(f"profiling {model} {frames}x{height}x{width} ({kernel})")
-        prof = profile(meta_unet(model, "fp16"), shape, kernel, name=model)
-        written.append(prof.save(folder / shipped_profile_name(model, shape, kernel)))
+            progress(f"profiling the {model} pipeline, {frames} x {height}x{width} ({kernel})")
+        prof = pipeline_profile(model, height, width, frames, True, "fp16", kernel)
+        name = pipeline_profile_name(model, height, width, frames, True, "fp16", kernel)
+        written.append(prof.save(folder / name))
     return written

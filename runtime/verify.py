@@ -1,26 +1,27 @@
-"""Execute a plan on meta tensors of the full-size model and compare with its prediction."""
+"""Execute a plan on meta tensors of the full-size models and compare with its prediction."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 
 from ..planner.allocator import replay
 from ..planner.errors import PlanMismatchError
-from ..planner.schema import Plan
+from ..planner.schema import ComponentPlan, Plan
 from .adapters.base import adapter_for
 from .apply import apply_plan, fingerprint
 from .fake import attention_kernel
 from .memory import MemoryTracker
-from .models import meta_unet
 
 
 @dataclass
 class VerifyReport:
+    component: str
     measured_activation_bytes: int
     predicted_activation_bytes: int | None
-    measured_needed_bytes: int  # measured sequence replayed through the allocator model
+    measured_needed_bytes: int  # the measured allocation sequence replayed through the allocator model
     peak_label: str | None
     seconds: float
 
@@ -33,27 +34,67 @@ class VerifyReport:
 
 
 def verify(plan: Plan, model: torch.nn.Module | None = None) -> VerifyReport:
-    """Run ``plan`` on meta tensors of its model (built from ``plan.model.name`` unless given)."""
-    import time
+    """Verify the plan's first sliced component (or the one made for ``model``)."""
+    return verify_all(plan, {} if model is None else {None: model})[0]
 
-    started = time.perf_counter()
-    if model is None:
-        if not plan.model.name:
-            raise PlanMismatchError("the plan names no model to build; pass the model to verify()")
-        model = meta_unet(plan.model.name, plan.shape.dtype)
+
+def verify_all(plan: Plan, models: dict | None = None) -> list[VerifyReport]:
+    """Run every sliced component of ``plan`` on meta tensors; one report per component.
+
+    ``models`` maps component names to models to use instead of building them from the catalogue
+    (``{None: model}``: the component made for that model).
+    """
+    models = dict(models or {})
+    reports = []
+    for comp in plan.components:
+        if comp.shape is None:
+            continue
+        model = models.get(comp.component)
+        if model is None and None in models:
+            if fingerprint(models[None]).config_hash != comp.model.config_hash:
+                continue
+            model = models[None]
+        if model is None:
+            model = _build(plan, comp)
+        reports.append(_run(plan, comp, model))
+    return reports
+
+
+def _build(plan: Plan, comp: ComponentPlan) -> torch.nn.Module:
+    from ..profiles import component_config, model_catalogue
+    from .models import meta_from_config, meta_unet
+
+    name = plan.model_name or comp.model.name
+    if not name:
+        raise PlanMismatchError("the plan names no model to build; pass the model to verify()")
+    if name.lower() in model_catalogue():
+        model = meta_from_config(component_config(name, comp.component), comp.shape.dtype)
+    else:
+        model = meta_unet(name, comp.shape.dtype)
     actual = fingerprint(model)
-    if actual.config_hash != plan.model.config_hash:
-        raise PlanMismatchError(
-            f"the plan was made for {plan.model.describe()}, but {plan.model.name} builds {actual.describe()}"
-        )
-    args = adapter_for(model).example_inputs(model, plan.shape, device="meta")
+    if actual.config_hash != comp.model.config_hash:
+        raise PlanMismatchError(f"the plan's {comp.component} was made for {comp.model.describe()}, "
+                                f"but {name} builds {actual.describe()}")
+    return model
+
+
+def _run(plan: Plan, comp: ComponentPlan, model: torch.nn.Module) -> VerifyReport:
+    started = time.perf_counter()
+    adapter = adapter_for(model)
+    args = adapter.example_inputs(model, comp.shape, device="meta")
     kernel = plan.target.attention_kernel if plan.target else "flash"
     expandable = plan.target is None or plan.target.allocator == "expandable_segments"
-    with apply_plan(model, plan), attention_kernel(kernel), MemoryTracker(record_events=True) as tracker:
+    with apply_plan(model, comp), attention_kernel(kernel), MemoryTracker(record_events=True) as tracker:
         with torch.no_grad():
-            model(*args)
-    predicted = plan.prediction.activation_peak_bytes if plan.prediction else None
+            getattr(model, adapter.method)(*args)
+    predicted = None
+    for stage in plan.stages:
+        if stage.component == comp.component and stage.peak_unit is not None:
+            predicted = stage.activation_bytes
+    if predicted is None and plan.prediction is not None and len(plan.components) == 1:
+        predicted = plan.prediction.activation_peak_bytes
     return VerifyReport(
+        component=comp.component,
         measured_activation_bytes=tracker.peak_bytes,
         predicted_activation_bytes=predicted,
         measured_needed_bytes=replay(tracker.events, expandable).needed_peak,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from hypothesis import strategies as st
-from vramplan.planner.schema import Group, Plan
+from vramplan.planner.schema import ComponentPlan, Group, Plan
 
 
 @st.composite
@@ -29,4 +29,4 @@ def random_plans(draw, units, model_ref, shape, max_k: int = 12):
         if k > 1:
             slices.update(dict.fromkeys(names, k))
         i += size
-    return Plan(model=model_ref, shape=shape, slices=slices, groups=groups)
+    return Plan(components=[ComponentPlan(model=model_ref, shape=shape, slices=slices, groups=groups)])

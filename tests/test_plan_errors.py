@@ -14,8 +14,8 @@ def test_plan_for_another_model_is_refused(tiny_unet):
     other = tiny_svd_unet(block_out_channels=(32, 32))
     inputs = svd_inputs(tiny_unet, frames=3)
     plan = uniform_plan(tiny_unet, 2, sample_shape(inputs[0]))
-    plan.model.name = "tiny-svd"
-    with pytest.raises(PlanMismatchError, match=r"made for tiny-svd \(UNetSpatioTemporalConditionModel.*3 frames"):
+    plan.components[0].model.name = "tiny-svd"
+    with pytest.raises(PlanMismatchError, match=r"made for unet: tiny-svd \(UNetSpatioTemporalConditionModel.*3 frames"):
         apply_plan(other, plan)
     assert "forward" not in other.__dict__
 
@@ -34,7 +34,7 @@ def test_model_without_adapter_names_supported_classes():
 
 def _plan(unet, inputs, groups):
     plan = uniform_plan(unet, 2, sample_shape(inputs[0]), group=False)
-    plan.groups = groups
+    plan.components[0].groups = groups
     return plan
 
 

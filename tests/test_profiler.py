@@ -61,7 +61,7 @@ def test_memory_model_predicts_measured_peak_for_random_plans(meta_tiny, tiny_pr
     """Any plan, groups included: predicted activation peak within 5% of the measured one."""
     units = list_units(meta_tiny)
     k_ok = {u.name: set(u.scratch) for u in tiny_profile.units}
-    plan = data.draw(random_plans(units, fingerprint(meta_tiny), SHAPE, max_k=64))
+    plan = data.draw(random_plans(units, fingerprint(meta_tiny), SHAPE, max_k=64)).components[0]
     # Only slice counts the profile measured can be predicted.
     if any(plan.k(u.name) not in k_ok[u.name] for u in units):
         return

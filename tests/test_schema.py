@@ -6,16 +6,16 @@ import json
 
 import pytest
 from vramplan.planner.errors import PlanFormatError
-from vramplan.planner.schema import Group, ModelRef, Plan, SampleShape
+from vramplan.planner.schema import ComponentPlan, Group, ModelRef, Plan, SampleShape
 
 
 def _plan() -> Plan:
-    return Plan(
+    return Plan(components=[ComponentPlan(
         model=ModelRef(class_name="UNetSpatioTemporalConditionModel", config_hash="ab" * 32, name="svd"),
         shape=SampleShape(batch=2, frames=14, latent_height=72, latent_width=128, dtype="fp16"),
         slices={"conv_in": 4, "down_blocks.0.resnets.0.spatial_res_block": 4},
         groups=[Group(units=["conv_in", "down_blocks.0.resnets.0.spatial_res_block"], axis="frames", k=4)],
-    )
+    )])
 
 
 def test_round_trip(tmp_path):
@@ -38,8 +38,8 @@ def test_missing_file(tmp_path):
 
 def test_wrong_field_is_named():
     data = json.loads(_plan().to_json())
-    data["shape"]["frames"] = 0
-    with pytest.raises(PlanFormatError, match="field 'shape.frames'"):
+    data["components"][0]["shape"]["frames"] = 0
+    with pytest.raises(PlanFormatError, match="field 'components.0.shape.frames'"):
         Plan.from_json(json.dumps(data))
 
 
@@ -52,6 +52,6 @@ def test_future_version_says_upgrade():
 
 def test_group_and_slices_must_agree():
     data = json.loads(_plan().to_json())
-    data["slices"]["conv_in"] = 2
+    data["components"][0]["slices"]["conv_in"] = 2
     with pytest.raises(PlanFormatError, match="has k=2 but its group has k=4"):
         Plan.from_json(json.dumps(data))

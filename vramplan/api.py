@@ -7,8 +7,9 @@ from pathlib import Path
 
 from .planner.errors import VramplanError
 from .planner.gpus import find_gpu
-from .planner.plan import make_plan, shipped_profile
-from .planner.schema import ModelProfile, Plan, SampleShape
+from .planner.pipeline import plan_pipeline
+from .planner.plan import shipped_pipeline_profile
+from .planner.schema import PipelineProfile, Plan, SampleShape
 from .profiles import model_catalogue
 
 log = logging.getLogger(__name__)
@@ -31,20 +32,21 @@ def plan_for(
     allocator: str = "expandable_segments",
     method: str = "auto",
 ) -> Plan:
-    """A plan that runs ``model`` at ``height`` x ``width`` x ``frames`` within ``gpu``'s memory.
+    """A plan that runs the whole ``model`` pipeline at ``height`` x ``width`` x ``frames`` within
+    ``gpu``'s memory: per component slicing, groups and weight residency, with a prediction.
 
     ``gpu``: a name ("2080Ti", "RTX 4090", "A100 80GB") or "auto" (the local GPU, via NVML).
     ``model``: "svd", "svd-xt", a Hugging Face id (config read from the local cache) or a local path.
     ``vram_gb``: plan for this much memory in all instead of the GPU's usable memory.
-    ``max_latency_s``: minimise peak memory subject to this latency for ``steps`` UNet calls
+    ``max_latency_s``: minimise peak memory subject to this latency for the whole run
     (default: minimise latency within memory). ``guidance`` doubles the UNet batch (CFG).
     """
     gpu_profile = find_gpu(gpu)
     shape = sample_shape_for(model, height, width, frames, guidance, dtype)
     kernel = gpu_profile.attention_kernel if dtype != "fp32" else "efficient"
-    profile = find_profile(model, shape, kernel)
+    profile = find_pipeline_profile(model, height, width, shape.frames, guidance, dtype, kernel)
     usable = int(vram_gb * 2**30) if vram_gb is not None else None
-    return make_plan(
+    return plan_pipeline(
         profile, gpu_profile, usable_bytes=usable, steps=steps, max_latency_s=max_latency_s,
         allocator=allocator, method=method,
     )
@@ -81,22 +83,22 @@ def sample_shape_for(model: str, height: int, width: int, frames: int | None, gu
     )
 
 
-def find_profile(model: str, shape: SampleShape, kernel: str) -> ModelProfile:
-    """A shipped profile if one matches; otherwise profile the model (needs torch, ~20 s, cached)."""
-    shipped = shipped_profile(model, shape, kernel)
+def find_pipeline_profile(
+    model: str, height: int, width: int, frames: int, guidance: bool, dtype: str, kernel: str
+) -> PipelineProfile:
+    """A shipped pipeline profile if one matches; otherwise profile it (needs torch, ~30 s, cached)."""
+    shipped = shipped_pipeline_profile(model, height, width, frames, guidance, dtype, kernel)
     if shipped is not None:
         return shipped
     try:
-        from .runtime.models import meta_unet
-        from .runtime.profiler import cached_profile
+        from .runtime.profiler import cached_pipeline_profile
     except ImportError as err:
         raise VramplanError(
-            f"no shipped profile for {model} at {shape.describe()} ({kernel} attention), and profiling "
+            f"no shipped profile for {model} {frames} x {height}x{width} ({kernel} attention), and profiling "
             f"one needs the runtime: pip install 'vramplan[runtime]'"
         ) from err
-    log.info("profiling %s at %s (%s attention); cached for next time", model, shape.describe(), kernel)
-    unet = meta_unet(model, shape.dtype)
-    return cached_profile(unet, shape, kernel, name=model)
+    log.info("profiling the %s pipeline at %d x %dx%d (%s attention); cached", model, frames, height, width, kernel)
+    return cached_pipeline_profile(model, height, width, frames, guidance, dtype, kernel)
 
 
 def load_plan(path: str | Path) -> Plan:

@@ -81,34 +81,68 @@ def cmd_plan(args) -> int:
 
 
 def plan_table(plan) -> str:
-    """Per block: original vs planned activation peak, slice counts, groups; then the totals."""
-    from .api import find_profile
-    from .planner.costs import CostModel
-    from .planner.gpus import find_gpu
-
+    """Per stage: residency, original vs planned peak; per block of each sliced component: original
+    vs planned activation peak, slice counts, groups; then the totals."""
     pred, target = plan.prediction, plan.target
     lines = [
-        f"{plan.model.name or plan.model.class_name}: {plan.shape.describe()} on {target.gpu} "
-        f"({_gib(target.usable_bytes)} GiB usable, {target.attention_kernel} attention, {target.allocator})",
+        f"{plan.describe()} ({plan.pipeline or 'one model'}) on {target.gpu}: {_gib(target.usable_bytes)} GiB "
+        f"usable, {target.attention_kernel} attention, allocator {target.allocator}",
     ]
-    profile = find_profile(plan.model.name, plan.shape, target.attention_kernel) if plan.model.name else None
-    if profile is not None:
-        blocks = _block_rows(plan, profile, CostModel(profile, find_gpu(target.gpu), target.allocator))
-        lines += ["", f"{'block':<16}{'original GiB':>14}{'planned GiB':>13}  {'slices k':<14}groups"]
-        lines += [f"{b:<16}{o:>14}{p:>13}  {k:<14}{g}" for b, o, p, k, g in blocks]
+    if plan.stages:
+        lines += ["", f"{'stage':<14}{'component':<15}{'on GPU':<9}{'weights':>8}{'original act.':>15}"
+                      f"{'planned act.':>14}{'stage peak':>12}{'seconds':>9}"]
+        resident = {c.component: c.resident for c in plan.components}
+        for st in plan.stages:
+            where = "always" if resident.get(st.component, True) else "moved"
+            lines.append(f"{st.stage:<14}{st.component:<15}{where:<9}{_gib(st.weight_bytes):>8}"
+                         f"{_gib(st.original_activation_bytes):>15}{_gib(st.activation_bytes):>14}"
+                         f"{_gib(st.peak_bytes):>12}{st.seconds:>9.2f}")
+    for comp, profile, model in _sliced_components(plan):
+        lines += ["", f"{comp.component}: {comp.shape.describe()}",
+                  f"  {'block':<22}{'original GiB':>13}{'planned GiB':>13}  {'slices k':<16}groups"]
+        lines += [f"  {b:<22}{o:>13}{p:>13}  {k:<16}{g}" for b, o, p, k, g in _block_rows(comp, profile, model)]
     lines += [
         "",
-        f"predicted peak   {_gib(pred.peak_bytes)} GiB = context {_gib(pred.context_bytes)} + weights "
-        f"{_gib(pred.weight_bytes)} + live {_gib(pred.live_bytes)} + transient {_gib(pred.transient_bytes)} "
-        f"+ allocator {_gib(pred.allocator_bytes)} + margin {_gib(pred.margin_bytes)}",
-        f"activation peak  {_gib(pred.activation_peak_bytes)} GiB (original forward "
-        f"{_gib(pred.original_activation_peak_bytes)} GiB), at {pred.peak_unit}",
+        f"predicted peak   {_gib(pred.peak_bytes)} GiB in {pred.peak_stage} = context {_gib(pred.context_bytes)} + "
+        f"weights {_gib(pred.weight_bytes)} + live {_gib(pred.live_bytes)} + transient {_gib(pred.transient_bytes)}"
+        f" + allocator {_gib(pred.allocator_bytes)} + margin {_gib(pred.margin_bytes)}",
+    ]
+    if pred.original_peak_bytes:
+        lines.append(f"original         {_gib(pred.original_peak_bytes)} GiB (every component resident, "
+                     f"unsliced; all frames decoded at once)")
+    lines += [
         f"latency          {pred.latency_s:.2f} s for {target.steps} steps ({pred.unet_call_s * 1000:.0f} ms per "
         f"UNet call, {'calibrated' if pred.latency_calibrated else 'uncalibrated'})",
         f"solver           {plan.solver.method}: {plan.solver.status}, gap {plan.solver.gap}, "
         f"{plan.solver.solve_seconds * 1000:.0f} ms over {plan.solver.candidates} candidate segments",
     ]
     return "\n".join(lines)
+
+
+def _sliced_components(plan):
+    """(component plan, its ModelProfile, its CostModel) for every sliced component we have a profile of."""
+    from .api import find_pipeline_profile
+    from .planner.costs import CostModel
+    from .planner.gpus import find_gpu
+
+    if not plan.stages or plan.height is None:
+        return []
+    target = plan.target
+    unet = next(c for c in plan.components if c.component == "unet")
+    guidance = unet.shape.batch == 2 if unet.shape else True
+    dtype = unet.shape.dtype if unet.shape else "fp16"
+    try:
+        profile = find_pipeline_profile(plan.model_name, plan.height, plan.width, plan.frames, guidance, dtype,
+                                        target.attention_kernel)
+    except VramplanError:
+        return []
+    out = []
+    for stage in profile.stages:
+        if stage.profile is None:
+            continue
+        comp = plan.component(stage.component)
+        out.append((comp, stage.profile, CostModel(stage.profile, find_gpu(target.gpu), target.allocator)))
+    return out
 
 
 def _block_rows(plan, profile, model) -> list[tuple[str, str, str, str, str]]:
@@ -184,18 +218,19 @@ def cmd_schema(args) -> int:
 
 def cmd_verify(args) -> int:
     from .planner.schema import Plan
-    from .runtime.verify import verify
+    from .runtime.verify import verify_all
 
     plan = Plan.load(args.plan)
-    report = verify(plan)
-    print(f"{plan.model.name}: {plan.shape.describe()}, {len(plan.slices)} sliced units, {len(plan.groups)} groups")
-    print(f"measured activation peak   {_gib(report.measured_activation_bytes)} GiB  (at {report.peak_label})")
-    print(f"predicted activation peak  {_gib(report.predicted_activation_bytes)} GiB")
-    if report.error is not None:
-        print(f"prediction error           {report.error * 100:+.2f} %")
-    print(f"allocator replay           {_gib(report.measured_needed_bytes)} GiB needed "
-          f"({plan.target.allocator if plan.target else 'expandable_segments'})")
-    print(f"verified in {report.seconds:.1f} s on meta tensors")
+    print(f"{plan.describe()}: executing every sliced component on meta tensors of the full-size model")
+    for report in verify_all(plan):
+        comp = plan.component(report.component)
+        print(f"\n{comp.component}: {comp.shape.describe()}, {len(comp.slices)} sliced units, {len(comp.groups)} groups")
+        print(f"  measured activation peak   {_gib(report.measured_activation_bytes)} GiB  (at {report.peak_label})")
+        print(f"  predicted activation peak  {_gib(report.predicted_activation_bytes)} GiB")
+        if report.error is not None:
+            print(f"  prediction error           {report.error * 100:+.2f} %")
+        print(f"  allocator replay           {_gib(report.measured_needed_bytes)} GiB needed")
+        print(f"  verified in {report.seconds:.1f} s")
     return 0
 
 

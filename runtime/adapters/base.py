@@ -30,6 +30,7 @@ class CallBinding:
 class Adapter(Protocol):
     name: str
     model_classes: tuple[str, ...]
+    method: str  # the model method a plan replaces: "forward", or "decode" for a VAE decoder
 
     def ops(self, model: torch.nn.Module) -> tuple[list[Op], str]:
         """The model's ops in execution order and the name of the value the forward returns."""

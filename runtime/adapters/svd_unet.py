@@ -18,14 +18,18 @@ from __future__ import annotations
 
 import torch
 
-from ..norm import merged_moments, normalize_groups
-from ..program import Op, SliceCtx, UnitSpec, take
+from ..program import Op, SliceCtx, UnitSpec
 from .base import CallBinding, register
+from .spatiotemporal import frames_op as _frames
+from .spatiotemporal import resnet as _resnet
+from .spatiotemporal import upsampler as _upsampler
 
 
 class SVDUNetAdapter:
     name = "svd-unet"
     model_classes = ("UNetSpatioTemporalConditionModel",)
+    method = "forward"
+    component = "unet"
 
     # ------------------------------------------------------------------ program structure
     def ops(self, unet) -> tuple[list[Op], str]:
@@ -152,82 +156,7 @@ class SVDUNetAdapter:
         )
 
 
-# ---------------------------------------------------------------------- unit builders
-def _frames(name, inputs, fn, layout="nchw", kind="") -> Op:
-    return Op(UnitSpec(name, "frames", kind=kind), tuple(inputs), name, fn, layout)
-
-
-def _resnet(add, prefix: str, block, inputs: tuple[str, ...]) -> str:
-    """SpatioTemporalResBlock -> spatial unit (frames) + two temporal units (tokens)."""
-    spatial = block.spatial_res_block
-
-    def spatial_fn(ctx: SliceCtx, x, skip=None):
-        if skip is not None:
-            x = torch.cat([x, skip], dim=1)
-        return spatial(x, ctx.globals["emb"][ctx.start : ctx.stop])
-
-    xs = add(_frames(f"{prefix}.spatial_res_block", inputs, spatial_fn, kind="resnet"))
-    temporal = block.temporal_res_block
-    h1 = add(_temporal_conv1(f"{prefix}.temporal_res_block.norm1", temporal, xs))
-    return add(_temporal_conv2(f"{prefix}.temporal_res_block.norm2", temporal, block.time_mixer, h1, xs))
-
-
-def _to_video(x: torch.Tensor, ctx: SliceCtx) -> torch.Tensor:
-    """A token slice ``[B*T, C, n]`` as the 5-D ``[B, C, T, n, 1]`` the temporal convs expect."""
-    b, t = ctx.globals["batch"], ctx.globals["frames"]
-    return x.reshape(b, t, x.shape[1], x.shape[2]).permute(0, 2, 1, 3).unsqueeze(-1)
-
-
-def _from_video(x: torch.Tensor) -> torch.Tensor:
-    b, c, t, n, _ = x.shape
-    return x.squeeze(-1).permute(0, 2, 1, 3).reshape(b * t, c, n)
-
-
-def _time_stats(norm: torch.nn.GroupNorm):
-    """``prepare`` hook: GroupNorm moments over (channels in group, time, all tokens)."""
-
-    def prepare(ctx: SliceCtx, full: torch.Tensor, bounds):
-        b, t, g = ctx.globals["batch"], ctx.globals["frames"], norm.num_groups
-        c = full.shape[1]
-        pieces = (
-            take(full, "nchw", "tokens", start, stop).reshape(b, t, g, c // g, stop - start)
-            for start, stop in bounds
-        )
-        return merged_moments(pieces, reduce_dims=(1, 3, 4))
-
-    return prepare
-
-
-def _group_norm(norm: torch.nn.GroupNorm, x: torch.Tensor, stats) -> torch.Tensor:
-    mean, var = stats
-    return normalize_groups(x, mean, var, norm.num_groups, norm.eps, norm.weight, norm.bias)
-
-
-def _temporal_conv1(name: str, block, xs: str) -> Op:
-    def fn(ctx: SliceCtx, x):
-        h = block.nonlinearity(_group_norm(block.norm1, _to_video(x, ctx), ctx.prepared))
-        h = block.conv1(h)
-        if block.time_emb_proj is not None:
-            temb = ctx.globals["emb"].reshape(ctx.globals["batch"], ctx.globals["frames"], -1)
-            temb = block.time_emb_proj(block.nonlinearity(temb))[:, :, :, None, None].permute(0, 2, 1, 3, 4)
-            h = h + temb
-        return _from_video(h)
-
-    return Op(UnitSpec(name, "tokens", True, kind="temporal_conv"), (xs,), name, fn, "nchw", _time_stats(block.norm1))
-
-
-def _temporal_conv2(name: str, block, mixer, h1: str, xs: str) -> Op:
-    def fn(ctx: SliceCtx, h, x):
-        h = block.nonlinearity(_group_norm(block.norm2, _to_video(h, ctx), ctx.prepared))
-        h = block.conv2(block.dropout(h))
-        x = _to_video(x, ctx)
-        shortcut = block.conv_shortcut(x) if block.conv_shortcut is not None else x
-        out = mixer(x_spatial=x, x_temporal=shortcut + h, image_only_indicator=ctx.globals["indicator"])
-        return _from_video(out)
-
-    return Op(UnitSpec(name, "tokens", True, kind="temporal_conv"), (h1, xs), name, fn, "nchw", _time_stats(block.norm2))
-
-
+# ---------------------------------------------------------------------- transformer
 def _transformer(add, prefix: str, model, h: str) -> str:
     """TransformerSpatioTemporalModel -> proj_in, per layer (spatial, temporal) blocks, proj_out."""
 
@@ -278,14 +207,6 @@ def _frame_embedding(model, prefix: str, g: dict, x: torch.Tensor) -> torch.Tens
         emb = model.time_pos_embed(model.time_proj(index).to(dtype=x.dtype))
         g[key] = emb[:, None, :]
     return g[key]
-
-
-def _upsampler(name: str, module, h: str, next_skip: str) -> Op:
-    def fn(ctx: SliceCtx, x):
-        size = ctx.shapes[next_skip][2:] if ctx.globals["forward_upsample_size"] else None
-        return module(x, size)
-
-    return Op(UnitSpec(name, "frames", kind="up"), (h,), name, fn, "nchw")
 
 
 register(SVDUNetAdapter())
