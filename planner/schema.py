@@ -378,3 +378,53 @@ def _describe(err: ValidationError) -> str:
         parts.append(f"field '{where}': {e['msg']}")
     more = len(err.errors()) - 5
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+class StageReport(_Strict):
+    stage: str
+    seconds: float
+    calls: int
+    peak_bytes: int | None = Field(default=None, description="measured peak while the stage ran (tracker, CPU)")
+
+
+class RunReport(_Strict):
+    """What a run measured, next to what its plan predicted."""
+
+    device: str
+    pipeline: str
+    plan_gpu: str | None = None
+    allocator_setting: str | None = Field(default=None, description="CUDA caching allocator config in effect")
+    peak_allocated_bytes: int | None = Field(default=None, description="torch.cuda.max_memory_allocated")
+    peak_reserved_bytes: int | None = Field(default=None, description="torch.cuda.max_memory_reserved")
+    nvml_used_bytes: int | None = Field(default=None, description="device memory in use (NVML), largest sample")
+    tracker_peak_bytes: int | None = Field(default=None, description="MemoryTracker peak of tensors made by the run")
+    predicted_peak_bytes: int | None = None
+    predicted_activation_bytes: int | None = None
+    predicted_latency_s: float | None = None
+    total_seconds: float
+    stages: list[StageReport] = Field(default_factory=list)
+    step_seconds: list[float] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list)
+
+    def summary(self) -> str:
+        from .fmt import human_bytes
+
+        def size(n):
+            return "-" if n is None else human_bytes(n)
+
+        lines = [f"{self.pipeline} on {self.device}: {self.total_seconds:.2f} s"]
+        if self.peak_allocated_bytes is not None:
+            lines.append(f"  peak allocated {size(self.peak_allocated_bytes)}, reserved {size(self.peak_reserved_bytes)}, "
+                         f"NVML used {size(self.nvml_used_bytes)} (allocator: {self.allocator_setting})")
+        if self.tracker_peak_bytes is not None:
+            lines.append(f"  peak of tensors made by the run (tracker) {size(self.tracker_peak_bytes)}")
+        if self.predicted_peak_bytes is not None:
+            lines.append(f"  plan for {self.plan_gpu}: predicted peak {size(self.predicted_peak_bytes)}, "
+                         f"latency {self.predicted_latency_s:.1f} s")
+        for st in self.stages:
+            peak = f", peak {size(st.peak_bytes)}" if st.peak_bytes is not None else ""
+            lines.append(f"  {st.stage:<14} {st.seconds:8.3f} s over {st.calls} call(s){peak}")
+        if self.step_seconds:
+            lines.append(f"  steps: {len(self.step_seconds)}, mean {sum(self.step_seconds) / len(self.step_seconds):.3f} s")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)

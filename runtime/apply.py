@@ -113,6 +113,9 @@ class PlanHandle:
         self.active = False
 
     def __call__(self, *args, **kwargs):
+        hook = getattr(self.model, "_hf_hook", None)
+        if hook is not None and self.method != "forward":  # as diffusers' apply_forward_hook does
+            hook.pre_forward(self.model)
         adapter = adapter_for(self.model)
         binding = adapter.bind(self.model, *args, **kwargs)
         _check_shape(self.plan, binding.shape)

@@ -33,17 +33,19 @@ class VerifyReport:
         return self.predicted_activation_bytes / self.measured_activation_bytes - 1
 
 
-def verify(plan: Plan, model: torch.nn.Module | None = None) -> VerifyReport:
+def verify(plan: Plan | ComponentPlan, model: torch.nn.Module | None = None) -> VerifyReport:
     """Verify the plan's first sliced component (or the one made for ``model``)."""
     return verify_all(plan, {} if model is None else {None: model})[0]
 
 
-def verify_all(plan: Plan, models: dict | None = None) -> list[VerifyReport]:
+def verify_all(plan: Plan | ComponentPlan, models: dict | None = None) -> list[VerifyReport]:
     """Run every sliced component of ``plan`` on meta tensors; one report per component.
 
     ``models`` maps component names to models to use instead of building them from the catalogue
     (``{None: model}``: the component made for that model).
     """
+    if isinstance(plan, ComponentPlan):
+        plan = Plan(components=[plan])
     models = dict(models or {})
     reports = []
     for comp in plan.components:

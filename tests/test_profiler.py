@@ -100,11 +100,14 @@ def test_planned_tiny_model_verifies(meta_tiny, tiny_profile):
     assert planned >= 3
 
 
-def test_full_size_svd_plan_verifies_within_5_percent():
-    """A shipped profile's plan, executed on meta tensors of the full-size SVD UNet."""
+def test_full_size_svd_pipeline_plan_verifies_within_5_percent():
+    """A shipped profile's plan, its UNet and VAE decoder executed on meta tensors at full size."""
+    from vramplan.runtime.verify import verify_all
+
     from vramplan import plan_for
 
-    plan = plan_for(gpu="2080Ti", model="svd", vram_gb=4.6)
-    report = verify(plan)
-    assert abs(report.error) < 0.05
-    assert plan.prediction.peak_bytes <= 4.6 * 2**30
+    plan = plan_for(gpu="2080Ti", model="svd", height=512, width=512, vram_gb=5.0)
+    reports = verify_all(plan)
+    assert {r.component for r in reports} == {"unet", "vae"}
+    for report in reports:
+        assert abs(report.error) < 0.05, report
