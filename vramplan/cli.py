@@ -47,6 +47,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("verify", help="run a plan on meta tensors of the full model: measured vs predicted")
     p.add_argument("plan")
 
+    p = sub.add_parser("run", help="run a plan on its pipeline (weights from a local path or the HF cache)")
+    p.add_argument("plan")
+    p.add_argument("--image", required=True, help="conditioning image (Stable Video Diffusion)")
+    p.add_argument("--out", default="video.gif", help="GIF or MP4 to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, help="denoising steps (default: the plan's)")
+    p.add_argument("--fps", type=int, default=7)
+    p.add_argument("--allow-download", action="store_true", help="let diffusers download missing weights")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
@@ -234,7 +243,27 @@ def cmd_verify(args) -> int:
     return 0
 
 
-COMMANDS = {"plan": cmd_plan, "gpus": cmd_gpus, "profile": cmd_profile, "schema": cmd_schema, "verify": cmd_verify}
+def cmd_run(args) -> int:
+    import torch
+    from PIL import Image
+
+    from .planner.schema import Plan
+    from .runtime.run import run, save_video
+
+    plan = Plan.load(args.plan)
+    image = Image.open(args.image).convert("RGB")
+    kwargs = {"num_inference_steps": args.steps} if args.steps else {}
+    result = run(plan, image=image, allow_download=args.allow_download,
+                 generator=torch.Generator().manual_seed(args.seed), **kwargs)
+    print(result.report.summary())
+    print("wrote", save_video(result.frames, args.out, fps=args.fps))
+    return 0
+
+
+COMMANDS = {
+    "plan": cmd_plan, "gpus": cmd_gpus, "profile": cmd_profile, "schema": cmd_schema, "verify": cmd_verify,
+    "run": cmd_run,
+}
 
 if __name__ == "__main__":
     sys.exit(main())
