@@ -175,6 +175,29 @@ def profile(
     )
 
 
+def measure_stage(fn: Callable[[], object], kernel: str) -> tuple[int, int, int]:
+    """Activation peak, FLOPs and bytes moved of a whole (unsliced) pipeline stage on meta tensors."""
+    counter = OpCounter()
+    with torch.no_grad(), attention_kernel(kernel), MemoryTracker() as tracker, counter:
+        fn()
+    totals = counter.units.values()
+    return tracker.peak_bytes, sum(u.flops for u in totals), sum(u.bytes_moved for u in totals)
+
+
+def component_profiles(components: dict[str, torch.nn.Module], name: str, refs: dict[str, ModelRef]):
+    """Weights and identity of each pipeline component (``refs``: those already profiled)."""
+    from ..planner.schema import ComponentProfile
+
+    return [
+        ComponentProfile(
+            component=comp,
+            model=ModelRef(**{**(refs.get(comp) or fingerprint(model)).model_dump(), "name": name}),
+            weight_bytes=weight_bytes(model),
+        )
+        for comp, model in components.items()
+    ]
+
+
 def _k_for(length: int, target: int) -> int:
     size = -(-length // min(target, length))
     return -(-length // size)
@@ -229,7 +252,7 @@ def dtype_of(shape: SampleShape) -> torch.dtype:
 
 SHIPPED = [
     (model, frames, height, width, kernel)
-    for model, frames in (("svd", 14), ("svd-xt", 25))
+    for model, frames in (("svd", 14), ("svd-xt", 25), ("animatediff", 16))
     for height, width in ((576, 1024), (512, 512))
     for kernel in ("flash", "efficient")
 ]
@@ -239,14 +262,16 @@ def pipeline_profile(model: str, height: int, width: int, frames: int, guidance:
                      dtype: str = "fp16", kernel: str = "flash", progress=None):
     """Profile a shipped model's whole pipeline on meta tensors (about half a minute)."""
     from ..profiles import component_config, model_entry
-    from .adapters.svd_pipeline import PIPELINE, profile_pipeline
+    from .adapters import animatediff_pipeline, svd_pipeline
     from .models import meta_from_config
 
     entry = model_entry(model)
-    if entry["pipeline"] != PIPELINE:
+    profilers = {m.PIPELINE: m.profile_pipeline for m in (svd_pipeline, animatediff_pipeline)}
+    if entry["pipeline"] not in profilers:
         raise NotImplementedError(f"no pipeline profiler for {entry['pipeline']}")
     components = {c: meta_from_config(component_config(model, c), dtype) for c in entry["components"]}
-    return profile_pipeline(components, model, height, width, frames, guidance, dtype, kernel, progress=progress)
+    return profilers[entry["pipeline"]](components, model, height, width, frames, guidance, dtype, kernel,
+                                        progress=progress)
 
 
 def cached_pipeline_profile(model: str, height: int, width: int, frames: int, guidance: bool, dtype: str,

@@ -34,6 +34,10 @@ PIPELINES: dict[str, tuple[list[tuple[str, str, str]], str]] = {
          ("denoise", "unet", "forward"), ("decode", "vae", "decode")],
         "num_frames",
     ),
+    "AnimateDiffPipeline": (
+        [("encode_text", "text_encoder", "forward"), ("denoise", "unet", "forward"), ("decode", "vae", "decode")],
+        "num_frames",
+    ),
 }
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -59,10 +63,19 @@ def load_pipeline(plan: Plan, allow_download: bool = False, dtype: str | None = 
     if cls is None:
         raise UnsupportedModelError(f"no pipeline class for {name!r}; pass pipe=")
     dtype = dtype or next((c.shape.dtype for c in plan.components if c.shape), "fp16")
+    local = not allow_download
+    extra = {}
+    what = cls.__name__
     try:
-        return cls.from_pretrained(source, dtype=_DTYPES[dtype], local_files_only=not allow_download)
+        if entry and entry.get("motion_adapter"):  # AnimateDiff: a base SD 1.5 pipeline + the motion adapter
+            source, what = entry["motion_adapter"], "MotionAdapter"
+            extra["motion_adapter"] = diffusers.MotionAdapter.from_pretrained(
+                source, dtype=_DTYPES[dtype], local_files_only=local
+            )
+            source, what = entry["hf_id"], cls.__name__
+        return cls.from_pretrained(source, dtype=_DTYPES[dtype], local_files_only=local, **extra)
     except (OSError, ValueError) as err:
-        raise VramplanError(_missing_message(source, cls.__name__, err)) from err
+        raise VramplanError(_missing_message(source, what, err)) from err
 
 
 def _missing_message(source: str, cls_name: str, err: Exception) -> str:
@@ -70,12 +83,18 @@ def _missing_message(source: str, cls_name: str, err: Exception) -> str:
     missing = []
     if not Path(source).exists():
         try:
+            import json
+
             from huggingface_hub import try_to_load_from_cache
 
-            for filename in ("model_index.json", "unet/config.json", "vae/config.json", "image_encoder/config.json"):
-                if not isinstance(try_to_load_from_cache(source, filename), str):
-                    missing.append(filename)
-        except ImportError:  # pragma: no cover
+            index = try_to_load_from_cache(source, "model_index.json")
+            if isinstance(index, str):  # a pipeline repo: check every component's config
+                parts = [k for k, v in json.loads(Path(index).read_text()).items() if isinstance(v, list) and v[0]]
+                wanted = [f"{part}/config.json" for part in parts if part not in ("scheduler", "tokenizer")]
+            else:
+                wanted = ["model_index.json"] if "Pipeline" in cls_name else ["config.json"]
+            missing = [f for f in wanted if not isinstance(try_to_load_from_cache(source, f), str)]
+        except ImportError:  # pragma: no cover - diffusers depends on huggingface_hub
             pass
     files = f" Missing: {', '.join(missing)}." if missing else ""
     return (

@@ -11,22 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from ...planner.schema import ComponentProfile, ModelRef, PipelineProfile, SampleShape, StageProfile
-from ..apply import fingerprint
-from ..fake import attention_kernel, weight_bytes
-from ..memory import MemoryTracker
-from ..opcount import OpCounter
+from ...planner.schema import PipelineProfile, SampleShape, StageProfile
+from ..fake import weight_bytes
 
 PIPELINE = "StableVideoDiffusionPipeline"
 _BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
-
-
-def _measure(fn, kernel: str) -> tuple[int, int, int]:
-    counter = OpCounter()
-    with torch.no_grad(), attention_kernel(kernel), MemoryTracker() as tracker, counter:
-        fn()
-    totals = counter.units.values()
-    return tracker.peak_bytes, sum(u.flops for u in totals), sum(u.bytes_moved for u in totals)
 
 
 def profile_pipeline(
@@ -42,7 +31,7 @@ def profile_pipeline(
     progress=None,
 ) -> PipelineProfile:
     """Profile SVD's pipeline from its meta components ``unet``, ``vae`` and ``image_encoder``."""
-    from ..profiler import profile
+    from ..profiler import component_profiles, measure_stage, profile
 
     say = progress or (lambda _msg: None)
     unet, vae, encoder = components["unet"], components["vae"], components["image_encoder"]
@@ -57,7 +46,7 @@ def profile_pipeline(
     say("image encoder")
     side = encoder.config.image_size
     pixels = torch.empty(1, 3, side, side, **meta)
-    enc_act, enc_flops, enc_bytes = _measure(lambda: encoder(pixels), kernel)
+    enc_act, enc_flops, enc_bytes = measure_stage(lambda: encoder(pixels), kernel)
 
     say("VAE encoder")
     upcast = dtype == "fp16" and vae.config.get("force_upcast", False)
@@ -69,7 +58,7 @@ def profile_pipeline(
     try:
         vae.to(vae_dtype)
         img = torch.empty(1, 3, height, width, device="meta", dtype=vae_dtype)
-        vae_act, vae_flops, vae_bytes = _measure(lambda: vae.encode(img).latent_dist.mode(), kernel)
+        vae_act, vae_flops, vae_bytes = measure_stage(lambda: vae.encode(img).latent_dist.mode(), kernel)
         vae.to(meta["dtype"])
     finally:
         diffusers_logging.set_verbosity(level)
@@ -100,12 +89,7 @@ def profile_pipeline(
         StageProfile(stage="postprocess", component="none", activation_bytes=frames_px * (size + 4 + 8),
                      bytes_moved=frames_px * 24, held_bytes=frames_px * size),
     ]
-    refs = {"unet": unet_profile.model, "vae": dec_profile.model}
-    comps = []
-    for comp, model in components.items():
-        ref = refs.get(comp) or fingerprint(model, name)
-        comps.append(ComponentProfile(component=comp, model=ModelRef(**{**ref.model_dump(), "name": name}),
-                                      weight_bytes=weight_bytes(model)))
+    comps = component_profiles(components, name, {"unet": unet_profile.model, "vae": dec_profile.model})
     return PipelineProfile(
         model_name=name, pipeline=PIPELINE, height=height, width=width, frames=frames, guidance=guidance,
         dtype=dtype, attention_kernel=kernel, components=comps, stages=stages,
