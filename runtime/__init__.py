@@ -3,9 +3,17 @@
 from .apply import PlanHandle, apply_plan, fingerprint, list_units, sample_shape, uniform_plan
 from .fake import attention_kernel, empty_model, kernel_for_compute_capability
 from .memory import MemoryTracker
+from .runner import RunResult, load_pipeline, run, save_video
+from .verify import verify, verify_all
 
 __all__ = [
     "MemoryTracker",
+    "RunResult",
+    "load_pipeline",
+    "run",
+    "save_video",
+    "verify",
+    "verify_all",
     "PlanHandle",
     "apply_plan",
     "attention_kernel",

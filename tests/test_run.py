@@ -9,7 +9,7 @@ from PIL import Image
 from vramplan.planner.errors import PlanMismatchError, UnsupportedModelError, VramplanError
 from vramplan.planner.schema import Plan
 from vramplan.runtime.adapters.svd_pipeline import uniform_pipeline_plan
-from vramplan.runtime.run import load_pipeline, run, save_video
+from vramplan.runtime.runner import load_pipeline, run, save_video
 from vramplan.runtime.tiny import tiny_svd_pipeline
 
 SIZE, FRAMES = 32, 5

@@ -248,7 +248,7 @@ def cmd_run(args) -> int:
     from PIL import Image
 
     from .planner.schema import Plan
-    from .runtime.run import run, save_video
+    from .runtime.runner import run, save_video
 
     plan = Plan.load(args.plan)
     image = Image.open(args.image).convert("RGB")

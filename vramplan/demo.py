@@ -36,7 +36,7 @@ def main() -> None:
     from PIL import Image
 
     from vramplan.runtime.adapters.svd_pipeline import uniform_pipeline_plan
-    from vramplan.runtime.run import run, save_video
+    from vramplan.runtime.runner import run, save_video
     from vramplan.runtime.tiny import tiny_svd_pipeline
 
     pipe = tiny_svd_pipeline()
