@@ -295,8 +295,8 @@ def cached_pipeline_profile(model: str, height: int, width: int, frames: int, gu
     return prof
 
 
-def regenerate_shipped(progress: Callable[[str], None] | None = None) -> list[Path]:
-    """Re-profile every shipped pipeline configuration (CFG, fp16) into ``vramplan/profiles/models``."""
+def regenerate_shipped(progress: Callable[[str], None] | None = None, models: list[str] | None = None) -> list[Path]:
+    """Re-profile the shipped pipeline configurations (CFG, fp16) into ``vramplan/profiles/models``."""
     from importlib import resources
 
     from ..planner.plan import SHIPPED_DIR, pipeline_profile_name
@@ -304,6 +304,8 @@ def regenerate_shipped(progress: Callable[[str], None] | None = None) -> list[Pa
     folder = Path(str(resources.files("vramplan.profiles").joinpath(SHIPPED_DIR)))
     written = []
     for model, frames, height, width, kernel in SHIPPED:
+        if models and model not in models:
+            continue
         if progress:
             progress(f"profiling the {model} pipeline, {frames} x {height}x{width} ({kernel})")
         prof = pipeline_profile(model, height, width, frames, True, "fp16", kernel)

@@ -65,3 +65,46 @@ def tiny_svd_pipeline(seed: int = 0):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+TINY_MOTION_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
+    up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"),
+    layers_per_block=1,
+    norm_num_groups=8,
+    cross_attention_dim=16,
+    num_attention_heads=2,
+    motion_max_seq_length=16,
+    motion_num_attention_heads=2,
+    use_motion_mid_block=True,
+)
+TINY_SD_VAE = dict(
+    block_out_channels=(32, 64),
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    norm_num_groups=8,
+    layers_per_block=1,
+    latent_channels=4,
+)
+
+
+def tiny_animatediff_pipeline(seed: int = 0):
+    """AnimateDiff with tiny components. It has no tokenizer: pass ``prompt_embeds``."""
+    from diffusers import AnimateDiffPipeline, AutoencoderKL, DDIMScheduler, UNetMotionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = randomize_norms(UNetMotionModel(**TINY_MOTION_UNET), seed)
+    vae = randomize_norms(AutoencoderKL(**TINY_SD_VAE), seed + 1)
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=16, intermediate_size=37, num_hidden_layers=2,
+                                        num_attention_heads=2, vocab_size=1000, max_position_embeddings=77,
+                                        bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    scheduler = DDIMScheduler(beta_schedule="linear", steps_offset=1, clip_sample=False)
+    pipe = AnimateDiffPipeline(vae=vae.eval(), text_encoder=text.eval(), tokenizer=None, unet=unet.eval(),
+                               motion_adapter=None, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from vramplan.planner.gpus import find_gpu
 from vramplan.planner.plan import shipped_profiles
 
 from vramplan import InfeasibleError, UnknownGPUError, VramplanError, plan_for
@@ -30,8 +31,8 @@ def test_plan_for_is_fast_and_imports_no_torch():
 
 
 def test_every_shipped_config_plans_within_the_gpu():
-    assert len(shipped_profiles()) == 8
-    for model in ("svd", "svd-xt"):
+    assert len(shipped_profiles()) == 12
+    for model in ("svd", "svd-xt", "animatediff"):
         for height, width in ((576, 1024), (512, 512)):
             for gpu in ("2080Ti", "RTX 4090"):
                 plan = plan_for(gpu=gpu, model=model, height=height, width=width)
@@ -66,6 +67,13 @@ def test_impossible_budget_names_smallest_peak_stage_and_unit():
 def test_weights_alone_too_big():
     with pytest.raises(InfeasibleError, match="cannot fit RTX 2080 Ti"):
         plan_for(gpu="2080Ti", model="svd", vram_gb=2.0)
+
+
+@pytest.mark.parametrize("model", ["svd", "svd-xt", "animatediff"])
+def test_every_paper_setting_fits_a_2080ti(model):
+    plan = plan_for(gpu="2080Ti", model=model, height=576, width=1024)
+    assert plan.prediction.peak_bytes <= find_gpu("2080Ti").memory_usable_bytes
+    assert plan.prediction.original_peak_bytes > find_gpu("2080Ti").memory_usable_bytes
 
 
 def test_whole_pipeline_plan_fits_a_2080ti_under_6_gib():

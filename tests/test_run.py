@@ -88,3 +88,20 @@ def test_save_video(tmp_path, pipe, image):
     assert path.stat().st_size > 0
     frames = Image.open(path)
     assert frames.n_frames == FRAMES
+
+
+def test_animatediff_run_equals_the_original_pipeline():
+    from vramplan.runtime.adapters.animatediff_pipeline import uniform_pipeline_plan as animatediff_plan
+    from vramplan.runtime.tiny import tiny_animatediff_pipeline
+
+    pipe = tiny_animatediff_pipeline()
+    g = torch.Generator().manual_seed(0)
+    embeds = dict(prompt_embeds=torch.randn(1, 7, 16, generator=g), negative_prompt_embeds=torch.randn(1, 7, 16, generator=g))
+    kwargs = dict(num_inference_steps=2, output_type="pt", **embeds)
+    expected = pipe(height=32, width=32, num_frames=5, decode_chunk_size=5, generator=torch.Generator().manual_seed(0),
+                    **kwargs).frames
+    result = run(animatediff_plan(pipe, 3, 32, 32, 5), pipe=pipe, generator=torch.Generator().manual_seed(0),
+                 progress=False, **kwargs)
+    torch.testing.assert_close(result.frames, expected, rtol=1e-5, atol=1e-5)
+    assert [s.stage for s in result.report.stages] == ["encode_text", "denoise", "decode"]
+    assert result.report.stages[1].calls == 2 and result.report.stages[2].calls == 1

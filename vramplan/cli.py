@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--kernel", choices=["flash", "efficient"], default="flash", help="fused attention kernel")
     p.add_argument("--max-k", type=int, default=256)
     p.add_argument("-o", "--output", help="profile file (default: the cache)")
-    p.add_argument("--regenerate-shipped", action="store_true", help="rewrite every shipped profile")
+    p.add_argument("--regenerate-shipped", action="store_true", help="rewrite every shipped pipeline profile")
 
     p = sub.add_parser("schema", help="print the JSON Schema of plan files (or of profiles)")
     p.add_argument("--profile", action="store_true", help="the model profile schema instead")
