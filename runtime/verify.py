@@ -18,7 +18,7 @@ from .memory import MemoryTracker
 
 @dataclass
 class VerifyReport:
-    component: str
+    component: str  # for a stage that runs whole: "<stage> (<component>)"
     measured_activation_bytes: int
     predicted_activation_bytes: int | None
     measured_needed_bytes: int  # the measured allocation sequence replayed through the allocator model
@@ -59,6 +59,39 @@ def verify_all(plan: Plan | ComponentPlan, models: dict | None = None) -> list[V
         if model is None:
             model = _build(plan, comp)
         reports.append(_run(plan, comp, model))
+    if not models and plan.pipeline and plan.model_name:
+        reports += _whole_stages(plan)
+    return reports
+
+
+def _whole_stages(plan: Plan) -> list[VerifyReport]:
+    """Re-measure the stages that run unsliced (encoders) on meta tensors of the catalogue's components."""
+    from ..profiles import component_config, model_catalogue, model_entry
+    from .adapters import animatediff_pipeline, svd_pipeline
+    from .models import meta_from_config
+
+    if plan.model_name.lower() not in model_catalogue():
+        return []
+    measure = {m.PIPELINE: m.measure_whole_stages for m in (svd_pipeline, animatediff_pipeline)}.get(plan.pipeline)
+    if measure is None:
+        return []
+    started = time.perf_counter()
+    dtype = next(c.shape.dtype for c in plan.components if c.shape is not None)
+    entry = model_entry(plan.model_name)
+    components = {c: meta_from_config(component_config(plan.model_name, c), dtype) for c in entry["components"]}
+    kernel = plan.target.attention_kernel if plan.target else "flash"
+    measured = measure(components, plan.height, plan.width, dtype, kernel)
+    reports = []
+    for stage in plan.stages:
+        if stage.stage in measured:
+            reports.append(VerifyReport(
+                component=f"{stage.stage} ({stage.component})",
+                measured_activation_bytes=measured[stage.stage][0],
+                predicted_activation_bytes=stage.activation_bytes,
+                measured_needed_bytes=measured[stage.stage][0],
+                peak_label=None,
+                seconds=time.perf_counter() - started,
+            ))
     return reports
 
 

@@ -232,8 +232,12 @@ def cmd_verify(args) -> int:
     plan = Plan.load(args.plan)
     print(f"{plan.describe()}: executing every sliced component on meta tensors of the full-size model")
     for report in verify_all(plan):
-        comp = plan.component(report.component)
-        print(f"\n{comp.component}: {comp.shape.describe()}, {len(comp.slices)} sliced units, {len(comp.groups)} groups")
+        if report.component not in {c.component for c in plan.components}:
+            print(f"\n{report.component}: runs whole")
+        else:
+            comp = plan.component(report.component)
+            print(f"\n{comp.component}: {comp.shape.describe()}, {len(comp.slices)} sliced units, "
+                  f"{len(comp.groups)} groups")
         print(f"  measured activation peak   {_gib(report.measured_activation_bytes)} GiB  (at {report.peak_label})")
         print(f"  predicted activation peak  {_gib(report.predicted_activation_bytes)} GiB")
         if report.error is not None:

@@ -16,6 +16,15 @@ PIPELINE = "AnimateDiffPipeline"
 _BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
+def measure_whole_stages(components: dict, height: int, width: int, dtype: str, kernel: str) -> dict:
+    """Activation peak, FLOPs and bytes of the one stage that runs unsliced: the text encoder (once)."""
+    from ..profiler import measure_stage
+
+    text = components["text_encoder"]
+    tokens = torch.zeros(1, text.config.max_position_embeddings, dtype=torch.long, device="meta")
+    return {"encode_text": measure_stage(lambda: text(tokens), kernel)}
+
+
 def profile_pipeline(
     components: dict[str, torch.nn.Module],
     name: str,
@@ -29,7 +38,7 @@ def profile_pipeline(
     progress=None,
 ) -> PipelineProfile:
     """Profile AnimateDiff from its meta components ``unet``, ``vae`` and ``text_encoder``."""
-    from ..profiler import component_profiles, measure_stage, profile
+    from ..profiler import component_profiles, profile
 
     say = progress or (lambda _msg: None)
     unet, vae, text = components["unet"], components["vae"], components["text_encoder"]
@@ -39,8 +48,7 @@ def profile_pipeline(
     batch = 2 if guidance else 1
 
     say("text encoder")
-    tokens = torch.zeros(1, text.config.max_position_embeddings, dtype=torch.long, device="meta")
-    act, flops, moved = measure_stage(lambda: text(tokens), kernel)
+    act, flops, moved = measure_whole_stages(components, height, width, dtype, kernel)["encode_text"]
     say("UNet")
     unet_profile = profile(unet, SampleShape(batch=batch, frames=frames, latent_height=h, latent_width=w,
                                              dtype=dtype), kernel, name=name, max_k=max_k, progress=say)

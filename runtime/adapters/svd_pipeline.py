@@ -18,6 +18,31 @@ PIPELINE = "StableVideoDiffusionPipeline"
 _BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
+def measure_whole_stages(components: dict, height: int, width: int, dtype: str, kernel: str) -> dict:
+    """Activation peak, FLOPs and bytes of the stages that run unsliced: the two encoders."""
+    from diffusers.utils import logging as diffusers_logging
+
+    from ..profiler import measure_stage
+
+    vae, encoder = components["vae"], components["image_encoder"]
+    dtype_ = next(encoder.parameters()).dtype
+    side = encoder.config.image_size
+    pixels = torch.empty(1, 3, side, side, device="meta", dtype=dtype_)
+    out = {"encode_image": measure_stage(lambda: encoder(pixels), kernel)}
+    upcast = dtype == "fp16" and vae.config.get("force_upcast", False)
+    vae_dtype = torch.float32 if upcast else dtype_
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # .to(dtype) warns about fp32 modules; the pipeline does it
+    try:
+        vae.to(vae_dtype)
+        img = torch.empty(1, 3, height, width, device="meta", dtype=vae_dtype)
+        out["encode_vae"] = measure_stage(lambda: vae.encode(img).latent_dist.mode(), kernel)
+    finally:
+        vae.to(dtype_)
+        diffusers_logging.set_verbosity(level)
+    return out
+
+
 def profile_pipeline(
     components: dict[str, torch.nn.Module],
     name: str,
@@ -31,7 +56,7 @@ def profile_pipeline(
     progress=None,
 ) -> PipelineProfile:
     """Profile SVD's pipeline from its meta components ``unet``, ``vae`` and ``image_encoder``."""
-    from ..profiler import component_profiles, measure_stage, profile
+    from ..profiler import component_profiles, profile
 
     say = progress or (lambda _msg: None)
     unet, vae, encoder = components["unet"], components["vae"], components["image_encoder"]
@@ -41,27 +66,9 @@ def profile_pipeline(
     batch = 2 if guidance else 1
     latent = frames * vae.config.latent_channels * h * w * size
     image = 3 * height * width * size
-    meta = dict(device="meta", dtype=next(unet.parameters()).dtype)
-
-    say("image encoder")
-    side = encoder.config.image_size
-    pixels = torch.empty(1, 3, side, side, **meta)
-    enc_act, enc_flops, enc_bytes = measure_stage(lambda: encoder(pixels), kernel)
-
-    say("VAE encoder")
+    say("image and VAE encoders")
+    whole = measure_whole_stages(components, height, width, dtype, kernel)
     upcast = dtype == "fp16" and vae.config.get("force_upcast", False)
-    vae_dtype = torch.float32 if upcast else meta["dtype"]
-    from diffusers.utils import logging as diffusers_logging
-
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # .to(dtype) warns about fp32 modules; as the pipeline does
-    try:
-        vae.to(vae_dtype)
-        img = torch.empty(1, 3, height, width, device="meta", dtype=vae_dtype)
-        vae_act, vae_flops, vae_bytes = measure_stage(lambda: vae.encode(img).latent_dist.mode(), kernel)
-        vae.to(meta["dtype"])
-    finally:
-        diffusers_logging.set_verbosity(level)
 
     say("UNet")
     unet_shape = SampleShape(batch=batch, frames=frames, latent_height=h, latent_width=w, dtype=dtype)
@@ -73,10 +80,10 @@ def profile_pipeline(
     embeds = batch * encoder.config.projection_dim * size
     frames_px = frames * 3 * height * width
     stages = [
-        StageProfile(stage="encode_image", component="image_encoder", activation_bytes=enc_act,
-                     flops=enc_flops, bytes_moved=enc_bytes, held_bytes=image),
-        StageProfile(stage="encode_vae", component="vae", activation_bytes=vae_act, flops=vae_flops,
-                     bytes_moved=vae_bytes, held_bytes=image + embeds,
+        StageProfile(stage="encode_image", component="image_encoder", activation_bytes=whole["encode_image"][0],
+                     flops=whole["encode_image"][1], bytes_moved=whole["encode_image"][2], held_bytes=image),
+        StageProfile(stage="encode_vae", component="vae", activation_bytes=whole["encode_vae"][0],
+                     flops=whole["encode_vae"][1], bytes_moved=whole["encode_vae"][2], held_bytes=image + embeds,
                      extra_weight_bytes=weight_bytes(vae) if upcast else 0),
         # Held across steps: latents, CFG image latents, the UNet input (latents + image latents).
         StageProfile(stage="denoise", component="unet", per_step=True, profile=unet_profile,
