@@ -117,7 +117,23 @@ class AllocatorProfile(_Strict):
     original_expandable_segments: float
 
 
-class ModelProfile(_Strict):
+class _JsonFile(_Strict):
+    """save/load for the profile documents, with the wrong field named on a bad file."""
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(self.model_dump_json(indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path):
+        try:
+            return cls.model_validate_json(Path(path).read_text())
+        except ValidationError as err:
+            raise PlanFormatError(f"{path} is not a valid {cls.__name__}: {_describe(err)}") from err
+
+
+class ModelProfile(_JsonFile):
     """Everything the planner needs about one model at one sample shape, with no torch."""
 
     schema_version: int = SCHEMA_VERSION
@@ -133,18 +149,6 @@ class ModelProfile(_Strict):
     original_block_peaks: dict[str, int] = Field(default_factory=dict)
     allocator: AllocatorProfile
     versions: dict[str, str] = Field(default_factory=dict)
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(self.model_dump_json(indent=1) + "\n")
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> ModelProfile:
-        try:
-            return cls.model_validate_json(Path(path).read_text())
-        except ValidationError as err:
-            raise PlanFormatError(f"{path} is not a valid model profile: {_describe(err)}") from err
 
 
 class ComponentProfile(_Strict):
@@ -167,7 +171,7 @@ class StageProfile(_Strict):
     extra_weight_bytes: int = Field(default=0, description="weights added for the stage (a VAE upcast to fp32)")
 
 
-class PipelineProfile(_Strict):
+class PipelineProfile(_JsonFile):
     """Everything the planner needs about a whole pipeline run at one size."""
 
     schema_version: int = SCHEMA_VERSION
@@ -182,18 +186,6 @@ class PipelineProfile(_Strict):
     components: list[ComponentProfile]
     stages: list[StageProfile]
     versions: dict[str, str] = Field(default_factory=dict)
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(self.model_dump_json(indent=1) + "\n")
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> PipelineProfile:
-        try:
-            return cls.model_validate_json(Path(path).read_text())
-        except ValidationError as err:
-            raise PlanFormatError(f"{path} is not a valid pipeline profile: {_describe(err)}") from err
 
 
 class Target(_Strict):

@@ -1,6 +1,14 @@
 """The runtime: adapters, slicer, grouping, memory tracker. Needs torch and diffusers."""
 
-from .apply import PlanHandle, apply_plan, fingerprint, list_units, sample_shape, uniform_plan
+from .apply import (
+    PlanHandle,
+    apply_plan,
+    fingerprint,
+    list_units,
+    sample_shape,
+    uniform_pipeline_plan,
+    uniform_plan,
+)
 from .fake import attention_kernel, empty_model, kernel_for_compute_capability
 from .memory import MemoryTracker
 from .runner import RunResult, load_pipeline, run, save_video
@@ -22,5 +30,6 @@ __all__ = [
     "kernel_for_compute_capability",
     "list_units",
     "sample_shape",
+    "uniform_pipeline_plan",
     "uniform_plan",
 ]

@@ -232,3 +232,19 @@ def _check_shape(plan: ComponentPlan, shape: dict) -> None:
             f"this plan was made for {plan.shape.describe()}, but the call has {got.describe()}. "
             f"Make a plan for this shape."
         )
+
+
+def uniform_pipeline_plan(pipe, k: int, height: int, width: int, num_frames: int, guidance: bool = True) -> Plan:
+    """A plan for a video pipeline (SVD, AnimateDiff) slicing its UNet and VAE decoder ``k`` ways,
+    grouped, at this size: the UNet sees ``num_frames`` latents per video (x2 with CFG), the decoder
+    all frames of one video at once."""
+    scale = pipe.vae_scale_factor
+    dtype = dtype_name(pipe.unet.dtype)
+    size = dict(frames=num_frames, latent_height=height // scale, latent_width=width // scale, dtype=dtype)
+    return Plan(
+        pipeline=type(pipe).__name__, height=height, width=width, frames=num_frames,
+        components=[
+            uniform_component(pipe.unet, k, SampleShape(batch=2 if guidance else 1, **size)),
+            uniform_component(pipe.vae, k, SampleShape(batch=1, **size)),
+        ],
+    )

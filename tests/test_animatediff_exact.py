@@ -12,24 +12,11 @@ from vramplan.planner.schema import SampleShape
 from vramplan.runtime import MemoryTracker, apply_plan, empty_model, fingerprint, list_units, uniform_plan
 from vramplan.runtime.adapters import animatediff_unet  # registers the adapter
 from vramplan.runtime.adapters.animatediff_unet import AnimateDiffUNetAdapter
+from vramplan.runtime.tiny import TINY_MOTION_UNET
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
-AD_TINY = dict(
-    sample_size=8,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(32, 64),
-    down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
-    up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"),
-    layers_per_block=1,
-    norm_num_groups=8,
-    cross_attention_dim=16,
-    num_attention_heads=2,
-    motion_max_seq_length=16,
-    motion_num_attention_heads=2,
-    use_motion_mid_block=True,
-)
+AD_TINY = TINY_MOTION_UNET
 
 # The other branches: no motion mid block, linear projections, two temporal layers per motion
 # module, two resnets per block, SDXL-style text_time embedding and a timestep condition.

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from vramplan.planner.errors import PlanMismatchError, UnsupportedModelError, VramplanError
 from vramplan.planner.schema import Plan
-from vramplan.runtime.adapters.svd_pipeline import uniform_pipeline_plan
+from vramplan.runtime import uniform_pipeline_plan
 from vramplan.runtime.runner import load_pipeline, run, save_video
 from vramplan.runtime.tiny import tiny_svd_pipeline
 
@@ -91,7 +91,6 @@ def test_save_video(tmp_path, pipe, image):
 
 
 def test_animatediff_run_equals_the_original_pipeline():
-    from vramplan.runtime.adapters.animatediff_pipeline import uniform_pipeline_plan as animatediff_plan
     from vramplan.runtime.tiny import tiny_animatediff_pipeline
 
     pipe = tiny_animatediff_pipeline()
@@ -100,7 +99,7 @@ def test_animatediff_run_equals_the_original_pipeline():
     kwargs = dict(num_inference_steps=2, output_type="pt", **embeds)
     expected = pipe(height=32, width=32, num_frames=5, decode_chunk_size=5, generator=torch.Generator().manual_seed(0),
                     **kwargs).frames
-    result = run(animatediff_plan(pipe, 3, 32, 32, 5), pipe=pipe, generator=torch.Generator().manual_seed(0),
+    result = run(uniform_pipeline_plan(pipe, 3, 32, 32, 5), pipe=pipe, generator=torch.Generator().manual_seed(0),
                  progress=False, **kwargs)
     torch.testing.assert_close(result.frames, expected, rtol=1e-5, atol=1e-5)
     assert [s.stage for s in result.report.stages] == ["encode_text", "denoise", "decode"]

@@ -3,34 +3,15 @@
 from __future__ import annotations
 
 import torch
-
-SVD_TINY = dict(
-    sample_size=8,
-    in_channels=8,
-    out_channels=4,
-    block_out_channels=(32, 64),
-    down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
-    up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
-    addition_time_embed_dim=8,
-    projection_class_embeddings_input_dim=24,
-    layers_per_block=1,
-    cross_attention_dim=16,
-    num_attention_heads=(2, 4),
-    num_frames=5,
-)
+from vramplan.runtime.tiny import TINY_UNET as SVD_TINY
+from vramplan.runtime.tiny import randomize_norms
 
 
 def tiny_svd_unet(seed: int = 0, **overrides):
     from diffusers import UNetSpatioTemporalConditionModel
 
     torch.manual_seed(seed)
-    unet = UNetSpatioTemporalConditionModel(**{**SVD_TINY, **overrides}).eval()
-    # Random, non-trivial mixing factors and norm affines so every path matters.
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if name.endswith("mix_factor") or "norm" in name:
-                p.copy_(torch.randn_like(p) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
-    return unet
+    return randomize_norms(UNetSpatioTemporalConditionModel(**{**SVD_TINY, **overrides}), seed).eval()
 
 
 def svd_inputs(unet, batch=1, frames=5, height=8, width=8, seed=1, device="cpu"):

@@ -35,7 +35,7 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from vramplan.runtime.adapters.svd_pipeline import uniform_pipeline_plan
+    from vramplan.runtime import uniform_pipeline_plan
     from vramplan.runtime.runner import run, save_video
     from vramplan.runtime.tiny import tiny_svd_pipeline
 

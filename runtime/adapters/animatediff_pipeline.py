@@ -78,18 +78,3 @@ def profile_pipeline(
         dtype=dtype, attention_kernel=kernel, components=comps, stages=stages, versions=unet_profile.versions,
     )
 
-
-def uniform_pipeline_plan(pipe, k: int, height: int, width: int, num_frames: int, guidance: bool = True):
-    """A plan slicing AnimateDiff's UNet and VAE decoder ``k`` ways (grouped) for ``pipe`` at this size."""
-    from ...planner.schema import Plan
-    from ..apply import dtype_name, uniform_component
-
-    scale = pipe.vae_scale_factor
-    dtype = dtype_name(pipe.unet.dtype)
-    h, w = height // scale, width // scale
-    unet_shape = SampleShape(batch=2 if guidance else 1, frames=num_frames, latent_height=h, latent_width=w, dtype=dtype)
-    vae_shape = SampleShape(batch=1, frames=num_frames, latent_height=h, latent_width=w, dtype=dtype)
-    return Plan(
-        pipeline=PIPELINE, height=height, width=width, frames=num_frames,
-        components=[uniform_component(pipe.unet, k, unet_shape), uniform_component(pipe.vae, k, vae_shape)],
-    )
