@@ -17,7 +17,19 @@ from dataclasses import dataclass
 import torch
 
 from .memory import unit_label
-from .program import Axis, Op, Program, SliceCtx, as_whole, axis_length, full_shape, put, split_bounds, take
+from .program import (
+    Axis,
+    Op,
+    Program,
+    SliceCtx,
+    as_whole,
+    axis_length,
+    full_shape,
+    is_dense,
+    put,
+    split_bounds,
+    take,
+)
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +167,7 @@ def _output_buffer(shape, piece, op, i, env, owned, last_use, end, local_last, b
         if (
             tuple(cand.shape) == tuple(shape)
             and cand.dtype == piece.dtype
-            and cand.is_contiguous()
+            and is_dense(cand)  # e.g. a permuted view: slices still map 1:1
             and last_use.get(name, -1) <= end
             and local_last.get(name, -1) <= i
             and id(cand.untyped_storage()) not in held

@@ -121,6 +121,18 @@ def full_shape(piece: torch.Size, layout: Layout, axis: Axis, length: int, like:
     return (piece[0], length, piece[2])
 
 
+def is_dense(t: torch.Tensor) -> bool:
+    """Whether ``t`` covers its storage exactly once, in some order of dimensions (contiguous or a
+    permutation of it): then slice views of it map one to one onto the values."""
+    dims = sorted((stride, size) for size, stride in zip(t.shape, t.stride(), strict=True) if size != 1)
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def split_bounds(length: int, k: int) -> list[tuple[int, int]]:
     """``k`` contiguous ranges covering ``[0, length)``, sizes differing by at most one."""
     k = max(1, min(k, length))
