@@ -39,6 +39,7 @@ def main() -> None:
     from vramplan.runtime.runner import run, save_video
     from vramplan.runtime.tiny import tiny_svd_pipeline
 
+    torch.set_num_threads(1)  # tiny tensors: one thread beats two (no synchronisation overhead)
     pipe = tiny_svd_pipeline()
     image = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype("uint8"))
     tiny_plan = uniform_pipeline_plan(pipe, 4, height=64, width=64, num_frames=8)
