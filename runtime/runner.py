@@ -117,7 +117,8 @@ def run(plan: Plan, pipe=None, *, allow_download: bool = False, progress: bool =
     notes: list[str] = []
     allocator = _configure_allocator(notes) if cuda else None
     device = torch.device("cuda" if cuda else pipe.device)
-    pipe.set_progress_bar_config(disable=not progress)
+    progress_config = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(**{**progress_config, "disable": not progress})
 
     timings = {stage: [0.0, 0] for stage, _, _ in stages}
     step_times: list[float] = []
@@ -136,20 +137,24 @@ def run(plan: Plan, pipe=None, *, allow_download: bool = False, progress: bool =
             torch.cuda.reset_peak_memory_stats()
         step_start = [time.perf_counter()]
 
-        def on_step(_pipe, _i, _t, kwargs):
+        user_callback = call_kwargs.get("callback_on_step_end")
+
+        def on_step(pipe_, i, t, kwargs):
             _sync(device)
             now = time.perf_counter()
             step_times.append(now - step_start[0])
-            step_start[0] = now
-            return kwargs
+            result = user_callback(pipe_, i, t, kwargs) if user_callback else kwargs
+            step_start[0] = time.perf_counter()
+            return result
 
-        call_kwargs.setdefault("callback_on_step_end", on_step)
+        call_kwargs["callback_on_step_end"] = on_step
         output = pipe(**call_kwargs)
         _sync(device)
         for hook in hooks.values():
             hook.offload()
     for name, dev in original_devices.items():
         getattr(pipe, name).to(dev)
+    pipe._progress_bar_config = progress_config
     total = time.perf_counter() - started
 
     report = RunReport(
