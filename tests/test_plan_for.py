@@ -125,3 +125,20 @@ def test_cli_plan_gpus_schema(tmp_path, capsys):
 def test_cli_reports_user_errors_without_a_traceback(capsys):
     assert main(["plan", "--gpu", "2080Tii"]) == 2
     assert "error: unknown GPU" in capsys.readouterr().err
+
+
+def test_fleet_capacity_ranks_gpus_and_counts_them():
+    from vramplan.planner.fleet import capacity
+
+    rows = capacity(model="svd", gpus=["2080Ti", "RTX 4090", "H100 SXM"], videos_per_hour=100)
+    assert [r.gpu for r in rows] == ["H100 SXM", "RTX 4090", "RTX 2080 Ti"]  # fastest first
+    for row in rows:
+        assert row.fits and row.peak_bytes <= find_gpu(row.gpu).memory_usable_bytes
+        assert row.gpus_needed == -(-100 // row.videos_per_hour)
+        assert row.videos_per_hour == pytest.approx(3600 / row.seconds_per_video, rel=1e-2)
+
+
+def test_cli_fleet(capsys):
+    assert main(["fleet", "--model", "svd", "--gpus", "2080Ti", "T4", "--rate", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "RTX 2080 Ti" in out and "T4" in out and "GPUs needed" in out
