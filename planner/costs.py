@@ -118,13 +118,15 @@ class CostModel:
             act = entry + scratch
             return self._finish(act, entry, scratch, seg.start, seg, 1)
 
-        frac = -(-first.axis_length // seg.k) / first.axis_length  # largest slice / whole
+        length = first.axis_length
+        big = -(-length // seg.k)  # the first slice is the largest...
+        small = length // seg.k  # ...the later ones may be one element smaller
         escaping = [self.last_use[u.name] > seg.stop for u in units]
         taken: set[str] = set()
-        buffers = 0
+        buffer = []
         for i, unit in enumerate(units):
-            if escaping[i] and not self._in_place(seg, seg.start + i, taken):
-                buffers += unit.output_bytes
+            new = escaping[i] and not self._in_place(seg, seg.start + i, taken)
+            buffer.append(unit.output_bytes if new else 0)
         local_last: dict[str, int] = {}
         for i, unit in enumerate(units):
             for name in unit.inputs:
@@ -132,15 +134,20 @@ class CostModel:
         best = None
         for i, unit in enumerate(units):
             j = seg.start + i
-            locals_ = sum(
-                int(v.output_bytes * frac)
-                for v in units[:i]
-                if local_last.get(v.name, -1) >= j
-            )
-            transient = locals_ + unit.scratch[seg.k]
-            act = entry + buffers + transient
-            if best is None or act > best[0]:
-                best = (act, entry + buffers, transient, j)
+            held = sum(v.output_bytes for v in units[:i] if local_last.get(v.name, -1) >= j)  # full size
+            scratch = unit.scratch[seg.k]
+            before = entry + sum(buffer[:i])
+            states = [
+                # first slice: earlier units' buffers exist, this unit computes...
+                (before, held * big // length + scratch),
+                # ...then allocates its own buffer while its output piece is alive;
+                (before + buffer[i], held * big // length + unit.output_bytes * big // length),
+                # later slices: every buffer exists, slices are `small` (scratch scales with the slice).
+                (entry + sum(buffer), held * small // length + scratch * small // big),
+            ]
+            for live, transient in states:
+                if best is None or live + transient > best[0]:
+                    best = (live + transient, live, transient, j)
         act, live, transient, j = best
         return self._finish(act, live, transient, j, seg, slices)
 
