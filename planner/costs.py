@@ -119,8 +119,8 @@ class CostModel:
             return self._finish(act, entry, scratch, seg.start, seg, 1)
 
         length = first.axis_length
-        big = -(-length // seg.k)  # the first slice is the largest...
-        small = length // seg.k  # ...the later ones may be one element smaller
+        big = -(-length // seg.k)  # the first slice is the largest (split_bounds: the first N % k are)...
+        small = big if length % seg.k != 1 else length // seg.k  # ...and the largest of the later ones
         escaping = [self.last_use[u.name] > seg.stop for u in units]
         taken: set[str] = set()
         buffer = []
