@@ -262,15 +262,14 @@ def pipeline_profile(model: str, height: int, width: int, frames: int, guidance:
                      dtype: str = "fp16", kernel: str = "flash", progress=None):
     """Profile a shipped model's whole pipeline on meta tensors (about half a minute)."""
     from ..profiles import component_config, model_entry
-    from .adapters import animatediff_pipeline, svd_pipeline
+    from .adapters import PIPELINE_ADAPTERS
     from .models import meta_from_config
 
     entry = model_entry(model)
-    profilers = {m.PIPELINE: m.profile_pipeline for m in (svd_pipeline, animatediff_pipeline)}
-    if entry["pipeline"] not in profilers:
+    if entry["pipeline"] not in PIPELINE_ADAPTERS:
         raise NotImplementedError(f"no pipeline profiler for {entry['pipeline']}")
     components = {c: meta_from_config(component_config(model, c), dtype) for c in entry["components"]}
-    return profilers[entry["pipeline"]](components, model, height, width, frames, guidance, dtype, kernel,
+    return PIPELINE_ADAPTERS[entry["pipeline"]].profile_pipeline(components, model, height, width, frames, guidance, dtype, kernel,
                                         progress=progress)
 
 

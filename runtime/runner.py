@@ -22,23 +22,12 @@ import torch
 
 from ..planner.errors import PlanMismatchError, UnsupportedModelError, VramplanError
 from ..planner.schema import Plan, RunReport, StageReport
+from .adapters import PIPELINE_ADAPTERS
 from .apply import apply_plan
 from .memory import MemoryTracker, unit_label
 
 log = logging.getLogger(__name__)
 
-# Pipeline class -> (stage entry points in call order: (stage, component, method)), frames argument.
-PIPELINES: dict[str, tuple[list[tuple[str, str, str]], str]] = {
-    "StableVideoDiffusionPipeline": (
-        [("encode_image", "image_encoder", "forward"), ("encode_vae", "vae", "encode"),
-         ("denoise", "unet", "forward"), ("decode", "vae", "decode")],
-        "num_frames",
-    ),
-    "AnimateDiffPipeline": (
-        [("encode_text", "text_encoder", "forward"), ("denoise", "unet", "forward"), ("decode", "vae", "decode")],
-        "num_frames",
-    ),
-}
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -107,12 +96,12 @@ def run(plan: Plan, pipe=None, *, allow_download: bool = False, progress: bool =
     """Run ``pipe`` (or the plan's pipeline, loaded locally) under ``plan``; frames and a RunReport."""
     pipe = pipe if pipe is not None else load_pipeline(plan, allow_download)
     kind = type(pipe).__name__
-    if kind not in PIPELINES:
+    if kind not in PIPELINE_ADAPTERS:
         raise UnsupportedModelError(
-            f"vramplan cannot run {kind}; supported pipelines: {', '.join(PIPELINES)}"
+            f"vramplan cannot run {kind}; supported pipelines: {', '.join(PIPELINE_ADAPTERS)}"
         )
-    stages, frames_arg = PIPELINES[kind]
-    call_kwargs = _call_arguments(plan, frames_arg, call_kwargs)
+    stages = PIPELINE_ADAPTERS[kind].STAGES
+    call_kwargs = _call_arguments(plan, call_kwargs)
     cuda = pipe.device.type == "cuda" or (pipe.device.type == "cpu" and torch.cuda.is_available())
     notes: list[str] = []
     allocator = _configure_allocator(notes) if cuda else None
@@ -186,10 +175,10 @@ def run(plan: Plan, pipe=None, *, allow_download: bool = False, progress: bool =
     return RunResult(frames=frames, report=report)
 
 
-def _call_arguments(plan: Plan, frames_arg: str, kwargs: dict) -> dict:
+def _call_arguments(plan: Plan, kwargs: dict) -> dict:
     """Fill the call from the plan; refuse a call asking for another size than the plan's."""
     kwargs = dict(kwargs)
-    wanted = {"height": plan.height, "width": plan.width, frames_arg: plan.frames}
+    wanted = {"height": plan.height, "width": plan.width, "num_frames": plan.frames}
     for key, value in wanted.items():
         if value is None:
             continue
@@ -199,7 +188,7 @@ def _call_arguments(plan: Plan, frames_arg: str, kwargs: dict) -> dict:
                 f"{key}={kwargs[key]}. Make a plan for that size (vramplan.plan_for)."
             )
         kwargs[key] = value
-    if frames_arg == "num_frames" and plan.frames:
+    if plan.frames:
         kwargs.setdefault("decode_chunk_size", plan.frames)  # every frame in one exact, sliced decode
     if plan.target is not None:
         kwargs.setdefault("num_inference_steps", plan.target.steps)

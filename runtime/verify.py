@@ -67,14 +67,12 @@ def verify_all(plan: Plan | ComponentPlan, models: dict | None = None) -> list[V
 def _whole_stages(plan: Plan) -> list[VerifyReport]:
     """Re-measure the stages that run unsliced (encoders) on meta tensors of the catalogue's components."""
     from ..profiles import component_config, model_catalogue, model_entry
-    from .adapters import animatediff_pipeline, svd_pipeline
+    from .adapters import PIPELINE_ADAPTERS
     from .models import meta_from_config
 
-    if plan.model_name.lower() not in model_catalogue():
+    if plan.model_name.lower() not in model_catalogue() or plan.pipeline not in PIPELINE_ADAPTERS:
         return []
-    measure = {m.PIPELINE: m.measure_whole_stages for m in (svd_pipeline, animatediff_pipeline)}.get(plan.pipeline)
-    if measure is None:
-        return []
+    measure = PIPELINE_ADAPTERS[plan.pipeline].measure_whole_stages
     started = time.perf_counter()
     dtype = next(c.shape.dtype for c in plan.components if c.shape is not None)
     entry = model_entry(plan.model_name)

@@ -13,6 +13,8 @@ import torch
 from ...planner.schema import PipelineProfile, SampleShape, StageProfile
 
 PIPELINE = "AnimateDiffPipeline"
+# Entry points of the stages, in call order: (stage, component, method).
+STAGES = [("encode_text", "text_encoder", "forward"), ("denoise", "unet", "forward"), ("decode", "vae", "decode")]
 _BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 

@@ -15,6 +15,9 @@ from ...planner.schema import PipelineProfile, SampleShape, StageProfile
 from ..fake import weight_bytes
 
 PIPELINE = "StableVideoDiffusionPipeline"
+# Entry points of the stages, in call order: (stage, component, method).
+STAGES = [("encode_image", "image_encoder", "forward"), ("encode_vae", "vae", "encode"),
+          ("denoise", "unet", "forward"), ("decode", "vae", "decode")]
 _BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
