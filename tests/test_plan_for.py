@@ -142,3 +142,22 @@ def test_cli_fleet(capsys):
     assert main(["fleet", "--model", "svd", "--gpus", "2080Ti", "T4", "--rate", "10"]) == 0
     out = capsys.readouterr().out
     assert "RTX 2080 Ti" in out and "T4" in out and "GPUs needed" in out
+
+
+def test_cli_verify_and_run_without_weights(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    out = tmp_path / "p.json"
+    assert main(["plan", "--gpu", "2080Ti", "--height", "512", "--width", "512", "--vram-gb", "5", "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "unet:" in text and "vae:" in text and "prediction error" in text
+    assert main(["run", str(out)]) == 2
+    assert "needs --image" in capsys.readouterr().err
+    image = tmp_path / "in.png"
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(image)
+    assert main(["run", str(out), "--image", str(image)]) == 2
+    assert "huggingface-cli download" in capsys.readouterr().err

@@ -55,7 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     p = sub.add_parser("run", help="run a plan on its pipeline (weights from a local path or the HF cache)")
     p.add_argument("plan")
-    p.add_argument("--image", required=True, help="conditioning image (Stable Video Diffusion)")
+    p.add_argument("--image", help="conditioning image (Stable Video Diffusion)")
+    p.add_argument("--prompt", help="text prompt (AnimateDiff)")
+    p.add_argument("--negative-prompt", help="negative prompt (AnimateDiff)")
     p.add_argument("--out", default="video.gif", help="GIF or MP4 to write")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, help="denoising steps (default: the plan's)")
@@ -277,10 +279,17 @@ def cmd_run(args) -> int:
     from .runtime.runner import run, save_video
 
     plan = Plan.load(args.plan)
-    image = Image.open(args.image).convert("RGB")
     kwargs = {"num_inference_steps": args.steps} if args.steps else {}
-    result = run(plan, image=image, allow_download=args.allow_download,
-                 generator=torch.Generator().manual_seed(args.seed), **kwargs)
+    if plan.pipeline == "AnimateDiffPipeline":
+        if not args.prompt:
+            raise VramplanError("an AnimateDiff plan needs --prompt")
+        kwargs.update(prompt=args.prompt, negative_prompt=args.negative_prompt)
+    else:
+        if not args.image:
+            raise VramplanError("a Stable Video Diffusion plan needs --image (the conditioning image)")
+        kwargs["image"] = Image.open(args.image).convert("RGB")
+    result = run(plan, allow_download=args.allow_download, generator=torch.Generator().manual_seed(args.seed),
+                 **kwargs)
     print(result.report.summary())
     print("wrote", save_video(result.frames, args.out, fps=args.fps))
     return 0
