@@ -111,8 +111,14 @@ def main() -> None:
     parser.add_argument("--ks", nargs="+", type=int, default=[2, 4, 8, 16])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--cpu-only", action="store_true", help="only the wall-clock part (prints, never writes)")
     args = parser.parse_args()
 
+    if args.cpu_only:
+        rows, desc = cpu_overhead(args.repeats)
+        print(desc)
+        print(table(["variant", "seconds", "ratio to original"], rows))
+        return
     mem_rows, notes = [], []
     for name in args.models:
         rows, note = memory_rows(name, args.ks)

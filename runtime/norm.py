@@ -52,14 +52,17 @@ def normalize_groups(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """GroupNorm of ``x`` (``[B, C, *rest]``) with given per-(B, group) ``mean``/``var``."""
+    """GroupNorm of ``x`` (``[B, C, *rest]``) with given per-(B, group) ``mean``/``var``.
+
+    Computed as PyTorch's own GroupNorm kernels do: per (sample, channel) ``scale = rstd * weight``
+    and ``shift = bias - mean * scale`` in fp32, then one fused ``x * scale + shift`` pass.
+    """
     b, c = x.shape[:2]
-    rest = x.shape[2:]
-    grouped = x.float().reshape(b, num_groups, c // num_groups, *rest)
-    shape = (b, num_groups) + (1,) * (grouped.dim() - 2)
-    y = (grouped - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + eps)
-    y = y.reshape(b, c, *rest)
+    rstd = torch.rsqrt(var + eps)  # [B, G]
+    scale = rstd.repeat_interleave(c // num_groups, dim=1)  # [B, C]
+    shift = -mean.repeat_interleave(c // num_groups, dim=1) * scale
     if weight is not None:
-        affine = (1, c) + (1,) * len(rest)
-        y = y * weight.float().reshape(affine) + bias.float().reshape(affine)
-    return y.to(x.dtype)
+        scale = scale * weight.float()
+        shift = shift * weight.float() + bias.float()
+    shape = (b, c) + (1,) * (x.dim() - 2)
+    return torch.addcmul(shift.reshape(shape), x, scale.reshape(shape)).to(x.dtype)
