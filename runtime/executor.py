@@ -79,7 +79,8 @@ def _last_uses(program: Program) -> dict[str, int]:
     return last
 
 
-def _run_segment(seg, env, layouts, owned, last_use, end, globals_, first_slice_only=False) -> None:
+def _run_segment(seg, env, layouts, owned, last_use, end, globals_, first_slice_only=False) -> int:
+    """Run one segment; returns its axis length (0 for an unsliced unit)."""
     ops = seg.ops
     first = ops[0]
     if seg.axis is None or not first.inputs:
