@@ -119,12 +119,14 @@ def main() -> None:
         print(desc)
         print(table(["variant", "seconds", "ratio to original"], rows))
         return
+    # Wall-clock first, in a fresh process: after the meta traces below, Python's heap is much larger and
+    # the many small objects of sliced execution make garbage collection measurably slower.
+    cpu_rows, cpu_desc = cpu_overhead(args.repeats)
     mem_rows, notes = [], []
     for name in args.models:
         rows, note = memory_rows(name, args.ks)
         mem_rows += rows
         notes.append(note)
-    cpu_rows, cpu_desc = cpu_overhead(args.repeats)
 
     body = "\n".join([
         "## SVD UNet: activation peak and slicing overhead (`bench/bench_svd_unet.py`)",
