@@ -22,7 +22,7 @@ import torch
 
 from ...planner.errors import UnsupportedArgumentError
 from ..program import Op, SliceCtx, UnitSpec
-from .base import CallBinding, register
+from .base import CallBinding, example_maker, register
 from .spatiotemporal import _group_norm, _time_stats, frames_op, upsampler
 
 
@@ -95,13 +95,7 @@ class AnimateDiffUNetAdapter:
         prompt embeddings repeated per frame (``[B*T, 77, D]``, as the AnimateDiff pipelines pass
         them). Random on real devices, empty on meta."""
         cfg = unet.config
-        dtype = next(unet.parameters()).dtype
-        gen = torch.Generator().manual_seed(seed)
-
-        def make(*size):
-            if torch.device(device).type == "meta":
-                return torch.empty(*size, device=device, dtype=dtype)
-            return torch.randn(*size, generator=gen).to(device=device, dtype=dtype)
+        make = example_maker(unet, device, seed)
 
         b, t = shape.batch, shape.frames
         cross = cfg.cross_attention_dim

@@ -42,6 +42,19 @@ class Adapter(Protocol):
         """Forward arguments of a plan ``shape``: random on real devices, empty on meta."""
 
 
+def example_maker(model: torch.nn.Module, device="cpu", seed: int = 0):
+    """``make(*size)``: random tensors in the model's dtype on a real device, empty ones on meta."""
+    dtype = next(model.parameters()).dtype
+    gen = torch.Generator().manual_seed(seed)
+
+    def make(*size: int) -> torch.Tensor:
+        if torch.device(device).type == "meta":
+            return torch.empty(*size, device=device, dtype=dtype)
+        return torch.randn(*size, generator=gen).to(device=device, dtype=dtype)
+
+    return make
+
+
 _ADAPTERS: list[Adapter] = []
 
 

@@ -25,7 +25,7 @@ import torch
 
 from ...planner.errors import UnsupportedArgumentError, UnsupportedModelError
 from ..program import Op
-from .base import CallBinding, register
+from .base import CallBinding, example_maker, register
 from .spatiotemporal import frames_op
 
 _UP_BLOCKS = ("UpDecoderBlock2D", "AttnUpDecoderBlock2D")
@@ -114,12 +114,8 @@ class SDVAEDecoderAdapter:
         )
 
     def example_inputs(self, vae, shape, device="cpu", seed: int = 0) -> tuple:
-        dtype = next(vae.parameters()).dtype
         size = (shape.batch * shape.frames, vae.config.latent_channels, shape.latent_height, shape.latent_width)
-        if torch.device(device).type == "meta":
-            z = torch.empty(*size, device=device, dtype=dtype)
-        else:
-            z = torch.randn(*size, generator=torch.Generator().manual_seed(seed)).to(device=device, dtype=dtype)
+        z = example_maker(vae, device, seed)(*size)
         return (z,)
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..program import Op, SliceCtx, UnitSpec
-from .base import CallBinding, register
+from .base import CallBinding, example_maker, register
 from .spatiotemporal import frames_op as _frames
 from .spatiotemporal import resnet as _resnet
 from .spatiotemporal import upsampler as _upsampler
@@ -79,13 +79,7 @@ class SVDUNetAdapter:
     def example_inputs(self, unet, shape, device="cpu", seed: int = 0) -> tuple:
         """Positional forward arguments of ``shape`` (random on real devices, empty on meta)."""
         cfg = unet.config
-        dtype = next(unet.parameters()).dtype
-        gen = torch.Generator().manual_seed(seed)
-
-        def make(*size):
-            if torch.device(device).type == "meta":
-                return torch.empty(*size, device=device, dtype=dtype)
-            return torch.randn(*size, generator=gen).to(device=device, dtype=dtype)
+        make = example_maker(unet, device, seed)
 
         b, t = shape.batch, shape.frames
         n_ids = cfg.projection_class_embeddings_input_dim // cfg.addition_time_embed_dim

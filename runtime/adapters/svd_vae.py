@@ -18,7 +18,7 @@ import itertools
 import torch
 
 from ..program import Op, SliceCtx, UnitSpec
-from .base import CallBinding, register
+from .base import CallBinding, example_maker, register
 from .spatiotemporal import _from_video, _to_video, frames_op, resnet
 
 
@@ -87,12 +87,8 @@ class SVDTemporalDecoderAdapter:
         )
 
     def example_inputs(self, vae, shape, device="cpu", seed: int = 0) -> tuple:
-        dtype = next(vae.parameters()).dtype
         size = (shape.batch * shape.frames, vae.config.latent_channels, shape.latent_height, shape.latent_width)
-        if torch.device(device).type == "meta":
-            z = torch.empty(*size, device=device, dtype=dtype)
-        else:
-            z = torch.randn(*size, generator=torch.Generator().manual_seed(seed)).to(device=device, dtype=dtype)
+        z = example_maker(vae, device, seed)(*size)
         return z, shape.frames
 
 
