@@ -133,24 +133,12 @@ class AllocatorModel:
         block, pool = entry
         self.allocated -= block.size
         self._use(pool, block, -1)
-        for neighbour in (block.prev, block.next):
-            if neighbour is not None and neighbour.free:
-                pool.remove_free(neighbour)
-                if neighbour is block.prev:
-                    neighbour.size += block.size
-                    neighbour.next = block.next
-                    if block.next is not None:
-                        block.next.prev = neighbour
-                    elif pool.expandable:
-                        pool.tail = neighbour
-                    block = neighbour
-                else:
-                    block.size += neighbour.size
-                    block.next = neighbour.next
-                    if neighbour.next is not None:
-                        neighbour.next.prev = block
-                    elif pool.expandable:
-                        pool.tail = block
+        if block.next is not None and block.next.free:
+            pool.remove_free(block.next)
+            _absorb(pool, block, block.next)
+        if block.prev is not None and block.prev.free:
+            pool.remove_free(block.prev)
+            block = _absorb(pool, block.prev, block)
         pool.add_free(block)
 
     # -- internals ---------------------------------------------------------------------------
@@ -200,6 +188,17 @@ class AllocatorModel:
             elif before + delta == 0:
                 self.needed -= pool.segments[block.segment]
         self.needed_peak = max(self.needed_peak, self.needed)
+
+
+def _absorb(pool: _Pool, left: _Block, right: _Block) -> _Block:
+    """Merge ``right`` into its neighbour ``left`` (coalescing free blocks of one segment)."""
+    left.size += right.size
+    left.next = right.next
+    if right.next is not None:
+        right.next.prev = left
+    elif pool.expandable:
+        pool.tail = left
+    return left
 
 
 def replay(events: list[tuple[int, int]], expandable_segments: bool = False) -> ReplayResult:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 
 from ..profiles import read_json
 from .costs import CostModel, Segment
@@ -16,7 +15,6 @@ from .schema import (
     PipelineProfile,
     Plan,
     Prediction,
-    SampleShape,
     SolverInfo,
     Target,
 )
@@ -43,28 +41,11 @@ def shipped_pipeline_profile(model: str, height: int, width: int, frames: int, g
     return PipelineProfile.model_validate(data)
 
 
-def shipped_profile_name(model: str, shape: SampleShape, kernel: str) -> str:
-    return (
-        f"{model}-{shape.latent_height}x{shape.latent_width}-f{shape.frames}-b{shape.batch}-"
-        f"{shape.dtype}-{kernel}.profile.json"
-    )
-
-
-def shipped_profile(model: str, shape: SampleShape, kernel: str) -> ModelProfile | None:
-    """A profile shipped in ``vramplan/profiles/models``, or None."""
-    name = shipped_profile_name(model.lower(), shape, kernel)
-    try:
-        data = read_json(f"{SHIPPED_DIR}/{name}")
-    except FileNotFoundError:
-        return None
-    return ModelProfile.model_validate(data)
-
-
 def shipped_profiles() -> list[str]:
     from importlib import resources
 
     folder = resources.files("vramplan.profiles").joinpath(SHIPPED_DIR)
-    return sorted(p.name for p in folder.iterdir() if p.name.endswith((".profile.json", ".pipeline.json")))
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".pipeline.json"))
 
 
 def make_plan(
@@ -168,6 +149,3 @@ def _explain(err: InfeasibleError, profile: ModelProfile, gpu, usable: int, base
     out.min_peak_bytes, out.unit = total, err.unit
     return out
 
-
-def load_plan(path: str | Path) -> Plan:
-    return Plan.load(path)

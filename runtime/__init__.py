@@ -9,7 +9,7 @@ from .apply import (
     uniform_pipeline_plan,
     uniform_plan,
 )
-from .fake import attention_kernel, empty_model, kernel_for_compute_capability
+from .fake import attention_kernel, empty_model
 from .memory import MemoryTracker
 from .runner import RunResult, load_pipeline, run, save_video
 from .verify import verify, verify_all
@@ -27,7 +27,6 @@ __all__ = [
     "attention_kernel",
     "empty_model",
     "fingerprint",
-    "kernel_for_compute_capability",
     "list_units",
     "sample_shape",
     "uniform_pipeline_plan",

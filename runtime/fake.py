@@ -24,12 +24,6 @@ AttentionKernel = Literal["flash", "efficient", "cpu_flash", "math"]
 ATTENTION_KERNELS: tuple[str, ...] = ("flash", "efficient", "cpu_flash", "math")
 
 
-def kernel_for_compute_capability(cc: str | float) -> AttentionKernel:
-    """The fused SDPA kernel PyTorch picks on a GPU of this compute capability (no mask, fp16)."""
-    major = int(str(cc).split(".")[0])
-    return "flash" if major >= 8 else "efficient"
-
-
 class attention_kernel(TorchFunctionMode):  # noqa: N801 - used like a function: `with attention_kernel("flash"):`
     """Inside this context, SDPA on meta tensors runs the chosen kernel's op.
 

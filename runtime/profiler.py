@@ -37,7 +37,6 @@ from .program import Program
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_K = 256
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def slice_counts(length: int, max_k: int = DEFAULT_MAX_K) -> list[int]:
@@ -245,9 +244,6 @@ def cached_profile(model, shape: SampleShape, kernel: str, name: str | None = No
     prof.save(path)
     return prof
 
-
-def dtype_of(shape: SampleShape) -> torch.dtype:
-    return _DTYPES[shape.dtype]
 
 
 SHIPPED = [

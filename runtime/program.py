@@ -51,10 +51,6 @@ class SliceCtx:
     prepared: Any = None
     shapes: dict[str, torch.Size] = field(default_factory=dict)
 
-    @property
-    def is_whole(self) -> bool:
-        return self.start == 0 and self.stop == self.length
-
 
 @dataclass
 class Op:
