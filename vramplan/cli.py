@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -64,10 +65,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--fps", type=int, default=7)
     p.add_argument("--allow-download", action="store_true", help="let diffusers download missing weights")
 
+    commands = dict(COMMANDS)
+    for module_name in COMMAND_MODULES:  # commands that live in their own modules (fleet, rehash, ...)
+        commands.update(importlib.import_module(module_name).register(sub))
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
-        return COMMANDS[args.command](args)
+        return commands[args.command](args)
     except VramplanError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -294,6 +299,9 @@ def cmd_run(args) -> int:
     print("wrote", save_video(result.frames, args.out, fps=args.fps))
     return 0
 
+
+# Modules with ``register(subparsers) -> {command: handler}``: each adds its own subcommands.
+COMMAND_MODULES: tuple[str, ...] = ()
 
 COMMANDS = {
     "plan": cmd_plan, "gpus": cmd_gpus, "profile": cmd_profile, "schema": cmd_schema, "verify": cmd_verify,
