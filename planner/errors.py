@@ -36,3 +36,27 @@ class UnknownGPUError(VramplanError, KeyError):
 
 class InfeasibleError(VramplanError, ValueError):
     """No plan fits the target: says the smallest reachable peak and the unit that sets it."""
+
+
+class PlanConflictError(VramplanError, RuntimeError):
+    """A second plan applied to a model that already carries one: remove the first plan's handle first."""
+
+
+class InvalidArgumentError(VramplanError, ValueError):
+    """An argument of the wrong type or out of range (negative steps, nan VRAM, ...): says the valid range."""
+
+
+class UnsupportedGPUFeatureError(VramplanError, ValueError):
+    """A setting the target GPU cannot run, such as bf16 on a GPU without bf16."""
+
+
+class ProfileCacheError(VramplanError, OSError):
+    """The profile cache folder cannot be written (read-only, or a file where the folder should be)."""
+
+
+class InputFileError(VramplanError, ValueError):
+    """An input file (image, plan, output folder) that is missing, unreadable or of the wrong kind."""
+
+
+class VerificationError(VramplanError, RuntimeError):
+    """A verify run whose measured peak is off the prediction by more than the tolerance, or misses a part."""

@@ -6,7 +6,9 @@
 from .api import load_plan, plan_for
 from .planner.errors import (
     InfeasibleError,
+    InvalidArgumentError,
     InvalidPlanError,
+    PlanConflictError,
     PlanFormatError,
     PlanMismatchError,
     UnknownGPUError,
@@ -19,7 +21,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "InfeasibleError",
+    "InvalidArgumentError",
     "InvalidPlanError",
+    "PlanConflictError",
     "Plan",
     "PlanFormatError",
     "PlanMismatchError",
