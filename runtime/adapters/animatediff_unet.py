@@ -90,6 +90,14 @@ class AnimateDiffUNetAdapter:
         h = add(frames_op("conv_norm_out", (h,), head, kind="conv"))
         return ops, h
 
+    def rehash_cuts(self, unet) -> list[str]:
+        """Candidate Step Rehash cuts: the outputs of the up path's motion modules."""
+        return [
+            f"up_blocks.{i}.motion_modules.{j}"
+            for i, block in enumerate(unet.up_blocks)
+            for j in range(len(block.motion_modules))
+        ]
+
     def example_inputs(self, unet, shape, device="cpu", seed: int = 0) -> tuple:
         """Positional forward arguments of ``shape``: ``sample [B, C, T, H, W]``, a timestep and the
         prompt embeddings repeated per frame (``[B*T, 77, D]``, as the AnimateDiff pipelines pass

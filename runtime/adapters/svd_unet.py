@@ -76,6 +76,18 @@ class SVDUNetAdapter:
         h = add(_frames("conv_norm_out", (h,), head, kind="conv"))
         return ops, h
 
+    def rehash_cuts(self, unet) -> list[str]:
+        """Candidate Step Rehash cuts: outputs of the up path's temporal layers (each res block's
+        temporal half, each transformer's projection after its temporal blocks)."""
+        cuts = []
+        for i, block in enumerate(unet.up_blocks):
+            attentions = getattr(block, "attentions", None)
+            for j in range(len(block.resnets)):
+                cuts.append(f"up_blocks.{i}.resnets.{j}.temporal_res_block.norm2")
+                if attentions is not None:
+                    cuts.append(f"up_blocks.{i}.attentions.{j}.proj_out")
+        return cuts
+
     def example_inputs(self, unet, shape, device="cpu", seed: int = 0) -> tuple:
         """Positional forward arguments of ``shape`` (random on real devices, empty on meta)."""
         cfg = unet.config

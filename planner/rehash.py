@@ -1,0 +1,380 @@
+"""Step Rehash, the torch-free half: reuse programs, calibrations, schedules. No torch here.
+
+On a *key* step the whole UNet runs and the value at a **cut** (the output of a temporal layer or
+motion module in the up path) is cached; on the other steps only the ops the result still needs
+*given* the cut run, and the cached value stands in for it. Which ops those are is a dependency
+walk over ``(name, inputs)`` pairs, the same for the runtime's unit program (ops) and the
+planner's ``ModelProfile`` units, so the planner counts exactly the FLOPs the runtime skips.
+
+Metrics (our choice; the paper publishes neither):
+
+- **similarity** of a cut's feature between steps ``a`` and ``s``: cosine similarity of the two
+  features flattened over the whole CFG batch (1 = same direction). The greedy key-step search
+  (the paper's Algorithm 1) makes step ``s`` key when its similarity to the last key step drops
+  below a threshold (default :data:`GREEDY_THRESHOLD`).
+- **error** of reusing step ``a``'s feature at step ``s``: the relative L2 error
+  ``||g' - g|| / ||g||`` of the *guided* noise prediction ``g`` (after classifier-free guidance),
+  measured on the full trajectory's inputs. A schedule's predicted error is the sum over its
+  reused steps (additive, so the optimal schedule is an exact DP over "key a, next key b" arcs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from .costs import CostModel, Segment
+from .errors import InvalidPlanError, PlanMismatchError, UnsupportedArgumentError
+from .schema import SCHEMA_VERSION, ComponentPlan, ModelRef, SampleShape, _JsonFile, _Strict
+
+Mode = Literal["off", "uniform", "greedy", "optimal"]
+GREEDY_THRESHOLD = 0.95  # cosine similarity to the last key step below which a step becomes key
+DEFAULT_INTERVAL = 2  # DeepCache's interval when nothing else says how many key steps
+DEFAULT_MAX_GAP = 4  # steps a calibration measures reuse over (s - a = 1 .. max_gap)
+
+
+class RehashCutError(InvalidPlanError):
+    """A cut the model does not have, one the result does not depend on, or one a group crosses."""
+
+
+class CalibrationMismatchError(PlanMismatchError):
+    """A calibration made for another model, shape or step count than the plan."""
+
+
+class RehashStepsError(PlanMismatchError):
+    """A run whose denoising steps disagree with the rehash schedule of its plan."""
+
+
+class SchedulerOrderError(UnsupportedArgumentError):
+    """A scheduler that calls the UNet more than once per step (Heun, DPM2): the schedule counts steps."""
+
+
+# ---------------------------------------------------------------------------------- reuse program
+def reuse_names(nodes: Sequence[tuple[str, Sequence[str]]], result: str, cut: str) -> list[str]:
+    """The ops (by output name, in program order) that compute ``result`` when ``cut`` is given.
+
+    A backward walk from the result that stops at the cut and at the program's inputs. Raises
+    :class:`RehashCutError` when no op makes ``cut`` or the result does not depend on it.
+    """
+    made = {name: tuple(inputs) for name, inputs in nodes}
+    if cut not in made:
+        raise RehashCutError(f"the model has no value {cut!r} to cut at; choose one of its rehash cuts")
+    if cut == result:
+        raise RehashCutError(f"{cut!r} is the model's result: reusing it would skip the whole model")
+    needed: set[str] = set()
+    stack, reaches_cut = [result], False
+    while stack:
+        name = stack.pop()
+        if name == cut:
+            reaches_cut = True
+            continue
+        if name in needed or name not in made:
+            continue
+        needed.add(name)
+        stack.extend(made[name])
+    if not reaches_cut:
+        raise RehashCutError(f"the model's result does not depend on {cut!r}; it cannot be a rehash cut")
+    return [name for name, _ in nodes if name in needed]
+
+
+def reads_inputs(nodes: Sequence[tuple[str, Sequence[str]]], names: Iterable[str], cut: str) -> bool:
+    """Whether the ops ``names`` read a program input (not the cut): only then does a reused step
+    still see its own latents. A cut after the last skip connection would replay a stale output."""
+    made = {name for name, _ in nodes}
+    inputs = dict(nodes)
+    return any(i not in made and i != cut for n in names for i in inputs[n])
+
+
+def valid_cuts(nodes: Sequence[tuple[str, Sequence[str]]], result: str, cuts: Iterable[str]) -> list[str]:
+    """The candidate cuts whose reuse program still reads the step's own inputs."""
+    return [c for c in cuts if reads_inputs(nodes, reuse_names(nodes, result, c), c)]
+
+
+def candidate_cuts(units) -> list[str]:
+    """Candidate cuts from unit kinds (profiles carry no adapter): in the up path, the outputs of
+    motion modules, of second temporal res-block halves and of projections closing a temporal
+    transformer. The adapters' ``rehash_cuts`` list the same (a test checks it)."""
+    kind = {u.name: u.kind for u in units}
+    out = []
+    for u in units:
+        if not u.name.startswith("up_blocks."):
+            continue
+        first = kind.get(u.inputs[0], "") if u.inputs else ""
+        if (
+            u.kind == "motion"
+            or (u.kind == "temporal_conv" and first == "temporal_conv")
+            or (u.kind == "proj" and first == "temporal_attention")
+        ):
+            out.append(u.name)
+    return out
+
+
+def profile_nodes(units) -> list[tuple[str, list[str]]]:
+    return [(u.name, list(u.inputs)) for u in units]
+
+
+def cut_index(names: Sequence[str], cut: str) -> int:
+    try:
+        return list(names).index(cut)
+    except ValueError:
+        raise RehashCutError(f"the model has no unit {cut!r} to cut at") from None
+
+
+def check_groups(groups: Iterable[tuple[str, Sequence[str]]], cut: str) -> None:
+    """Refuse a slicing group that runs past the cut: the cut would exist one slice at a time only.
+    ``groups``: (label, unit names in order)."""
+    for label, names in groups:
+        names = list(names)
+        if cut in names and names[-1] != cut:
+            raise RehashCutError(
+                f"the slicing group {label} runs across the rehash cut {cut!r} (the cut is not its last unit), "
+                f"so the cut never exists whole to be cached. Plan with the cut (plan_for(..., rehash=...) keeps "
+                f"groups off it) or split the group after {cut!r}."
+            )
+
+
+# ---------------------------------------------------------------------------------- calibration
+class CutCalibration(_Strict):
+    """What one trajectory measured at one candidate cut."""
+
+    cut: str
+    similarity: list[list[float]] = Field(description="[a][s]: cosine similarity of the cut's feature at steps a, s")
+    error: list[list[float | None]] = Field(
+        description="[a][s]: relative L2 error of the guided noise prediction at step s when it reuses step a's "
+        "feature; null unless 1 <= s - a <= max_gap"
+    )
+
+
+class Calibration(_JsonFile):
+    """Measured step-to-step similarity and reuse error per candidate cut, for one model, shape and
+    step count (one full trajectory of the user's pipeline)."""
+
+    schema_version: int = SCHEMA_VERSION
+    model: ModelRef
+    shape: SampleShape = Field(description="the UNet's input at each call (CFG batch)")
+    pipeline: str
+    scheduler: str
+    steps: int = Field(ge=1)
+    max_gap: int = Field(ge=1)
+    seed: int | None = None
+    similarity_metric: str = "cosine similarity of the cut feature, flattened over the CFG batch"
+    error_metric: str = "relative L2 error ||g' - g|| / ||g|| of the guided noise prediction"
+    cuts: list[CutCalibration] = Field(min_length=1)
+
+    def cut(self, name: str) -> CutCalibration:
+        for c in self.cuts:
+            if c.cut == name:
+                return c
+        raise RehashCutError(f"the calibration has no cut {name!r}; it has {[c.cut for c in self.cuts]}")
+
+    def reference(self, path: str | Path | None = None) -> str:
+        digest = hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:12]
+        where = f"{Path(path).name} " if path else ""
+        return f"{where}sha256:{digest}"
+
+    def check(self, model: ModelRef, shape: SampleShape, steps: int) -> None:
+        """Refuse a calibration made for another model, UNet shape or step count."""
+        if (model.class_name, model.config_hash) != (self.model.class_name, self.model.config_hash):
+            raise CalibrationMismatchError(
+                f"this calibration was made for {self.model.describe()}, but the plan is for {model.describe()}. "
+                f"Calibrate this model (vramplan calibrate)."
+            )
+        mine = (self.shape.batch, self.shape.frames, self.shape.latent_height, self.shape.latent_width)
+        theirs = (shape.batch, shape.frames, shape.latent_height, shape.latent_width)
+        if mine != theirs:
+            raise CalibrationMismatchError(
+                f"this calibration was made for {self.shape.describe()}, but the plan is for {shape.describe()}. "
+                f"Calibrate at the plan's shape."
+            )
+        if steps != self.steps:
+            raise CalibrationMismatchError(
+                f"this calibration was made for {self.steps} steps, but the plan has {steps}. "
+                f"Calibrate with the plan's step count."
+            )
+
+
+# ---------------------------------------------------------------------------------- schedules
+def uniform_keys(steps: int, keys: int | None = None, interval: int | None = None) -> list[int]:
+    """DeepCache's schedule: every ``interval``-th step is key; or ``keys`` evenly spaced key steps
+    (first and last included; 13 of 25 is interval 2, 9 of 25 interval 3)."""
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    if interval is not None:
+        return list(range(0, steps, max(1, interval)))
+    keys = steps if keys is None else max(1, min(keys, steps))
+    if keys == 1:
+        return [0]
+    return sorted({round(i * (steps - 1) / (keys - 1)) for i in range(keys)})
+
+
+def greedy_keys(similarity: Sequence[Sequence[float]], threshold: float = GREEDY_THRESHOLD) -> list[int]:
+    """The paper's key-step search: step 0 is key; a step becomes key when the cosine similarity of
+    its cut feature to the last key step's drops below ``threshold``."""
+    keys = [0]
+    for s in range(1, len(similarity)):
+        if similarity[keys[-1]][s] < threshold:
+            keys.append(s)
+    return keys
+
+
+def greedy_for_count(similarity: Sequence[Sequence[float]], max_keys: int) -> tuple[list[int], float]:
+    """The greedy schedule with the highest threshold that makes at most ``max_keys`` key steps."""
+    values = sorted({v for row in similarity for v in row}, reverse=True)
+    for v in values:  # thresholds just above each measured similarity, highest first
+        t = math.nextafter(v, math.inf)
+        keys = greedy_keys(similarity, t)
+        if len(keys) <= max_keys:
+            return keys, t
+    return [0], -math.inf
+
+
+def arc_error(error: Sequence[Sequence[float | None]], a: int, b: int) -> float:
+    """Error of reusing key ``a``'s feature on steps ``a+1 .. b-1`` (inf where not calibrated)."""
+    total = 0.0
+    for s in range(a + 1, b):
+        e = error[a][s]
+        if e is None:
+            return math.inf
+        total += e
+    return total
+
+
+def schedule_error(error: Sequence[Sequence[float | None]], keys: Sequence[int]) -> float | None:
+    """Predicted error of a schedule (sum over reused steps); None if a gap was not calibrated."""
+    n = len(error)
+    bounds = [*keys, n]
+    total = sum(arc_error(error, a, b) for a, b in zip(bounds, bounds[1:], strict=False))
+    return None if math.isinf(total) else total
+
+
+def optimal_keys(error: Sequence[Sequence[float | None]], max_keys: int) -> tuple[list[int], float]:
+    """Key steps (step 0 always key) minimising the summed calibrated error with at most
+    ``max_keys`` keys: an exact DP over arcs "key a, next key b". Fewer keys win ties."""
+    n = len(error)
+    max_keys = max(1, min(max_keys, n))
+    inf = math.inf
+    best = [[inf] * n for _ in range(max_keys + 1)]  # best[j][b]: steps < b, j keys, the last at b
+    end = [inf] * (max_keys + 1)  # end[j]: every step, j keys
+    back: dict[tuple[int, int], int] = {}
+    end_back: dict[int, int] = {}
+    best[1][0] = 0.0
+    for j in range(1, max_keys + 1):
+        for a in range(n):
+            if math.isinf(best[j][a]):
+                continue
+            for b in range(a + 1, n + 1):
+                arc = arc_error(error, a, b)
+                if math.isinf(arc):
+                    break  # a longer arc from a is no more calibrated
+                cost = best[j][a] + arc
+                if b == n:
+                    if cost < end[j]:
+                        end[j], end_back[j] = cost, a
+                elif j < max_keys and cost < best[j + 1][b]:
+                    best[j + 1][b], back[(j + 1, b)] = cost, a
+    j = min(range(1, max_keys + 1), key=lambda j: (end[j], j))
+    if math.isinf(end[j]):
+        raise InvalidPlanError(
+            f"no schedule with at most {max_keys} key steps keeps every reuse within the calibrated gap; "
+            f"allow more key steps or calibrate with a larger max_gap"
+        )
+    total, a = end[j], end_back[j]
+    keys = [a]
+    while a != 0:
+        a = back[(j, a)]
+        j -= 1
+        keys.append(a)
+    return sorted(keys), total
+
+
+# ---------------------------------------------------------------------------------- costs
+def reuse_indices(model: CostModel, cut: str) -> list[int]:
+    names = reuse_names(profile_nodes(model.units), model.profile.result, cut)
+    return [model.index[n] for n in names]
+
+
+def reuse_flops(model: CostModel, cut: str) -> int:
+    return sum(model.units[i].flops for i in reuse_indices(model, cut))
+
+
+def split_at_cut(segments: Sequence[Segment], cut_at: int) -> list[Segment]:
+    """Segments with any one that runs across unit ``cut_at`` split after it (an estimate for cuts
+    the slicing was not planned around)."""
+    out = []
+    for seg in segments:
+        if seg.start <= cut_at < seg.stop:
+            out += [Segment(seg.start, cut_at, seg.k), Segment(cut_at + 1, seg.stop, seg.k)]
+        else:
+            out.append(seg)
+    return out
+
+
+def reuse_seconds(model: CostModel, segments: Sequence[Segment], cut: str) -> float:
+    """Predicted time of one reuse call: the plan's segments restricted to the reuse program."""
+    keep = set(reuse_indices(model, cut))
+    total = 0.0
+    for seg in segments:
+        run: list[int] = []
+        for i in [*range(seg.start, seg.stop + 1), None]:
+            if i is not None and i in keep:
+                run.append(i)
+                continue
+            if run:
+                total += model.cost(Segment(run[0], run[-1], seg.k)).seconds
+                run = []
+    return total
+
+
+def segments_of(model: CostModel, comp: ComponentPlan) -> list[Segment]:
+    """The cost-model segments of a component plan (groups, else single units)."""
+    start_of = {g.units[0]: g for g in comp.groups}
+    out, i = [], 0
+    while i < model.n:
+        name = model.units[i].name
+        if name in start_of:
+            g = start_of[name]
+            out.append(Segment(i, i + len(g.units) - 1, g.k))
+            i += len(g.units)
+        else:
+            out.append(Segment(i, i, comp.k(name) if model.units[i].axis else 1))
+            i += 1
+    return out
+
+
+class CutCostModel(CostModel):
+    """A cost model whose candidate segments never run across the rehash cut."""
+
+    def __init__(self, profile, gpu, allocator: str, cut: str):
+        super().__init__(profile, gpu, allocator)
+        self.cut = cut
+        self.cut_at = cut_index([u.name for u in profile.units], cut)
+
+    def segments(self, max_group: int = 8) -> list[Segment]:
+        return [s for s in super().segments(max_group) if not (s.start <= self.cut_at < s.stop)]
+
+
+@dataclass
+class StageRehash:
+    """A chosen schedule as the pipeline planner prices it: ``keys`` full calls, the rest reuse
+    calls; the cached cut is held through the whole denoising stage."""
+
+    cut: str
+    keys: int
+    steps: int
+
+    def constrain(self, model: CostModel) -> CostModel:
+        return CutCostModel(model.profile, model.gpu, model.allocator, self.cut)
+
+    def cache_bytes(self, model: CostModel) -> int:
+        return model.units[model.index[self.cut]].output_bytes
+
+    def seconds(self, model: CostModel, solution) -> float:
+        full = solution.latency_s
+        reuse = reuse_seconds(model, solution.segments, self.cut)
+        return self.keys * full + (self.steps - self.keys) * reuse
