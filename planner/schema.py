@@ -285,6 +285,39 @@ class StagePrediction(_Strict):
     seconds: float = Field(description="predicted time of all its calls, weight transfers included")
 
 
+class RehashPlan(_Strict):
+    """Step Rehash: on key steps the whole UNet runs and the value at ``cut`` is cached; the other
+    steps run only what the output needs given the cut. The one approximation a plan may make."""
+
+    mode: Literal["uniform", "greedy", "optimal"]
+    cut: str = Field(description="the cached value: a unit of the UNet's program (a temporal layer's output)")
+    steps: int = Field(ge=1, description="denoising steps the schedule is for (one UNet call each)")
+    key_steps: list[int] = Field(min_length=1, description="0-based steps that run the whole UNet; 0 always")
+    quality: Literal["calibrated", "uncalibrated"]
+    predicted_error: float | None = Field(
+        default=None, description="calibrated sum over reused steps of the guided noise prediction's relative error"
+    )
+    threshold: float | None = Field(default=None, description="greedy: cosine similarity threshold used")
+    original_unet_flops: int = Field(description="UNet FLOPs per video without rehash")
+    unet_flops: int = Field(description="UNet FLOPs per video with this schedule")
+    key_call_s: float = Field(description="predicted seconds of a full UNet call")
+    reuse_call_s: float = Field(description="predicted seconds of a reuse call")
+    latency_saved_s: float
+    cache_bytes: int = Field(description="the cached cut (whole CFG batch), held through the denoising stage")
+    calibration: str | None = Field(default=None, description="the calibration used: file and sha256 prefix")
+
+    @model_validator(mode="after")
+    def _keys(self) -> RehashPlan:
+        if self.key_steps != sorted(set(self.key_steps)) or self.key_steps[0] != 0 or self.key_steps[-1] >= self.steps:
+            raise ValueError(f"key_steps must be increasing, start at 0 and lie below steps={self.steps}")
+        return self
+
+    @property
+    def reused_steps(self) -> list[int]:
+        keys = set(self.key_steps)
+        return [s for s in range(self.steps) if s not in keys]
+
+
 class Plan(_Strict):
     """A whole run: per component slicing, groups and residency, the target and the prediction."""
 
@@ -299,6 +332,7 @@ class Plan(_Strict):
     prediction: Prediction | None = None
     stages: list[StagePrediction] = Field(default_factory=list)
     solver: SolverInfo | None = None
+    rehash: RehashPlan | None = Field(default=None, description="Step Rehash schedule of the UNet, if any")
 
     @model_validator(mode="after")
     def _version(self) -> Plan:
@@ -396,6 +430,9 @@ class RunReport(_Strict):
     total_seconds: float
     stages: list[StageReport] = Field(default_factory=list)
     step_seconds: list[float] = Field(default_factory=list)
+    key_steps: list[int] = Field(default_factory=list, description="Step Rehash: steps that ran the whole UNet")
+    reused_steps: list[int] = Field(default_factory=list, description="Step Rehash: steps that reused the cut")
+    unet_call_seconds: list[float] = Field(default_factory=list, description="Step Rehash: UNet time per step")
     notes: list[str] = Field(default_factory=list)
 
     def summary(self) -> str:
@@ -418,5 +455,13 @@ class RunReport(_Strict):
             lines.append(f"  {st.stage:<14} {st.seconds:8.3f} s over {st.calls} call(s){peak}")
         if self.step_seconds:
             lines.append(f"  steps: {len(self.step_seconds)}, mean {sum(self.step_seconds) / len(self.step_seconds):.3f} s")
+        if self.reused_steps:
+            t = self.unet_call_seconds
+
+            def mean(steps):
+                return sum(t[s] for s in steps) / len(steps) if steps and len(t) > max(steps) else float("nan")
+
+            lines.append(f"  rehash: {len(self.key_steps)} key steps ({mean(self.key_steps):.3f} s per UNet call), "
+                         f"{len(self.reused_steps)} reused ({mean(self.reused_steps):.3f} s)")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
