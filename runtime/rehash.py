@@ -1,0 +1,245 @@
+"""Step Rehash at run time: full UNet calls on key steps, reuse calls in between.
+
+The reuse program is *derived* from the adapter's unit program by the dependency walk of
+:func:`vramplan.planner.rehash.reuse_names`: with the cut given, only the ops the result still
+needs run (conv_in, the down ops feeding the skip connections read after the cut, the up path
+after the cut, the head). Both programs run on the plan's segments (a reuse segment is a plan
+segment restricted to reuse ops), so rehash composes with slicing and grouping; a group across
+the cut is refused. On a key step the executor keeps the cut (``keep``: never a reused buffer)
+and the handle caches it, whole CFG batch at once, until the next key step; the cache is dropped
+after the last step and reset whenever the pipeline sets its scheduler's timesteps (every call).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..planner.errors import PlanConflictError
+from ..planner.rehash import (
+    RehashCutError,
+    RehashStepsError,
+    SchedulerOrderError,
+    check_groups,
+    reuse_names,
+    valid_cuts,
+)
+from ..planner.schema import ComponentPlan, Plan, RehashPlan
+from .adapters.base import adapter_for
+from .apply import PlanHandle, _check_shape, build_segments, component_for
+from .executor import Segment, execute
+from .program import Op, Program
+
+_MISSING = object()
+
+
+def rehash_cuts(model: torch.nn.Module) -> list[str]:
+    """The model's candidate cuts (from its adapter) whose reuse program still reads the step's input."""
+    adapter = adapter_for(model)
+    if not hasattr(adapter, "rehash_cuts"):
+        raise RehashCutError(f"{type(model).__name__} has no Step Rehash cuts (only UNets have)")
+    ops, result = adapter.ops(model)
+    return valid_cuts(_nodes(ops), result, adapter.rehash_cuts(model))
+
+
+def _nodes(ops: list[Op]) -> list[tuple[str, tuple[str, ...]]]:
+    return [(op.output, op.inputs) for op in ops]
+
+
+def reuse_ops(ops: list[Op], result: str, cut: str) -> list[Op]:
+    """The ops a reuse call runs: what ``result`` needs given ``cut``, in program order."""
+    names = set(reuse_names(_nodes(ops), result, cut))
+    return [op for op in ops if op.output in names]
+
+
+def reuse_segments(segments: list[Segment], ops: list[Op], cut: str) -> list[Segment]:
+    """The plan's segments restricted to ``ops``; refuses a group that runs across ``cut``."""
+    check_groups(((f"starting at {s.ops[0].name}", [op.output for op in s.ops]) for s in segments), cut)
+    keep = {id(op) for op in ops}
+    out = []
+    for seg in segments:
+        mine = [op for op in seg.ops if id(op) in keep]
+        if mine:
+            out.append(Segment(mine, seg.axis, seg.k))
+    return out
+
+
+def execute_keeping(program: Program, segments: list[Segment], keep: set[str]):
+    """Run ``program`` and return (its output, the ``keep`` values, untouched by buffer reuse)."""
+    if "keep" in inspect.signature(execute).parameters:
+        out = execute(program, segments, keep=frozenset(keep))
+        return out, {name: program.kept[name] for name in keep}
+    # An executor without ``keep``: copy each kept value as its segment leaves it, before any
+    # later segment could write into its buffer.
+    kept: dict[str, torch.Tensor] = {}
+
+    def observer(op, value, length):
+        if op.output in keep:
+            kept[op.output] = value.clone()
+
+    out = execute(program, segments, observer=observer)
+    return out, kept
+
+
+@dataclass
+class StepRecord:
+    step: int
+    key: bool
+    seconds: float
+
+
+@dataclass(eq=False)
+class RehashHandle:
+    """Step Rehash attached to a UNet (and, given the pipeline, to its scheduler's ``set_timesteps``
+    for the per-call reset). ``remove()`` restores both; ``records`` lists the steps of the last call."""
+
+    model: torch.nn.Module
+    rehash: RehashPlan
+    component: ComponentPlan | None
+    ops: list[Op]
+    result: str
+    segments: list[Segment]
+    reuse: list[Op]
+    reuse_segs: list[Segment]
+    scheduler: object = None
+    step: int = 0
+    cache: torch.Tensor | None = None
+    records: list[StepRecord] = field(default_factory=list)
+    active: bool = True
+    _saved: dict = field(default_factory=dict)
+
+    def __enter__(self) -> RehashHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def reset(self) -> None:
+        """Forget the cache and start counting steps from 0 (a new pipeline call)."""
+        self.step, self.cache, self.records = 0, None, []
+
+    def remove(self) -> None:
+        if not self.active:
+            return
+        for obj, name, saved in self._saved.values():
+            if saved is _MISSING:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, saved)
+        self.cache, self.active = None, False
+
+    @property
+    def key_steps(self) -> list[int]:
+        return [r.step for r in self.records if r.key]
+
+    @property
+    def reused_steps(self) -> list[int]:
+        return [r.step for r in self.records if not r.key]
+
+    def _set_timesteps(self, original):
+        def set_timesteps(*args, **kwargs):
+            out = original(*args, **kwargs)
+            self.reset()
+            order = getattr(self.scheduler, "order", 1)
+            if order != 1:
+                raise SchedulerOrderError(
+                    f"{type(self.scheduler).__name__} calls the UNet {order} times per step, but Step Rehash "
+                    f"counts one call per step. Use a first-order scheduler (Euler, DDIM, DPM++ 2M) or a plan "
+                    f"without rehash."
+                )
+            n = len(self.scheduler.timesteps)
+            if n != self.rehash.steps:
+                raise RehashStepsError(
+                    f"the pipeline runs {n} denoising steps, but the plan's rehash schedule is for "
+                    f"{self.rehash.steps}. Call it with num_inference_steps={self.rehash.steps} or plan for {n} steps."
+                )
+            return out
+
+        return set_timesteps
+
+    def __call__(self, *args, **kwargs):
+        step = self.step
+        if step >= self.rehash.steps:
+            raise SchedulerOrderError(
+                f"UNet call {step + 1} with a rehash schedule of {self.rehash.steps} steps: the scheduler makes "
+                f"more than one UNet call per step (e.g. Heun), or the pipeline was called again without a reset. "
+                f"Use a first-order scheduler, attach rehash with the pipeline (apply_rehash(pipe, plan)) or call "
+                f"handle.reset() between calls."
+            )
+        adapter = adapter_for(self.model)
+        binding = adapter.bind(self.model, *args, **kwargs)
+        if self.component is not None and self.component.shape is not None:
+            _check_shape(self.component, binding.shape)
+        started = time.perf_counter()
+        key = step in self._keys or self.cache is None
+        cut = self.rehash.cut
+        if key:
+            program = Program(self.ops, binding.env, binding.layouts, self.result, binding.finish, binding.globals)
+            out, kept = execute_keeping(program, self.segments, {cut})
+            self.cache = kept[cut]
+        else:
+            program = Program(
+                self.reuse,
+                {**binding.env, cut: self.cache},
+                {**binding.layouts, cut: self._cut_layout},
+                self.result,
+                binding.finish,
+                binding.globals,
+            )
+            out = execute(program, self.reuse_segs)
+        _sync(self.cache)
+        self.records.append(StepRecord(step, key, time.perf_counter() - started))
+        self.step += 1
+        if self.step == self.rehash.steps:
+            self.cache = None  # not held through the decode
+        return out
+
+    @property
+    def _keys(self) -> set[int]:
+        return set(self.rehash.key_steps)
+
+    @property
+    def _cut_layout(self):
+        return next(op.layout for op in self.ops if op.output == self.rehash.cut)
+
+
+def apply_rehash(target, plan: Plan | RehashPlan, component: ComponentPlan | None = None) -> RehashHandle:
+    """Run ``target``'s UNet under a rehash schedule (and its slicing, if ``plan`` has any) until
+    ``remove()``. ``target``: a pipeline (its ``unet``; the cache resets whenever the pipeline sets
+    its timesteps) or a UNet (call ``reset()`` between pipeline calls)."""
+    unet = getattr(target, "unet", target)
+    scheduler = getattr(target, "scheduler", None) if unet is not target else None
+    if isinstance(plan, Plan):
+        if plan.rehash is None:
+            raise RehashStepsError("this plan has no rehash schedule; plan with rehash='uniform'|'greedy'|'optimal'")
+        rehash = plan.rehash
+        component = component_for(unet, plan)
+    else:
+        rehash = plan
+    if isinstance(unet.__dict__.get("forward"), PlanHandle | RehashHandle):
+        raise PlanConflictError(
+            "the UNet already runs under a plan; remove that handle first (apply_rehash applies the slicing too)"
+        )
+    adapter = adapter_for(unet)
+    ops, result = adapter.ops(unet)
+    if component is not None and component.shape is not None:
+        segments, _ = build_segments(ops, component)
+    else:
+        segments = [Segment([op], op.spec.axis, 1) for op in ops]
+    reuse = reuse_ops(ops, result, rehash.cut)
+    handle = RehashHandle(unet, rehash, component, ops, result, segments, reuse,
+                          reuse_segments(segments, reuse, rehash.cut), scheduler)
+    handle._saved["forward"] = (unet, "forward", unet.__dict__.get("forward", _MISSING))
+    unet.forward = handle
+    if scheduler is not None:
+        handle._saved["set_timesteps"] = (scheduler, "set_timesteps", scheduler.__dict__.get("set_timesteps", _MISSING))
+        scheduler.set_timesteps = handle._set_timesteps(scheduler.set_timesteps)
+    return handle
+
+
+def _sync(t) -> None:
+    if isinstance(t, torch.Tensor) and t.device.type == "cuda":
+        torch.cuda.synchronize()

@@ -1,0 +1,243 @@
+"""Step Rehash runtime: key steps exact, plumbing exact, schedules run as planned, bad input refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import svd_inputs, tiny_svd_unet
+from vramplan.planner.errors import PlanConflictError
+from vramplan.planner.rehash import (
+    RehashCutError,
+    RehashStepsError,
+    SchedulerOrderError,
+    candidate_cuts,
+    reuse_names,
+)
+from vramplan.planner.schema import Group, RehashPlan, SampleShape
+from vramplan.runtime.adapters.base import adapter_for
+from vramplan.runtime.apply import apply_plan, uniform_component
+from vramplan.runtime.program import Program
+from vramplan.runtime.rehash import (
+    apply_rehash,
+    execute_keeping,
+    rehash_cuts,
+    reuse_ops,
+    reuse_segments,
+)
+
+
+def _rehash(cut: str, keys: list[int], steps: int) -> RehashPlan:
+    return RehashPlan(
+        mode="uniform", cut=cut, steps=steps, key_steps=keys, quality="uncalibrated", original_unet_flops=1,
+        unet_flops=1, key_call_s=0.0, reuse_call_s=0.0, latency_saved_s=0.0, cache_bytes=0,
+    )
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return tiny_svd_unet()
+
+
+@pytest.fixture(scope="module")
+def motion_unet():
+    from diffusers import UNetMotionModel
+    from vramplan.runtime.tiny import TINY_MOTION_UNET, randomize_norms
+
+    torch.manual_seed(0)
+    return randomize_norms(UNetMotionModel(**TINY_MOTION_UNET)).eval()
+
+
+def _out(x):
+    return x.sample if hasattr(x, "sample") else x[0]
+
+
+def _inputs(model, batch=2):
+    if type(model).__name__ == "UNetMotionModel":
+        shape = SampleShape(batch=batch, frames=4, latent_height=8, latent_width=8, dtype="fp32")
+        return list(adapter_for(model).example_inputs(model, shape, seed=3))
+    return svd_inputs(model, batch=batch)
+
+
+def test_cuts_listed_by_adapter_match_the_planner_rule(unet, motion_unet):
+    for model in (unet, motion_unet):
+        ops, result = adapter_for(model).ops(model)
+        assert candidate_cuts([_Unit(op) for op in ops]) == adapter_for(model).rehash_cuts(model)
+        cuts = rehash_cuts(model)
+        assert cuts and set(cuts) <= set(adapter_for(model).rehash_cuts(model))
+        # The last up-path temporal layer feeds no skip connection: its reuse would replay a stale output.
+        assert adapter_for(model).rehash_cuts(model)[-1] not in cuts
+
+
+class _Unit:
+    def __init__(self, op):
+        self.name, self.kind, self.inputs = op.output, op.spec.kind, list(op.inputs)
+
+
+def test_reuse_program_is_the_dependency_closure(unet):
+    ops, result = adapter_for(unet).ops(unet)
+    cut = rehash_cuts(unet)[-1]
+    names = [op.output for op in reuse_ops(ops, result, cut)]
+    assert names[0] == "conv_in" and names[-1] == result
+    assert cut not in names and "mid_block.resnets.0.spatial_res_block" not in names
+    index = {op.output: i for i, op in enumerate(ops)}
+    assert all(index[a] < index[b] for a, b in zip(names, names[1:], strict=False))
+    assert len(names) < len(ops) // 2
+    with pytest.raises(RehashCutError):
+        reuse_names([(op.output, op.inputs) for op in ops], result, "no.such.value")
+
+
+@pytest.mark.parametrize("which", ["svd", "motion"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_key_step_exact_and_plumbing(which, k, unet, motion_unet):
+    """A key call equals the stock forward; the reuse program fed the same call's cut equals it too."""
+    model = unet if which == "svd" else motion_unet
+    args = _inputs(model)
+    with torch.no_grad():
+        expected = _out(model(*args))
+        adapter = adapter_for(model)
+        ops, result = adapter.ops(model)
+        shape = SampleShape(batch=2, frames=args[0].shape[1 if which == "svd" else 2], latent_height=8,
+                            latent_width=8, dtype="fp32")
+        cut = rehash_cuts(model)[0]
+        comp = uniform_component(model, k, shape)
+        # The uniform plan groups across the cut; end the group at the cut as a rehash plan would.
+        comp = _split_groups_at(comp, ops, cut)
+        from vramplan.runtime.apply import build_segments
+
+        segments, _ = build_segments(ops, comp)
+        binding = adapter.bind(model, *args)
+        full, kept = execute_keeping(
+            Program(ops, binding.env, binding.layouts, result, binding.finish, binding.globals), segments, {cut}
+        )
+        torch.testing.assert_close(_out(full), expected, rtol=1e-5, atol=1e-5)
+        reuse = reuse_ops(ops, result, cut)
+        binding = adapter.bind(model, *args)
+        layout = next(op.layout for op in ops if op.output == cut)
+        program = Program(reuse, {**binding.env, cut: kept[cut]}, {**binding.layouts, cut: layout}, result,
+                          binding.finish, binding.globals)
+        from vramplan.runtime.executor import execute
+
+        torch.testing.assert_close(_out(execute(program, reuse_segments(segments, reuse, cut))), expected,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def _split_groups_at(comp, ops, cut):
+    names = [op.output for op in ops]
+    groups = []
+    for g in comp.groups:
+        if cut in g.units and g.units[-1] != cut:
+            i = g.units.index(cut) + 1
+            groups += [Group(units=part, axis=g.axis, k=g.k) for part in (g.units[:i], g.units[i:]) if len(part) > 1]
+        else:
+            groups.append(g)
+    assert all(u in names for g in groups for u in g.units)
+    return comp.model_copy(update={"groups": groups})
+
+
+def _trajectory(model, handle_factory, steps, seed=5):
+    """A fake denoising loop: one UNet call per step on drifting inputs."""
+    args = svd_inputs(model, batch=2)
+    outs = []
+    handle = handle_factory()
+    try:
+        with torch.no_grad():
+            x = args[0]
+            for s in range(steps):
+                y = _out(model(x, torch.tensor(10.0 - s), *args[2:]))
+                outs.append(y)
+                x = torch.cat([x[:, :, :4] - 0.05 * y, x[:, :, 4:]], dim=2)
+    finally:
+        if handle is not None:
+            handle.remove()
+    return outs, handle
+
+
+def test_all_key_schedule_reproduces_no_rehash(unet):
+    cut = rehash_cuts(unet)[0]
+    base, _ = _trajectory(unet, lambda: None, 4)
+    outs, handle = _trajectory(unet, lambda: apply_rehash(unet, _rehash(cut, [0, 1, 2, 3], 4)), 4)
+    for a, b in zip(outs, base, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert handle.key_steps == [0, 1, 2, 3] and "forward" not in unet.__dict__
+
+
+def test_schedule_reuses_and_keys_stay_exact(unet):
+    cut = rehash_cuts(unet)[0]
+    base, _ = _trajectory(unet, lambda: None, 4)
+    outs, handle = _trajectory(unet, lambda: apply_rehash(unet, _rehash(cut, [0, 2], 4)), 4)
+    assert handle.key_steps == [0, 2] and handle.reused_steps == [1, 3]
+    torch.testing.assert_close(outs[0], base[0], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(outs[1], base[1], atol=1e-6)  # step 1 reused step 0's feature
+    assert torch.isfinite(outs[3]).all()
+
+
+def test_cache_not_overwritten_by_buffer_reuse(unet):
+    """With slicing, later ops write into dying buffers; the cached cut must survive the call."""
+    cut = rehash_cuts(unet)[0]
+    shape = SampleShape(batch=2, frames=5, latent_height=8, latent_width=8, dtype="fp32")
+    ops, _ = adapter_for(unet).ops(unet)
+    comp = _split_groups_at(uniform_component(unet, 2, shape), ops, cut)
+    args = svd_inputs(unet, batch=2)
+    captured = {}
+
+    def observer(op, value, length):
+        if op.output == cut:
+            captured[cut] = value.clone()  # the cut as its (unsliced) segment leaves it
+
+    with torch.no_grad():
+        adapter = adapter_for(unet)
+        ops, result = adapter.ops(unet)
+        binding = adapter.bind(unet, *args)
+        from vramplan.runtime.executor import Segment, execute
+
+        execute(Program(ops, binding.env, binding.layouts, result, binding.finish, binding.globals),
+                [Segment([op], op.spec.axis, 1) for op in ops], observer=observer)
+        with apply_rehash(unet, _rehash(cut, [0], 2), comp) as handle:
+            unet(*args)
+            torch.testing.assert_close(handle.cache, captured[cut], rtol=1e-5, atol=1e-5)
+
+
+def test_group_across_cut_refused(unet):
+    shape = SampleShape(batch=2, frames=5, latent_height=8, latent_width=8, dtype="fp32")
+    comp = uniform_component(unet, 2, shape)
+    crossed = [c for c in rehash_cuts(unet) for g in comp.groups if c in g.units and g.units[-1] != c]
+    assert crossed, "the uniform plan should group across a cut"
+    cut = crossed[0]
+    with pytest.raises(RehashCutError, match="runs across the rehash cut"):
+        apply_rehash(unet, _rehash(cut, [0], 2), comp)
+    assert "forward" not in unet.__dict__
+
+
+def test_more_calls_than_steps_refused(unet):
+    cut = rehash_cuts(unet)[0]
+    args = svd_inputs(unet, batch=2)
+    with torch.no_grad(), apply_rehash(unet, _rehash(cut, [0], 2)):
+        unet(*args)
+        unet(*args)
+        with pytest.raises(SchedulerOrderError, match="more than one UNet call per step"):
+            unet(*args)
+
+
+def test_second_plan_on_the_unet_refused(unet):
+    shape = SampleShape(batch=2, frames=5, latent_height=8, latent_width=8, dtype="fp32")
+    with apply_plan(unet, uniform_component(unet, 1, shape)):
+        with pytest.raises(PlanConflictError):
+            apply_rehash(unet, _rehash(rehash_cuts(unet)[0], [0], 2))
+
+
+def test_pipeline_scheduler_checks():
+    from diffusers import HeunDiscreteScheduler
+    from vramplan.runtime.tiny import tiny_svd_pipeline
+
+    pipe = tiny_svd_pipeline()
+    cut = rehash_cuts(pipe.unet)[0]
+    with apply_rehash(pipe, _rehash(cut, [0, 2], 4)) as handle:
+        with pytest.raises(RehashStepsError, match="num_inference_steps=4"):
+            pipe.scheduler.set_timesteps(3)
+        pipe.scheduler.set_timesteps(4)
+        assert handle.step == 0
+    assert "set_timesteps" not in pipe.scheduler.__dict__
+    pipe.scheduler = HeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    with apply_rehash(pipe, _rehash(cut, [0, 2], 4)):
+        with pytest.raises(SchedulerOrderError, match="HeunDiscreteScheduler calls the UNet 2 times"):
+            pipe.scheduler.set_timesteps(4)
