@@ -4,13 +4,17 @@ A plan cuts the units into segments: a group (consecutive units of one axis shar
 k) or a single unit. Because every value that crosses a segment boundary is materialised at full
 size, the memory of a segment depends only on the segment itself — never on how the rest of the
 model is cut. That makes the planning problem a shortest path over segments and keeps this model
-exact with respect to the executor (``vramplan.runtime.executor``), whose rules it mirrors:
+exact with respect to the executor (``vramplan.runtime.executor``): both take what is alive
+when, and which buffer each value is written into, from one rulebook (:mod:`.rules`):
 
 - values alive when the segment starts stay alive until it ends;
 - a value read after the segment gets a full buffer, unless it can take over a dying input of its
-  own unit (same shape, made by the program, last read by this unit);
+  own unit (same shape, made by the program before the segment, last read by this unit);
 - values made and consumed inside the segment exist one slice at a time;
 - with one slice (k=1) a unit's output is its computation's own result.
+
+Profiles are traced without autograd, so the executor's storage checks (a dense layout, a storage
+nothing else holds, no autograd watching) hold for every buffer the rulebook offers.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+from .rules import ProgramRules
 from .schema import GpuProfile, ModelProfile
 
 
@@ -69,29 +74,22 @@ class CostModel:
 
     # -- static structure ----------------------------------------------------------------------
     @cached_property
-    def producer(self) -> dict[str, int]:
-        return {u.name: i for i, u in enumerate(self.units)}
+    def rules(self) -> ProgramRules:
+        return ProgramRules.of(self.units, self.profile.result)
 
-    @cached_property
+    @property
+    def producer(self) -> dict[str, int]:
+        return self.rules.producer
+
+    @property
     def last_use(self) -> dict[str, int]:
-        last: dict[str, int] = {}
-        for i, unit in enumerate(self.units):
-            for name in unit.inputs:
-                last[name] = i
-            last.setdefault(unit.name, i)
-        last[self.profile.result] = self.n
-        return last
+        return self.rules.last_use
 
     @cached_property
     def live_in(self) -> list[int]:
         """Bytes of program-made values alive when unit ``a`` starts (read at ``a`` or later)."""
-        out = []
-        for a in range(self.n):
-            held = sum(
-                u.output_bytes for i, u in enumerate(self.units[:a]) if self.last_use[u.name] >= a
-            )
-            out.append(self.profile.globals_bytes + held)
-        return out
+        size = {u.name: u.output_bytes for u in self.units}
+        return [self.profile.globals_bytes + sum(size[v] for v in self.rules.made_before(a)) for a in range(self.n)]
 
     def ks(self, start: int, stop: int) -> list[int]:
         """Slice counts profiled for every unit of ``[start, stop]``."""
@@ -121,20 +119,13 @@ class CostModel:
         length = first.axis_length
         big = -(-length // seg.k)  # the first slice is the largest (split_bounds: the first N % k are)...
         small = big if length % seg.k != 1 else length // seg.k  # ...and the largest of the later ones
-        escaping = [self.last_use[u.name] > seg.stop for u in units]
-        taken: set[str] = set()
-        buffer = []
-        for i, unit in enumerate(units):
-            new = escaping[i] and not self._in_place(seg, seg.start + i, taken)
-            buffer.append(unit.output_bytes if new else 0)
-        local_last: dict[str, int] = {}
-        for i, unit in enumerate(units):
-            for name in unit.inputs:
-                local_last[name] = seg.start + i
+        rules = self.rules.segment(seg.start, seg.stop)
+        kinds = rules.buffers(self._same_shape)
+        buffer = [unit.output_bytes if kind == "new" else 0 for unit, kind in zip(units, kinds, strict=True)]
         best = None
         for i, unit in enumerate(units):
             j = seg.start + i
-            held = sum(v.output_bytes for v in units[:i] if local_last.get(v.name, -1) >= j)  # full size
+            held = sum(self.units[h].output_bytes for h in rules.held_at(j))  # full size
             scratch = unit.scratch[seg.k]
             before = entry + sum(buffer[:i])
             states = [
@@ -151,16 +142,9 @@ class CostModel:
         act, live, transient, j = best
         return self._finish(act, live, transient, j, seg, slices)
 
-    def _in_place(self, seg: Segment, u: int, taken: set[str]) -> bool:
-        unit = self.units[u]
-        for name in unit.inputs:
-            p = self.producer.get(name)
-            if p is None or p >= seg.start or name in taken or self.last_use[name] != u:
-                continue
-            if self.units[p].output_shape == unit.output_shape:
-                taken.add(name)
-                return True
-        return False
+    def _same_shape(self, j: int, name: str) -> bool:
+        """What the profile can tell of the executor's reuse check: the input has the output's shape."""
+        return self.units[self.producer[name]].output_shape == self.units[j].output_shape
 
     def _finish(self, act: int, live: int, transient: int, j: int, seg: Segment, slices: int) -> SegmentCost:
         factor = self.allocator_factor(seg.k)
@@ -178,12 +162,13 @@ class CostModel:
 
     def seconds(self, seg: Segment, slices: int) -> float:
         total = 0.0
+        rules = self.rules.segment(seg.start, seg.stop)
         for i in range(seg.start, seg.stop + 1):
             unit = self.units[i]
             total += unit.flops / self.flops_per_s + unit.bytes_moved / self.bytes_per_s
             total += slices * unit.kernels * LAUNCH_SECONDS
             if slices > 1:
-                if self.last_use[unit.name] > seg.stop:
+                if rules.escapes(i):
                     total += 2 * unit.output_bytes / self.bytes_per_s  # writing slices into the buffer
                 if unit.needs_input_stats:
                     total += 3 * self._input_bytes(unit) / self.bytes_per_s  # statistics pass

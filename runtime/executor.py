@@ -4,18 +4,27 @@ A *segment* is either one plan group (consecutive units of one axis, one slice c
 ungrouped unit. A segment runs slice by slice end to end: for each slice every op of the segment
 runs on that slice, so values made and used inside the segment only ever exist one slice at a
 time. Values that outlive the segment are written slice by slice into one preallocated buffer —
-or, when an input of the same shape dies in this segment and nothing else holds it, back into
-that input's buffer. After the segment every value past its last use is released.
+or back into a dying input's buffer. After the segment every value past its last use is released.
+
+*What* is alive when and which input's buffer may be reused comes from the torch-free rulebook
+(:mod:`vramplan.planner.rules`), which the planner's cost model uses too. This module adds what
+only real tensors tell: a buffer is reused only if its storage is the program's own (not the
+caller's, not a per-call constant, not a kept value's), nothing else holds that storage, and
+autograd cannot see the write (grad disabled, or nothing in the call requires grad).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.utils._pytree import tree_flatten
+from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from ..planner.rules import ProgramRules, SegmentRules, released_after_segment
 from .memory import unit_label
 from .program import (
     Axis,
@@ -42,7 +51,14 @@ class Segment:
 
 
 def execute(
-    program: Program, segments: Sequence[Segment], *, first_slice_only: bool = False, observer=None
+    program: Program,
+    segments: Sequence[Segment],
+    *,
+    first_slice_only: bool = False,
+    observer=None,
+    keep: Collection[str] = frozenset(),
+    around_segment: Callable[[Segment], contextlib.AbstractContextManager | None] | None = None,
+    checkpoint: bool = False,
 ) -> object:
     """Run ``program``'s ops, segment by segment; return the model's output.
 
@@ -50,141 +66,148 @@ def execute(
     measure each unit's per-slice memory and op count, at the cost of one unsliced forward. The
     output is then garbage (unwritten buffers), as is fine on meta tensors. ``observer(op, value,
     axis_length)`` sees every value a segment leaves behind (the profiler reads shapes from it).
+
+    ``keep``: value names that survive the call untouched (never a reused buffer, never released);
+    afterwards they are in ``program.kept``. ``around_segment(segment)`` may return a context
+    manager entered around that segment's run. ``checkpoint`` runs every op slice under
+    non-reentrant activation checkpointing when grad is enabled.
     """
-    env = dict(program.env)
-    layouts = dict(program.layouts)
-    owned: set[str] = set()
-    last_use = _last_uses(program)
+    keep = frozenset(keep)
+    known = set(program.env) | {op.output for op in program.ops}
+    if keep - known:
+        raise ValueError(f"keep names values this program does not have: {', '.join(sorted(keep - known))}")
+    run = _Run(program, ProgramRules.of(program.ops, program.result, keep), first_slice_only, checkpoint)
     position = 0
     for seg in segments:
         end = position + len(seg.ops) - 1
-        length = _run_segment(seg, env, layouts, owned, last_use, end, program.globals, first_slice_only)
+        manager = around_segment(seg) if around_segment is not None else None
+        with manager if manager is not None else contextlib.nullcontext():
+            length = run.segment(seg, run.rules.segment(position, end))
         if observer is not None:
             for op in seg.ops:
-                if op.output in env:
-                    observer(op, env[op.output], length)
-        for name in [n for n in env if last_use.get(n, -1) <= end and n != program.result]:
-            del env[name]
+                if op.output in run.env:
+                    observer(op, run.env[op.output], length)
+        for name in released_after_segment(run.rules, end, list(run.env)):
+            del run.env[name]
         position = end + 1
-    return program.finish(env.pop(program.result))
+    program.kept = {name: run.env[name] for name in keep}
+    return program.finish(run.env.pop(program.result))
 
 
-def _last_uses(program: Program) -> dict[str, int]:
-    last: dict[str, int] = {}
-    for i, op in enumerate(program.ops):
-        for name in op.inputs:
-            last[name] = i
-        last.setdefault(op.output, i)
-    last[program.result] = len(program.ops)
-    return last
+def _storage(t: torch.Tensor) -> int:
+    # id() of the storage object: PyTorch keeps one Python object per live storage, and unlike
+    # data_ptr() it tells meta storages apart.
+    return id(t.untyped_storage())
 
 
-def _run_segment(seg, env, layouts, owned, last_use, end, globals_, first_slice_only=False) -> int:
-    """Run one segment; returns its axis length (0 for an unsliced unit)."""
-    ops = seg.ops
-    first = ops[0]
-    if seg.axis is None or not first.inputs:
+class _Run:
+    """One call's state: the values, their layouts, and which storages may never be written."""
+
+    def __init__(self, program: Program, rules: ProgramRules, first_slice_only: bool, checkpoint: bool):
+        self.env = dict(program.env)
+        self.layouts = dict(program.layouts)
+        self.globals = program.globals
+        self.rules = rules
+        self.first_slice_only = first_slice_only
+        self.checkpoint = checkpoint
+        constants = [t for t in tree_flatten(program.globals)[0] if isinstance(t, torch.Tensor)]
+        caller = [*program.env.values(), *constants]
+        # The caller's tensors and per-call constants: held here so that their ids stay theirs.
+        self.protected = {_storage(t): t.untyped_storage() for t in caller}
+        self.grad_seen = any(t.requires_grad for t in caller)
+
+    # -- running --------------------------------------------------------------------------------
+    def _call(self, fn, ctx: SliceCtx, *args):
+        if self.checkpoint and torch.is_grad_enabled():
+            return _checkpoint(fn, ctx, *args, use_reentrant=False)
+        return fn(ctx, *args)
+
+    def segment(self, seg: Segment, rules: SegmentRules) -> int:
+        """Run one segment; returns its axis length (0 for an unsliced unit)."""
+        env, layouts, ops = self.env, self.layouts, seg.ops
+        first = ops[0]
+        if seg.axis is None or not first.inputs:
+            for op in ops:
+                with unit_label(op.name):
+                    ctx = SliceCtx(None, 0, 0, 0, self.globals, shapes=_shapes(env))
+                    env[op.output] = self._call(op.fn, ctx, *(env[n] for n in op.inputs))
+                self.grad_seen |= env[op.output].requires_grad
+                layouts[op.output] = op.layout
+            return 0
+
+        axis = seg.axis
+        length = axis_length(env[first.inputs[0]], layouts[first.inputs[0]], axis)
+        bounds = split_bounds(length, seg.k)
+        run_bounds = bounds[:1] if self.first_slice_only else bounds
+        shapes = _shapes(env)
+        prepared = {}
         for op in ops:
-            with unit_label(op.name):
-                ctx = SliceCtx(None, 0, 0, 0, globals_, shapes=_shapes(env))
-                env[op.output] = op.fn(ctx, *(env[n] for n in op.inputs))
+            if op.prepare is not None:
+                with unit_label(op.name):
+                    ctx = SliceCtx(axis, 0, length, length, self.globals, shapes=shapes)
+                    # Profiling needs the memory of the statistics pass, which one slice shows.
+                    prepared[op.name] = self._call(op.prepare, ctx, env[op.inputs[0]], run_bounds)
+
+        buffers: dict[str, torch.Tensor] = {}
+        full_shapes: dict[str, tuple[int, ...]] = {}
+        taken: set[str] = set()
+        for start, stop in run_bounds:
+            local: dict[str, torch.Tensor] = {}
+            for i, op in enumerate(ops):
+                j = rules.start + i
+                with unit_label(op.name):
+                    args = [local[n] if n in local else take(env[n], layouts[n], axis, start, stop) for n in op.inputs]
+                    ctx = SliceCtx(axis, start, stop, length, self.globals, prepared.get(op.name), shapes)
+                    piece = self._call(op.fn, ctx, *args)
+                    del args
+                self.grad_seen |= piece.requires_grad
+                out = op.output
+                if out not in full_shapes:
+                    like = full_shapes.get(op.inputs[0]) or tuple(env[op.inputs[0]].shape)
+                    full_shapes[out] = full_shape(piece.shape, op.layout, axis, length, like)
+                if rules.escapes(j):
+                    if len(bounds) == 1:
+                        buffers[out] = as_whole(piece, op.layout, axis, full_shapes[out])
+                    else:
+                        with unit_label(f"{op.name}:output"):
+                            if out not in buffers:
+                                buffers[out] = self._buffer(rules, j, piece, full_shapes[out], taken, buffers)
+                            put(buffers[out], op.layout, axis, start, stop, piece)
+                if rules.local_last(out) > j:
+                    local[out] = piece
+                del piece
+                for name in rules.release_after(j):
+                    local.pop(name, None)
+            del local
+
+        for op in ops:
             layouts[op.output] = op.layout
-            owned.add(op.output)
-        return 0
+            if op.output in buffers:
+                env[op.output] = buffers[op.output]
+        return length
 
-    axis = seg.axis
-    lead = env[first.inputs[0]]
-    length = axis_length(lead, layouts[first.inputs[0]], axis)
-    bounds = split_bounds(length, seg.k)
-    shapes = _shapes(env)
-    prepared = {}
-    for op in ops:
-        if op.prepare is not None:
-            with unit_label(op.name):
-                ctx = SliceCtx(axis, 0, length, length, globals_, shapes=shapes)
-                # Profiling needs the memory of the statistics pass, which one slice shows.
-                prepared[op.name] = op.prepare(ctx, env[op.inputs[0]], bounds[:1] if first_slice_only else bounds)
+    # -- where an escaping output lives -----------------------------------------------------------
+    def _buffer(self, rules: SegmentRules, j: int, piece, shape, taken, buffers) -> torch.Tensor:
+        """A dying input's buffer when the rulebook allows it and the storage is free, else a new one."""
+        held = {_storage(b) for b in buffers.values()}
+        name = rules.reuse(j, taken, lambda n: self._writable(n, shape, piece, held))
+        return self.env[name] if name is not None else piece.new_empty(shape)
 
-    escaping = {op.output for op in ops if last_use.get(op.output, -1) > end}
-    # Reads inside the segment: value name -> index (within ops) of its last read.
-    local_last: dict[str, int] = {}
-    for i, op in enumerate(ops):
-        for name in op.inputs:
-            local_last[name] = i
-    buffers: dict[str, torch.Tensor] = {}
-    full_shapes: dict[str, tuple[int, ...]] = {}
-
-    for start, stop in bounds[:1] if first_slice_only else bounds:
-        local: dict[str, torch.Tensor] = {}
-        for i, op in enumerate(ops):
-            with unit_label(op.name):
-                args = [
-                    local[n] if n in local else take(env[n], layouts[n], axis, start, stop) for n in op.inputs
-                ]
-                ctx = SliceCtx(axis, start, stop, length, globals_, prepared.get(op.name), shapes)
-                piece = op.fn(ctx, *args)
-                del args
-            if op.output not in full_shapes:
-                like = full_shapes.get(op.inputs[0]) or tuple(env[op.inputs[0]].shape)
-                full_shapes[op.output] = full_shape(piece.shape, op.layout, axis, length, like)
-            if op.output in escaping:
-                if len(bounds) == 1:
-                    buffers[op.output] = as_whole(piece, op.layout, axis, full_shapes[op.output])
-                else:
-                    with unit_label(f"{op.name}:output"):
-                        if op.output not in buffers:
-                            buffers[op.output] = _output_buffer(
-                                full_shapes[op.output], piece, op, i, env, owned, last_use, end, local_last, buffers
-                            )
-                        put(buffers[op.output], op.layout, axis, start, stop, piece)
-            if local_last.get(op.output, -1) > i:
-                local[op.output] = piece
-            del piece
-            for name in [n for n in local if local_last.get(n, -1) <= i]:
-                del local[name]
-        del local
-
-    for op in ops:
-        layouts[op.output] = op.layout
-        owned.add(op.output)
-        if op.output in buffers:
-            env[op.output] = buffers[op.output]
-    return length
-
-
-def _output_buffer(shape, piece, op, i, env, owned, last_use, end, local_last, buffers):
-    """Where the escaping output of ``op`` (the segment's ``i``-th) lives.
-
-    The buffer of one of ``op``'s own inputs is reused when that input has the output's shape, was
-    made by this program (not the caller's tensor), is read for the last time by ``op`` and
-    nothing else holds it: each slice of it is read before the same slice of the output is
-    written. Otherwise a new buffer. The planner's memory model assumes exactly this rule.
-    """
-    held = {id(b.untyped_storage()) for b in buffers.values()}
-    for name in op.inputs:
-        if name not in env or name not in owned:
-            continue
-        cand = env[name]
-        if (
-            tuple(cand.shape) == tuple(shape)
-            and cand.dtype == piece.dtype
-            and is_dense(cand)  # e.g. a permuted view: slices still map 1:1
-            and last_use.get(name, -1) <= end
-            and local_last.get(name, -1) <= i
-            and id(cand.untyped_storage()) not in held
-            and not _shared(name, cand, env, last_use, end)
-        ):
-            return cand
-    return piece.new_empty(shape)
-
-
-def _shared(name: str, tensor: torch.Tensor, env, last_use, end) -> bool:
-    """Whether another value that outlives the segment shares ``tensor``'s storage."""
-    key = id(tensor.untyped_storage())
-    return any(
-        other != name and last_use.get(other, -1) > end and id(t.untyped_storage()) == key
-        for other, t in env.items()
-    )
+    def _writable(self, name: str, shape, piece: torch.Tensor, held: set[int]) -> bool:
+        """Whether the output (slices like ``piece``, full ``shape``) may be written over ``name``."""
+        cand = self.env[name]
+        if tuple(cand.shape) != tuple(shape) or cand.dtype != piece.dtype or cand.device != piece.device:
+            return False
+        if not is_dense(cand):  # a permuted view is fine: its slices still map 1:1 onto the values
+            return False
+        if torch.is_grad_enabled() and (self.grad_seen or cand.requires_grad or piece.requires_grad):
+            return False  # autograd may have saved it for backward
+        key = _storage(cand)
+        if key in self.protected or key in held:
+            return False
+        # Nothing else may hold the storage: another value (a view of it, a kept value) would see
+        # the writes, whatever its name.
+        return not any(other != name and _storage(t) == key for other, t in self.env.items())
 
 
 def _shapes(env: dict[str, torch.Tensor]) -> dict[str, torch.Size]:

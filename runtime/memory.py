@@ -23,25 +23,34 @@ from torch.utils._pytree import tree_flatten
 
 log = logging.getLogger(__name__)
 
-_active: list[MemoryTracker] = []
-_labels: list[str] = []
-_lock = threading.Lock()
+class _ThreadState(threading.local):
+    """Per thread, like PyTorch's own dispatch-mode stack: a tracker sees only its thread's work."""
+
+    def __init__(self) -> None:
+        self.active: list[MemoryTracker] = []
+        self.labels: list[str] = []
+
+
+_state = _ThreadState()
 
 
 def current_tracker() -> MemoryTracker | None:
-    """The innermost active tracker, so the runtime can label units without being handed one."""
-    return _active[-1] if _active else None
+    """This thread's innermost active tracker, so the runtime can label units without being handed one."""
+    active = _state.active
+    return active[-1] if active else None
 
 
 def current_label() -> str:
-    """The innermost unit label ("" outside any unit); other dispatch-mode tools attribute by it."""
-    return _labels[-1] if _labels else ""
+    """This thread's innermost unit label ("" outside any unit); other dispatch-mode tools attribute by it."""
+    labels = _state.labels
+    return labels[-1] if labels else ""
 
 
 @contextmanager
 def unit_label(name: str) -> Iterator[None]:
-    """Attribute what happens inside to unit ``name`` (in the active tracker, if any)."""
-    _labels.append(name)
+    """Attribute what happens inside to unit ``name`` (in this thread's active tracker, if any)."""
+    labels = _state.labels
+    labels.append(name)
     tracker = current_tracker()
     try:
         if tracker is None:
@@ -50,7 +59,7 @@ def unit_label(name: str) -> Iterator[None]:
             with tracker.label(name):
                 yield
     finally:
-        _labels.pop()
+        labels.pop()
 
 
 @dataclass
@@ -179,8 +188,7 @@ class MemoryTracker(TorchDispatchMode):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self._cuda_base = torch.cuda.memory_allocated()
-        with _lock:
-            _active.append(self)
+        _state.active.append(self)
         super().__enter__()
         return self
 
@@ -188,8 +196,7 @@ class MemoryTracker(TorchDispatchMode):
         super().__exit__(*exc)
         if self._breakdown_stale and self.current_bytes == self.peak_bytes:
             self._snapshot()
-        with _lock:
-            _active.remove(self)
+        _state.active.remove(self)
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()

@@ -78,6 +78,8 @@ class Program:
     result: str
     finish: Callable[[torch.Tensor], Any]
     globals: dict[str, Any] = field(default_factory=dict)
+    # Filled by ``execute(..., keep=...)``: the kept values, untouched, after the call.
+    kept: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def axis_length(t: torch.Tensor, layout: Layout, axis: Axis) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from vramplan.runtime import (
     sample_shape,
     uniform_plan,
 )
+from vramplan.runtime.memory import current_label, current_tracker, unit_label
 
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])
@@ -58,6 +60,34 @@ def test_labels_attribute_transient_above_entry():
     assert tracker.peak_label == "unit"
     assert tracker.peak_breakdown == {"": 400, "unit": 800}
     del keep, out
+
+
+def test_labels_and_trackers_are_per_thread():
+    """A tracker in one thread sees neither the labels nor the allocations of another thread."""
+    inside, done = threading.Barrier(2, timeout=30), threading.Event()
+    seen = {}
+
+    def other():
+        with unit_label("other-thread"):
+            inside.wait()
+            seen["label"], seen["tracker"] = current_label(), current_tracker()
+            seen["tensor"] = torch.ones(1000) * 2
+            done.wait(30)
+
+    thread = threading.Thread(target=other)
+    x = torch.randn(100)
+    with MemoryTracker() as tracker:
+        thread.start()
+        inside.wait()
+        assert current_label() == "" and current_tracker() is tracker
+        with unit_label("mine"):
+            assert current_label() == "mine"
+            y = x * 2
+        done.set()
+        thread.join()
+    assert seen["label"] == "other-thread" and seen["tracker"] is None
+    assert set(tracker.units) == {"mine"}
+    assert tracker.peak_bytes == y.numel() * 4  # the other thread's 4000 bytes are not counted
 
 
 @pytest.mark.parametrize("k", [1, 3])
