@@ -1,0 +1,216 @@
+"""Per-block memory of a plan, as numbers (torch-free) and as a PNG (matplotlib, imported lazily).
+
+The numbers are the ones ``vramplan plan`` prints: per sliced stage and per top-level block, the
+activation peak of the unmodified model (measured by the profiler) and of the plan (the cost model's
+peak over the segments that run the block's units). ``vramplan plan --plot mem.png`` draws them like
+the paper's Fig. 2a, one panel per sliced stage with the memory the stage leaves for activations,
+under an overview of every stage's peak against the GPU's usable memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .planner.errors import VramplanError
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class BlockRow:
+    """One top-level block of a sliced component (``down_blocks.0``, ``decoder.up_blocks.3``, ...)."""
+
+    block: str
+    original_bytes: int | None  # activation peak of the unmodified model in this block (None: not profiled)
+    planned_bytes: int | None  # activation peak of the plan's segments that run this block's units
+    ks: tuple[int, ...]  # slice counts used by its units
+    groups: int  # plan groups that start in this block...
+    grouped_units: int  # ...and the units they hold
+
+
+@dataclass(frozen=True)
+class StageBlocks:
+    """One sliced stage: its block rows and the memory it leaves for activations."""
+
+    stage: str
+    component: str
+    shape: str
+    rows: list[BlockRow]
+    budget_bytes: int | None  # usable - (context + margin + weights + held): None without a target
+
+
+def block_rows(comp, profile, model) -> list[BlockRow]:
+    """Per block of ``profile``: original and planned activation peak, slice counts, groups.
+
+    ``comp``: the plan's ComponentPlan; ``model``: a planner CostModel of ``profile``."""
+    from .planner.costs import Segment
+
+    group_of = {u: g for g in comp.groups for u in g.units}
+    peaks: dict[str, int] = {}
+    i = 0
+    while i < model.n:
+        unit = model.units[i]
+        group = group_of.get(unit.name)
+        length = len(group.units) if group else 1
+        cost = model.cost(Segment(i, i + length - 1, comp.k(unit.name)))
+        for u in model.units[i : i + length]:
+            peaks[u.block] = max(peaks.get(u.block, 0), cost.activation_bytes)
+        i += length
+    rows = []
+    seen_groups: set[int] = set()
+    for block in dict.fromkeys(u.block for u in profile.units):
+        names = [u.name for u in profile.units if u.block == block]
+        groups = [g for g in comp.groups if g.units[0] in names and id(g) not in seen_groups]
+        seen_groups.update(id(g) for g in groups)
+        rows.append(BlockRow(
+            block=block,
+            original_bytes=profile.original_block_peaks.get(block),
+            planned_bytes=peaks.get(block),
+            ks=tuple(sorted({comp.k(n) for n in names})),
+            groups=len(groups),
+            grouped_units=sum(len(g.units) for g in groups),
+        ))
+    return rows
+
+
+def sliced_stages(plan) -> list[tuple[object, object, object, object]]:
+    """(stage profile, component plan, ModelProfile, CostModel) of every sliced stage of a pipeline
+    plan whose pipeline profile is shipped or cached (profiling a new one needs torch)."""
+    from .api import find_pipeline_profile
+    from .planner.costs import CostModel
+    from .planner.gpus import find_gpu
+
+    if not plan.stages or plan.height is None:
+        return []
+    target = plan.target
+    unet = next(c for c in plan.components if c.component == "unet")
+    guidance = unet.shape.batch == 2 if unet.shape else True
+    dtype = unet.shape.dtype if unet.shape else "fp16"
+    try:
+        profile = find_pipeline_profile(plan.model_name, plan.height, plan.width, plan.frames, guidance, dtype,
+                                        target.attention_kernel)
+    except VramplanError:
+        return []
+    gpu = find_gpu(target.gpu)
+    return [
+        (stage, plan.component(stage.component), stage.profile, CostModel(stage.profile, gpu, target.allocator))
+        for stage in profile.stages
+        if stage.profile is not None
+    ]
+
+
+def plot_data(plan) -> list[StageBlocks]:
+    """The numbers :func:`plot_plan` draws, per sliced stage."""
+    predicted = {s.stage: s for s in plan.stages}
+    out = []
+    for stage, comp, profile, model in sliced_stages(plan):
+        pred = predicted.get(stage.stage)
+        budget = None
+        if pred is not None and plan.target is not None:
+            budget = plan.target.usable_bytes - (pred.peak_bytes - pred.needed_bytes)
+        out.append(StageBlocks(stage.stage, comp.component, comp.shape.describe() if comp.shape else "",
+                               block_rows(comp, profile, model), budget))
+    return out
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise VramplanError(
+            "--plot needs matplotlib: pip install matplotlib (or pip install 'vramplan[runtime]')"
+        ) from err
+    matplotlib.use("Agg")  # files only: never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_plan(plan, path: str | Path) -> Path:
+    """Draw ``plan``'s memory to ``path`` (PNG): every stage's peak against the usable memory, then per
+    sliced stage the per-block activation peak of the original vs the plan, with the stage's budget."""
+    stages = plot_data(plan)
+    if not plan.stages:
+        raise VramplanError("--plot draws whole-pipeline plans (plan_for / vramplan plan); this plan has no stages")
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise VramplanError(f"--plot writes a PNG: name the file *.png, not {path.name!r}")
+    if not path.parent.exists():
+        raise VramplanError(f"--plot: the folder {path.parent} does not exist")
+    plt = _pyplot()
+    heights = [2.6] + [3.2] * len(stages)
+    fig, axes = plt.subplots(len(heights), 1, figsize=(13, sum(heights) + 0.6),
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    fig.suptitle(f"{plan.describe()} on {plan.target.gpu}: {plan.target.usable_bytes / GIB:.2f} GiB usable "
+                 f"(allocator {plan.target.allocator})", fontsize=12)
+    _overview(axes[0][0], plan)
+    for ax, stage in zip(axes[1:, 0], stages, strict=True):
+        _stage_panel(ax, stage)
+    if not stages:
+        axes[0][0].text(0.5, -0.35, "no pipeline profile found for the per-block panels", transform=axes[0][0].transAxes,
+                        ha="center")
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _overview(ax, plan) -> None:
+    """Stacked per-stage peak: context + margin, weights, held tensors, activations (allocator included)."""
+    pred = plan.prediction
+    names = [s.stage for s in plan.stages]
+    base = (pred.context_bytes + pred.margin_bytes) / GIB
+    parts = [
+        ("context + margin", [base] * len(names), "#bdbdbd"),
+        ("weights on GPU", [s.weight_bytes / GIB for s in plan.stages], "#6baed6"),
+        ("held from other stages", [s.held_bytes / GIB for s in plan.stages], "#fdae6b"),
+        ("activations (planned)", [s.needed_bytes / GIB for s in plan.stages], "#31a354"),
+    ]
+    bottom = [0.0] * len(names)
+    for label, values, color in parts:
+        ax.bar(names, values, bottom=bottom, color=color, label=label, width=0.6)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    for x, (st, top) in enumerate(zip(plan.stages, bottom, strict=True)):
+        ax.text(x, top, f"{st.peak_bytes / GIB:.2f}", ha="center", va="bottom", fontsize=8)
+    usable = plan.target.usable_bytes / GIB
+    ax.axhline(usable, color="#d62728", linestyle="--", linewidth=1.5, label=f"usable {usable:.2f} GiB")
+    ax.set_ylim(0, max(usable, *bottom) * 1.12)
+    ax.set_ylabel("GiB")
+    ax.set_title("peak GPU memory per stage (plan)", fontsize=10, loc="left")
+    _legend(ax)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _stage_panel(ax, stage: StageBlocks) -> None:
+    rows = stage.rows
+    xs = range(len(rows))
+    width = 0.4
+    original = [(r.original_bytes or 0) / GIB for r in rows]
+    planned = [(r.planned_bytes or 0) / GIB for r in rows]
+    ax.bar([x - width / 2 for x in xs], original, width, color="#9e9ac8", label="original (unsliced)")
+    ax.bar([x + width / 2 for x in xs], planned, width, color="#31a354", label="plan")
+    top = max([*original, *planned, 0.0])
+    if stage.budget_bytes is not None:
+        budget = stage.budget_bytes / GIB
+        ax.axhline(budget, color="#d62728", linestyle="--", linewidth=1.5,
+                   label=f"left for activations {budget:.2f} GiB")
+        top = max(top, budget)
+    ax.set_ylim(0, top * 1.1 if top else 1)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([_tick(r) for r in rows], fontsize=8)
+    ax.set_ylabel("activation GiB")
+    ax.set_title(f"{stage.stage} ({stage.component}: {stage.shape}): activation peak per block; "
+                 f"k = slice counts", fontsize=10, loc="left")
+    _legend(ax)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _tick(row: BlockRow) -> str:
+    name = row.block.removeprefix("decoder.")
+    ks = ",".join(map(str, row.ks))
+    return name if ks == "1" else f"{name}\nk={ks}"
+
+
+def _legend(ax) -> None:
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1.0), frameon=False)
