@@ -43,13 +43,18 @@ class _StageResult:
 
 
 class PipelinePlanner:
-    def __init__(self, profile: PipelineProfile, gpu, usable: int, steps: int, allocator: str):
+    def __init__(self, profile: PipelineProfile, gpu, usable: int, steps: int, allocator: str, rehash=None):
         self.profile, self.gpu, self.usable, self.steps, self.allocator = profile, gpu, usable, steps, allocator
         self.margin = int(usable * MARGIN_FRACTION)
         self.weights = {c.component: c.weight_bytes for c in profile.components}
         self.models = {
             s.stage: CostModel(s.profile, gpu, allocator) for s in profile.stages if s.profile is not None
         }
+        # Step Rehash (planner.rehash.StageRehash): groups kept off the cut, reuse calls priced, cache held.
+        self.rehash = rehash
+        for s in profile.stages:
+            if rehash is not None and s.per_step and s.profile is not None:
+                self.models[s.stage] = rehash.constrain(self.models[s.stage])
 
     def calls(self, stage) -> int:
         return self.steps if stage.per_step else 1
@@ -61,6 +66,8 @@ class PipelinePlanner:
             on_gpu = sum(w for c, w in self.weights.items() if resident[c] or c == stage.component)
             weights = on_gpu + stage.extra_weight_bytes
             base = self.gpu.cuda_context_bytes + self.margin + weights + stage.held_bytes
+            if self.rehash is not None and stage.per_step and stage.profile is not None:
+                base += self.rehash.cache_bytes(self.models[stage.stage])
             budget = min(cap, self.usable) - base
             moved = not resident.get(stage.component, True)
             transfer = 2 * self.weights[stage.component] / (self.gpu.pcie_gbps * 1e9) if moved else 0.0
@@ -73,6 +80,8 @@ class PipelinePlanner:
                     return None
                 worst = max(sol.costs, key=lambda c: c.needed_bytes)
                 seconds = sol.latency_s * self.calls(stage) + transfer
+                if self.rehash is not None and stage.per_step:
+                    seconds = self.rehash.seconds(self.models[stage.stage], sol) + transfer
                 activation = max(c.activation_bytes for c in sol.costs)
                 unit = self.models[stage.stage].units[worst.peak_unit].name
                 results.append(_StageResult(stage, weights, base, sol, worst.needed_bytes, activation, seconds, unit))
@@ -146,10 +155,12 @@ def plan_pipeline(
     max_latency_s: float | None = None,
     allocator: str = "expandable_segments",
     method: str = "auto",
+    rehash=None,
 ) -> Plan:
-    """The fastest run within the GPU's memory, or (given ``max_latency_s``) the smallest peak within it."""
+    """The fastest run within the GPU's memory, or (given ``max_latency_s``) the smallest peak within it.
+    ``rehash``: a Step Rehash schedule to price in (:class:`.rehash.StageRehash`)."""
     usable = usable_bytes if usable_bytes is not None else gpu.memory_usable_bytes
-    planner = PipelinePlanner(profile, gpu, usable, steps, allocator)
+    planner = PipelinePlanner(profile, gpu, usable, steps, allocator, rehash)
     found = planner.best(usable, None)
     if found is None:
         floor, stage, unit = planner.floor()

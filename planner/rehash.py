@@ -30,7 +30,13 @@ from typing import Literal
 from pydantic import Field
 
 from .costs import CostModel, Segment
-from .errors import InvalidPlanError, PlanMismatchError, UnsupportedArgumentError
+from .errors import (
+    InfeasibleError,
+    InvalidArgumentError,
+    InvalidPlanError,
+    PlanMismatchError,
+    UnsupportedArgumentError,
+)
 from .schema import SCHEMA_VERSION, ComponentPlan, ModelRef, SampleShape, _JsonFile, _Strict
 
 Mode = Literal["off", "uniform", "greedy", "optimal"]
@@ -378,3 +384,165 @@ class StageRehash:
         full = solution.latency_s
         reuse = reuse_seconds(model, solution.segments, self.cut)
         return self.keys * full + (self.steps - self.keys) * reuse
+
+
+# ---------------------------------------------------------------------------------- planning
+class CalibrationRequiredError(InvalidArgumentError):
+    """A schedule that needs measured similarity or error (greedy, optimal) asked for without one."""
+
+
+@dataclass
+class _Option:
+    cut: str
+    keys: list[int]
+    error: float | None
+    threshold: float | None
+    seconds: float  # predicted denoising time with the plan's slicing
+
+
+def plan_rehash(
+    profile,
+    gpu,
+    *,
+    mode: Mode,
+    calibration: Calibration | None = None,
+    calibration_ref: str | None = None,
+    keys: int | None = None,
+    threshold: float | None = None,
+    usable_bytes: int | None = None,
+    steps: int = 25,
+    max_latency_s: float | None = None,
+    allocator: str = "expandable_segments",
+    method: str = "auto",
+):
+    """A pipeline plan with a Step Rehash schedule (see :func:`vramplan.plan_for`).
+
+    The fastest plan within memory gives the cost of a full and of a reuse UNet call at each cut;
+    per cut the schedule allows as many key steps as the latency target (or ``keys``) permits:
+    ``uniform`` spreads them evenly (DeepCache), ``greedy`` raises the similarity threshold as far
+    as that count allows, ``optimal`` minimises the calibrated error (exact DP). The cut with the
+    least calibrated error wins (uncalibrated: the most key steps, then the fastest). The pipeline
+    is then planned again with that schedule priced in (groups kept off the cut, the cache held
+    through denoising), minimising the peak under the latency target.
+    """
+    from .pipeline import plan_pipeline
+
+    if mode not in ("uniform", "greedy", "optimal"):
+        raise InvalidArgumentError(f"rehash={mode!r}: choose off, uniform, greedy or optimal")
+    if mode != "uniform" and calibration is None:
+        raise CalibrationRequiredError(
+            f"rehash={mode!r} needs a calibration (vramplan calibrate, or vramplan.runtime.calibrate); "
+            f"without one only rehash='uniform' is offered, and its quality is uncalibrated."
+        )
+    if mode == "optimal" and keys is None and max_latency_s is None:
+        raise InvalidArgumentError("rehash='optimal' needs max_latency_s or keys (how many full UNet steps)")
+    if keys is not None and not 1 <= keys <= steps:
+        raise InvalidArgumentError(f"keys={keys} must lie in 1..steps ({steps})")
+    stage = next(s for s in profile.stages if s.per_step and s.profile is not None)
+    unet = stage.profile
+    if calibration is not None:
+        calibration.check(unet.model, unet.shape, steps)
+    base = plan_pipeline(profile, gpu, usable_bytes=usable_bytes, steps=steps, allocator=allocator, method=method)
+    model = CostModel(unet, gpu, allocator)
+    segments = segments_of(model, base.component(stage.component))
+    full = sum(model.cost(s).seconds for s in segments)
+    other = base.prediction.latency_s - steps * full
+    nodes = profile_nodes(model.units)
+    cuts = valid_cuts(nodes, unet.result, candidate_cuts(model.units))
+    if calibration is not None:
+        measured = {c.cut for c in calibration.cuts}
+        cuts = [c for c in cuts if c in measured]
+    options = []
+    for cut in cuts:
+        reuse = reuse_seconds(model, split_at_cut(segments, model.index[cut]), cut)
+        if max_latency_s is not None:
+            if reuse >= full:
+                continue
+            allowed = min(steps, math.floor((max_latency_s - other - steps * reuse) / (full - reuse)))
+            if keys is not None:
+                allowed = min(allowed, keys)
+            if allowed < 1:
+                continue
+        else:
+            allowed = keys
+        cal = calibration.cut(cut) if calibration is not None else None
+        key_steps, thr = _schedule(mode, steps, allowed, cal, threshold)
+        error = schedule_error(cal.error, key_steps) if cal is not None else None
+        n = len(key_steps)
+        options.append(_Option(cut, key_steps, error, thr, n * full + (steps - n) * reuse))
+    if not options:
+        raise InfeasibleError(
+            f"no Step Rehash schedule meets max_latency_s={max_latency_s:g}: one full UNet call takes {full:.2f} s "
+            f"and the other stages {other:.2f} s, and no cut's reuse call is cheap enough. Raise the latency limit."
+        )
+    if calibration is not None:
+        options.sort(key=lambda o: (math.inf if o.error is None else o.error, o.seconds))
+    else:
+        options.sort(key=lambda o: (-len(o.keys), o.seconds))
+    last_error = None
+    for option in options[:8]:
+        choice = StageRehash(option.cut, len(option.keys), steps)
+        try:
+            plan = plan_pipeline(
+                profile, gpu, usable_bytes=usable_bytes, steps=steps, max_latency_s=max_latency_s,
+                allocator=allocator, method=method, rehash=choice,
+            )
+        except InfeasibleError as err:  # the cut-respecting slicing is slower than estimated
+            last_error = err
+            continue
+        return _attach(plan, stage, unet, gpu, allocator, mode, option, steps, calibration, calibration_ref)
+    raise last_error
+
+
+def _schedule(mode, steps, allowed, cal, threshold) -> tuple[list[int], float | None]:
+    if mode == "uniform":
+        if allowed is None:
+            return uniform_keys(steps, interval=DEFAULT_INTERVAL), None
+        return uniform_keys(steps, keys=allowed), None
+    if mode == "greedy":
+        if allowed is None or threshold is not None:
+            keys = greedy_keys(cal.similarity, GREEDY_THRESHOLD if threshold is None else threshold)
+            if allowed is None or len(keys) <= allowed:
+                return keys, GREEDY_THRESHOLD if threshold is None else threshold
+        return greedy_for_count(cal.similarity, allowed)
+    return optimal_keys(cal.error, allowed)[0], None
+
+
+def _attach(plan, stage, unet, gpu, allocator, mode, option, steps, calibration, calibration_ref):
+    from .schema import RehashPlan
+
+    model = CutCostModel(unet, gpu, allocator, option.cut)
+    segments = segments_of(model, plan.component(stage.component))
+    full = sum(model.cost(s).seconds for s in segments)
+    reuse = reuse_seconds(model, segments, option.cut)
+    flops = sum(u.flops for u in model.units)
+    n = len(option.keys)
+    rehash = RehashPlan(
+        mode=mode, cut=option.cut, steps=steps, key_steps=option.keys,
+        quality="calibrated" if calibration is not None else "uncalibrated",
+        predicted_error=None if option.error is None else round(option.error, 6),
+        threshold=None if option.threshold is None or math.isinf(option.threshold) else round(option.threshold, 6),
+        original_unet_flops=steps * flops,
+        unet_flops=n * flops + (steps - n) * reuse_flops(model, option.cut),
+        key_call_s=round(full, 6), reuse_call_s=round(reuse, 6),
+        latency_saved_s=round((steps - n) * (full - reuse), 4),
+        cache_bytes=model.units[model.index[option.cut]].output_bytes,
+        calibration=(calibration_ref or calibration.reference()) if calibration is not None else None,
+    )
+    return plan.model_copy(update={"rehash": rehash})
+
+
+def rehash_summary(plan) -> str:
+    """Lines for the plan table."""
+    r = plan.rehash
+    if r is None:
+        return ""
+    ratio = r.original_unet_flops / max(1, r.unet_flops)
+    quality = (f"calibrated, predicted error {r.predicted_error:.3g}" if r.quality == "calibrated"
+               else "uncalibrated (run vramplan calibrate for greedy/optimal schedules)")
+    return "\n".join([
+        f"rehash           {r.mode}: {len(r.key_steps)} of {r.steps} steps key, cut {r.cut}",
+        f"                 key steps {r.key_steps}",
+        f"                 UNet FLOPs {r.unet_flops / 1e15:.2f} PFLOP per video ({ratio:.2f}x fewer); "
+        f"{r.latency_saved_s:.2f} s saved; cache {r.cache_bytes / 2**20:.0f} MiB; {quality}",
+    ])
