@@ -546,3 +546,11 @@ def rehash_summary(plan) -> str:
         f"                 UNet FLOPs {r.unet_flops / 1e15:.2f} PFLOP per video ({ratio:.2f}x fewer); "
         f"{r.latency_saved_s:.2f} s saved; cache {r.cache_bytes / 2**20:.0f} MiB; {quality}",
     ])
+
+
+def load_calibration(calibration) -> tuple[Calibration | None, str | None]:
+    """A Calibration and its reference from a Calibration, a JSON path, or None."""
+    if calibration is None or isinstance(calibration, Calibration):
+        return calibration, calibration.reference() if calibration is not None else None
+    cal = Calibration.load(calibration)
+    return cal, cal.reference(calibration)
