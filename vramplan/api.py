@@ -31,6 +31,9 @@ def plan_for(
     max_latency_s: float | None = None,
     allocator: str = "expandable_segments",
     method: str = "auto",
+    rehash: str = "off",
+    calibration=None,
+    keys: int | None = None,
 ) -> Plan:
     """A plan that runs the whole ``model`` pipeline at ``height`` x ``width`` x ``frames`` within
     ``gpu``'s memory: per component slicing, groups and weight residency, with a prediction.
@@ -40,12 +43,22 @@ def plan_for(
     ``vram_gb``: plan for this much memory in all instead of the GPU's usable memory.
     ``max_latency_s``: minimise peak memory subject to this latency for the whole run
     (default: minimise latency within memory). ``guidance`` doubles the UNet batch (CFG).
+    ``rehash``: Step Rehash schedule, "off" | "uniform" | "greedy" | "optimal" (the last two need a
+    ``calibration``: a Calibration or its JSON file); ``keys``: how many steps run the whole UNet.
     """
     gpu_profile = find_gpu(gpu)
     shape = sample_shape_for(model, height, width, frames, guidance, dtype)
     kernel = gpu_profile.attention_kernel if dtype != "fp32" else "efficient"
     profile = find_pipeline_profile(model, height, width, shape.frames, guidance, dtype, kernel)
     usable = int(vram_gb * 2**30) if vram_gb is not None else None
+    if rehash != "off":
+        from .planner.rehash import load_calibration, plan_rehash
+
+        cal, ref = load_calibration(calibration)
+        return plan_rehash(
+            profile, gpu_profile, mode=rehash, calibration=cal, calibration_ref=ref, keys=keys, usable_bytes=usable,
+            steps=steps, max_latency_s=max_latency_s, allocator=allocator, method=method,
+        )
     return plan_pipeline(
         profile, gpu_profile, usable_bytes=usable, steps=steps, max_latency_s=max_latency_s,
         allocator=allocator, method=method,
