@@ -7,9 +7,13 @@ names the field that is wrong in a corrupt file and refuses versions it does not
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -66,8 +70,8 @@ class GpuProfile(_Strict):
 
     name: str
     aliases: list[str] = Field(default_factory=list)
-    memory_total_bytes: int
-    memory_usable_bytes: int = Field(description="what cudaMemGetInfo reports as total")
+    memory_total_bytes: int = Field(gt=0)
+    memory_usable_bytes: int = Field(gt=0, description="what cudaMemGetInfo reports as total")
     cuda_context_bytes: int = Field(description="CUDA context + library workspaces of a PyTorch process")
     memory_bandwidth_gbps: float
     fp16_tensor_tflops: float = Field(description="dense fp16 tensor throughput with fp32 accumulation")
@@ -95,13 +99,13 @@ class UnitProfile(_Strict):
     kind: str = ""
     block: str = Field(description="top-level block, for per-block tables (down_blocks.0, mid_block, ...)")
     inputs: list[str] = Field(description="values read: names of the units that made them, or initial inputs")
-    output_bytes: int
-    output_shape: list[int]
-    axis_length: int = Field(description="size of the slicing axis at this unit (B*T frames or H*W tokens)")
-    flops: int = Field(description="matmul/conv/attention FLOPs of the unsliced unit")
-    bytes_moved: int = Field(description="bytes read + written by its other (memory-bound) ops")
-    kernels: int = Field(description="non-view ops per slice (launch-cost model)")
-    scratch: dict[int, int] = Field(
+    output_bytes: int = Field(ge=0)
+    output_shape: list[Annotated[int, Field(ge=0)]]
+    axis_length: int = Field(ge=0, description="size of the slicing axis at this unit (B*T frames or H*W tokens)")
+    flops: int = Field(ge=0, description="matmul/conv/attention FLOPs of the unsliced unit")
+    bytes_moved: int = Field(ge=0, description="bytes read + written by its other (memory-bound) ops")
+    kernels: int = Field(ge=0, description="non-view ops per slice (launch-cost model)")
+    scratch: dict[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=0)]] = Field(
         description="slice count k -> peak bytes the unit's computation adds above its entry for one "
         "(the largest) slice, its output piece included, output buffer excluded"
     )
@@ -111,24 +115,77 @@ class AllocatorProfile(_Strict):
     """CUDA caching-allocator overhead from replays of the traced allocation sequences."""
 
     method: str = Field(description="how the factors were obtained")
-    default: dict[int, float] = Field(description="k -> memory needed / bytes allocated, default allocator")
-    expandable_segments: dict[int, float] = Field(description="k -> the same with expandable segments")
-    original_default: float = Field(description="needed/allocated of the unmodified forward, default allocator")
-    original_expandable_segments: float
+    default: dict[Annotated[int, Field(ge=1)], Annotated[float, Field(gt=0)]] = Field(description="k -> memory needed / bytes allocated, default allocator")
+    expandable_segments: dict[Annotated[int, Field(ge=1)], Annotated[float, Field(gt=0)]] = Field(description="k -> the same with expandable segments")
+    original_default: float = Field(gt=0, description="needed/allocated of the unmodified forward, default allocator")
+    original_expandable_segments: float = Field(gt=0)
+
+
+# Plan and profile files are read whole: refuse anything larger before reading (``verify /dev/zero``).
+MAX_FILE_BYTES = 64 * 2**20
+# Deeper JSON than any vramplan document has is refused before parsing (recursion in the parser).
+MAX_DEPTH = 32
+
+
+def write_atomic(path: str | Path, text: str) -> Path:
+    """Write through a temporary file in the same folder and ``os.replace``: a concurrent reader sees
+    the old file or the new one, never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_limited(path: str | Path, what: str = "file") -> str:
+    """A document's text: at most MAX_FILE_BYTES of UTF-8, else a PlanFormatError saying what is wrong."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except IsADirectoryError:
+        raise PlanFormatError(f"{path} is a folder, not a {what}") from None
+    except OSError as err:
+        raise PlanFormatError(f"cannot read {what} {path}: {err.strerror or err}") from err
+    if len(data) > MAX_FILE_BYTES:
+        raise PlanFormatError(f"{path} is larger than {MAX_FILE_BYTES // 2**20} MiB: not a vramplan {what}")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise PlanFormatError(f"{path} is not UTF-8 text (byte {err.start}): not a vramplan {what}") from None
+    _check_depth(text, str(path))
+    return text
+
+
+def _check_depth(text: str, source: str) -> None:
+    depth = 0
+    for match in _BRACKETS.finditer(_STRINGS.sub('""', text)):
+        depth += 1 if match.group() in "[{" else -1
+        if depth > MAX_DEPTH:
+            raise PlanFormatError(f"{source} nests deeper than {MAX_DEPTH} levels: not a vramplan document")
+
+
+_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKETS = re.compile(r"[\[\]{}]")
 
 
 class _JsonFile(_Strict):
     """save/load for the profile documents, with the wrong field named on a bad file."""
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(self.model_dump_json(indent=1) + "\n")
-        return path
+        return write_atomic(path, self.model_dump_json(indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path):
+        text = read_limited(path, cls.__name__)
         try:
-            return cls.model_validate_json(Path(path).read_text())
+            return cls.model_validate_json(text)
         except ValidationError as err:
             raise PlanFormatError(f"{path} is not a valid {cls.__name__}: {_describe(err)}") from err
 
@@ -141,12 +198,12 @@ class ModelProfile(_JsonFile):
     model: ModelRef
     shape: SampleShape
     attention_kernel: Literal["flash", "efficient", "cpu_flash", "math"]
-    weight_bytes: int
-    globals_bytes: int = Field(description="bytes live when the first unit starts (embeddings etc.)")
+    weight_bytes: int = Field(ge=0)
+    globals_bytes: int = Field(ge=0, description="bytes live when the first unit starts (embeddings etc.)")
     result: str = Field(description="the value the forward returns")
-    units: list[UnitProfile]
-    original_peak_bytes: int = Field(description="activation peak of the unmodified forward")
-    original_block_peaks: dict[str, int] = Field(default_factory=dict)
+    units: list[UnitProfile] = Field(min_length=1)
+    original_peak_bytes: int = Field(ge=0, description="activation peak of the unmodified forward")
+    original_block_peaks: dict[str, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
     allocator: AllocatorProfile
     versions: dict[str, str] = Field(default_factory=dict)
 
@@ -154,7 +211,7 @@ class ModelProfile(_JsonFile):
 class ComponentProfile(_Strict):
     component: str = Field(description="pipeline attribute: unet, vae, image_encoder, text_encoder")
     model: ModelRef
-    weight_bytes: int
+    weight_bytes: int = Field(ge=0)
 
 
 class StageProfile(_Strict):
@@ -164,11 +221,11 @@ class StageProfile(_Strict):
     component: str
     per_step: bool = Field(default=False, description="runs once per denoising step")
     profile: ModelProfile | None = Field(default=None, description="unit profile of a stage the planner slices")
-    activation_bytes: int = Field(description="activation peak of the unmodified stage")
-    flops: int = 0
-    bytes_moved: int = 0
-    held_bytes: int = Field(description="tensors of other stages on the GPU meanwhile (latents, embeddings)")
-    extra_weight_bytes: int = Field(default=0, description="weights added for the stage (a VAE upcast to fp32)")
+    activation_bytes: int = Field(ge=0, description="activation peak of the unmodified stage")
+    flops: int = Field(default=0, ge=0)
+    bytes_moved: int = Field(default=0, ge=0)
+    held_bytes: int = Field(ge=0, description="tensors of other stages on the GPU meanwhile (latents, embeddings)")
+    extra_weight_bytes: int = Field(default=0, ge=0, description="weights added for the stage (a VAE upcast to fp32)")
 
 
 class PipelineProfile(_JsonFile):
@@ -177,14 +234,14 @@ class PipelineProfile(_JsonFile):
     schema_version: int = SCHEMA_VERSION
     model_name: str
     pipeline: str
-    height: int
-    width: int
-    frames: int
+    height: int = Field(ge=1)
+    width: int = Field(ge=1)
+    frames: int = Field(ge=1)
     guidance: bool
     dtype: DType
     attention_kernel: Literal["flash", "efficient", "cpu_flash", "math"]
-    components: list[ComponentProfile]
-    stages: list[StageProfile]
+    components: list[ComponentProfile] = Field(min_length=1)
+    stages: list[StageProfile] = Field(min_length=1)
     versions: dict[str, str] = Field(default_factory=dict)
 
 
@@ -192,15 +249,15 @@ class Target(_Strict):
     """What the plan was asked to meet."""
 
     gpu: str
-    usable_bytes: int = Field(description="memory the plan may use in all (usable VRAM or vram_gb)")
-    max_latency_s: float | None = None
+    usable_bytes: int = Field(gt=0, description="memory the plan may use in all (usable VRAM or vram_gb)")
+    max_latency_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     objective: Literal["min_latency", "min_peak"]
     allocator: Literal["default", "expandable_segments", "none"] = Field(
         default="expandable_segments",
         description="caching-allocator setting the prediction assumes ('none': no allocator, e.g. CPU)",
     )
     attention_kernel: Literal["flash", "efficient", "cpu_flash", "math"] = "flash"
-    steps: int = 1
+    steps: int = Field(default=1, ge=1, description="denoising steps the latency is for")
 
 
 class Prediction(_Strict):
@@ -268,6 +325,11 @@ class ComponentPlan(_Strict):
     def k(self, unit: str) -> int:
         return self.slices.get(unit, 1)
 
+    def describe(self) -> str:
+        """``unet: svd (UNet..., config ...) with batch 2 x 14 frames ...``; a component that is not sliced says so."""
+        shape = f"with {self.shape.describe()}" if self.shape is not None else "(not sliced)"
+        return f"{self.component}: {self.model.describe()} {shape}"
+
 
 class StagePrediction(_Strict):
     """One pipeline stage at its worst moment."""
@@ -324,9 +386,9 @@ class Plan(_Strict):
     schema_version: int = Field(default=SCHEMA_VERSION, description="version of this JSON schema")
     model_name: str | None = Field(default=None, description="svd, svd-xt, a Hugging Face id or a path")
     pipeline: str | None = Field(default=None, description="diffusers pipeline class, if a whole pipeline")
-    height: int | None = Field(default=None, description="pixels")
-    width: int | None = None
-    frames: int | None = None
+    height: int | None = Field(default=None, ge=1, description="pixels")
+    width: int | None = Field(default=None, ge=1)
+    frames: int | None = Field(default=None, ge=1)
     components: list[ComponentPlan] = Field(min_length=1)
     target: Target | None = None
     prediction: Prediction | None = None
@@ -341,6 +403,14 @@ class Plan(_Strict):
         names = [c.component for c in self.components]
         if len(set(names)) != len(names):
             raise ValueError(f"components named twice: {names}")
+        if self.pipeline is not None:  # a plan edited to claim another pipeline is refused when read
+            from .errors import VramplanError
+            from .pipelines import pipeline_spec
+
+            try:
+                pipeline_spec(self.pipeline).check_plan(self)
+            except VramplanError as err:
+                raise ValueError(str(err)) from None
         return self
 
     def component(self, name: str) -> ComponentPlan:
@@ -352,20 +422,21 @@ class Plan(_Strict):
     def describe(self) -> str:
         if self.height and self.width:
             return f"{self.model_name or '?'} {self.frames} x {self.height}x{self.width}"
-        comp = self.components[0]
-        return f"{comp.model.describe()} at {comp.shape.describe()}"
+        comp = next((c for c in self.components if c.shape is not None), self.components[0])
+        return comp.describe()
 
     # -- JSON ------------------------------------------------------------------------------
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(self.to_json() + "\n")
-        return path
+        return write_atomic(path, self.to_json() + "\n")
 
     @classmethod
     def from_json(cls, text: str, source: str = "plan") -> Plan:
+        if len(text) > MAX_FILE_BYTES:
+            raise PlanFormatError(f"{source} is larger than {MAX_FILE_BYTES // 2**20} MiB: not a vramplan plan")
+        _check_depth(text, source)
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
@@ -389,12 +460,7 @@ class Plan(_Strict):
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as err:
-            raise PlanFormatError(f"cannot read plan file {path}: {err.strerror}") from err
-        return cls.from_json(text, source=str(path))
+        return cls.from_json(read_limited(path, "plan file"), source=str(path))
 
 
 def _describe(err: ValidationError) -> str:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,8 +27,17 @@ from pathlib import Path
 import torch
 
 from ..planner.allocator import replay
-from ..planner.schema import AllocatorProfile, ModelProfile, ModelRef, SampleShape, UnitProfile
-from .adapters.base import adapter_for
+from ..planner.errors import PlanFormatError, ProfileCacheError
+from ..planner.pipelines import check_number
+from ..planner.schema import (
+    AllocatorProfile,
+    ModelProfile,
+    ModelRef,
+    PipelineProfile,
+    SampleShape,
+    UnitProfile,
+)
+from .adapters.base import adapter_for, pipeline_adapter
 from .apply import fingerprint
 from .executor import Segment, execute
 from .fake import attention_kernel, weight_bytes
@@ -37,6 +48,8 @@ from .program import Program
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_K = 256
+# Part of every cache key: bump when what the profiler measures changes, so old entries are not served.
+PROFILER_VERSION = 2
 
 
 def slice_counts(length: int, max_k: int = DEFAULT_MAX_K) -> list[int]:
@@ -79,9 +92,17 @@ def profile(
     progress: Callable[[str], None] | None = None,
 ) -> ModelProfile:
     """Profile ``model`` (best built on meta: :func:`~vramplan.runtime.empty_model`) at ``shape``."""
+    check_number("max_k", max_k, integer=True, minimum=1)
     started = time.perf_counter()
-    say = progress or log.info
     adapter = adapter_for(model)
+    targets = [1 << i for i in range(max_k.bit_length()) if 1 << i <= max_k]
+    bar = _progress_bar(2 + len(targets), f"profiling {getattr(adapter, 'component', 'unet')}")
+
+    def say(message: str) -> None:
+        (progress or log.info)(message)
+        bar.set_postfix_str(message[:40], refresh=False)
+        bar.update(1)
+
     ops, result = adapter.ops(model)
     device = next(model.parameters()).device
     args = adapter.example_inputs(model, shape, device=device)
@@ -104,17 +125,16 @@ def profile(
     program = _program(adapter, model, ops, result, args)
     with torch.no_grad(), attention_kernel(kernel), counter:
         execute(program, [Segment([op], op.spec.axis, 1) for op in ops], observer=observe)
+    say(f"unit program: {len(ops)} units")
 
     # 3. Per-slice scratch at each slice-count target.
     lengths = {op.name: seen[op.output][2] for op in ops}
     scratch: dict[str, dict[int, int]] = {op.name: {} for op in ops}
     ratios: dict[str, dict[int, float]] = {"default": {}, "expandable_segments": {}}
-    for i in range(max_k.bit_length()):
-        target = 1 << i
-        if target > max_k:
-            break
+    for target in targets:
         ks = {op.name: _k_for(lengths[op.name], target) if op.spec.axis else 1 for op in ops}
         if all(ks[op.name] in scratch[op.name] for op in ops):
+            bar.update(1)
             continue
         segments = [Segment([op], op.spec.axis, ks[op.name]) for op in ops]
         program = _program(adapter, model, ops, result, args)
@@ -147,6 +167,7 @@ def profile(
                 scratch=scratch[op.name],
             )
         )
+    bar.close()
     first_entry = _first_entry(ops, args, adapter, model, kernel, result)
     import diffusers
 
@@ -172,15 +193,6 @@ def profile(
         ),
         versions={"torch": torch.__version__.split("+")[0], "diffusers": diffusers.__version__},
     )
-
-
-def measure_stage(fn: Callable[[], object], kernel: str) -> tuple[int, int, int]:
-    """Activation peak, FLOPs and bytes moved of a whole (unsliced) pipeline stage on meta tensors."""
-    counter = OpCounter()
-    with torch.no_grad(), attention_kernel(kernel), MemoryTracker() as tracker, counter:
-        fn()
-    totals = counter.units.values()
-    return tracker.peak_bytes, sum(u.flops for u in totals), sum(u.bytes_moved for u in totals)
 
 
 def component_profiles(components: dict[str, torch.nn.Module], name: str, refs: dict[str, ModelRef]):
@@ -216,6 +228,29 @@ def _first_entry(ops, args, adapter, model, kernel, result) -> int:
     return entry
 
 
+# ---------------------------------------------------------------------------- progress
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, s: str, refresh: bool = True) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, desc: str):
+    """A tqdm bar on stderr when it is a terminal; otherwise nothing (messages go to the log)."""
+    if not sys.stderr.isatty():
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a runtime dependency
+        return _NoBar()
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, unit="trace")
+
+
 # ---------------------------------------------------------------------------- on-disk cache
 def cache_dir() -> Path:
     root = os.environ.get("VRAMPLAN_CACHE") or os.path.join(
@@ -224,86 +259,156 @@ def cache_dir() -> Path:
     return Path(root) / "profiles"
 
 
-def cache_path(ref: ModelRef, shape: SampleShape, kernel: str) -> Path:
+def writable_cache_dir() -> Path:
+    """The cache folder, created and checked writable *before* any profiling (which takes minutes)."""
+    folder = cache_dir()
+    hint = "Set VRAMPLAN_CACHE to a writable folder, or pass -o/--output to write the profile elsewhere."
+    for path in (folder, *folder.parents):
+        if path.exists() and not path.is_dir():
+            raise ProfileCacheError(f"the profile cache folder {folder} cannot be made: {path} is a file. {hint}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+            pass
+    except OSError as err:
+        raise ProfileCacheError(
+            f"the profile cache folder {folder} is not writable ({err.strerror or err}). {hint}"
+        ) from err
+    return folder
+
+
+def cache_path(ref: ModelRef, shape: SampleShape, kernel: str, max_k: int = DEFAULT_MAX_K) -> Path:
+    """Keyed by everything the profile depends on: model config, shape, kernel, max_k, profiler version."""
     stem = (
         f"{ref.class_name}-{ref.config_hash[:16]}-b{shape.batch}-f{shape.frames}-"
-        f"{shape.latent_height}x{shape.latent_width}-{shape.dtype}-{kernel}"
+        f"{shape.latent_height}x{shape.latent_width}-{shape.dtype}-{kernel}-k{max_k}-v{PROFILER_VERSION}"
     )
     return cache_dir() / f"{stem}.json"
 
 
-def cached_profile(model, shape: SampleShape, kernel: str, name: str | None = None, **kwargs) -> ModelProfile:
-    """:func:`profile`, read from / written to the on-disk cache."""
-    path = cache_path(fingerprint(model), shape, kernel)
-    if path.exists():
-        prof = ModelProfile.load(path)
-        prof.model.name = name or prof.model.name
-        return prof
-    prof = profile(model, shape, kernel, name=name, **kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prof.save(path)
+def _read_cached(path: Path, cls, matches: Callable[[object], bool]):
+    """A cache entry, or None (with a warning) when it is corrupt, invalid or for something else."""
+    if not path.exists():
+        return None
+    try:
+        prof = cls.load(path)
+    except (PlanFormatError, OSError) as err:
+        log.warning("ignoring the corrupt profile cache entry %s (%s); profiling again", path, err)
+        return None
+    if not matches(prof):
+        log.warning("ignoring the profile cache entry %s: it describes another model or shape; profiling again", path)
+        return None
     return prof
 
 
+def _write_cached(prof, path: Path) -> None:
+    """Save atomically; a cache that cannot be written loses the cache entry, never the profile."""
+    try:
+        prof.save(path)
+    except OSError as err:
+        log.warning("could not write the profile cache entry %s (%s); the profile is returned uncached",
+                    path, err.strerror or err)
 
-SHIPPED = [
-    (model, frames, height, width, kernel)
-    for model, frames in (("svd", 14), ("svd-xt", 25), ("animatediff", 16))
-    for height, width in ((576, 1024), (512, 512))
-    for kernel in ("flash", "efficient")
-]
+
+def cached_profile(model, shape: SampleShape, kernel: str, name: str | None = None, max_k: int = DEFAULT_MAX_K,
+                   **kwargs) -> ModelProfile:
+    """:func:`profile`, read from / written to the on-disk cache."""
+    check_number("max_k", max_k, integer=True, minimum=1)
+    writable_cache_dir()
+    ref = fingerprint(model)
+    path = cache_path(ref, shape, kernel, max_k)
+
+    def matches(p: ModelProfile) -> bool:
+        return p.model.config_hash == ref.config_hash and p.shape == shape and p.attention_kernel == kernel
+
+    prof = _read_cached(path, ModelProfile, matches)
+    if prof is not None:
+        prof.model.name = name or prof.model.name
+        return prof
+    prof = profile(model, shape, kernel, name=name, max_k=max_k, **kwargs)
+    _write_cached(prof, path)
+    return prof
 
 
 def pipeline_profile(model: str, height: int, width: int, frames: int, guidance: bool = True,
-                     dtype: str = "fp16", kernel: str = "flash", progress=None):
-    """Profile a shipped model's whole pipeline on meta tensors (about half a minute)."""
-    from ..profiles import component_config, model_entry
-    from .adapters import PIPELINE_ADAPTERS
-    from .models import meta_from_config
+                     dtype: str = "fp16", kernel: str = "flash", max_k: int = DEFAULT_MAX_K,
+                     progress: Callable[[str], None] | None = None) -> PipelineProfile:
+    """Profile a whole pipeline (a catalogue name, a local pipeline folder or a cached Hugging Face id)
+    on meta tensors of its full-size components: its adapter measures the stages that run whole,
+    each sliced stage's model is profiled, and the adapter says what every stage holds."""
+    from ..planner.pipelines import pipeline_source
 
-    entry = model_entry(model)
-    if entry["pipeline"] not in PIPELINE_ADAPTERS:
-        raise NotImplementedError(f"no pipeline profiler for {entry['pipeline']}")
-    components = {c: meta_from_config(component_config(model, c), dtype) for c in entry["components"]}
-    return PIPELINE_ADAPTERS[entry["pipeline"]].profile_pipeline(components, model, height, width, frames, guidance, dtype, kernel,
-                                        progress=progress)
+    check_number("max_k", max_k, integer=True, minimum=1)
+    say = progress or log.info
+    source = pipeline_source(model)
+    adapter = pipeline_adapter(source.pipeline)
+    components = adapter.meta_components(source.configs, dtype)
+    say("stages that run whole")
+    whole = adapter.measure_whole_stages(components, height, width, dtype, kernel)
+    profiles: dict[str, ModelProfile] = {}
+    for stage, component, _ in adapter.stages:
+        if stage in adapter.sliced and stage not in profiles:
+            say(f"{stage}: {component}")
+            shape = adapter.stage_shape(stage, height, width, frames, guidance, dtype)
+            profiles[stage] = profile(components[component], shape, kernel, name=source.name, max_k=max_k,
+                                      progress=progress)
+    stages = adapter.stage_profiles(components, height, width, frames, guidance, dtype, whole, profiles)
+    refs = {component: profiles[stage].model for stage, component, _ in adapter.stages if stage in profiles}
+    return PipelineProfile(
+        model_name=source.name, pipeline=adapter.pipeline, height=height, width=width, frames=frames,
+        guidance=guidance, dtype=dtype, attention_kernel=kernel,
+        components=component_profiles(components, source.name, refs), stages=stages,
+        versions=next(iter(profiles.values())).versions,
+    )
 
 
 def cached_pipeline_profile(model: str, height: int, width: int, frames: int, guidance: bool, dtype: str,
-                            kernel: str):
-    """:func:`pipeline_profile`, read from / written to the on-disk cache."""
+                            kernel: str, max_k: int = DEFAULT_MAX_K) -> PipelineProfile:
+    """:func:`pipeline_profile`, read from / written to the on-disk cache (checked writable first)."""
+    from ..planner.pipelines import pipeline_source
     from ..planner.plan import pipeline_profile_name
-    from ..planner.schema import PipelineProfile
-    from ..profiles import model_catalogue
 
-    if model.lower() not in model_catalogue():
-        raise NotImplementedError(
-            f"whole-pipeline profiles are built for the shipped models ({', '.join(model_catalogue())}); "
-            f"for {model!r} profile the UNet with `vramplan profile`"
-        )
-    path = cache_dir() / pipeline_profile_name(model.lower(), height, width, frames, guidance, dtype, kernel)
-    if path.exists():
-        return PipelineProfile.load(path)
-    prof = pipeline_profile(model.lower(), height, width, frames, guidance, dtype, kernel)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prof.save(path)
+    check_number("max_k", max_k, integer=True, minimum=1)
+    source = pipeline_source(model)
+    folder = writable_cache_dir()
+    name = pipeline_profile_name(source.key, height, width, frames, guidance, dtype, kernel)
+    path = folder / name.replace(".pipeline.json", f"-k{max_k}-v{PROFILER_VERSION}.pipeline.json")
+
+    def matches(p: PipelineProfile) -> bool:
+        return (p.pipeline, p.height, p.width, p.frames, p.guidance, p.dtype, p.attention_kernel) == (
+            source.pipeline, height, width, frames, guidance, dtype, kernel)
+
+    prof = _read_cached(path, PipelineProfile, matches)
+    if prof is not None:
+        return prof
+    prof = pipeline_profile(model, height, width, frames, guidance, dtype, kernel, max_k=max_k)
+    _write_cached(prof, path)
     return prof
 
 
+SHIPPED_SIZES = ((576, 1024), (512, 512))
+SHIPPED_KERNELS = ("flash", "efficient")
+
+
 def regenerate_shipped(progress: Callable[[str], None] | None = None, models: list[str] | None = None) -> list[Path]:
-    """Re-profile the shipped pipeline configurations (CFG, fp16) into ``vramplan/profiles/models``."""
+    """Re-profile the shipped pipeline configurations (every catalogue model at its default frame
+    count, CFG, fp16) into ``vramplan/profiles/models``."""
     from importlib import resources
 
     from ..planner.plan import SHIPPED_DIR, pipeline_profile_name
+    from ..profiles import model_catalogue
 
     folder = Path(str(resources.files("vramplan.profiles").joinpath(SHIPPED_DIR)))
     written = []
-    for model, frames, height, width, kernel in SHIPPED:
+    for model, entry in model_catalogue().items():
         if models and model not in models:
             continue
-        if progress:
-            progress(f"profiling the {model} pipeline, {frames} x {height}x{width} ({kernel})")
-        prof = pipeline_profile(model, height, width, frames, True, "fp16", kernel)
-        name = pipeline_profile_name(model, height, width, frames, True, "fp16", kernel)
-        written.append(prof.save(folder / name))
+        for (height, width), kernel in ((s, k) for s in SHIPPED_SIZES for k in SHIPPED_KERNELS):
+            frames = entry["frames"]
+            if progress:
+                progress(f"profiling the {model} pipeline, {frames} x {height}x{width} ({kernel})")
+            prof = pipeline_profile(model, height, width, frames, True, "fp16", kernel)
+            name = pipeline_profile_name(model, height, width, frames, True, "fp16", kernel)
+            written.append(prof.save(folder / name))
     return written
+

@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
-from ..planner.errors import PlanMismatchError, UnsupportedModelError, VramplanError
+from ..planner.errors import InvalidArgumentError, PlanMismatchError, VramplanError
 from ..planner.schema import Plan, RunReport, StageReport
-from .adapters import PIPELINE_ADAPTERS
+from .adapters import pipeline_adapter
+from .adapters.base import LoadFailure
 from .apply import apply_plan
 from .memory import MemoryTracker, unit_label
 
@@ -38,33 +39,19 @@ class RunResult:
 
 
 def load_pipeline(plan: Plan, allow_download: bool = False, dtype: str | None = None):
-    """The plan's pipeline from a local path or the local Hugging Face cache."""
-    import diffusers
-
+    """The plan's pipeline from a local path or the local Hugging Face cache (its pipeline adapter loads it)."""
     from ..profiles import model_catalogue
 
     name = plan.model_name
     if not name:
         raise VramplanError("the plan names no model; pass pipe= (a pipeline you built)")
     entry = model_catalogue().get(name.lower())
-    source = entry["hf_id"] if entry else name
-    cls = getattr(diffusers, plan.pipeline or (entry or {}).get("pipeline", ""), None)
-    if cls is None:
-        raise UnsupportedModelError(f"no pipeline class for {name!r}; pass pipe=")
+    adapter = pipeline_adapter(plan.pipeline or (entry or {}).get("pipeline"))
     dtype = dtype or next((c.shape.dtype for c in plan.components if c.shape), "fp16")
-    local = not allow_download
-    extra = {}
-    what = cls.__name__
     try:
-        if entry and entry.get("motion_adapter"):  # AnimateDiff: a base SD 1.5 pipeline + the motion adapter
-            source, what = entry["motion_adapter"], "MotionAdapter"
-            extra["motion_adapter"] = diffusers.MotionAdapter.from_pretrained(
-                source, dtype=_DTYPES[dtype], local_files_only=local
-            )
-            source, what = entry["hf_id"], cls.__name__
-        return cls.from_pretrained(source, dtype=_DTYPES[dtype], local_files_only=local, **extra)
-    except (OSError, ValueError) as err:
-        raise VramplanError(_missing_message(source, what, err)) from err
+        return adapter.load(entry["hf_id"] if entry else name, _DTYPES[dtype], not allow_download, entry)
+    except LoadFailure as err:
+        raise VramplanError(_missing_message(err.source, err.what, err.cause)) from err
 
 
 def _missing_message(source: str, cls_name: str, err: Exception) -> str:
@@ -96,12 +83,9 @@ def run(plan: Plan, pipe=None, *, allow_download: bool = False, progress: bool =
     """Run ``pipe`` (or the plan's pipeline, loaded locally) under ``plan``; frames and a RunReport."""
     pipe = pipe if pipe is not None else load_pipeline(plan, allow_download)
     kind = type(pipe).__name__
-    if kind not in PIPELINE_ADAPTERS:
-        raise UnsupportedModelError(
-            f"vramplan cannot run {kind}; supported pipelines: {', '.join(PIPELINE_ADAPTERS)}"
-        )
-    stages = PIPELINE_ADAPTERS[kind].STAGES
-    call_kwargs = _call_arguments(plan, call_kwargs)
+    adapter = pipeline_adapter(kind)
+    stages = adapter.stages
+    call_kwargs = _call_arguments(plan, call_kwargs, adapter)
     cuda = pipe.device.type == "cuda" or (pipe.device.type == "cpu" and torch.cuda.is_available())
     notes: list[str] = []
     allocator = _configure_allocator(notes) if cuda else None
@@ -175,23 +159,22 @@ def run(plan: Plan, pipe=None, *, allow_download: bool = False, progress: bool =
     return RunResult(frames=frames, report=report)
 
 
-def _call_arguments(plan: Plan, kwargs: dict) -> dict:
-    """Fill the call from the plan; refuse a call asking for another size than the plan's."""
+def _call_arguments(plan: Plan, kwargs: dict, adapter) -> dict:
+    """Fill the call from the plan (the pipeline adapter says which arguments it fixes); refuse a call
+    asking for another size than the plan's, or a step count below 1."""
     kwargs = dict(kwargs)
-    wanted = {"height": plan.height, "width": plan.width, "num_frames": plan.frames}
-    for key, value in wanted.items():
-        if value is None:
-            continue
-        if key in kwargs and kwargs[key] != value:
+    for key, value in adapter.call_arguments(plan).items():
+        if key in ("height", "width", "num_frames") and key in kwargs and kwargs[key] != value:
             raise PlanMismatchError(
                 f"the plan is for {plan.frames} frames at {plan.height}x{plan.width}, but the call asks for "
                 f"{key}={kwargs[key]}. Make a plan for that size (vramplan.plan_for)."
             )
-        kwargs[key] = value
-    if plan.frames:
-        kwargs.setdefault("decode_chunk_size", plan.frames)  # every frame in one exact, sliced decode
+        kwargs.setdefault(key, value)
     if plan.target is not None:
         kwargs.setdefault("num_inference_steps", plan.target.steps)
+    steps = kwargs.get("num_inference_steps")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise InvalidArgumentError(f"num_inference_steps={steps!r}: a run needs at least one denoising step")
     return kwargs
 
 

@@ -10,7 +10,7 @@ import torch
 from ..planner.allocator import replay
 from ..planner.errors import PlanMismatchError
 from ..planner.schema import ComponentPlan, Plan
-from .adapters.base import adapter_for
+from .adapters.base import adapter_for, pipeline_adapter
 from .apply import apply_plan, fingerprint
 from .fake import attention_kernel
 from .memory import MemoryTracker
@@ -48,6 +48,8 @@ def verify_all(plan: Plan | ComponentPlan, models: dict | None = None) -> list[V
         plan = Plan(components=[plan])
     models = dict(models or {})
     reports = []
+    if plan.pipeline:
+        pipeline_adapter(plan.pipeline).check_plan(plan)
     for comp in plan.components:
         if comp.shape is None:
             continue
@@ -64,21 +66,33 @@ def verify_all(plan: Plan | ComponentPlan, models: dict | None = None) -> list[V
     return reports
 
 
-def _whole_stages(plan: Plan) -> list[VerifyReport]:
-    """Re-measure the stages that run unsliced (encoders) on meta tensors of the catalogue's components."""
-    from ..profiles import component_config, model_catalogue, model_entry
-    from .adapters import PIPELINE_ADAPTERS
-    from .models import meta_from_config
-
-    if plan.model_name.lower() not in model_catalogue() or plan.pipeline not in PIPELINE_ADAPTERS:
+def missing_components(plan: Plan) -> list[str]:
+    """Components the plan's pipeline slices but the plan does not (they would run whole, unplanned)."""
+    if not plan.pipeline:
         return []
-    measure = PIPELINE_ADAPTERS[plan.pipeline].measure_whole_stages
+    return pipeline_adapter(plan.pipeline).missing_components(plan)
+
+
+def failures(plan: Plan, reports: list[VerifyReport], tolerance: float) -> list[str]:
+    """What makes a verify fail: a missing sliced component, or a prediction off by more than ``tolerance``."""
+    out = [f"{c}: missing from the plan, so it would run unsliced and unplanned" for c in missing_components(plan)]
+    for report in reports:
+        if report.error is not None and abs(report.error) > tolerance:
+            out.append(f"{report.component}: prediction off by {report.error * 100:+.2f} % "
+                       f"(tolerance {tolerance * 100:.2f} %)")
+    return out
+
+
+def _whole_stages(plan: Plan) -> list[VerifyReport]:
+    """Re-measure the stages that run unsliced (encoders) on meta tensors of the pipeline's components."""
+    from ..planner.pipelines import pipeline_source
+
+    adapter = pipeline_adapter(plan.pipeline)
     started = time.perf_counter()
     dtype = next(c.shape.dtype for c in plan.components if c.shape is not None)
-    entry = model_entry(plan.model_name)
-    components = {c: meta_from_config(component_config(plan.model_name, c), dtype) for c in entry["components"]}
+    components = adapter.meta_components(pipeline_source(plan.model_name).configs, dtype)
     kernel = plan.target.attention_kernel if plan.target else "flash"
-    measured = measure(components, plan.height, plan.width, dtype, kernel)
+    measured = adapter.measure_whole_stages(components, plan.height, plan.width, dtype, kernel)
     reports = []
     for stage in plan.stages:
         if stage.stage in measured:
@@ -94,14 +108,17 @@ def _whole_stages(plan: Plan) -> list[VerifyReport]:
 
 
 def _build(plan: Plan, comp: ComponentPlan) -> torch.nn.Module:
-    from ..profiles import component_config, model_catalogue
+    from ..planner.pipelines import pipeline_source
     from .models import meta_from_config, meta_unet
 
     name = plan.model_name or comp.model.name
     if not name:
         raise PlanMismatchError("the plan names no model to build; pass the model to verify()")
-    if name.lower() in model_catalogue():
-        model = meta_from_config(component_config(name, comp.component), comp.shape.dtype)
+    if plan.pipeline:
+        configs = pipeline_source(name).configs
+        if comp.component not in configs:
+            raise PlanMismatchError(f"{name} has no component {comp.component!r} (it has {', '.join(configs)})")
+        model = meta_from_config(configs[comp.component], comp.shape.dtype)
     else:
         model = meta_unet(name, comp.shape.dtype)
     actual = fingerprint(model)

@@ -102,7 +102,7 @@ def test_auto_without_a_driver_says_so():
         (dict(height=570), "not a multiple of 8"),
         (dict(width=32), "too small"),
         (dict(frames=0), "at least one frame"),
-        (dict(dtype="int8"), "choose fp16"),
+        (dict(dtype="int8"), "choose one of fp16"),
     ],
 )
 def test_shapes_the_model_cannot_take(kwargs, message):

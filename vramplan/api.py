@@ -1,21 +1,28 @@
-"""``plan_for``: the one call most users need. Imports torch only to profile a new shape."""
+"""``plan_for``: the one call most users need. Imports torch only to profile a new shape.
+
+Every argument is checked here (types, ranges, nan/inf, what the GPU and the pipeline can take),
+so the same mistakes get the same clear errors from Python and from the CLI.
+"""
 
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
-from .planner.errors import VramplanError
+from .planner.errors import InvalidArgumentError, UnsupportedGPUFeatureError, VramplanError
+from .planner.fmt import human_bytes
 from .planner.gpus import find_gpu
 from .planner.pipeline import plan_pipeline
+from .planner.pipelines import check_number, pipeline_source, pipeline_spec
 from .planner.plan import shipped_pipeline_profile
 from .planner.schema import PipelineProfile, Plan, SampleShape
-from .profiles import model_catalogue
 
 log = logging.getLogger(__name__)
 
-VAE_SCALE_FACTOR = 8
-MIN_LATENT = 8  # the UNets downsample latents three times
+DTYPES = ("fp16", "bf16", "fp32")
+ALLOCATORS = ("expandable_segments", "default", "none")
+METHODS = ("auto", "ilp", "dp")
 
 
 def plan_for(
@@ -38,19 +45,42 @@ def plan_for(
     """A plan that runs the whole ``model`` pipeline at ``height`` x ``width`` x ``frames`` within
     ``gpu``'s memory: per component slicing, groups and weight residency, with a prediction.
 
-    ``gpu``: a name ("2080Ti", "RTX 4090", "A100 80GB") or "auto" (the local GPU, via NVML).
-    ``model``: "svd", "svd-xt", a Hugging Face id (config read from the local cache) or a local path.
+    ``gpu``: a name ("2080Ti", "RTX 4090", "A100 80GB") or "auto" (the local GPU and its memory, via NVML).
+    ``model``: "svd", "svd-xt", "animatediff", a local pipeline folder (``save_pretrained``) or a Hugging
+    Face id whose configs are in the local cache (profiled on meta tensors on first use, then cached).
     ``vram_gb``: plan for this much memory in all instead of the GPU's usable memory.
     ``max_latency_s``: minimise peak memory subject to this latency for the whole run
     (default: minimise latency within memory). ``guidance`` doubles the UNet batch (CFG).
     ``rehash``: Step Rehash schedule, "off" | "uniform" | "greedy" | "optimal" (the last two need a
     ``calibration``: a Calibration or its JSON file); ``keys``: how many steps run the whole UNet.
     """
-    gpu_profile = find_gpu(gpu)
+    _check_choice("dtype", dtype, DTYPES)
+    _check_choice("allocator", allocator, ALLOCATORS)
+    _check_choice("method", method, METHODS)
+    if not isinstance(guidance, bool):
+        raise InvalidArgumentError(f"guidance={guidance!r} must be True or False")
+    check_number("steps", steps, integer=True, minimum=1)
+    check_number("vram_gb", vram_gb, positive=True, allow_none=True)
+    check_number("max_latency_s", max_latency_s, positive=True, allow_none=True)
+    if not isinstance(gpu, str) or not gpu.strip():
+        raise InvalidArgumentError(f'gpu={gpu!r} must be a GPU name such as "2080Ti", or "auto"')
     shape = sample_shape_for(model, height, width, frames, guidance, dtype)
+    gpu_profile = find_gpu(gpu)
+    if dtype == "bf16" and not gpu_profile.bf16:
+        raise UnsupportedGPUFeatureError(
+            f"{gpu_profile.name} (compute capability {gpu_profile.compute_capability}) has no bf16; "
+            f"plan with dtype='fp16' (or fp32) for it."
+        )
+    usable = None
+    if vram_gb is not None:
+        usable = int(vram_gb * 2**30)
+        if usable > gpu_profile.memory_usable_bytes:
+            log.warning(
+                "vram_gb=%g is more than %s has (%s usable): planning beyond the card's memory",
+                vram_gb, gpu_profile.name, human_bytes(gpu_profile.memory_usable_bytes),
+            )
     kernel = gpu_profile.attention_kernel if dtype != "fp32" else "efficient"
     profile = find_pipeline_profile(model, height, width, shape.frames, guidance, dtype, kernel)
-    usable = int(vram_gb * 2**30) if vram_gb is not None else None
     if rehash != "off":
         from .planner.rehash import load_calibration, plan_rehash
 
@@ -67,33 +97,19 @@ def plan_for(
 
 def sample_shape_for(model: str, height: int, width: int, frames: int | None, guidance: bool, dtype: str) -> SampleShape:
     """The UNet sample shape of a request, or a clear error saying why the model cannot take it."""
-    for label, value in (("height", height), ("width", width)):
-        if value % VAE_SCALE_FACTOR:
-            raise VramplanError(
-                f"{label}={value} is not a multiple of {VAE_SCALE_FACTOR}: the VAE encodes {VAE_SCALE_FACTOR}x"
-                f"{VAE_SCALE_FACTOR} pixels into one latent. Try {label}={round(value / 8) * 8}."
-            )
-        if value // VAE_SCALE_FACTOR < MIN_LATENT:
-            raise VramplanError(
-                f"{label}={value} is too small: the UNet downsamples latents three times, so it needs at "
-                f"least {MIN_LATENT * VAE_SCALE_FACTOR} pixels."
-            )
-    entry = model_catalogue().get(model.lower())
+    check_number("height", height, integer=True, positive=True)
+    check_number("width", width, integer=True, positive=True)
+    check_number("frames", frames, integer=True, allow_none=True)
+    _check_choice("dtype", dtype, DTYPES)
+    source = pipeline_source(model)
+    spec = pipeline_spec(source.pipeline)
+    spec.check_size(height, width)
     if frames is None:
-        if entry is None:
-            raise VramplanError(f"frames is required for {model!r} (no default frame count known)")
-        frames = entry["frames"]
-    if frames < 1:
-        raise VramplanError(f"frames={frames}: a video needs at least one frame")
-    if dtype not in ("fp16", "bf16", "fp32"):
-        raise VramplanError(f"dtype={dtype!r}: choose fp16, bf16 or fp32")
-    return SampleShape(
-        batch=2 if guidance else 1,
-        frames=frames,
-        latent_height=height // VAE_SCALE_FACTOR,
-        latent_width=width // VAE_SCALE_FACTOR,
-        dtype=dtype,
-    )
+        frames = spec.default_frames(source.entry, source.unet_config)
+        if frames is None:
+            raise InvalidArgumentError(f"{model!r} has no default frame count: pass frames=")
+    spec.check_frames(frames, source.unet_config)
+    return spec.unet_shape(height, width, frames, guidance, dtype)
 
 
 def find_pipeline_profile(
@@ -110,10 +126,18 @@ def find_pipeline_profile(
             f"no shipped profile for {model} {frames} x {height}x{width} ({kernel} attention), and profiling "
             f"one needs the runtime: pip install 'vramplan[runtime]'"
         ) from err
-    log.info("profiling the %s pipeline at %d x %dx%d (%s attention); cached", model, frames, height, width, kernel)
+    message = f"profiling the {model} pipeline at {frames} x {height}x{width} ({kernel} attention) on meta tensors"
+    if sys.stderr.isatty():
+        print(message + " (once; cached)", file=sys.stderr)
+    log.info("%s; cached", message)
     return cached_pipeline_profile(model, height, width, frames, guidance, dtype, kernel)
 
 
 def load_plan(path: str | Path) -> Plan:
-    """Read a plan file (clear errors for corrupt or future-version files)."""
+    """Read a plan file (clear errors for corrupt, oversized or future-version files)."""
     return Plan.load(path)
+
+
+def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise InvalidArgumentError(f"{name}={value!r}: choose one of {', '.join(choices)}")

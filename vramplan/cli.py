@@ -6,10 +6,13 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
+import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
-from .planner.errors import VramplanError
+from .planner.errors import InputFileError, InvalidArgumentError, VramplanError
 
 GIB = 2**30
 
@@ -20,7 +23,7 @@ def _gib(n: float | None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vramplan", description="Make video diffusion fit the GPU you have.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress; show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("plan", help="plan a model for a GPU, print the table and write the plan JSON")
@@ -32,6 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--allocator", choices=["expandable_segments", "default", "none"], default="expandable_segments")
     p.add_argument("--solver", choices=["auto", "ilp", "dp"], default="auto")
     p.add_argument("-o", "--output", help="plan file to write (default: <model>-<gpu>.json)")
+    p.add_argument("--plot", metavar="PNG", help="also draw per-block memory, original vs plan (needs matplotlib)")
 
     sub.add_parser("gpus", help="list the known GPUs")
 
@@ -53,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     p = sub.add_parser("verify", help="run a plan on meta tensors of the full model: measured vs predicted")
     p.add_argument("plan")
+    p.add_argument("--tolerance", type=float, default=0.02,
+                   help="largest relative prediction error accepted (default 0.02 = 2%%); above it verify exits 1")
 
     p = sub.add_parser("run", help="run a plan on its pipeline (weights from a local path or the HF cache)")
     p.add_argument("plan")
@@ -74,8 +80,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return commands[args.command](args)
     except VramplanError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+
+
+def check_output(path: str | os.PathLike, what: str = "output file") -> Path:
+    """Refuse an output path that cannot be written, before any work (profiling takes minutes)."""
+    out = Path(path).expanduser()
+    folder = out.parent if str(out.parent) else Path(".")
+    if out.is_dir():
+        raise InputFileError(f"{what} {out} is a folder; give a file name")
+    if not folder.is_dir():
+        raise InputFileError(f"cannot write {what} {out}: the folder {folder} does not exist (create it first)")
+    if not os.access(folder, os.W_OK):
+        raise InputFileError(f"cannot write {what} {out}: the folder {folder} is not writable")
+    return out
 
 
 def _shape_args(p: argparse.ArgumentParser) -> None:
@@ -90,15 +111,23 @@ def _shape_args(p: argparse.ArgumentParser) -> None:
 def cmd_plan(args) -> int:
     from .api import plan_for
 
+    if args.output:
+        check_output(args.output, "plan file")
+    if args.plot:
+        check_output(args.plot, "plot file")
     plan = plan_for(
         gpu=args.gpu, model=args.model, height=args.height, width=args.width, frames=args.frames,
         guidance=not args.no_guidance, dtype=args.dtype, steps=args.steps, vram_gb=args.vram_gb,
         max_latency_s=args.max_latency, allocator=args.allocator, method=args.solver,
     )
     print(plan_table(plan))
-    out = args.output or f"{args.model.replace('/', '_')}-{plan.target.gpu.replace(' ', '')}.json"
+    out = args.output or f"{Path(args.model).name or 'model'}-{plan.target.gpu.replace(' ', '')}.json"
     plan.save(out)
     print(f"\nwrote {out}")
+    if args.plot:
+        from .plots import plot_plan
+
+        print(f"wrote {plot_plan(plan, args.plot)}")
     return 0
 
 
@@ -146,17 +175,19 @@ def _sliced_components(plan):
     from .api import find_pipeline_profile
     from .planner.costs import CostModel
     from .planner.gpus import find_gpu
+    from .planner.pipelines import pipeline_spec
 
     if not plan.stages or plan.height is None:
         return []
     target = plan.target
-    unet = next(c for c in plan.components if c.component == "unet")
-    guidance = unet.shape.batch == 2 if unet.shape else True
-    dtype = unet.shape.dtype if unet.shape else "fp16"
     try:
+        spec = pipeline_spec(plan.pipeline)
+        denoiser = plan.component(next(c for s, c, _ in spec.stages if s == "denoise"))
+        guidance = denoiser.shape.batch == spec.guidance_batch if denoiser.shape else True
+        dtype = denoiser.shape.dtype if denoiser.shape else "fp16"
         profile = find_pipeline_profile(plan.model_name, plan.height, plan.width, plan.frames, guidance, dtype,
                                         target.attention_kernel)
-    except VramplanError:
+    except (VramplanError, KeyError, StopIteration):
         return []
     out = []
     for stage in profile.stages:
@@ -210,7 +241,10 @@ def cmd_gpus(args) -> int:
 
 def cmd_fleet(args) -> int:
     from .planner.fleet import capacity
+    from .planner.pipelines import check_number
 
+    check_number("--rate", args.rate, positive=True, allow_none=True)
+    check_number("--steps", args.steps, integer=True, minimum=1)
     rows = capacity(model=args.model, height=args.height, width=args.width, frames=args.frames, steps=args.steps,
                     guidance=not args.no_guidance, dtype=args.dtype, videos_per_hour=args.rate, gpus=args.gpus)
     print(f"{args.model}, {args.height}x{args.width}, {args.steps} steps: fastest plan per GPU "
@@ -226,7 +260,12 @@ def cmd_fleet(args) -> int:
 
 def cmd_profile(args) -> int:
     from .api import sample_shape_for
-    from .runtime.profiler import cached_profile, profile, regenerate_shipped
+    from .planner.pipelines import check_number
+
+    check_number("--max-k", args.max_k, integer=True, minimum=1)
+    if args.output:
+        check_output(args.output, "profile file")
+    from .runtime.profiler import cached_profile, profile, regenerate_shipped, writable_cache_dir
 
     if args.regenerate_shipped:
         for path in regenerate_shipped(progress=print):
@@ -241,6 +280,7 @@ def cmd_profile(args) -> int:
         prof.save(args.output)
         print("wrote", args.output)
     else:
+        writable_cache_dir()
         prof = cached_profile(unet, shape, args.kernel, name=args.model, max_k=args.max_k, progress=print)
     print(f"{len(prof.units)} units; original activation peak {_gib(prof.original_peak_bytes)} GiB; "
           f"weights {_gib(prof.weight_bytes)} GiB")
@@ -255,12 +295,16 @@ def cmd_schema(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    from .planner.pipelines import check_number
     from .planner.schema import Plan
-    from .runtime.verify import verify_all
 
+    check_number("--tolerance", args.tolerance, minimum=0)
     plan = Plan.load(args.plan)
+    from .runtime.verify import failures, verify_all
+
     print(f"{plan.describe()}: executing every sliced component on meta tensors of the full-size model")
-    for report in verify_all(plan):
+    reports = verify_all(plan)
+    for report in reports:
         if report.component not in {c.component for c in plan.components}:
             print(f"\n{report.component}: runs whole")
         else:
@@ -273,31 +317,58 @@ def cmd_verify(args) -> int:
             print(f"  prediction error           {report.error * 100:+.2f} %")
         print(f"  allocator replay           {_gib(report.measured_needed_bytes)} GiB needed")
         print(f"  verified in {report.seconds:.1f} s")
+    problems = failures(plan, reports, args.tolerance)
+    if problems:
+        print("\nFAILED:", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    print(f"\nOK: every sliced component present, every prediction within {args.tolerance * 100:g} %")
     return 0
 
 
 def cmd_run(args) -> int:
-    import torch
-    from PIL import Image
-
+    from .planner.pipelines import check_number, pipeline_spec
     from .planner.schema import Plan
-    from .runtime.runner import run, save_video
 
     plan = Plan.load(args.plan)
+    spec = pipeline_spec(plan.pipeline)
+    check_number("--steps", args.steps, integer=True, minimum=1, allow_none=True)
+    check_number("--fps", args.fps, integer=True, minimum=1)
+    check_output(args.out, "video")
     kwargs = {"num_inference_steps": args.steps} if args.steps else {}
-    if plan.pipeline == "AnimateDiffPipeline":
+    if spec.conditioning == "prompt":
         if not args.prompt:
-            raise VramplanError("an AnimateDiff plan needs --prompt")
+            raise InvalidArgumentError(f"a {spec.pipeline} plan needs --prompt (the text to animate)")
         kwargs.update(prompt=args.prompt, negative_prompt=args.negative_prompt)
-    else:
+    elif spec.conditioning == "image":
         if not args.image:
-            raise VramplanError("a Stable Video Diffusion plan needs --image (the conditioning image)")
-        kwargs["image"] = Image.open(args.image).convert("RGB")
+            raise InvalidArgumentError(f"a {spec.pipeline} plan needs --image (the conditioning image)")
+        kwargs["image"] = read_image(args.image)
+
+    import torch
+
+    from .runtime.runner import run, save_video
+
     result = run(plan, allow_download=args.allow_download, generator=torch.Generator().manual_seed(args.seed),
                  **kwargs)
     print(result.report.summary())
     print("wrote", save_video(result.frames, args.out, fps=args.fps))
     return 0
+
+
+def read_image(path: str):
+    """The conditioning image as RGB, or an InputFileError saying what is wrong with the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise InputFileError(f"--image {path}: {'is a folder' if file.is_dir() else 'no such file'}")
+    try:
+        with Image.open(file) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise InputFileError(f"--image {path} is not an image PIL can read ({type(err).__name__}: {err})") from err
 
 
 # Modules with ``register(subparsers) -> {command: handler}``: each adds its own subcommands.

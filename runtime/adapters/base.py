@@ -7,12 +7,18 @@ The slicer, grouping and memory code work on that program and never see a diffus
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
 from ...planner.errors import UnsupportedModelError
+from ...planner.pipelines import pipeline_spec
+from ..fake import attention_kernel
+from ..memory import MemoryTracker
+from ..opcount import OpCounter
 from ..program import Layout, Op
 
 
@@ -76,3 +82,77 @@ def adapter_for(model: torch.nn.Module) -> Adapter:
     raise UnsupportedModelError(
         f"vramplan has no adapter for {name}. Supported model classes: {', '.join(supported_classes())}."
     )
+
+
+def pipeline_adapter(name: str | None):
+    """The runtime adapter of diffusers pipeline class ``name`` (its torch-free facts plus loading,
+    profiling and whole-stage measuring), or an UnsupportedModelError naming the supported ones."""
+    from . import animatediff_pipeline, svd_pipeline  # noqa: F401  (registers the runtime subclasses)
+
+    return pipeline_spec(name)
+
+
+def measure_stage(fn: Callable[[], object], kernel: str) -> tuple[int, int, int]:
+    """Activation peak, FLOPs and bytes moved of a whole (unsliced) pipeline stage on meta tensors.
+
+    Lives here, not in the profiler, so that pipeline adapters and the profiler both import it
+    without importing each other."""
+    counter = OpCounter()
+    with torch.no_grad(), attention_kernel(kernel), MemoryTracker() as tracker, counter:
+        fn()
+    totals = counter.units.values()
+    return tracker.peak_bytes, sum(u.flops for u in totals), sum(u.bytes_moved for u in totals)
+
+
+class LoadFailure(Exception):
+    """A component or pipeline that could not be loaded: ``source``, ``what`` and the cause (the runner
+    turns it into a message that says how to get the weights)."""
+
+    def __init__(self, source: str, what: str, cause: Exception) -> None:
+        super().__init__(f"{what} {source!r}: {cause}")
+        self.source, self.what, self.cause = source, what, cause
+
+
+@contextmanager
+def quiet_diffusers():
+    """Silence diffusers' warnings for a moment (``.to(dtype)`` on modules kept in fp32)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
+class PipelineAdapter:
+    """The torch parts every pipeline adapter shares; mixed into a :class:`PipelineSpec` subclass.
+
+    A subclass adds ``measure_whole_stages(components, height, width, dtype, kernel) -> {stage:
+    (activation, flops, bytes)}`` and ``stage_profiles(...) -> [StageProfile]``; the profiler runs
+    the sliced stages' model profiles and calls them."""
+
+    pipeline: str
+
+    def pipeline_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline)
+
+    def meta_components(self, configs: dict[str, dict], dtype: str) -> dict[str, torch.nn.Module]:
+        """The pipeline's components on the meta device, from their configs (no weights)."""
+        from ..models import meta_from_config
+
+        return {name: meta_from_config(configs[name], dtype) for name in self.components}
+
+    def load(self, source: str, dtype: torch.dtype, local_files_only: bool, entry: dict | None = None):
+        """The pipeline from a local path or the Hugging Face cache (raises :class:`LoadFailure`)."""
+        return self._from_pretrained(self.pipeline_class(), source, dtype, local_files_only)
+
+    @staticmethod
+    def _from_pretrained(cls, source: str, dtype: torch.dtype, local_files_only: bool, **extra):
+        try:
+            return cls.from_pretrained(source, dtype=dtype, local_files_only=local_files_only, **extra)
+        except (OSError, ValueError) as err:
+            raise LoadFailure(source, cls.__name__, err) from err

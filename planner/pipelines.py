@@ -1,0 +1,293 @@
+"""What vramplan knows about each diffusers video pipeline, without torch.
+
+One class per diffusers pipeline class, registered by that class name: the stages of a call and
+the component and method each enters by, which stages the planner slices, the latent-shape rules
+(VAE scale factor, smallest latent, frame limits), the call arguments a plan fixes, the UNet batch
+under guidance and the conditioning input a run needs. ``plan_for``, the CLI and the schema
+checks ask these classes instead of knowing pipelines themselves; ``runtime/adapters/*_pipeline.py``
+subclass them with the parts that need torch (loading, profiling, measuring whole stages).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .errors import InvalidArgumentError, PlanMismatchError, UnsupportedModelError
+from .schema import Plan, SampleShape
+
+DTYPES = ("fp16", "bf16", "fp32")
+
+
+class PipelineSpec:
+    """The torch-free facts of one diffusers pipeline class. Subclass and :func:`register`."""
+
+    pipeline: ClassVar[str]  # diffusers pipeline class name
+    # Entry points of the stages, in call order: (stage, component, method).
+    stages: ClassVar[tuple[tuple[str, str, str], ...]]
+    # Stages the planner slices -> the batch of their sample: "guidance" (UNet) or 1 (decoder, per video).
+    sliced: ClassVar[dict[str, str | int]] = {"denoise": "guidance", "decode": 1}
+    components: ClassVar[tuple[str, ...]]
+    conditioning: ClassVar[str]  # the call argument a run needs: "image" or "prompt"
+    vae_scale_factor: ClassVar[int] = 8
+    min_latent: ClassVar[int] = 8  # the UNets downsample latents three times
+    guidance_batch: ClassVar[int] = 2  # classifier-free guidance runs the UNet on [uncond, cond]
+
+    # -- shapes ----------------------------------------------------------------------------
+    def max_frames(self, unet_config: dict[str, Any] | None) -> int | None:
+        """The most frames the UNet can take (None: no limit)."""
+        return None
+
+    def default_frames(self, entry: dict[str, Any] | None, unet_config: dict[str, Any] | None) -> int | None:
+        """The frame count used when the user gives none."""
+        return (entry or {}).get("frames")
+
+    def check_size(self, height: int, width: int) -> None:
+        """Refuse pixel sizes the VAE and UNet cannot take, saying which would work."""
+        f = self.vae_scale_factor
+        for label, value in (("height", height), ("width", width)):
+            if value % f:
+                raise InvalidArgumentError(
+                    f"{label}={value} is not a multiple of {f}: the VAE encodes {f}x{f} pixels into one latent. "
+                    f"Try {label}={max(round(value / f), self.min_latent) * f}."
+                )
+            if value // f < self.min_latent:
+                raise InvalidArgumentError(
+                    f"{label}={value} is too small: the UNet downsamples latents three times, so it needs at "
+                    f"least {self.min_latent * f} pixels."
+                )
+
+    def check_frames(self, frames: int, unet_config: dict[str, Any] | None) -> None:
+        if frames < 1:
+            raise InvalidArgumentError(f"frames={frames}: a video needs at least one frame")
+        limit = self.max_frames(unet_config)
+        if limit is not None and frames > limit:
+            raise InvalidArgumentError(self.frames_message(frames, limit))
+
+    def frames_message(self, frames: int, limit: int) -> str:
+        return f"frames={frames}: {self.pipeline} takes at most {limit} frames."
+
+    def unet_shape(self, height: int, width: int, frames: int, guidance: bool, dtype: str) -> SampleShape:
+        """The UNet's sample shape for one video of this size."""
+        return self.stage_shape("denoise", height, width, frames, guidance, dtype)
+
+    def stage_shape(self, stage: str, height: int, width: int, frames: int, guidance: bool, dtype: str) -> SampleShape:
+        batch = self.sliced[stage]
+        if batch == "guidance":
+            batch = self.guidance_batch if guidance else 1
+        return SampleShape(batch=batch, frames=frames, latent_height=height // self.vae_scale_factor,
+                           latent_width=width // self.vae_scale_factor, dtype=dtype)
+
+    # -- runs ------------------------------------------------------------------------------
+    def call_arguments(self, plan: Plan) -> dict[str, Any]:
+        """Call arguments the plan fixes (``height``, ``width``, ``num_frames`` and pipeline specifics)."""
+        args = {"height": plan.height, "width": plan.width, "num_frames": plan.frames}
+        return {k: v for k, v in args.items() if v is not None}
+
+    def sliced_components(self) -> list[str]:
+        """Components the planner slices (those a complete plan must give a shape)."""
+        by_stage = {stage: comp for stage, comp, _ in self.stages}
+        return [by_stage[s] for s in self.sliced]
+
+    def check_plan(self, plan: Plan) -> None:
+        """Refuse a plan whose components do not belong to this pipeline (an edited or mixed-up file)."""
+        names = {c.component for c in plan.components}
+        foreign = sorted(names - set(self.components))
+        if foreign:
+            raise PlanMismatchError(
+                f"the plan says {self.pipeline}, whose components are {', '.join(self.components)}, but it has "
+                f"{', '.join(foreign)}: it was made for another pipeline or edited. Make a new plan (vramplan plan)."
+            )
+
+    def missing_components(self, plan: Plan) -> list[str]:
+        """Sliced components the plan does not slice (they would run whole, unplanned)."""
+        have = {c.component for c in plan.components if c.shape is not None}
+        return [c for c in self.sliced_components() if c not in have]
+
+
+_SPECS: dict[str, type[PipelineSpec]] = {}
+
+
+def register(cls: type[PipelineSpec]) -> type[PipelineSpec]:
+    """Register a pipeline class; a subclass registered later (the runtime's) replaces its base."""
+    _SPECS[cls.pipeline] = cls
+    return cls
+
+
+def known_pipelines() -> list[str]:
+    return sorted(_SPECS)
+
+
+def pipeline_spec(name: str | None) -> PipelineSpec:
+    """The registered facts of diffusers pipeline class ``name``, or a clear error naming the known ones."""
+    cls = _SPECS.get(name or "")
+    if cls is None:
+        raise UnsupportedModelError(
+            f"vramplan does not know the pipeline {name!r}; supported pipelines: {', '.join(known_pipelines())}"
+        )
+    return cls()
+
+
+@register
+class StableVideoDiffusion(PipelineSpec):
+    """``StableVideoDiffusionPipeline``: image encoder, VAE encoder (fp32 when ``force_upcast``), UNet
+    per step, temporal VAE decoder on all frames, post-processing."""
+
+    pipeline = "StableVideoDiffusionPipeline"
+    stages = (("encode_image", "image_encoder", "forward"), ("encode_vae", "vae", "encode"),
+              ("denoise", "unet", "forward"), ("decode", "vae", "decode"))
+    components = ("unet", "vae", "image_encoder")
+    conditioning = "image"
+
+    def default_frames(self, entry, unet_config):
+        return super().default_frames(entry, unet_config) or (unet_config or {}).get("num_frames")
+
+    def call_arguments(self, plan: Plan) -> dict[str, Any]:
+        # The temporal decoder mixes frames: only all frames in one (sliced) decode is the exact video.
+        args = super().call_arguments(plan)
+        if plan.frames:
+            args["decode_chunk_size"] = plan.frames
+        return args
+
+
+@register
+class AnimateDiff(PipelineSpec):
+    """``AnimateDiffPipeline``: CLIP text encoder, ``UNetMotionModel`` per step, SD VAE decoder (frames
+    independent: any chunking is exact; vramplan decodes all at once, sliced), post-processing."""
+
+    pipeline = "AnimateDiffPipeline"
+    stages = (("encode_text", "text_encoder", "forward"), ("denoise", "unet", "forward"), ("decode", "vae", "decode"))
+    components = ("unet", "vae", "text_encoder")
+    conditioning = "prompt"
+
+    def max_frames(self, unet_config):
+        # The motion modules' positional embedding has motion_max_seq_length positions.
+        return (unet_config or {}).get("motion_max_seq_length")
+
+    def frames_message(self, frames: int, limit: int) -> str:
+        return (f"frames={frames}: the AnimateDiff motion modules take at most {limit} frames "
+                f"(motion_max_seq_length={limit}). Use frames <= {limit}.")
+
+    def call_arguments(self, plan: Plan) -> dict[str, Any]:
+        args = super().call_arguments(plan)
+        if plan.frames:
+            args["decode_chunk_size"] = plan.frames
+        return args
+
+
+def check_number(name: str, value: Any, *, integer: bool = False, minimum: float | None = None,
+                 positive: bool = False, allow_none: bool = False) -> None:
+    """Refuse a value of the wrong type, nan/inf, or out of range, naming the argument."""
+    if value is None and allow_none:
+        return
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        want = "an integer" if integer else "a number"
+        raise InvalidArgumentError(f"{name}={value!r} must be {want}, not {type(value).__name__}")
+    if not math.isfinite(value):
+        raise InvalidArgumentError(f"{name}={value!r} must be a finite number")
+    if positive and value <= 0:
+        raise InvalidArgumentError(f"{name}={value!r} must be > 0")
+    if minimum is not None and value < minimum:
+        raise InvalidArgumentError(f"{name}={value!r} must be >= {minimum:g}")
+
+
+# ---------------------------------------------------------------------------- where a pipeline comes from
+@dataclass
+class PipelineSource:
+    """A pipeline named by the user: its diffusers class, component configs, and a cache key."""
+
+    name: str  # as the user wrote it: "svd", a Hugging Face id or a path
+    pipeline: str
+    configs: dict[str, dict[str, Any]]
+    entry: dict[str, Any] | None = None  # the catalogue entry of a shipped model
+    key: str = ""  # file-name-safe: the short name, or a hash of the configs
+
+    @property
+    def unet_config(self) -> dict[str, Any] | None:
+        return self.configs.get("unet")
+
+
+def pipeline_source(model: str) -> PipelineSource:
+    """Resolve a catalogue name, a local pipeline folder or a Hugging Face id whose configs are in the
+    local cache (nothing is downloaded). Only configs are read: no torch."""
+    from ..profiles import component_config, model_catalogue
+
+    if not isinstance(model, str) or not model.strip():
+        raise InvalidArgumentError(f"model={model!r} must be a model name, a Hugging Face id or a local path")
+    catalogue = model_catalogue()
+    entry = catalogue.get(model.lower())
+    if entry is not None:
+        configs = {c: component_config(model, c) for c in entry["components"]}
+        return PipelineSource(model.lower(), entry["pipeline"], configs, entry, model.lower())
+    read = _folder_reader(model) or _hub_cache_reader(model)
+    if read is None:
+        raise UnsupportedModelError(
+            f"unknown model {model!r}: not a shipped model ({', '.join(sorted(catalogue))}), not a local pipeline "
+            f"folder, and no model_index.json for it in the local Hugging Face cache. Use a shipped name, a folder "
+            f"written by save_pretrained, or download the configs once (`huggingface-cli download {model} "
+            f"--include '*.json'`)."
+        )
+    index = _load_json(read("model_index.json"), f"{model}/model_index.json")
+    pipeline = index.get("_class_name") if isinstance(index, dict) else None
+    spec = pipeline_spec(pipeline)
+    configs, missing = {}, []
+    for component in spec.components:
+        text = read(f"{component}/config.json")
+        if text is None:
+            missing.append(f"{component}/config.json")
+        else:
+            configs[component] = _load_json(text, f"{model}/{component}/config.json")
+    if missing:
+        raise UnsupportedModelError(
+            f"{model!r} ({pipeline}) lacks {', '.join(missing)}: vramplan needs every component's config "
+            f"(`huggingface-cli download {model} --include '*.json'`)."
+        )
+    return PipelineSource(model, pipeline, configs, None, f"{pipeline}-{config_key(configs)}")
+
+
+def config_key(configs: dict[str, dict]) -> str:
+    """A short hash of a pipeline's component configs (cache keys of pipelines named by path or id)."""
+    clean = {k: {kk: vv for kk, vv in v.items() if not kk.startswith("_")} for k, v in configs.items()}
+    return hashlib.sha256(json.dumps(clean, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _folder_reader(model: str):
+    folder = Path(model).expanduser()
+    if not (folder / "model_index.json").is_file():
+        return None
+
+    def read(name: str) -> str | None:
+        path = folder / name
+        return path.read_text(encoding="utf-8") if path.is_file() else None
+
+    return read
+
+
+def _hub_cache_reader(model: str):
+    if "/" not in model or Path(model).expanduser().exists():
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # the planner alone does not need huggingface_hub
+        return None
+
+    def read(name: str) -> str | None:
+        try:
+            found = try_to_load_from_cache(model, name)
+        except Exception:  # noqa: BLE001 - an invalid repo id is just "not there"
+            return None
+        return Path(found).read_text(encoding="utf-8") if isinstance(found, str) else None
+
+    return read if read("model_index.json") is not None else None
+
+
+def _load_json(text: str | None, where: str) -> Any:
+    try:
+        return json.loads(text or "")
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise InvalidArgumentError(f"{where} is not valid JSON: {err}") from err
