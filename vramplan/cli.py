@@ -34,6 +34,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-latency", type=float, help="seconds for all steps: minimise memory within it")
     p.add_argument("--allocator", choices=["expandable_segments", "default", "none"], default="expandable_segments")
     p.add_argument("--solver", choices=["auto", "ilp", "dp"], default="auto")
+    p.add_argument("--rehash", choices=["off", "uniform", "greedy", "optimal"], default="off",
+                   help="Step Rehash schedule (greedy and optimal need --calibration)")
+    p.add_argument("--calibration", help="calibration JSON from `vramplan calibrate` (Step Rehash)")
+    p.add_argument("--keys", type=int, help="Step Rehash: how many steps run the whole UNet")
     p.add_argument("-o", "--output", help="plan file to write (default: <model>-<gpu>.json)")
     p.add_argument("--plot", metavar="PNG", help="also draw per-block memory, original vs plan (needs matplotlib)")
 
@@ -119,8 +123,13 @@ def cmd_plan(args) -> int:
         gpu=args.gpu, model=args.model, height=args.height, width=args.width, frames=args.frames,
         guidance=not args.no_guidance, dtype=args.dtype, steps=args.steps, vram_gb=args.vram_gb,
         max_latency_s=args.max_latency, allocator=args.allocator, method=args.solver,
+        rehash=args.rehash, calibration=args.calibration, keys=args.keys,
     )
     print(plan_table(plan))
+    if plan.rehash is not None:
+        from .planner.rehash import rehash_summary
+
+        print(rehash_summary(plan))
     out = args.output or f"{Path(args.model).name or 'model'}-{plan.target.gpu.replace(' ', '')}.json"
     plan.save(out)
     print(f"\nwrote {out}")
