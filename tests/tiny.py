@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from vramplan.runtime.tiny import TINY_UNET as SVD_TINY
 from vramplan.runtime.tiny import randomize_norms
@@ -23,3 +26,91 @@ def svd_inputs(unet, batch=1, frames=5, height=8, width=8, seed=1, device="cpu")
     added = torch.rand(batch, n_ids, generator=g) * 10
     timestep = torch.tensor(3.7)
     return [t.to(device) if isinstance(t, torch.Tensor) else t for t in (sample, timestep, ehs, added)]
+
+
+# ---------------------------------------------------------------------- one tiny case per adapter
+# The conformance suite (test_conformance.py) runs every registered adapter through the same checks.
+# A new adapter registers its model class here with a factory: the suite fails until it does.
+
+
+@dataclass
+class Case:
+    """A tiny model of one adapter's class and how to call its planned method.
+
+    ``inputs(batch, frames, h, w, seed)`` -> (positional args, keyword args, plan SampleShape);
+    ``output(model, args, kwargs)`` -> the tensor the planned method returns; ``container``: a
+    module the executor bypasses (for the hook checks).
+    """
+
+    model: torch.nn.Module
+    inputs: Callable[..., tuple[tuple, dict, object]]
+    output: Callable[[torch.nn.Module, tuple, dict], torch.Tensor]
+    container: str
+
+
+def _shape(batch, frames, h, w, dtype=torch.float32):
+    from vramplan.planner.schema import SampleShape
+    from vramplan.runtime.apply import dtype_name
+
+    return SampleShape(batch=batch, frames=frames, latent_height=h, latent_width=w, dtype=dtype_name(dtype))
+
+
+def _svd_unet_case() -> Case:
+    def inputs(batch, frames, h, w, seed=1):
+        sample, t, ehs, ids = svd_inputs(UNET, batch=batch, frames=frames, height=h, width=w, seed=seed)
+        return (sample, t, ehs, ids), {}, _shape(batch, frames, h, w)
+
+    UNET = tiny_svd_unet()
+    return Case(UNET, inputs, lambda m, a, kw: m(*a, **kw).sample, "down_blocks.0")
+
+
+def _svd_vae_case() -> Case:
+    from diffusers import AutoencoderKLTemporalDecoder
+    from vramplan.runtime.tiny import TINY_VAE
+
+    torch.manual_seed(0)
+    vae = randomize_norms(AutoencoderKLTemporalDecoder(**TINY_VAE), 3).eval()
+
+    def inputs(batch, frames, h, w, seed=1):
+        z = torch.randn(batch * frames, 4, h, w, generator=torch.Generator().manual_seed(seed))
+        return (z,), {"num_frames": frames}, _shape(batch, frames, h, w)
+
+    return Case(vae, inputs, lambda m, a, kw: m.decode(*a, **kw).sample, "decoder.mid_block")
+
+
+def _motion_unet_case() -> Case:
+    from diffusers import UNetMotionModel
+    from vramplan.runtime.tiny import TINY_MOTION_UNET
+
+    torch.manual_seed(0)
+    unet = randomize_norms(UNetMotionModel(**TINY_MOTION_UNET), 0).eval()
+
+    def inputs(batch, frames, h, w, seed=1):
+        g = torch.Generator().manual_seed(seed)
+        sample = torch.randn(batch, unet.config.in_channels, frames, h, w, generator=g)
+        ehs = torch.randn(batch * frames, 7, unet.config.cross_attention_dim, generator=g)
+        return (sample, torch.tensor(3), ehs), {}, _shape(batch, frames, h, w)
+
+    return Case(unet, inputs, lambda m, a, kw: m(*a, **kw).sample, "down_blocks.0")
+
+
+def _sd_vae_case() -> Case:
+    from diffusers import AutoencoderKL
+    from vramplan.runtime.tiny import TINY_SD_VAE
+
+    torch.manual_seed(0)
+    vae = randomize_norms(AutoencoderKL(**TINY_SD_VAE), 1).eval()
+
+    def inputs(batch, frames, h, w, seed=1):
+        z = torch.randn(batch * frames, 4, h, w, generator=torch.Generator().manual_seed(seed))
+        return (z,), {}, _shape(1, batch * frames, h, w)  # decode sees a flat batch of images
+
+    return Case(vae, inputs, lambda m, a, kw: m.decode(*a, **kw).sample, "decoder.mid_block")
+
+
+CASES: dict[str, Callable[[], Case]] = {
+    "UNetSpatioTemporalConditionModel": _svd_unet_case,
+    "AutoencoderKLTemporalDecoder": _svd_vae_case,
+    "UNetMotionModel": _motion_unet_case,
+    "AutoencoderKL": _sd_vae_case,
+}

@@ -206,12 +206,17 @@ def _temporal_block(name: str, prefix: str, model, block, t: str) -> Op:
 
 
 def _frame_embedding(model, prefix: str, g: dict, x: torch.Tensor) -> torch.Tensor:
-    """The transformer's frame-position embedding ``[B*T, 1, C]``, computed once per call."""
+    """The transformer's frame-position embedding ``[B*T, 1, C]``, computed once per call.
+
+    Under autograd it is recomputed per slice instead: a cached tensor made inside one checkpointed
+    slice would make that slice's recomputation differ from its forward."""
     key = f"{prefix}.frame_embedding"
     if key not in g:
         index = torch.arange(g["frames"], device=x.device).repeat(g["batch"], 1).reshape(-1)
-        emb = model.time_pos_embed(model.time_proj(index).to(dtype=x.dtype))
-        g[key] = emb[:, None, :]
+        emb = model.time_pos_embed(model.time_proj(index).to(dtype=x.dtype))[:, None, :]
+        if torch.is_grad_enabled():
+            return emb
+        g[key] = emb
     return g[key]
 
 
