@@ -1,0 +1,95 @@
+"""Calibration: one full trajectory; its recorded reuse error is what a rehash run actually makes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from vramplan.planner.rehash import Calibration, SchedulerOrderError
+from vramplan.planner.schema import RehashPlan
+from vramplan.runtime.calibrate import _guided, calibrate, plot_calibration
+from vramplan.runtime.rehash import apply_rehash
+from vramplan.runtime.tiny import tiny_svd_pipeline
+
+STEPS = 4
+CALL = dict(height=32, width=32, num_frames=4, decode_chunk_size=4, num_inference_steps=STEPS)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_svd_pipeline()
+
+
+@pytest.fixture(scope="module")
+def image():
+    return Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype("uint8"))
+
+
+@pytest.fixture(scope="module")
+def cal(pipe, image):
+    return calibrate(pipe, image=image, max_gap=2, seed=3, **CALL)
+
+
+def test_calibration_shape_and_metrics(cal, tmp_path):
+    assert cal.steps == STEPS and cal.shape.batch == 2 and cal.shape.frames == 4 and cal.max_gap == 2
+    for entry in cal.cuts:
+        sim, err = entry.similarity, entry.error
+        for a in range(STEPS):
+            assert sim[a][a] == pytest.approx(1.0)
+            for s in range(STEPS):
+                assert sim[a][s] == sim[s][a] and -1.0 <= sim[a][s] <= 1.0 + 1e-9
+                assert (err[a][s] is not None) == (1 <= s - a <= 2)
+                if err[a][s] is not None:
+                    assert err[a][s] > 0
+    path = cal.save(tmp_path / "cal.json")
+    assert Calibration.load(path) == cal
+    assert plot_calibration(cal, tmp_path / "cal.png").stat().st_size > 1000
+
+
+def test_recorded_error_is_the_rehash_runs_error(pipe, image, cal):
+    """Reusing step s-1 at step s only (every other step key): the run's guided noise error at s is the
+    calibrated error[s-1][s]."""
+    s = 2
+    entry = cal.cuts[0]
+
+    def outputs(schedule):
+        seen = []
+        handle = apply_rehash(pipe, schedule) if schedule is not None else None
+        inner = pipe.unet.forward
+
+        def record(*args, **kwargs):
+            out = inner(*args, **kwargs)
+            seen.append(out.sample if hasattr(out, "sample") else out[0])
+            return out
+
+        pipe.unet.forward = record
+        try:
+            with torch.no_grad():
+                pipe(image=image, generator=torch.Generator().manual_seed(3), **CALL)
+        finally:
+            if handle is not None:
+                pipe.unet.forward = inner
+                handle.remove()
+            else:
+                del pipe.unet.forward
+        return seen
+
+    full = outputs(None)
+    plan = RehashPlan(mode="uniform", cut=entry.cut, steps=STEPS, key_steps=[k for k in range(STEPS) if k != s],
+                      quality="calibrated", original_unet_flops=1, unet_flops=1, key_call_s=0, reuse_call_s=0,
+                      latency_saved_s=0, cache_bytes=0)
+    rehashed = outputs(plan)
+    for k in range(s):
+        torch.testing.assert_close(rehashed[k], full[k], rtol=1e-5, atol=1e-5)
+    g, g2 = _guided(pipe, full[s]), _guided(pipe, rehashed[s])
+    assert float((g2 - g).norm() / g.norm()) == pytest.approx(entry.error[s - 1][s], rel=1e-3)
+
+
+def test_second_order_scheduler_refused(image):
+    from diffusers import HeunDiscreteScheduler
+
+    pipe = tiny_svd_pipeline()
+    pipe.scheduler = HeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(SchedulerOrderError, match="first-order scheduler"):
+        calibrate(pipe, image=image, **CALL)
