@@ -61,8 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     p = sub.add_parser("verify", help="run a plan on meta tensors of the full model: measured vs predicted")
     p.add_argument("plan")
-    p.add_argument("--tolerance", type=float, default=0.02,
-                   help="largest relative prediction error accepted (default 0.02 = 2%%); above it verify exits 1")
+    p.add_argument("--tolerance", type=float, default=0.01,
+                   help="largest relative prediction error accepted (default 0.01 = 1%%); above it verify exits 1")
 
     p = sub.add_parser("run", help="run a plan on its pipeline (weights from a local path or the HF cache)")
     p.add_argument("plan")
