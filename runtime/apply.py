@@ -1,31 +1,48 @@
 """Attach a plan to a model, reversibly, and the helpers that make plans by hand.
 
-``apply_plan`` replaces the model's entry method (``forward``; ``decode`` for VAEs: the adapter
-says) with the planned executor, as an instance attribute like diffusers' hooks and accelerate's,
-and ``remove()`` puts back exactly what was there. No
-weight is copied or moved.
+``apply_plan`` attaches the planned executor as the hook ``vramplan.plan`` (:mod:`.hooks`) at the
+innermost place of the model's entry method (``forward``; ``decode`` for VAEs: the adapter says):
+wrappers of others (accelerate's offload, diffusers' hooks, the runner's timers) keep running
+around it, and ``remove()`` relinks exactly what was there, in any order. Hooks on submodules the
+executor does not call (containers such as ``down_blocks.0``) are found by tracing one call on a
+meta copy, then run around the segments of their units (offloading, casting) or refused by name.
+No weight is copied or moved.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from ..planner.errors import InvalidPlanError, PlanMismatchError
+from ..planner.errors import InvalidPlanError, PlanConflictError, PlanMismatchError
 from ..planner.schema import ComponentPlan, Group, ModelRef, Plan, SampleShape
 from . import adapters  # noqa: F401  (registers the adapters)
 from .adapters.base import adapter_for
 from .executor import Segment, execute
+from .hooks import _ATTR as _REGISTRY_ATTR
+from .hooks import (
+    PLAN_HOOK,
+    Bridge,
+    Hook,
+    _Link,
+    bridge_for,
+    get_hook,
+    hooked_modules,
+    register_hook,
+    remove_hook,
+)
 from .program import Op, Program, UnitSpec
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_MISSING = object()
+_TORCH_DTYPES = {name: dtype for dtype, name in _DTYPES.items()}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -84,8 +101,9 @@ def uniform_component(model: torch.nn.Module, k: int, shape: SampleShape, *, gro
 
 
 @dataclass(eq=False)
-class PlanHandle:
-    """A plan attached to a model. ``remove()`` (or leaving the ``with`` block) restores it."""
+class PlanHandle(Hook, _Link):
+    """A plan attached to a model as the hook ``vramplan.plan`` (:mod:`vramplan.runtime.hooks`).
+    ``remove()`` (or leaving the ``with`` block) detaches it; other hooks stay as they are."""
 
     model: torch.nn.Module
     plan: ComponentPlan
@@ -94,8 +112,10 @@ class PlanHandle:
     segments: list[Segment]
     unsliced: dict[str, str] = field(default_factory=dict)
     method: str = "forward"
-    _saved_forward: object = _MISSING
     active: bool = True
+    _bridges: dict[str, Bridge] = field(default_factory=dict)
+    _hooked: frozenset[str] = frozenset()
+    _calls: tuple[frozenset[str], frozenset[str]] | None = None
 
     def __enter__(self) -> PlanHandle:
         return self
@@ -104,48 +124,209 @@ class PlanHandle:
         self.remove()
 
     def remove(self) -> None:
-        if not self.active:
-            return
-        if self._saved_forward is _MISSING:
-            delattr(self.model, self.method)
-        else:
-            setattr(self.model, self.method, self._saved_forward)
+        if get_hook(self.model, PLAN_HOOK) is self:
+            remove_hook(self.model, PLAN_HOOK)
         self.active = False
 
-    def __call__(self, *args, **kwargs):
-        hook = getattr(self.model, "_hf_hook", None)
+    __repr__ = _Link.__repr__
+
+    # -- hooks of modules the plan does not call --------------------------------------------------
+    def check_hooks(self) -> dict[str, Bridge]:
+        """Bridges for the hooks on submodules whose forward the plan bypasses (traced once, when a
+        hooked submodule first appears); a PlanConflictError for a hook that cannot be bridged."""
+        hooked = hooked_modules(self.model)
+        if frozenset(hooked) == self._hooked:
+            return self._bridges
+        bridges = {}
+        if hooked:
+            planned, unplanned = self._traced_calls()
+            for name, module in hooked.items():
+                if name in planned or name not in unplanned:
+                    continue  # its __call__ runs under the plan (its hooks fire), or not even without it
+                why = f"the plan for {type(self.model).__name__} runs {_owner_text(name, self.ops)}"
+                bridge = bridge_for(name, module, why)
+                if bridge.describe:
+                    bridges[name] = bridge
+        self._hooked, self._bridges = frozenset(hooked), bridges
+        return bridges
+
+    def _traced_calls(self) -> tuple[frozenset[str], frozenset[str]]:
+        if self._calls is None:
+            self._calls = traced_calls(self.model, self.plan.shape, self.method)
+        return self._calls
+
+    # -- the call ---------------------------------------------------------------------------------
+    def wrap(self, module, call_next, args, kwargs):
+        model = self.model
+        hook = getattr(model, "_hf_hook", None)
         if hook is not None and self.method != "forward":  # as diffusers' apply_forward_hook does
-            hook.pre_forward(self.model)
-        adapter = adapter_for(self.model)
-        binding = adapter.bind(self.model, *args, **kwargs)
-        _check_shape(self.plan, binding.shape)
-        program = Program(
-            ops=self.ops,
-            env=binding.env,
-            layouts=binding.layouts,
-            result=self.result,
-            finish=binding.finish,
-            globals=binding.globals,
-        )
-        return execute(program, self.segments)
+            hook.pre_forward(model)
+        bridges = self.check_hooks()
+        checkpoint = torch.is_grad_enabled() and _checkpointing(model)
+        adapter = adapter_for(model)
+        starts, ends, whole = _bridge_schedule(bridges, self.segments)
+        entered: list[Bridge] = []
+        try:
+            for bridge in whole:
+                bridge.enter()
+                entered.append(bridge)
+            binding = adapter.bind(model, *args, **kwargs)
+            _check_shape(self.plan, binding.shape)
+            program = Program(
+                ops=self.ops,
+                env=binding.env,
+                layouts=binding.layouts,
+                result=self.result,
+                finish=binding.finish,
+                globals=binding.globals,
+            )
+            index = {id(seg): i for i, seg in enumerate(self.segments)}
+
+            @contextlib.contextmanager
+            def around(seg: Segment):
+                i = index[id(seg)]
+                for bridge in starts.get(i, ()):
+                    bridge.enter()
+                    entered.append(bridge)
+                yield
+                for bridge in reversed(ends.get(i, ())):
+                    entered.remove(bridge)
+                    bridge.exit()
+
+            return execute(
+                program, self.segments, around_segment=around if starts else None, checkpoint=checkpoint
+            )
+        finally:
+            for bridge in reversed(entered):  # also when a segment raised
+                bridge.exit()
 
 
 def apply_plan(model: torch.nn.Module, plan: Plan | ComponentPlan) -> PlanHandle:
     """Make ``model`` run its part of ``plan`` until the returned handle's ``remove()``.
 
     A whole-pipeline plan is searched for the component made for this model (class and config).
+    The plan is the hook ``vramplan.plan`` at the innermost place of the model's entry method, so
+    wrappers installed before it (accelerate's offload) still run, and those installed after it wrap
+    it. A second plan on the same model raises PlanConflictError; so does a hook on a submodule the
+    plan bypasses that cannot be run around the plan's segments.
     """
     adapter = adapter_for(model)
+    if get_hook(model, PLAN_HOOK) is not None:
+        raise PlanConflictError(
+            f"{type(model).__name__} already runs under a plan. Remove the first plan's handle "
+            f"(handle.remove(), or leave its `with` block) before applying another."
+        )
     plan = component_for(model, plan)
     ops, result = adapter.ops(model)
     segments, unsliced = build_segments(ops, plan)
+    handle = PlanHandle(model, plan, ops, result, segments, unsliced, method=getattr(adapter, "method", "forward"))
+    handle.check_hooks()  # refuse unbridgeable hooks now, before anything is attached
     for unit, why in unsliced.items():
         log.warning("%s runs unsliced: %s", unit, why)
-    handle = PlanHandle(model, plan, ops, result, segments, unsliced)
-    handle.method = getattr(adapter, "method", "forward")
-    handle._saved_forward = model.__dict__.get(handle.method, _MISSING)
-    setattr(model, handle.method, handle)
+    register_hook(model, handle, PLAN_HOOK, method=handle.method, innermost=True)
     return handle
+
+
+def _checkpointing(model: torch.nn.Module) -> bool:
+    """Whether gradient checkpointing is on (diffusers sets ``gradient_checkpointing`` on the blocks)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+def _owns(module_name: str, op_name: str) -> bool:
+    """Whether the module at ``module_name`` holds the op (a container of it) or is part of it."""
+    return op_name == module_name or op_name.startswith(module_name + ".") or module_name.startswith(op_name + ".")
+
+
+def _owner_text(name: str, ops: list[Op]) -> str:
+    owned = [op.name for op in ops if _owns(name, op.name)]
+    if not owned:
+        return f"its units without calling {name}"
+    more = f" (and {len(owned) - 2} more)" if len(owned) > 2 else ""
+    return f"{', '.join(owned[:2])}{more} without calling {name}'s forward"
+
+
+def _bridge_schedule(bridges: dict[str, Bridge], segments: list[Segment]):
+    """Per segment index, the bridges to enter before it and exit after it; bridges owning no op
+    are entered around the whole call."""
+    starts: dict[int, list[Bridge]] = {}
+    ends: dict[int, list[Bridge]] = {}
+    whole = []
+    for name, bridge in bridges.items():
+        where = [i for i, seg in enumerate(segments) if any(_owns(name, op.name) for op in seg.ops)]
+        if not where:
+            whole.append(bridge)
+            continue
+        starts.setdefault(where[0], []).append(bridge)
+        ends.setdefault(where[-1], []).append(bridge)
+    return starts, ends, whole
+
+
+def traced_calls(model: torch.nn.Module, shape: SampleShape, method: str = "forward"):
+    """(modules called under a plan, modules called without), by module path, traced once on a copy
+    of ``model`` whose weights are meta tensors (no memory, no data, nobody's hooks)."""
+    twin = _meta_twin(model, _TORCH_DTYPES[shape.dtype])
+    called: set[str] = set()
+    handles = [
+        m.register_forward_pre_hook(lambda *_, n=name: called.add(n)) for name, m in twin.named_modules() if name
+    ]
+    adapter = adapter_for(twin)
+    try:
+        args = adapter.example_inputs(twin, shape, device="meta")
+        with torch.no_grad():
+            try:
+                getattr(twin, method)(*args)
+                unplanned = frozenset(called)
+            except Exception as err:  # noqa: BLE001 - then every module counts as called without a plan
+                log.debug("unplanned meta trace failed (%s); assuming every module runs", err)
+                unplanned = frozenset(name for name, _ in twin.named_modules() if name)
+            called.clear()
+            ops, result = adapter.ops(twin)
+            binding = adapter.bind(twin, *args)
+            program = Program(ops, binding.env, binding.layouts, result, binding.finish, binding.globals)
+            execute(program, [Segment([op], op.spec.axis, 1) for op in ops], first_slice_only=True)
+            planned = frozenset(called)
+    finally:
+        for h in handles:
+            h.remove()
+    return planned, unplanned
+
+
+_HOOK_ATTRS = ("forward", "_old_forward", "_hf_hook", "_diffusers_hook", _REGISTRY_ATTR)
+_HOOK_DICTS = (
+    "_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks", "_forward_hooks_with_kwargs",
+    "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called",
+)
+
+
+def _meta_twin(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A structural copy of ``model``: same modules and attributes, parameters and buffers as meta
+    tensors of ``dtype``, without anybody's hooks. Copies no weight data."""
+    import copy
+
+    memo: dict[int, Any] = {}
+    cleared = []
+    for m in model.modules():
+        for p in m._parameters.values():
+            if p is not None and id(p) not in memo:
+                kind = dtype if p.is_floating_point() else p.dtype
+                memo[id(p)] = torch.nn.Parameter(torch.empty(p.shape, dtype=kind, device="meta"), requires_grad=False)
+        for b in m._buffers.values():
+            if b is not None and id(b) not in memo:
+                memo[id(b)] = torch.empty(b.shape, dtype=dtype if b.is_floating_point() else b.dtype, device="meta")
+        for attr in _HOOK_DICTS:
+            hooks = m.__dict__.get(attr)
+            if hooks is not None:
+                memo[id(hooks)] = type(hooks)()
+        for attr in (*_HOOK_ATTRS, *[a for a in ("decode", "encode") if a in m.__dict__]):
+            if attr in m.__dict__:
+                memo[id(m.__dict__[attr])] = None
+                cleared.append(attr)
+    twin = copy.deepcopy(model, memo)
+    for m in twin.modules():
+        for attr in set(cleared):
+            if attr in m.__dict__ and m.__dict__[attr] is None:
+                del m.__dict__[attr]
+    return twin
 
 
 def component_for(model: torch.nn.Module, plan: Plan | ComponentPlan) -> ComponentPlan:
