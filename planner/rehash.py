@@ -466,7 +466,7 @@ def plan_rehash(
         else:
             allowed = keys
         cal = calibration.cut(cut) if calibration is not None else None
-        key_steps, thr = _schedule(mode, steps, allowed, cal, threshold)
+        key_steps, thr = schedule_for(mode, steps, allowed, cal, threshold)
         error = schedule_error(cal.error, key_steps) if cal is not None else None
         n = len(key_steps)
         options.append(_Option(cut, key_steps, error, thr, n * full + (steps - n) * reuse))
@@ -494,7 +494,8 @@ def plan_rehash(
     raise last_error
 
 
-def _schedule(mode, steps, allowed, cal, threshold) -> tuple[list[int], float | None]:
+def schedule_for(mode, steps, allowed, cal, threshold) -> tuple[list[int], float | None]:
+    """Key steps of ``mode`` with at most ``allowed`` keys (None: the mode's default), and the greedy threshold."""
     if mode == "uniform":
         if allowed is None:
             return uniform_keys(steps, interval=DEFAULT_INTERVAL), None
@@ -543,8 +544,9 @@ def rehash_summary(plan) -> str:
     return "\n".join([
         f"rehash           {r.mode}: {len(r.key_steps)} of {r.steps} steps key, cut {r.cut}",
         f"                 key steps {r.key_steps}",
-        f"                 UNet FLOPs {r.unet_flops / 1e15:.2f} PFLOP per video ({ratio:.2f}x fewer); "
-        f"{r.latency_saved_s:.2f} s saved; cache {r.cache_bytes / 2**20:.0f} MiB; {quality}",
+        f"                 UNet FLOPs {r.unet_flops / 1e15:.3g} PFLOP per video ({ratio:.2f}x fewer); "
+        + (f"{r.latency_saved_s:.2f} s saved; " if r.latency_saved_s is not None else "")
+        + f"cache {r.cache_bytes / 2**20:.1f} MiB; {quality}",
     ])
 
 

@@ -362,9 +362,9 @@ class RehashPlan(_Strict):
     threshold: float | None = Field(default=None, description="greedy: cosine similarity threshold used")
     original_unet_flops: int = Field(description="UNet FLOPs per video without rehash")
     unet_flops: int = Field(description="UNet FLOPs per video with this schedule")
-    key_call_s: float = Field(description="predicted seconds of a full UNet call")
-    reuse_call_s: float = Field(description="predicted seconds of a reuse call")
-    latency_saved_s: float
+    key_call_s: float | None = Field(default=None, description="predicted seconds of a full UNet call")
+    reuse_call_s: float | None = Field(default=None, description="predicted seconds of a reuse call")
+    latency_saved_s: float | None = Field(default=None, description="predicted; None for plans made without a profile")
     cache_bytes: int = Field(description="the cached cut (whole CFG batch), held through the denoising stage")
     calibration: str | None = Field(default=None, description="the calibration used: file and sha256 prefix")
 

@@ -13,6 +13,7 @@ after the last step and reset whenever the pipeline sets its scheduler's timeste
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -243,3 +244,116 @@ def apply_rehash(target, plan: Plan | RehashPlan, component: ComponentPlan | Non
 def _sync(t) -> None:
     if isinstance(t, torch.Tensor) and t.device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def check_rehash_call(pipe, rehash: RehashPlan, call_kwargs: dict) -> None:
+    """Refuse, before anything runs, a call whose scheduler or step count cannot follow the schedule."""
+    order = getattr(pipe.scheduler, "order", 1)
+    if order != 1:
+        raise SchedulerOrderError(
+            f"{type(pipe.scheduler).__name__} calls the UNet {order} times per step, but the plan's Step Rehash "
+            f"schedule counts one call per step. Use a first-order scheduler (Euler, DDIM, DPM++ 2M) or a plan "
+            f"without rehash."
+        )
+    steps = call_kwargs.get("num_inference_steps")
+    if steps != rehash.steps:
+        raise RehashStepsError(
+            f"the call asks for num_inference_steps={steps}, but the plan's rehash schedule is for {rehash.steps} "
+            f"steps. Run with {rehash.steps} steps or plan for {steps}."
+        )
+
+
+def call_flops(unet: torch.nn.Module, shape, cut: str | None = None) -> int:
+    """FLOPs (PyTorch's counter) of one UNet call at ``shape``: the full call, or the reuse call of ``cut``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    adapter = adapter_for(unet)
+    ops, result = adapter.ops(unet)
+    args = adapter.example_inputs(unet, shape)
+    whole = [Segment([op], op.spec.axis, 1) for op in ops]
+    with torch.no_grad():
+        binding = adapter.bind(unet, *args)
+        program = Program(ops, binding.env, binding.layouts, result, binding.finish, binding.globals)
+        if cut is None:
+            with FlopCounterMode(display=False) as counter:
+                execute(program, whole)
+            return counter.get_total_flops()
+        _, kept = execute_keeping(program, whole, {cut})
+        reuse = reuse_ops(ops, result, cut)
+        binding = adapter.bind(unet, *args)
+        layout = next(op.layout for op in ops if op.output == cut)
+        program = Program(reuse, {**binding.env, cut: kept[cut]}, {**binding.layouts, cut: layout}, result,
+                          binding.finish, binding.globals)
+        with FlopCounterMode(display=False) as counter:
+            execute(program, [Segment([op], op.spec.axis, 1) for op in reuse])
+        return counter.get_total_flops()
+
+
+def with_rehash(
+    plan: Plan,
+    unet: torch.nn.Module,
+    *,
+    mode: str,
+    steps: int,
+    keys: int | None = None,
+    calibration=None,
+    threshold: float | None = None,
+    cut: str | None = None,
+) -> Plan:
+    """``plan`` (e.g. a hand-made uniform plan of a model without a shipped profile) with a Step Rehash
+    schedule chosen as the planner does (see :func:`vramplan.planner.rehash.plan_rehash`), FLOPs
+    counted by PyTorch on the real model; no latency prediction."""
+    from ..planner.rehash import (
+        CalibrationRequiredError,
+        load_calibration,
+        schedule_error,
+        schedule_for,
+    )
+
+    cal, ref = load_calibration(calibration)
+    if mode != "uniform" and cal is None:
+        raise CalibrationRequiredError(f"rehash={mode!r} needs a calibration; without one only 'uniform' is offered")
+    comp = component_for(unet, plan)
+    if cal is not None:
+        cal.check(comp.model, comp.shape, steps)
+    cuts = [cut] if cut is not None else rehash_cuts(unet)
+    if cal is not None:
+        cuts = [c for c in cuts if c in {e.cut for e in cal.cuts}]
+    if comp.groups:
+        for c in list(cuts):  # cuts that a group of this plan runs across are not offered
+            if any(c in g.units and g.units[-1] != c for g in comp.groups):
+                cuts.remove(c)
+    if not cuts:
+        raise RehashCutError("no candidate cut lies on a segment boundary of this plan; plan with fewer groups")
+    reuse = {c: call_flops(unet, comp.shape, c) for c in cuts}
+    options = []
+    for c in cuts:
+        entry = cal.cut(c) if cal is not None else None
+        key_steps, thr = schedule_for(mode, steps, keys, entry, threshold)
+        error = schedule_error(entry.error, key_steps) if entry is not None else None
+        options.append((math.inf if error is None else error, reuse[c], c, key_steps, thr, error))
+    options.sort(key=lambda o: (o[0], o[1]) if cal is not None else (o[1],))
+    _, _, c, key_steps, thr, error = options[0]
+    full = call_flops(unet, comp.shape)
+    n = len(key_steps)
+    layout_bytes = _cut_bytes(unet, comp.shape, c)
+    rehash = RehashPlan(
+        mode=mode, cut=c, steps=steps, key_steps=key_steps,
+        quality="calibrated" if cal is not None else "uncalibrated",
+        predicted_error=None if error is None else round(error, 6),
+        threshold=None if thr is None or math.isinf(thr) else round(thr, 6),
+        original_unet_flops=steps * full, unet_flops=n * full + (steps - n) * reuse[c],
+        cache_bytes=layout_bytes, calibration=ref,
+    )
+    return plan.model_copy(update={"rehash": rehash})
+
+
+def _cut_bytes(unet, shape, cut: str) -> int:
+    adapter = adapter_for(unet)
+    ops, result = adapter.ops(unet)
+    with torch.no_grad():
+        binding = adapter.bind(unet, *adapter.example_inputs(unet, shape))
+        program = Program(ops, binding.env, binding.layouts, result, binding.finish, binding.globals)
+        _, kept = execute_keeping(program, [Segment([op], op.spec.axis, 1) for op in ops], {cut})
+    t = kept[cut]
+    return t.numel() * t.element_size()

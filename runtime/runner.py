@@ -4,16 +4,20 @@ The pipeline is loaded from a local path or the local Hugging Face cache (never 
 asked), or passed in. Each sliced component gets its part of the plan; components the plan does
 not keep resident are given accelerate offload hooks (moved to the GPU for their stage, off
 before another stage starts); the pipeline runs as usual, with its progress bar; everything is
-restored afterwards. On CUDA the caching allocator's expandable segments are turned on first
-unless the user configured the allocator.
+restored afterwards, also when the pipeline raises: devices, the progress-bar config, the hooks
+vramplan attached (plans, timers, offload: through the hook registry, so the user's own hooks
+stay), and on CUDA the caching allocator's expandable segments, turned on for the run unless the
+user configured the allocator.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +29,7 @@ from ..planner.schema import Plan, RunReport, StageReport
 from .adapters import pipeline_adapter
 from .adapters.base import LoadFailure
 from .apply import apply_plan
+from .hooks import Hook, register_hook, reset_state
 from .memory import MemoryTracker, unit_label
 
 log = logging.getLogger(__name__)
@@ -88,26 +93,28 @@ def run(plan: Plan, pipe=None, *, allow_download: bool = False, progress: bool =
     call_kwargs = _call_arguments(plan, call_kwargs, adapter)
     cuda = pipe.device.type == "cuda" or (pipe.device.type == "cpu" and torch.cuda.is_available())
     notes: list[str] = []
-    allocator = _configure_allocator(notes) if cuda else None
     device = torch.device("cuda" if cuda else pipe.device)
-    progress_config = dict(getattr(pipe, "_progress_bar_config", {}))
-    pipe.set_progress_bar_config(**{**progress_config, "disable": not progress})
+    components = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
 
     timings = {stage: [0.0, 0] for stage, _, _ in stages}
     step_times: list[float] = []
-    original_devices = {name: m.device for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
     started = time.perf_counter()
-    with ExitStack() as stack:
+    with ExitStack() as stack:  # undone in reverse order, also when the pipeline raises
+        allocator = stack.enter_context(allocator_setting(notes)) if cuda else None
+        _keep_pipeline_state(pipe, stack)
+        pipe.set_progress_bar_config(**{**pipe._progress_bar_config, "disable": not progress})
         for comp in plan.components:
             if comp.shape is not None:
-                handle = apply_plan(getattr(pipe, comp.component), comp)
-                stack.callback(handle.remove)
-        hooks = _residency(pipe, plan, device, stack, notes)
+                stack.callback(apply_plan(getattr(pipe, comp.component), comp).remove)
+        hooks = _residency(pipe, plan, device, stack, notes, offload=device.type == "cuda")
         for stage, component, method in stages:
-            _time_stage(pipe, stage, component, method, timings, hooks, device, stack)
+            timer = _StageTimer(stage, component, timings, hooks, device)
+            stack.callback(register_hook(getattr(pipe, component), timer, f"vramplan.timer.{stage}", method=method).remove)
         tracker = None if cuda else stack.enter_context(MemoryTracker())
         if cuda:
             torch.cuda.reset_peak_memory_stats()
+        reset_state(*components)  # a new pipeline call: hooks start without per-call state
+        stack.callback(reset_state, *components)
         step_start = [time.perf_counter()]
 
         user_callback = call_kwargs.get("callback_on_step_end")
@@ -125,9 +132,6 @@ def run(plan: Plan, pipe=None, *, allow_download: bool = False, progress: bool =
         _sync(device)
         for hook in hooks.values():
             hook.offload()
-    for name, dev in original_devices.items():
-        getattr(pipe, name).to(dev)
-    pipe._progress_bar_config = progress_config
     total = time.perf_counter() - started
 
     report = RunReport(
@@ -144,6 +148,9 @@ def run(plan: Plan, pipe=None, *, allow_download: bool = False, progress: bool =
         step_seconds=[round(t, 4) for t in step_times],
         notes=notes,
     )
+    if rehash is not None:
+        report.key_steps, report.reused_steps = rehash.key_steps, rehash.reused_steps
+        report.unet_call_seconds = [round(r.seconds, 4) for r in rehash.records]
     if plan.prediction is not None:
         report.predicted_peak_bytes = plan.prediction.peak_bytes
         report.predicted_activation_bytes = plan.prediction.activation_peak_bytes
@@ -178,66 +185,96 @@ def _call_arguments(plan: Plan, kwargs: dict, adapter) -> dict:
     return kwargs
 
 
-def _configure_allocator(notes: list[str]) -> str:
+def _get_allocator_settings() -> str:
+    getter = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
+    return getter() if getter is not None else ""
+
+
+def _set_allocator_settings(settings: str) -> None:
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    (setter or torch.cuda.memory._set_allocator_settings)(settings)
+
+
+@contextmanager
+def allocator_setting(notes: list[str]) -> Iterator[str]:
+    """Expandable segments (the plan's assumption) for the run unless the user configured the
+    allocator; the process-wide setting is switched back afterwards, also when the run fails."""
     configured = os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")
     if configured:
         notes.append(f"allocator configured by the user: {configured}")
-        return configured
-    torch.cuda.memory._set_allocator_settings("expandable_segments:True")
-    notes.append("turned on the caching allocator's expandable segments (the plan's assumption)")
-    return "expandable_segments:True"
+        yield configured
+        return
+    before = re.search(r"expandable_segments:(\w+)", _get_allocator_settings() or "")
+    wanted = "expandable_segments:True"
+    _set_allocator_settings(wanted)
+    notes.append("turned on the caching allocator's expandable segments (the plan's assumption) for this run")
+    try:
+        yield wanted
+    finally:
+        _set_allocator_settings(f"expandable_segments:{before.group(1) if before else 'False'}")
 
 
-def _residency(pipe, plan: Plan, device, stack: ExitStack, notes: list[str]) -> dict:
-    """Resident components go to ``device``; the others get offload hooks. Returns the hooks."""
+def _keep_pipeline_state(pipe, stack: ExitStack) -> None:
+    """Put back the components' devices and the progress-bar config when the stack closes."""
+    devices = {name: m.device for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
+    config = dict(getattr(pipe, "_progress_bar_config", {}))
+
+    def restore() -> None:
+        pipe._progress_bar_config = config
+        for name, dev in devices.items():
+            model = getattr(pipe, name)
+            if getattr(model, "_hf_hook", None) is None or model.device != torch.device("meta"):
+                model.to(dev)
+
+    stack.callback(restore)
+    pipe._progress_bar_config = dict(config)
+
+
+def _residency(pipe, plan: Plan, device, stack: ExitStack, notes: list[str], offload: bool = True) -> dict:
+    """Resident components go to ``device``; the others get accelerate offload hooks (``offload``:
+    on CUDA), removed afterwards. A component that already carries an accelerate hook (the user's
+    ``enable_model_cpu_offload``) keeps it and is left to it. Returns the hooks added."""
     from accelerate import cpu_offload_with_hook
-    from accelerate.hooks import remove_hook_from_module
 
     hooks = {}
     for comp in plan.components:
         model = getattr(pipe, comp.component, None)
         if not isinstance(model, torch.nn.Module):
             continue
-        if comp.resident or device.type != "cuda":
+        if getattr(model, "_hf_hook", None) is not None:
+            notes.append(f"{comp.component} keeps the accelerate hook it came with (its device is up to that hook)")
+            continue
+        if comp.resident or not offload:
             model.to(device)
             continue
         model.to("cpu")
         _, hook = cpu_offload_with_hook(model, execution_device=device)
         hooks[comp.component] = hook
-        stack.callback(remove_hook_from_module, model, recurse=True)
+        stack.callback(hook.remove)  # this hook only: the user's hooks (on submodules too) stay
     if hooks:
         notes.append(f"moved to the GPU only for their stages: {', '.join(hooks)}")
     return hooks
 
 
-def _time_stage(pipe, stage: str, component: str, method: str, timings, hooks, device, stack: ExitStack) -> None:
-    """Wrap a stage's entry point: offload the other non-resident components, label, time."""
-    model = getattr(pipe, component)
-    inner = getattr(model, method)
-    saved = model.__dict__.get(method)
+class _StageTimer(Hook):
+    """Around a stage's entry point: offload the other non-resident components, label, time."""
 
-    def entry(*args, **kwargs):
-        for name, hook in hooks.items():
-            if name != component:
+    def __init__(self, stage: str, component: str, timings: dict, hooks: dict, device) -> None:
+        self.stage, self.component, self.timings, self.hooks, self.device = stage, component, timings, hooks, device
+
+    def wrap(self, module, call_next, args, kwargs):
+        for name, hook in self.hooks.items():
+            if name != self.component:
                 hook.offload()
-        _sync(device)
+        _sync(self.device)
         t0 = time.perf_counter()
-        with unit_label(stage):
-            out = inner(*args, **kwargs)
-        _sync(device)
-        timings[stage][0] += time.perf_counter() - t0
-        timings[stage][1] += 1
-        return out
-
-    setattr(model, method, entry)
-    stack.callback(_restore, model, method, saved)
-
-
-def _restore(model, method: str, saved) -> None:
-    if saved is None:
-        delattr(model, method)
-    else:
-        setattr(model, method, saved)
+        try:
+            with unit_label(self.stage):
+                return call_next(*args, **kwargs)
+        finally:
+            _sync(self.device)
+            self.timings[self.stage][0] += time.perf_counter() - t0
+            self.timings[self.stage][1] += 1
 
 
 def _sync(device) -> None:
