@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import CASES
+from tiny import CASES, assert_gradients_equal, gradients
 from vramplan.runtime import uniform_plan
 from vramplan.runtime.adapters.base import adapter_for
 from vramplan.runtime.apply import build_segments, component_for
@@ -24,42 +24,21 @@ def planned_call(model, plan, args, kwargs, **options):
     return execute(program, segments, **options)
 
 
-def _gradients(case, args, kwargs, run):
-    """Gradients of a fixed random projection of the output w.r.t. float inputs and every weight."""
-    model = case.model
-    args = [a.clone().requires_grad_() if torch.is_tensor(a) and a.is_floating_point() and a.dim() else a for a in args]
-    model.zero_grad(set_to_none=True)
-    out = run(args)
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
-    (out * weights).sum().backward()
-    grads = [a.grad for a in args if torch.is_tensor(a) and a.requires_grad]
-    grads += [p.grad for p in model.parameters() if p.grad is not None]
-    model.zero_grad(set_to_none=True)
-    return grads
-
-
-def assert_gradients_equal(got, expected):
-    assert len(got) == len(expected)
-    scale = max(g.abs().max().item() for g in expected)
-    for g, e in zip(got, expected, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * scale)
-
-
 @pytest.mark.parametrize("model_class", sorted(CASES))
 def test_checkpointed_plan_gradients_equal_the_original(model_class):
     case = CASES[model_class]()
     args, kwargs, shape = case.inputs(1, 3, 5, 4)
     plan = uniform_plan(case.model, 2, shape)
-    expected = _gradients(case, args, kwargs, lambda a: case.output(case.model, a, kwargs))
+    expected = gradients(case, args, kwargs, lambda a: case.output(case.model, a, kwargs))
     calls = []
     # Convs inside a block: checkpointing reruns those whose saved tensors backward needs.
     convs = [m for m in case.model.get_submodule(case.container).modules() if isinstance(m, torch.nn.Conv2d)]
     hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in convs]
     try:
-        plain = _gradients(case, args, kwargs, lambda a: _sample(planned_call(case.model, plan, a, kwargs)))
+        plain = gradients(case, args, kwargs, lambda a: _sample(planned_call(case.model, plan, a, kwargs)))
         forward_calls = len(calls)
         calls.clear()
-        got = _gradients(
+        got = gradients(
             case, args, kwargs, lambda a: _sample(planned_call(case.model, plan, a, kwargs, checkpoint=True))
         )
     finally:

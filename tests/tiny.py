@@ -114,3 +114,26 @@ CASES: dict[str, Callable[[], Case]] = {
     "UNetMotionModel": _motion_unet_case,
     "AutoencoderKL": _sd_vae_case,
 }
+
+
+# ---------------------------------------------------------------------- checks shared by test modules
+def gradients(case: Case, args, kwargs, run) -> list[torch.Tensor]:
+    """Gradients of a fixed random projection of ``run(args)`` w.r.t. the float inputs and every weight."""
+    model = case.model
+    args = [a.clone().requires_grad_() if torch.is_tensor(a) and a.is_floating_point() and a.dim() else a for a in args]
+    model.zero_grad(set_to_none=True)
+    out = run(args)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
+    (out * weights).sum().backward()
+    grads = [a.grad for a in args if torch.is_tensor(a) and a.requires_grad]
+    grads += [p.grad for p in model.parameters() if p.grad is not None]
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def assert_gradients_equal(got: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
+    """fp32 1e-5, relative to the largest gradient (sums over many elements round differently)."""
+    assert len(got) == len(expected) > 0
+    scale = max(g.abs().max().item() for g in expected)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * scale)
