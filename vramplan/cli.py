@@ -283,13 +283,14 @@ def cmd_profile(args) -> int:
     from .runtime.models import meta_unet
 
     shape = sample_shape_for(args.model, args.height, args.width, args.frames, not args.no_guidance, args.dtype)
+    if not args.output:
+        writable_cache_dir()  # before building and profiling, not after
     unet = meta_unet(args.model, shape.dtype)
     if args.output:
         prof = profile(unet, shape, args.kernel, name=args.model, max_k=args.max_k, progress=print)
         prof.save(args.output)
         print("wrote", args.output)
     else:
-        writable_cache_dir()
         prof = cached_profile(unet, shape, args.kernel, name=args.model, max_k=args.max_k, progress=print)
     print(f"{len(prof.units)} units; original activation peak {_gib(prof.original_peak_bytes)} GiB; "
           f"weights {_gib(prof.weight_bytes)} GiB")

@@ -1,0 +1,148 @@
+"""The command line on bad input: one line ``error: ...`` on stderr, a non-zero exit, no traceback
+(``-v`` shows it); checks that can fail late (the output folder, the cache) run before the work."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vramplan import plan_for
+from vramplan.cli import main
+
+
+@pytest.fixture(scope="module")
+def plans(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("plans")
+    svd = plan_for(gpu="2080Ti", height=512, width=512, vram_gb=5)
+    animatediff = plan_for(gpu="2080Ti", model="animatediff", height=512, width=512)
+    return {"svd": str(svd.save(folder / "svd.json")), "animatediff": str(animatediff.save(folder / "ad.json")),
+            "folder": folder}
+
+
+def _text_file(folder, name="notes.txt", data=b"just text"):
+    path = folder / name
+    path.write_bytes(data)
+    return str(path)
+
+
+CASES = [
+    # (argv, fragment of the one-line error)
+    (["plan", "--gpu", "2080Ti", "--steps", "-5"], "steps=-5 must be >= 1"),
+    (["plan", "--gpu", "2080Ti", "--steps", "0"], "steps=0 must be >= 1"),
+    (["plan", "--gpu", "2080Ti", "--vram-gb", "nan"], "vram_gb=nan must be a finite number"),
+    (["plan", "--gpu", "2080Ti", "--vram-gb", "inf"], "vram_gb=inf must be a finite number"),
+    (["plan", "--gpu", "2080Ti", "--vram-gb", "-3"], "vram_gb=-3.0 must be > 0"),
+    (["plan", "--gpu", "2080Ti", "--max-latency", "nan"], "max_latency_s=nan must be a finite number"),
+    (["plan", "--gpu", "2080Ti", "--dtype", "bf16"], "RTX 2080 Ti (compute capability 7.5) has no bf16"),
+    (["plan", "--gpu", "2080Ti", "--model", "svd-xxl"], "unknown model 'svd-xxl'"),
+    (["plan", "--gpu", "2080Ti", "--model", "animatediff", "--frames", "40"], "motion_max_seq_length=32"),
+    (["plan", "--gpu", "2080Ti", "--height", "570"], "height=570 is not a multiple of 8"),
+    (["plan", "--gpu", "2080Tii"], "unknown GPU '2080Tii'"),
+    (["plan", "--gpu", "2080Ti", "-o", "{tmp}/missing/plan.json"], "the folder {tmp}/missing does not exist"),
+    (["plan", "--gpu", "2080Ti", "-o", "{tmp}"], "is a folder; give a file name"),
+    (["fleet", "--gpus", "2080Ti", "--rate", "-5"], "--rate=-5.0 must be > 0"),
+    (["fleet", "--gpus", "2080Ti", "--rate", "inf"], "--rate=inf must be a finite number"),
+    (["profile", "--max-k", "0"], "--max-k=0 must be >= 1"),
+    (["profile", "--max-k", "-8"], "--max-k=-8 must be >= 1"),
+    (["profile", "-o", "{tmp}/missing/prof.json"], "does not exist"),
+    (["verify", "/dev/zero"], "/dev/zero is larger than 64 MiB"),
+    (["verify", "{tmp}/latin1.json"], "is not UTF-8 text"),
+    (["verify", "{tmp}/deep.json"], "nests deeper than 32 levels"),
+    (["verify", "{tmp}/nope.json"], "cannot read plan file"),
+    (["verify", "{svd}", "--tolerance", "-1"], "--tolerance=-1.0 must be >= 0"),
+    (["run", "{svd}"], "needs --image (the conditioning image)"),
+    (["run", "{svd}", "--image", "{tmp}/nope.png"], "no such file"),
+    (["run", "{svd}", "--image", "{tmp}/notes.txt"], "is not an image PIL can read"),
+    (["run", "{svd}", "--image", "{tmp}"], "is a folder"),
+    (["run", "{svd}", "--image", "{tmp}/in.png", "--out", "{tmp}/missing/v.gif"], "does not exist"),
+    (["run", "{svd}", "--image", "{tmp}/in.png", "--steps", "0"], "--steps=0 must be >= 1"),
+    (["run", "{animatediff}"], "needs --prompt"),
+]
+
+
+@pytest.mark.parametrize("argv, fragment", CASES, ids=[" ".join(c[0]) for c in CASES])
+def test_cli_errors_are_one_line_without_traceback(argv, fragment, plans, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("VRAMPLAN_CACHE", str(tmp_path / "cache"))
+    _text_file(tmp_path, "latin1.json", b'{"model_name": "svd\xe9"}')
+    _text_file(tmp_path, "deep.json", b"[" * 100_000)
+    _text_file(tmp_path)
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "in.png")
+    subs = {"{tmp}": str(tmp_path), "{svd}": plans["svd"], "{animatediff}": plans["animatediff"]}
+
+    def fill(s):
+        for key, value in subs.items():
+            s = s.replace(key, value)
+        return s
+
+    assert main([fill(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert fill(fragment) in err
+    assert "Traceback" not in err
+
+
+def test_verbose_shows_the_traceback(capsys):
+    assert main(["-v", "plan", "--gpu", "2080Tii"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "UnknownGPUError" in err
+    assert err.rstrip().splitlines()[-1].startswith("error: unknown GPU")
+
+
+def test_output_folder_is_checked_before_planning(tmp_path, monkeypatch, capsys):
+    import vramplan.api
+
+    def never(*args, **kwargs):
+        raise AssertionError("planned before checking -o")
+
+    monkeypatch.setattr(vramplan.api, "plan_for", never)
+    assert main(["plan", "--gpu", "2080Ti", "-o", str(tmp_path / "no" / "p.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cache_that_is_a_file_is_refused_before_profiling(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("torch")
+    from vramplan.runtime import profiler
+
+    blocker = tmp_path / "cache"
+    blocker.write_text("")
+    monkeypatch.setenv("VRAMPLAN_CACHE", str(blocker))
+    monkeypatch.setattr(profiler, "cached_profile", lambda *a, **k: pytest.fail("profiled before checking the cache"))
+    assert main(["profile", "--model", "svd", "--height", "768", "--width", "768"]) == 2
+    assert "is a file. Set VRAMPLAN_CACHE" in capsys.readouterr().err
+
+
+def test_more_memory_than_the_card_warns_and_plans(tmp_path):
+    """End to end in a fresh process: the warning reaches the terminal through the CLI's logging setup."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "p.json"
+    done = subprocess.run([sys.executable, "-m", "vramplan.cli", "plan", "--gpu", "2080Ti", "--vram-gb", "200",
+                           "-o", str(out)], capture_output=True, text=True, check=True)
+    assert "vram_gb=200 is more than RTX 2080 Ti has (10.76 GiB usable): planning beyond the card's memory" in done.stderr
+    assert json.loads(out.read_text())["target"]["usable_bytes"] == 200 * 2**30
+
+
+def test_verify_fails_on_a_missing_component_and_on_a_bad_prediction(plans, tmp_path, capsys):
+    """A plan with its VAE deleted (the decode would run unsliced) and one whose prediction is 44% low."""
+    data = json.loads(open(plans["svd"]).read())
+    data["components"] = [c for c in data["components"] if c["component"] != "vae"]
+    missing = tmp_path / "no-vae.json"
+    missing.write_text(json.dumps(data))
+    assert main(["verify", str(missing)]) == 1
+    captured = capsys.readouterr()
+    assert "vae: missing from the plan, so it would run unsliced and unplanned" in captured.err
+    assert "FAILED" in captured.err
+
+    data = json.loads(open(plans["svd"]).read())
+    data["components"] = [c for c in data["components"] if c["component"] != "vae"]  # one traced component: faster
+    for stage in data["stages"]:
+        if stage["component"] == "unet":
+            stage["activation_bytes"] = int(stage["activation_bytes"] * 0.56)
+    (tmp_path / "low.json").write_text(json.dumps(data))
+    assert main(["verify", str(tmp_path / "low.json")]) == 1
+    err = capsys.readouterr().err
+    assert "unet: prediction off by -44" in err and "(tolerance 1.00 %)" in err
