@@ -1,0 +1,108 @@
+"""bench/gpu_check.py: its CPU smoke mode runs every code path on tiny models, and its latency fit
+recovers known constants from synthetic timings."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+import pytest
+from vramplan.planner.costs import CostModel
+from vramplan.planner.gpus import find_gpu
+from vramplan.planner.plan import shipped_pipeline_profile
+
+from vramplan import plan_for
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("gpu_check", None)
+
+
+@pytest.fixture(scope="module")
+def svd_segments(gpu_check):
+    """The shipped SVD UNet profile, and its segments: every unit whole, and a tight plan's segments."""
+    profile = shipped_pipeline_profile("svd", 576, 1024, 14, True, "fp16", "flash")
+    unet = next(s.profile for s in profile.stages if s.stage == "denoise")
+    plan = plan_for(gpu="H100 SXM", model="svd", vram_gb=6.0)
+    model = CostModel(unet, find_gpu("H100 SXM"), "none")
+    planned = gpu_check._planner_segments(model, plan.component("unet"))
+    assert max(s.k for s in planned) > 1
+    return unet, gpu_check.original_segments_idx(model.n) + planned
+
+
+def test_features_reproduce_the_cost_model(gpu_check, svd_segments):
+    profile, segments = svd_segments
+    gpu = find_gpu("H100 SXM")
+    model = CostModel(profile, gpu, "none")
+    features = gpu_check.segment_features(profile, gpu, segments)
+    constants = gpu_check.current_constants()
+    for f, seg in zip(features, segments, strict=True):
+        assert gpu_check.predict(f, constants) == pytest.approx(model.cost(seg).seconds, rel=1e-9)
+    assert all(c >= 0 and b >= 0 and n >= 1 for c, b, n in features)
+
+
+@pytest.mark.parametrize("known", [
+    {"compute_efficiency": 0.45, "bandwidth_efficiency": 0.8, "launch_seconds": 12e-6},
+    {"compute_efficiency": 0.7, "bandwidth_efficiency": 0.55, "launch_seconds": 4e-6},
+])
+def test_fit_recovers_known_constants(gpu_check, svd_segments, known):
+    profile, segments = svd_segments
+    features = gpu_check.segment_features(profile, find_gpu("H100 SXM"), segments)
+    rng = random.Random(0)
+    points = [gpu_check.Point(*f, gpu_check.predict(f, known) * math.exp(rng.gauss(0, 0.03))) for f in features]
+    fit = gpu_check.fit_constants(points)
+    for name, value in known.items():
+        assert fit["constants"][name] == pytest.approx(value, rel=0.05), name
+    assert fit["points"] == len(points)
+    assert fit["median_abs_rel_error_after"] < 0.05 < fit["median_abs_rel_error_before"]
+
+
+def test_fit_needs_enough_points(gpu_check):
+    with pytest.raises(ValueError, match="at least 3"):
+        gpu_check.fit_constants([gpu_check.Point(1e-3, 1e-3, 10, 2e-3)])
+
+
+def test_cpu_smoke_run(gpu_check, tmp_path, capsys):
+    out = tmp_path / "calibration" / "smoke.json"
+    assert gpu_check.main(["--cpu-smoke", "--models", "svd", "--repeats", "1", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["smoke"] and record["card"] == "RTX 4090"
+    rows = record["rows"]
+    assert {(r["stage"], r["run"]) for r in rows} == {
+        (stage, run) for stage in ("denoise", "decode") for run in ("original", "plan card", "plan 0.5x")
+    }
+    for row in rows:
+        # on the CPU the tracker measures what the memory model predicts (meta-free, real tensors)
+        assert row["allocated_bytes"] == pytest.approx(row["predicted_activation_bytes"], rel=0.03), row
+        assert row["measured_s"] > 0 and row["fitted_s"] > 0
+    assert any(r["max_k"] > 1 for r in rows if r["run"] == "plan 0.5x")
+    constants = record["fit"]["constants"]
+    assert constants["launch_seconds"] >= 0 and record["fit"]["points"] > 50
+    table = out.with_suffix(".md").read_text()
+    assert "| svd | decode | plan 0.5x |" in table and "Fitted over" in table
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_cpu_smoke_respects_the_time_budget(gpu_check, tmp_path):
+    out = tmp_path / "c.json"
+    assert gpu_check.main(["--cpu-smoke", "--models", "svd-xt", "--timeout-budget", "0", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["rows"] == [] and record["fit"] is None
+    assert any("skipped" in s for s in record["skipped"]) and any("no fit" in s for s in record["skipped"])
+
+
+def test_unknown_model_is_refused(gpu_check):
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--models", "sdxl"])
