@@ -1,0 +1,83 @@
+"""Fleet capacity ILP: cost of the mixed, packed fleet vs one GPU type for everything; solve time at 20 x 18.
+
+    .venv/bin/python bench/bench_fleet.py
+
+The mix: 20 workloads over the shipped models and shapes (SVD, SVD-XT, AnimateDiff at 576x1024 and
+512x512, 20-50 steps), rates from 1 to 60 videos/hour, some with latency bounds. Baselines:
+"one type, whole GPUs" gives every workload its own GPUs of the cheapest single type that serves
+all of them (no packing); "one type, packed" lets the ILP pack but on that one type only.
+Prices are the defaults of planner/capacity.py (assumptions). Latencies are uncalibrated predictions.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+
+from vramplan.planner.capacity import parse_inventory, parse_workloads, plan_fleet, plan_options
+
+MIX = [  # name, model, height, width, steps, rate (videos/h), p95 latency bound (s)
+    ("svd-hd-chat", "svd", 576, 1024, 25, 60, 120),
+    ("svd-hd-batch", "svd", 576, 1024, 25, 30, None),
+    ("svd-hd-hq", "svd", 576, 1024, 50, 6, None),
+    ("svd-hd-fast", "svd", 576, 1024, 20, 20, 60),
+    ("svd-sq-chat", "svd", 512, 512, 25, 40, 60),
+    ("svd-sq-batch", "svd", 512, 512, 25, 12, None),
+    ("svd-sq-preview", "svd", 512, 512, 20, 8, 30),
+    ("xt-hd-chat", "svd-xt", 576, 1024, 25, 20, 240),
+    ("xt-hd-batch", "svd-xt", 576, 1024, 25, 10, None),
+    ("xt-hd-hq", "svd-xt", 576, 1024, 50, 2, None),
+    ("xt-sq-chat", "svd-xt", 512, 512, 25, 15, 120),
+    ("xt-sq-batch", "svd-xt", 512, 512, 25, 5, None),
+    ("ad-hd-chat", "animatediff", 576, 1024, 25, 10, 120),
+    ("ad-hd-batch", "animatediff", 576, 1024, 25, 4, None),
+    ("ad-sq-chat", "animatediff", 512, 512, 25, 30, 60),
+    ("ad-sq-batch", "animatediff", 512, 512, 25, 6, None),
+    ("ad-sq-hq", "animatediff", 512, 512, 50, 2, None),
+    ("ad-sq-fast", "animatediff", 512, 512, 20, 3, 30),
+    ("svd-sq-trickle", "svd", 512, 512, 30, 1, None),
+    ("ad-hd-trickle", "animatediff", 576, 1024, 30, 1, None),
+]
+
+
+def main() -> None:
+    workloads = parse_workloads([
+        dict(name=n, model=m, height=h, width=w, steps=s, rate=float(r), p95_latency_s=None if b is None else float(b))
+        for n, m, h, w, s, r, b in MIX
+    ])
+    offers = parse_inventory(None)
+    t0 = time.perf_counter()
+    fleet = plan_fleet(workloads, offers)
+    total = time.perf_counter() - t0
+    print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}")
+    print(f"{len(workloads)} workloads x {len(offers)} GPU types, at most {fleet.solver.max_jobs} jobs per GPU: "
+          f"plans {fleet.solver.planning_seconds:.1f} s, patterns + ILP {fleet.solver.solve_seconds:.2f} s "
+          f"({fleet.solver.patterns} patterns, {fleet.solver.status}); end to end {total:.1f} s")
+    if fleet.unserved:
+        print("unserved:", "; ".join(f"{u.workload}" for u in fleet.unserved))
+    served = [w for w in workloads if w.name not in {u.workload for u in fleet.unserved}]
+
+    rows = [("ILP: mixed types, packed", fleet.cost_per_hour, sum(a.count for a in fleet.gpus),
+             ", ".join(f"{a.count} x {a.gpu}" for a in fleet.gpus))]
+    options, _ = plan_options(served, offers)  # cached plans
+    single = []
+    for offer in offers:
+        if not all((i, offer.gpu) in options for i in range(len(served))):
+            continue  # this type cannot serve every workload
+        whole = sum(math.ceil(w.rate * options[(i, offer.gpu)].latency_s / 3600 - 1e-9) for i, w in enumerate(served))
+        single.append((whole * offer.price_per_hour, whole, offer))
+    cost, n, offer = min(single, key=lambda t: t[0])
+    rows.append((f"one type, whole GPUs ({offer.gpu})", cost, n, f"{n} x {offer.gpu}"))
+    packed = min((plan_fleet(served, [o]) for _, _, o in single), key=lambda f: f.cost_per_hour)
+    rows.append((f"one type, packed ({packed.gpus[0].gpu})", packed.cost_per_hour, packed.gpus[0].count,
+                 f"{packed.gpus[0].count} x {packed.gpus[0].gpu}"))
+    print(f"\n{'fleet':<40}{'$/hour':>9}{'GPUs':>6}  composition")
+    for name, c, n, what in rows:
+        print(f"{name:<40}{c:>9.2f}{n:>6}  {what}")
+    print(f"\nILP saves {100 * (1 - fleet.cost_per_hour / cost):.0f} % vs one type with whole GPUs, "
+          f"{100 * (1 - fleet.cost_per_hour / packed.cost_per_hour):.0f} % vs one type packed")
+
+
+if __name__ == "__main__":
+    main()
