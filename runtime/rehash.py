@@ -12,7 +12,7 @@ after the last step and reset whenever the pipeline sets its scheduler's timeste
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -30,8 +30,9 @@ from ..planner.rehash import (
 )
 from ..planner.schema import ComponentPlan, Plan, RehashPlan
 from .adapters.base import adapter_for
-from .apply import PlanHandle, _check_shape, build_segments, component_for
+from .apply import PlanHandle, _bridge_schedule, _check_shape, build_segments, component_for, fingerprint
 from .executor import Segment, execute
+from .hooks import PLAN_HOOK, get_hook, register_hook
 from .program import Op, Program
 
 _MISSING = object()
@@ -68,21 +69,10 @@ def reuse_segments(segments: list[Segment], ops: list[Op], cut: str) -> list[Seg
     return out
 
 
-def execute_keeping(program: Program, segments: list[Segment], keep: set[str]):
+def execute_keeping(program: Program, segments: list[Segment], keep: set[str], around_segment=None):
     """Run ``program`` and return (its output, the ``keep`` values, untouched by buffer reuse)."""
-    if "keep" in inspect.signature(execute).parameters:
-        out = execute(program, segments, keep=frozenset(keep))
-        return out, {name: program.kept[name] for name in keep}
-    # An executor without ``keep``: copy each kept value as its segment leaves it, before any
-    # later segment could write into its buffer.
-    kept: dict[str, torch.Tensor] = {}
-
-    def observer(op, value, length):
-        if op.output in keep:
-            kept[op.output] = value.clone()
-
-    out = execute(program, segments, observer=observer)
-    return out, kept
+    out = execute(program, segments, keep=frozenset(keep), around_segment=around_segment)
+    return out, {name: program.kept[name] for name in keep}
 
 
 @dataclass
@@ -93,44 +83,43 @@ class StepRecord:
 
 
 @dataclass(eq=False)
-class RehashHandle:
-    """Step Rehash attached to a UNet (and, given the pipeline, to its scheduler's ``set_timesteps``
-    for the per-call reset). ``remove()`` restores both; ``records`` lists the steps of the last call."""
+class RehashHandle(PlanHandle):
+    """The UNet's plan hook (``vramplan.plan``) with Step Rehash: the plan's slicing on every call, the
+    whole program on key steps, the reuse program on the others. Given the pipeline it also wraps the
+    scheduler's ``set_timesteps`` (start of every pipeline call: reset and checks). ``remove()``
+    restores both; ``records`` lists the steps of the last call."""
 
-    model: torch.nn.Module
-    rehash: RehashPlan
-    component: ComponentPlan | None
-    ops: list[Op]
-    result: str
-    segments: list[Segment]
-    reuse: list[Op]
-    reuse_segs: list[Segment]
+    rehash: RehashPlan | None = None
+    reuse: list[Op] = field(default_factory=list)
+    reuse_segs: list[Segment] = field(default_factory=list)
     scheduler: object = None
     step: int = 0
     cache: torch.Tensor | None = None
     records: list[StepRecord] = field(default_factory=list)
-    active: bool = True
-    _saved: dict = field(default_factory=dict)
+    _saved_set_timesteps: object = _MISSING
 
     def __enter__(self) -> RehashHandle:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.remove()
+    def reset_state(self) -> None:
+        """Per-call state (called by the hook registry at and after every pipeline call): the cache
+        and the step counter; the records of the last call stay readable."""
+        self.step, self.cache = 0, None
 
     def reset(self) -> None:
-        """Forget the cache and start counting steps from 0 (a new pipeline call)."""
-        self.step, self.cache, self.records = 0, None, []
+        """Start a new pipeline call: no cache, step 0, no records."""
+        self.reset_state()
+        self.records = []
 
     def remove(self) -> None:
-        if not self.active:
-            return
-        for obj, name, saved in self._saved.values():
-            if saved is _MISSING:
-                delattr(obj, name)
+        super().remove()
+        if self.scheduler is not None and self._saved_set_timesteps is not _MISSING:
+            if self._saved_set_timesteps is None:
+                self.scheduler.__dict__.pop("set_timesteps", None)
             else:
-                setattr(obj, name, saved)
-        self.cache, self.active = None, False
+                self.scheduler.set_timesteps = self._saved_set_timesteps
+            self._saved_set_timesteps = _MISSING
+        self.cache = None
 
     @property
     def key_steps(self) -> list[int]:
@@ -161,7 +150,7 @@ class RehashHandle:
 
         return set_timesteps
 
-    def __call__(self, *args, **kwargs):
+    def wrap(self, module, call_next, args, kwargs):
         step = self.step
         if step >= self.rehash.steps:
             raise SchedulerOrderError(
@@ -170,37 +159,50 @@ class RehashHandle:
                 f"Use a first-order scheduler, attach rehash with the pipeline (apply_rehash(pipe, plan)) or call "
                 f"handle.reset() between calls."
             )
-        adapter = adapter_for(self.model)
-        binding = adapter.bind(self.model, *args, **kwargs)
-        if self.component is not None and self.component.shape is not None:
-            _check_shape(self.component, binding.shape)
-        started = time.perf_counter()
-        key = step in self._keys or self.cache is None
         cut = self.rehash.cut
-        if key:
-            program = Program(self.ops, binding.env, binding.layouts, self.result, binding.finish, binding.globals)
-            out, kept = execute_keeping(program, self.segments, {cut})
-            self.cache = kept[cut]
-        else:
-            program = Program(
-                self.reuse,
-                {**binding.env, cut: self.cache},
-                {**binding.layouts, cut: self._cut_layout},
-                self.result,
-                binding.finish,
-                binding.globals,
-            )
-            out = execute(program, self.reuse_segs)
+        key = step in set(self.rehash.key_steps) or self.cache is None
+        ops, segments = (self.ops, self.segments) if key else (self.reuse, self.reuse_segs)
+        bridges = self.check_hooks()
+        starts, ends, whole = _bridge_schedule(bridges, segments)
+        index = {id(seg): i for i, seg in enumerate(segments)}
+        entered: list = []
+
+        @contextlib.contextmanager
+        def around(seg: Segment):
+            i = index[id(seg)]
+            for bridge in starts.get(i, ()):
+                bridge.enter()
+                entered.append(bridge)
+            yield
+            for bridge in reversed(ends.get(i, ())):
+                entered.remove(bridge)
+                bridge.exit()
+
+        started = time.perf_counter()
+        try:
+            for bridge in whole:
+                bridge.enter()
+                entered.append(bridge)
+            binding = adapter_for(self.model).bind(self.model, *args, **kwargs)
+            if self.plan.shape is not None:
+                _check_shape(self.plan, binding.shape)
+            env, layouts = binding.env, binding.layouts
+            if not key:
+                env, layouts = {**env, cut: self.cache}, {**layouts, cut: self._cut_layout}
+            program = Program(ops, env, layouts, self.result, binding.finish, binding.globals)
+            out = execute(program, segments, keep=frozenset({cut}) if key else frozenset(),
+                          around_segment=around if starts else None)
+            if key:
+                self.cache = program.kept[cut]
+        finally:
+            for bridge in reversed(entered):
+                bridge.exit()
         _sync(self.cache)
         self.records.append(StepRecord(step, key, time.perf_counter() - started))
         self.step += 1
         if self.step == self.rehash.steps:
             self.cache = None  # not held through the decode
         return out
-
-    @property
-    def _keys(self) -> set[int]:
-        return set(self.rehash.key_steps)
 
     @property
     def _cut_layout(self):
@@ -210,7 +212,8 @@ class RehashHandle:
 def apply_rehash(target, plan: Plan | RehashPlan, component: ComponentPlan | None = None) -> RehashHandle:
     """Run ``target``'s UNet under a rehash schedule (and its slicing, if ``plan`` has any) until
     ``remove()``. ``target``: a pipeline (its ``unet``; the cache resets whenever the pipeline sets
-    its timesteps) or a UNet (call ``reset()`` between pipeline calls)."""
+    its timesteps) or a UNet (call ``reset()`` between pipeline calls). The handle is the UNet's plan
+    hook: a second plan on the UNet is refused, and so is a rehash on a UNet already under a plan."""
     unet = getattr(target, "unet", target)
     scheduler = getattr(target, "scheduler", None) if unet is not target else None
     if isinstance(plan, Plan):
@@ -220,23 +223,26 @@ def apply_rehash(target, plan: Plan | RehashPlan, component: ComponentPlan | Non
         component = component_for(unet, plan)
     else:
         rehash = plan
-    if isinstance(unet.__dict__.get("forward"), PlanHandle | RehashHandle):
+    if get_hook(unet, PLAN_HOOK) is not None:
         raise PlanConflictError(
-            "the UNet already runs under a plan; remove that handle first (apply_rehash applies the slicing too)"
+            f"{type(unet).__name__} already runs under a plan; remove that handle first "
+            f"(apply_rehash applies the plan's slicing too)"
         )
     adapter = adapter_for(unet)
     ops, result = adapter.ops(unet)
     if component is not None and component.shape is not None:
-        segments, _ = build_segments(ops, component)
+        component = component_for(unet, component)
+        segments, unsliced = build_segments(ops, component)
     else:
-        segments = [Segment([op], op.spec.axis, 1) for op in ops]
+        component = ComponentPlan(component="unet", model=fingerprint(unet))
+        segments, unsliced = [Segment([op], op.spec.axis, 1) for op in ops], {}
     reuse = reuse_ops(ops, result, rehash.cut)
-    handle = RehashHandle(unet, rehash, component, ops, result, segments, reuse,
-                          reuse_segments(segments, reuse, rehash.cut), scheduler)
-    handle._saved["forward"] = (unet, "forward", unet.__dict__.get("forward", _MISSING))
-    unet.forward = handle
+    handle = RehashHandle(unet, component, ops, result, segments, unsliced, method="forward", rehash=rehash,
+                          reuse=reuse, reuse_segs=reuse_segments(segments, reuse, rehash.cut), scheduler=scheduler)
+    handle.check_hooks()
+    register_hook(unet, handle, PLAN_HOOK, method="forward", innermost=True)
     if scheduler is not None:
-        handle._saved["set_timesteps"] = (scheduler, "set_timesteps", scheduler.__dict__.get("set_timesteps", _MISSING))
+        handle._saved_set_timesteps = scheduler.__dict__.get("set_timesteps")
         scheduler.set_timesteps = handle._set_timesteps(scheduler.set_timesteps)
     return handle
 
