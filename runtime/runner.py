@@ -31,6 +31,7 @@ from .adapters.base import LoadFailure
 from .apply import apply_plan
 from .hooks import Hook, register_hook, reset_state
 from .memory import MemoryTracker, unit_label
+from .rehash import apply_rehash, check_rehash_call
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,9 @@ def run(plan: Plan, pipe=None, *, allow_download: bool = False, progress: bool =
     notes: list[str] = []
     device = torch.device("cuda" if cuda else pipe.device)
     components = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    rehash = None
+    if plan.rehash is not None:
+        check_rehash_call(pipe, plan.rehash, call_kwargs)
 
     timings = {stage: [0.0, 0] for stage, _, _ in stages}
     step_times: list[float] = []
@@ -104,7 +108,12 @@ def run(plan: Plan, pipe=None, *, allow_download: bool = False, progress: bool =
         _keep_pipeline_state(pipe, stack)
         pipe.set_progress_bar_config(**{**pipe._progress_bar_config, "disable": not progress})
         for comp in plan.components:
-            if comp.shape is not None:
+            if comp.shape is None:
+                continue
+            if plan.rehash is not None and comp.component == "unet":  # the rehash handle slices the UNet too
+                rehash = apply_rehash(pipe, plan)
+                stack.callback(rehash.remove)
+            else:
                 stack.callback(apply_plan(getattr(pipe, comp.component), comp).remove)
         hooks = _residency(pipe, plan, device, stack, notes, offload=device.type == "cuda")
         for stage, component, method in stages:

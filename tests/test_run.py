@@ -104,3 +104,166 @@ def test_animatediff_run_equals_the_original_pipeline():
     torch.testing.assert_close(result.frames, expected, rtol=1e-5, atol=1e-5)
     assert [s.stage for s in result.report.stages] == ["encode_text", "denoise", "decode"]
     assert result.report.stages[1].calls == 2 and result.report.stages[2].calls == 1
+
+
+# ---------------------------------------------------------------------------------- restoration (issue 7)
+def _plain_state(pipe):
+    return {
+        "progress": dict(pipe._progress_bar_config),
+        "devices": {n: m.device for n, m in pipe.components.items() if isinstance(m, torch.nn.Module)},
+        "instance": {n: sorted(k for k in ("forward", "decode", "_vramplan_hooks") if k in m.__dict__)
+                     for n, m in pipe.components.items() if isinstance(m, torch.nn.Module)},
+    }
+
+
+def test_run_restores_everything_when_the_pipeline_raises(pipe, image):
+    from vramplan.runtime.hooks import hooks_on
+
+    pipe.set_progress_bar_config(disable=True, desc="mine")
+    before = _plain_state(pipe)
+    seen = []
+
+    def boom(pipe_, i, t, kwargs):
+        seen.append(hooks_on(pipe_.unet))
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        run(uniform_pipeline_plan(pipe, 2, SIZE, SIZE, FRAMES), pipe=pipe, image=image, num_inference_steps=2,
+            output_type="pt", callback_on_step_end=boom, progress=True)
+    assert seen == [["vramplan.plan", "vramplan.timer.denoise"]]  # the timers are registry hooks
+    assert _plain_state(pipe) == before
+    assert pipe._progress_bar_config == {"disable": True, "desc": "mine"}
+
+
+def test_run_keeps_and_calls_the_users_accelerate_hooks(pipe, image):
+    """A hook installed by the user (``enable_model_cpu_offload``'s on the UNet, any on a submodule) fires
+    during the run and is still there afterwards."""
+    from accelerate import cpu_offload_with_hook
+    from accelerate.hooks import CpuOffload, ModelHook, add_hook_to_module, remove_hook_from_module
+
+    calls = []
+
+    class Counting(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            calls.append("decoder")
+            return args, kwargs
+
+    _, offload = cpu_offload_with_hook(pipe.unet, execution_device="cpu")
+    add_hook_to_module(pipe.vae.decoder.conv_out, Counting())
+    pre = CpuOffload.pre_forward
+    try:
+        CpuOffload.pre_forward = lambda self, m, *a, **kw: calls.append("unet") or pre(self, m, *a, **kw)
+        result = run(uniform_pipeline_plan(pipe, 2, SIZE, SIZE, FRAMES), pipe=pipe, image=image,
+                     num_inference_steps=2, output_type="pt", progress=False)
+        assert calls.count("unet") == 2 and calls.count("decoder") >= 1
+        assert isinstance(pipe.unet._hf_hook, CpuOffload) and isinstance(pipe.vae.decoder.conv_out._hf_hook, Counting)
+        assert any("unet keeps the accelerate hook" in n for n in result.report.notes)
+    finally:
+        CpuOffload.pre_forward = pre
+        offload.remove()
+        remove_hook_from_module(pipe.vae.decoder.conv_out)
+
+
+def test_offload_hooks_of_run_leave_the_users_submodule_hooks(pipe):
+    """The offload hooks run() adds on CUDA (exercised here on the CPU) are removed alone."""
+    from contextlib import ExitStack
+
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+    from vramplan.runtime.runner import _residency
+
+    plan = uniform_pipeline_plan(pipe, 2, SIZE, SIZE, FRAMES)
+    for comp in plan.components:
+        comp.resident = False
+    add_hook_to_module(pipe.unet.conv_in, ModelHook())
+    try:
+        notes = []
+        with ExitStack() as stack:
+            hooks = _residency(pipe, plan, torch.device("cpu"), stack, notes, offload=True)
+            assert set(hooks) == {"unet", "vae"} and hasattr(pipe.unet, "_hf_hook")
+        assert not hasattr(pipe.unet, "_hf_hook") and not hasattr(pipe.vae, "_hf_hook")
+        assert hasattr(pipe.unet.conv_in, "_hf_hook")  # the user's
+    finally:
+        remove_hook_from_module(pipe.unet.conv_in)
+
+
+@pytest.mark.parametrize("before", ["", "expandable_segments:True"])
+def test_the_allocator_setting_is_switched_back_also_after_a_failure(monkeypatch, before):
+    from vramplan.runtime import runner
+
+    state = {"settings": before}
+    calls = []
+
+    def setter(value):
+        calls.append(value)
+        state["settings"] = value
+
+    monkeypatch.setattr(runner, "_set_allocator_settings", setter)
+    monkeypatch.setattr(runner, "_get_allocator_settings", lambda: state["settings"])
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    notes = []
+    with pytest.raises(RuntimeError), runner.allocator_setting(notes) as setting:
+        assert setting == "expandable_segments:True" and state["settings"] == setting
+        raise RuntimeError("the run failed")
+    assert calls == ["expandable_segments:True", "expandable_segments:" + ("True" if before else "False")]
+    calls.clear()
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    with runner.allocator_setting(notes) as setting:
+        assert setting == "max_split_size_mb:128"
+    assert calls == []  # the user's configuration is left alone
+
+
+def test_run_switches_the_allocator_back_when_the_pipeline_raises(pipe, image, monkeypatch):
+    """run() on a (pretended) CUDA machine: the setting goes back although the pipeline raised."""
+    from vramplan.runtime import runner
+
+    calls = []
+    monkeypatch.setattr(runner, "_set_allocator_settings", calls.append)
+    monkeypatch.setattr(runner, "_get_allocator_settings", lambda: "")
+    monkeypatch.setattr(runner, "_residency", lambda *a, **kw: {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
+    monkeypatch.setattr(runner, "_sync", lambda device: None)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+
+    def boom(*_):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        run(uniform_pipeline_plan(pipe, 2, SIZE, SIZE, FRAMES), pipe=pipe, image=image, num_inference_steps=1,
+            callback_on_step_end=boom, progress=False)
+    assert calls == ["expandable_segments:True", "expandable_segments:False"]
+
+
+@pytest.mark.parametrize("steps", [0, -5])
+def test_a_run_with_no_steps_is_a_clear_error(pipe, image, steps):
+    from vramplan.planner.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="at least one denoising step"):
+        run(uniform_pipeline_plan(pipe, 2, SIZE, SIZE, FRAMES), pipe=pipe, image=image, num_inference_steps=steps)
+
+
+def test_run_resets_hook_state_at_each_pipeline_call(pipe, image):
+    from vramplan.runtime.hooks import Hook, register_hook
+
+    class Stateful(Hook):
+        def __init__(self):
+            self.state: list[int] = []  # grows with each UNet call of one pipeline call
+            self.seen: list[int] = []
+
+        def wrap(self, module, call_next, args, kwargs):
+            self.seen.append(len(self.state))
+            self.state.append(1)
+            return call_next(*args, **kwargs)
+
+        def reset_state(self):
+            self.state = []
+
+    hook = Stateful()
+    with register_hook(pipe.unet, hook, "rehash-like"):
+        plan = uniform_pipeline_plan(pipe, 2, SIZE, SIZE, FRAMES)
+        for _ in range(2):
+            run(plan, pipe=pipe, image=image, num_inference_steps=2, output_type="pt", progress=False)
+            assert hook.state == []  # reset after the call too
+    assert hook.seen == [0, 1, 0, 1]  # each run started from a fresh state
