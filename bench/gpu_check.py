@@ -273,24 +273,22 @@ def materialise(torch, cls_name: str, config: dict, dtype, device: str, seed: in
         return model.to(dtype=dtype).eval()
 
 
-def plan_segments(ops, comp):
-    """The plan's executor segments and the matching planner segments (start, stop, k)."""
-    from vramplan.planner.costs import Segment as CostSegment
+def executor_segments(ops, comp, model):
+    """The executor segments of a run (``comp`` None: every unit whole) and the cost model's segments
+    for the same run, checked to agree unit for unit."""
     from vramplan.runtime.apply import build_segments
-
-    segments, _ = build_segments(ops, comp)
-    planner, start = [], 0
-    for seg in segments:
-        planner.append(CostSegment(start, start + len(seg.ops) - 1, seg.k))
-        start += len(seg.ops)
-    return segments, planner
-
-
-def original_segments(ops):
-    from vramplan.planner.costs import Segment as CostSegment
     from vramplan.runtime.executor import Segment
 
-    return [Segment([op], op.spec.axis, 1) for op in ops], [CostSegment(i, i, 1) for i in range(len(ops))]
+    if comp is None:
+        segments = [Segment([op], op.spec.axis, 1) for op in ops]
+        planner = whole_units(model.n)
+    else:
+        segments, _ = build_segments(ops, comp)
+        planner = planned_units(model, comp)
+    spans = [(len(s.ops), s.k) for s in segments]
+    if spans != [(s.stop - s.start + 1, s.k) for s in planner]:
+        raise RuntimeError("the executor's segments and the cost model's differ: update bench/gpu_check.py")
+    return segments, planner
 
 
 def time_segments(device: Device, model, adapter, ops, result, args, segments, warmup: int, repeats: int):
@@ -419,20 +417,22 @@ def estimate_seconds(case: Case, gpu, warmup: int, repeats: int, build: float = 
     from vramplan.planner.costs import CostModel
 
     model = CostModel(case.profile, gpu, "none")
-    calls = [sum(model.cost(s).seconds for s in original_segments_idx(model.n))]
+    calls = [sum(model.cost(s).seconds for s in whole_units(model.n))]
     for _, comp in case.plans:
-        calls.append(sum(model.cost(s).seconds for s in _planner_segments(model, comp)))
+        calls.append(sum(model.cost(s).seconds for s in planned_units(model, comp)))
     per_run = sum(calls)
     return build + SAFETY * per_run * (2 * (warmup + repeats) + 1)
 
 
-def original_segments_idx(n: int):
+def whole_units(n: int):
+    """Cost-model segments of the unmodified program: every unit whole."""
     from vramplan.planner.costs import Segment
 
     return [Segment(i, i, 1) for i in range(n)]
 
 
-def _planner_segments(model, comp):
+def planned_units(model, comp):
+    """Cost-model segments of a component plan (torch-free: also used for the time estimate)."""
     from vramplan.planner.costs import Segment
 
     group_at = {g.units[0]: g for g in comp.groups}
@@ -470,12 +470,11 @@ def check_case(case: Case, device: Device, gpu, dtype, warmup: int, repeats: int
         if time.perf_counter() > deadline:
             skipped.append(f"{case.model} {case.stage} {label}: skipped, out of time")
             continue
+        segments, planned = executor_segments(ops, comp, cost)
         if comp is None:
-            segments, planned = original_segments(ops)
             act = case.profile.original_peak_bytes
             needed = int(act * (1.0 if device.cpu else case.profile.allocator.original_expandable_segments))
         else:
-            segments, planned = plan_segments(ops, comp)
             costs = [cost.cost(s) for s in planned]
             act, needed = max(c.activation_bytes for c in costs), max(c.needed_bytes for c in costs)
         features = segment_features(case.profile, gpu, planned)

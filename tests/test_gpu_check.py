@@ -37,9 +37,9 @@ def svd_segments(gpu_check):
     unet = next(s.profile for s in profile.stages if s.stage == "denoise")
     plan = plan_for(gpu="H100 SXM", model="svd", vram_gb=6.0)
     model = CostModel(unet, find_gpu("H100 SXM"), "none")
-    planned = gpu_check._planner_segments(model, plan.component("unet"))
+    planned = gpu_check.planned_units(model, plan.component("unet"))
     assert max(s.k for s in planned) > 1
-    return unet, gpu_check.original_segments_idx(model.n) + planned
+    return unet, gpu_check.whole_units(model.n) + planned
 
 
 def test_features_reproduce_the_cost_model(gpu_check, svd_segments):
@@ -106,3 +106,24 @@ def test_cpu_smoke_respects_the_time_budget(gpu_check, tmp_path):
 def test_unknown_model_is_refused(gpu_check):
     with pytest.raises(SystemExit):
         gpu_check.parse_args(["--models", "sdxl"])
+
+
+def test_gpu_cases_plan_every_model_without_torch_work(gpu_check):
+    """What a GPU run would check, built from shipped profiles: each model's UNet and decoder with the
+    smallest plan (which slices) and the card's plan; an infeasible budget is named, not dropped."""
+    gpu = find_gpu("H100 SXM")
+    cases = gpu_check.gpu_cases(["svd", "svd-xt", "animatediff"], gpu, 576, 1024, ["floor", "7", "card"])
+    assert [(c.model, c.stage) for c in cases] == [
+        (m, s) for m in ("svd", "svd-xt", "animatediff") for s in ("denoise", "decode")
+    ]
+    for case in cases:
+        labels = [label for label, _ in case.plans]
+        assert labels[0].startswith("plan floor") and labels[-1] == "plan H100 SXM"
+        floor = case.plans[0][1]
+        assert floor.shape is not None and floor.component == case.component
+        assert case.cls == case.config["_class_name"]
+        assert gpu_check.estimate_seconds(case, gpu, 1, 3) > gpu_check.BUILD_SECONDS
+    decodes = [c for c in cases if c.stage == "decode"]
+    assert all(max(c.plans[0][1].slices.values()) > 1 for c in decodes)
+    svd_xt = [c for c in cases if c.model == "svd-xt"]
+    assert all(any("plan 7 GiB: infeasible" in n for n in c.notes) for c in svd_xt)
