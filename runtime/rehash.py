@@ -363,3 +363,23 @@ def _cut_bytes(unet, shape, cut: str) -> int:
         _, kept = execute_keeping(program, [Segment([op], op.spec.axis, 1) for op in ops], {cut})
     t = kept[cut]
     return t.numel() * t.element_size()
+
+
+def split_groups_at(component: ComponentPlan, cuts) -> ComponentPlan:
+    """``component`` with every group that runs across one of ``cuts`` split after it (a one-unit
+    piece stays sliced, ungrouped), so that each cut exists whole and can be cached."""
+    from ..planner.schema import Group
+
+    cuts = set(cuts)
+    groups = [Group(units=p, axis=g.axis, k=g.k) for g in component.groups for p in _pieces(g, cuts) if len(p) > 1]
+    return component.model_copy(update={"groups": groups})
+
+
+def _pieces(group, cuts) -> list[list[str]]:
+    pieces, piece = [], []
+    for unit in group.units:
+        piece.append(unit)
+        if unit in cuts:
+            pieces.append(piece)
+            piece = []
+    return [*pieces, piece] if piece else pieces

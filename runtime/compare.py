@@ -1,0 +1,155 @@
+"""``compare(plan)``: the original pipeline and the planned run on the same seed, side by side.
+
+Quality per frame (PSNR and SSIM of the planned frames against the original's), UNet FLOPs
+(PyTorch's counter: matmul, convolution and attention FLOPs of every call of the UNet, full or
+reuse) and wall-clock time, as ratios. Slicing alone leaves the frames equal up to float
+rounding; Step Rehash is the approximation this measures.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..planner.schema import Plan, RunReport
+from .hooks import Hook, register_hook
+from .runner import run
+
+
+@dataclass
+class Comparison:
+    psnr: list[float]  # per frame, dB (inf: identical)
+    ssim: list[float]
+    original_unet_flops: int
+    planned_unet_flops: int
+    original_seconds: float
+    planned_seconds: float
+    original_unet_seconds: float
+    planned_unet_seconds: float
+    report: RunReport
+    frames: object = field(repr=False, default=None)
+    original_frames: object = field(repr=False, default=None)
+
+    @property
+    def flops_ratio(self) -> float:
+        return self.original_unet_flops / max(1, self.planned_unet_flops)
+
+    @property
+    def speedup(self) -> float:
+        return self.original_seconds / self.planned_seconds
+
+    @property
+    def unet_speedup(self) -> float:
+        return self.original_unet_seconds / self.planned_unet_seconds
+
+    def summary(self) -> str:
+        finite = [p for p in self.psnr if p != float("inf")]
+        mean_psnr = sum(finite) / len(finite) if finite else float("inf")
+        lines = [
+            f"frames      {len(self.psnr)}: PSNR {mean_psnr:.2f} dB mean (min {min(self.psnr):.2f}), "
+            f"SSIM {sum(self.ssim) / len(self.ssim):.4f} mean (min {min(self.ssim):.4f}) vs the original",
+            "  per frame PSNR " + " ".join(f"{p:.1f}" for p in self.psnr),
+            "  per frame SSIM " + " ".join(f"{s:.3f}" for s in self.ssim),
+            f"UNet FLOPs  {self.original_unet_flops / 1e9:.2f} -> {self.planned_unet_flops / 1e9:.2f} GFLOP "
+            f"({self.flops_ratio:.2f}x fewer)",
+            f"wall clock  {self.original_seconds:.2f} s -> {self.planned_seconds:.2f} s ({self.speedup:.2f}x); "
+            f"UNet {self.original_unet_seconds:.2f} s -> {self.planned_unet_seconds:.2f} s ({self.unet_speedup:.2f}x)",
+        ]
+        if self.report.reused_steps:
+            lines.append(f"rehash      key steps {self.report.key_steps}, reused {self.report.reused_steps}")
+        return "\n".join(lines)
+
+
+def compare(plan: Plan, pipe, *, seed: int = 0, **call_kwargs) -> Comparison:
+    """Run ``pipe`` as is and under ``plan`` with the same seed (``call_kwargs``: image or prompt...).
+
+    FLOPs and frames come from runs under PyTorch's FLOP counter (the planned one through
+    ``run``, which also checks the call and reports the steps); wall-clock times from two more runs
+    without any counter or tracker, the original first, then the planned one."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .adapters import pipeline_adapter
+    from .runner import _call_arguments
+
+    call_kwargs.setdefault("output_type", "pt")
+    unet_name = type(pipe.unet).__name__
+    with FlopCounterMode(display=False) as counter:
+        planned = run(plan, pipe=pipe, generator=torch.Generator().manual_seed(seed), progress=False, **call_kwargs)
+    planned_flops = sum(counter.get_flop_counts().get(unet_name, {}).values())
+    kwargs = _call_arguments(plan, dict(call_kwargs), pipeline_adapter(type(pipe).__name__))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        original = pipe(generator=torch.Generator().manual_seed(seed), **kwargs).frames
+    original_flops = sum(counter.get_flop_counts().get(unet_name, {}).values())
+    original_seconds, original_unet = _timed(pipe, None, seed, kwargs)
+    planned_seconds, planned_unet = _timed(pipe, plan, seed, kwargs)
+    from .trained import psnr, ssim  # per frame, on videos in [-1, 1]
+
+    a, b = _video(original) * 2 - 1, _video(planned.frames) * 2 - 1
+    return Comparison(
+        psnr=[round(float(v), 3) for v in psnr(b, a)],
+        ssim=[round(float(v), 5) for v in ssim(b, a)],
+        original_unet_flops=int(original_flops),
+        planned_unet_flops=int(planned_flops),
+        original_seconds=original_seconds,
+        planned_seconds=planned_seconds,
+        original_unet_seconds=original_unet,
+        planned_unet_seconds=planned_unet,
+        report=planned.report,
+        frames=planned.frames,
+        original_frames=original,
+    )
+
+
+class _UNetTimer(Hook):
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def wrap(self, module, call_next, args, kwargs):
+        t0 = time.perf_counter()
+        try:
+            return call_next(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+
+def _timed(pipe, plan: Plan | None, seed: int, kwargs: dict) -> tuple[float, float]:
+    """Seconds of one pipeline call (original, or with the plan's hooks attached) and of its UNet calls."""
+    from contextlib import ExitStack
+
+    from .apply import apply_plan
+    from .rehash import apply_rehash
+
+    timer = _UNetTimer()
+    with ExitStack() as stack, torch.no_grad():
+        for comp in plan.components if plan is not None else ():
+            if plan.rehash is not None and comp.component == "unet":
+                stack.callback(apply_rehash(pipe, plan).remove)
+            elif comp.shape is not None:
+                stack.callback(apply_plan(getattr(pipe, comp.component), comp).remove)
+        stack.callback(register_hook(pipe.unet, timer, "vramplan.compare.timer").remove)
+        started = time.perf_counter()
+        pipe(generator=torch.Generator().manual_seed(seed), **kwargs)
+        return time.perf_counter() - started, timer.seconds
+
+
+def _video(frames) -> torch.Tensor:
+    """``[T, C, H, W]`` in [0, 1] from a pipeline's ``pt`` output (first video of the batch)."""
+    t = frames[0] if isinstance(frames, torch.Tensor) and frames.dim() == 5 else frames
+    if not isinstance(t, torch.Tensor):
+        import numpy as np
+
+        t = torch.from_numpy(np.stack([np.asarray(f, dtype=np.float32) / 255.0 for f in t])).permute(0, 3, 1, 2)
+    return t.float().clamp(0, 1)
+
+
+def side_by_side(result: Comparison, path: str | Path, fps: int = 7) -> Path:
+    """A GIF of the original (left) and the planned video (right), one gap column apart."""
+    from .runner import save_video
+
+    a, b = _video(result.original_frames), _video(result.frames)
+    gap = torch.ones(a.shape[0], a.shape[1], a.shape[2], 2)
+    video = torch.cat([a, gap, b], dim=3)
+    return save_video(video, path, fps=fps)

@@ -1,0 +1,157 @@
+"""Step Rehash commands: ``calibrate``, ``compare`` and ``trained-plan`` (registered by ``vramplan.cli``).
+
+``trained-plan`` makes a plan for the small trained demo model that ships with vramplan (it has no
+full-size profile to plan from); ``calibrate`` and ``compare`` take any plan, and load the trained
+model for plans made by ``trained-plan``, the plan's pipeline otherwise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .planner.errors import VramplanError
+
+TRAINED = "trained-svd"  # model_name of plans for the shipped trained demo model
+
+
+def register(sub) -> dict:
+    p = sub.add_parser("calibrate", help="Step Rehash: measure step-to-step similarity and reuse error (one full run)")
+    p.add_argument("plan", help="the plan whose shape and steps to calibrate")
+    _input_args(p)
+    p.add_argument("--max-gap", type=int, default=4, help="reuse distances measured (steps)")
+    p.add_argument("-o", "--output", help="calibration JSON (default: beside the cached profiles)")
+    p.add_argument("--plot", help="heatmap PNG (default: the JSON's name with .png)")
+
+    p = sub.add_parser("compare", help="run the original pipeline and the plan on one seed: PSNR/SSIM, FLOPs, time")
+    p.add_argument("plan")
+    _input_args(p)
+    p.add_argument("--gif", help="write original | planned side by side")
+
+    p = sub.add_parser("trained-plan", help="plan the shipped trained demo model (uniform slicing + Step Rehash)")
+    p.add_argument("--rehash", choices=["off", "uniform", "greedy", "optimal"], default="uniform")
+    p.add_argument("--keys", type=int, help="steps that run the whole UNet (default: every other step)")
+    p.add_argument("--calibration", help="calibration JSON (greedy and optimal need one)")
+    p.add_argument("--slices", type=int, default=1, help="slice every sliceable unit this many ways (grouped)")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("-o", "--output", default="trained-plan.json")
+    return {"calibrate": cmd_calibrate, "compare": cmd_compare, "trained-plan": cmd_trained_plan}
+
+
+def _input_args(p) -> None:
+    p.add_argument("--image", help="conditioning image (SVD; default for the trained model: a held-out clip's frame)")
+    p.add_argument("--prompt", help="text prompt (AnimateDiff)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--allow-download", action="store_true")
+
+
+def trained_plan(pipe, *, rehash: str = "uniform", keys: int | None = None, calibration=None, slices: int = 1,
+                 steps: int | None = None):
+    """A plan for the trained demo pipeline: every sliceable unit ``slices`` ways (grouped, groups kept
+    off the cut), and a Step Rehash schedule chosen as the planner does."""
+    from .runtime import trained
+    from .runtime.apply import uniform_pipeline_plan
+    from .runtime.rehash import with_rehash
+
+    steps = steps or trained.NUM_INFERENCE_STEPS
+    plan = uniform_pipeline_plan(pipe, slices, trained.HEIGHT, trained.WIDTH, trained.NUM_FRAMES)
+    plan = plan.model_copy(update={"model_name": TRAINED})
+    if rehash == "off":
+        return plan
+    if slices > 1:  # end every group at the cuts so that each cut can be cached
+        from .runtime.rehash import rehash_cuts, split_groups_at
+
+        unet = plan.component("unet")
+        comps = [split_groups_at(unet, rehash_cuts(pipe.unet)) if c.component == "unet" else c
+                 for c in plan.components]
+        plan = plan.model_copy(update={"components": comps})
+    return with_rehash(plan, pipe.unet, mode=rehash, steps=steps, keys=keys, calibration=calibration)
+
+
+def load(plan, allow_download: bool = False):
+    """The plan's pipeline: the shipped trained model for ``trained-plan`` plans."""
+    if plan.model_name == TRAINED:
+        from .runtime.trained import trained_svd_pipeline
+
+        return trained_svd_pipeline()
+    from .runtime.runner import load_pipeline
+
+    return load_pipeline(plan, allow_download)
+
+
+def call_inputs(plan, args) -> dict:
+    """The pipeline's inputs from the command line (image or prompt), with the trained model's defaults."""
+    kwargs: dict = {}
+    if plan.pipeline == "AnimateDiffPipeline":
+        if not args.prompt:
+            raise VramplanError("an AnimateDiff plan needs --prompt")
+        return {"prompt": args.prompt}
+    if args.image:
+        from PIL import Image
+
+        kwargs["image"] = Image.open(args.image).convert("RGB")
+    elif plan.model_name == TRAINED:
+        from .runtime.trained import heldout_example
+
+        kwargs["image"] = heldout_example(0)[1]
+    else:
+        raise VramplanError("a Stable Video Diffusion plan needs --image (the conditioning image)")
+    if plan.model_name == TRAINED:
+        kwargs.update(trained_kwargs())
+    return kwargs
+
+
+def trained_kwargs() -> dict:
+    from .runtime import trained
+
+    return dict(fps=trained.FPS, motion_bucket_id=trained.MOTION_BUCKET_ID,
+                noise_aug_strength=trained.NOISE_AUG_STRENGTH)
+
+
+def cmd_trained_plan(args) -> int:
+    from .runtime.trained import trained_svd_pipeline
+
+    pipe = trained_svd_pipeline()
+    plan = trained_plan(pipe, rehash=args.rehash, keys=args.keys, calibration=args.calibration,
+                        slices=args.slices, steps=args.steps)
+    if plan.rehash is not None:
+        from .planner.rehash import rehash_summary
+
+        print(rehash_summary(plan))
+    print("wrote", plan.save(args.output))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    import torch
+
+    from .planner.schema import Plan
+    from .runtime.calibrate import calibrate, default_path, plot_calibration
+
+    plan = Plan.load(args.plan)
+    pipe = load(plan, args.allow_download)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    cal = calibrate(pipe, plan=plan, max_gap=args.max_gap, seed=args.seed, model_name=plan.model_name,
+                    **call_inputs(plan, args))
+    out = Path(args.output) if args.output else default_path(cal, plan.model_name)
+    cal.save(out)
+    plot = plot_calibration(cal, args.plot or out.with_suffix(".png"))
+    print(f"calibrated {len(cal.cuts)} cuts over {cal.steps} steps ({cal.scheduler}); wrote {out} and {plot}")
+    for entry in cal.cuts:
+        adjacent = [entry.similarity[s - 1][s] for s in range(1, cal.steps)]
+        errors = [entry.error[s - 1][s] for s in range(1, cal.steps)]
+        print(f"  {entry.cut:<55} adjacent similarity {min(adjacent):.4f}..{max(adjacent):.4f}, "
+              f"reuse error (gap 1) {sum(errors) / len(errors):.4f} mean")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .planner.schema import Plan
+    from .runtime.compare import compare, side_by_side
+
+    plan = Plan.load(args.plan)
+    pipe = load(plan, args.allow_download)
+    result = compare(plan, pipe, seed=args.seed, **call_inputs(plan, args))
+    print(result.summary())
+    if args.gif:
+        print("wrote", side_by_side(result, args.gif))
+    return 0
