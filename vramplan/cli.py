@@ -382,7 +382,7 @@ def read_image(path: str):
 
 
 # Modules with ``register(subparsers) -> {command: handler}``: each adds its own subcommands.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("vramplan.cli_rehash",)
 
 COMMANDS = {
     "plan": cmd_plan, "gpus": cmd_gpus, "profile": cmd_profile, "schema": cmd_schema, "verify": cmd_verify,
