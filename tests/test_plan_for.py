@@ -161,3 +161,29 @@ def test_cli_verify_and_run_without_weights(tmp_path, capsys, monkeypatch):
     Image.new("RGB", (64, 64)).save(image)
     assert main(["run", str(out), "--image", str(image)]) == 2
     assert "huggingface-cli download" in capsys.readouterr().err
+
+
+def test_catalogue_points_at_registered_pipelines():
+    from vramplan.planner.pipelines import known_pipelines, pipeline_source, pipeline_spec
+    from vramplan.profiles import model_catalogue
+
+    assert known_pipelines() == ["AnimateDiffPipeline", "StableVideoDiffusionPipeline"]
+    for name, entry in model_catalogue().items():
+        spec = pipeline_spec(entry["pipeline"])
+        assert set(entry["components"]) == set(spec.components), name
+        source = pipeline_source(name)
+        assert spec.default_frames(source.entry, source.unet_config) == entry["frames"]
+        spec.check_frames(entry["frames"], source.unet_config)
+
+
+def test_pipeline_adapters_do_not_import_the_profiler():
+    """The profiler imports the adapters; the adapters never import the profiler (no cycle)."""
+    code = (
+        "import sys\n"
+        "sys.modules['vramplan.runtime.profiler'] = None  # any import of the profiler now fails\n"
+        "from vramplan.runtime.adapters import pipeline_adapter\n"
+        "print(type(pipeline_adapter('AnimateDiffPipeline')).__name__,\n"
+        "      type(pipeline_adapter('StableVideoDiffusionPipeline')).__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["AnimateDiffAdapter", "StableVideoDiffusionAdapter"]
