@@ -80,17 +80,19 @@ def sliced_stages(plan) -> list[tuple[object, object, object, object]]:
     from .api import find_pipeline_profile
     from .planner.costs import CostModel
     from .planner.gpus import find_gpu
+    from .planner.pipelines import pipeline_spec
 
     if not plan.stages or plan.height is None:
         return []
     target = plan.target
-    unet = next(c for c in plan.components if c.component == "unet")
-    guidance = unet.shape.batch == 2 if unet.shape else True
-    dtype = unet.shape.dtype if unet.shape else "fp16"
     try:
+        spec = pipeline_spec(plan.pipeline)
+        denoiser = plan.component(next(c for s, c, _ in spec.stages if s == "denoise"))
+        guidance = denoiser.shape.batch == spec.guidance_batch if denoiser.shape else True
+        dtype = denoiser.shape.dtype if denoiser.shape else "fp16"
         profile = find_pipeline_profile(plan.model_name, plan.height, plan.width, plan.frames, guidance, dtype,
                                         target.attention_kernel)
-    except VramplanError:
+    except (VramplanError, KeyError, StopIteration):
         return []
     gpu = find_gpu(target.gpu)
     return [
