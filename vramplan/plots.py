@@ -174,7 +174,8 @@ def _overview(ax, plan) -> None:
         ax.bar(names, values, bottom=bottom, color=color, label=label, width=0.6)
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     for x, (st, top) in enumerate(zip(plan.stages, bottom, strict=True)):
-        ax.text(x, top, f"{st.peak_bytes / GIB:.2f}", ha="center", va="bottom", fontsize=8)
+        ax.text(x, top, f"{st.peak_bytes / GIB:.2f} ", ha="center", va="top", fontsize=8, color="white",
+                fontweight="bold")  # inside the bar: a peak near the usable line would cover it
     usable = plan.target.usable_bytes / GIB
     ax.axhline(usable, color="#d62728", linestyle="--", linewidth=1.5, label=f"usable {usable:.2f} GiB")
     ax.set_ylim(0, max(usable, *bottom) * 1.12)
