@@ -269,30 +269,32 @@ def check_rehash_call(pipe, rehash: RehashPlan, call_kwargs: dict) -> None:
         )
 
 
-def call_flops(unet: torch.nn.Module, shape, cut: str | None = None) -> int:
-    """FLOPs (PyTorch's counter) of one UNet call at ``shape``: the full call, or the reuse call of ``cut``."""
+def measure_cuts(unet: torch.nn.Module, shape, cuts: list[str]) -> tuple[int, dict[str, int], dict[str, int]]:
+    """FLOPs (PyTorch's counter) of one full UNet call at ``shape``, of each cut's reuse call, and
+    each cut's bytes: one full call keeping every cut, then one reuse call per cut."""
     from torch.utils.flop_counter import FlopCounterMode
 
     adapter = adapter_for(unet)
     ops, result = adapter.ops(unet)
     args = adapter.example_inputs(unet, shape)
-    whole = [Segment([op], op.spec.axis, 1) for op in ops]
+    layouts = {op.output: op.layout for op in ops}
+    reuse_flops, sizes = {}, {}
     with torch.no_grad():
-        binding = adapter.bind(unet, *args)
-        program = Program(ops, binding.env, binding.layouts, result, binding.finish, binding.globals)
-        if cut is None:
-            with FlopCounterMode(display=False) as counter:
-                execute(program, whole)
-            return counter.get_total_flops()
-        _, kept = execute_keeping(program, whole, {cut})
-        reuse = reuse_ops(ops, result, cut)
-        binding = adapter.bind(unet, *args)
-        layout = next(op.layout for op in ops if op.output == cut)
-        program = Program(reuse, {**binding.env, cut: kept[cut]}, {**binding.layouts, cut: layout}, result,
-                          binding.finish, binding.globals)
         with FlopCounterMode(display=False) as counter:
-            execute(program, [Segment([op], op.spec.axis, 1) for op in reuse])
-        return counter.get_total_flops()
+            binding = adapter.bind(unet, *args)
+            program = Program(ops, binding.env, binding.layouts, result, binding.finish, binding.globals)
+            _, kept = execute_keeping(program, [Segment([op], op.spec.axis, 1) for op in ops], set(cuts))
+        full = counter.get_total_flops()
+        for cut in cuts:
+            reuse = reuse_ops(ops, result, cut)
+            with FlopCounterMode(display=False) as counter:
+                binding = adapter.bind(unet, *args)
+                program = Program(reuse, {**binding.env, cut: kept[cut]}, {**binding.layouts, cut: layouts[cut]},
+                                  result, binding.finish, binding.globals)
+                execute(program, [Segment([op], op.spec.axis, 1) for op in reuse])
+            reuse_flops[cut] = counter.get_total_flops()
+            sizes[cut] = kept[cut].numel() * kept[cut].element_size()
+    return full, reuse_flops, sizes
 
 
 def with_rehash(
@@ -331,7 +333,7 @@ def with_rehash(
                 cuts.remove(c)
     if not cuts:
         raise RehashCutError("no candidate cut lies on a segment boundary of this plan; plan with fewer groups")
-    reuse = {c: call_flops(unet, comp.shape, c) for c in cuts}
+    full, reuse, sizes = measure_cuts(unet, comp.shape, cuts)
     options = []
     for c in cuts:
         entry = cal.cut(c) if cal is not None else None
@@ -340,29 +342,16 @@ def with_rehash(
         options.append((math.inf if error is None else error, reuse[c], c, key_steps, thr, error))
     options.sort(key=lambda o: (o[0], o[1]) if cal is not None else (o[1],))
     _, _, c, key_steps, thr, error = options[0]
-    full = call_flops(unet, comp.shape)
     n = len(key_steps)
-    layout_bytes = _cut_bytes(unet, comp.shape, c)
     rehash = RehashPlan(
         mode=mode, cut=c, steps=steps, key_steps=key_steps,
         quality="calibrated" if cal is not None else "uncalibrated",
         predicted_error=None if error is None else round(error, 6),
         threshold=None if thr is None or math.isinf(thr) else round(thr, 6),
         original_unet_flops=steps * full, unet_flops=n * full + (steps - n) * reuse[c],
-        cache_bytes=layout_bytes, calibration=ref,
+        cache_bytes=sizes[c], calibration=ref,
     )
     return plan.model_copy(update={"rehash": rehash})
-
-
-def _cut_bytes(unet, shape, cut: str) -> int:
-    adapter = adapter_for(unet)
-    ops, result = adapter.ops(unet)
-    with torch.no_grad():
-        binding = adapter.bind(unet, *adapter.example_inputs(unet, shape))
-        program = Program(ops, binding.env, binding.layouts, result, binding.finish, binding.globals)
-        _, kept = execute_keeping(program, [Segment([op], op.spec.axis, 1) for op in ops], {cut})
-    t = kept[cut]
-    return t.numel() * t.element_size()
 
 
 def split_groups_at(component: ComponentPlan, cuts) -> ComponentPlan:
