@@ -82,7 +82,7 @@ def test_uniform_plan_matches_original(unet, batch, frames, height, width, k, gr
     torch.testing.assert_close(got, expected, **TOL)
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     data=st.data(),
     batch=st.sampled_from([1, 2]),

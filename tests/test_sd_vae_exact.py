@@ -90,7 +90,7 @@ def test_ungrouped_plan_and_tuple_return(vae):
     torch.testing.assert_close(got[0], expected[0], **TOL)
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), frames=st.integers(1, 6), h=st.integers(2, 8), w=st.integers(2, 8))
 def test_random_plans_decode_exactly(vae, data, frames, h, w):
     z = _z(frames, h, w, seed=frames * 100 + h * 10 + w)
