@@ -162,7 +162,7 @@ def fit_constants(points: list[Point]) -> dict:
     if best is None:
         raise ValueError("no non-negative fit exists for these timings")
     inv_compute, inv_memory, launch = best[1]
-    constants = {
+    constants = {  # a term the fit drops (coefficient 0) costs nothing: efficiency infinite
         "compute_efficiency": 1 / inv_compute if inv_compute > 0 else math.inf,
         "bandwidth_efficiency": 1 / inv_memory if inv_memory > 0 else math.inf,
         "launch_seconds": float(launch),
@@ -171,6 +171,7 @@ def fit_constants(points: list[Point]) -> dict:
     after = _errors(usable, constants)
     return {
         "constants": constants,
+        "dropped": [name for name, value in constants.items() if value in (math.inf, 0.0)],
         "points": len(usable),
         "median_abs_rel_error_before": statistics.median(before),
         "median_abs_rel_error_after": statistics.median(after),
@@ -522,7 +523,9 @@ def markdown(rows: list[Row], fit: dict | None, header: dict, skipped: list[str]
         )
     if fit is not None:
         c, old = fit["constants"], current_constants()
-        lines += ["", f"Fitted over {fit['points']} timed segments: compute efficiency {c['compute_efficiency']:.3f} "
+        dropped = f" (dropped by the fit: {', '.join(fit['dropped'])})" if fit["dropped"] else ""
+        lines += ["", f"Fitted over {fit['points']} timed segments{dropped}: compute efficiency "
+                      f"{c['compute_efficiency']:.3f} "
                       f"(was {old['compute_efficiency']}), bandwidth efficiency {c['bandwidth_efficiency']:.3f} "
                       f"(was {old['bandwidth_efficiency']}), launch {c['launch_seconds'] * 1e6:.1f} µs "
                       f"(was {old['launch_seconds'] * 1e6:.0f}); median |error| per segment "
@@ -530,6 +533,15 @@ def markdown(rows: list[Row], fit: dict | None, header: dict, skipped: list[str]
                       f"{fit['median_abs_rel_error_after'] * 100:.0f}% after."]
     lines += [f"- {s}" for s in skipped]
     return "\n".join(lines) + "\n"
+
+
+def _finite(value):
+    """JSON has no infinity: a dropped term's efficiency is written as null."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return None if isinstance(value, float) and math.isinf(value) else value
 
 
 def slug(name: str) -> str:
@@ -648,7 +660,7 @@ def main(argv=None) -> int:
         "skipped": skipped,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    out.write_text(json.dumps(record, indent=1) + "\n")
+    out.write_text(json.dumps(_finite(record), indent=1) + "\n")
     md = Path(args.markdown) if args.markdown else out.with_suffix(".md")
     md.write_text(table)
     print(f"wrote {out} and {md} in {record['seconds']} s")

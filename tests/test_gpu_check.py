@@ -127,3 +127,14 @@ def test_gpu_cases_plan_every_model_without_torch_work(gpu_check):
     assert all(max(c.plans[0][1].slices.values()) > 1 for c in decodes)
     svd_xt = [c for c in cases if c.model == "svd-xt"]
     assert all(any("plan 7 GiB: infeasible" in n for n in c.notes) for c in svd_xt)
+
+
+def test_fit_drops_a_term_the_timings_do_not_need(gpu_check, svd_segments, tmp_path):
+    """Timings with no launch cost: the launch term is dropped (0 s), and the record stays valid JSON."""
+    profile, segments = svd_segments
+    features = gpu_check.segment_features(profile, find_gpu("H100 SXM"), segments)
+    known = {"compute_efficiency": 0.5, "bandwidth_efficiency": 0.7, "launch_seconds": 0.0}
+    fit = gpu_check.fit_constants([gpu_check.Point(*f, gpu_check.predict(f, known)) for f in features])
+    assert fit["constants"]["launch_seconds"] == pytest.approx(0.0, abs=1e-9)
+    assert fit["constants"]["compute_efficiency"] == pytest.approx(0.5, rel=1e-3)
+    assert gpu_check._finite({"a": [math.inf, 1.0]}) == {"a": [None, 1.0]}
