@@ -650,6 +650,9 @@ def main(argv=None) -> int:
     record = {
         "card": gpu.name,
         "device_name": header["device"],
+        # the peaks the efficiencies are fractions of
+        "gpu_profile": gpu.model_dump(include={"name", "fp16_tensor_tflops", "fp32_tflops", "memory_bandwidth_gbps",
+                                               "compute_capability", "attention_kernels"}),
         "smoke": args.cpu_smoke,
         "measured_at": header["date"],
         "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},

@@ -78,7 +78,7 @@ def test_cpu_smoke_run(gpu_check, tmp_path, capsys):
     out = tmp_path / "calibration" / "smoke.json"
     assert gpu_check.main(["--cpu-smoke", "--models", "svd", "--repeats", "1", "--out", str(out)]) == 0
     record = json.loads(out.read_text())
-    assert record["smoke"] and record["card"] == "RTX 4090"
+    assert record["smoke"] and record["card"] == record["gpu_profile"]["name"] == "RTX 4090"
     rows = record["rows"]
     assert {(r["stage"], r["run"]) for r in rows} == {
         (stage, run) for stage in ("denoise", "decode") for run in ("original", "plan card", "plan 0.5x")
