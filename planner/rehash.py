@@ -414,6 +414,7 @@ def plan_rehash(
     max_latency_s: float | None = None,
     allocator: str = "expandable_segments",
     method: str = "auto",
+    cut: str | None = None,
 ):
     """A pipeline plan with a Step Rehash schedule (see :func:`vramplan.plan_for`).
 
@@ -423,7 +424,7 @@ def plan_rehash(
     as that count allows, ``optimal`` minimises the calibrated error (exact DP). The cut with the
     least calibrated error wins (uncalibrated: the most key steps, then the fastest). The pipeline
     is then planned again with that schedule priced in (groups kept off the cut, the cache held
-    through denoising), minimising the peak under the latency target.
+    through denoising), minimising the peak under the latency target. ``cut`` fixes the cut.
     """
     from .pipeline import plan_pipeline
 
@@ -449,12 +450,16 @@ def plan_rehash(
     other = base.prediction.latency_s - steps * full
     nodes = profile_nodes(model.units)
     cuts = valid_cuts(nodes, unet.result, candidate_cuts(model.units))
+    if cut is not None:
+        if cut not in cuts:
+            raise RehashCutError(f"{cut!r} is not a rehash cut of this model; its cuts: {', '.join(cuts)}")
+        cuts = [cut]
     if calibration is not None:
         measured = {c.cut for c in calibration.cuts}
         cuts = [c for c in cuts if c in measured]
     options = []
-    for cut in cuts:
-        reuse = reuse_seconds(model, split_at_cut(segments, model.index[cut]), cut)
+    for c in cuts:
+        reuse = reuse_seconds(model, split_at_cut(segments, model.index[c]), c)
         if max_latency_s is not None:
             if reuse >= full:
                 continue
@@ -465,11 +470,11 @@ def plan_rehash(
                 continue
         else:
             allowed = keys
-        cal = calibration.cut(cut) if calibration is not None else None
+        cal = calibration.cut(c) if calibration is not None else None
         key_steps, thr = schedule_for(mode, steps, allowed, cal, threshold)
         error = schedule_error(cal.error, key_steps) if cal is not None else None
         n = len(key_steps)
-        options.append(_Option(cut, key_steps, error, thr, n * full + (steps - n) * reuse))
+        options.append(_Option(c, key_steps, error, thr, n * full + (steps - n) * reuse))
     if not options:
         raise InfeasibleError(
             f"no Step Rehash schedule meets max_latency_s={max_latency_s:g}: one full UNet call takes {full:.2f} s "
