@@ -33,9 +33,11 @@ from .hooks import (
     _Link,
     bridge_for,
     get_hook,
+    hook_signature,
     hooked_modules,
     register_hook,
     remove_hook,
+    stateful_hooks,
 )
 from .program import Op, Program, UnitSpec
 
@@ -114,7 +116,7 @@ class PlanHandle(Hook, _Link):
     method: str = "forward"
     active: bool = True
     _bridges: dict[str, Bridge] = field(default_factory=dict)
-    _hooked: frozenset[str] = frozenset()
+    _hooked: tuple = ()
     _calls: tuple[frozenset[str], frozenset[str]] | None = None
 
     def __enter__(self) -> PlanHandle:
@@ -133,22 +135,36 @@ class PlanHandle(Hook, _Link):
     # -- hooks of modules the plan does not call --------------------------------------------------
     def check_hooks(self) -> dict[str, Bridge]:
         """Bridges for the hooks on submodules whose forward the plan bypasses (traced once, when a
-        hooked submodule first appears); a PlanConflictError for a hook that cannot be bridged."""
+        hooked submodule first appears); a PlanConflictError for a hook that cannot be bridged, or
+        for a stateful diffusers hook (a cache) on a module the plan calls once per slice."""
         hooked = hooked_modules(self.model)
-        if frozenset(hooked) == self._hooked:
+        signature = tuple((name, hook_signature(m)) for name, m in hooked.items())
+        if signature == self._hooked:
             return self._bridges
         bridges = {}
         if hooked:
             planned, unplanned = self._traced_calls()
             for name, module in hooked.items():
-                if name in planned or name not in unplanned:
-                    continue  # its __call__ runs under the plan (its hooks fire), or not even without it
+                if name in planned:  # its __call__ runs under the plan: its hooks fire, once per slice
+                    stateful, k = stateful_hooks(module), self._slices(name)
+                    if stateful and k > 1:
+                        raise PlanConflictError(
+                            f"{name} carries {', '.join(stateful)}, which keeps state across calls, but the plan "
+                            f"calls {name} once per slice ({k} slices). Remove the hook, or leave that unit unsliced."
+                        )
+                    continue
+                if name not in unplanned:
+                    continue  # not called without the plan either
                 why = f"the plan for {type(self.model).__name__} runs {_owner_text(name, self.ops)}"
                 bridge = bridge_for(name, module, why)
                 if bridge.describe:
                     bridges[name] = bridge
-        self._hooked, self._bridges = frozenset(hooked), bridges
+        self._hooked, self._bridges = signature, bridges
         return bridges
+
+    def _slices(self, name: str) -> int:
+        """How many times per call the plan runs the unit holding module ``name`` (1 outside units)."""
+        return max((seg.k for seg in self.segments if any(_owns(name, op.name) for op in seg.ops)), default=1)
 
     def _traced_calls(self) -> tuple[frozenset[str], frozenset[str]]:
         if self._calls is None:

@@ -38,10 +38,12 @@ __all__ = [
     "foreign_hooks",
     "get_hook",
     "hooked_modules",
+    "hook_signature",
     "hooks_on",
     "register_hook",
     "remove_hook",
     "reset_state",
+    "stateful_hooks",
 ]
 
 PLAN_HOOK = "vramplan.plan"
@@ -320,6 +322,29 @@ def hooked_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
         ):
             found[name] = m
     return found
+
+
+def hook_signature(module: torch.nn.Module) -> tuple:
+    """What hooks ``module`` carries, cheaply comparable (to notice hooks added after a plan)."""
+    registry = module.__dict__.get("_diffusers_hook")
+    return (
+        tuple(tuple(getattr(module, attr, None) or ()) for attr in _TORCH_HOOKS),
+        id(module.__dict__.get("_hf_hook")),
+        tuple(getattr(registry, "_hook_order", ())),
+        tuple(hooks_on(module)),
+        id(module.__dict__.get("forward")),
+    )
+
+
+def stateful_hooks(module: torch.nn.Module) -> list[str]:
+    """diffusers hooks on ``module`` that keep state across calls (caches): they expect one call per
+    forward, not one per slice."""
+    registry = module.__dict__.get("_diffusers_hook")
+    return [
+        f"diffusers' {type(registry.hooks[n]).__name__} ({n!r})"
+        for n in getattr(registry, "_hook_order", [])
+        if getattr(registry.hooks[n], "_is_stateful", False)
+    ]
 
 
 def foreign_hooks(module: torch.nn.Module) -> tuple[list[str], list[str]]:

@@ -503,3 +503,68 @@ def test_gradient_checkpointing_is_passed_to_the_executor_when_grad_is_on(inputs
     with apply_plan(model, _plan(model, inputs)):
         model(sample, *inputs[1:])
     assert seen == [False]
+
+
+def test_a_stateful_diffusers_hook_on_a_sliced_unit_is_refused(unet, inputs, expected):
+    """A cache hook (diffusers' ``_is_stateful``) expects one call per forward, not one per slice."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    class Cache(ModelHook):
+        _is_stateful = True
+
+        def reset_state(self, module):
+            return module
+
+    block = "down_blocks.0.attentions.0.transformer_blocks.0"
+    registry = HookRegistry.check_if_exists_or_initialize(unet.get_submodule(block))
+    registry.register_hook(Cache(), "cache")
+    try:
+        with pytest.raises(PlanConflictError, match=rf"{block} carries diffusers' Cache .* once per slice \(2 slices\)"):
+            apply_plan(unet, _plan(unet, inputs))
+        with apply_plan(unet, _plan(unet, inputs, 1)):  # unsliced: one call per forward, as the hook expects
+            torch.testing.assert_close(_run(unet, inputs), expected, rtol=1e-5, atol=1e-5)
+    finally:
+        registry.remove_hook("cache", recurse=False)
+
+
+def test_a_hook_added_after_the_plan_to_a_bridged_block_is_refused_at_the_call(inputs):
+    from diffusers.hooks import apply_group_offloading
+
+    model = _fresh_unet()
+    expected = _run(model, inputs)
+    apply_group_offloading(model, onload_device="cpu", offload_device="cpu", offload_type="block_level",
+                           num_blocks_per_group=1)
+    with apply_plan(model, _plan(model, inputs)):
+        torch.testing.assert_close(_run(model, inputs), expected, rtol=1e-5, atol=1e-5)
+        h = model.up_blocks[1].register_forward_pre_hook(lambda *_: None)
+        with pytest.raises(PlanConflictError, match="up_blocks.1 carries a PyTorch forward pre-hook"):
+            _run(model, inputs)
+        h.remove()
+        torch.testing.assert_close(_run(model, inputs), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_group_offloading_of_nested_blocks_in_a_vae_decoder(monkeypatch):
+    """AutoencoderKL offloads ``decoder`` and, inside it, each up block: every group is onloaded and
+    offloaded as often under the plan as its modules' units need, and the decode is unchanged."""
+    from diffusers import AutoencoderKL
+    from diffusers.hooks import apply_group_offloading
+    from vramplan.planner.schema import SampleShape
+    from vramplan.runtime.tiny import TINY_SD_VAE
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**TINY_SD_VAE).eval()
+    z = torch.randn(3, 4, 4, 4)
+    with torch.no_grad():
+        expected = vae.decode(z).sample
+    apply_group_offloading(vae, onload_device="cpu", offload_device="cpu", offload_type="block_level",
+                           num_blocks_per_group=1)
+    groups = _block_groups(vae)
+    assert {"decoder", "decoder.up_blocks.0", "decoder.up_blocks.1"} <= set(groups)
+    events = _group_events(monkeypatch)
+    plan = uniform_plan(vae, 2, SampleShape(batch=1, frames=3, latent_height=4, latent_width=4, dtype="fp32"))
+    with apply_plan(vae, plan), torch.no_grad():
+        torch.testing.assert_close(vae.decode(z).sample, expected, rtol=1e-5, atol=1e-5)
+    for name in ("decoder", "decoder.up_blocks.0", "decoder.up_blocks.1"):
+        assert events.count(("on", groups[name])) == events.count(("off", groups[name])) == 1, name
+    # the decoder (the outer group) is entered first and left last
+    assert events[0] == ("on", groups["decoder"]) and events[-1] == ("off", groups["decoder"])
