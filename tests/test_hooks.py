@@ -568,3 +568,37 @@ def test_group_offloading_of_nested_blocks_in_a_vae_decoder(monkeypatch):
         assert events.count(("on", groups[name])) == events.count(("off", groups[name])) == 1, name
     # the decoder (the outer group) is entered first and left last
     assert events[0] == ("on", groups["decoder"]) and events[-1] == ("off", groups["decoder"])
+
+
+# ---------------------------------------------------------------------------------- every adapter
+def _offload(mode: str):
+    def apply(model):
+        if mode == "sequential":
+            from accelerate import cpu_offload
+
+            cpu_offload(model, execution_device="cpu")
+        elif mode == "casting":
+            model.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+        else:
+            from diffusers.hooks import apply_group_offloading
+
+            apply_group_offloading(model, onload_device="cpu", offload_device="cpu", offload_type=mode,
+                                   num_blocks_per_group=1 if mode == "block_level" else None)
+
+    return apply
+
+
+@pytest.mark.parametrize("mode", ["sequential", "leaf_level", "block_level", "casting"])
+@pytest.mark.parametrize("adapter", ["UNetSpatioTemporalConditionModel", "AutoencoderKLTemporalDecoder",
+                                     "UNetMotionModel", "AutoencoderKL"])
+def test_offloading_and_casting_give_what_they_give_without_a_plan_for_every_adapter(adapter, mode):
+    from tiny import CASES
+
+    case = CASES[adapter]()
+    args, kwargs, shape = case.inputs(1, 3, 4, 4)
+    _offload(mode)(case.model)
+    with torch.no_grad():
+        expected = case.output(case.model, args, kwargs)
+        with apply_plan(case.model, uniform_plan(case.model, 2, shape)):
+            got = case.output(case.model, args, kwargs)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
