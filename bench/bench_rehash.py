@@ -68,7 +68,7 @@ def part_i(gpu_name: str) -> str:
     return "\n".join(out + ["Best cut per model at 13 of 25 key steps:", "", *summary, ""])
 
 
-def part_ii(keys_list=(9, 13, 17), examples: int = 2, max_gap: int = 6) -> str:
+def part_ii(keys_list=(9, 13, 17), examples: int = 2, max_gap: int = 5) -> str:
     import torch
     from vramplan.runtime import trained
     from vramplan.runtime.calibrate import calibrate
@@ -85,7 +85,7 @@ def part_ii(keys_list=(9, 13, 17), examples: int = 2, max_gap: int = 6) -> str:
                     max_gap=max_gap, image=trained.heldout_example(0)[1], **extra)
     cal_seconds = time.perf_counter() - started
     steps = cal.steps
-    rows = []
+    rows, originals = [], {}
     for keys in keys_list:
         for mode in ("uniform", "greedy", "optimal"):
             plan = trained_plan(pipe, rehash=mode, keys=keys, calibration=cal if mode != "uniform" else None)
@@ -98,7 +98,9 @@ def part_ii(keys_list=(9, 13, 17), examples: int = 2, max_gap: int = 6) -> str:
             psnrs, ssims, ratios, speed = [], [], [], []
             for i in range(examples):
                 image = trained.heldout_example(i)[1]
-                c = compare(plan, pipe, seed=i, image=image, num_inference_steps=steps, **extra)
+                c = compare(plan, pipe, seed=i, original=originals.get(i), image=image, num_inference_steps=steps,
+                            **extra)
+                originals[i] = c.original
                 psnrs.append(sum(c.psnr) / len(c.psnr))
                 ssims.append(sum(c.ssim) / len(c.ssim))
                 ratios.append(c.flops_ratio)

@@ -34,6 +34,12 @@ class Comparison:
     original_frames: object = field(repr=False, default=None)
 
     @property
+    def original(self) -> Original:
+        """The unplanned run, to pass to the next ``compare`` of the same call."""
+        return Original(self.original_frames, self.original_unet_flops, self.original_seconds,
+                        self.original_unet_seconds)
+
+    @property
     def flops_ratio(self) -> float:
         return self.original_unet_flops / max(1, self.planned_unet_flops)
 
@@ -63,12 +69,22 @@ class Comparison:
         return "\n".join(lines)
 
 
-def compare(plan: Plan, pipe, *, seed: int = 0, **call_kwargs) -> Comparison:
+@dataclass
+class Original:
+    """What the unplanned pipeline did for one call (reusable across plans with the same call)."""
+
+    frames: object
+    unet_flops: int
+    seconds: float
+    unet_seconds: float
+
+
+def compare(plan: Plan, pipe, *, seed: int = 0, original: Original | None = None, **call_kwargs) -> Comparison:
     """Run ``pipe`` as is and under ``plan`` with the same seed (``call_kwargs``: image or prompt...).
 
     FLOPs and frames come from runs under PyTorch's FLOP counter (the planned one through
-    ``run``, which also checks the call and reports the steps); wall-clock times from two more runs
-    without any counter or tracker, the original first, then the planned one."""
+    ``run``, which also checks the call and reports the steps); wall-clock times from runs without
+    any counter or tracker. ``original``: the unplanned run of the same call, if already made."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from .adapters import pipeline_adapter
@@ -80,26 +96,27 @@ def compare(plan: Plan, pipe, *, seed: int = 0, **call_kwargs) -> Comparison:
         planned = run(plan, pipe=pipe, generator=torch.Generator().manual_seed(seed), progress=False, **call_kwargs)
     planned_flops = sum(counter.get_flop_counts().get(unet_name, {}).values())
     kwargs = _call_arguments(plan, dict(call_kwargs), pipeline_adapter(type(pipe).__name__))
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        original = pipe(generator=torch.Generator().manual_seed(seed), **kwargs).frames
-    original_flops = sum(counter.get_flop_counts().get(unet_name, {}).values())
-    original_seconds, original_unet = _timed(pipe, None, seed, kwargs)
+    if original is None:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            frames = pipe(generator=torch.Generator().manual_seed(seed), **kwargs).frames
+        flops = sum(counter.get_flop_counts().get(unet_name, {}).values())
+        original = Original(frames, int(flops), *_timed(pipe, None, seed, kwargs))
     planned_seconds, planned_unet = _timed(pipe, plan, seed, kwargs)
     from .trained import psnr, ssim  # per frame, on videos in [-1, 1]
 
-    a, b = _video(original) * 2 - 1, _video(planned.frames) * 2 - 1
+    a, b = _video(original.frames) * 2 - 1, _video(planned.frames) * 2 - 1
     return Comparison(
         psnr=[round(float(v), 3) for v in psnr(b, a)],
         ssim=[round(float(v), 5) for v in ssim(b, a)],
-        original_unet_flops=int(original_flops),
+        original_unet_flops=original.unet_flops,
         planned_unet_flops=int(planned_flops),
-        original_seconds=original_seconds,
+        original_seconds=original.seconds,
         planned_seconds=planned_seconds,
-        original_unet_seconds=original_unet,
+        original_unet_seconds=original.unet_seconds,
         planned_unet_seconds=planned_unet,
         report=planned.report,
         frames=planned.frames,
-        original_frames=original,
+        original_frames=original.frames,
     )
 
 
