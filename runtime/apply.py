@@ -354,7 +354,10 @@ def component_for(model: torch.nn.Module, plan: Plan | ComponentPlan) -> Compone
     for comp in plan.components:
         if (comp.model.class_name, comp.model.config_hash) == (actual.class_name, actual.config_hash):
             return comp
-    made_for = "; ".join(f"{c.component}: {c.model.describe()} with {c.shape.describe()}" for c in plan.components)
+    made_for = "; ".join(
+        f"{c.component}: {c.model.describe()} " + (f"with {c.shape.describe()}" if c.shape else "(not sliced)")
+        for c in plan.components
+    )
     raise PlanMismatchError(
         f"this plan was made for {made_for}, but the model is {actual.describe()}. "
         f"Make a plan for this model (vramplan.plan_for or vramplan.runtime.uniform_plan)."
