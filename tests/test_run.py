@@ -267,3 +267,25 @@ def test_run_resets_hook_state_at_each_pipeline_call(pipe, image):
             run(plan, pipe=pipe, image=image, num_inference_steps=2, output_type="pt", progress=False)
             assert hook.state == []  # reset after the call too
     assert hook.seen == [0, 1, 0, 1]  # each run started from a fresh state
+
+
+def test_run_under_enable_model_cpu_offload(image):
+    """diffusers' ``enable_model_cpu_offload`` (on the CPU here): its hooks move each component for its
+    stage under the plan too, are re-installed by the pipeline as usual, and outlive the run."""
+    from accelerate.hooks import CpuOffload
+
+    offloaded = tiny_svd_pipeline()
+    offloaded.enable_model_cpu_offload(device="cpu")
+    expected = _original(offloaded, image)
+    moved = []
+    pre = CpuOffload.pre_forward
+    try:
+        CpuOffload.pre_forward = lambda self, m, *a, **kw: moved.append(type(m).__name__) or pre(self, m, *a, **kw)
+        result = run(uniform_pipeline_plan(offloaded, 2, SIZE, SIZE, FRAMES), pipe=offloaded, image=image,
+                     num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0), progress=False)
+    finally:
+        CpuOffload.pre_forward = pre
+    torch.testing.assert_close(result.frames, expected, rtol=1e-5, atol=1e-5)
+    assert moved.count("UNetSpatioTemporalConditionModel") == 2 and "AutoencoderKLTemporalDecoder" in moved
+    assert isinstance(offloaded.unet._hf_hook, CpuOffload) and "_vramplan_hooks" not in offloaded.unet.__dict__
+    assert torch.equal(_original(offloaded, image), expected)
