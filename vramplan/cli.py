@@ -43,12 +43,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     sub.add_parser("gpus", help="list the known GPUs")
 
-    p = sub.add_parser("fleet", help="capacity planning: which GPUs fit a job, how fast, how many are needed")
-    _shape_args(p)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--rate", type=float, help="videos per hour to sustain")
-    p.add_argument("--gpus", nargs="+", help="GPUs to consider (default: all known)")
-
     p = sub.add_parser("profile", help="profile a model at a shape on meta tensors (needs torch)")
     _shape_args(p)
     p.add_argument("--kernel", choices=["flash", "efficient"], default="flash", help="fused attention kernel")
@@ -248,25 +242,6 @@ def cmd_gpus(args) -> int:
     return 0
 
 
-def cmd_fleet(args) -> int:
-    from .planner.fleet import capacity
-    from .planner.pipelines import check_number
-
-    check_number("--rate", args.rate, positive=True, allow_none=True)
-    check_number("--steps", args.steps, integer=True, minimum=1)
-    rows = capacity(model=args.model, height=args.height, width=args.width, frames=args.frames, steps=args.steps,
-                    guidance=not args.no_guidance, dtype=args.dtype, videos_per_hour=args.rate, gpus=args.gpus)
-    print(f"{args.model}, {args.height}x{args.width}, {args.steps} steps: fastest plan per GPU "
-          f"(latency uncalibrated unless marked)")
-    print(f"{'gpu':<16}{'fits':<6}{'peak GiB':>9}{'s/video':>9}{'videos/h':>10}{'GPUs needed':>13}")
-    for r in rows:
-        needed = "-" if r.gpus_needed is None else str(r.gpus_needed)
-        print(f"{r.gpu:<16}{'yes' if r.fits else 'no':<6}{_gib(r.peak_bytes):>9}"
-              f"{'-' if r.seconds_per_video is None else f'{r.seconds_per_video:.1f}':>9}"
-              f"{'-' if r.videos_per_hour is None else f'{r.videos_per_hour:.1f}':>10}{needed:>13}  {r.note}")
-    return 0
-
-
 def cmd_profile(args) -> int:
     from .api import sample_shape_for
     from .planner.pipelines import check_number
@@ -382,11 +357,11 @@ def read_image(path: str):
 
 
 # Modules with ``register(subparsers) -> {command: handler}``: each adds its own subcommands.
-COMMAND_MODULES: tuple[str, ...] = ("vramplan.cli_rehash",)
+COMMAND_MODULES: tuple[str, ...] = ("vramplan.cli_rehash", "vramplan.cli_fleet")
 
 COMMANDS = {
     "plan": cmd_plan, "gpus": cmd_gpus, "profile": cmd_profile, "schema": cmd_schema, "verify": cmd_verify,
-    "run": cmd_run, "fleet": cmd_fleet,
+    "run": cmd_run,
 }
 
 if __name__ == "__main__":

@@ -1,0 +1,188 @@
+"""``vramplan fleet`` (capacity planning: one model, or workloads x inventory), ``serve``, ``batch``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .planner.errors import VramplanError
+
+GIB = 2**30
+
+
+def register(sub) -> dict:
+    from .cli import _shape_args
+
+    p = sub.add_parser("fleet", help="capacity planning: one model per GPU type, or a workload mix at least cost",
+                       description="Without --workloads: which GPUs fit one job, how fast, how many for --rate. "
+                                   "With --workloads: the cheapest fleet (GPU types, counts, packing) for every "
+                                   "workload's rate and latency bound.")
+    _shape_args(p)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--rate", type=float, help="videos per hour to sustain")
+    p.add_argument("--gpus", nargs="+", help="GPUs to consider (default: all known)")
+    p.add_argument("--workloads", help="workload file (YAML or JSON): name, model, height, width, steps, rate, "
+                                       "p95_latency_s per workload")
+    p.add_argument("--inventory", help="GPU inventory file (YAML or JSON): gpu, count, price_per_hour "
+                                       "(default: every known GPU, unlimited, default prices)")
+    p.add_argument("--max-jobs", type=int, default=3, help="most jobs packed on one GPU (default 3)")
+    p.add_argument("--slack", type=float, default=0.05,
+                   help="latency a job may give up for a smaller peak, as a fraction of its fastest plan")
+    p.add_argument("-o", "--output", help="write the fleet plan (JSON)")
+    p.add_argument("--json", action="store_true", help="print the fleet plan as JSON instead of a table")
+    p.add_argument("--emit", choices=["ray"], help="print (or with -o, write) a Ray Serve config file instead")
+    p.add_argument("--fleet", help="with --emit ray: an existing fleet plan instead of planning one")
+
+    p = sub.add_parser("serve", help="serve a fleet plan on Ray Serve (HTTP: POST /jobs, GET /jobs/<id>)")
+    p.add_argument("fleet", help="fleet plan file (vramplan fleet -o fleet.json)")
+    _ray_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+
+    p = sub.add_parser("batch", help="run a JSONL file of jobs on a Ray cluster with a fleet plan's workers")
+    p.add_argument("jobs", help="JSONL: one job per line: id, workload, image or prompt, seed, steps, options")
+    p.add_argument("--fleet", required=True, help="fleet plan file")
+    _ray_args(p)
+    p.add_argument("--retries", type=int, default=2, help="tries after a failure before a job is reported failed")
+    p.add_argument("--no-progress", action="store_true")
+    return {"fleet": cmd_fleet, "serve": cmd_serve, "batch": cmd_batch}
+
+
+def _ray_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a new local cluster)")
+    p.add_argument("--out-dir", default="videos", help="where videos (and batch reports) are written")
+    p.add_argument("--factory", default="vramplan.runtime.runner:load_pipeline",
+                   help="pipeline factory 'module:function' taking the plan (default: load the plan's pipeline)")
+    p.add_argument("--declare-gpu", help="GPU name replicas assume instead of asking NVML (test clusters)")
+    p.add_argument("--placement", choices=["auto", "labels", "accelerator_type", "none"], default="auto",
+                   help="how replicas ask for their GPU type (auto: labels on Ray >= 2.49)")
+
+
+def cmd_fleet(args) -> int:
+    if args.workloads or args.fleet:
+        return _fleet_mix(args)
+    if args.emit or args.inventory or args.output or args.json:
+        raise VramplanError("--inventory, -o, --json and --emit need --workloads (or --fleet for --emit)")
+    return _fleet_single(args)
+
+
+def _fleet_single(args) -> int:
+    from .cli import _gib
+    from .planner.fleet import capacity
+    from .planner.pipelines import check_number
+
+    check_number("--rate", args.rate, positive=True, allow_none=True)
+    check_number("--steps", args.steps, integer=True, minimum=1)
+    rows = capacity(model=args.model, height=args.height, width=args.width, frames=args.frames, steps=args.steps,
+                    guidance=not args.no_guidance, dtype=args.dtype, videos_per_hour=args.rate, gpus=args.gpus)
+    print(f"{args.model}, {args.height}x{args.width}, {args.steps} steps: fastest plan per GPU "
+          f"(latency uncalibrated unless marked)")
+    print(f"{'gpu':<16}{'fits':<6}{'peak GiB':>9}{'s/video':>9}{'videos/h':>10}{'GPUs needed':>13}")
+    for r in rows:
+        needed = "-" if r.gpus_needed is None else str(r.gpus_needed)
+        print(f"{r.gpu:<16}{'yes' if r.fits else 'no':<6}{_gib(r.peak_bytes):>9}"
+              f"{'-' if r.seconds_per_video is None else f'{r.seconds_per_video:.1f}':>9}"
+              f"{'-' if r.videos_per_hour is None else f'{r.videos_per_hour:.1f}':>10}{needed:>13}  {r.note}")
+    return 0
+
+
+def _fleet_mix(args) -> int:
+    from .planner.capacity import FleetPlan, parse_inventory, parse_workloads, plan_fleet, read_document
+
+    if args.fleet:
+        if not args.emit:
+            raise VramplanError("--fleet (an existing plan) goes with --emit ray; to plan, give --workloads")
+        fleet, fleet_path = FleetPlan.load(args.fleet), args.fleet
+    else:
+        workloads = parse_workloads(read_document(args.workloads), source=args.workloads)
+        offers = parse_inventory(read_document(args.inventory), args.inventory) if args.inventory else None
+        print(f"planning {len(workloads)} workloads ...", file=sys.stderr)
+        fleet = plan_fleet(workloads, offers, slack=args.slack, max_jobs=args.max_jobs)
+        fleet_path = args.output if args.output and not args.emit else None
+        if fleet_path:
+            fleet.save(fleet_path)
+    if args.emit == "ray":
+        return _emit_ray(args, fleet, fleet_path)
+    print(fleet.model_dump_json(indent=1) if args.json else fleet_table(fleet))
+    if args.output:
+        print(f"\nwrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def _emit_ray(args, fleet, fleet_path) -> int:
+    from pathlib import Path
+
+    from .fleet.serve import dump_config, serve_config
+
+    if fleet_path is None:  # the config points at a fleet plan file: write it next to the config
+        fleet_path = Path(args.output or ".").with_suffix("").as_posix() + ".fleet.json" if args.output else "fleet.json"
+        fleet.save(fleet_path)
+        print(f"wrote {fleet_path}", file=sys.stderr)
+    text = dump_config(serve_config(fleet_path, fleet))
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output} (deploy with: serve deploy {args.output})", file=sys.stderr)
+    else:
+        print(text)
+    return 0
+
+
+def fleet_table(fleet) -> str:
+    lines = [f"{'gpu':<16}{'count':>6}{'$/h':>8}  packing (jobs per GPU: workload  peak GiB  latency s packed/alone)"]
+    for alloc in fleet.gpus:
+        for i, packing in enumerate(alloc.packings):
+            head = (f"{alloc.gpu:<16}{alloc.count:>6}{alloc.price_per_hour * alloc.count:>8.2f}" if i == 0
+                    else " " * 30)
+            jobs = ", ".join(f"{j.workload} {j.peak_bytes / GIB:.1f} {j.packed_latency_s:.0f}/{j.solo_latency_s:.0f}"
+                             for j in packing.jobs)
+            lines.append(f"{head}  {packing.count} x [{jobs}]")
+    lines += ["", f"{'workload':<20}{'rate/h':>8}{'capacity/h':>12}{'p95 bound s':>13}"]
+    for w in fleet.workloads:
+        bound = "-" if w.p95_latency_s is None else f"{w.p95_latency_s:g}"
+        lines.append(f"{w.name:<20}{w.rate:>8g}{fleet.capacity(w.name):>12.1f}{bound:>13}")
+    for u in fleet.unserved:
+        lines.append(f"UNSERVED {u.workload}: {u.reason}")
+    s = fleet.solver
+    lines += ["", f"cost ${fleet.cost_per_hour:.2f}/hour for {sum(a.count for a in fleet.gpus)} GPUs; solver {s.status} "
+                  f"({s.patterns} patterns; plans {s.planning_seconds:.1f} s, ILP {s.solve_seconds:.2f} s)"]
+    lines += [f"assumption: {a}" for a in fleet.assumptions]
+    return "\n".join(lines)
+
+
+def cmd_serve(args) -> int:
+    from .fleet import connect
+    from .fleet.serve import start
+    from .planner.capacity import FleetPlan
+
+    fleet = FleetPlan.load(args.fleet)
+    connect(args.address)
+    start(fleet, factory=args.factory, out_dir=args.out_dir, host=args.host, port=args.port,
+          declared_gpu=args.declare_gpu, placement_mode=args.placement)
+    print(f"serving {len(fleet.workloads)} workloads on http://{args.host}:{args.port}: POST /jobs, GET /jobs/<id>. "
+          f"Ctrl-C stops.")
+    try:
+        import time
+
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
+    return 0
+
+
+def cmd_batch(args) -> int:
+    from .fleet import connect
+    from .fleet.batch import run_batch
+    from .planner.capacity import FleetPlan
+
+    fleet = FleetPlan.load(args.fleet)
+    if args.retries < 0:
+        raise VramplanError(f"--retries={args.retries}: give 0 or more")
+    connect(args.address)
+    summary = run_batch(fleet, args.jobs, args.out_dir, factory=args.factory, retries=args.retries,
+                        declared_gpu=args.declare_gpu, placement_mode=args.placement, progress=not args.no_progress)
+    print(json.dumps(summary.model_dump()))
+    return 0 if summary.failed == 0 else 1
