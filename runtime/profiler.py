@@ -342,6 +342,8 @@ def pipeline_profile(model: str, height: int, width: int, frames: int, guidance:
     say = progress or log.info
     source = pipeline_source(model)
     adapter = pipeline_adapter(source.pipeline)
+    adapter.check_size(height, width)
+    adapter.check_frames(frames, source.unet_config)
     components = adapter.meta_components(source.configs, dtype)
     say("stages that run whole")
     whole = adapter.measure_whole_stages(components, height, width, dtype, kernel)

@@ -315,6 +315,14 @@ def test_max_k_is_checked(meta_unet, cache, max_k):
     assert not cache.exists() or not list(cache.iterdir())
 
 
+@pytest.fixture(scope="module")
+def good_profile(meta_unet):
+    from vramplan.planner.schema import SampleShape
+    from vramplan.runtime import profiler
+
+    return profiler.profile(meta_unet, SampleShape(**TINY_SHAPE), "cpu_flash", max_k=1)
+
+
 @pytest.mark.parametrize(
     "corrupt",
     [
@@ -325,14 +333,16 @@ def test_max_k_is_checked(meta_unet, cache, max_k):
     ],
     ids=["truncated", "negative size", "not UTF-8", "another shape"],
 )
-def test_corrupt_cache_entry_is_profiled_again_with_a_warning(meta_unet, cache, monkeypatch, caplog, corrupt):
+def test_corrupt_cache_entry_is_profiled_again_with_a_warning(meta_unet, good_profile, cache, monkeypatch, caplog,
+                                                              corrupt):
     from vramplan.planner.schema import SampleShape
-    from vramplan.runtime import profiler
+    from vramplan.runtime import fingerprint, profiler
 
     shape = SampleShape(**TINY_SHAPE)
-    good = profiler.cached_profile(meta_unet, shape, "cpu_flash", max_k=1)
-    (path,) = list(cache.iterdir())
-    path.write_bytes(corrupt(path.read_text()).encode("latin-1", "surrogateescape"))
+    good = good_profile
+    path = profiler.cache_path(fingerprint(meta_unet), shape, "cpu_flash", max_k=1)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(corrupt(good.model_dump_json(indent=1)).encode("latin-1", "surrogateescape"))
     calls = _count_profiles(monkeypatch)
     with caplog.at_level(logging.WARNING):
         again = profiler.cached_profile(meta_unet, shape, "cpu_flash", max_k=1)
@@ -396,12 +406,12 @@ def test_profiling_shows_a_progress_bar_on_a_terminal(meta_unet, monkeypatch, ca
 
     term = Terminal()
     monkeypatch.setattr(sys, "stderr", term)
-    profiler.profile(meta_unet, SampleShape(**TINY_SHAPE), "cpu_flash", max_k=2)
-    assert "profiling unet" in term.getvalue() and "trace" in term.getvalue()
-    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal: log lines instead, no bar
     with caplog.at_level(logging.INFO, logger="vramplan.runtime.profiler"):
         profiler.profile(meta_unet, SampleShape(**TINY_SHAPE), "cpu_flash", max_k=2)
-    assert "slice target" in caplog.text and sys.stderr.getvalue() == ""
+    assert "profiling unet" in term.getvalue() and "trace" in term.getvalue()
+    assert "slice target" in caplog.text  # and the log gets the steps
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal: no bar
+    assert isinstance(profiler._progress_bar(5, "x"), profiler._NoBar)
 
 
 # ---------------------------------------------------------------------------- run() and apply_plan (runtime)
@@ -453,3 +463,14 @@ def test_plan_for_a_local_pipeline_folder(tmp_path, monkeypatch):
     reports = verify_all(tight)
     assert {r.component for r in reports} >= {"unet", "vae"}
     assert failures(tight, reports, tolerance=0.05) == []
+
+
+def test_profiler_refuses_shapes_the_pipeline_cannot_take():
+    """Called directly, the profiler checks the pipeline's shape rules before building anything."""
+    pytest.importorskip("torch")
+    from vramplan.runtime.profiler import pipeline_profile
+
+    with pytest.raises(InvalidArgumentError, match="motion_max_seq_length=32"):
+        pipeline_profile("animatediff", 512, 512, 40)
+    with pytest.raises(InvalidArgumentError, match="height=500 is not a multiple of 8"):
+        pipeline_profile("svd", 500, 512, 14)
