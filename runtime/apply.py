@@ -168,7 +168,14 @@ class PlanHandle(Hook, _Link):
 
     def _traced_calls(self) -> tuple[frozenset[str], frozenset[str]]:
         if self._calls is None:
-            self._calls = traced_calls(self.model, self.plan.shape, self.method)
+            try:
+                self._calls = traced_calls(self.model, self.plan.shape, self.method)
+            except Exception as err:  # noqa: BLE001 - a model that cannot be copied or traced on meta
+                log.warning("could not trace which modules the plan calls (%s: %s); deciding by module paths "
+                            "(containers of units are bypassed)", type(err).__name__, err)
+                names = {name for name, _ in self.model.named_modules() if name}
+                containers = {n for n in names if any(op.name.startswith(n + ".") for op in self.ops)}
+                self._calls = frozenset(names - containers), frozenset(names)
         return self._calls
 
     # -- the call ---------------------------------------------------------------------------------

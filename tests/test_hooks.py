@@ -602,3 +602,25 @@ def test_offloading_and_casting_give_what_they_give_without_a_plan_for_every_ada
         with apply_plan(case.model, uniform_plan(case.model, 2, shape)):
             got = case.output(case.model, args, kwargs)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_without_a_trace_containers_are_still_refused(unet, inputs, monkeypatch, caplog):
+    """A model that cannot be copied to meta: module paths decide (containers of units are bypassed)."""
+
+    def fail(*_):
+        raise TypeError("cannot deepcopy this model")
+
+    monkeypatch.setattr(apply_module, "_meta_twin", fail)
+    h = unet.down_blocks[1].register_forward_pre_hook(lambda *_: None)
+    try:
+        with pytest.raises(PlanConflictError, match="down_blocks.1 carries"):
+            apply_plan(unet, _plan(unet, inputs))
+    finally:
+        h.remove()
+    assert "deciding by module paths" in caplog.text
+    h = unet.conv_in.register_forward_pre_hook(lambda *_: None)  # a unit itself: called, allowed
+    try:
+        with apply_plan(unet, _plan(unet, inputs)):
+            pass
+    finally:
+        h.remove()
