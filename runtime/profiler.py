@@ -262,7 +262,7 @@ def cache_dir() -> Path:
 def writable_cache_dir() -> Path:
     """The cache folder, created and checked writable *before* any profiling (which takes minutes)."""
     folder = cache_dir()
-    hint = "Set VRAMPLAN_CACHE to a writable folder, or pass -o/--output to write the profile elsewhere."
+    hint = "Set VRAMPLAN_CACHE to a writable folder."
     for path in (folder, *folder.parents):
         if path.exists() and not path.is_dir():
             raise ProfileCacheError(f"the profile cache folder {folder} cannot be made: {path} is a file. {hint}")

@@ -324,11 +324,11 @@ def cmd_run(args) -> int:
     kwargs = {"num_inference_steps": args.steps} if args.steps else {}
     if spec.conditioning == "prompt":
         if not args.prompt:
-            raise InvalidArgumentError(f"a {spec.pipeline} plan needs --prompt (the text to animate)")
+            raise InvalidArgumentError(f"this {spec.pipeline} plan needs --prompt (the text to animate)")
         kwargs.update(prompt=args.prompt, negative_prompt=args.negative_prompt)
     elif spec.conditioning == "image":
         if not args.image:
-            raise InvalidArgumentError(f"a {spec.pipeline} plan needs --image (the conditioning image)")
+            raise InvalidArgumentError(f"this {spec.pipeline} plan needs --image (the conditioning image)")
         kwargs["image"] = read_image(args.image)
 
     import torch
