@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,21 +180,43 @@ class PlanHandle(Hook, _Link):
         return self._calls
 
     # -- the call ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def bridged(self, segments: list[Segment]) -> Iterator[Callable | None]:
+        """Run the hooks of modules the plan bypasses around ``segments`` (:meth:`check_hooks`):
+        yields the ``around_segment`` for :func:`execute` (None when there is nothing to bridge).
+        Every bridge entered is exited, also when a segment raises."""
+        starts, ends, whole = _bridge_schedule(self.check_hooks(), segments)
+        index = {id(seg): i for i, seg in enumerate(segments)}
+        entered: list[Bridge] = []
+
+        @contextlib.contextmanager
+        def around(seg: Segment):
+            i = index[id(seg)]
+            for bridge in starts.get(i, ()):
+                bridge.enter()
+                entered.append(bridge)
+            yield
+            for bridge in reversed(ends.get(i, ())):
+                entered.remove(bridge)
+                bridge.exit()
+
+        try:
+            for bridge in whole:
+                bridge.enter()
+                entered.append(bridge)
+            yield around if starts else None
+        finally:
+            for bridge in reversed(entered):
+                bridge.exit()
+
     def wrap(self, module, call_next, args, kwargs):
         model = self.model
         hook = getattr(model, "_hf_hook", None)
         if hook is not None and self.method != "forward":  # as diffusers' apply_forward_hook does
             hook.pre_forward(model)
-        bridges = self.check_hooks()
         checkpoint = torch.is_grad_enabled() and _checkpointing(model)
-        adapter = adapter_for(model)
-        starts, ends, whole = _bridge_schedule(bridges, self.segments)
-        entered: list[Bridge] = []
-        try:
-            for bridge in whole:
-                bridge.enter()
-                entered.append(bridge)
-            binding = adapter.bind(model, *args, **kwargs)
+        with self.bridged(self.segments) as around:
+            binding = adapter_for(model).bind(model, *args, **kwargs)
             _check_shape(self.plan, binding.shape)
             program = Program(
                 ops=self.ops,
@@ -203,25 +226,7 @@ class PlanHandle(Hook, _Link):
                 finish=binding.finish,
                 globals=binding.globals,
             )
-            index = {id(seg): i for i, seg in enumerate(self.segments)}
-
-            @contextlib.contextmanager
-            def around(seg: Segment):
-                i = index[id(seg)]
-                for bridge in starts.get(i, ()):
-                    bridge.enter()
-                    entered.append(bridge)
-                yield
-                for bridge in reversed(ends.get(i, ())):
-                    entered.remove(bridge)
-                    bridge.exit()
-
-            return execute(
-                program, self.segments, around_segment=around if starts else None, checkpoint=checkpoint
-            )
-        finally:
-            for bridge in reversed(entered):  # also when a segment raised
-                bridge.exit()
+            return execute(program, self.segments, around_segment=around, checkpoint=checkpoint)
 
 
 def apply_plan(model: torch.nn.Module, plan: Plan | ComponentPlan) -> PlanHandle:
