@@ -6,6 +6,7 @@ Ray is an optional extra (``pip install 'vramplan[fleet]'``); the planner never 
 from __future__ import annotations
 
 import os
+import socket
 
 from ..planner.errors import VramplanError
 
@@ -32,6 +33,8 @@ def connect(address: str | None = None, **init_kwargs):
     if ray.is_initialized():
         return ray
     address = address or os.environ.get("RAY_ADDRESS")
+    if address and address != "auto":
+        _reachable(address)
     try:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, **init_kwargs)
     except (ConnectionError, TimeoutError, RuntimeError) as err:
@@ -41,3 +44,17 @@ def connect(address: str | None = None, **init_kwargs):
             f"pass --address host:6379 (or set RAY_ADDRESS), or leave the address out to run locally."
         ) from err
     return ray
+
+
+def _reachable(address: str, timeout: float = 3.0) -> None:
+    """Fail fast with a clear message: Ray itself waits a minute, then may abort the process."""
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            return
+    except (OSError, ValueError) as err:
+        raise RayNotAvailableError(
+            f"no Ray cluster reachable at {address} ({err}). Start one (`ray start --head`), check --address "
+            f"(host:port of the head node, default port 6379), or leave it out to start a local cluster."
+        ) from err

@@ -1,0 +1,89 @@
+"""vramplan fleet / serve / batch on the command line: tables, files, the Ray config, clear errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from vramplan.planner.capacity import FleetPlan
+
+from vramplan.cli import main
+
+WORKLOADS = "workloads:\n  - {name: hd, model: svd, rate: 3}\n  - {name: sq, model: svd, height: 512, width: 512, rate: 2}\n"
+INVENTORY = "gpus:\n  - {gpu: A10G, count: 2, price_per_hour: 1.0}\n"
+
+
+@pytest.fixture
+def files(tmp_path):
+    (tmp_path / "w.yaml").write_text(WORKLOADS)
+    (tmp_path / "inv.yaml").write_text(INVENTORY)
+    return tmp_path
+
+
+def test_fleet_table_and_plan_file(files, capsys):
+    out = files / "fleet.json"
+    assert main(["fleet", "--workloads", str(files / "w.yaml"), "--inventory", str(files / "inv.yaml"),
+                 "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "A10G" in text and "cost $1.00/hour for 1 GPUs" in text and "time-share" in text
+    fleet = FleetPlan.load(out)
+    assert fleet.capacity("hd") >= 3
+    assert main(["fleet", "--workloads", str(files / "w.yaml"), "--inventory", str(files / "inv.yaml"),
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kind"] == "vramplan-fleet"
+
+
+def test_single_model_form_stays(capsys):
+    assert main(["fleet", "--gpus", "A10G", "--rate", "10"]) == 0
+    assert "GPUs needed" in capsys.readouterr().out
+
+
+def test_emit_ray_is_a_valid_serve_config(files, capsys):
+    pytest.importorskip("ray")
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    out = files / "serve.yaml"
+    assert main(["fleet", "--workloads", str(files / "w.yaml"), "--inventory", str(files / "inv.yaml"),
+                 "--emit", "ray", "-o", str(out)]) == 0
+    config = yaml.safe_load(out.read_text())
+    ServeDeploySchema.model_validate(config)
+    deployments = {d["name"]: d for d in config["applications"][0]["deployments"]}
+    assert set(deployments) == {"hd--A10G", "sq--A10G"}
+    assert sum(d["ray_actor_options"]["num_gpus"] for d in deployments.values()) <= 1
+    assert deployments["hd--A10G"]["ray_actor_options"]["label_selector"] == {"ray.io/accelerator-type": "A10G"}
+    assert FleetPlan.load(config["applications"][0]["args"]["fleet"]).workloads[0].name == "hd"
+
+
+@pytest.mark.parametrize("workloads, message", [
+    ("workloads:\n  - {name: a, model: sora, rate: 1}\n", "unknown model 'sora'"),
+    ("workloads:\n  - {name: a, model: svd, rate: -1}\n", "greater than 0"),
+    ("workloads:\n  - {name: a, model: svd, rate: many}\n", "valid number"),
+    ("workloads:\n  - {name: a, model: svd, height: 100, rate: 1}\n", "not a multiple of 8"),
+    ("workloads:\n  - {name: a, model: svd, rate: 900}\n", "'a' is short by"),
+])
+def test_fleet_errors_are_one_line(files, capsys, workloads, message):
+    (files / "bad.yaml").write_text(workloads)
+    assert main(["fleet", "--workloads", str(files / "bad.yaml"), "--inventory", str(files / "inv.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_without_ray_one_line_says_how_to_install(files, capsys, monkeypatch):
+    fleet = files / "fleet.json"
+    assert main(["fleet", "--workloads", str(files / "w.yaml"), "--inventory", str(files / "inv.yaml"),
+                 "-o", str(fleet)]) == 0
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    assert main(["serve", str(fleet)]) == 2
+    assert "pip install 'vramplan[fleet]'" in capsys.readouterr().err
+
+
+def test_no_cluster_reachable(files, capsys):
+    pytest.importorskip("ray")
+    fleet = files / "fleet.json"
+    assert main(["fleet", "--workloads", str(files / "w.yaml"), "--inventory", str(files / "inv.yaml"),
+                 "-o", str(fleet)]) == 0
+    (files / "jobs.jsonl").write_text('{"workload": "hd", "image": "x.png"}\n')
+    assert main(["batch", str(files / "jobs.jsonl"), "--fleet", str(fleet), "--address", "127.0.0.1:1"]) == 2
+    assert "no Ray cluster reachable at 127.0.0.1:1" in capsys.readouterr().err
