@@ -124,3 +124,15 @@ def test_around_segment_wraps_every_segment():
     out = execute(program, [Segment([a, b], "frames", 2), Segment([c], None, 1)], around_segment=maybe)
     torch.testing.assert_close(out, (x + 1) * 3 - 1)
     assert events == [("enter", ["a", "b"]), ("exit", ["a", "b"])]
+
+
+def test_a_kept_value_made_inside_a_group_is_materialised():
+    """``a`` lives only slice by slice inside the group ``[a, b]``; kept, it is written in full."""
+    x = torch.randn(5, 2, 3, 3)
+    a = _op("a", ("x",), lambda ctx, x: x * 2)
+    b = _op("b", ("a",), lambda ctx, a: a + 1)
+    program = Program([a, b], {"x": x}, {"x": "nchw"}, "b", lambda o: o)
+    with torch.no_grad():
+        out = execute(program, [Segment([a, b], "frames", 3)], keep={"a"})
+    torch.testing.assert_close(program.kept["a"], x * 2)
+    torch.testing.assert_close(out, x * 2 + 1)
