@@ -192,9 +192,12 @@ def test_cache_not_overwritten_by_buffer_reuse(unet):
 
         execute(Program(ops, binding.env, binding.layouts, result, binding.finish, binding.globals),
                 [Segment([op], op.spec.axis, 1) for op in ops], observer=observer)
-        with apply_rehash(unet, _rehash(cut, [0], 2), comp) as handle:
+        with apply_rehash(unet, _rehash(cut, [0], 3), comp) as handle:
             unet(*args)
             torch.testing.assert_close(handle.cache, captured[cut], rtol=1e-5, atol=1e-5)
+            before = handle.cache.clone()
+            unet(*args)  # a reuse call reads the cache as an input: never written into
+            torch.testing.assert_close(handle.cache, before, rtol=0, atol=0)
 
 
 def test_group_across_cut_refused(unet):
