@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	fi
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" >/dev/null 2>&1 || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[runtime,test]"
+	$(PY) -m pip install -q -e ".[runtime,test,fleet]"
 	@touch $(STAMP)
 
 test: $(STAMP)
