@@ -41,6 +41,10 @@ def capacity(
 ) -> list[FleetRow]:
     """One row per GPU, fastest first; infeasible GPUs last."""
     from ..api import find_pipeline_profile, sample_shape_for
+    from .pipelines import check_number
+
+    check_number("videos_per_hour", videos_per_hour, positive=True, allow_none=True)
+    check_number("steps", steps, integer=True, minimum=1)
 
     shape = sample_shape_for(model, height, width, frames, guidance, dtype)
     rows = []

@@ -474,3 +474,21 @@ def test_profiler_refuses_shapes_the_pipeline_cannot_take():
         pipeline_profile("animatediff", 512, 512, 40)
     with pytest.raises(InvalidArgumentError, match="height=500 is not a multiple of 8"):
         pipeline_profile("svd", 500, 512, 14)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(videos_per_hour=-5), "videos_per_hour=-5 must be > 0"),
+        (dict(videos_per_hour=math.inf), "videos_per_hour=inf must be a finite number"),
+        (dict(videos_per_hour="10"), "videos_per_hour='10' must be a number"),
+        (dict(steps=0), "steps=0 must be >= 1"),
+    ],
+)
+def test_fleet_capacity_refuses_bad_rates(kwargs, message):
+    """Was: rate -5 -> "GPUs needed 0", rate inf -> OverflowError."""
+    from vramplan.planner.fleet import capacity
+
+    with pytest.raises(InvalidArgumentError) as info:
+        capacity(model="svd", gpus=["2080Ti"], **kwargs)
+    assert message in str(info.value)
