@@ -60,9 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     p = sub.add_parser("run", help="run a plan on its pipeline (weights from a local path or the HF cache)")
     p.add_argument("plan")
-    p.add_argument("--image", help="conditioning image (Stable Video Diffusion)")
-    p.add_argument("--prompt", help="text prompt (AnimateDiff)")
-    p.add_argument("--negative-prompt", help="negative prompt (AnimateDiff)")
+    p.add_argument("--image", help=f"conditioning image ({_pipelines_taking('image')})")
+    p.add_argument("--prompt", help=f"text prompt ({_pipelines_taking('prompt')})")
+    p.add_argument("--negative-prompt", help=f"negative prompt ({_pipelines_taking('prompt')})")
     p.add_argument("--out", default="video.gif", help="GIF or MP4 to write")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, help="denoising steps (default: the plan's)")
@@ -97,8 +97,15 @@ def check_output(path: str | os.PathLike, what: str = "output file") -> Path:
     return out
 
 
+def _pipelines_taking(conditioning: str) -> str:
+    from .planner.pipelines import known_pipelines, pipeline_spec
+
+    return ", ".join(p for p in known_pipelines() if pipeline_spec(p).conditioning == conditioning)
+
+
 def _shape_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="svd", help='"svd", "svd-xt", a Hugging Face id or a local path')
+    p.add_argument("--model", default="svd",
+                   help='"svd", "svd-xt", "animatediff", a local pipeline folder or a cached Hugging Face id')
     p.add_argument("--height", type=int, default=576)
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--frames", type=int, help="default: the model's")
