@@ -381,8 +381,8 @@ def cached_pipeline_profile(model: str, height: int, width: int, frames: int, gu
             source.pipeline, height, width, frames, guidance, dtype, kernel)
 
     prof = _read_cached(path, PipelineProfile, matches)
-    if prof is not None:
-        return prof
+    if prof is not None:  # keyed by configs: the same pipeline under another name (a folder, an id) shares it
+        return prof.model_copy(update={"model_name": source.name})
     prof = pipeline_profile(model, height, width, frames, guidance, dtype, kernel, max_k=max_k)
     _write_cached(prof, path)
     return prof

@@ -237,8 +237,8 @@ def test_negative_sizes_in_a_profile_are_refused(tmp_path):
 
 
 def test_unknown_hugging_face_id_is_not_downloaded(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(UnsupportedModelError, match="no model_index.json for it in the local Hugging Face cache"):
         plan_for(gpu="2080Ti", model="someone/not-cached-video-model")
 
@@ -463,6 +463,22 @@ def test_plan_for_a_local_pipeline_folder(tmp_path, monkeypatch):
     reports = verify_all(tight)
     assert {r.component for r in reports} >= {"unet", "vae"}
     assert failures(tight, reports, tolerance=0.05) == []
+
+    # The same configs as a Hugging Face id in the local cache (laid out as huggingface_hub does):
+    # read from the cache, never downloaded; same configs, so the cached profile is reused.
+    import shutil
+
+    import huggingface_hub.constants
+
+    hub = tmp_path / "hub"
+    repo = hub / "models--someone--tiny-svd"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    shutil.copytree(folder, repo / "snapshots" / ("0" * 40), ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    by_id = plan_for(gpu="2080Ti", model="someone/tiny-svd", height=64, width=64, dtype="fp32")
+    assert by_id.model_name == "someone/tiny-svd" and by_id.prediction == plan.prediction
+    assert len(list((tmp_path / "cache" / "profiles").iterdir())) == 1
 
 
 def test_profiler_refuses_shapes_the_pipeline_cannot_take():
