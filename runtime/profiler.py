@@ -344,9 +344,11 @@ def pipeline_profile(model: str, height: int, width: int, frames: int, guidance:
     adapter = pipeline_adapter(source.pipeline)
     adapter.check_size(height, width)
     adapter.check_frames(frames, source.unet_config)
+    bar = _progress_bar(1 + len(adapter.sliced), f"profiling {source.name}")
     components = adapter.meta_components(source.configs, dtype)
     say("stages that run whole")
     whole = adapter.measure_whole_stages(components, height, width, dtype, kernel)
+    bar.update(1)
     profiles: dict[str, ModelProfile] = {}
     for stage, component, _ in adapter.stages:
         if stage in adapter.sliced and stage not in profiles:
@@ -354,6 +356,8 @@ def pipeline_profile(model: str, height: int, width: int, frames: int, guidance:
             shape = adapter.stage_shape(stage, height, width, frames, guidance, dtype)
             profiles[stage] = profile(components[component], shape, kernel, name=source.name, max_k=max_k,
                                       progress=progress)
+            bar.update(1)
+    bar.close()
     stages = adapter.stage_profiles(components, height, width, frames, guidance, dtype, whole, profiles)
     refs = {component: profiles[stage].model for stage, component, _ in adapter.stages if stage in profiles}
     return PipelineProfile(

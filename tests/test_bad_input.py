@@ -452,7 +452,18 @@ def test_plan_for_a_local_pipeline_folder(tmp_path, monkeypatch):
     folder = tmp_path / "tiny-svd"
     tiny_svd_pipeline().save_pretrained(folder)
     monkeypatch.setenv("VRAMPLAN_CACHE", str(tmp_path / "cache"))
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)  # a new shape on a terminal: progress bars
     plan = plan_for(gpu="2080Ti", model=str(folder), height=64, width=64, dtype="fp32")
+    monkeypatch.setattr(sys, "stderr", sys.__stderr__)
+    assert f"profiling {folder}" in term.getvalue() and "profiling unet" in term.getvalue()
+    assert "profiling vae" in term.getvalue()
     assert plan.pipeline == "StableVideoDiffusionPipeline" and plan.frames == 5  # the UNet config's num_frames
     assert {c.component for c in plan.components} == {"unet", "vae", "image_encoder"}
     cached = list((tmp_path / "cache" / "profiles").iterdir())

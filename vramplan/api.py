@@ -7,7 +7,6 @@ so the same mistakes get the same clear errors from Python and from the CLI.
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 from .planner.errors import InvalidArgumentError, UnsupportedGPUFeatureError, VramplanError
@@ -126,10 +125,8 @@ def find_pipeline_profile(
             f"no shipped profile for {model} {frames} x {height}x{width} ({kernel} attention), and profiling "
             f"one needs the runtime: pip install 'vramplan[runtime]'"
         ) from err
-    message = f"profiling the {model} pipeline at {frames} x {height}x{width} ({kernel} attention) on meta tensors"
-    if sys.stderr.isatty():
-        print(message + " (once; cached)", file=sys.stderr)
-    log.info("%s; cached", message)
+    log.info("profiling the %s pipeline at %d x %dx%d (%s attention) on meta tensors; cached",
+             model, frames, height, width, kernel)
     return cached_pipeline_profile(model, height, width, frames, guidance, dtype, kernel)
 
 
