@@ -89,7 +89,10 @@ def pipeline_adapter(name: str | None):
     profiling and whole-stage measuring), or an UnsupportedModelError naming the supported ones."""
     from . import animatediff_pipeline, svd_pipeline  # noqa: F401  (registers the runtime subclasses)
 
-    return pipeline_spec(name)
+    adapter = pipeline_spec(name)
+    if not isinstance(adapter, PipelineAdapter):
+        raise UnsupportedModelError(f"{name} can be planned but has no runtime adapter to profile or run it")
+    return adapter
 
 
 def measure_stage(fn: Callable[[], object], kernel: str) -> tuple[int, int, int]:
