@@ -20,8 +20,6 @@ from typing import Any, ClassVar
 from .errors import InvalidArgumentError, PlanMismatchError, UnsupportedModelError
 from .schema import Plan, SampleShape
 
-DTYPES = ("fp16", "bf16", "fp32")
-
 
 class PipelineSpec:
     """The torch-free facts of one diffusers pipeline class. Subclass and :func:`register`."""
@@ -36,6 +34,9 @@ class PipelineSpec:
     vae_scale_factor: ClassVar[int] = 8
     min_latent: ClassVar[int] = 8  # the UNets downsample latents three times
     guidance_batch: ClassVar[int] = 2  # classifier-free guidance runs the UNet on [uncond, cond]
+    # The call argument that decodes this many frames at once: a plan decodes all frames in one sliced
+    # pass (its decoder shape has every frame), so the run sets it to the plan's frame count.
+    chunk_argument: ClassVar[str | None] = "decode_chunk_size"
 
     # -- shapes ----------------------------------------------------------------------------
     def max_frames(self, unet_config: dict[str, Any] | None) -> int | None:
@@ -86,6 +87,8 @@ class PipelineSpec:
     def call_arguments(self, plan: Plan) -> dict[str, Any]:
         """Call arguments the plan fixes (``height``, ``width``, ``num_frames`` and pipeline specifics)."""
         args = {"height": plan.height, "width": plan.width, "num_frames": plan.frames}
+        if self.chunk_argument:
+            args[self.chunk_argument] = plan.frames
         return {k: v for k, v in args.items() if v is not None}
 
     def sliced_components(self) -> list[str]:
@@ -146,13 +149,6 @@ class StableVideoDiffusion(PipelineSpec):
     def default_frames(self, entry, unet_config):
         return super().default_frames(entry, unet_config) or (unet_config or {}).get("num_frames")
 
-    def call_arguments(self, plan: Plan) -> dict[str, Any]:
-        # The temporal decoder mixes frames: only all frames in one (sliced) decode is the exact video.
-        args = super().call_arguments(plan)
-        if plan.frames:
-            args["decode_chunk_size"] = plan.frames
-        return args
-
 
 @register
 class AnimateDiff(PipelineSpec):
@@ -171,12 +167,6 @@ class AnimateDiff(PipelineSpec):
     def frames_message(self, frames: int, limit: int) -> str:
         return (f"frames={frames}: the AnimateDiff motion modules take at most {limit} frames "
                 f"(motion_max_seq_length={limit}). Use frames <= {limit}.")
-
-    def call_arguments(self, plan: Plan) -> dict[str, Any]:
-        args = super().call_arguments(plan)
-        if plan.frames:
-            args["decode_chunk_size"] = plan.frames
-        return args
 
 
 def check_number(name: str, value: Any, *, integer: bool = False, minimum: float | None = None,

@@ -187,3 +187,13 @@ def test_pipeline_adapters_do_not_import_the_profiler():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["AnimateDiffAdapter", "StableVideoDiffusionAdapter"]
+
+
+def test_pipelines_fix_their_call_arguments():
+    from vramplan.planner.pipelines import pipeline_spec
+
+    plan = plan_for(gpu="2080Ti", model="animatediff", height=512, width=512)
+    args = pipeline_spec(plan.pipeline).call_arguments(plan)
+    assert args == {"height": 512, "width": 512, "num_frames": 16, "decode_chunk_size": 16}
+    assert pipeline_spec(plan.pipeline).conditioning == "prompt"
+    assert pipeline_spec("StableVideoDiffusionPipeline").conditioning == "image"
