@@ -307,10 +307,12 @@ def with_rehash(
     calibration=None,
     threshold: float | None = None,
     cut: str | None = None,
+    max_unet_flops: int | None = None,
 ) -> Plan:
     """``plan`` (e.g. a hand-made uniform plan of a model without a shipped profile) with a Step Rehash
     schedule chosen as the planner does (see :func:`vramplan.planner.rehash.plan_rehash`), FLOPs
-    counted by PyTorch on the real model; no latency prediction."""
+    counted by PyTorch on the real model; no latency prediction. ``max_unet_flops`` (UNet FLOPs per
+    video) plays the latency target's part: per cut it sets how many key steps are allowed."""
     from ..planner.rehash import (
         CalibrationRequiredError,
         load_calibration,
@@ -336,11 +338,20 @@ def with_rehash(
     full, reuse, sizes = measure_cuts(unet, comp.shape, cuts)
     options = []
     for c in cuts:
+        allowed = keys
+        if max_unet_flops is not None:
+            if reuse[c] >= full:
+                continue
+            allowed = min(keys or steps, steps, math.floor((max_unet_flops - steps * reuse[c]) / (full - reuse[c])))
+            if allowed < 1:
+                continue
         entry = cal.cut(c) if cal is not None else None
-        key_steps, thr = schedule_for(mode, steps, keys, entry, threshold)
+        key_steps, thr = schedule_for(mode, steps, allowed, entry, threshold)
         error = schedule_error(entry.error, key_steps) if entry is not None else None
         options.append((math.inf if error is None else error, reuse[c], c, key_steps, thr, error))
-    options.sort(key=lambda o: (o[0], o[1]) if cal is not None else (o[1],))
+    if not options:
+        raise RehashCutError(f"no cut brings the UNet under {max_unet_flops:.3g} FLOPs per video with a key step")
+    options.sort(key=lambda o: (o[0], o[1]) if cal is not None else (-len(o[3]), o[1]))
     _, _, c, key_steps, thr, error = options[0]
     n = len(key_steps)
     rehash = RehashPlan(

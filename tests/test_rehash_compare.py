@@ -71,3 +71,11 @@ def test_searched_schedules_need_a_calibration(pipe):
     base = uniform_pipeline_plan(pipe, 1, **CALL)
     with pytest.raises(CalibrationRequiredError):
         with_rehash(base, pipe.unet, mode="optimal", steps=5, keys=3)
+
+
+def test_flops_budget_sets_the_key_steps(pipe):
+    base = uniform_pipeline_plan(pipe, 1, **CALL)
+    free = with_rehash(base, pipe.unet, mode="uniform", steps=6).rehash
+    budget = (free.original_unet_flops + free.unet_flops) // 2
+    r = with_rehash(base, pipe.unet, mode="uniform", steps=6, max_unet_flops=budget).rehash
+    assert r.unet_flops <= budget < r.original_unet_flops and 1 < len(r.key_steps) < 6

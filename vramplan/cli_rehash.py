@@ -45,9 +45,10 @@ def _input_args(p) -> None:
 
 
 def trained_plan(pipe, *, rehash: str = "uniform", keys: int | None = None, calibration=None, slices: int = 1,
-                 steps: int | None = None):
+                 steps: int | None = None, **choice):
     """A plan for the trained demo pipeline: every sliceable unit ``slices`` ways (grouped, groups kept
-    off the cut), and a Step Rehash schedule chosen as the planner does."""
+    off the cut), and a Step Rehash schedule chosen as the planner does (``choice``: ``cut``,
+    ``threshold``, ``max_unet_flops`` of :func:`vramplan.runtime.rehash.with_rehash`)."""
     from .runtime import trained
     from .runtime.apply import uniform_pipeline_plan
     from .runtime.rehash import with_rehash
@@ -64,7 +65,7 @@ def trained_plan(pipe, *, rehash: str = "uniform", keys: int | None = None, cali
         comps = [split_groups_at(unet, rehash_cuts(pipe.unet)) if c.component == "unet" else c
                  for c in plan.components]
         plan = plan.model_copy(update={"components": comps})
-    return with_rehash(plan, pipe.unet, mode=rehash, steps=steps, keys=keys, calibration=calibration)
+    return with_rehash(plan, pipe.unet, mode=rehash, steps=steps, keys=keys, calibration=calibration, **choice)
 
 
 def load(plan, allow_download: bool = False):
