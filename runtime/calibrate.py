@@ -55,7 +55,9 @@ def calibrate(
         for key, value in (("height", plan.height), ("width", plan.width), ("num_frames", plan.frames)):
             if value is not None:
                 call_kwargs.setdefault(key, value)
-        if num_inference_steps is None and plan.target is not None:
+        if num_inference_steps is None and plan.rehash is not None:
+            num_inference_steps = plan.rehash.steps
+        elif num_inference_steps is None and plan.target is not None:
             num_inference_steps = plan.target.steps
         if plan.frames:
             call_kwargs.setdefault("decode_chunk_size", plan.frames)

@@ -91,6 +91,8 @@ def compare(plan: Plan, pipe, *, seed: int = 0, original: Original | None = None
     from .runner import _call_arguments
 
     call_kwargs.setdefault("output_type", "pt")
+    if plan.rehash is not None:
+        call_kwargs.setdefault("num_inference_steps", plan.rehash.steps)
     unet_name = type(pipe.unet).__name__
     with FlopCounterMode(display=False) as counter:
         planned = run(plan, pipe=pipe, generator=torch.Generator().manual_seed(seed), progress=False, **call_kwargs)

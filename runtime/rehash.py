@@ -253,7 +253,8 @@ def _sync(t) -> None:
 
 
 def check_rehash_call(pipe, rehash: RehashPlan, call_kwargs: dict) -> None:
-    """Refuse, before anything runs, a call whose scheduler or step count cannot follow the schedule."""
+    """Refuse, before anything runs, a call whose scheduler or step count cannot follow the schedule;
+    a call that does not say its steps gets the schedule's (``call_kwargs`` is filled in)."""
     order = getattr(pipe.scheduler, "order", 1)
     if order != 1:
         raise SchedulerOrderError(
@@ -261,7 +262,7 @@ def check_rehash_call(pipe, rehash: RehashPlan, call_kwargs: dict) -> None:
             f"schedule counts one call per step. Use a first-order scheduler (Euler, DDIM, DPM++ 2M) or a plan "
             f"without rehash."
         )
-    steps = call_kwargs.get("num_inference_steps")
+    steps = call_kwargs.setdefault("num_inference_steps", rehash.steps)
     if steps != rehash.steps:
         raise RehashStepsError(
             f"the call asks for num_inference_steps={steps}, but the plan's rehash schedule is for {rehash.steps} "

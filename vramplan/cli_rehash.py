@@ -19,6 +19,7 @@ def register(sub) -> dict:
     p.add_argument("plan", help="the plan whose shape and steps to calibrate")
     _input_args(p)
     p.add_argument("--max-gap", type=int, default=4, help="reuse distances measured (steps)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the plan's)")
     p.add_argument("-o", "--output", help="calibration JSON (default: beside the cached profiles)")
     p.add_argument("--plot", help="heatmap PNG (default: the JSON's name with .png)")
 
@@ -123,16 +124,13 @@ def cmd_trained_plan(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    import torch
-
     from .planner.schema import Plan
     from .runtime.calibrate import calibrate, default_path, plot_calibration
 
     plan = Plan.load(args.plan)
     pipe = load(plan, args.allow_download)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    cal = calibrate(pipe, plan=plan, max_gap=args.max_gap, seed=args.seed, model_name=plan.model_name,
-                    **call_inputs(plan, args))
+    cal = calibrate(pipe, plan=plan, num_inference_steps=args.steps, max_gap=args.max_gap, seed=args.seed,
+                    model_name=plan.model_name, **call_inputs(plan, args))
     out = Path(args.output) if args.output else default_path(cal, plan.model_name)
     cal.save(out)
     plot = plot_calibration(cal, args.plot or out.with_suffix(".png"))

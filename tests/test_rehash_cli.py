@@ -1,0 +1,41 @@
+"""The Step Rehash commands end to end on the shipped trained model (3 steps to stay fast)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vramplan.cli import main
+
+
+@pytest.fixture(scope="module")
+def weights():
+    from vramplan.planner.errors import InputFileError
+    from vramplan.runtime import trained
+
+    try:
+        trained._check_files(trained.trained_dir())
+    except InputFileError as err:
+        pytest.skip(f"the trained model is not installed: {err}")
+
+
+def test_trained_plan_calibrate_compare(weights, tmp_path, capsys):
+    plan, cal, optimal, gif = (tmp_path / n for n in ("plan.json", "cal.json", "opt.json", "side.gif"))
+    assert main(["trained-plan", "--steps", "3", "--keys", "2", "-o", str(plan)]) == 0
+    assert json.loads(plan.read_text())["rehash"]["key_steps"] == [0, 2]
+    assert main(["calibrate", str(plan), "--max-gap", "2", "-o", str(cal)]) == 0
+    data = json.loads(cal.read_text())
+    assert data["steps"] == 3 and data["max_gap"] == 2 and cal.with_suffix(".png").exists()
+    assert main(["trained-plan", "--steps", "3", "--rehash", "optimal", "--keys", "2", "--calibration", str(cal),
+                 "-o", str(optimal)]) == 0
+    assert json.loads(optimal.read_text())["rehash"]["quality"] == "calibrated"
+    capsys.readouterr()
+    assert main(["compare", str(optimal), "--gif", str(gif)]) == 0
+    out = capsys.readouterr().out
+    assert "PSNR" in out and "UNet FLOPs" in out and gif.stat().st_size > 0
+
+
+def test_plan_rehash_errors_are_clear(capsys):
+    assert main(["plan", "--model", "svd", "--gpu", "4090", "--rehash", "greedy", "-o", "/dev/null"]) == 2
+    assert "needs a calibration" in capsys.readouterr().err
