@@ -165,6 +165,7 @@ class FleetSolver(_Strict):
     patterns: int
     slack: float
     max_jobs: int
+    gap: float = Field(description="relative optimality gap the ILP was asked to close")
 
 
 class FleetPlan(_Strict):
@@ -473,13 +474,15 @@ def enumerate_patterns(options: dict[tuple[int, str], Option], gpus: list[str], 
     return out
 
 
-def _solver(time_limit: float):
-    return _cbc(msg=False, timeLimit=time_limit, gapRel=1e-6)
+def _solver(time_limit: float, gap: float = 1e-9):
+    return _cbc(msg=False, timeLimit=time_limit, gapRel=max(gap, 1e-9))
 
 
 def solve_patterns(patterns: list[Pattern], rates: dict[int, float], offers: list[GpuOffer],
-                   time_limit: float = 60.0) -> tuple[dict[Pattern, int], str]:
-    """Integer GPU counts per pattern at least cost, or InventoryError naming each short workload."""
+                   time_limit: float = 60.0, gap: float = 0.0) -> tuple[dict[Pattern, int], str]:
+    """Integer GPU counts per pattern at least cost (within the relative ``gap`` of the optimum: CBC
+    finds the best fleet fast but can take minutes proving it on large mixes), or InventoryError
+    naming each short workload."""
     price = {o.gpu: o.price_per_hour for o in offers}
     count = {o.gpu: o.count for o in offers}
     prob = pulp.LpProblem("fleet", pulp.LpMinimize)
@@ -495,11 +498,13 @@ def solve_patterns(patterns: list[Pattern], rates: dict[int, float], offers: lis
         used = [v for p, v in x.items() if p.gpu == g]
         if n is not None and used:
             prob += pulp.lpSum(used) <= n, f"count_{g}".replace(" ", "_")
-    prob.solve(_solver(time_limit))
+    prob.solve(_solver(time_limit, gap))
     status = pulp.LpStatus[prob.status]
     if status == "Optimal" or (status == "Not Solved" and prob.sol_status == pulp.LpSolutionIntegerFeasible):
         chosen = {p: round(v.value()) for p, v in x.items() if v.value() and round(v.value()) > 0}
-        return chosen, status if prob.sol_status == pulp.LpSolutionOptimal else "time limit: best found"
+        if prob.sol_status != pulp.LpSolutionOptimal:
+            return chosen, "time limit: best found"
+        return chosen, f"optimal within {gap:.1%}" if gap > 0 else "optimal"
     err = InventoryError("the inventory cannot meet the rates")
     err.shortfall = _shortfall(patterns, rates, offers, time_limit)
     raise err
@@ -518,7 +523,7 @@ def _shortfall(patterns, rates, offers, time_limit) -> dict[int, float]:
         used = [v for p, v in x.items() if p.gpu == g]
         if n is not None and used:
             prob += pulp.lpSum(used) <= n
-    prob.solve(_solver(time_limit))
+    prob.solve(_solver(time_limit, 0.02))
     return {w: short[w].value() or 0.0 for w in rates}
 
 
@@ -526,11 +531,13 @@ def _shortfall(patterns, rates, offers, time_limit) -> dict[int, float]:
 
 
 def plan_fleet(workloads: list[Workload], offers: list[GpuOffer] | None = None, *, slack: float = 0.05,
-               max_jobs: int = 3, time_limit: float = 60.0) -> FleetPlan:
+               max_jobs: int = 3, gap: float = 0.02, time_limit: float = 60.0) -> FleetPlan:
     """The cheapest fleet that sustains every workload's rate within its latency bound."""
     offers = offers if offers is not None else parse_inventory(None)
     if max_jobs < 1:
         raise FleetError(f"max_jobs={max_jobs}: at least one job per GPU")
+    if not 0 <= gap < 1 or not 0 <= slack < 10:
+        raise FleetError(f"gap={gap}, slack={slack}: give 0 <= gap < 1 and 0 <= slack < 10")
     t0 = time.perf_counter()
     options, reasons = plan_options(workloads, offers, slack)
     planning = time.perf_counter() - t0
@@ -539,7 +546,7 @@ def plan_fleet(workloads: list[Workload], offers: list[GpuOffer] | None = None, 
     served = {i: w.rate for i, w in enumerate(workloads) if i not in reasons}
     if served:
         try:
-            chosen, status = solve_patterns(patterns, served, offers, time_limit)
+            chosen, status = solve_patterns(patterns, served, offers, time_limit, gap)
         except InventoryError as err:
             raise InventoryError(_explain_shortfall(err.shortfall, workloads, offers)) from None
     else:
@@ -547,7 +554,7 @@ def plan_fleet(workloads: list[Workload], offers: list[GpuOffer] | None = None, 
     solve = time.perf_counter() - t0
     return _assemble(workloads, offers, options, reasons, chosen, FleetSolver(
         status=status, planning_seconds=round(planning, 3), solve_seconds=round(solve, 3),
-        patterns=len(patterns), slack=slack, max_jobs=max_jobs,
+        patterns=len(patterns), slack=slack, max_jobs=max_jobs, gap=gap,
     ))
 
 

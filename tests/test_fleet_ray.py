@@ -138,12 +138,23 @@ def test_a_crashing_job_fails_alone(served):
     assert _http(f"{served}/jobs/unknown")[0] == 404
 
 
-def test_a_replica_on_the_wrong_gpu_refuses(cluster, fleet):
+def test_a_replica_on_the_wrong_gpu_refuses(cluster, served, fleet):
     from vramplan.fleet.jobs import GpuMismatchError, check_gpu
 
     plan = fleet.gpus[0].packings[0].jobs[0].plan
     with pytest.raises(GpuMismatchError, match="runs on 'T4' but its plan .* was made for A10G"):
         check_gpu(plan, declared="T4")
+    from ray import serve
+
+    from vramplan.fleet.serve import build_app
+
+    app = build_app(fleet, factory=FACTORY, declared_gpu="T4")  # replicas that believe they sit on a T4
+    with pytest.raises(RuntimeError, match="wrong-gpu failed"):
+        serve.run(app, name="wrong-gpu", route_prefix="/wrong")
+    messages = [d.message for d in serve.status().applications["wrong-gpu"].deployments.values()]
+    assert any("GpuMismatchError" in m and "runs on 'T4'" in m and "made for A10G" in m for m in messages)
+    serve.delete("wrong-gpu")
+    assert serve.status().applications["vramplan"].status == "RUNNING"  # the good application is untouched
     from vramplan.fleet.batch import BatchWorker
 
     worker = ray.remote(BatchWorker).options(num_cpus=1, num_gpus=0).remote(plan.model_dump_json(), FACTORY, "/tmp", "T4")

@@ -29,6 +29,8 @@ def register(sub) -> dict:
     p.add_argument("--max-jobs", type=int, default=3, help="most jobs packed on one GPU (default 3)")
     p.add_argument("--slack", type=float, default=0.05,
                    help="latency a job may give up for a smaller peak, as a fraction of its fastest plan")
+    p.add_argument("--gap", type=float, default=0.02,
+                   help="stop when the fleet is within this fraction of the cheapest (default 0.02; 0: prove it)")
     p.add_argument("-o", "--output", help="write the fleet plan (JSON)")
     p.add_argument("--json", action="store_true", help="print the fleet plan as JSON instead of a table")
     p.add_argument("--emit", choices=["ray"], help="print (or with -o, write) a Ray Serve config file instead")
@@ -98,7 +100,7 @@ def _fleet_mix(args) -> int:
         workloads = parse_workloads(read_document(args.workloads), source=args.workloads)
         offers = parse_inventory(read_document(args.inventory), args.inventory) if args.inventory else None
         print(f"planning {len(workloads)} workloads ...", file=sys.stderr)
-        fleet = plan_fleet(workloads, offers, slack=args.slack, max_jobs=args.max_jobs)
+        fleet = plan_fleet(workloads, offers, slack=args.slack, max_jobs=args.max_jobs, gap=args.gap)
         fleet_path = args.output if args.output and not args.emit else None
         if fleet_path:
             fleet.save(fleet_path)

@@ -24,7 +24,7 @@ import time
 import uuid
 from pathlib import Path
 
-from ..planner.capacity import FleetPlan
+from ..planner.capacity import FleetError, FleetPlan
 from ..planner.gpus import find_gpu
 from ..planner.schema import Plan
 from . import NAMESPACE, require_ray
@@ -33,6 +33,7 @@ from .jobs import DEFAULT_FACTORY, check_gpu, execute, import_factory
 APP_NAME = "vramplan"
 BOARD_NAME = "vramplan-jobs"
 WORKER_MAX_ONGOING = 1  # one minute-long video at a time per replica: the plan's peak is for one job
+CONSTRUCTOR_RETRIES = 2
 
 
 def deployment_name(gpu: str, workload: str) -> str:
@@ -82,7 +83,17 @@ def deployment_options(fleet: FleetPlan, placement_mode: str = "auto") -> dict[s
             "health_check_period_s": 30,
             "graceful_shutdown_timeout_s": 600,  # let a running video finish
         }
+        if _constructor_retries_supported():  # a replica on the wrong GPU will not get better by retrying
+            out[deployment_name(gpu, workload)]["max_constructor_retry_count"] = CONSTRUCTOR_RETRIES
     return out
+
+
+def _constructor_retries_supported() -> bool:
+    import inspect
+
+    from ray.serve.deployment import Deployment
+
+    return "max_constructor_retry_count" in inspect.signature(Deployment.options).parameters
 
 
 def _board_class():
@@ -249,7 +260,13 @@ def start(fleet: FleetPlan, *, factory: str = DEFAULT_FACTORY, out_dir: str = "v
 
     app = build_app(fleet, factory, out_dir, declared_gpu, placement_mode)
     serve.start(http_options={"host": host, "port": port})
-    return serve.run(app, name=APP_NAME, route_prefix="/", blocking=blocking)
+    try:
+        return serve.run(app, name=APP_NAME, route_prefix="/", blocking=blocking)
+    except RuntimeError as err:  # Serve names the failed deployments; their messages say why
+        status = serve.status().applications.get(APP_NAME)
+        why = [f"{name}: {d.message.strip().splitlines()[-1]}" for name, d in (status.deployments if status else {}).items()
+               if d.message]
+        raise FleetError(f"{err} " + " | ".join(why)) from err
 
 
 def dump_config(config: dict) -> str:
