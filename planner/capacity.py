@@ -22,6 +22,8 @@ Formulation (column enumeration, then one integer program):
   minimise   sum price[g] * x[g,p]
   subject to sum_{g,p} m[p,w] * 3600 / C[p] * x[g,p] >= rate[w]     for every served workload w
              sum_p x[g,p] <= count[g]                                for every GPU type with a count
+* CBC solves it to within a relative gap (default 2 %): it finds the cheapest fleet in seconds, but
+  proving it optimal can take minutes on a 20 x 18 mix (``gap=0`` asks for the proof).
 * A workload that no GPU type can serve (memory or latency) is reported in ``unserved``, not
   dropped silently. If the inventory cannot meet the rates, a second program minimises the
   shortfall so that the error can name each workload and how many videos/hour are missing.
@@ -204,6 +206,9 @@ class FleetPlan(_Strict):
             gpu = find_gpu(alloc.gpu)
             for packing in alloc.packings:
                 names = ", ".join(j.workload for j in packing.jobs)
+                if any(j.plan.target is None or j.plan.prediction is None for j in packing.jobs):
+                    raise FleetPlanError(f"{alloc.gpu} packs {names}: every job's plan needs its target and "
+                                         f"prediction; re-plan the fleet (vramplan fleet).")
                 wrong = [j.workload for j in packing.jobs if find_gpu(j.plan.target.gpu).name != gpu.name]
                 if wrong:
                     raise FleetPlanError(f"{alloc.gpu} packs {', '.join(wrong)} with plans made for another GPU; "

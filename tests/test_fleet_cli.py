@@ -34,6 +34,12 @@ def test_fleet_table_and_plan_file(files, capsys):
     assert json.loads(capsys.readouterr().out)["kind"] == "vramplan-fleet"
 
 
+def test_schema(capsys):
+    assert main(["fleet", "--schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert "GpuAllocation" in schema["$defs"] and "Plan" in schema["$defs"]
+
+
 def test_single_model_form_stays(capsys):
     assert main(["fleet", "--gpus", "A10G", "--rate", "10"]) == 0
     assert "GPUs needed" in capsys.readouterr().out

@@ -35,6 +35,7 @@ def register(sub) -> dict:
     p.add_argument("--json", action="store_true", help="print the fleet plan as JSON instead of a table")
     p.add_argument("--emit", choices=["ray"], help="print (or with -o, write) a Ray Serve config file instead")
     p.add_argument("--fleet", help="with --emit ray: an existing fleet plan instead of planning one")
+    p.add_argument("--schema", action="store_true", help="print the fleet plan file's JSON Schema")
 
     p = sub.add_parser("serve", help="serve a fleet plan on Ray Serve (HTTP: POST /jobs, GET /jobs/<id>)")
     p.add_argument("fleet", help="fleet plan file (vramplan fleet -o fleet.json)")
@@ -62,6 +63,11 @@ def _ray_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_fleet(args) -> int:
+    if args.schema:
+        from .planner.capacity import FleetPlan
+
+        print(json.dumps(FleetPlan.model_json_schema(), indent=2))
+        return 0
     if args.workloads or args.fleet:
         return _fleet_mix(args)
     if args.emit or args.inventory or args.output or args.json:
