@@ -31,6 +31,7 @@ class PipelineSpec:
     sliced: ClassVar[dict[str, str | int]] = {"denoise": "guidance", "decode": 1}
     components: ClassVar[tuple[str, ...]]
     conditioning: ClassVar[str]  # the call argument a run needs: "image" or "prompt"
+    # Used when the configs do not say (diffusers derives both from the configs the same way).
     vae_scale_factor: ClassVar[int] = 8
     min_latent: ClassVar[int] = 8  # the UNets downsample latents three times
     guidance_batch: ClassVar[int] = 2  # classifier-free guidance runs the UNet on [uncond, cond]
@@ -47,19 +48,29 @@ class PipelineSpec:
         """The frame count used when the user gives none."""
         return (entry or {}).get("frames")
 
-    def check_size(self, height: int, width: int) -> None:
+    def scale_factor(self, configs: dict[str, dict] | None = None) -> int:
+        """Pixels per latent along each side: 2 ** (VAE blocks - 1), as diffusers computes it."""
+        blocks = ((configs or {}).get("vae") or {}).get("block_out_channels")
+        return 2 ** (len(blocks) - 1) if blocks else self.vae_scale_factor
+
+    def smallest_latent(self, configs: dict[str, dict] | None = None) -> int:
+        """The smallest latent side the UNet takes: it halves the latents once per block after the first."""
+        blocks = ((configs or {}).get("unet") or {}).get("block_out_channels")
+        return 2 ** (len(blocks) - 1) if blocks else self.min_latent
+
+    def check_size(self, height: int, width: int, configs: dict[str, dict] | None = None) -> None:
         """Refuse pixel sizes the VAE and UNet cannot take, saying which would work."""
-        f = self.vae_scale_factor
+        f, smallest = self.scale_factor(configs), self.smallest_latent(configs)
         for label, value in (("height", height), ("width", width)):
             if value % f:
                 raise InvalidArgumentError(
                     f"{label}={value} is not a multiple of {f}: the VAE encodes {f}x{f} pixels into one latent. "
-                    f"Try {label}={max(round(value / f), self.min_latent) * f}."
+                    f"Try {label}={max(round(value / f), smallest) * f}."
                 )
-            if value // f < self.min_latent:
+            if value // f < smallest:
                 raise InvalidArgumentError(
-                    f"{label}={value} is too small: the UNet downsamples latents three times, so it needs at "
-                    f"least {self.min_latent * f} pixels."
+                    f"{label}={value} is too small: the UNet downsamples latents to 1/{smallest}, so it needs at "
+                    f"least {smallest * f} pixels."
                 )
 
     def check_frames(self, frames: int, unet_config: dict[str, Any] | None) -> None:
@@ -72,16 +83,19 @@ class PipelineSpec:
     def frames_message(self, frames: int, limit: int) -> str:
         return f"frames={frames}: {self.pipeline} takes at most {limit} frames."
 
-    def unet_shape(self, height: int, width: int, frames: int, guidance: bool, dtype: str) -> SampleShape:
+    def unet_shape(self, height: int, width: int, frames: int, guidance: bool, dtype: str,
+                   configs: dict[str, dict] | None = None) -> SampleShape:
         """The UNet's sample shape for one video of this size."""
-        return self.stage_shape("denoise", height, width, frames, guidance, dtype)
+        return self.stage_shape("denoise", height, width, frames, guidance, dtype, configs)
 
-    def stage_shape(self, stage: str, height: int, width: int, frames: int, guidance: bool, dtype: str) -> SampleShape:
+    def stage_shape(self, stage: str, height: int, width: int, frames: int, guidance: bool, dtype: str,
+                    configs: dict[str, dict] | None = None) -> SampleShape:
+        """The sample shape of a sliced stage (``configs``: the pipeline's component configs, for the scale)."""
         batch = self.sliced[stage]
         if batch == "guidance":
             batch = self.guidance_batch if guidance else 1
-        return SampleShape(batch=batch, frames=frames, latent_height=height // self.vae_scale_factor,
-                           latent_width=width // self.vae_scale_factor, dtype=dtype)
+        f = self.scale_factor(configs)
+        return SampleShape(batch=batch, frames=frames, latent_height=height // f, latent_width=width // f, dtype=dtype)
 
     # -- runs ------------------------------------------------------------------------------
     def call_arguments(self, plan: Plan) -> dict[str, Any]:

@@ -342,7 +342,7 @@ def pipeline_profile(model: str, height: int, width: int, frames: int, guidance:
     say = progress or log.info
     source = pipeline_source(model)
     adapter = pipeline_adapter(source.pipeline)
-    adapter.check_size(height, width)
+    adapter.check_size(height, width, source.configs)
     adapter.check_frames(frames, source.unet_config)
     bar = _progress_bar(1 + len(adapter.sliced), f"profiling {source.name}")
     components = adapter.meta_components(source.configs, dtype)
@@ -353,7 +353,7 @@ def pipeline_profile(model: str, height: int, width: int, frames: int, guidance:
     for stage, component, _ in adapter.stages:
         if stage in adapter.sliced and stage not in profiles:
             say(f"{stage}: {component}")
-            shape = adapter.stage_shape(stage, height, width, frames, guidance, dtype)
+            shape = adapter.stage_shape(stage, height, width, frames, guidance, dtype, source.configs)
             profiles[stage] = profile(components[component], shape, kernel, name=source.name, max_k=max_k,
                                       progress=progress)
             bar.update(1)

@@ -443,16 +443,21 @@ def test_apply_plan_with_no_matching_component_names_them(svd_plan):
 
 # ---------------------------------------------------------------------------- a local pipeline folder
 def test_plan_for_a_local_pipeline_folder(tmp_path, monkeypatch):
-    """``model=<folder written by save_pretrained>``: configs read, components built on meta, profiled,
-    cached; the plan verifies against the same folder."""
-    pytest.importorskip("torch")
+    """``model=<folder written by save_pretrained>``: configs read (the latent scale from the VAE's),
+    components built on meta, profiled with progress bars, cached; the plan verifies against the folder
+    and runs the pipeline itself; the same configs under a cached Hugging Face id reuse the profile."""
+    torch = pytest.importorskip("torch")
+    import io
+
+    from PIL import Image
+    from vramplan.runtime import run
     from vramplan.runtime.tiny import tiny_svd_pipeline
     from vramplan.runtime.verify import failures, verify_all
 
+    pipe = tiny_svd_pipeline()
     folder = tmp_path / "tiny-svd"
-    tiny_svd_pipeline().save_pretrained(folder)
+    pipe.save_pretrained(folder)
     monkeypatch.setenv("VRAMPLAN_CACHE", str(tmp_path / "cache"))
-    import io
 
     class Terminal(io.StringIO):
         def isatty(self):
@@ -460,20 +465,32 @@ def test_plan_for_a_local_pipeline_folder(tmp_path, monkeypatch):
 
     term = Terminal()
     monkeypatch.setattr(sys, "stderr", term)  # a new shape on a terminal: progress bars
-    plan = plan_for(gpu="2080Ti", model=str(folder), height=64, width=64, dtype="fp32")
+    plan = plan_for(gpu="2080Ti", model=str(folder), height=32, width=32, dtype="fp32")
     monkeypatch.setattr(sys, "stderr", sys.__stderr__)
     assert f"profiling {folder}" in term.getvalue() and "profiling unet" in term.getvalue()
     assert "profiling vae" in term.getvalue()
     assert plan.pipeline == "StableVideoDiffusionPipeline" and plan.frames == 5  # the UNet config's num_frames
-    assert {c.component for c in plan.components} == {"unet", "vae", "image_encoder"}
+    assert plan.component("unet").shape.latent_height == 16  # the tiny VAE halves once (diffusers: 2 ** (2 - 1))
     cached = list((tmp_path / "cache" / "profiles").iterdir())
     assert len(cached) == 1 and cached[0].name.startswith("StableVideoDiffusionPipeline-")
-    tight = plan_for(gpu="2080Ti", model=str(folder), height=64, width=64, dtype="fp32",
-                     vram_gb=(plan.prediction.peak_bytes - plan.prediction.live_bytes / 2) / GIB)
+    from vramplan import InfeasibleError
+
+    with pytest.raises(InfeasibleError) as info:  # the smallest reachable peak (the CUDA context dominates)
+        plan_for(gpu="2080Ti", model=str(folder), height=32, width=32, dtype="fp32", vram_gb=0.1)
+    usable = info.value.min_peak_bytes / 0.98 + 2**20  # just above it, the 2% margin included
+    tight = plan_for(gpu="2080Ti", model=str(folder), height=32, width=32, dtype="fp32", vram_gb=usable / GIB)
     assert tight.prediction.peak_bytes < plan.prediction.peak_bytes
+    assert tight.component("unet").slices and tight.component("vae").slices
     reports = verify_all(tight)
     assert {r.component for r in reports} >= {"unet", "vae"}
     assert failures(tight, reports, tolerance=0.05) == []
+
+    image = Image.new("RGB", (32, 32), (90, 160, 30))
+    result = run(tight, pipe=pipe, image=image, num_inference_steps=1, output_type="pt", progress=False,
+                 generator=torch.Generator().manual_seed(0))
+    expected = pipe(image=image, height=32, width=32, num_frames=5, decode_chunk_size=5, num_inference_steps=1,
+                    output_type="pt", generator=torch.Generator().manual_seed(0)).frames
+    torch.testing.assert_close(result.frames, expected, rtol=1e-5, atol=1e-5)
 
     # The same configs as a Hugging Face id in the local cache (laid out as huggingface_hub does):
     # read from the cache, never downloaded; same configs, so the cached profile is reused.
@@ -487,9 +504,10 @@ def test_plan_for_a_local_pipeline_folder(tmp_path, monkeypatch):
     (repo / "refs" / "main").write_text("0" * 40)
     shutil.copytree(folder, repo / "snapshots" / ("0" * 40), ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
-    by_id = plan_for(gpu="2080Ti", model="someone/tiny-svd", height=64, width=64, dtype="fp32")
+    by_id = plan_for(gpu="2080Ti", model="someone/tiny-svd", height=32, width=32, dtype="fp32")
     assert by_id.model_name == "someone/tiny-svd" and by_id.prediction == plan.prediction
     assert len(list((tmp_path / "cache" / "profiles").iterdir())) == 1
+
 
 
 def test_profiler_refuses_shapes_the_pipeline_cannot_take():

@@ -102,13 +102,13 @@ def sample_shape_for(model: str, height: int, width: int, frames: int | None, gu
     _check_choice("dtype", dtype, DTYPES)
     source = pipeline_source(model)
     spec = pipeline_spec(source.pipeline)
-    spec.check_size(height, width)
+    spec.check_size(height, width, source.configs)
     if frames is None:
         frames = spec.default_frames(source.entry, source.unet_config)
         if frames is None:
             raise InvalidArgumentError(f"{model!r} has no default frame count: pass frames=")
     spec.check_frames(frames, source.unet_config)
-    return spec.unet_shape(height, width, frames, guidance, dtype)
+    return spec.unet_shape(height, width, frames, guidance, dtype, source.configs)
 
 
 def find_pipeline_profile(
