@@ -149,8 +149,8 @@ def _removal_orders(attach: tuple[str, ...]) -> list[tuple[str, ...]]:
             alive.remove(name)
         if ok:
             valid.append(order)
-    # a handful, deterministic: first, last and every fifth
-    return sorted(set(valid[::5] + valid[-1:]))
+    # a handful, deterministic: first, last and every eighth
+    return sorted(set(valid[::8] + valid[-1:]))
 
 
 CASES = [(a, r) for a in ATTACH_ORDERS for r in _removal_orders(a)]
@@ -399,14 +399,6 @@ def test_layerwise_casting_gives_what_it_gives_without_a_plan(inputs, storage):
         out = _run(model, inputs)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert model.conv_in.weight.dtype == storage  # cast back after each use
-
-
-def test_enable_layerwise_casting_composes_with_a_plan(inputs):
-    model = _fresh_unet()
-    model.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
-    expected = _run(model, inputs)
-    with apply_plan(model, _plan(model, inputs)):
-        torch.testing.assert_close(_run(model, inputs), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_sequential_cpu_offload_weights_are_loaded_for_norms_the_plan_computes_itself(inputs):
