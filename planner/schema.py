@@ -467,7 +467,8 @@ def _describe(err: ValidationError) -> str:
     parts = []
     for e in err.errors()[:5]:
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        parts.append(f"field '{where}': {e['msg']}")
+        msg = e["msg"].removeprefix("Value error, ")  # our own validators' messages read as they are
+        parts.append(f"field '{where}': {msg}")
     more = len(err.errors()) - 5
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
