@@ -10,11 +10,18 @@ from .apply import (
     uniform_plan,
 )
 from .fake import attention_kernel, empty_model
+from .hooks import Hook, HookHandle, PlanConflictError, register_hook, remove_hook, reset_state
 from .memory import MemoryTracker
 from .runner import RunResult, load_pipeline, run, save_video
 from .verify import verify, verify_all
 
 __all__ = [
+    "Hook",
+    "HookHandle",
+    "PlanConflictError",
+    "register_hook",
+    "remove_hook",
+    "reset_state",
     "MemoryTracker",
     "RunResult",
     "load_pipeline",
