@@ -116,8 +116,7 @@ def _shape_args(p: argparse.ArgumentParser) -> None:
 def cmd_plan(args) -> int:
     from .api import plan_for
 
-    if args.output:
-        check_output(args.output, "plan file")
+    check_output(args.output or "plan.json", "plan file")  # the default is written to the current folder
     if args.plot:
         check_output(args.plot, "plot file")
     plan = plan_for(
