@@ -12,10 +12,14 @@ Prices are the defaults of planner/capacity.py (assumptions). Latencies are unca
 from __future__ import annotations
 
 import math
-import platform
+import sys
 import time
+from pathlib import Path
 
 from vramplan.planner.capacity import parse_inventory, parse_workloads, plan_fleet, plan_options
+
+sys.path.insert(0, str(Path(__file__).parent))
+from report import machine, table, write_section  # noqa: E402
 
 MIX = [  # name, model, height, width, steps, rate (videos/h), p95 latency bound (s)
     ("svd-hd-chat", "svd", 576, 1024, 25, 60, 120),
@@ -50,16 +54,16 @@ def main() -> None:
     t0 = time.perf_counter()
     fleet = plan_fleet(workloads, offers)
     total = time.perf_counter() - t0
-    print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}")
-    print(f"{len(workloads)} workloads x {len(offers)} GPU types, at most {fleet.solver.max_jobs} jobs per GPU: "
-          f"plans {fleet.solver.planning_seconds:.1f} s, patterns + ILP {fleet.solver.solve_seconds:.2f} s "
-          f"({fleet.solver.patterns} patterns, {fleet.solver.status}); end to end {total:.1f} s")
-    if fleet.unserved:
-        print("unserved:", "; ".join(f"{u.workload}" for u in fleet.unserved))
+    head = (f"{len(workloads)} workloads x {len(offers)} GPU types, at most {fleet.solver.max_jobs} jobs per GPU, "
+            f"gap {fleet.solver.gap:.0%}: plans {fleet.solver.planning_seconds:.1f} s (plan_for per workload x GPU, "
+            f"in worker processes), patterns + ILP {fleet.solver.solve_seconds:.2f} s ({fleet.solver.patterns} "
+            f"patterns, {fleet.solver.status}); end to end {total:.1f} s")
+    print(head)
+    unserved = ", ".join(u.workload for u in fleet.unserved) or "none"
     served = [w for w in workloads if w.name not in {u.workload for u in fleet.unserved}]
 
-    rows = [("ILP: mixed types, packed", fleet.cost_per_hour, sum(a.count for a in fleet.gpus),
-             ", ".join(f"{a.count} x {a.gpu}" for a in fleet.gpus))]
+    rows = [["ILP: mixed types, packed", f"{fleet.cost_per_hour:.2f}", sum(a.count for a in fleet.gpus),
+             ", ".join(f"{a.count} x {a.gpu}" for a in fleet.gpus)]]
     options, _ = plan_options(served, offers)  # cached plans
     single = []
     for offer in offers:
@@ -68,15 +72,36 @@ def main() -> None:
         whole = sum(math.ceil(w.rate * options[(i, offer.gpu)].latency_s / 3600 - 1e-9) for i, w in enumerate(served))
         single.append((whole * offer.price_per_hour, whole, offer))
     cost, n, offer = min(single, key=lambda t: t[0])
-    rows.append((f"one type, whole GPUs ({offer.gpu})", cost, n, f"{n} x {offer.gpu}"))
+    rows.append([f"one type, whole GPUs ({offer.gpu})", f"{cost:.2f}", n, f"{n} x {offer.gpu}"])
     packed = min((plan_fleet(served, [o]) for _, _, o in single), key=lambda f: f.cost_per_hour)
-    rows.append((f"one type, packed ({packed.gpus[0].gpu})", packed.cost_per_hour, packed.gpus[0].count,
-                 f"{packed.gpus[0].count} x {packed.gpus[0].gpu}"))
-    print(f"\n{'fleet':<40}{'$/hour':>9}{'GPUs':>6}  composition")
-    for name, c, n, what in rows:
-        print(f"{name:<40}{c:>9.2f}{n:>6}  {what}")
-    print(f"\nILP saves {100 * (1 - fleet.cost_per_hour / cost):.0f} % vs one type with whole GPUs, "
-          f"{100 * (1 - fleet.cost_per_hour / packed.cost_per_hour):.0f} % vs one type packed")
+    rows.append([f"one type, packed ({packed.gpus[0].gpu})", f"{packed.cost_per_hour:.2f}", packed.gpus[0].count,
+                 f"{packed.gpus[0].count} x {packed.gpus[0].gpu}"])
+    saving = (f"The ILP's fleet costs {100 * (1 - fleet.cost_per_hour / cost):.0f} % less than the cheapest single "
+              f"type with whole GPUs per workload, {100 * (1 - fleet.cost_per_hour / packed.cost_per_hour):.0f} % "
+              f"less than the cheapest single type packed.")
+    text = table(["fleet", "$/hour", "GPUs", "composition"], rows)
+    print(text)
+    print(saving)
+    mix = table(["workload", "model", "shape", "steps", "videos/h", "p95 s"],
+                [[n, m, f"{h}x{w}", s, r, "-" if b is None else b] for n, m, h, w, s, r, b in MIX])
+    write_section("fleet", f"""## Fleet capacity ILP: mixed fleet vs one GPU type (`bench/bench_fleet.py`)
+
+{machine()} (a shared machine: other jobs ran at the same time). Prices: the defaults in
+`planner/capacity.py` (assumptions, not quotes); latencies: the uncalibrated model. Unserved: {unserved}.
+
+{head}.
+
+{text}
+
+{saving} "One type, whole GPUs": every workload gets `ceil(rate x latency / 3600)` GPUs of one type (the
+cheapest type that serves all 20). "One type, packed": the same ILP restricted to one type.
+
+<details><summary>the mix</summary>
+
+{mix}
+
+</details>
+""")
 
 
 if __name__ == "__main__":

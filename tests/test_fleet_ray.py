@@ -17,7 +17,7 @@ import pytest
 ray = pytest.importorskip("ray", reason="the fleet extra: pip install 'vramplan[fleet]'")
 
 from PIL import Image  # noqa: E402
-from vramplan.planner.capacity import FleetPlan, parse_inventory, parse_workloads, plan_fleet  # noqa: E402
+from vramplan.planner.capacity import FleetError, FleetPlan, parse_inventory, parse_workloads, plan_fleet  # noqa: E402
 
 FACTORY = "vramplan.fleet.testing:tiny_pipeline"
 WORKLOADS = [
@@ -193,3 +193,14 @@ def test_batch_resumable_with_retries(cluster, fleet, tmp_path):
     again = run_batch(FleetPlan.load(fleet_path), jobs, out, factory=FACTORY, retries=0, declared_gpu="A10G",
                       progress=False)
     assert (again.skipped, again.done, again.failed) == (2, 0, 1)  # done jobs skipped, the failed one retried
+
+
+def test_batch_workers_that_cannot_be_placed_are_a_clear_error(cluster, tmp_path):
+    from vramplan.fleet.batch import run_batch
+    from vramplan.fleet.testing import tiny_fleet
+
+    elsewhere = tiny_fleet(plan_fleet(parse_workloads(WORKLOADS[:1]), parse_inventory([{"gpu": "RTX 4090"}])))
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"id": "x", "workload": "hd", "image": _image_b64()}) + "\n")
+    with pytest.raises(FleetError, match=r"not placed within 2 s.*hd on RTX 4090.*GeForce-RTX-4090"):
+        run_batch(elsewhere, jobs, tmp_path / "out", factory=FACTORY, progress=False, start_timeout=2)

@@ -49,6 +49,8 @@ def register(sub) -> dict:
     _ray_args(p)
     p.add_argument("--retries", type=int, default=2, help="tries after a failure before a job is reported failed")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--start-timeout", type=float, default=600.0,
+                   help="seconds to wait for the workers to be placed and loaded (default 600)")
     return {"fleet": cmd_fleet, "serve": cmd_serve, "batch": cmd_batch}
 
 
@@ -191,6 +193,7 @@ def cmd_batch(args) -> int:
         raise VramplanError(f"--retries={args.retries}: give 0 or more")
     connect(args.address)
     summary = run_batch(fleet, args.jobs, args.out_dir, factory=args.factory, retries=args.retries,
-                        declared_gpu=args.declare_gpu, placement_mode=args.placement, progress=not args.no_progress)
+                        declared_gpu=args.declare_gpu, placement_mode=args.placement, progress=not args.no_progress,
+                        start_timeout=args.start_timeout)
     print(json.dumps(summary.model_dump()))
     return 0 if summary.failed == 0 else 1

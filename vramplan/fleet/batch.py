@@ -96,12 +96,13 @@ class BatchWorker:
 
 def run_batch(fleet: FleetPlan, jobs_path: str | Path, out_dir: str | Path = "videos", *,
               factory: str = DEFAULT_FACTORY, retries: int = 2, declared_gpu: str | None = None,
-              placement_mode: str = "auto", progress: bool = True,
+              placement_mode: str = "auto", progress: bool = True, start_timeout: float = 600.0,
               on_dispatch: Callable[[dict, int, object], None] | None = None) -> BatchSummary:
     """Run every job not yet done; append one report line per finished job to ``<out_dir>/reports.jsonl``.
-    ``on_dispatch(job, attempt, actor)`` is called as each attempt starts (monitoring, tests)."""
+    ``on_dispatch(job, attempt, actor)`` is called as each attempt starts (monitoring, tests). Workers that
+    cannot be placed within ``start_timeout`` seconds (no node with their GPU type) are a clear error."""
     ray = require_ray()
-    from ray.exceptions import RayError
+    from ray.exceptions import GetTimeoutError, RayError
     from tqdm import tqdm
 
     fleet.check()
@@ -123,7 +124,17 @@ def run_batch(fleet: FleetPlan, jobs_path: str | Path, out_dir: str | Path = "vi
                 num_gpus=fraction, num_cpus=1, max_restarts=1, max_task_retries=0, **placement(gpu, placement_mode),
             ).remote(plan.model_dump_json(), factory, str(out), declared_gpu))
     try:
-        ray.get([a.ready.remote() for q in idle.values() for a in q])
+        ray.get([a.ready.remote() for q in idle.values() for a in q], timeout=start_timeout)
+    except GetTimeoutError as err:
+        for queue in idle.values():
+            for actor in queue:
+                ray.kill(actor)
+        wanted = "; ".join(f"{workload} on {gpu}: num_gpus={frac} {placement(gpu, placement_mode)}"
+                           for (gpu, workload), (_, frac, _) in sorted(fleet.replicas().items()))
+        raise FleetError(
+            f"the batch workers were not placed within {start_timeout:g} s: the cluster has no room for "
+            f"({wanted}); it has {ray.cluster_resources()}. Add nodes with those GPUs, or --placement none."
+        ) from err
     except RayError as err:
         cause = getattr(err, "cause", None) or err
         raise FleetError(f"a batch worker could not start: {cause}") from err
