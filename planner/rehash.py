@@ -549,7 +549,7 @@ def rehash_summary(plan) -> str:
     return "\n".join([
         f"rehash           {r.mode}: {len(r.key_steps)} of {r.steps} steps key, cut {r.cut}",
         f"                 key steps {r.key_steps}",
-        f"                 UNet FLOPs {r.unet_flops / 1e15:.3g} PFLOP per video ({ratio:.2f}x fewer); "
+        f"                 UNet FLOPs {_flops(r.unet_flops)} per video ({ratio:.2f}x fewer); "
         + (f"{r.latency_saved_s:.2f} s saved; " if r.latency_saved_s is not None else "")
         + f"cache {r.cache_bytes / 2**20:.1f} MiB; {quality}",
     ])
@@ -561,3 +561,10 @@ def load_calibration(calibration) -> tuple[Calibration | None, str | None]:
         return calibration, calibration.reference() if calibration is not None else None
     cal = Calibration.load(calibration)
     return cal, cal.reference(calibration)
+
+
+def _flops(n: float) -> str:
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n / 1e6:.3g} MFLOP"

@@ -164,11 +164,14 @@ def _video(frames) -> torch.Tensor:
     return t.float().clamp(0, 1)
 
 
-def side_by_side(result: Comparison, path: str | Path, fps: int = 7) -> Path:
-    """A GIF of the original (left) and the planned video (right), one gap column apart."""
+def side_by_side(result: Comparison, path: str | Path, fps: int = 7, scale: int = 4) -> Path:
+    """A GIF of the original (left) and the planned video (right), a white column apart, enlarged
+    ``scale`` times (nearest neighbour: tiny videos stay crisp)."""
     from .runner import save_video
 
     a, b = _video(result.original_frames), _video(result.frames)
-    gap = torch.ones(a.shape[0], a.shape[1], a.shape[2], 2)
+    gap = torch.ones(a.shape[0], a.shape[1], a.shape[2], 1)
     video = torch.cat([a, gap, b], dim=3)
+    if scale > 1:
+        video = torch.nn.functional.interpolate(video, scale_factor=scale, mode="nearest")
     return save_video(video, path, fps=fps)

@@ -33,6 +33,9 @@ def main() -> None:
     from vramplan.runtime.compare import compare, side_by_side
 
     torch.set_num_threads(1)  # tiny tensors: one thread beats two (no synchronisation overhead)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
     pipe = trained.trained_svd_pipeline()
     tiny_plan = trained_plan(pipe, rehash="uniform", keys=13, slices=2)
     print(rehash_summary(tiny_plan))
