@@ -68,7 +68,7 @@ def part_i(gpu_name: str) -> str:
     return "\n".join(out + ["Best cut per model at 13 of 25 key steps:", "", *summary, ""])
 
 
-def part_ii(keys_list=(9, 13, 17), examples: int = 2, max_gap: int = 5) -> str:
+def part_ii(keys_list=(9, 13, 17), examples: int = 2, max_gap: int = 5, plot: str | None = None) -> str:
     import torch
     from vramplan.runtime import trained
     from vramplan.runtime.calibrate import calibrate
@@ -84,6 +84,10 @@ def part_ii(keys_list=(9, 13, 17), examples: int = 2, max_gap: int = 5) -> str:
     cal = calibrate(pipe, plan=plain.model_copy(update={"target": None}), num_inference_steps=trained.NUM_INFERENCE_STEPS,
                     max_gap=max_gap, image=trained.heldout_example(0)[1], **extra)
     cal_seconds = time.perf_counter() - started
+    if plot:
+        from vramplan.runtime.calibrate import plot_calibration
+
+        plot_calibration(cal, plot)
     steps = cal.steps
     rows, originals = [], {}
     from vramplan.planner.rehash import schedule_error
@@ -153,12 +157,13 @@ def main() -> None:
     parser.add_argument("--gpu", default="RTX 4090")
     parser.add_argument("--examples", type=int, default=2)
     parser.add_argument("--write", help="markdown file to put the section in (replaced if present)")
+    parser.add_argument("--plot", help="(ii): also draw the trained model's calibration heatmaps (PNG)")
     args = parser.parse_args()
     parts = []
     if args.part in ("i", "both"):
         parts.append(part_i(args.gpu))
     if args.part in ("ii", "both"):
-        parts.append(part_ii(examples=args.examples))
+        parts.append(part_ii(examples=args.examples, plot=args.plot))
     machine = f"Machine: {platform.processor() or platform.machine()}, Python {platform.python_version()}; " \
               f"command: `python bench/bench_rehash.py --part {args.part}`."
     text = "\n".join(parts) + "\n" + machine + "\n"
