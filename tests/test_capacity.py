@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 
 import pytest
 from vramplan.planner.capacity import (
@@ -173,3 +175,12 @@ def test_hand_edited_fleet_plan_packed_beyond_memory(tmp_path):
     path.write_text(json.dumps({"kind": "something else"}))
     with pytest.raises(FleetPlanError, match="not a vramplan fleet plan"):
         FleetPlan.load(path)
+
+
+def test_fleet_planning_needs_neither_torch_nor_ray():
+    code = ("import sys; from vramplan.planner.capacity import plan_fleet, parse_workloads, parse_inventory; "
+            "f = plan_fleet(parse_workloads([{'name': 'a', 'model': 'svd', 'rate': 2.0}]), "
+            "parse_inventory([{'gpu': 'L4'}])); "
+            "print(f.cost_per_hour, sorted(m for m in ('torch', 'ray', 'diffusers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split(" ", 1)[1].strip() == "[]"
