@@ -366,10 +366,7 @@ def component_for(model: torch.nn.Module, plan: Plan | ComponentPlan) -> Compone
     for comp in plan.components:
         if (comp.model.class_name, comp.model.config_hash) == (actual.class_name, actual.config_hash):
             return comp
-    made_for = "; ".join(
-        f"{c.component}: {c.model.describe()} " + (f"with {c.shape.describe()}" if c.shape else "(not sliced)")
-        for c in plan.components
-    )
+    made_for = "; ".join(c.describe() for c in plan.components)
     raise PlanMismatchError(
         f"this plan was made for {made_for}, but the model is {actual.describe()}. "
         f"Make a plan for this model (vramplan.plan_for or vramplan.runtime.uniform_plan)."
@@ -425,7 +422,7 @@ def _check_model(model: torch.nn.Module, plan: ComponentPlan) -> None:
     actual = fingerprint(model)
     if (actual.class_name, actual.config_hash) != (plan.model.class_name, plan.model.config_hash):
         raise PlanMismatchError(
-            f"this plan was made for {plan.model.describe()} with {plan.shape.describe()}, "
+            f"this plan was made for {plan.describe()}, "
             f"but the model is {actual.describe()}. Make a plan for this model "
             f"(vramplan.plan_for or vramplan.runtime.uniform_plan)."
         )

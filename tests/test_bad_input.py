@@ -441,6 +441,17 @@ def test_apply_plan_with_no_matching_component_names_them(svd_plan):
     assert "(not sliced)" in message
 
 
+def test_apply_plan_with_an_unsliced_component_plan_says_so(svd_plan):
+    """A component plan with no shape (a stage that runs whole) given for another model: a mismatch, not
+    an AttributeError while writing the message."""
+    pytest.importorskip("torch")
+    from tiny import tiny_svd_unet
+    from vramplan.runtime import apply_plan
+
+    with pytest.raises(PlanMismatchError, match=r"image_encoder: .*\(not sliced\)"):
+        apply_plan(tiny_svd_unet(), svd_plan.component("image_encoder"))
+
+
 # ---------------------------------------------------------------------------- a local pipeline folder
 def test_plan_for_a_local_pipeline_folder(tmp_path, monkeypatch):
     """``model=<folder written by save_pretrained>``: configs read (the latent scale from the VAE's),

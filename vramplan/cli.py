@@ -181,61 +181,19 @@ def plan_table(plan) -> str:
 
 def _sliced_components(plan):
     """(component plan, its ModelProfile, its CostModel) for every sliced component we have a profile of."""
-    from .api import find_pipeline_profile
-    from .planner.costs import CostModel
-    from .planner.gpus import find_gpu
-    from .planner.pipelines import pipeline_spec
+    from .plots import sliced_stages
 
-    if not plan.stages or plan.height is None:
-        return []
-    target = plan.target
-    try:
-        spec = pipeline_spec(plan.pipeline)
-        denoiser = plan.component(next(c for s, c, _ in spec.stages if s == "denoise"))
-        guidance = denoiser.shape.batch == spec.guidance_batch if denoiser.shape else True
-        dtype = denoiser.shape.dtype if denoiser.shape else "fp16"
-        profile = find_pipeline_profile(plan.model_name, plan.height, plan.width, plan.frames, guidance, dtype,
-                                        target.attention_kernel)
-    except (VramplanError, KeyError, StopIteration):
-        return []
-    out = []
-    for stage in profile.stages:
-        if stage.profile is None:
-            continue
-        comp = plan.component(stage.component)
-        out.append((comp, stage.profile, CostModel(stage.profile, find_gpu(target.gpu), target.allocator)))
-    return out
+    return [(comp, profile, model) for _, comp, profile, model in sliced_stages(plan)]
 
 
 def _block_rows(plan, profile, model) -> list[tuple[str, str, str, str, str]]:
-    from .planner.costs import Segment
+    from .plots import block_rows
 
-    group_of = {u: g for g in plan.groups for u in g.units}
-    seen_groups: set[int] = set()
-    peaks: dict[str, int] = {}
-    i = 0
-    while i < model.n:
-        unit = model.units[i]
-        group = group_of.get(unit.name)
-        length = len(group.units) if group else 1
-        cost = model.cost(Segment(i, i + length - 1, plan.k(unit.name)))
-        for u in model.units[i : i + length]:
-            peaks[u.block] = max(peaks.get(u.block, 0), cost.activation_bytes)
-        i += length
-    rows = []
-    for block in dict.fromkeys(u.block for u in profile.units):
-        names = [u.name for u in profile.units if u.block == block]
-        ks = sorted({plan.k(n) for n in names})
-        groups = [g for g in plan.groups if g.units[0] in names and id(g) not in seen_groups]
-        seen_groups.update(id(g) for g in groups)
-        rows.append((
-            block,
-            _gib(profile.original_block_peaks.get(block)),
-            _gib(peaks.get(block)),
-            ",".join(map(str, ks)),
-            f"{len(groups)} ({sum(len(g.units) for g in groups)} units)" if groups else "-",
-        ))
-    return rows
+    return [
+        (r.block, _gib(r.original_bytes), _gib(r.planned_bytes), ",".join(map(str, r.ks)),
+         f"{r.groups} ({r.grouped_units} units)" if r.groups else "-")
+        for r in block_rows(plan, profile, model)
+    ]
 
 
 def cmd_gpus(args) -> int:
