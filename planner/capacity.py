@@ -167,7 +167,7 @@ class FleetSolver(_Strict):
     patterns: int
     slack: float
     max_jobs: int
-    gap: float = Field(description="relative optimality gap the ILP was asked to close")
+    gap: float = Field(default=0.0, description="relative optimality gap the ILP was asked to close")
 
 
 class FleetPlan(_Strict):

@@ -60,6 +60,11 @@ def test_emit_ray_is_a_valid_serve_config(files, capsys):
     assert sum(d["ray_actor_options"]["num_gpus"] for d in deployments.values()) <= 1
     assert deployments["hd--A10G"]["ray_actor_options"]["label_selector"] == {"ray.io/accelerator-type": "A10G"}
     assert FleetPlan.load(config["applications"][0]["args"]["fleet"]).workloads[0].name == "hd"
+    from ray.serve import Application
+
+    from vramplan.fleet.serve import app_builder
+
+    assert isinstance(app_builder(config["applications"][0]["args"]), Application)  # what `serve deploy` imports
 
 
 @pytest.mark.parametrize("workloads, message", [

@@ -166,7 +166,8 @@ def cmd_serve(args) -> int:
     from .planner.capacity import FleetPlan
 
     fleet = FleetPlan.load(args.fleet)
-    connect(args.address)
+    ray = connect(args.address)
+    _warn_without_gpus(ray, args.placement)
     start(fleet, factory=args.factory, out_dir=args.out_dir, host=args.host, port=args.port,
           declared_gpu=args.declare_gpu, placement_mode=args.placement)
     print(f"serving {len(fleet.workloads)} workloads on http://{args.host}:{args.port}: POST /jobs, GET /jobs/<id>. "
@@ -191,9 +192,18 @@ def cmd_batch(args) -> int:
     fleet = FleetPlan.load(args.fleet)
     if args.retries < 0:
         raise VramplanError(f"--retries={args.retries}: give 0 or more")
-    connect(args.address)
+    _warn_without_gpus(connect(args.address), args.placement)
     summary = run_batch(fleet, args.jobs, args.out_dir, factory=args.factory, retries=args.retries,
                         declared_gpu=args.declare_gpu, placement_mode=args.placement, progress=not args.no_progress,
                         start_timeout=args.start_timeout)
     print(json.dumps(summary.model_dump()))
     return 0 if summary.failed == 0 else 1
+
+
+def _warn_without_gpus(ray, placement: str) -> None:
+    """Replicas wait for GPU nodes; say so up front on a cluster that has none (an autoscaler may add them)."""
+    if ray.cluster_resources().get("GPU", 0) == 0:
+        print("warning: this Ray cluster has no GPUs yet; the workers wait until nodes with their GPU types join. "
+              "To try a fleet on CPUs: ray start --head --num-gpus 2 --labels ray.io/accelerator-type=<type>, "
+              "then --address, --declare-gpu <GPU> and the tiny pipelines (--factory "
+              "vramplan.fleet.testing:tiny_pipeline).", file=sys.stderr)
