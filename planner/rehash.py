@@ -471,14 +471,23 @@ def plan_rehash(
         else:
             allowed = keys
         cal = calibration.cut(c) if calibration is not None else None
-        key_steps, thr = schedule_for(mode, steps, allowed, cal, threshold)
+        try:
+            key_steps, thr = schedule_for(mode, steps, allowed, cal, threshold)
+        except InvalidPlanError:  # no schedule within the calibrated gaps at this cut
+            continue
         error = schedule_error(cal.error, key_steps) if cal is not None else None
         n = len(key_steps)
         options.append(_Option(c, key_steps, error, thr, n * full + (steps - n) * reuse))
     if not options:
+        if max_latency_s is None:
+            raise InvalidPlanError(
+                f"no cut has a schedule with at most {keys} key steps within the calibrated gaps "
+                f"({calibration.max_gap if calibration else '-'}); allow more key steps or calibrate with a larger max_gap"
+            )
         raise InfeasibleError(
             f"no Step Rehash schedule meets max_latency_s={max_latency_s:g}: one full UNet call takes {full:.2f} s "
-            f"and the other stages {other:.2f} s, and no cut's reuse call is cheap enough. Raise the latency limit."
+            f"and the other stages {other:.2f} s, and no cut's reuse call is cheap enough (within the calibrated "
+            f"gaps). Raise the latency limit."
         )
     if calibration is not None:
         options.sort(key=lambda o: (math.inf if o.error is None else o.error, o.seconds))

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..planner.errors import PlanConflictError
+from ..planner.errors import InvalidPlanError, PlanConflictError
 from ..planner.rehash import (
     RehashCutError,
     RehashStepsError,
@@ -347,11 +347,17 @@ def with_rehash(
             if allowed < 1:
                 continue
         entry = cal.cut(c) if cal is not None else None
-        key_steps, thr = schedule_for(mode, steps, allowed, entry, threshold)
+        try:
+            key_steps, thr = schedule_for(mode, steps, allowed, entry, threshold)
+        except InvalidPlanError:  # no schedule within the calibrated gaps at this cut
+            continue
         error = schedule_error(entry.error, key_steps) if entry is not None else None
         options.append((math.inf if error is None else error, reuse[c], c, key_steps, thr, error))
     if not options:
-        raise RehashCutError(f"no cut brings the UNet under {max_unet_flops:.3g} FLOPs per video with a key step")
+        raise RehashCutError(
+            "no cut has a schedule within the limits (the FLOPs budget, the key steps, the calibrated gaps); "
+            "allow more FLOPs or key steps, or calibrate with a larger max_gap"
+        )
     options.sort(key=lambda o: (o[0], o[1]) if cal is not None else (-len(o[3]), o[1]))
     _, _, c, key_steps, thr, error = options[0]
     n = len(key_steps)
