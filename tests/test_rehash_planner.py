@@ -223,3 +223,10 @@ def test_rehash_planning_needs_no_torch():
         "assert len(p.rehash.key_steps) == 13\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_no_schedule_within_the_calibrated_gaps(svd):
+    from vramplan.planner.errors import InvalidPlanError
+
+    with pytest.raises(InvalidPlanError, match="within the calibrated gaps"):
+        plan_for(gpu="4090", model="svd", rehash="optimal", keys=2, calibration=_calibration(svd))
