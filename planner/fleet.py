@@ -49,6 +49,9 @@ def capacity(
     shape = sample_shape_for(model, height, width, frames, guidance, dtype)
     rows = []
     for gpu in [find_gpu(g) for g in gpus] if gpus else list(all_gpus()):
+        if dtype == "bf16" and not gpu.bf16:
+            rows.append(FleetRow(gpu=gpu.name, fits=False, peak_bytes=0, note="no bf16 on this GPU"))
+            continue
         kernel = gpu.attention_kernel if dtype != "fp32" else "efficient"
         profile = find_pipeline_profile(model, height, width, shape.frames, guidance, dtype, kernel)
         try:

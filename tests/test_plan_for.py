@@ -197,3 +197,11 @@ def test_pipelines_fix_their_call_arguments():
     assert args == {"height": 512, "width": 512, "num_frames": 16, "decode_chunk_size": 16}
     assert pipeline_spec(plan.pipeline).conditioning == "prompt"
     assert pipeline_spec("StableVideoDiffusionPipeline").conditioning == "image"
+
+
+def test_fleet_capacity_refuses_bf16_on_gpus_without_it():
+    from vramplan.planner.fleet import capacity
+
+    rows = {r.gpu: r for r in capacity(model="svd", dtype="bf16", gpus=["2080Ti", "RTX 4090"])}
+    assert not rows["RTX 2080 Ti"].fits and "no bf16" in rows["RTX 2080 Ti"].note
+    assert rows["RTX 4090"].fits
