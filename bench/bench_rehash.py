@@ -158,14 +158,15 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=2)
     parser.add_argument("--write", help="markdown file to put the section in (replaced if present)")
     parser.add_argument("--plot", help="(ii): also draw the trained model's calibration heatmaps (PNG)")
+    parser.add_argument("--max-gap", type=int, default=5, help="(ii): reuse distances the calibration measures")
     args = parser.parse_args()
     parts = []
     if args.part in ("i", "both"):
         parts.append(part_i(args.gpu))
     if args.part in ("ii", "both"):
-        parts.append(part_ii(examples=args.examples, plot=args.plot))
+        parts.append(part_ii(examples=args.examples, plot=args.plot, max_gap=args.max_gap))
     machine = f"Machine: {platform.processor() or platform.machine()}, Python {platform.python_version()}; " \
-              f"command: `python bench/bench_rehash.py --part {args.part}`."
+              f"command: `python bench/bench_rehash.py --part {args.part} --max-gap {args.max_gap}`."
     text = "\n".join(parts) + "\n" + machine + "\n"
     print(text)
     if args.write:
