@@ -2,7 +2,8 @@
 
 At every denoising step the whole UNet runs (keeping every candidate cut: ``keep``), so the
 trajectory is the original one. Per cut we record the cosine similarity of its feature to every
-earlier step's (features are parked in host memory), and, for the last ``max_gap`` steps ``a``,
+earlier step's (on at most a million evenly strided values per feature, in host memory), and, for
+the last ``max_gap`` steps ``a`` (whose whole features are parked in host memory),
 the relative L2 error of the *guided* noise prediction when this step reuses step ``a``'s feature
 (the reuse program run on this step's inputs). Guidance is applied as the pipeline does:
 ``uncond + scale * (cond - uncond)`` with the pipeline's ``guidance_scale`` (per frame for SVD).
@@ -74,7 +75,8 @@ def calibrate(
     n = num_inference_steps
     sim = {c: [[1.0 if a == s else 0.0 for s in range(n)] for a in range(n)] for c in cuts}
     err: dict[str, list[list[float | None]]] = {c: [[None] * n for _ in range(n)] for c in cuts}
-    parked: dict[str, list[torch.Tensor]] = {c: [] for c in cuts}
+    sketches: dict[str, list[torch.Tensor]] = {c: [] for c in cuts}  # every step, at most SKETCH values
+    window: dict[str, dict[int, torch.Tensor]] = {c: {} for c in cuts}  # the last max_gap steps, whole
     state = {"step": 0, "shape": None}
 
     def forward(*args, **kwargs):
@@ -88,16 +90,18 @@ def calibrate(
         guided = _guided(pipe, _tensor(out))
         for c in cuts:
             feature = kept[c]
-            here = feature.detach().to("cpu", torch.float32).flatten()
-            for a, before in enumerate(parked[c]):
+            here = _sketch(feature)
+            for a, before in enumerate(sketches[c]):
                 sim[c][a][s] = sim[c][s][a] = _cosine(before, here)
             for a in range(max(0, s - max_gap), s):
-                cached = parked[c][a].to(feature.device, feature.dtype).view_as(feature)
+                cached = window[c][a].to(feature.device)
                 b = adapter.bind(unet, *args, **kwargs)
                 p = Program(reuse[c], {**b.env, c: cached}, {**b.layouts, c: layouts[c]}, result, b.finish, b.globals)
                 approx = _guided(pipe, _tensor(execute(p, reuse_segs[c])))
                 err[c][a][s] = float((approx - guided).float().norm() / guided.float().norm().clamp_min(1e-12))
-            parked[c].append(here)
+            sketches[c].append(here)
+            window[c][s] = feature.detach().to("cpu")
+            window[c].pop(s - max_gap, None)
         state["step"] = s + 1
         return out
 
@@ -145,6 +149,19 @@ def _guided(pipe, noise: torch.Tensor) -> torch.Tensor:
     if isinstance(scale, torch.Tensor):
         scale = scale.to(noise.device, noise.dtype)
     return uncond + scale * (cond - uncond)
+
+
+SKETCH = 1 << 20
+
+
+def _sketch(feature: torch.Tensor) -> torch.Tensor:
+    """The feature flattened (fp32, host), or an evenly strided subset of SKETCH values of a larger one:
+    the similarity of full-size features is estimated on a million values instead of holding every
+    step of every cut."""
+    flat = feature.detach().flatten()
+    if flat.numel() > SKETCH:
+        flat = flat[:: flat.numel() // SKETCH][:SKETCH]
+    return flat.to("cpu", torch.float32)
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:

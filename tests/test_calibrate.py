@@ -93,3 +93,12 @@ def test_second_order_scheduler_refused(image):
     pipe.scheduler = HeunDiscreteScheduler.from_config(pipe.scheduler.config)
     with pytest.raises(SchedulerOrderError, match="first-order scheduler"):
         calibrate(pipe, image=image, **CALL)
+
+
+def test_large_features_are_sketched_for_similarity():
+    from vramplan.runtime.calibrate import SKETCH, _cosine, _sketch
+
+    x = torch.randn(3 * SKETCH + 5)
+    s = _sketch(x)
+    assert s.numel() == SKETCH and torch.equal(s[:3], x[0:9:3])
+    assert _cosine(_sketch(x), _sketch(2 * x)) == pytest.approx(1.0)
