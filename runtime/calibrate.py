@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..planner.errors import PlanMismatchError
-from ..planner.rehash import DEFAULT_MAX_GAP, Calibration, CutCalibration, SchedulerOrderError
+from ..planner.rehash import DEFAULT_MAX_GAP, Calibration, CutCalibration, RehashCutError, SchedulerOrderError
 from ..planner.schema import Plan, SampleShape
 from .adapters.base import adapter_for
 from .apply import component_for, dtype_name, fingerprint
@@ -66,7 +66,11 @@ def calibrate(
         raise PlanMismatchError("calibrate needs num_inference_steps (or a plan with steps)")
     adapter = adapter_for(unet)
     ops, result = adapter.ops(unet)
-    cuts = list(cuts) if cuts is not None else rehash_cuts(unet)
+    candidates = rehash_cuts(unet)
+    unknown = [c for c in cuts or () if c not in candidates]
+    if unknown:
+        raise RehashCutError(f"not rehash cuts of this UNet: {', '.join(unknown)}; its cuts: {', '.join(candidates)}")
+    cuts = list(cuts) if cuts else candidates
     segments = [Segment([op], op.spec.axis, slices.get(op.name, 1) if op.spec.axis else 1) for op in ops]
     reuse = {c: reuse_ops(ops, result, c) for c in cuts}
     reuse_segs = {c: [Segment([op], op.spec.axis, slices.get(op.name, 1) if op.spec.axis else 1) for op in r]

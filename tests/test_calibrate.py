@@ -102,3 +102,10 @@ def test_large_features_are_sketched_for_similarity():
     s = _sketch(x)
     assert s.numel() == SKETCH and torch.equal(s[:3], x[0:9:3])
     assert _cosine(_sketch(x), _sketch(2 * x)) == pytest.approx(1.0)
+
+
+def test_unknown_cut_refused(pipe, image):
+    from vramplan.planner.rehash import RehashCutError
+
+    with pytest.raises(RehashCutError, match="not rehash cuts"):
+        calibrate(pipe, image=image, cuts=["conv_in"], **CALL)

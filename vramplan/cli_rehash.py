@@ -20,6 +20,8 @@ def register(sub) -> dict:
     _input_args(p)
     p.add_argument("--max-gap", type=int, default=4, help="reuse distances measured (steps)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the plan's)")
+    p.add_argument("--cuts", nargs="+", help="measure only these cuts (default: every candidate; each costs "
+                   "max-gap reuse calls per step)")
     p.add_argument("-o", "--output", help="calibration JSON (default: beside the cached profiles)")
     p.add_argument("--plot", help="heatmap PNG (default: the JSON's name with .png)")
 
@@ -129,8 +131,8 @@ def cmd_calibrate(args) -> int:
 
     plan = Plan.load(args.plan)
     pipe = load(plan, args.allow_download)
-    cal = calibrate(pipe, plan=plan, num_inference_steps=args.steps, max_gap=args.max_gap, seed=args.seed,
-                    model_name=plan.model_name, **call_inputs(plan, args))
+    cal = calibrate(pipe, plan=plan, num_inference_steps=args.steps, cuts=args.cuts, max_gap=args.max_gap,
+                    seed=args.seed, model_name=plan.model_name, **call_inputs(plan, args))
     out = Path(args.output) if args.output else default_path(cal, plan.model_name)
     cal.save(out)
     plot = plot_calibration(cal, args.plot or out.with_suffix(".png"))
