@@ -117,8 +117,12 @@ def part_ii(keys_list=(9, 13, 17), examples: int = 2, max_gap: int = 5, plot: st
             r = plan.rehash
             rows.append((keys, mode, len(r.key_steps), r.cut, err, sum(psnrs) / examples, sum(ssims) / examples,
                          sum(ratios) / examples, sum(speed) / examples))
+    import hashlib
+
+    weights = trained.trained_dir() / "unet" / "diffusion_pytorch_model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
     out = [f"### (ii) The shipped trained model (CPU, fp32, {steps} steps, {trained.NUM_FRAMES} x "
-           f"{trained.HEIGHT}x{trained.WIDTH}, CFG)", "",
+           f"{trained.HEIGHT}x{trained.WIDTH}, CFG; UNet weights sha256 {digest})", "",
            f"One calibration ({cal_seconds:.0f} s, gaps up to {max_gap}) on held-out clip 0; each schedule run on "
            f"{examples} held-out first frames against the full run with the same seed. PSNR/SSIM: mean over frames "
            f"and examples, planned vs full run. Error: calibrated sum of relative guided-noise errors (- where a gap "
