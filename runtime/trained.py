@@ -31,8 +31,10 @@ UNET_CONFIG = dict(
     sample_size=HEIGHT // 2,
     in_channels=8,
     out_channels=4,
-    block_out_channels=(32, 64, 64),
-    # no attention at the 16x16 level (the costliest on CPU); motion there comes from temporal resnets
+    # GroupNorm has 32 groups: 64 channels keep two per group, so that the output norm does not erase each
+    # channel's mean (one channel per group could not set a frame's colour). No attention at the 16x16
+    # level (the costliest on CPU); motion there comes from the temporal resnets.
+    block_out_channels=(64, 64, 64),
     down_block_types=("DownBlockSpatioTemporal", "CrossAttnDownBlockSpatioTemporal",
                       "CrossAttnDownBlockSpatioTemporal"),
     up_block_types=("CrossAttnUpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal", "UpBlockSpatioTemporal"),
@@ -44,7 +46,7 @@ UNET_CONFIG = dict(
     num_frames=NUM_FRAMES,
 )
 VAE_CONFIG = dict(
-    block_out_channels=(32, 64),
+    block_out_channels=(64, 64),  # two channels per GroupNorm group, as the UNet
     down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
     layers_per_block=1,
     latent_channels=4,
@@ -106,7 +108,7 @@ def trained_svd_pipeline(folder: str | Path | None = None):
 
     folder = Path(folder) if folder is not None else trained_dir()
     _check_files(folder)
-    pipe = StableVideoDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32)
+    pipe = StableVideoDiffusionPipeline.from_pretrained(str(folder))  # saved in fp32
     for name in COMPONENTS:
         getattr(pipe, name).eval()
     pipe.set_progress_bar_config(disable=True)
