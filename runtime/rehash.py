@@ -12,7 +12,6 @@ after the last step and reset whenever the pipeline sets its scheduler's timeste
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from ..planner.rehash import (
 )
 from ..planner.schema import ComponentPlan, Plan, RehashPlan
 from .adapters.base import adapter_for
-from .apply import PlanHandle, _bridge_schedule, _check_shape, build_segments, component_for, fingerprint
+from .apply import PlanHandle, _check_shape, _checkpointing, build_segments, component_for, fingerprint
 from .executor import Segment, execute
 from .hooks import PLAN_HOOK, get_hook, register_hook
 from .program import Op, Program
@@ -162,27 +161,9 @@ class RehashHandle(PlanHandle):
         cut = self.rehash.cut
         key = step in set(self.rehash.key_steps) or self.cache is None
         ops, segments = (self.ops, self.segments) if key else (self.reuse, self.reuse_segs)
-        bridges = self.check_hooks()
-        starts, ends, whole = _bridge_schedule(bridges, segments)
-        index = {id(seg): i for i, seg in enumerate(segments)}
-        entered: list = []
-
-        @contextlib.contextmanager
-        def around(seg: Segment):
-            i = index[id(seg)]
-            for bridge in starts.get(i, ()):
-                bridge.enter()
-                entered.append(bridge)
-            yield
-            for bridge in reversed(ends.get(i, ())):
-                entered.remove(bridge)
-                bridge.exit()
-
+        checkpoint = torch.is_grad_enabled() and _checkpointing(self.model)
         started = time.perf_counter()
-        try:
-            for bridge in whole:
-                bridge.enter()
-                entered.append(bridge)
+        with self.bridged(segments) as around:
             binding = adapter_for(self.model).bind(self.model, *args, **kwargs)
             if self.plan.shape is not None:
                 _check_shape(self.plan, binding.shape)
@@ -191,12 +172,9 @@ class RehashHandle(PlanHandle):
                 env, layouts = {**env, cut: self.cache}, {**layouts, cut: self._cut_layout}
             program = Program(ops, env, layouts, self.result, binding.finish, binding.globals)
             out = execute(program, segments, keep=frozenset({cut}) if key else frozenset(),
-                          around_segment=around if starts else None)
+                          around_segment=around, checkpoint=checkpoint)
             if key:
                 self.cache = program.kept[cut]
-        finally:
-            for bridge in reversed(entered):
-                bridge.exit()
         _sync(self.cache)
         self.records.append(StepRecord(step, key, time.perf_counter() - started))
         self.step += 1

@@ -244,3 +244,36 @@ def test_pipeline_scheduler_checks():
     with apply_rehash(pipe, _rehash(cut, [0, 2], 4)):
         with pytest.raises(SchedulerOrderError, match="HeunDiscreteScheduler calls the UNet 2 times"):
             pipe.scheduler.set_timesteps(4)
+
+
+def test_key_step_gradients_under_gradient_checkpointing():
+    """A rehash handle honours the model's gradient checkpointing like a plan: a key step's input
+    gradient equals the original's, and checkpointed slices really run again in backward."""
+    model = tiny_svd_unet()
+    inputs = svd_inputs(model, batch=1)
+    x = inputs[0].clone().requires_grad_()
+    _out(model(x, *inputs[1:])).square().sum().backward()
+    expected = x.grad.clone()
+    cut = rehash_cuts(model)[0]
+    calls = []
+    convs = [m for m in model.down_blocks[0].modules() if isinstance(m, torch.nn.Conv2d)]
+
+    def key_step_grad():
+        calls.clear()
+        hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in convs]
+        handle = apply_rehash(model, _rehash(cut, [0], 1))
+        try:
+            y = x.detach().clone().requires_grad_()
+            _out(model(y, *inputs[1:])).square().sum().backward()
+        finally:
+            handle.remove()
+            for hook in hooks:
+                hook.remove()
+        return y.grad, len(calls)
+
+    plain, plain_calls = key_step_grad()
+    model.enable_gradient_checkpointing()
+    checkpointed, checkpointed_calls = key_step_grad()
+    torch.testing.assert_close(plain, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(checkpointed, expected, rtol=1e-5, atol=1e-5)
+    assert checkpointed_calls > plain_calls > 0
