@@ -170,7 +170,7 @@ class PlanHandle(Hook, _Link):
     def _traced_calls(self) -> tuple[frozenset[str], frozenset[str]]:
         if self._calls is None:
             try:
-                self._calls = traced_calls(self.model, self.plan.shape, self.method)
+                self._calls = traced_calls(self.model, self.plan.shape or config_shape(self.model), self.method)
             except Exception as err:  # noqa: BLE001 - a model that cannot be copied or traced on meta
                 log.warning("could not trace which modules the plan calls (%s: %s); deciding by module paths "
                             "(containers of units are bypassed)", type(err).__name__, err)
@@ -287,6 +287,16 @@ def _bridge_schedule(bridges: dict[str, Bridge], segments: list[Segment]):
         starts.setdefault(where[0], []).append(bridge)
         ends.setdefault(where[-1], []).append(bridge)
     return starts, ends, whole
+
+
+def config_shape(model: torch.nn.Module) -> SampleShape:
+    """A shape valid for ``model`` from its config (``sample_size``, ``num_frames``) and dtype: what a
+    trace uses when the plan has no shape (a Step Rehash schedule without slicing)."""
+    cfg = model.config
+    size = getattr(cfg, "sample_size", None) or 8
+    h, w = (size, size) if isinstance(size, int) else tuple(size)[-2:]
+    frames = getattr(cfg, "num_frames", None) or 2
+    return SampleShape(batch=1, frames=frames, latent_height=h, latent_width=w, dtype=dtype_name(model.dtype))
 
 
 def traced_calls(model: torch.nn.Module, shape: SampleShape, method: str = "forward"):

@@ -616,3 +616,31 @@ def test_without_a_trace_containers_are_still_refused(unet, inputs, monkeypatch,
             pass
     finally:
         h.remove()
+
+
+def test_a_rehash_handle_without_a_plan_shape_traces_hooked_modules(unet, inputs, caplog):
+    """apply_rehash without slicing has no plan shape: the trace takes its shape from the model's
+    config instead of falling back to module paths with a warning."""
+    from vramplan.planner.schema import RehashPlan
+    from vramplan.runtime.adapters.base import adapter_for
+    from vramplan.runtime.rehash import apply_rehash
+
+    cut = adapter_for(unet).rehash_cuts(unet)[0]
+    rehash = RehashPlan(
+        mode="uniform", cut=cut, steps=2, key_steps=[0], quality="uncalibrated", original_unet_flops=1,
+        unet_flops=1, key_call_s=0.0, reuse_call_s=0.0, latency_saved_s=0.0, cache_bytes=0,
+    )
+    h = unet.down_blocks[1].register_forward_pre_hook(lambda *_: None)
+    try:
+        with pytest.raises(PlanConflictError, match="down_blocks.1 carries"):
+            apply_rehash(unet, rehash)
+    finally:
+        h.remove()
+    h = unet.conv_in.register_forward_pre_hook(lambda *_: None)
+    try:
+        with apply_rehash(unet, rehash), torch.no_grad():
+            unet(*inputs)
+    finally:
+        h.remove()
+    assert "could not trace" not in caplog.text
+    _clean(unet)
