@@ -160,6 +160,8 @@ class RehashHandle(PlanHandle):
             )
         cut = self.rehash.cut
         key = step in set(self.rehash.key_steps) or self.cache is None
+        if key:
+            self.cache = None  # a key step never reads it: one cache held, as the planner counts
         ops, segments = (self.ops, self.segments) if key else (self.reuse, self.reuse_segs)
         checkpoint = torch.is_grad_enabled() and _checkpointing(self.model)
         started = time.perf_counter()

@@ -277,3 +277,22 @@ def test_key_step_gradients_under_gradient_checkpointing():
     torch.testing.assert_close(plain, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(checkpointed, expected, rtol=1e-5, atol=1e-5)
     assert checkpointed_calls > plain_calls > 0
+
+
+def test_a_key_step_holds_one_cache_not_two(unet):
+    """The planner holds one cached cut through denoising: a later key step must drop the old cache
+    before it runs (it never reads it), so its peak equals the first key step's."""
+    from vramplan.runtime.memory import MemoryTracker
+
+    cut = rehash_cuts(unet)[-1]
+    args = svd_inputs(unet, batch=2)
+    peaks = []
+    with torch.no_grad(), apply_rehash(unet, _rehash(cut, [0, 2], 3)) as handle, MemoryTracker() as tracker:
+        for _ in range(3):
+            tracker.reset_peak()
+            out = unet(*args)
+            peaks.append(tracker.peak_bytes)  # live bytes at the call's peak, the cache held between calls included
+            del out
+        cache = handle.cache
+    assert handle.key_steps == [0, 2] and cache is None
+    assert tracker.peak_bytes > 0 and peaks[2] <= peaks[0]
