@@ -58,6 +58,20 @@ CASES = [
     (["run", "{svd}", "--image", "{tmp}/in.png", "--out", "{tmp}/missing/v.gif"], "does not exist"),
     (["run", "{svd}", "--image", "{tmp}/in.png", "--steps", "0"], "--steps=0 must be >= 1"),
     (["run", "{animatediff}"], "needs --prompt"),
+    (["calibrate", "{svd}", "--image", "{tmp}/nope.png"], "no such file"),
+    (["calibrate", "{svd}", "--image", "{tmp}/notes.txt"], "is not an image PIL can read"),
+    (["calibrate", "{svd}", "--image", "{tmp}/in.png", "--max-gap", "0"], "--max-gap=0 must be >= 1"),
+    (["calibrate", "{svd}", "--image", "{tmp}/in.png", "--steps", "0"], "--steps=0 must be >= 1"),
+    (["calibrate", "{svd}", "--image", "{tmp}/in.png", "-o", "{tmp}/missing/c.json"], "does not exist"),
+    (["calibrate", "{svd}"], "needs --image"),
+    (["compare", "{svd}", "--image", "{tmp}/nope.png"], "no such file"),
+    (["compare", "{svd}", "--image", "{tmp}/in.png", "--gif", "{tmp}/missing/s.gif"], "does not exist"),
+    (["compare", "{animatediff}"], "needs --prompt"),
+    (["trained-plan", "--keys", "0"], "--keys=0 must be >= 1"),
+    (["trained-plan", "--keys", "40"], "--keys=40 must lie in 1..--steps (25)"),
+    (["trained-plan", "--steps", "0"], "--steps=0 must be >= 1"),
+    (["trained-plan", "--slices", "0"], "--slices=0 must be >= 1"),
+    (["trained-plan", "-o", "{tmp}/missing/p.json"], "does not exist"),
 ]
 
 

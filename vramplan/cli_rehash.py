@@ -90,9 +90,9 @@ def call_inputs(plan, args) -> dict:
             raise VramplanError("an AnimateDiff plan needs --prompt")
         return {"prompt": args.prompt}
     if args.image:
-        from PIL import Image
+        from .cli import read_image
 
-        kwargs["image"] = Image.open(args.image).convert("RGB")
+        kwargs["image"] = read_image(args.image)
     elif plan.model_name == TRAINED:
         from .runtime.trained import heldout_example
 
@@ -111,9 +111,32 @@ def trained_kwargs() -> dict:
                 noise_aug_strength=trained.NOISE_AUG_STRENGTH)
 
 
+def _check_trained_args(args) -> None:
+    """Refuse counts the schedule would silently clamp or replace, before loading the model."""
+    from .cli import check_output
+    from .planner.pipelines import check_number
+
+    check_number("--steps", args.steps, integer=True, minimum=1)
+    check_number("--slices", args.slices, integer=True, minimum=1)
+    check_number("--keys", args.keys, integer=True, minimum=1, allow_none=True)
+    if args.keys is not None and args.keys > args.steps:
+        raise VramplanError(f"--keys={args.keys} must lie in 1..--steps ({args.steps})")
+    check_output(args.output, "plan file")
+
+
+def _check_run_args(args, *outputs: tuple[str | None, str]) -> None:
+    """``calibrate``/``compare`` inputs that would fail late (after loading the model, or in a traceback)."""
+    from .cli import check_output
+
+    for path, what in outputs:
+        if path:
+            check_output(path, what)
+
+
 def cmd_trained_plan(args) -> int:
     from .runtime.trained import trained_svd_pipeline
 
+    _check_trained_args(args)
     pipe = trained_svd_pipeline()
     plan = trained_plan(pipe, rehash=args.rehash, keys=args.keys, calibration=args.calibration,
                         slices=args.slices, steps=args.steps)
@@ -126,13 +149,18 @@ def cmd_trained_plan(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
+    from .planner.pipelines import check_number
     from .planner.schema import Plan
     from .runtime.calibrate import calibrate, default_path, plot_calibration
 
     plan = Plan.load(args.plan)
+    check_number("--steps", args.steps, integer=True, minimum=1, allow_none=True)
+    check_number("--max-gap", args.max_gap, integer=True, minimum=1)
+    _check_run_args(args, (args.output, "calibration file"), (args.plot, "plot file"))
+    inputs = call_inputs(plan, args)
     pipe = load(plan, args.allow_download)
     cal = calibrate(pipe, plan=plan, num_inference_steps=args.steps, cuts=args.cuts, max_gap=args.max_gap,
-                    seed=args.seed, model_name=plan.model_name, **call_inputs(plan, args))
+                    seed=args.seed, model_name=plan.model_name, **inputs)
     out = Path(args.output) if args.output else default_path(cal, plan.model_name)
     cal.save(out)
     plot = plot_calibration(cal, args.plot or out.with_suffix(".png"))
@@ -150,8 +178,10 @@ def cmd_compare(args) -> int:
     from .runtime.compare import compare, side_by_side
 
     plan = Plan.load(args.plan)
+    _check_run_args(args, (args.gif, "GIF"))
+    inputs = call_inputs(plan, args)
     pipe = load(plan, args.allow_download)
-    result = compare(plan, pipe, seed=args.seed, **call_inputs(plan, args))
+    result = compare(plan, pipe, seed=args.seed, **inputs)
     print(result.summary())
     if args.gif:
         print("wrote", side_by_side(result, args.gif))
