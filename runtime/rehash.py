@@ -257,7 +257,7 @@ def measure_cuts(unet: torch.nn.Module, shape, cuts: list[str]) -> tuple[int, di
 
     adapter = adapter_for(unet)
     ops, result = adapter.ops(unet)
-    args = adapter.example_inputs(unet, shape)
+    args = adapter.example_inputs(unet, shape, device=next(unet.parameters()).device)  # where the model is
     layouts = {op.output: op.layout for op in ops}
     reuse_flops, sizes = {}, {}
     with torch.no_grad():

@@ -296,3 +296,17 @@ def test_a_key_step_holds_one_cache_not_two(unet):
         cache = handle.cache
     assert handle.key_steps == [0, 2] and cache is None
     assert tracker.peak_bytes > 0 and peaks[2] <= peaks[0]
+
+
+def test_measure_cuts_on_the_models_device(unet):
+    """with_rehash counts FLOPs on the user's model wherever it lives (inputs on its device, not the CPU);
+    meta stands in for CUDA here."""
+    import copy
+
+    from vramplan.runtime.rehash import measure_cuts
+
+    shape = SampleShape(batch=2, frames=5, latent_height=8, latent_width=8, dtype="fp32")
+    cuts = rehash_cuts(unet)
+    full, reuse, sizes = measure_cuts(copy.deepcopy(unet).to("meta"), shape, cuts)
+    assert full > max(reuse.values()) > 0 and list(reuse) == cuts
+    assert sizes == measure_cuts(unet, shape, cuts)[2]
