@@ -39,3 +39,18 @@ def test_trained_plan_calibrate_compare(weights, tmp_path, capsys):
 def test_plan_rehash_errors_are_clear(capsys):
     assert main(["plan", "--model", "svd", "--gpu", "4090", "--rehash", "greedy", "-o", "/dev/null"]) == 2
     assert "needs a calibration" in capsys.readouterr().err
+
+
+def test_run_a_trained_plan_from_the_command_line(weights, tmp_path, capsys):
+    """`vramplan run` on a `trained-plan` plan uses the shipped model (it is not on the Hugging Face hub)."""
+    from PIL import Image
+
+    plan, gif, image = tmp_path / "plan.json", tmp_path / "v.gif", tmp_path / "in.png"
+    Image.new("RGB", (48, 40), (200, 90, 30)).save(image)
+    assert main(["trained-plan", "--steps", "2", "--keys", "1", "-o", str(plan)]) == 0
+    capsys.readouterr()
+    assert main(["run", str(plan), "--image", str(image), "--out", str(gif)]) == 0
+    out = capsys.readouterr().out
+    assert "wrote" in out and gif.stat().st_size > 0
+    with Image.open(gif) as video:
+        assert video.n_frames == 8

@@ -12,6 +12,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
+from .cli_rehash import TRAINED
 from .planner.errors import InputFileError, InvalidArgumentError, VramplanError
 
 GIB = 2**30
@@ -286,7 +287,12 @@ def cmd_run(args) -> int:
     check_number("--fps", args.fps, integer=True, minimum=1)
     check_output(args.out, "video")
     kwargs = {"num_inference_steps": args.steps} if args.steps else {}
-    if spec.conditioning == "prompt":
+    trained = plan.model_name == TRAINED  # the shipped demo model: not on the hub, loaded from the package
+    if trained and not args.image:
+        from .runtime.trained import heldout_example
+
+        kwargs["image"] = heldout_example(0)[1]
+    elif spec.conditioning == "prompt":
         if not args.prompt:
             raise InvalidArgumentError(f"this {spec.pipeline} plan needs --prompt (the text to animate)")
         kwargs.update(prompt=args.prompt, negative_prompt=args.negative_prompt)
@@ -299,8 +305,14 @@ def cmd_run(args) -> int:
 
     from .runtime.runner import run, save_video
 
-    result = run(plan, allow_download=args.allow_download, generator=torch.Generator().manual_seed(args.seed),
-                 **kwargs)
+    pipe = None
+    if trained:
+        from .cli_rehash import load, trained_kwargs
+
+        pipe = load(plan)
+        kwargs.update(trained_kwargs())
+    result = run(plan, pipe, allow_download=args.allow_download,
+                 generator=torch.Generator().manual_seed(args.seed), **kwargs)
     print(result.report.summary())
     print("wrote", save_video(result.frames, args.out, fps=args.fps))
     return 0
