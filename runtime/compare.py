@@ -1,8 +1,8 @@
 """``compare(plan)``: the original pipeline and the planned run on the same seed, side by side.
 
 Quality per frame (PSNR and SSIM of the planned frames against the original's), UNet FLOPs
-(PyTorch's counter: matmul, convolution and attention FLOPs of every call of the UNet, full or
-reuse) and wall-clock time, as ratios. Slicing alone leaves the frames equal up to float
+(PyTorch's counter, plus the CPU fused attention it counts as zero: matmul, convolution and
+attention FLOPs of every call of the UNet, full or reuse) and wall-clock time, as ratios. Slicing alone leaves the frames equal up to float
 rounding; Step Rehash is the approximation this measures.
 """
 
@@ -85,21 +85,20 @@ def compare(plan: Plan, pipe, *, seed: int = 0, original: Original | None = None
     FLOPs and frames come from runs under PyTorch's FLOP counter (the planned one through
     ``run``, which also checks the call and reports the steps); wall-clock times from runs without
     any counter or tracker. ``original``: the unplanned run of the same call, if already made."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from .adapters import pipeline_adapter
+    from .rehash import flop_counter
     from .runner import _call_arguments
 
     call_kwargs.setdefault("output_type", "pt")
     if plan.rehash is not None:
         call_kwargs.setdefault("num_inference_steps", plan.rehash.steps)
     unet_name = type(pipe.unet).__name__
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         planned = run(plan, pipe=pipe, generator=torch.Generator().manual_seed(seed), progress=False, **call_kwargs)
     planned_flops = sum(counter.get_flop_counts().get(unet_name, {}).values())
     kwargs = _call_arguments(plan, dict(call_kwargs), pipeline_adapter(type(pipe).__name__))
     if original is None:
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
+        with flop_counter() as counter, torch.no_grad():
             frames = pipe(generator=torch.Generator().manual_seed(seed), **kwargs).frames
         flops = sum(counter.get_flop_counts().get(unet_name, {}).values())
         original = Original(frames, int(flops), *_timed(pipe, None, seed, kwargs))

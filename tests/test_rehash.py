@@ -310,3 +310,15 @@ def test_measure_cuts_on_the_models_device(unet):
     full, reuse, sizes = measure_cuts(copy.deepcopy(unet).to("meta"), shape, cuts)
     assert full > max(reuse.values()) > 0 and list(reuse) == cuts
     assert sizes == measure_cuts(unet, shape, cuts)[2]
+
+
+def test_cpu_flops_count_attention(unet):
+    """PyTorch's counter sees no FLOPs in the CPU fused attention kernel; ours counts them, so a CPU
+    model's full and reuse FLOPs equal the meta model's (whose attention runs as counted matmuls)."""
+    import copy
+
+    from vramplan.runtime.rehash import measure_cuts
+
+    shape = SampleShape(batch=2, frames=5, latent_height=8, latent_width=8, dtype="fp32")
+    cuts = rehash_cuts(unet)
+    assert measure_cuts(unet, shape, cuts) == measure_cuts(copy.deepcopy(unet).to("meta"), shape, cuts)
