@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pulp
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from .errors import InfeasibleError, VramplanError
 from .fmt import human_bytes
@@ -128,6 +128,13 @@ class GpuOffer(_Strict):
     count: int | None = Field(default=None, strict=True, ge=0, description="available; null: unlimited")
     price_per_hour: float | None = Field(default=None, strict=True, ge=0, allow_inf_nan=False,
                                          description="$/hour; null: the default (an assumption)")
+    _price_assumed: bool = PrivateAttr(default=False)  # set by parse_inventory when it filled in a default
+
+
+def _offer(gpu: str, count: int | None, price: float, assumed: bool) -> GpuOffer:
+    offer = GpuOffer(gpu=gpu, count=count, price_per_hour=price)
+    offer._price_assumed = assumed
+    return offer
 
 
 class JobSlot(_Strict):
@@ -328,8 +335,7 @@ def parse_inventory(data: Any | None, source: str = "inventory") -> list[GpuOffe
     """GPU offers with canonical names and prices; None: every known GPU with a default price (laptop
     GPUs have none), unlimited, at the default prices."""
     if data is None:
-        return [GpuOffer(gpu=g.name, count=None, price_per_hour=DEFAULT_PRICES[g.name]) for g in all_gpus()
-                if g.name in DEFAULT_PRICES]
+        return [_offer(g.name, None, DEFAULT_PRICES[g.name], True) for g in all_gpus() if g.name in DEFAULT_PRICES]
     if isinstance(data, dict) and "gpus" in data:
         data = data["gpus"]
     if not isinstance(data, list) or not data:
@@ -346,7 +352,7 @@ def parse_inventory(data: Any | None, source: str = "inventory") -> list[GpuOffe
         price = offer.price_per_hour if offer.price_per_hour is not None else DEFAULT_PRICES.get(name)
         if price is None:
             raise InventoryError(f"{source}: no default price for {name}; give its price_per_hour")
-        offers[name] = GpuOffer(gpu=name, count=offer.count, price_per_hour=price)
+        offers[name] = _offer(name, offer.count, price, offer.price_per_hour is None)
     return list(offers.values())
 
 
@@ -601,7 +607,7 @@ def _assemble(workloads, offers, options, reasons, chosen: dict[Pattern, int], s
         ))
     cost = sum(a.count * a.price_per_hour for a in allocations)
     notes = [TIME_SHARING_NOTE, QUEUE_NOTE]
-    if any(o.price_per_hour == DEFAULT_PRICES.get(o.gpu) for o in offers):
+    if any(o._price_assumed for o in offers):
         notes.append(PRICE_NOTE)
     return FleetPlan(
         workloads=workloads, gpus=allocations, cost_per_hour=round(cost, 4), solver=solver, assumptions=notes,

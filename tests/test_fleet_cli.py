@@ -98,3 +98,43 @@ def test_no_cluster_reachable(files, capsys):
     (files / "jobs.jsonl").write_text('{"workload": "hd", "image": "x.png"}\n')
     assert main(["batch", str(files / "jobs.jsonl"), "--fleet", str(fleet), "--address", "127.0.0.1:1"]) == 2
     assert "no Ray cluster reachable at 127.0.0.1:1" in capsys.readouterr().err
+
+
+def test_batch_checks_the_jobs_file_before_starting_ray(files, capsys, monkeypatch):
+    """A missing jobs file or a workload typo is reported at once, not after starting a Ray cluster."""
+    import vramplan.fleet
+
+    fleet = files / "fleet.json"
+    assert main(["fleet", "--workloads", str(files / "w.yaml"), "--inventory", str(files / "inv.yaml"),
+                 "-o", str(fleet)]) == 0
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("connected to Ray before reading the jobs")
+
+    monkeypatch.setattr(vramplan.fleet, "connect", no_ray)
+    (files / "typo.jsonl").write_text('{"workload": "hdd", "image": "x.png"}\n')
+    for jobs, message in [("nope.jsonl", "cannot read jobs file"), ("typo.jsonl", "'hdd' is not in the fleet plan")]:
+        capsys.readouterr()
+        assert main(["batch", str(files / jobs), "--fleet", str(fleet)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_prices_given_in_the_inventory_are_not_called_assumptions(files, capsys):
+    """The default-price note is for prices the inventory leaves out, even when a given one equals a default."""
+    from vramplan.planner.capacity import DEFAULT_PRICES
+
+    note = "default $/hour are assumptions"
+    (files / "given.yaml").write_text(f"gpus:\n  - {{gpu: A10G, count: 2, price_per_hour: {DEFAULT_PRICES['A10G']}}}\n")
+    (files / "left.yaml").write_text("gpus:\n  - {gpu: A10G, count: 2}\n")
+    for inventory, noted in [("given.yaml", False), ("left.yaml", True)]:
+        assert main(["fleet", "--workloads", str(files / "w.yaml"), "--inventory", str(files / inventory)]) == 0
+        assert (note in capsys.readouterr().out) == noted, inventory
+
+
+@pytest.mark.parametrize("extra", [["--rate", "3"], ["--gpus", "A10G"], ["--steps", "10"], ["--model", "svd-xt"]])
+def test_single_model_options_with_workloads_are_refused(files, capsys, extra):
+    """--rate, --gpus and the shape options belong to the one-model table; with --workloads they were ignored."""
+    assert main(["fleet", "--workloads", str(files / "w.yaml"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and extra[0] in err and "workload file" in err, err

@@ -9,6 +9,9 @@ import sys
 from .planner.errors import VramplanError
 
 GIB = 2**30
+# Options of the one-model table; a workload file gives them per workload (ignored there, so refused).
+SINGLE_OPTIONS = ("model", "height", "width", "frames", "no_guidance", "dtype", "steps", "rate", "gpus")
+SINGLE_DEFAULTS: dict = {}
 
 
 def register(sub) -> dict:
@@ -36,6 +39,7 @@ def register(sub) -> dict:
     p.add_argument("--emit", choices=["ray"], help="print (or with -o, write) a Ray Serve config file instead")
     p.add_argument("--fleet", help="with --emit ray: an existing fleet plan instead of planning one")
     p.add_argument("--schema", action="store_true", help="print the fleet plan file's JSON Schema")
+    SINGLE_DEFAULTS.update({dest: p.get_default(dest) for dest in SINGLE_OPTIONS})
 
     p = sub.add_parser("serve", help="serve a fleet plan on Ray Serve (HTTP: POST /jobs, GET /jobs/<id>)")
     p.add_argument("fleet", help="fleet plan file (vramplan fleet -o fleet.json)")
@@ -71,6 +75,10 @@ def cmd_fleet(args) -> int:
         print(json.dumps(FleetPlan.model_json_schema(), indent=2))
         return 0
     if args.workloads or args.fleet:
+        given = ["--" + d.replace("_", "-") for d in SINGLE_OPTIONS if getattr(args, d) != SINGLE_DEFAULTS[d]]
+        if given:
+            raise VramplanError(f"{', '.join(given)} belong to the one-model table (without --workloads); "
+                                "give model, shape, steps and rate per workload in the workload file")
         return _fleet_mix(args)
     if args.emit or args.inventory or args.output or args.json:
         raise VramplanError("--inventory, -o, --json and --emit need --workloads (or --fleet for --emit)")
@@ -186,12 +194,13 @@ def cmd_serve(args) -> int:
 
 def cmd_batch(args) -> int:
     from .fleet import connect
-    from .fleet.batch import run_batch
+    from .fleet.batch import read_jobs, run_batch
     from .planner.capacity import FleetPlan
 
     fleet = FleetPlan.load(args.fleet)
     if args.retries < 0:
         raise VramplanError(f"--retries={args.retries}: give 0 or more")
+    read_jobs(args.jobs, {w.name for w in fleet.workloads})  # a missing file or a typo: say so before Ray starts
     _warn_without_gpus(connect(args.address), args.placement)
     summary = run_batch(fleet, args.jobs, args.out_dir, factory=args.factory, retries=args.retries,
                         declared_gpu=args.declare_gpu, placement_mode=args.placement, progress=not args.no_progress,
