@@ -156,6 +156,7 @@ def test_verify_fails_on_a_missing_component_and_on_a_bad_prediction(plans, tmp_
     assert "vae: missing from the plan, so it would run unsliced and unplanned" in captured.err
     assert "unet: prediction off by -44" in captured.err and "(tolerance 1.00 %)" in captured.err
     assert "encode_image (image_encoder)" in captured.out  # the whole stages were still measured
+    assert "(at None)" not in captured.out  # whole stages have no peak label to show
     from vramplan.planner.schema import Plan
     from vramplan.runtime.verify import VerifyReport, failures
 

@@ -261,7 +261,8 @@ def cmd_verify(args) -> int:
             comp = plan.component(report.component)
             print(f"\n{comp.component}: {comp.shape.describe()}, {len(comp.slices)} sliced units, "
                   f"{len(comp.groups)} groups")
-        print(f"  measured activation peak   {_gib(report.measured_activation_bytes)} GiB  (at {report.peak_label})")
+        where = f"  (at {report.peak_label})" if report.peak_label else ""
+        print(f"  measured activation peak   {_gib(report.measured_activation_bytes)} GiB{where}")
         print(f"  predicted activation peak  {_gib(report.predicted_activation_bytes)} GiB")
         if report.error is not None:
             print(f"  prediction error           {report.error * 100:+.2f} %")
