@@ -166,3 +166,18 @@ def test_verify_fails_on_a_missing_component_and_on_a_bad_prediction(plans, tmp_
     assert failures(plan, [report], tolerance=0.5) == [  # within 50%: only the missing VAE fails it
         "vae: missing from the plan, so it would run unsliced and unplanned"]
     assert failures(Plan.load(plans["svd"]), [report], tolerance=0.45) == []
+
+
+def test_readme_plan_commands_work_as_written(tmp_path, monkeypatch, capsys):
+    """Every `vramplan plan` example of README.md (except those needing a calibration file) runs."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lines = [m.group(1) for m in re.finditer(r"^(vramplan plan .*)$", readme, re.M)]
+    examples = [shlex.split(line, comments=True)[1:] for line in lines if "..." not in line and "--calibration" not in line]
+    assert len(examples) >= 5
+    for argv in examples:
+        assert main(argv) == 0, (argv, capsys.readouterr().err)
