@@ -72,6 +72,8 @@ CASES = [
     (["trained-plan", "--steps", "0"], "--steps=0 must be >= 1"),
     (["trained-plan", "--slices", "0"], "--slices=0 must be >= 1"),
     (["trained-plan", "-o", "{tmp}/missing/p.json"], "does not exist"),
+    (["plan", "--gpu", "4090", "--keys", "13"], "--keys needs --rehash"),
+    (["plan", "--gpu", "4090", "--calibration", "{tmp}/cal.json"], "--calibration needs --rehash"),
 ]
 
 

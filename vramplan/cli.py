@@ -118,6 +118,10 @@ def cmd_plan(args) -> int:
     from .api import plan_for
 
     check_output(args.output or "plan.json", "plan file")  # the default is written to the current folder
+    for flag, value in (("--keys", args.keys), ("--calibration", args.calibration)):
+        if value is not None and args.rehash == "off":  # would be ignored: a plan without Step Rehash
+            raise InvalidArgumentError(f"{flag} needs --rehash (uniform, greedy or optimal); without it the plan "
+                                       "has no Step Rehash")
     if args.plot:
         check_output(args.plot, "plot file")
     plan = plan_for(
