@@ -322,3 +322,44 @@ def test_cpu_flops_count_attention(unet):
     shape = SampleShape(batch=2, frames=5, latent_height=8, latent_width=8, dtype="fp32")
     cuts = rehash_cuts(unet)
     assert measure_cuts(unet, shape, cuts) == measure_cuts(copy.deepcopy(unet).to("meta"), shape, cuts)
+
+
+def _cut_module(model, cut: str):
+    """The diffusers module whose output is the cut value (a whole res block, transformer or motion module)."""
+    for suffix in (".temporal_res_block.norm2", ".proj_out"):
+        cut = cut.removesuffix(suffix)
+    return model.get_submodule(cut)
+
+
+@pytest.mark.parametrize("which", ["svd", "motion"])
+def test_reuse_call_is_the_stock_forward_with_the_cut_replaced(which, unet, motion_unet):
+    """Oracle: diffusers' own forward on step 2's inputs with the cut module's output replaced by step 1's
+    equals a key call on step 1 then a reuse call on step 2. So everything upstream of the cut is skipped
+    and everything else (skip connections read after the cut included) is recomputed from step 2's inputs."""
+    model = unet if which == "svd" else motion_unet
+    first, second = _inputs(model), _inputs(model)
+    second[0] = torch.randn_like(first[0])
+    second[1] = first[1] * 0.5
+    saved = {}
+
+    def keep(_m, _args, out):
+        saved["cut"] = out if isinstance(out, torch.Tensor) else out[0]
+
+    def replace(_m, _args, out):
+        return saved["cut"] if isinstance(out, torch.Tensor) else (saved["cut"], *out[1:])
+
+    for cut in (rehash_cuts(model)[0], rehash_cuts(model)[-1]):
+        module = _cut_module(model, cut)
+        with torch.no_grad():
+            hook = module.register_forward_hook(keep)
+            model(*first)
+            hook.remove()
+            hook = module.register_forward_hook(replace)
+            expected = _out(model(*second))
+            hook.remove()
+            assert not torch.allclose(expected, _out(model(*second)), atol=1e-3)  # the cut matters
+            with apply_rehash(model, _rehash(cut, [0], 2)) as handle:
+                model(*first)
+                got = _out(model(*second))
+        assert handle.reused_steps == [1]
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
