@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from vramplan.planner.rehash import Calibration, SchedulerOrderError
 from vramplan.planner.schema import RehashPlan
-from vramplan.runtime.calibrate import _guided, calibrate, plot_calibration
+from vramplan.runtime.calibrate import calibrate, plot_calibration
 from vramplan.runtime.rehash import apply_rehash
 from vramplan.runtime.tiny import tiny_svd_pipeline
 
@@ -48,41 +48,40 @@ def test_calibration_shape_and_metrics(cal, tmp_path):
 
 
 def test_recorded_error_is_the_rehash_runs_error(pipe, image, cal):
-    """Reusing step s-1 at step s only (every other step key): the run's guided noise error at s is the
+    """Reusing step s-1 at step s only (every other step key): the error of the guided noise prediction
+    that the pipeline itself hands its scheduler at step s (SVD: per-frame guidance scales) is the
     calibrated error[s-1][s]."""
     s = 2
     entry = cal.cuts[0]
 
-    def outputs(schedule):
+    def guided(schedule):
         seen = []
         handle = apply_rehash(pipe, schedule) if schedule is not None else None
-        inner = pipe.unet.forward
+        step = pipe.scheduler.step
 
-        def record(*args, **kwargs):
-            out = inner(*args, **kwargs)
-            seen.append(out.sample if hasattr(out, "sample") else out[0])
-            return out
+        def record(model_output, *args, **kwargs):
+            seen.append(model_output.clone())
+            return step(model_output, *args, **kwargs)
 
-        pipe.unet.forward = record
+        pipe.scheduler.step = record
         try:
             with torch.no_grad():
                 pipe(image=image, generator=torch.Generator().manual_seed(3), **CALL)
         finally:
+            del pipe.scheduler.step
             if handle is not None:
-                pipe.unet.forward = inner
                 handle.remove()
-            else:
-                del pipe.unet.forward
         return seen
 
-    full = outputs(None)
+    full = guided(None)
     plan = RehashPlan(mode="uniform", cut=entry.cut, steps=STEPS, key_steps=[k for k in range(STEPS) if k != s],
                       quality="calibrated", original_unet_flops=1, unet_flops=1, key_call_s=0, reuse_call_s=0,
                       latency_saved_s=0, cache_bytes=0)
-    rehashed = outputs(plan)
+    rehashed = guided(plan)
+    assert pipe.guidance_scale.flatten().unique().numel() > 1  # per-frame scales, not one
     for k in range(s):
         torch.testing.assert_close(rehashed[k], full[k], rtol=1e-5, atol=1e-5)
-    g, g2 = _guided(pipe, full[s]), _guided(pipe, rehashed[s])
+    g, g2 = full[s], rehashed[s]
     assert float((g2 - g).norm() / g.norm()) == pytest.approx(entry.error[s - 1][s], rel=1e-3)
 
 
