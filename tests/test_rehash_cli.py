@@ -24,7 +24,10 @@ def test_trained_plan_calibrate_compare(weights, tmp_path, capsys):
     plan, cal, optimal, gif = (tmp_path / n for n in ("plan.json", "cal.json", "opt.json", "side.gif"))
     assert main(["trained-plan", "--steps", "3", "--keys", "2", "-o", str(plan)]) == 0
     assert json.loads(plan.read_text())["rehash"]["key_steps"] == [0, 2]
+    capsys.readouterr()
     assert main(["calibrate", str(plan), "--max-gap", "2", "-o", str(cal)]) == 0
+    err = capsys.readouterr().err
+    assert "calibrating every candidate cut(s)" in err and "3/3" in err  # what it does, and the step bar
     data = json.loads(cal.read_text())
     assert data["steps"] == 3 and data["max_gap"] == 2 and cal.with_suffix(".png").exists()
     assert main(["trained-plan", "--steps", "3", "--rehash", "optimal", "--keys", "2", "--calibration", str(cal),

@@ -7,6 +7,7 @@ model for plans made by ``trained-plan``, the plan's pipeline otherwise.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from .planner.errors import VramplanError
@@ -133,6 +134,12 @@ def _check_run_args(args, *outputs: tuple[str | None, str]) -> None:
             check_output(path, what)
 
 
+def _progress(pipe, message: str) -> None:
+    """Say what the long run does and show the pipeline's step bar (the trained model ships with it off)."""
+    print(message + " ...", file=sys.stderr, flush=True)
+    pipe.set_progress_bar_config(**{**getattr(pipe, "_progress_bar_config", {}), "disable": False})
+
+
 def cmd_trained_plan(args) -> int:
     from .runtime.trained import trained_svd_pipeline
 
@@ -159,6 +166,8 @@ def cmd_calibrate(args) -> int:
     _check_run_args(args, (args.output, "calibration file"), (args.plot, "plot file"))
     inputs = call_inputs(plan, args)
     pipe = load(plan, args.allow_download)
+    _progress(pipe, f"calibrating {len(args.cuts) if args.cuts else 'every candidate'} cut(s): one run of the "
+                    f"pipeline, each step also reruns the UNet's tail from up to {args.max_gap} earlier steps per cut")
     cal = calibrate(pipe, plan=plan, num_inference_steps=args.steps, cuts=args.cuts, max_gap=args.max_gap,
                     seed=args.seed, model_name=plan.model_name, **inputs)
     out = Path(args.output) if args.output else default_path(cal, plan.model_name)
@@ -181,6 +190,7 @@ def cmd_compare(args) -> int:
     _check_run_args(args, (args.gif, "GIF"))
     inputs = call_inputs(plan, args)
     pipe = load(plan, args.allow_download)
+    _progress(pipe, "running the original pipeline, then the plan, on one seed")
     result = compare(plan, pipe, seed=args.seed, **inputs)
     print(result.summary())
     if args.gif:
