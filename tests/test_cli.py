@@ -183,3 +183,14 @@ def test_readme_plan_commands_work_as_written(tmp_path, monkeypatch, capsys):
     assert len(examples) >= 5
     for argv in examples:
         assert main(argv) == 0, (argv, capsys.readouterr().err)
+
+
+def test_output_piped_into_head_is_not_a_traceback():
+    """`vramplan schema | head -1`: the reader closing the pipe early ends vramplan quietly."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(f"{sys.executable} -m vramplan.cli schema | head -c 1", shell=True, capture_output=True,
+                          text=True)
+    assert done.stdout == "{"
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr

@@ -83,6 +83,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `vramplan schema | head`: the reader left early; stop quietly
+        try:  # Python's final flush of stdout would raise again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 1
 
 
 def check_output(path: str | os.PathLike, what: str = "output file") -> Path:
