@@ -138,3 +138,33 @@ def test_single_model_options_with_workloads_are_refused(files, capsys, extra):
     assert main(["fleet", "--workloads", str(files / "w.yaml"), *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and extra[0] in err and "workload file" in err, err
+
+
+def test_batch_tiny_runs_tiny_pipelines_with_plans_for_them(files, capsys, monkeypatch):
+    """--tiny (what the no-GPU warning suggests): the real plans would not fit the tiny pipelines, so the
+    fleet's plans are swapped for tiny ones, targets and packing kept."""
+    import vramplan.fleet
+    import vramplan.fleet.batch
+    from vramplan.fleet.batch import BatchSummary
+
+    fleet = files / "fleet.json"
+    assert main(["fleet", "--workloads", str(files / "w.yaml"), "--inventory", str(files / "inv.yaml"),
+                 "-o", str(fleet)]) == 0
+    (files / "jobs.jsonl").write_text('{"workload": "hd", "image": "x.png"}\n')
+    seen = {}
+
+    class Cluster:
+        def cluster_resources(self):
+            return {"GPU": 1}
+
+    def run_batch(plan, jobs, out_dir, *, factory, **kwargs):
+        seen.update(plan=plan, factory=factory)
+        return BatchSummary(total=1, skipped=0, done=1, failed=0, reports="r.jsonl")
+
+    monkeypatch.setattr(vramplan.fleet, "connect", lambda address: Cluster())
+    monkeypatch.setattr(vramplan.fleet.batch, "run_batch", run_batch)
+    assert main(["batch", str(files / "jobs.jsonl"), "--fleet", str(fleet), "--tiny"]) == 0
+    real = FleetPlan.load(fleet)
+    assert seen["factory"] == "vramplan.fleet.testing:tiny_pipeline"
+    tiny_plan, real_plan = seen["plan"].gpus[0].packings[0].jobs[0].plan, real.gpus[0].packings[0].jobs[0].plan
+    assert (tiny_plan.height, real_plan.height) == (32, 576) and tiny_plan.target == real_plan.target

@@ -64,6 +64,9 @@ def _ray_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--factory", default="vramplan.runtime.runner:load_pipeline",
                    help="pipeline factory 'module:function' taking the plan (default: load the plan's pipeline)")
     p.add_argument("--declare-gpu", help="GPU name replicas assume instead of asking NVML (test clusters)")
+    p.add_argument("--tiny", action="store_true",
+                   help="try the fleet on CPUs: every job runs a tiny random-weight pipeline (its plan swapped in; "
+                        "GPU targets and packing kept)")
     p.add_argument("--placement", choices=["auto", "labels", "accelerator_type", "none"], default="auto",
                    help="how replicas ask for their GPU type (auto: labels on Ray >= 2.49)")
 
@@ -173,7 +176,7 @@ def cmd_serve(args) -> int:
     from .fleet.serve import start
     from .planner.capacity import FleetPlan
 
-    fleet = FleetPlan.load(args.fleet)
+    fleet = _tiny(args, FleetPlan.load(args.fleet))
     ray = connect(args.address)
     _warn_without_gpus(ray, args.placement)
     start(fleet, factory=args.factory, out_dir=args.out_dir, host=args.host, port=args.port,
@@ -197,7 +200,7 @@ def cmd_batch(args) -> int:
     from .fleet.batch import read_jobs, run_batch
     from .planner.capacity import FleetPlan
 
-    fleet = FleetPlan.load(args.fleet)
+    fleet = _tiny(args, FleetPlan.load(args.fleet))
     if args.retries < 0:
         raise VramplanError(f"--retries={args.retries}: give 0 or more")
     read_jobs(args.jobs, {w.name for w in fleet.workloads})  # a missing file or a typo: say so before Ray starts
@@ -209,10 +212,19 @@ def cmd_batch(args) -> int:
     return 0 if summary.failed == 0 else 1
 
 
+def _tiny(args, fleet):
+    """With --tiny: the tiny pipelines and plans for them (a real plan does not fit a tiny model)."""
+    if not args.tiny:
+        return fleet
+    from .fleet.testing import tiny_fleet
+
+    args.factory = "vramplan.fleet.testing:tiny_pipeline"
+    return tiny_fleet(fleet)
+
+
 def _warn_without_gpus(ray, placement: str) -> None:
     """Replicas wait for GPU nodes; say so up front on a cluster that has none (an autoscaler may add them)."""
     if ray.cluster_resources().get("GPU", 0) == 0:
         print("warning: this Ray cluster has no GPUs yet; the workers wait until nodes with their GPU types join. "
               "To try a fleet on CPUs: ray start --head --num-gpus 2 --labels ray.io/accelerator-type=<type>, "
-              "then --address, --declare-gpu <GPU> and the tiny pipelines (--factory "
-              "vramplan.fleet.testing:tiny_pipeline).", file=sys.stderr)
+              "then --address, --declare-gpu <GPU> and --tiny (tiny random-weight pipelines).", file=sys.stderr)
