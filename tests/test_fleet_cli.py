@@ -113,7 +113,9 @@ def test_batch_checks_the_jobs_file_before_starting_ray(files, capsys, monkeypat
 
     monkeypatch.setattr(vramplan.fleet, "connect", no_ray)
     (files / "typo.jsonl").write_text('{"workload": "hdd", "image": "x.png"}\n')
-    for jobs, message in [("nope.jsonl", "cannot read jobs file"), ("typo.jsonl", "'hdd' is not in the fleet plan")]:
+    (files / "key.jsonl").write_text('{"workload": "hd", "image": "x.png", "sed": 3}\n')
+    for jobs, message in [("nope.jsonl", "cannot read jobs file"), ("typo.jsonl", "'hdd' is not in the fleet plan"),
+                          ("key.jsonl", "key.jsonl:1: unknown key(s) 'sed'")]:
         capsys.readouterr()
         assert main(["batch", str(files / jobs), "--fleet", str(fleet)]) == 2
         err = capsys.readouterr().err

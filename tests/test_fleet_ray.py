@@ -187,7 +187,8 @@ def test_batch_resumable_with_retries(cluster, fleet, tmp_path):
     assert (summary.done, summary.failed, summary.skipped) == (2, 1, 0)
     reports = {r["id"]: r for r in map(json.loads, (out / "reports.jsonl").read_text().splitlines())}
     assert reports["a"]["status"] == "done" and reports["a"]["attempts"] == 2
-    assert reports["bad"]["status"] == "failed" and reports["bad"]["attempts"] == 2
+    assert reports["bad"]["status"] == "failed" and reports["bad"]["attempts"] == 1  # a bad job: retrying cannot help
+    assert set(reports["bad"]) == {"id", "workload", "attempts", "status", "error", "gpu"}
     assert "PlanMismatchError" in reports["bad"]["error"]
     assert (out / "a.gif").exists() and (out / "b.gif").exists()
     again = run_batch(FleetPlan.load(fleet_path), jobs, out, factory=FACTORY, retries=0, declared_gpu="A10G",

@@ -19,6 +19,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from ..planner.capacity import FleetError, FleetPlan
+from ..planner.errors import VramplanError
 from ..planner.schema import Plan
 from . import require_ray
 from .jobs import DEFAULT_FACTORY, check_gpu, execute, import_factory, safe_id
@@ -33,6 +34,10 @@ class BatchSummary(BaseModel):
     done: int
     failed: int
     reports: str
+
+
+JOB_KEYS = {"id", "workload", "image", "prompt", "negative_prompt", "seed", "steps", "options", "format", "fps"}
+FINAL = "_final"  # a worker's result that retrying cannot change
 
 
 def read_jobs(path: str | Path, workloads: set[str]) -> list[dict]:
@@ -55,6 +60,10 @@ def read_jobs(path: str | Path, workloads: set[str]) -> list[dict]:
         job["id"] = safe_id(str(job.get("id", f"line-{n}")))
         if job["id"] in seen:
             raise FleetError(f"{path}:{n}: job id {job['id']!r} is used twice")
+        unknown = sorted(set(job) - JOB_KEYS)
+        if unknown:
+            raise FleetError(f"{path}:{n}: unknown key(s) {', '.join(map(repr, unknown))}; a job takes "
+                             f"{', '.join(sorted(JOB_KEYS))} (pipeline arguments go in 'options')")
         if job.get("workload") not in workloads:
             raise FleetError(f"{path}:{n}: workload {job.get('workload')!r} is not in the fleet plan "
                              f"({', '.join(sorted(workloads))})")
@@ -89,6 +98,8 @@ class BatchWorker:
         t0 = time.perf_counter()
         try:
             result = execute(self.plan, self.pipe, job, self.out_dir)
+        except VramplanError as err:  # a bad job (image, options, sizes): the same on every try
+            return {"status": "failed", "error": f"{type(err).__name__}: {err}", "gpu": self.gpu, FINAL: True}
         except Exception as err:  # noqa: BLE001 - reported on the job, retried by the driver
             return {"status": "failed", "error": f"{type(err).__name__}: {err}", "gpu": self.gpu}
         return {"status": "done", "gpu": self.gpu, "seconds": round(time.perf_counter() - t0, 3), **result}
@@ -174,7 +185,7 @@ def run_batch(fleet: FleetPlan, jobs_path: str | Path, out_dir: str | Path = "vi
                 result = {"status": "failed", "error": f"worker lost: {type(err).__name__}"}
                 if _alive(ray, actor):
                     idle[job["workload"]].append(actor)
-            if result["status"] == "done" or attempts[job["id"]] > retries:
+            if result.pop(FINAL, False) or result["status"] == "done" or attempts[job["id"]] > retries:
                 record(job, result)
             else:
                 pending[job["workload"]].appendleft(job)
