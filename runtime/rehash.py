@@ -46,6 +46,15 @@ def rehash_cuts(model: torch.nn.Module) -> list[str]:
     return valid_cuts(_nodes(ops), result, adapter.rehash_cuts(model))
 
 
+def check_cut(model: torch.nn.Module, cut: str, cuts: list[str] | None = None) -> None:
+    """Refuse a value that is not one of the model's rehash cuts (``cuts``, if already known): an arbitrary
+    value, or a layer after the last skip connection, whose reuse would replay a stale output whatever the
+    step's latents."""
+    cuts = rehash_cuts(model) if cuts is None else cuts
+    if cut not in cuts:
+        raise RehashCutError(f"{cut!r} is not a rehash cut of this {type(model).__name__}; its cuts: {', '.join(cuts)}")
+
+
 def _nodes(ops: list[Op]) -> list[tuple[str, tuple[str, ...]]]:
     return [(op.output, op.inputs) for op in ops]
 
@@ -210,6 +219,7 @@ def apply_rehash(target, plan: Plan | RehashPlan, component: ComponentPlan | Non
         )
     adapter = adapter_for(unet)
     ops, result = adapter.ops(unet)
+    check_cut(unet, rehash.cut, valid_cuts(_nodes(ops), result, getattr(adapter, "rehash_cuts", lambda _m: [])(unet)))
     if component is not None and component.shape is not None:
         component = component_for(unet, component)
         segments, unsliced = build_segments(ops, component)
@@ -317,6 +327,8 @@ def with_rehash(
     comp = component_for(unet, plan)
     if cal is not None:
         cal.check(comp.model, comp.shape, steps)
+    if cut is not None:
+        check_cut(unet, cut)
     cuts = [cut] if cut is not None else rehash_cuts(unet)
     if cal is not None:
         cuts = [c for c in cuts if c in {e.cut for e in cal.cuts}]

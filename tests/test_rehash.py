@@ -13,7 +13,7 @@ from vramplan.planner.rehash import (
     candidate_cuts,
     reuse_names,
 )
-from vramplan.planner.schema import Group, RehashPlan, SampleShape
+from vramplan.planner.schema import Group, Plan, RehashPlan, SampleShape
 from vramplan.runtime.adapters.base import adapter_for
 from vramplan.runtime.apply import apply_plan, uniform_component
 from vramplan.runtime.program import Program
@@ -363,3 +363,18 @@ def test_reuse_call_is_the_stock_forward_with_the_cut_replaced(which, unet, moti
                 got = _out(model(*second))
         assert handle.reused_steps == [1]
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_value_that_is_no_rehash_cut_is_refused(unet):
+    """Only the adapter's candidate cuts that still read the step's input: not an arbitrary value (conv_in),
+    and not the last up-path temporal layer, whose reuse would replay a stale output whatever the latents."""
+    from vramplan.runtime.rehash import with_rehash
+
+    stale = adapter_for(unet).rehash_cuts(unet)[-1]
+    shape = SampleShape(batch=2, frames=5, latent_height=8, latent_width=8, dtype="fp32")
+    for cut in (stale, "conv_in"):
+        with pytest.raises(RehashCutError, match="not a rehash cut"):
+            apply_rehash(unet, _rehash(cut, [0], 2))
+        assert "forward" not in unet.__dict__
+        with pytest.raises(RehashCutError, match="not a rehash cut"):
+            with_rehash(Plan(components=[uniform_component(unet, 1, shape)]), unet, mode="uniform", steps=4, cut=cut)
