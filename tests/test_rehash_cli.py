@@ -57,3 +57,15 @@ def test_run_a_trained_plan_from_the_command_line(weights, tmp_path, capsys):
     assert "wrote" in out and gif.stat().st_size > 0
     with Image.open(gif) as video:
         assert video.n_frames == 8
+
+
+def test_no_transformers_advisories_without_verbose(weights, tmp_path):
+    """transformers' advice about torchvision is noise to a vramplan user (`-v` keeps it)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}
+    done = subprocess.run([sys.executable, "-m", "vramplan.cli", "trained-plan", "--rehash", "off", "--steps", "2",
+                           "-o", str(tmp_path / "p.json")], capture_output=True, text=True, env=env, check=True)
+    assert "[transformers]" not in done.stderr, done.stderr

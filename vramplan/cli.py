@@ -76,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if not args.verbose:  # transformers' advisories (install torchvision, ...) are not the user's business here
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         return commands[args.command](args)
     except VramplanError as err:
