@@ -108,12 +108,10 @@ def run(plan: Plan, pipe=None, *, allow_download: bool = False, progress: bool =
         _keep_pipeline_state(pipe, stack)
         pipe.set_progress_bar_config(**{**pipe._progress_bar_config, "disable": not progress})
         for comp in plan.components:
-            if comp.shape is None:
-                continue
-            if plan.rehash is not None and comp.component == "unet":  # the rehash handle slices the UNet too
+            if plan.rehash is not None and comp.component == "unet":  # slices the UNet too (if it has a shape)
                 rehash = apply_rehash(pipe, plan)
                 stack.callback(rehash.remove)
-            else:
+            elif comp.shape is not None:
                 stack.callback(apply_plan(getattr(pipe, comp.component), comp).remove)
         hooks = _residency(pipe, plan, device, stack, notes, offload=device.type == "cuda")
         for stage, component, method in stages:

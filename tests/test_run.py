@@ -289,3 +289,19 @@ def test_run_under_enable_model_cpu_offload(image):
     assert moved.count("UNetSpatioTemporalConditionModel") == 2 and "AutoencoderKLTemporalDecoder" in moved
     assert isinstance(offloaded.unet._hf_hook, CpuOffload) and "_vramplan_hooks" not in offloaded.unet.__dict__
     assert torch.equal(_original(offloaded, image), expected)
+
+
+def test_a_rehash_schedule_on_an_unsliced_unet_is_run(pipe, image):
+    """A plan whose UNet component has no shape (not sliced) but a rehash schedule: run() attaches
+    the schedule anyway (it used to skip the UNet and run without rehash, silently)."""
+    from vramplan.runtime.rehash import with_rehash
+
+    base = uniform_pipeline_plan(pipe, 1, height=SIZE, width=SIZE, num_frames=FRAMES)
+    plan = with_rehash(base, pipe.unet, mode="uniform", steps=3)
+    unet = plan.component("unet").model_copy(update={"shape": None, "slices": {}, "groups": []})
+    plan = Plan.model_validate(
+        plan.model_copy(update={"components": [unet if c.component == "unet" else c for c in plan.components]}).model_dump()
+    )
+    report = run(plan, pipe=pipe, image=image, num_inference_steps=3, decode_chunk_size=FRAMES, progress=False).report
+    assert report.key_steps == plan.rehash.key_steps and report.reused_steps == plan.rehash.reused_steps
+    assert len(report.unet_call_seconds) == 3
