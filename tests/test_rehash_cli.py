@@ -69,3 +69,15 @@ def test_no_transformers_advisories_without_verbose(weights, tmp_path):
     done = subprocess.run([sys.executable, "-m", "vramplan.cli", "trained-plan", "--rehash", "off", "--steps", "2",
                            "-o", str(tmp_path / "p.json")], capture_output=True, text=True, env=env, check=True)
     assert "[transformers]" not in done.stderr, done.stderr
+
+
+def test_verify_a_trained_plan(weights, tmp_path, capsys):
+    """`vramplan verify` on a trained-plan plan measures the trained model's components on meta tensors
+    (it is no catalogue model) and says that such a plan has no predictions to check."""
+    plan = tmp_path / "plan.json"
+    assert main(["trained-plan", "--steps", "2", "--keys", "1", "--slices", "2", "-o", str(plan)]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(plan)]) == 0
+    out = capsys.readouterr().out
+    assert "unet: batch 2 x 8 frames x 16x16 latents" in out and "vae:" in out
+    assert "no predictions to check" in out
