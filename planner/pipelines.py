@@ -229,6 +229,17 @@ def pipeline_source(model: str) -> PipelineSource:
         configs = {c: component_config(model, c) for c in entry["components"]}
         return PipelineSource(model.lower(), entry["pipeline"], configs, entry, model.lower())
     read = _folder_reader(model) or _hub_cache_reader(model)
+    folder = Path(model).expanduser()
+    if read is None and folder.is_dir():
+        raise UnsupportedModelError(f"model folder {model} has no model_index.json: give a pipeline folder "
+                                    f"written by save_pretrained")
+    if read is None and (model.startswith((".", "/", "~")) or model.count("/") > 1):  # a path, not a hub id
+        raise UnsupportedModelError(f"model {model!r}: no such folder (a local pipeline folder written by "
+                                    f"save_pretrained, a shipped name ({', '.join(sorted(catalogue))}) or a "
+                                    f"Hugging Face id)")
+    if read is None and model == "trained-svd":
+        raise UnsupportedModelError("trained-svd, the small trained demo model, has no full-size profile to plan "
+                                    "from: make its plans with `vramplan trained-plan`")
     if read is None:
         raise UnsupportedModelError(
             f"unknown model {model!r}: not a shipped model ({', '.join(sorted(catalogue))}), not a local pipeline "

@@ -73,6 +73,9 @@ CASES = [
     (["trained-plan", "--slices", "0"], "--slices=0 must be >= 1"),
     (["trained-plan", "-o", "{tmp}/missing/p.json"], "does not exist"),
     (["plan", "--gpu", "4090", "--keys", "13"], "--keys needs --rehash"),
+    (["plan", "--gpu", "4090", "--model", "{tmp}/nope"], "no such folder"),
+    (["plan", "--gpu", "4090", "--model", "{tmp}"], "has no model_index.json"),
+    (["plan", "--gpu", "4090", "--model", "trained-svd"], "`vramplan trained-plan`"),
     (["plan", "--gpu", "4090", "--calibration", "{tmp}/cal.json"], "--calibration needs --rehash"),
 ]
 
