@@ -114,12 +114,15 @@ def test_batch_checks_the_jobs_file_before_starting_ray(files, capsys, monkeypat
     monkeypatch.setattr(vramplan.fleet, "connect", no_ray)
     (files / "typo.jsonl").write_text('{"workload": "hdd", "image": "x.png"}\n')
     (files / "key.jsonl").write_text('{"workload": "hd", "image": "x.png", "sed": 3}\n')
-    for jobs, message in [("nope.jsonl", "cannot read jobs file"), ("typo.jsonl", "'hdd' is not in the fleet plan"),
+    (files / "empty.jsonl").write_text("\n")
+    for jobs, message in [("empty.jsonl", "empty.jsonl holds no jobs"), ("nope.jsonl", "cannot read jobs file"), ("typo.jsonl", "'hdd' is not in the fleet plan"),
                           ("key.jsonl", "key.jsonl:1: unknown key(s) 'sed'")]:
         capsys.readouterr()
         assert main(["batch", str(files / jobs), "--fleet", str(fleet)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert main(["serve", str(fleet), "--port", "99999"]) == 2
+    assert "--port=99999: give a TCP port" in capsys.readouterr().err
 
 
 def test_prices_given_in_the_inventory_are_not_called_assumptions(files, capsys):

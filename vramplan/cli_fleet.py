@@ -177,6 +177,8 @@ def cmd_serve(args) -> int:
     from .planner.capacity import FleetPlan
 
     fleet = _tiny(args, FleetPlan.load(args.fleet))
+    if not 1 <= args.port <= 65535:
+        raise VramplanError(f"--port={args.port}: give a TCP port, 1..65535")
     ray = connect(args.address)
     _warn_without_gpus(ray, args.placement)
     start(fleet, factory=args.factory, out_dir=args.out_dir, host=args.host, port=args.port,
@@ -203,7 +205,8 @@ def cmd_batch(args) -> int:
     fleet = _tiny(args, FleetPlan.load(args.fleet))
     if args.retries < 0:
         raise VramplanError(f"--retries={args.retries}: give 0 or more")
-    read_jobs(args.jobs, {w.name for w in fleet.workloads})  # a missing file or a typo: say so before Ray starts
+    if not read_jobs(args.jobs, {w.name for w in fleet.workloads}):  # a missing file or a typo: before Ray starts
+        raise VramplanError(f"{args.jobs} holds no jobs (one JSON object per line)")
     _warn_without_gpus(connect(args.address), args.placement)
     summary = run_batch(fleet, args.jobs, args.out_dir, factory=args.factory, retries=args.retries,
                         declared_gpu=args.declare_gpu, placement_mode=args.placement, progress=not args.no_progress,
