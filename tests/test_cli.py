@@ -73,6 +73,7 @@ CASES = [
     (["trained-plan", "--slices", "0"], "--slices=0 must be >= 1"),
     (["trained-plan", "-o", "{tmp}/missing/p.json"], "does not exist"),
     (["plan", "--gpu", "4090", "--keys", "13"], "--keys needs --rehash"),
+    (["plan", "--gpu", "4090", "--plot", "{tmp}/mem.xyz", "-o", "{tmp}/p.json"], "--plot writes a PNG"),
     (["plan", "--gpu", "4090", "--model", "{tmp}/nope"], "no such folder"),
     (["plan", "--gpu", "4090", "--model", "{tmp}"], "has no model_index.json"),
     (["plan", "--gpu", "4090", "--model", "trained-svd"], "`vramplan trained-plan`"),
@@ -197,3 +198,10 @@ def test_output_piped_into_head_is_not_a_traceback():
                           text=True)
     assert done.stdout == "{"
     assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
+
+
+def test_a_plot_name_that_is_not_png_is_refused_before_the_plan_is_written(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    assert main(["plan", "--gpu", "4090", "--plot", str(tmp_path / "mem.xyz"), "-o", str(out)]) == 2
+    assert "--plot writes a PNG" in capsys.readouterr().err
+    assert not out.exists()

@@ -121,6 +121,10 @@ def test_batch_checks_the_jobs_file_before_starting_ray(files, capsys, monkeypat
         assert main(["batch", str(files / jobs), "--fleet", str(fleet)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    for out in ("fleet.json", "serve.yaml"):  # checked before planning (was a traceback after it)
+        emit = ["--emit", "ray"] if out.endswith("yaml") else []
+        assert main(["fleet", "--workloads", str(files / "w.yaml"), *emit, "-o", str(files / "missing" / out)]) == 2
+        assert "does not exist" in capsys.readouterr().err
     assert main(["serve", str(fleet), "--port", "99999"]) == 2
     assert "--port=99999: give a TCP port" in capsys.readouterr().err
 

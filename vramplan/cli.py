@@ -132,6 +132,8 @@ def cmd_plan(args) -> int:
                                        "has no Step Rehash")
     if args.plot:
         check_output(args.plot, "plot file")
+        if Path(args.plot).suffix.lower() != ".png":  # checked before the plan file is written
+            raise InvalidArgumentError(f"--plot writes a PNG: name the file *.png, not {Path(args.plot).name!r}")
     plan = plan_for(
         gpu=args.gpu, model=args.model, height=args.height, width=args.width, frames=args.frames,
         guidance=not args.no_guidance, dtype=args.dtype, steps=args.steps, vram_gb=args.vram_gb,

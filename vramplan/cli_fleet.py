@@ -116,6 +116,10 @@ def _fleet_mix(args) -> int:
             raise VramplanError("--fleet (an existing plan) goes with --emit ray; to plan, give --workloads")
         fleet, fleet_path = FleetPlan.load(args.fleet), args.fleet
     else:
+        if args.output:
+            from .cli import check_output
+
+            check_output(args.output, "output file")
         workloads = parse_workloads(read_document(args.workloads), source=args.workloads)
         offers = parse_inventory(read_document(args.inventory), args.inventory) if args.inventory else None
         print(f"planning {len(workloads)} workloads ...", file=sys.stderr)
