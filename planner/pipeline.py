@@ -65,9 +65,7 @@ class PipelinePlanner:
         for stage in self.profile.stages:
             on_gpu = sum(w for c, w in self.weights.items() if resident[c] or c == stage.component)
             weights = on_gpu + stage.extra_weight_bytes
-            base = self.gpu.cuda_context_bytes + self.margin + weights + stage.held_bytes
-            if self.rehash is not None and stage.per_step and stage.profile is not None:
-                base += self.rehash.cache_bytes(self.models[stage.stage])
+            base = self.gpu.cuda_context_bytes + self.margin + weights + self.held_bytes(stage)
             budget = min(cap, self.usable) - base
             moved = not resident.get(stage.component, True)
             transfer = 2 * self.weights[stage.component] / (self.gpu.pcie_gbps * 1e9) if moved else 0.0
@@ -127,6 +125,13 @@ class PipelinePlanner:
                 best = (key, resident)
         return best
 
+    def held_bytes(self, stage) -> int:
+        """Tensors the stage holds from others; Step Rehash's cached cut through every denoising call."""
+        held = stage.held_bytes
+        if self.rehash is not None and stage.per_step and stage.profile is not None:
+            held += self.rehash.cache_bytes(self.models[stage.stage])
+        return held
+
     def floor(self) -> tuple[int, str, str]:
         """The smallest reachable pipeline peak, and the stage and unit that set it."""
         best = None
@@ -134,7 +139,8 @@ class PipelinePlanner:
             worst = None
             for stage in self.profile.stages:
                 on_gpu = sum(w for c, w in self.weights.items() if resident[c] or c == stage.component)
-                base = self.gpu.cuda_context_bytes + self.margin + on_gpu + stage.extra_weight_bytes + stage.held_bytes
+                base = (self.gpu.cuda_context_bytes + self.margin + on_gpu + stage.extra_weight_bytes
+                        + self.held_bytes(stage))
                 if stage.profile is not None:
                     needed, unit = min_needed(self.models[stage.stage])
                 else:
@@ -211,7 +217,7 @@ def _assemble(profile, planner, resident, results, cap, max_latency_s) -> Plan:
             )
         stages.append(StagePrediction(
             stage=stage.stage, component=stage.component, calls=planner.calls(stage),
-            peak_bytes=r.base + r.needed, weight_bytes=r.weights, held_bytes=stage.held_bytes,
+            peak_bytes=r.base + r.needed, weight_bytes=r.weights, held_bytes=planner.held_bytes(stage),
             activation_bytes=r.activation, needed_bytes=r.needed,
             original_activation_bytes=stage.activation_bytes, peak_unit=r.peak_unit, seconds=round(r.seconds, 4),
         ))
@@ -226,7 +232,7 @@ def _assemble(profile, planner, resident, results, cap, max_latency_s) -> Plan:
         peak_bytes=planner.peak(results),
         context_bytes=gpu.cuda_context_bytes,
         weight_bytes=worst.weights,
-        live_bytes=(worst_cost.live_bytes if worst_cost else 0) + worst.stage.held_bytes,
+        live_bytes=(worst_cost.live_bytes if worst_cost else 0) + planner.held_bytes(worst.stage),
         transient_bytes=worst_cost.transient_bytes if worst_cost else worst.activation,
         allocator_bytes=worst.needed - (worst_cost.activation_bytes if worst_cost else worst.activation),
         margin_bytes=planner.margin,

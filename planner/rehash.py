@@ -419,7 +419,8 @@ def plan_rehash(
     """A pipeline plan with a Step Rehash schedule (see :func:`vramplan.plan_for`).
 
     The fastest plan within memory gives the cost of a full and of a reuse UNet call at each cut;
-    per cut the schedule allows as many key steps as the latency target (or ``keys``) permits:
+    per cut the schedule allows as many key steps as the latency target permits, or, with ``keys``, as
+    fit in the UNet time of ``keys`` key steps at the cheapest cut (never more than ``keys``):
     ``uniform`` spreads them evenly (DeepCache), ``greedy`` raises the similarity threshold as far
     as that count allows, ``optimal`` minimises the calibrated error (exact DP). The cut with the
     least calibrated error wins (uncalibrated: the most key steps, then the fastest). The pipeline
@@ -457,13 +458,21 @@ def plan_rehash(
     if calibration is not None:
         measured = {c.cut for c in calibration.cuts}
         cuts = [c for c in cuts if c in measured]
+    reuse_at = {c: reuse_seconds(model, split_at_cut(segments, model.index[c]), c) for c in cuts}
+    budget = None  # seconds of UNet work the schedule may spend
+    if max_latency_s is not None:
+        budget = max_latency_s - other
+    elif keys is not None and reuse_at:
+        # `keys` key steps at the cheapest cut: a shallower cut (less error, less saved) gets fewer keys,
+        # so a calibration cannot trade the whole saving away for error.
+        budget = keys * full + (steps - keys) * min(reuse_at.values())
     options = []
     for c in cuts:
-        reuse = reuse_seconds(model, split_at_cut(segments, model.index[c]), c)
-        if max_latency_s is not None:
+        reuse = reuse_at[c]
+        if budget is not None:
             if reuse >= full:
                 continue
-            allowed = min(steps, math.floor((max_latency_s - other - steps * reuse) / (full - reuse)))
+            allowed = min(steps, math.floor((budget - steps * reuse) / (full - reuse) + 1e-9))
             if keys is not None:
                 allowed = min(allowed, keys)
             if allowed < 1:
@@ -486,8 +495,8 @@ def plan_rehash(
             )
         raise InfeasibleError(
             f"no Step Rehash schedule meets max_latency_s={max_latency_s:g}: one full UNet call takes {full:.2f} s "
-            f"and the other stages {other:.2f} s, and no cut's reuse call is cheap enough (within the calibrated "
-            f"gaps). Raise the latency limit."
+            f"and the other stages {other:.2f} s, and no cut's reuse call is cheap enough"
+            + (" (within the calibrated gaps)" if calibration is not None else "") + ". Raise the latency limit."
         )
     if calibration is not None:
         options.sort(key=lambda o: (math.inf if o.error is None else o.error, o.seconds))

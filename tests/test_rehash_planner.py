@@ -230,3 +230,39 @@ def test_no_schedule_within_the_calibrated_gaps(svd):
 
     with pytest.raises(InvalidPlanError, match="within the calibrated gaps"):
         plan_for(gpu="4090", model="svd", rehash="optimal", keys=2, calibration=_calibration(svd))
+
+
+def test_keys_with_a_calibration_keep_the_work_of_keys_at_the_cheapest_cut(svd):
+    """The synthetic calibration makes shallow cuts the most accurate. With ``keys`` alone the planner
+    must not trade the whole saving away for that: the schedule spends at most the UNet work of ``keys``
+    key steps at the cheapest cut, whichever cut it picks."""
+    cal = _calibration(svd)
+    unet = _unet(svd)
+    model = CostModel(unet, find_gpu("4090"))
+    cuts = [c.cut for c in cal.cuts]
+    full = sum(u.flops for u in unet.units)
+    cheapest = min(reuse_flops(model, c) for c in cuts)
+    for mode in ("uniform", "optimal"):
+        plan = plan_for(gpu="4090", model="svd", rehash=mode, calibration=cal, keys=13)
+        r = plan.rehash
+        assert len(r.key_steps) <= 13
+        assert r.unet_flops <= 13 * full + 12 * cheapest * 1.02  # FLOPs track the planner's seconds closely
+        assert r.original_unet_flops / r.unet_flops > 1.5
+
+
+def test_stage_predictions_hold_the_cache(svd):
+    """The cached cut is part of what the denoising stage holds, in the stage table and the floor."""
+    plain = plan_for(gpu="4090", model="svd")
+    plan = plan_for(gpu="4090", model="svd", rehash="uniform", keys=13)
+    held = {s.stage: s.held_bytes for s in plan.stages}
+    held_plain = {s.stage: s.held_bytes for s in plain.stages}
+    assert held["denoise"] - held_plain["denoise"] == plan.rehash.cache_bytes
+    assert all(held[s] == held_plain[s] for s in held if s != "denoise")
+    gpu = find_gpu("4090")
+    choice = StageRehash(plan.rehash.cut, 13, 25)
+    a = PipelinePlanner(svd, gpu, gpu.memory_usable_bytes, 25, "expandable_segments")
+    b = PipelinePlanner(svd, gpu, gpu.memory_usable_bytes, 25, "expandable_segments", choice)
+    floors = {r: p.floor() for r, p in (("plain", a), ("rehash", b))}
+    if floors["plain"][1] == "denoise":
+        assert floors["rehash"][0] - floors["plain"][0] == plan.rehash.cache_bytes
+    assert floors["rehash"][0] >= floors["plain"][0]
