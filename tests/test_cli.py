@@ -16,8 +16,9 @@ def plans(tmp_path_factory):
     folder = tmp_path_factory.mktemp("plans")
     svd = plan_for(gpu="2080Ti", height=512, width=512, vram_gb=5)
     animatediff = plan_for(gpu="2080Ti", model="animatediff", height=512, width=512)
+    rehash = plan_for(gpu="4090", height=512, width=512, rehash="uniform", keys=13)
     return {"svd": str(svd.save(folder / "svd.json")), "animatediff": str(animatediff.save(folder / "ad.json")),
-            "folder": folder}
+            "rehash": str(rehash.save(folder / "rehash.json")), "folder": folder}
 
 
 def _text_file(folder, name="notes.txt", data=b"just text"):
@@ -58,6 +59,10 @@ CASES = [
     (["run", "{svd}", "--image", "{tmp}/in.png", "--out", "{tmp}/missing/v.gif"], "does not exist"),
     (["run", "{svd}", "--image", "{tmp}/in.png", "--steps", "0"], "--steps=0 must be >= 1"),
     (["run", "{animatediff}"], "needs --prompt"),
+    (["run", "{rehash}", "--image", "{tmp}/in.png", "--steps", "10"], "schedule is for 25 steps"),
+    (["run", "{svd}", "--image", "{tmp}/in.png", "--out", "{tmp}/v.avi"], "write a .gif or an .mp4"),
+    (["run", "{svd}", "--image", "{tmp}/in.png", "--prompt", "a cat"], "takes --image, not --prompt"),
+    (["run", "{animatediff}", "--prompt", "a cat", "--image", "{tmp}/in.png"], "takes --prompt, not --image"),
     (["calibrate", "{svd}", "--image", "{tmp}/nope.png"], "no such file"),
     (["calibrate", "{svd}", "--image", "{tmp}/notes.txt"], "is not an image PIL can read"),
     (["calibrate", "{svd}", "--image", "{tmp}/in.png", "--max-gap", "0"], "--max-gap=0 must be >= 1"),
@@ -90,7 +95,8 @@ def test_cli_errors_are_one_line_without_traceback(argv, fragment, plans, tmp_pa
     from PIL import Image
 
     Image.new("RGB", (8, 8)).save(tmp_path / "in.png")
-    subs = {"{tmp}": str(tmp_path), "{svd}": plans["svd"], "{animatediff}": plans["animatediff"]}
+    subs = {"{tmp}": str(tmp_path), "{svd}": plans["svd"], "{animatediff}": plans["animatediff"],
+            "{rehash}": plans["rehash"]}
 
     def fill(s):
         for key, value in subs.items():
@@ -205,3 +211,16 @@ def test_a_plot_name_that_is_not_png_is_refused_before_the_plan_is_written(tmp_p
     assert main(["plan", "--gpu", "4090", "--plot", str(tmp_path / "mem.xyz"), "-o", str(out)]) == 2
     assert "--plot writes a PNG" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_mp4_without_a_video_backend_is_refused_before_the_run(plans, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "in.png")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("imageio_ffmpeg", "av") else real(name, *a))
+    assert main(["run", plans["svd"], "--image", str(tmp_path / "in.png"), "--out", str(tmp_path / "v.mp4")]) == 2
+    assert "writing .mp4 needs a video backend" in capsys.readouterr().err

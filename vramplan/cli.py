@@ -317,14 +317,21 @@ def cmd_run(args) -> int:
     spec = pipeline_spec(plan.pipeline)
     check_number("--steps", args.steps, integer=True, minimum=1, allow_none=True)
     check_number("--fps", args.fps, integer=True, minimum=1)
-    check_output(args.out, "video")
+    check_video_out(args.out)
+    if plan.rehash is not None and args.steps and args.steps != plan.rehash.steps:  # before loading weights
+        raise InvalidArgumentError(f"--steps={args.steps}, but the plan's Step Rehash schedule is for "
+                                   f"{plan.rehash.steps} steps: run with {plan.rehash.steps} or plan for {args.steps}")
     kwargs = {"num_inference_steps": args.steps} if args.steps else {}
     trained = plan.model_name == TRAINED  # the shipped demo model: not on the hub, loaded from the package
+    if spec.conditioning == "image" and (args.prompt or args.negative_prompt):
+        raise InvalidArgumentError(f"this {spec.pipeline} plan takes --image, not --prompt")
     if trained and not args.image:
         from .runtime.trained import heldout_example
 
         kwargs["image"] = heldout_example(0)[1]
     elif spec.conditioning == "prompt":
+        if args.image:
+            raise InvalidArgumentError(f"this {spec.pipeline} plan takes --prompt, not --image")
         if not args.prompt:
             raise InvalidArgumentError(f"this {spec.pipeline} plan needs --prompt (the text to animate)")
         kwargs.update(prompt=args.prompt, negative_prompt=args.negative_prompt)
@@ -348,6 +355,20 @@ def cmd_run(args) -> int:
     print(result.report.summary())
     print("wrote", save_video(result.frames, args.out, fps=args.fps))
     return 0
+
+
+def check_video_out(path: str) -> Path:
+    """A GIF, or an MP4 with a video backend installed: checked before the run, not after it."""
+    import importlib.util
+
+    out = check_output(path, "video")
+    suffix = out.suffix.lower()
+    if suffix not in (".gif", ".mp4"):
+        raise InvalidArgumentError(f"--out {path}: write a .gif or an .mp4")
+    if suffix == ".mp4" and not any(importlib.util.find_spec(m) for m in ("imageio_ffmpeg", "av")):
+        raise InvalidArgumentError(f"--out {path}: writing .mp4 needs a video backend (pip install imageio-ffmpeg); "
+                                   f"or write a .gif")
+    return out
 
 
 def read_image(path: str):
