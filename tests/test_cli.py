@@ -72,6 +72,7 @@ CASES = [
     (["compare", "{svd}", "--image", "{tmp}/nope.png"], "no such file"),
     (["compare", "{svd}", "--image", "{tmp}/in.png", "--gif", "{tmp}/missing/s.gif"], "does not exist"),
     (["compare", "{animatediff}"], "needs --prompt"),
+    (["compare", "{svd}", "--image", "{tmp}/in.png", "--gif", "{tmp}/side.png"], "--gif {tmp}/side.png: write a .gif or an .mp4"),
     (["trained-plan", "--keys", "0"], "--keys=0 must be >= 1"),
     (["trained-plan", "--keys", "40"], "--keys=40 must lie in 1..--steps (25)"),
     (["trained-plan", "--steps", "0"], "--steps=0 must be >= 1"),

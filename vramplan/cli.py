@@ -357,16 +357,16 @@ def cmd_run(args) -> int:
     return 0
 
 
-def check_video_out(path: str) -> Path:
+def check_video_out(path: str, flag: str = "--out") -> Path:
     """A GIF, or an MP4 with a video backend installed: checked before the run, not after it."""
     import importlib.util
 
     out = check_output(path, "video")
     suffix = out.suffix.lower()
     if suffix not in (".gif", ".mp4"):
-        raise InvalidArgumentError(f"--out {path}: write a .gif or an .mp4")
+        raise InvalidArgumentError(f"{flag} {path}: write a .gif or an .mp4")
     if suffix == ".mp4" and not any(importlib.util.find_spec(m) for m in ("imageio_ffmpeg", "av")):
-        raise InvalidArgumentError(f"--out {path}: writing .mp4 needs a video backend (pip install imageio-ffmpeg); "
+        raise InvalidArgumentError(f"{flag} {path}: writing .mp4 needs a video backend (pip install imageio-ffmpeg); "
                                    f"or write a .gif")
     return out
 

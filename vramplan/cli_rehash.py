@@ -187,7 +187,10 @@ def cmd_compare(args) -> int:
     from .runtime.compare import compare, side_by_side
 
     plan = Plan.load(args.plan)
-    _check_run_args(args, (args.gif, "GIF"))
+    if args.gif:
+        from .cli import check_video_out
+
+        check_video_out(args.gif, "--gif")
     inputs = call_inputs(plan, args)
     pipe = load(plan, args.allow_download)
     _progress(pipe, "running the original pipeline, then the plan, on one seed")
