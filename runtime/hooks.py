@@ -19,6 +19,7 @@ plan can refuse them. Per-call state is reset by :func:`reset_state` at each pip
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -99,10 +100,21 @@ class _Link:
     def __repr__(self) -> str:
         return f"<vramplan hook {type(self.hook).__name__} on {type(self.module).__name__}.{self.method}>"
 
+    def __deepcopy__(self, memo: dict) -> Callable:
+        """A copy of the model does not inherit vramplan hooks (a plan's ops hold the original's
+        modules): the copied slot calls straight through to what this link wraps, in the copy."""
+        if self.inner is not None:
+            return copy.deepcopy(self.inner, memo)
+        module = copy.deepcopy(self.module, memo)
+        return getattr(type(module), self.method).__get__(module)
+
 
 @dataclass
 class _Registry:
     hooks: dict[str, tuple[Hook, _Link]] = field(default_factory=dict)
+
+    def __deepcopy__(self, memo: dict) -> _Registry:
+        return _Registry()  # see _Link.__deepcopy__
 
 
 @dataclass(eq=False)
@@ -317,7 +329,7 @@ def hooked_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
             any(getattr(m, attr, None) for attr in _TORCH_HOOKS)
             or "forward" in m.__dict__
             or "_hf_hook" in m.__dict__
-            or _ATTR in m.__dict__
+            or hooks_on(m)
             or getattr(m.__dict__.get("_diffusers_hook"), "hooks", None)
         ):
             found[name] = m

@@ -644,3 +644,30 @@ def test_a_rehash_handle_without_a_plan_shape_traces_hooked_modules(unet, inputs
         h.remove()
     assert "could not trace" not in caplog.text
     _clean(unet)
+
+
+def test_a_copy_of_a_planned_model_computes_with_its_own_weights(unet, inputs, expected):
+    """copy.deepcopy of a planned model (EMA, teacher models): the plan's ops hold the original's
+    modules, so the copy does not inherit vramplan hooks (apply a plan to it); other hooks stay."""
+    import copy
+
+    counter = _Count()
+    attach, detach = _accelerate(counter)
+    attach(unet)
+    try:
+        with apply_plan(unet, _plan(unet, inputs)), register_hook(unet.conv_in, Hook(), "mine"):
+            twin = copy.deepcopy(unet)
+        assert hooks_on(twin) == [] and hooks_on(twin.conv_in) == []
+        with torch.no_grad():
+            for p in twin.parameters():
+                p.mul_(0.5)
+        got = _run(twin, inputs)
+        assert counter.n == 1  # the copied accelerate hook still runs
+        detach(twin)
+        torch.testing.assert_close(got, _run(twin, inputs), rtol=0, atol=0)
+        assert not torch.allclose(got, expected)
+        with apply_plan(twin, _plan(twin, inputs)):
+            torch.testing.assert_close(_run(twin, inputs), got, rtol=1e-5, atol=1e-5)
+    finally:
+        detach(unet)
+    _clean(unet)
