@@ -19,7 +19,6 @@ plan can refuse them. Per-call state is reset by :func:`reset_state` at each pip
 
 from __future__ import annotations
 
-import copy
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -100,21 +99,29 @@ class _Link:
     def __repr__(self) -> str:
         return f"<vramplan hook {type(self.hook).__name__} on {type(self.module).__name__}.{self.method}>"
 
-    def __deepcopy__(self, memo: dict) -> Callable:
-        """A copy of the model does not inherit vramplan hooks (a plan's ops hold the original's
-        modules): the copied slot calls straight through to what this link wraps, in the copy."""
+    def __reduce_ex__(self, protocol):
+        """A copy of the model (``copy.deepcopy``, ``torch.save``) does not inherit vramplan hooks (a
+        plan's ops hold the original's modules and cannot be pickled): the copied slot calls straight
+        through to what this link wraps, in the copy."""
         if self.inner is not None:
-            return copy.deepcopy(self.inner, memo)
-        module = copy.deepcopy(self.module, memo)
-        return getattr(type(module), self.method).__get__(module)
+            return _same, (self.inner,)
+        return _original_method, (self.module, self.method)
 
 
 @dataclass
 class _Registry:
     hooks: dict[str, tuple[Hook, _Link]] = field(default_factory=dict)
 
-    def __deepcopy__(self, memo: dict) -> _Registry:
-        return _Registry()  # see _Link.__deepcopy__
+    def __reduce_ex__(self, protocol):
+        return _Registry, ()  # see _Link.__reduce_ex__
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _original_method(module: torch.nn.Module, method: str) -> Callable:
+    return getattr(type(module), method).__get__(module)
 
 
 @dataclass(eq=False)

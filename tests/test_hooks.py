@@ -671,3 +671,18 @@ def test_a_copy_of_a_planned_model_computes_with_its_own_weights(unet, inputs, e
     finally:
         detach(unet)
     _clean(unet)
+
+
+def test_a_planned_model_can_be_saved_whole_and_loads_unplanned(unet, inputs, expected):
+    """torch.save(model) (pickle) of a planned model: the plan's ops are closures that cannot be
+    pickled; the saved model loads without vramplan hooks, like a copy."""
+    import io
+
+    buffer = io.BytesIO()
+    with apply_plan(unet, _plan(unet, inputs)):
+        torch.save(unet, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert hooks_on(loaded) == []
+    torch.testing.assert_close(_run(loaded, inputs), expected, rtol=0, atol=0)
+    _clean(unet)
