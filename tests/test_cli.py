@@ -77,6 +77,7 @@ CASES = [
     (["trained-plan", "--keys", "40"], "--keys=40 must lie in 1..--steps (25)"),
     (["trained-plan", "--steps", "0"], "--steps=0 must be >= 1"),
     (["trained-plan", "--slices", "0"], "--slices=0 must be >= 1"),
+    (["trained-plan", "--rehash", "off", "--keys", "5"], "--keys needs --rehash"),
     (["trained-plan", "-o", "{tmp}/missing/p.json"], "does not exist"),
     (["plan", "--gpu", "4090", "--keys", "13"], "--keys needs --rehash"),
     (["plan", "--gpu", "4090", "--plot", "{tmp}/mem.xyz", "-o", "{tmp}/p.json"], "--plot writes a PNG"),

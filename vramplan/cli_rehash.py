@@ -122,6 +122,9 @@ def _check_trained_args(args) -> None:
     check_number("--keys", args.keys, integer=True, minimum=1, allow_none=True)
     if args.keys is not None and args.keys > args.steps:
         raise VramplanError(f"--keys={args.keys} must lie in 1..--steps ({args.steps})")
+    for flag, value in (("--keys", args.keys), ("--calibration", args.calibration)):
+        if value is not None and args.rehash == "off":
+            raise VramplanError(f"{flag} needs --rehash (uniform, greedy or optimal); --rehash off plans no Step Rehash")
     check_output(args.output, "plan file")
 
 
