@@ -177,3 +177,10 @@ def test_batch_tiny_runs_tiny_pipelines_with_plans_for_them(files, capsys, monke
     assert seen["factory"] == "vramplan.fleet.testing:tiny_pipeline"
     tiny_plan, real_plan = seen["plan"].gpus[0].packings[0].jobs[0].plan, real.gpus[0].packings[0].jobs[0].plan
     assert (tiny_plan.height, real_plan.height) == (32, 576) and tiny_plan.target == real_plan.target
+
+
+@pytest.mark.parametrize("extra", [["--max-jobs", "1"], ["--slack", "0.2"], ["--gap", "0"]])
+def test_mix_options_without_workloads_are_refused(capsys, extra):
+    assert main(["fleet", "--gpus", "A10G", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and extra[0] in err and "need --workloads" in err, err

@@ -11,6 +11,7 @@ from .planner.errors import VramplanError
 GIB = 2**30
 # Options of the one-model table; a workload file gives them per workload (ignored there, so refused).
 SINGLE_OPTIONS = ("model", "height", "width", "frames", "no_guidance", "dtype", "steps", "rate", "gpus")
+MIX_OPTIONS = ("max_jobs", "slack", "gap")  # only the workload-mix planner uses these
 SINGLE_DEFAULTS: dict = {}
 
 
@@ -39,7 +40,7 @@ def register(sub) -> dict:
     p.add_argument("--emit", choices=["ray"], help="print (or with -o, write) a Ray Serve config file instead")
     p.add_argument("--fleet", help="with --emit ray: an existing fleet plan instead of planning one")
     p.add_argument("--schema", action="store_true", help="print the fleet plan file's JSON Schema")
-    SINGLE_DEFAULTS.update({dest: p.get_default(dest) for dest in SINGLE_OPTIONS})
+    SINGLE_DEFAULTS.update({dest: p.get_default(dest) for dest in SINGLE_OPTIONS + MIX_OPTIONS})
 
     p = sub.add_parser("serve", help="serve a fleet plan on Ray Serve (HTTP: POST /jobs, GET /jobs/<id>)")
     p.add_argument("fleet", help="fleet plan file (vramplan fleet -o fleet.json)")
@@ -85,6 +86,9 @@ def cmd_fleet(args) -> int:
         return _fleet_mix(args)
     if args.emit or args.inventory or args.output or args.json:
         raise VramplanError("--inventory, -o, --json and --emit need --workloads (or --fleet for --emit)")
+    mix = ["--" + d.replace("_", "-") for d in MIX_OPTIONS if getattr(args, d) != SINGLE_DEFAULTS[d]]
+    if mix:
+        raise VramplanError(f"{', '.join(mix)} tune the workload-mix planner: they need --workloads")
     return _fleet_single(args)
 
 
