@@ -184,3 +184,13 @@ def test_mix_options_without_workloads_are_refused(capsys, extra):
     assert main(["fleet", "--gpus", "A10G", *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and extra[0] in err and "need --workloads" in err, err
+
+
+def test_emit_ray_for_a_fleet_that_serves_nothing_is_refused(files, capsys):
+    (files / "fast.yaml").write_text("workloads:\n  - {name: fast, model: svd, rate: 1, p95_latency_s: 1}\n")
+    fleet = files / "fleet.json"
+    assert main(["fleet", "--workloads", str(files / "fast.yaml"), "--inventory", str(files / "inv.yaml"),
+                 "-o", str(fleet)]) == 0
+    assert "UNSERVED fast" in capsys.readouterr().out
+    assert main(["fleet", "--emit", "ray", "--fleet", str(fleet)]) == 2
+    assert "serves no workload" in capsys.readouterr().err

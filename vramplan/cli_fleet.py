@@ -144,6 +144,9 @@ def _emit_ray(args, fleet, fleet_path) -> int:
 
     from .fleet.serve import dump_config, serve_config
 
+    if not any(alloc.count for alloc in fleet.gpus):
+        raise VramplanError("the fleet plan serves no workload (every one is unserved): no Ray Serve config to "
+                            "write; relax the latency bounds or offer faster GPUs")
     if fleet_path is None:  # the config points at a fleet plan file: write it next to the config
         fleet_path = Path(args.output or ".").with_suffix("").as_posix() + ".fleet.json" if args.output else "fleet.json"
         fleet.save(fleet_path)
