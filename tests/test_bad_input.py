@@ -51,6 +51,8 @@ PLAN_FOR_CASES = [
     (dict(vram_gb=math.inf), InvalidArgumentError, "vram_gb=inf must be a finite number"),
     (dict(vram_gb=-4.0), InvalidArgumentError, "vram_gb=-4.0 must be > 0"),
     (dict(vram_gb=0), InvalidArgumentError, "vram_gb=0 must be > 0"),
+    (dict(keys=5), InvalidArgumentError, "keys=5 needs rehash="),
+    (dict(calibration="cal.json"), InvalidArgumentError, "calibration='cal.json' needs rehash="),
     (dict(max_latency_s=math.nan), InvalidArgumentError, "max_latency_s=nan must be a finite number"),
     (dict(max_latency_s=-1.0), InvalidArgumentError, "max_latency_s=-1.0 must be > 0"),
     (dict(height=570), InvalidArgumentError, "height=570 is not a multiple of 8"),

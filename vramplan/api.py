@@ -80,6 +80,10 @@ def plan_for(
             )
     kernel = gpu_profile.attention_kernel if dtype != "fp32" else "efficient"
     profile = find_pipeline_profile(model, height, width, shape.frames, guidance, dtype, kernel)
+    for name, value in (("keys", keys), ("calibration", calibration)):
+        if value is not None and rehash == "off":  # would be ignored silently
+            raise InvalidArgumentError(f"{name}={value!r} needs rehash='uniform', 'greedy' or 'optimal' "
+                                       f"(rehash='off' plans no Step Rehash)")
     if rehash != "off":
         from .planner.rehash import load_calibration, plan_rehash
 
