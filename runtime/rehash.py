@@ -31,7 +31,7 @@ from ..planner.schema import ComponentPlan, Plan, RehashPlan
 from .adapters.base import adapter_for
 from .apply import PlanHandle, _check_shape, _checkpointing, build_segments, component_for, fingerprint
 from .executor import Segment, execute
-from .hooks import PLAN_HOOK, get_hook, register_hook
+from .hooks import PLAN_HOOK, _original_method, get_hook, register_hook
 from .program import Op, Program
 
 _MISSING = object()
@@ -138,25 +138,23 @@ class RehashHandle(PlanHandle):
         return [r.step for r in self.records if not r.key]
 
     def _set_timesteps(self, original):
-        def set_timesteps(*args, **kwargs):
-            out = original(*args, **kwargs)
-            self.reset()
-            order = getattr(self.scheduler, "order", 1)
-            if order != 1:
-                raise SchedulerOrderError(
-                    f"{type(self.scheduler).__name__} calls the UNet {order} times per step, but Step Rehash "
-                    f"counts one call per step. Use a first-order scheduler (Euler, DDIM, DPM++ 2M) or a plan "
-                    f"without rehash."
-                )
-            n = len(self.scheduler.timesteps)
-            if n != self.rehash.steps:
-                raise RehashStepsError(
-                    f"the pipeline runs {n} denoising steps, but the plan's rehash schedule is for "
-                    f"{self.rehash.steps}. Call it with num_inference_steps={self.rehash.steps} or plan for {n} steps."
-                )
-            return out
+        return _CheckedSetTimesteps(self, original)
 
-        return set_timesteps
+    def _after_set_timesteps(self) -> None:
+        self.reset()
+        order = getattr(self.scheduler, "order", 1)
+        if order != 1:
+            raise SchedulerOrderError(
+                f"{type(self.scheduler).__name__} calls the UNet {order} times per step, but Step Rehash "
+                f"counts one call per step. Use a first-order scheduler (Euler, DDIM, DPM++ 2M) or a plan "
+                f"without rehash."
+            )
+        n = len(self.scheduler.timesteps)
+        if n != self.rehash.steps:
+            raise RehashStepsError(
+                f"the pipeline runs {n} denoising steps, but the plan's rehash schedule is for "
+                f"{self.rehash.steps}. Call it with num_inference_steps={self.rehash.steps} or plan for {n} steps."
+            )
 
     def wrap(self, module, call_next, args, kwargs):
         step = self.step
@@ -196,6 +194,23 @@ class RehashHandle(PlanHandle):
     @property
     def _cut_layout(self):
         return next(op.layout for op in self.ops if op.output == self.rehash.cut)
+
+
+class _CheckedSetTimesteps:
+    """The scheduler's ``set_timesteps`` under a rehash handle: resets the cache and checks the schedule.
+    A copy or pickle of the scheduler gets its own plain ``set_timesteps`` (the handle stays with the
+    original), as copies of planned models run unplanned."""
+
+    def __init__(self, handle: RehashHandle, original):
+        self.handle, self.original = handle, original
+
+    def __call__(self, *args, **kwargs):
+        out = self.original(*args, **kwargs)
+        self.handle._after_set_timesteps()
+        return out
+
+    def __reduce_ex__(self, protocol):
+        return _original_method, (self.handle.scheduler, "set_timesteps")
 
 
 def apply_rehash(target, plan: Plan | RehashPlan, component: ComponentPlan | None = None) -> RehashHandle:

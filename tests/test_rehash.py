@@ -378,3 +378,23 @@ def test_a_value_that_is_no_rehash_cut_is_refused(unet):
         assert "forward" not in unet.__dict__
         with pytest.raises(RehashCutError, match="not a rehash cut"):
             with_rehash(Plan(components=[uniform_component(unet, 1, shape)]), unet, mode="uniform", steps=4, cut=cut)
+
+
+def test_a_copy_of_a_rehashed_pipeline_has_its_own_scheduler():
+    """deepcopy of a pipeline under rehash: the copy's scheduler sets its own timesteps, without the
+    original handle's checks or resets (copies of planned models run unplanned)."""
+    import copy
+
+    from vramplan.runtime.tiny import tiny_svd_pipeline
+
+    pipe = tiny_svd_pipeline()
+    cut = rehash_cuts(pipe.unet)[0]
+    with apply_rehash(pipe, _rehash(cut, [0, 2], 4)) as handle:
+        pipe.scheduler.set_timesteps(4)
+        handle.step = 2
+        twin = copy.deepcopy(pipe)
+        twin.scheduler.set_timesteps(5)  # not the plan's 4 steps: fine for an unplanned copy
+        assert len(twin.scheduler.timesteps) == 5 and len(pipe.scheduler.timesteps) == 4
+        assert handle.step == 2  # the original handle was not reset by the copy
+        with pytest.raises(RehashStepsError):
+            pipe.scheduler.set_timesteps(5)
