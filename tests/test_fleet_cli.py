@@ -172,7 +172,9 @@ def test_batch_tiny_runs_tiny_pipelines_with_plans_for_them(files, capsys, monke
 
     monkeypatch.setattr(vramplan.fleet, "connect", lambda address: Cluster())
     monkeypatch.setattr(vramplan.fleet.batch, "run_batch", run_batch)
+    capsys.readouterr()
     assert main(["batch", str(files / "jobs.jsonl"), "--fleet", str(fleet), "--tiny"]) == 0
+    assert "each loads its pipeline before the first job" in capsys.readouterr().err  # no silent wait
     real = FleetPlan.load(fleet)
     assert seen["factory"] == "vramplan.fleet.testing:tiny_pipeline"
     tiny_plan, real_plan = seen["plan"].gpus[0].packings[0].jobs[0].plan, real.gpus[0].packings[0].jobs[0].plan

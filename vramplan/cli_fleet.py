@@ -219,6 +219,9 @@ def cmd_batch(args) -> int:
     if not read_jobs(args.jobs, {w.name for w in fleet.workloads}):  # a missing file or a typo: before Ray starts
         raise VramplanError(f"{args.jobs} holds no jobs (one JSON object per line)")
     _warn_without_gpus(connect(args.address), args.placement)
+    workers = sum(replicas for replicas, _, _ in fleet.replicas().values())
+    print(f"starting up to {workers} workers; each loads its pipeline before the first job (up to "
+          f"--start-timeout {args.start_timeout:g} s) ...", file=sys.stderr, flush=True)
     summary = run_batch(fleet, args.jobs, args.out_dir, factory=args.factory, retries=args.retries,
                         declared_gpu=args.declare_gpu, placement_mode=args.placement, progress=not args.no_progress,
                         start_timeout=args.start_timeout)
