@@ -81,7 +81,7 @@ def _missing_message(source: str, cls_name: str, err: Exception) -> str:
     files = f" Missing: {', '.join(missing)}." if missing else ""
     return (
         f"cannot load {cls_name} {source!r} from {where} ({type(err).__name__}: {err}).{files} Download the weights "
-        f"once (`huggingface-cli download {source}`), pass allow_download=True, a local path, or pipe=<your pipeline>."
+        f"once (`huggingface-cli download {source}`), pass allow_download=True (`--allow-download` on the command line), a local path, or pipe=<your pipeline>."
     )
 
 
