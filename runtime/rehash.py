@@ -142,13 +142,7 @@ class RehashHandle(PlanHandle):
 
     def _after_set_timesteps(self) -> None:
         self.reset()
-        order = getattr(self.scheduler, "order", 1)
-        if order != 1:
-            raise SchedulerOrderError(
-                f"{type(self.scheduler).__name__} calls the UNet {order} times per step, but Step Rehash "
-                f"counts one call per step. Use a first-order scheduler (Euler, DDIM, DPM++ 2M) or a plan "
-                f"without rehash."
-            )
+        check_scheduler_order(self.scheduler)
         n = len(self.scheduler.timesteps)
         if n != self.rehash.steps:
             raise RehashStepsError(
@@ -257,16 +251,21 @@ def _sync(t) -> None:
         torch.cuda.synchronize()
 
 
-def check_rehash_call(pipe, rehash: RehashPlan, call_kwargs: dict) -> None:
-    """Refuse, before anything runs, a call whose scheduler or step count cannot follow the schedule;
-    a call that does not say its steps gets the schedule's (``call_kwargs`` is filled in)."""
-    order = getattr(pipe.scheduler, "order", 1)
+def check_scheduler_order(scheduler) -> None:
+    """Step Rehash counts one UNet call per step: refuse a scheduler that makes more (Heun, ...)."""
+    order = getattr(scheduler, "order", 1)
     if order != 1:
         raise SchedulerOrderError(
-            f"{type(pipe.scheduler).__name__} calls the UNet {order} times per step, but the plan's Step Rehash "
+            f"{type(scheduler).__name__} calls the UNet {order} times per step, but the plan's Step Rehash "
             f"schedule counts one call per step. Use a first-order scheduler (Euler, DDIM, DPM++ 2M) or a plan "
             f"without rehash."
         )
+
+
+def check_rehash_call(pipe, rehash: RehashPlan, call_kwargs: dict) -> None:
+    """Refuse, before anything runs, a call whose scheduler or step count cannot follow the schedule;
+    a call that does not say its steps gets the schedule's (``call_kwargs`` is filled in)."""
+    check_scheduler_order(pipe.scheduler)
     steps = call_kwargs.setdefault("num_inference_steps", rehash.steps)
     if steps != rehash.steps:
         raise RehashStepsError(
