@@ -397,7 +397,40 @@ class _Option:
     keys: list[int]
     error: float | None
     threshold: float | None
-    seconds: float  # predicted denoising time with the plan's slicing
+    cost: float  # the schedule's UNet work: predicted seconds (planner) or FLOPs (runtime)
+
+
+def rank_cuts(reuse_at: dict[str, float], full: float, steps: int, mode: Mode, keys: int | None,
+              budget: float | None, calibration: Calibration | None, threshold: float | None) -> list[_Option]:
+    """Per cut, the schedule of ``mode`` with as many key steps as ``budget`` (UNet work of all steps, in
+    the unit of ``full`` and ``reuse_at``: seconds or FLOPs) and ``keys`` allow; best first: least
+    calibrated error (uncalibrated: most key steps), then least work. ``keys`` without a budget means
+    the work of ``keys`` key steps at the cheapest cut: a shallower cut (less error, less saved) gets
+    fewer keys, so a calibration cannot trade the whole saving away for error."""
+    if budget is None and keys is not None and reuse_at:
+        budget = keys * full + (steps - keys) * min(reuse_at.values())
+    options = []
+    for c, reuse in reuse_at.items():
+        allowed = keys
+        if budget is not None:
+            if reuse >= full:
+                continue
+            allowed = min(keys or steps, steps, math.floor((budget - steps * reuse) / (full - reuse) + 1e-9))
+            if allowed < 1:
+                continue
+        cal = calibration.cut(c) if calibration is not None else None
+        try:
+            key_steps, thr = schedule_for(mode, steps, allowed, cal, threshold)
+        except InvalidPlanError:  # no schedule within the calibrated gaps at this cut
+            continue
+        error = schedule_error(cal.error, key_steps) if cal is not None else None
+        n = len(key_steps)
+        options.append(_Option(c, key_steps, error, thr, n * full + (steps - n) * reuse))
+    if calibration is not None:
+        options.sort(key=lambda o: (math.inf if o.error is None else o.error, o.cost))
+    else:
+        options.sort(key=lambda o: (-len(o.keys), o.cost))
+    return options
 
 
 def plan_rehash(
@@ -459,34 +492,8 @@ def plan_rehash(
         measured = {c.cut for c in calibration.cuts}
         cuts = [c for c in cuts if c in measured]
     reuse_at = {c: reuse_seconds(model, split_at_cut(segments, model.index[c]), c) for c in cuts}
-    budget = None  # seconds of UNet work the schedule may spend
-    if max_latency_s is not None:
-        budget = max_latency_s - other
-    elif keys is not None and reuse_at:
-        # `keys` key steps at the cheapest cut: a shallower cut (less error, less saved) gets fewer keys,
-        # so a calibration cannot trade the whole saving away for error.
-        budget = keys * full + (steps - keys) * min(reuse_at.values())
-    options = []
-    for c in cuts:
-        reuse = reuse_at[c]
-        if budget is not None:
-            if reuse >= full:
-                continue
-            allowed = min(steps, math.floor((budget - steps * reuse) / (full - reuse) + 1e-9))
-            if keys is not None:
-                allowed = min(allowed, keys)
-            if allowed < 1:
-                continue
-        else:
-            allowed = keys
-        cal = calibration.cut(c) if calibration is not None else None
-        try:
-            key_steps, thr = schedule_for(mode, steps, allowed, cal, threshold)
-        except InvalidPlanError:  # no schedule within the calibrated gaps at this cut
-            continue
-        error = schedule_error(cal.error, key_steps) if cal is not None else None
-        n = len(key_steps)
-        options.append(_Option(c, key_steps, error, thr, n * full + (steps - n) * reuse))
+    budget = None if max_latency_s is None else max_latency_s - other
+    options = rank_cuts(reuse_at, full, steps, mode, keys, budget, calibration, threshold)
     if not options:
         if max_latency_s is None:
             raise InvalidPlanError(
@@ -498,10 +505,6 @@ def plan_rehash(
             f"and the other stages {other:.2f} s, and no cut's reuse call is cheap enough"
             + (" (within the calibrated gaps)" if calibration is not None else "") + ". Raise the latency limit."
         )
-    if calibration is not None:
-        options.sort(key=lambda o: (math.inf if o.error is None else o.error, o.seconds))
-    else:
-        options.sort(key=lambda o: (-len(o.keys), o.seconds))
     last_error = None
     for option in options[:8]:
         choice = StageRehash(option.cut, len(option.keys), steps)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..planner.errors import InvalidPlanError, PlanConflictError
+from ..planner.errors import PlanConflictError
 from ..planner.rehash import (
     RehashCutError,
     RehashStepsError,
@@ -328,12 +328,7 @@ def with_rehash(
     schedule chosen as the planner does (see :func:`vramplan.planner.rehash.plan_rehash`), FLOPs
     counted by PyTorch on the real model; no latency prediction. ``max_unet_flops`` (UNet FLOPs per
     video) plays the latency target's part: per cut it sets how many key steps are allowed."""
-    from ..planner.rehash import (
-        CalibrationRequiredError,
-        load_calibration,
-        schedule_error,
-        schedule_for,
-    )
+    from ..planner.rehash import CalibrationRequiredError, load_calibration, rank_cuts
 
     cal, ref = load_calibration(calibration)
     if mode != "uniform" and cal is None:
@@ -353,29 +348,13 @@ def with_rehash(
     if not cuts:
         raise RehashCutError("no candidate cut lies on a segment boundary of this plan; plan with fewer groups")
     full, reuse, sizes = measure_cuts(unet, comp.shape, cuts)
-    options = []
-    for c in cuts:
-        allowed = keys
-        if max_unet_flops is not None:
-            if reuse[c] >= full:
-                continue
-            allowed = min(keys or steps, steps, math.floor((max_unet_flops - steps * reuse[c]) / (full - reuse[c])))
-            if allowed < 1:
-                continue
-        entry = cal.cut(c) if cal is not None else None
-        try:
-            key_steps, thr = schedule_for(mode, steps, allowed, entry, threshold)
-        except InvalidPlanError:  # no schedule within the calibrated gaps at this cut
-            continue
-        error = schedule_error(entry.error, key_steps) if entry is not None else None
-        options.append((math.inf if error is None else error, reuse[c], c, key_steps, thr, error))
+    options = rank_cuts(reuse, full, steps, mode, keys, max_unet_flops, cal, threshold)
     if not options:
         raise RehashCutError(
             "no cut has a schedule within the limits (the FLOPs budget, the key steps, the calibrated gaps); "
             "allow more FLOPs or key steps, or calibrate with a larger max_gap"
         )
-    options.sort(key=lambda o: (o[0], o[1]) if cal is not None else (-len(o[3]), o[1]))
-    _, _, c, key_steps, thr, error = options[0]
+    c, key_steps, error, thr = options[0].cut, options[0].keys, options[0].error, options[0].threshold
     n = len(key_steps)
     rehash = RehashPlan(
         mode=mode, cut=c, steps=steps, key_steps=key_steps,
