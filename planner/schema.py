@@ -63,6 +63,11 @@ class Group(_Strict):
     units: list[str] = Field(min_length=1, description="unit names, consecutive in execution order")
     axis: Axis
     k: int = Field(ge=1, description="slice count shared by every unit of the group")
+    depth: int = Field(
+        default=1, ge=1,
+        description="slices in flight at once, each on its own CUDA stream (memory: depth x a slice); "
+        "on other devices the same waves run one slice after another",
+    )
 
 
 class GpuProfile(_Strict):
@@ -204,6 +209,11 @@ class ModelProfile(_JsonFile):
     units: list[UnitProfile] = Field(min_length=1)
     original_peak_bytes: int = Field(ge=0, description="activation peak of the unmodified forward")
     original_block_peaks: dict[str, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
+    block_weights: dict[str, Annotated[int, Field(ge=0)]] = Field(
+        default_factory=dict,
+        description="weight bytes of each block that may be streamed (its parameters are used only by "
+        "units of that block); weights outside these blocks always stay resident",
+    )
     allocator: AllocatorProfile
     versions: dict[str, str] = Field(default_factory=dict)
 
@@ -279,6 +289,8 @@ class Prediction(_Strict):
     )
     unet_call_s: float
     latency_s: float = Field(description="unet_call_s x steps")
+    host_bytes: int = Field(default=0, ge=0, description="pinned host memory for host-placed values and streamed weights")
+    transfer_s: float = Field(default=0.0, ge=0, description="host-link seconds in latency_s not hidden behind compute")
     latency_calibrated: bool = False
     allocator_model: str
 
@@ -304,6 +316,21 @@ class ComponentPlan(_Strict):
     slices: dict[str, int] = Field(default_factory=dict, description="unit name -> slice count k (>= 1)")
     groups: list[Group] = Field(default_factory=list)
     resident: bool = True
+    recompute: list[str] = Field(
+        default_factory=list,
+        description="units whose input statistics come from recomputing their producers slice by slice "
+        "(they sit inside a group after the unit that makes their input)",
+    )
+    host: list[str] = Field(
+        default_factory=list,
+        description="values (named by the unit that makes them) kept in pinned host memory between "
+        "segments and moved to the GPU slice by slice",
+    )
+    streamed: list[str] = Field(
+        default_factory=list,
+        description="blocks whose weights live in pinned host memory and are copied in just before use "
+        "(the next one prefetched while the current one computes)",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ComponentPlan:
@@ -345,6 +372,8 @@ class StagePrediction(_Strict):
     original_activation_bytes: int
     peak_unit: str | None = None
     seconds: float = Field(description="predicted time of all its calls, weight transfers included")
+    streamed_bytes: int = Field(default=0, ge=0, description="weights of streamed blocks (on the GPU only around their use)")
+    host_bytes: int = Field(default=0, ge=0, description="pinned host memory the stage uses (placed values, streamed weights)")
 
 
 class RehashPlan(_Strict):
