@@ -9,6 +9,9 @@ to the target GPU's fused kernel:
 3. one trace per slice-count target 2^i, running only the first (largest) slice of every unit
    (``first_slice_only``): each unit's per-slice scratch memory at that k.
 
+Trace 2 also records which units read each parameter and buffer: a block (``block_of``) whose
+module's weights are read by units of that block alone may be streamed (``block_weights``).
+
 Every allocation sequence is replayed through the caching-allocator model to get overhead
 factors. The result is a :class:`~vramplan.planner.schema.ModelProfile`, cached on disk by model
 fingerprint, shape and kernel.
@@ -44,12 +47,14 @@ from .fake import attention_kernel, weight_bytes
 from .memory import MemoryTracker
 from .opcount import OpCounter
 from .program import Program
+from .streaming import WeightReaders
+from .streaming import block_of as block_of  # re-exported: per-block tables import it from here
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_K = 256
 # Part of every cache key: bump when what the profiler measures changes, so old entries are not served.
-PROFILER_VERSION = 2
+PROFILER_VERSION = 3  # 3: block_weights
 
 
 def slice_counts(length: int, max_k: int = DEFAULT_MAX_K) -> list[int]:
@@ -70,17 +75,6 @@ def slice_counts(length: int, max_k: int = DEFAULT_MAX_K) -> list[int]:
         if size == 1:
             break
     return out
-
-
-def block_of(unit: str) -> str:
-    """The top-level block of a unit, for per-block tables: ``down_blocks.1``, ``decoder.mid_block``."""
-    parts = unit.split(".")
-    for i, part in enumerate(parts):
-        if part in ("down_blocks", "up_blocks"):
-            return ".".join(parts[: i + 2])
-        if part == "mid_block":
-            return ".".join(parts[: i + 1])
-    return ".".join(parts[:2]) if len(parts) > 1 and parts[0] in ("decoder", "encoder") else parts[0]
 
 
 def profile(
@@ -122,9 +116,11 @@ def profile(
         seen[op.output] = (value.shape, value.numel() * value.element_size(), length)
 
     counter = OpCounter()
-    program = _program(adapter, model, ops, result, args)
-    with torch.no_grad(), attention_kernel(kernel), counter:
-        execute(program, [Segment([op], op.spec.axis, 1) for op in ops], observer=observe)
+    readers = WeightReaders(model)
+    with torch.no_grad(), attention_kernel(kernel), readers:  # the prologue reads weights too (embeddings)
+        program = _program(adapter, model, ops, result, args)
+        with counter:
+            execute(program, [Segment([op], op.spec.axis, 1) for op in ops], observer=observe)
     say(f"unit program: {len(ops)} units")
 
     # 3. Per-slice scratch at each slice-count target.
@@ -183,6 +179,7 @@ def profile(
         units=units,
         original_peak_bytes=original.peak_bytes,
         original_block_peaks={b: u.peak_bytes for b, u in original.units.items()},
+        block_weights=readers.block_weights([op.name for op in ops]),
         allocator=AllocatorProfile(
             method="replay of the traced allocation sequences (first slice of every unit) through "
             "vramplan.planner.allocator; k -> needed/allocated",

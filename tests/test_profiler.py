@@ -111,3 +111,34 @@ def test_full_size_svd_pipeline_plan_verifies_within_5_percent():
     assert {r.component for r in reports} == {"unet", "vae", "encode_image (image_encoder)", "encode_vae (vae)"}
     for report in reports:
         assert abs(report.error) < 0.05, report
+
+
+def test_block_weights_are_the_blocks_own_parameters(meta_tiny, tiny_profile):
+    """Every listed block is a unit block and a module; its bytes are its parameters and buffers; the
+    sum stays within the model's weights."""
+    from vramplan.runtime.fake import weight_bytes
+
+    modules = dict(meta_tiny.named_modules())
+    blocks = {u.block for u in tiny_profile.units}
+    assert tiny_profile.block_weights and set(tiny_profile.block_weights) <= blocks
+    for block, nbytes in tiny_profile.block_weights.items():
+        assert nbytes == weight_bytes(modules[block]) > 0
+    assert sum(tiny_profile.block_weights.values()) <= tiny_profile.weight_bytes
+    assert {"down_blocks.0", "mid_block", "up_blocks.1"} <= set(tiny_profile.block_weights)
+
+
+def test_block_weights_leave_out_a_block_read_elsewhere(meta_tiny):
+    """A block whose weights another block's unit (or the prologue) reads may not stream."""
+    from vramplan.runtime.streaming import WeightReaders
+
+    readers = WeightReaders(meta_tiny)
+    units = [u.name for u in list_units(meta_tiny)]
+    weight = meta_tiny.down_blocks[0].resnets[0].spatial_res_block.conv1.weight
+    own = next(u for u in units if u.startswith("down_blocks.0."))
+    other = next(u for u in units if u.startswith("up_blocks.0."))
+    readers.readers[id(weight.untyped_storage())] = {own, other}
+    assert "down_blocks.0" not in readers.block_weights(units)
+    readers.readers[id(weight.untyped_storage())] = {""}  # the call's prologue
+    assert "down_blocks.0" not in readers.block_weights(units)
+    readers.readers[id(weight.untyped_storage())] = {own}
+    assert "down_blocks.0" in readers.block_weights(units)
