@@ -12,7 +12,9 @@ No weight is copied or moved.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
+import inspect
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -41,8 +43,17 @@ from .hooks import (
     stateful_hooks,
 )
 from .program import Op, Program, UnitSpec
+from .streaming import WeightStreamer, block_of, streamable_blocks
 
 log = logging.getLogger(__name__)
+
+HOST_EQUALS_DEVICE = (
+    "host placement requested but no CUDA device: host == device (values are still staged and accounted as on host)"
+)
+STREAM_EQUALS_DEVICE = (
+    "weight streaming requested but no CUDA device: host == device (weights are still copied in per segment and "
+    "accounted as streamed)"
+)
 
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _TORCH_DTYPES = {name: dtype for dtype, name in _DTYPES.items()}
@@ -119,6 +130,9 @@ class PlanHandle(Hook, _Link):
     _bridges: dict[str, Bridge] = field(default_factory=dict)
     _hooked: tuple = ()
     _calls: tuple[frozenset[str], frozenset[str]] | None = None
+    _streamer: WeightStreamer | None = None
+    _said_host: bool = False
+    _said_stream: bool = False
 
     def __enter__(self) -> PlanHandle:
         return self
@@ -127,11 +141,46 @@ class PlanHandle(Hook, _Link):
         self.remove()
 
     def remove(self) -> None:
-        if get_hook(self.model, PLAN_HOOK) is self:
-            remove_hook(self.model, PLAN_HOOK)
-        self.active = False
+        try:
+            if get_hook(self.model, PLAN_HOOK) is self:
+                remove_hook(self.model, PLAN_HOOK)
+        finally:
+            self.active = False
+            self.restore_weights()
+
+    def on_remove(self, module: torch.nn.Module) -> None:
+        self.restore_weights()
 
     __repr__ = _Link.__repr__
+
+    # -- streamed weights -------------------------------------------------------------------------
+    @property
+    def streamer(self) -> WeightStreamer | None:
+        """The plan's weight streamer (None without streamed blocks); made on first use, which checks
+        the blocks (a meta trace of which units read which weights) and moves their weights to host."""
+        if self._streamer is None and self.plan.streamed:
+            self._streamer = make_streamer(self.model, self.plan, self.method)
+        return self._streamer
+
+    def restore_weights(self) -> None:
+        """Every streamed weight back on the device it came from (a no-op without streaming)."""
+        if self._streamer is not None:
+            streamer, self._streamer = self._streamer, None
+            streamer.restore()
+
+    def placement(self, program: Program) -> dict[str, Any]:
+        """The executor's host-placement arguments for a call of ``program`` (``host``, ``host_device``):
+        pinned CPU memory on CUDA; without CUDA host == device (said once)."""
+        if not self.plan.host:
+            return {}
+        device = _device_of(program)
+        cuda = device is not None and device.type == "cuda"
+        if not cuda and not self._said_host:
+            self._said_host = True
+            log.warning("%s: %s", self.plan.component, HOST_EQUALS_DEVICE)
+        if not _EXECUTOR_HOST:  # pragma: no cover - an executor without host placement
+            raise InvalidPlanError("this vramplan runtime cannot place values on host; plan without host placement")
+        return {"host": frozenset(self.plan.host), "host_device": torch.device("cpu") if cuda else None}
 
     # -- hooks of modules the plan does not call --------------------------------------------------
     def check_hooks(self) -> dict[str, Bridge]:
@@ -200,14 +249,30 @@ class PlanHandle(Hook, _Link):
                 entered.remove(bridge)
                 bridge.exit()
 
-        try:
-            for bridge in whole:
-                bridge.enter()
-                entered.append(bridge)
-            yield around if starts else None
-        finally:
-            for bridge in reversed(entered):
-                bridge.exit()
+        streamer = self.streamer
+        with contextlib.ExitStack() as stack:
+            try:
+                for bridge in whole:
+                    bridge.enter()
+                    entered.append(bridge)
+                if streamer is None:
+                    yield around if starts else None
+                    return
+                device = _compute_device(self.model, streamer)
+                if device.type != "cuda" and not self._said_stream:
+                    self._said_stream = True
+                    log.warning("%s: %s", self.plan.component, STREAM_EQUALS_DEVICE)
+                streaming = stack.enter_context(streamer.call(segments, device))
+
+                @contextlib.contextmanager
+                def both(seg: Segment):
+                    with around(seg), streaming(seg):  # bridges first (their onload), then the streamed blocks
+                        yield
+
+                yield both
+            finally:
+                for bridge in reversed(entered):
+                    bridge.exit()
 
     def wrap(self, module, call_next, args, kwargs):
         model = self.model
@@ -226,7 +291,8 @@ class PlanHandle(Hook, _Link):
                 finish=binding.finish,
                 globals=binding.globals,
             )
-            return execute(program, self.segments, around_segment=around, checkpoint=checkpoint)
+            return execute(program, self.segments, around_segment=around, checkpoint=checkpoint,
+                           **self.placement(program))
 
 
 def apply_plan(model: torch.nn.Module, plan: Plan | ComponentPlan) -> PlanHandle:
@@ -251,8 +317,58 @@ def apply_plan(model: torch.nn.Module, plan: Plan | ComponentPlan) -> PlanHandle
     handle.check_hooks()  # refuse unbridgeable hooks now, before anything is attached
     for unit, why in unsliced.items():
         log.warning("%s runs unsliced: %s", unit, why)
-    register_hook(model, handle, PLAN_HOOK, method=handle.method, innermost=True)
+    handle.streamer  # noqa: B018 - checks the streamed blocks and moves their weights to host now
+    try:
+        register_hook(model, handle, PLAN_HOOK, method=handle.method, innermost=True)
+    except BaseException:
+        handle.restore_weights()
+        raise
     return handle
+
+
+def make_streamer(model: torch.nn.Module, plan: ComponentPlan, method: str = "forward") -> WeightStreamer:
+    """The :class:`WeightStreamer` of ``plan.streamed`` on ``model`` (weights moved to host now), after
+    checking that each block's weights are read by that block's units only (a meta trace)."""
+    modules = dict(model.named_modules())
+    streamable = streamable_blocks(model, plan.shape or config_shape(model), method)
+    if streamable is not None:
+        shared = [b for b in plan.streamed if b not in streamable and b in modules]
+        if shared:
+            raise InvalidPlanError(
+                f"the plan streams {', '.join(shared)}, but {'their' if len(shared) > 1 else 'its'} weights are also "
+                f"read outside {'those blocks' if len(shared) > 1 else 'that block'} (or it has none): only blocks "
+                f"listed in the profile's block_weights can stream ({', '.join(streamable) or 'none here'})"
+            )
+    streamer = WeightStreamer(model, plan.streamed)
+    streamer.offload()
+    return streamer
+
+
+def _device_of(program: Program) -> torch.device | None:
+    """The compute device of a call: where its inputs are."""
+    for value in program.env.values():
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return None
+
+
+def _compute_device(model: torch.nn.Module, streamer: WeightStreamer) -> torch.device:
+    """Where the model computes: its resident weights' device (streamed ones are on host now)."""
+    streamed = {id(w.tensor) for b in streamer.blocks.values() for w in b.weights}
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in streamed and t.is_floating_point():
+            return t.device
+    return next((w.home for b in streamer.blocks.values() for w in b.weights), torch.device("cpu"))
+
+
+_EXECUTOR_HOST = "host" in inspect.signature(execute).parameters
+_SEGMENT_DEPTH = "depth" in {f.name for f in dataclasses.fields(Segment)}
+
+
+def _segment(ops: list[Op], axis, k: int, depth: int = 1) -> Segment:
+    if depth == 1 or not _SEGMENT_DEPTH:  # an executor without depth runs the same slices one by one
+        return Segment(ops, axis, k)
+    return Segment(ops, axis, k, depth=depth)
 
 
 def _checkpointing(model: torch.nn.Module) -> bool:
@@ -384,38 +500,39 @@ def component_for(model: torch.nn.Module, plan: Plan | ComponentPlan) -> Compone
 
 
 def build_segments(ops: list[Op], plan: ComponentPlan) -> tuple[list[Segment], dict[str, str]]:
-    """Plan groups and ungrouped units as executor segments; validates the plan against the ops."""
+    """Plan groups and ungrouped units as executor segments; validates the plan against the ops: its
+    units, groups, ``recompute`` (exactly the grouped statistics units whose input the group makes),
+    ``host`` (values made by one segment and read by another) and ``streamed`` (blocks of the units)."""
     index = {op.name: i for i, op in enumerate(ops)}
     unknown = [u for u in list(plan.slices) + [u for g in plan.groups for u in g.units] if u not in index]
     if unknown:
-        raise InvalidPlanError(
-            f"the plan names units this model does not have: {', '.join(unknown[:5])}"
-            + (f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else "")
-        )
+        raise InvalidPlanError(f"the plan names units this model does not have: {_names(unknown)}")
     unsliced: dict[str, str] = {}
     group_at: dict[int, Group] = {}
+    recompute: list[str] = []
     for group in plan.groups:
         positions = [index[u] for u in group.units]
         if positions != list(range(positions[0], positions[0] + len(positions))):
             raise InvalidPlanError(f"group starting at {group.units[0]} is not a run of consecutive units")
+        made = set()
         for pos in positions:
             spec = ops[pos].spec
             if spec.axis != group.axis:
                 raise InvalidPlanError(
                     f"unit {spec.name} slices along {spec.axis or 'no axis'}, but its group is along {group.axis}"
                 )
-            if spec.needs_input_stats and pos != positions[0]:
-                raise InvalidPlanError(
-                    f"unit {spec.name} needs statistics over its whole input, so it must start its group"
-                )
+            if spec.needs_input_stats and ops[pos].inputs and ops[pos].inputs[0] in made:
+                recompute.append(spec.name)  # its statistics input is made in the group: a recompute pass
+            made.add(ops[pos].output)
         group_at[positions[0]] = group
+    _check_recompute(plan, index, recompute)
 
     segments: list[Segment] = []
     i = 0
     while i < len(ops):
         if i in group_at:
             group = group_at[i]
-            segments.append(Segment(ops[i : i + len(group.units)], group.axis, group.k))
+            segments.append(_segment(ops[i : i + len(group.units)], group.axis, group.k, group.depth))
             i += len(group.units)
             continue
         op = ops[i]
@@ -425,7 +542,78 @@ def build_segments(ops: list[Op], plan: ComponentPlan) -> tuple[list[Segment], d
             k = 1
         segments.append(Segment([op], op.spec.axis, k))
         i += 1
+    _check_host(plan, ops, segments)
+    _check_streamed(plan, ops)
     return segments, unsliced
+
+
+def _names(names: list[str], most: int = 5) -> str:
+    more = f" (and {len(names) - most} more)" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
+
+
+def _check_recompute(plan: ComponentPlan, index: dict[str, int], derived: list[str]) -> None:
+    listed = list(dict.fromkeys(plan.recompute))
+    unknown = [u for u in listed if u not in index]
+    if unknown:
+        raise InvalidPlanError(f"the plan's recompute names units this model does not have: {_names(unknown)}")
+    extra = [u for u in listed if u not in derived]
+    if extra:
+        raise InvalidPlanError(
+            f"the plan's recompute lists {_names(extra)}, but no group makes {'their' if len(extra) > 1 else 'its'} "
+            f"statistics input: recompute is for a unit that needs statistics over its input and sits in a group "
+            f"after the unit that makes that input"
+        )
+    missing = [u for u in derived if u not in listed]
+    if missing:
+        one = len(missing) == 1
+        raise InvalidPlanError(
+            f"{_names(missing)} {'needs' if one else 'need'} statistics over an input made in {'its' if one else 'their'} "
+            f"own group: {'it' if one else 'each'} must start its group, or be listed in the plan's recompute (a "
+            f"recompute pass of the units that make that input)"
+        )
+
+
+def _check_host(plan: ComponentPlan, ops: list[Op], segments: list[Segment]) -> None:
+    """Host values: made by a unit, not the result, read after the segment that makes them."""
+    if not plan.host:
+        return
+    made_in = {op.output: s for s, seg in enumerate(segments) for op in seg.ops}
+    unknown = [n for n in plan.host if n not in made_in]
+    if unknown:
+        raise InvalidPlanError(
+            f"the plan places on host values no unit of this model makes: {_names(unknown)} (host names unit outputs, "
+            f"never the call's inputs)"
+        )
+    result = ops[-1].output if ops else None
+    read_in: dict[str, set[int]] = {}
+    for s, seg in enumerate(segments):
+        for op in seg.ops:
+            for name in op.inputs:
+                read_in.setdefault(name, set()).add(s)
+    for name in plan.host:
+        if name == result:
+            raise InvalidPlanError(f"the plan places the model's result {name} on host; the result stays on the device")
+    inside = [n for n in plan.host if not any(s > made_in[n] for s in read_in.get(n, ()))]
+    if inside:
+        raise InvalidPlanError(
+            f"the plan places on host {_names(inside)}, but no later segment reads "
+            f"{'them' if len(inside) > 1 else 'it'}: only values that cross a segment boundary can live on host"
+        )
+
+
+def _check_streamed(plan: ComponentPlan, ops: list[Op]) -> None:
+    if not plan.streamed:
+        return
+    blocks = list(dict.fromkeys(block_of(op.name) for op in ops))
+    unknown = [b for b in plan.streamed if b not in blocks]
+    if unknown:
+        raise InvalidPlanError(
+            f"the plan streams blocks this model does not have: {_names(unknown)} (its blocks: {_names(blocks, 12)})"
+        )
+    twice = sorted({b for b in plan.streamed if plan.streamed.count(b) > 1})
+    if twice:
+        raise InvalidPlanError(f"the plan streams {_names(twice)} more than once")
 
 
 def _check_model(model: torch.nn.Module, plan: ComponentPlan) -> None:

@@ -283,8 +283,8 @@ class WeightStreamer:
             i = index[id(seg)]
             for name in sorted(touched[i], key=first.__getitem__):
                 self._load(self.blocks[name], device, prefetch=False)
-            upcoming = next((n for n in order if first[n] > i and not self.blocks[n].loaded), None)
-            if upcoming is not None:
+            upcoming = next((n for n in order if first[n] > i), None)  # the next streamed block used
+            if upcoming is not None and not self.blocks[upcoming].loaded:
                 self._load(self.blocks[upcoming], device, prefetch=cuda)
             yield
             for name, block in self.blocks.items():
