@@ -28,7 +28,7 @@ from ..planner.errors import InvalidArgumentError, PlanMismatchError, VramplanEr
 from ..planner.schema import Plan, RunReport, StageReport
 from .adapters import pipeline_adapter
 from .adapters.base import LoadFailure
-from .apply import apply_plan
+from .apply import HOST_EQUALS_DEVICE, PlanHandle, apply_plan
 from .hooks import Hook, register_hook, reset_state
 from .memory import MemoryTracker, unit_label
 from .rehash import apply_rehash, check_rehash_call
@@ -85,8 +85,14 @@ def _missing_message(source: str, cls_name: str, err: Exception) -> str:
     )
 
 
-def run(plan: Plan, pipe=None, *, allow_download: bool = False, progress: bool = True, **call_kwargs) -> RunResult:
-    """Run ``pipe`` (or the plan's pipeline, loaded locally) under ``plan``; frames and a RunReport."""
+def run(plan: Plan, pipe=None, *, allow_download: bool = False, progress: bool = True,
+        memory_snapshot: str | Path | None = None, **call_kwargs) -> RunResult:
+    """Run ``pipe`` (or the plan's pipeline, loaded locally) under ``plan``; frames and a RunReport.
+
+    ``memory_snapshot``: on CUDA, record the caching allocator's history during the pipeline call and
+    write PyTorch's snapshot there (for https://pytorch.org/memory_viz); refused without CUDA."""
+    if memory_snapshot is not None:
+        check_snapshot(memory_snapshot)
     pipe = pipe if pipe is not None else load_pipeline(plan, allow_download)
     kind = type(pipe).__name__
     adapter = pipeline_adapter(kind)
@@ -107,13 +113,17 @@ def run(plan: Plan, pipe=None, *, allow_download: bool = False, progress: bool =
         allocator = stack.enter_context(allocator_setting(notes)) if cuda else None
         _keep_pipeline_state(pipe, stack)
         pipe.set_progress_bar_config(**{**pipe._progress_bar_config, "disable": not progress})
+        handles: dict[str, PlanHandle] = {}
         for comp in plan.components:
             if plan.rehash is not None and comp.component == "unet":  # slices the UNet too (if it has a shape)
                 rehash = apply_rehash(pipe, plan)
                 stack.callback(rehash.remove)
+                handles[comp.component] = rehash
             elif comp.shape is not None:
-                stack.callback(apply_plan(getattr(pipe, comp.component), comp).remove)
-        hooks = _residency(pipe, plan, device, stack, notes, offload=device.type == "cuda")
+                handles[comp.component] = apply_plan(getattr(pipe, comp.component), comp)
+                stack.callback(handles[comp.component].remove)
+        _placement_notes(plan, device, notes)
+        hooks = _residency(pipe, plan, device, stack, notes, offload=device.type == "cuda", handles=handles)
         for stage, component, method in stages:
             timer = _StageTimer(stage, component, timings, hooks, device)
             stack.callback(register_hook(getattr(pipe, component), timer, f"vramplan.timer.{stage}", method=method).remove)
@@ -135,10 +145,17 @@ def run(plan: Plan, pipe=None, *, allow_download: bool = False, progress: bool =
             return result
 
         call_kwargs["callback_on_step_end"] = on_step
+        if memory_snapshot is not None:
+            stack.enter_context(recording_memory(memory_snapshot, notes))
         output = pipe(**call_kwargs)
         _sync(device)
         for hook in hooks.values():
             hook.offload()
+        for name, handle in handles.items():
+            streamer = handle._streamer
+            if streamer is not None and not streamer.pinned:
+                notes.append(f"{name}: pinned host memory could not be allocated ({streamer.fallback_error}); "
+                             "streamed weights used pageable memory (slower transfers)")
     total = time.perf_counter() - started
 
     report = RunReport(
@@ -237,10 +254,12 @@ def _keep_pipeline_state(pipe, stack: ExitStack) -> None:
     pipe._progress_bar_config = dict(config)
 
 
-def _residency(pipe, plan: Plan, device, stack: ExitStack, notes: list[str], offload: bool = True) -> dict:
+def _residency(pipe, plan: Plan, device, stack: ExitStack, notes: list[str], offload: bool = True,
+               handles: dict[str, PlanHandle] | None = None) -> dict:
     """Resident components go to ``device``; the others get accelerate offload hooks (``offload``:
     on CUDA), removed afterwards. A component that already carries an accelerate hook (the user's
-    ``enable_model_cpu_offload``) keeps it and is left to it. Returns the hooks added."""
+    ``enable_model_cpu_offload``) keeps it and is left to it. Streamed blocks stay in (pinned) host
+    memory either way: only the other weights move. Returns the hooks added."""
     from accelerate import cpu_offload_with_hook
 
     hooks = {}
@@ -248,8 +267,21 @@ def _residency(pipe, plan: Plan, device, stack: ExitStack, notes: list[str], off
         model = getattr(pipe, comp.component, None)
         if not isinstance(model, torch.nn.Module):
             continue
+        handle = (handles or {}).get(comp.component)
+        streamer = handle.streamer if handle is not None else None
         if getattr(model, "_hf_hook", None) is not None:
             notes.append(f"{comp.component} keeps the accelerate hook it came with (its device is up to that hook)")
+            continue
+        if streamer is not None:
+            skip = {id(w.tensor) for b in streamer.blocks.values() for w in b.weights}
+            if comp.resident or not offload:
+                move_weights(model, device, skip)
+            else:
+                move_weights(model, torch.device("cpu"), skip)
+                hook = _partial_offload(model, device, skip)
+                hooks[comp.component] = hook
+                stack.callback(hook.remove)
+            streamer.offload(compute=device)  # pinned host copies for a CUDA run
             continue
         if comp.resident or not offload:
             model.to(device)
@@ -261,6 +293,83 @@ def _residency(pipe, plan: Plan, device, stack: ExitStack, notes: list[str], off
     if hooks:
         notes.append(f"moved to the GPU only for their stages: {', '.join(hooks)}")
     return hooks
+
+
+def move_weights(model: torch.nn.Module, device, skip: set[int]) -> None:
+    """Every parameter and buffer of ``model`` but those in ``skip`` (ids) to ``device``, in place
+    (``.data``: the objects stay the model's)."""
+    device = torch.device(device)
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in skip and t.device != device:
+            t.data = t.data.to(device)
+
+
+def _partial_offload(model: torch.nn.Module, device, skip: set[int]):
+    """accelerate's ``cpu_offload_with_hook`` for a model with streamed blocks: the hook moves every
+    weight but the streamed ones (``skip``) to ``device`` before the model runs and back to the CPU on
+    ``offload()``; the streamed blocks stay in host memory for the streamer."""
+    from accelerate.hooks import CpuOffload, UserCpuOffloadHook, add_hook_to_module
+    from accelerate.utils import send_to_device
+
+    class PartialCpuOffload(CpuOffload):
+        def init_hook(self, module):
+            move_weights(module, torch.device("cpu"), skip)
+            return module
+
+        def pre_forward(self, module, *args, **kwargs):
+            moved = [t for t in [*module.parameters(), *module.buffers()] if id(t) not in skip]
+            if all(t.device == torch.device(self.execution_device) for t in moved):
+                return args, kwargs
+            move_weights(module, self.execution_device, skip)
+            return send_to_device(args, self.execution_device), send_to_device(kwargs, self.execution_device)
+
+    hook = PartialCpuOffload(execution_device=device)
+    add_hook_to_module(model, hook, append=True)
+    return UserCpuOffloadHook(model, hook)
+
+
+def _placement_notes(plan: Plan, device, notes: list[str]) -> None:
+    """What host placement and streaming mean on this device (said in the report)."""
+    placed = [c.component for c in plan.components if c.host or c.streamed]
+    if placed and device.type != "cuda":
+        notes.append(f"{', '.join(placed)}: {HOST_EQUALS_DEVICE}; streamed weights are copied in per segment as on "
+                     f"a GPU")
+    for comp in plan.components:
+        if comp.streamed:
+            notes.append(f"{comp.component}: {len(comp.streamed)} blocks streamed from host memory "
+                         f"({', '.join(comp.streamed[:4])}{', ...' if len(comp.streamed) > 4 else ''})")
+        if comp.host:
+            notes.append(f"{comp.component}: {len(comp.host)} values placed in host memory between segments")
+
+
+def check_snapshot(path: str | Path) -> Path:
+    """``--memory-snapshot``: CUDA only (the allocator snapshot records CUDA allocations); checked before
+    any loading."""
+    if not torch.cuda.is_available():
+        raise InvalidArgumentError(
+            f"--memory-snapshot {path}: PyTorch's allocator snapshot records CUDA allocations, and this machine has "
+            f"no CUDA device. Run on a GPU, or use the run report's tracker peak (CPU runs measure memory so)."
+        )
+    folder = Path(path).expanduser().parent
+    if not folder.is_dir():
+        raise InvalidArgumentError(f"--memory-snapshot {path}: the folder {folder} does not exist")
+    return Path(path)
+
+
+@contextmanager
+def recording_memory(path: str | Path, notes: list[str]) -> Iterator[None]:
+    """Record the CUDA caching allocator's history while inside; write the snapshot to ``path`` at the
+    end (also when the call raises: the snapshot then shows the failure)."""
+    record = torch.cuda.memory._record_memory_history
+    record(max_entries=1_000_000)
+    try:
+        yield
+    finally:
+        try:
+            torch.cuda.memory._dump_snapshot(str(path))
+            notes.append(f"wrote the CUDA allocator snapshot to {path} (open it at https://pytorch.org/memory_viz)")
+        finally:
+            record(enabled=None)
 
 
 class _StageTimer(Hook):

@@ -112,6 +112,37 @@ def test_cli_errors_are_one_line_without_traceback(argv, fragment, plans, tmp_pa
     assert "Traceback" not in err
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_memory_snapshot_without_cuda_is_an_error_before_loading(plans, tmp_path, capsys, monkeypatch):
+    from PIL import Image
+    from vramplan.runtime import runner
+
+    monkeypatch.setattr(runner, "load_pipeline", lambda *a, **k: pytest.fail("loaded a pipeline"))
+    Image.new("RGB", (8, 8)).save(tmp_path / "in.png")
+    argv = ["run", plans["svd"], "--image", str(tmp_path / "in.png"), "--memory-snapshot", str(tmp_path / "s.pickle")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --memory-snapshot") and "no CUDA device" in err and err.count("\n") == 1
+
+
+def test_plan_table_shows_recompute_host_streamed_and_depth(plans):
+    from vramplan.planner.schema import Plan
+
+    from vramplan.cli import placement_summary
+
+    comp = Plan.load(plans["svd"]).components[0]
+    for group in comp.groups:
+        group.depth = 1
+    plain = comp.model_copy(update={"recompute": [], "host": [], "streamed": []})
+    assert placement_summary(plain) == ""
+    units = list(comp.slices) or ["a", "b"]
+    comp = plain.model_copy(update={"recompute": units[:1], "host": units[:2], "streamed": ["mid_block"]})
+    comp.groups[0].depth = 4
+    line = placement_summary(comp)
+    assert "recompute 1 unit;" in line and "host 2 values" in line and "streamed 1 block" in line
+    assert "depth 4 on 1 group" in line
+
+
 def test_verbose_shows_the_traceback(capsys):
     assert main(["-v", "plan", "--gpu", "2080Tii"]) == 2
     err = capsys.readouterr().err

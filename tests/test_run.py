@@ -305,3 +305,62 @@ def test_a_rehash_schedule_on_an_unsliced_unet_is_run(pipe, image):
     report = run(plan, pipe=pipe, image=image, num_inference_steps=3, decode_chunk_size=FRAMES, progress=False).report
     assert report.key_steps == plan.rehash.key_steps and report.reused_steps == plan.rehash.reused_steps
     assert len(report.unet_call_seconds) == 3
+
+
+def test_streamed_blocks_and_host_placement_run_exactly_and_say_host_is_device(pipe, image):
+    """Streaming (and host placement, once the executor has it) on a CPU run: the same frames as the
+    plan without them, the report says host == device, every weight back in place afterwards."""
+    from vramplan.runtime import apply as apply_mod
+    from vramplan.runtime.adapters import adapter_for
+    from vramplan.runtime.streaming import streamable_blocks
+
+    plan = uniform_pipeline_plan(pipe, 2, SIZE, SIZE, FRAMES)
+    kw = dict(pipe=pipe, image=image, num_inference_steps=2, output_type="pt", progress=False)
+    expected = run(plan, generator=torch.Generator().manual_seed(0), **kw).frames
+    weights = {n: (p.data_ptr(), p.detach().clone()) for n, p in pipe.unet.named_parameters()}
+    for comp in plan.components:
+        model = getattr(pipe, comp.component)
+        comp.streamed = list(streamable_blocks(model, comp.shape, adapter_for(model).method))[::2]
+        if apply_mod._EXECUTOR_HOST and comp.component == "unet":
+            ops, _ = adapter_for(model).ops(model)
+            comp.host = [ops[0].output]  # conv_in's output: read by the next segment
+    result = run(plan, generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(result.frames, expected)
+    notes = " ".join(result.report.notes)
+    assert "no CUDA device: host == device" in notes and "blocks streamed from host memory" in notes
+    for name, p in pipe.unet.named_parameters():
+        assert p.data_ptr() == weights[name][0] and torch.equal(p, weights[name][1])
+
+
+def test_partial_offload_leaves_streamed_weights_on_the_host(monkeypatch):
+    """A non-resident component with streamed blocks: the offload hook moves every other weight only."""
+    from vramplan.runtime import runner
+
+    moves = []
+    monkeypatch.setattr(runner, "move_weights", lambda model, device, skip: moves.append((str(device), skip)))
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    skip = {id(model[1].weight), id(model[1].bias)}
+    hook = runner._partial_offload(model, torch.device("cuda"), skip)  # a device name: no CUDA needed
+    try:
+        hook.hook.pre_forward(model)
+        hook.offload()
+        assert moves == [("cpu", skip), ("cuda", skip), ("cpu", skip)]  # attached (off), run, offloaded
+    finally:
+        hook.remove()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_memory_snapshot_without_cuda_is_refused_before_loading(monkeypatch, tmp_path):
+    from vramplan.planner.errors import InvalidArgumentError
+    from vramplan.runtime import runner
+
+    monkeypatch.setattr(runner, "load_pipeline", lambda *a, **k: pytest.fail("loaded a pipeline"))
+    plan = Plan.load(_svd_plan_file(tmp_path))
+    with pytest.raises(InvalidArgumentError, match="no CUDA device"):
+        run(plan, memory_snapshot=tmp_path / "snap.pickle")
+
+
+def _svd_plan_file(tmp_path):
+    from vramplan import plan_for
+
+    return plan_for(gpu="2080Ti", height=512, width=512, vram_gb=5).save(tmp_path / "svd.json")

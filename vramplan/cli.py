@@ -69,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help="denoising steps (default: the plan's)")
     p.add_argument("--fps", type=int, default=7)
     p.add_argument("--allow-download", action="store_true", help="let diffusers download missing weights")
+    p.add_argument("--memory-snapshot", metavar="PICKLE",
+                   help="CUDA only: write PyTorch's allocator snapshot of the run (open at pytorch.org/memory_viz)")
 
     commands = dict(COMMANDS)
     for module_name in COMMAND_MODULES:  # commands that live in their own modules (fleet, rehash, ...)
@@ -173,15 +175,23 @@ def plan_table(plan) -> str:
                          f"{_gib(st.original_activation_bytes):>15}{_gib(st.activation_bytes):>14}"
                          f"{_gib(st.peak_bytes):>12}{st.seconds:>9.2f}")
     for comp, profile, model in _sliced_components(plan):
+        streamed = set(comp.streamed)
         lines += ["", f"{comp.component}: {comp.shape.describe()}",
-                  f"  {'block':<22}{'original GiB':>13}{'planned GiB':>13}  {'slices k':<16}groups"]
-        lines += [f"  {b:<22}{o:>13}{p:>13}  {k:<16}{g}" for b, o, p, k, g in _block_rows(comp, profile, model)]
+                  f"  {'block':<22}{'original GiB':>13}{'planned GiB':>13}  {'slices k':<16}{'weights':<10}groups"]
+        lines += [f"  {b:<22}{o:>13}{p:>13}  {k:<16}{'streamed' if b in streamed else '':<10}{g}"
+                  for b, o, p, k, g in _block_rows(comp, profile, model)]
+        placement = placement_summary(comp, profile)
+        if placement:
+            lines.append(f"  {placement}")
     lines += [
         "",
         f"predicted peak   {_gib(pred.peak_bytes)} GiB in {pred.peak_stage} = context {_gib(pred.context_bytes)} + "
         f"weights {_gib(pred.weight_bytes)} + live {_gib(pred.live_bytes)} + transient {_gib(pred.transient_bytes)}"
         f" + allocator {_gib(pred.allocator_bytes)} + margin {_gib(pred.margin_bytes)}",
     ]
+    if pred.host_bytes or pred.transfer_s:
+        lines.append(f"host memory      {_gib(pred.host_bytes)} GiB pinned (placed values, streamed weights); "
+                     f"{pred.transfer_s:.2f} s of transfers not hidden behind compute")
     if pred.original_peak_bytes:
         lines.append(f"original         {_gib(pred.original_peak_bytes)} GiB (every component resident, "
                      f"unsliced; all frames decoded at once)")
@@ -192,6 +202,31 @@ def plan_table(plan) -> str:
         f"{plan.solver.solve_seconds * 1000:.0f} ms over {plan.solver.candidates} candidate segments",
     ]
     return "\n".join(lines)
+
+
+def placement_summary(comp, profile=None) -> str:
+    """One line: recompute, host placement, streamed blocks and depth of a component plan ("" if none)."""
+    parts = []
+    if comp.recompute:
+        parts.append(f"recompute {len(comp.recompute)} unit{'s' * (len(comp.recompute) > 1)}")
+    if comp.host:
+        size = ""
+        if profile is not None:
+            out = {u.name: u.output_bytes for u in profile.units}
+            size = f" ({_gib(sum(out.get(n, 0) for n in comp.host))} GiB)"
+        parts.append(f"host {len(comp.host)} value{'s' * (len(comp.host) > 1)}{size}")
+    if comp.streamed:
+        size = ""
+        if profile is not None and profile.block_weights:
+            size = f" ({_gib(sum(profile.block_weights.get(b, 0) for b in comp.streamed))} GiB)"
+        parts.append(f"streamed {len(comp.streamed)} block{'s' * (len(comp.streamed) > 1)}{size}")
+    deep: dict[int, int] = {}
+    for g in comp.groups:
+        if g.depth > 1:
+            deep[g.depth] = deep.get(g.depth, 0) + 1
+    if deep:
+        parts.append("depth " + ", ".join(f"{d} on {n} group{'s' * (n > 1)}" for d, n in sorted(deep.items())))
+    return "; ".join(parts)
 
 
 def _sliced_components(plan):
@@ -318,6 +353,11 @@ def cmd_run(args) -> int:
     check_number("--steps", args.steps, integer=True, minimum=1, allow_none=True)
     check_number("--fps", args.fps, integer=True, minimum=1)
     check_video_out(args.out)
+    if args.memory_snapshot:  # before loading anything: CUDA only
+        check_output(args.memory_snapshot, "memory snapshot")
+        from .runtime.runner import check_snapshot
+
+        check_snapshot(args.memory_snapshot)
     if plan.rehash is not None and args.steps and args.steps != plan.rehash.steps:  # before loading weights
         raise InvalidArgumentError(f"--steps={args.steps}, but the plan's Step Rehash schedule is for "
                                    f"{plan.rehash.steps} steps: run with {plan.rehash.steps} or plan for {args.steps}")
@@ -350,7 +390,7 @@ def cmd_run(args) -> int:
 
         pipe = load(plan)
         kwargs.update(trained_kwargs())
-    result = run(plan, pipe, allow_download=args.allow_download,
+    result = run(plan, pipe, allow_download=args.allow_download, memory_snapshot=args.memory_snapshot,
                  generator=torch.Generator().manual_seed(args.seed), **kwargs)
     print(result.report.summary())
     print("wrote", save_video(result.frames, args.out, fps=args.fps))
