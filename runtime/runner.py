@@ -300,8 +300,13 @@ def move_weights(model: torch.nn.Module, device, skip: set[int]) -> None:
     (``.data``: the objects stay the model's)."""
     device = torch.device(device)
     for t in [*model.parameters(), *model.buffers()]:
-        if id(t) not in skip and t.device != device:
+        if id(t) not in skip and not _on(t, device):
             t.data = t.data.to(device)
+
+
+def _on(t: torch.Tensor, device: torch.device) -> bool:
+    """Whether ``t`` is on ``device`` (``cuda`` matches every CUDA index)."""
+    return t.device.type == device.type and (device.index is None or t.device.index == device.index)
 
 
 def _partial_offload(model: torch.nn.Module, device, skip: set[int]):
@@ -318,7 +323,7 @@ def _partial_offload(model: torch.nn.Module, device, skip: set[int]):
 
         def pre_forward(self, module, *args, **kwargs):
             moved = [t for t in [*module.parameters(), *module.buffers()] if id(t) not in skip]
-            if all(t.device == torch.device(self.execution_device) for t in moved):
+            if all(_on(t, torch.device(self.execution_device)) for t in moved):
                 return args, kwargs
             move_weights(module, self.execution_device, skip)
             return send_to_device(args, self.execution_device), send_to_device(kwargs, self.execution_device)

@@ -222,19 +222,22 @@ class WeightStreamer:
         its own host copy (host == device), marked as host for the memory tracker. A weight someone
         moved since (``model.to(device)``) is taken back to host the same way. ``compute``: the call's
         device (a CPU weight under a CUDA call is pinned)."""
+        cuda_call = compute is not None and compute.type == "cuda"
         for block in self.blocks.values():
             if block.loaded:
                 continue
             for w in block.weights:
                 current = w.tensor.data
-                if self._offloaded and _same(current, w.host):
+                hosted = self._offloaded and _same(current, w.host)
+                if not hosted:
+                    w.home = current.device
+                # pinned for a CUDA call: async copies in, and a CPU weight pinned once (not per call)
+                pin = self.pinned and (current.device.type == "cuda" or (
+                    cuda_call and current.device.type == "cpu" and not current.is_pinned()))
+                if hosted and not pin:
                     continue
-                w.home = current.device
-                if current.device.type == "cuda" or (
-                    compute is not None and compute.type == "cuda" and current.device.type == "cpu"
-                    and not current.is_pinned() and self.pinned
-                ):
-                    w.host, _ = host_copy(current, self.pinned, self._on_fallback)
+                if current.device.type == "cuda" or pin:
+                    w.host, _ = host_copy(current, pin, self._on_fallback)
                 else:
                     w.host = current
                 mark_host(w.host)

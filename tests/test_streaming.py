@@ -297,3 +297,22 @@ def test_host_placement_without_cuda_says_so_once_and_is_exact(svd, caplog):
     assert torch.equal(got, expected)
     said = [r.getMessage() for r in caplog.records if apply_mod.HOST_EQUALS_DEVICE in r.getMessage()]
     assert len(said) == 1
+
+
+def test_verify_on_meta_counts_the_streamed_copies():
+    """On meta tensors (``verify``): the weights' host copies are not counted, the device copies made for
+    each segment are: every segment holds at least the blocks it touches."""
+    from diffusers import UNetSpatioTemporalConditionModel
+    from tiny import SVD_TINY
+    from vramplan.planner.schema import SampleShape
+    from vramplan.runtime import empty_model, verify
+
+    meta = empty_model(UNetSpatioTemporalConditionModel, SVD_TINY, torch.float32)
+    shape = SampleShape(batch=2, frames=5, latent_height=9, latent_width=7, dtype="fp32")
+    plan = uniform_plan(meta, 2, shape)
+    plain = verify(plan, meta).measured_activation_bytes
+    blocks = streamable_blocks(meta, shape)
+    plan.components[0].streamed = list(blocks)
+    streamed = verify(plan, meta).measured_activation_bytes
+    assert plain + min(blocks.values()) <= streamed <= plain + sum(blocks.values())
+    assert all(p.device.type == "meta" for p in meta.parameters())
