@@ -8,6 +8,17 @@ dtypes of real tensors, storage identity, whether autograd can see a write) it a
 
 A program is a list of units; unit ``i`` reads named values and writes the value named by its
 output. Values not written by any unit are *initial* (the caller's, never written into).
+
+Placement: values named in ``ProgramRules.host`` live in host memory between segments. They are
+never alive on the device at a segment's start (:meth:`ProgramRules.on_device_before`); an
+escaping host output needs no device buffer; a unit that reads a host value made before its
+segment *stages* each slice it reads (a device copy alive during that unit's call only:
+:meth:`SegmentRules.staged`); buffer reuse needs matching placement (a host output only over a
+dying host input, a device output only over a device input).
+
+Recompute: a unit that needs statistics over its whole first input may sit inside a segment that
+makes that input; its statistics then come from a pass that recomputes, slice by slice, the units
+of the segment that input depends on (:meth:`SegmentRules.cone`).
 """
 
 from __future__ import annotations
@@ -21,13 +32,15 @@ class ProgramRules:
     """Positions of a whole program: who makes each value and when it is read for the last time.
 
     ``keep``: values that must survive the call (never reused as a buffer, never released): they
-    count as read at the end, like the result.
+    count as read at the end, like the result. ``host``: program-made values placed in host memory
+    between segments (see the module docstring).
     """
 
     inputs: tuple[tuple[str, ...], ...]
     outputs: tuple[str, ...]
     result: str
     keep: frozenset[str] = frozenset()
+    host: frozenset[str] = frozenset()
     producer: dict[str, int] = field(init=False)
     last_use: dict[str, int] = field(init=False)
 
@@ -45,7 +58,9 @@ class ProgramRules:
         object.__setattr__(self, "last_use", last)
 
     @classmethod
-    def of(cls, units: Iterable, result: str, keep: Collection[str] = frozenset()) -> ProgramRules:
+    def of(
+        cls, units: Iterable, result: str, keep: Collection[str] = frozenset(), host: Collection[str] = frozenset()
+    ) -> ProgramRules:
         """From anything with ``inputs`` and ``output`` (executor ops) or ``name`` (profile units)."""
         units = list(units)
         return cls(
@@ -53,7 +68,26 @@ class ProgramRules:
             tuple(getattr(u, "output", None) or u.name for u in units),
             result,
             frozenset(keep),
+            frozenset(host),
         )
+
+    def with_host(self, host: Collection[str]) -> ProgramRules:
+        """The same program with ``host`` placed in host memory (the cost model tries placements)."""
+        return ProgramRules(self.inputs, self.outputs, self.result, self.keep, frozenset(host))
+
+    def host_errors(self, host: Collection[str]) -> list[str]:
+        """Why each name of ``host`` cannot be placed on host (empty when all can): only values made by
+        a unit may be, never the result nor a kept value."""
+        errors = []
+        for name in sorted(set(host)):
+            if name not in self.producer:
+                errors.append(f"{name} is not a value made by a unit" + (
+                    " (it is an initial value)" if any(name in names for names in self.inputs) else ""))
+            elif name == self.result:
+                errors.append(f"{name} is the result")
+            elif name in self.keep:
+                errors.append(f"{name} is kept")
+        return errors
 
     @property
     def n(self) -> int:
@@ -67,6 +101,11 @@ class ProgramRules:
     def made_before(self, start: int) -> list[str]:
         """Program-made values written before unit ``start`` and alive when it starts (full size)."""
         return [out for i, out in enumerate(self.outputs[:start]) if self.producer[out] == i and self.alive(out, start)]
+
+    def on_device_before(self, start: int) -> list[str]:
+        """:meth:`made_before` without host-placed values: what a segment starting at ``start`` holds
+        on the device from earlier segments (the cost model's ``live_in``)."""
+        return [name for name in self.made_before(start) if name not in self.host]
 
     def segment(self, start: int, stop: int) -> SegmentRules:
         return SegmentRules(self, start, stop)
@@ -98,6 +137,49 @@ class SegmentRules:
     def escapes(self, j: int) -> bool:
         return self.program.last_use[self.program.outputs[j]] > self.stop
 
+    def on_host(self, j: int) -> bool:
+        """Whether unit ``j``'s output escapes into host memory (then it needs no device buffer: with
+        several slices each slice is copied into a host buffer, with one the whole result is)."""
+        return self.escapes(j) and self.program.outputs[j] in self.program.host
+
+    def staged(self, j: int) -> list[str]:
+        """Host values unit ``j`` reads from before this segment: each slice it reads (the whole value
+        when unsliced) is copied to the device and alive during ``j``'s call only. Distinct names, in
+        input order. Two units reading one host value each stage their own slices."""
+        out = []
+        for name in self.program.inputs[j]:
+            p = self.program.producer.get(name)
+            if name in self.program.host and p is not None and p < self.start and name not in out:
+                out.append(name)
+        return out
+
+    def cone(self, j: int) -> list[int]:
+        """Units of this segment before ``j`` that ``j``'s first input depends on, in order (empty when
+        that input is made before the segment). For a unit that needs statistics over its whole
+        first input this is its recompute pass: per slice (the segment's bounds) these units run
+        again, the input's slice feeds the merge of moments, and everything is dropped. Cost: the
+        cone's units once more; memory: at most the cone's slices (below the main pass's)."""
+        if not self.program.inputs[j]:
+            return []
+        need = {self.program.inputs[j][0]}
+        out = []
+        for i in range(j - 1, self.start - 1, -1):
+            if self.program.outputs[i] in need:
+                out.append(i)
+                need.update(self.program.inputs[i])
+        return out[::-1]
+
+    def recompute_held(self, j: int, i: int) -> list[int]:
+        """Units of ``j``'s :meth:`cone` whose slices are alive while cone unit ``i`` runs in the
+        recompute pass (made earlier in the cone and read by ``i`` or a later cone unit)."""
+        cone = self.cone(j)
+        last = {}
+        for u in cone:
+            for name in self.program.inputs[u]:
+                last[name] = u
+        last[self.program.inputs[j][0]] = j
+        return [u for u in cone if u < i and last.get(self.program.outputs[u], -1) >= i]
+
     def local_last(self, name: str) -> int:
         """Position of the last unit of this segment that reads ``name`` (-1 if none does)."""
         return self._local_last.get(name, -1)
@@ -116,12 +198,18 @@ class SegmentRules:
 
     def candidates(self, j: int) -> list[str]:
         """Inputs of unit ``j`` whose full buffer its escaping output may take over, by position:
-        made by the program before this segment (full size; never an initial value) and read for
-        the last time by ``j`` (each slice of it is read before the same slice is overwritten)."""
+        made by the program before this segment (full size; never an initial value), read for the
+        last time by ``j`` (each slice of it is read before the same slice is overwritten), and
+        placed where the output is (host over host, device over device)."""
         out = []
+        host = self.program.host
+        placed = self.program.outputs[j] in host
         for name in self.program.inputs[j]:
             p = self.program.producer.get(name)
-            if p is not None and p < self.start and self.program.last_use[name] == j and name not in out:
+            if (
+                p is not None and p < self.start and self.program.last_use[name] == j and name not in out
+                and (name in host) == placed
+            ):
                 out.append(name)
         return out
 
@@ -140,14 +228,17 @@ class SegmentRules:
 
     def buffers(self, fits: Callable[[int, str], bool]) -> list[str | None]:
         """For each unit of the segment: ``None`` if its output needs no full buffer, ``"new"`` for a
-        new buffer, else the name of the input it reuses (with one slice no buffer is made)."""
+        new device buffer, ``"host"`` for a new host buffer (no device bytes), else the name of the
+        input it reuses (a host input for a host output: :meth:`on_host`). With one slice no buffer
+        is made (a host output is then copied whole)."""
         taken: set[str] = set()
         out: list[str | None] = []
         for j in range(self.start, self.stop + 1):
             if not self.escapes(j):
                 out.append(None)
                 continue
-            out.append(self.reuse(j, taken, lambda name, j=j: fits(j, name)) or "new")
+            new = "host" if self.on_host(j) else "new"
+            out.append(self.reuse(j, taken, lambda name, j=j: fits(j, name)) or new)
         return out
 
 

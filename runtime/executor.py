@@ -140,13 +140,14 @@ class _Run:
         bounds = split_bounds(length, seg.k)
         run_bounds = bounds[:1] if self.first_slice_only else bounds
         shapes = _shapes(env)
-        prepared = {}
-        for op in ops:
+        prepared: dict[str, object] = {}
+        for i, op in enumerate(ops):
             if op.prepare is not None:
                 with unit_label(op.name):
                     ctx = SliceCtx(axis, 0, length, length, self.globals, shapes=shapes)
                     # Profiling needs the memory of the statistics pass, which one slice shows.
-                    prepared[op.name] = self._call(op.prepare, ctx, env[op.inputs[0]], run_bounds)
+                    pieces = _Pieces(self, seg, rules, rules.start + i, run_bounds, length, shapes, prepared)
+                    prepared[op.name] = self._call(op.prepare, ctx, pieces)
 
         buffers: dict[str, torch.Tensor] = {}
         full_shapes: dict[str, tuple[int, ...]] = {}
@@ -208,6 +209,52 @@ class _Run:
         # Nothing else may hold the storage: another value (a view of it, a kept value) would see
         # the writes, whatever its name.
         return not any(other != name and _storage(t) == key for other, t in self.env.items())
+
+
+class _Pieces:
+    """The slices of unit ``j``'s first input, one at a time, for its ``prepare``: taken from the full
+    value when it was made before the segment, else recomputed per slice by the units of the
+    segment it depends on (``SegmentRules.cone``), each with its own prepared statistics.
+    Re-iterable (a checkpointed ``prepare`` iterates again in backward)."""
+
+    def __init__(self, run: _Run, seg: Segment, rules: SegmentRules, j: int, bounds, length, shapes, prepared):
+        self.run, self.seg, self.rules, self.j = run, seg, rules, j
+        self.bounds, self.length, self.shapes, self.prepared = bounds, length, shapes, prepared
+        self.cone = rules.cone(j)
+        self.name = rules.program.inputs[j][0]
+        last: dict[str, int] = {}
+        for i in self.cone:
+            for n in rules.program.inputs[i]:
+                last[n] = i
+        last[self.name] = j
+        # cone unit -> slices that die once it has run
+        self.dying = {i: [rules.program.outputs[u] for u in self.cone if u <= i and last.get(rules.program.outputs[u], -1) <= i]
+                      for i in self.cone}
+        # What the pass reads from before the segment, held here: a checkpointed prepare iterates
+        # again in backward, after the segment has released its inputs.
+        made = {rules.program.outputs[i] for i in self.cone}
+        reads = [n for i in self.cone for n in rules.program.inputs[i]] if self.cone else [self.name]
+        self.sources = {n: (run.env[n], run.layouts[n]) for n in reads if n not in made}
+
+    def __iter__(self):
+        run, rules, axis, name = self.run, self.rules, self.seg.axis, self.name
+        for start, stop in self.bounds:
+            if not self.cone:
+                yield take(*self.sources[name], axis, start, stop)
+                continue
+            local: dict[str, torch.Tensor] = {}
+            for i in self.cone:
+                op = self.seg.ops[i - rules.start]
+                args = [local[n] if n in local else take(*self.sources[n], axis, start, stop) for n in op.inputs]
+                ctx = SliceCtx(axis, start, stop, self.length, run.globals, self.prepared.get(op.name), self.shapes)
+                local[op.output] = op.fn(ctx, *args)
+                del args
+                for n in self.dying[i]:
+                    local.pop(n, None)
+            piece = local.pop(name)
+            del local
+            yield piece
+            del piece
 
 
 def _shapes(env: dict[str, torch.Tensor]) -> dict[str, torch.Size]:

@@ -6,6 +6,12 @@ A storage is counted when an op returns it for the first time (views and in-plac
 their input's storage and are not counted again) and uncounted when it dies (a weakref callback
 on the storage object, which PyTorch keeps alive exactly as long as the storage itself).
 Anything that existed before the tracker was entered, weights included, is never counted.
+
+Host placement: storages made inside :func:`host_allocation` or passed to :func:`mark_host` are
+never counted by this thread's active trackers (with host == device, on CPU or meta tensors, the
+executor's host copies are marked so). A tracker made with ``device=`` counts only storages on
+that device (on CUDA: the GPU-resident bytes; pinned host copies and streamed-out weights are on
+the CPU).
 """
 
 from __future__ import annotations
@@ -44,6 +50,28 @@ def current_label() -> str:
     """This thread's innermost unit label ("" outside any unit); other dispatch-mode tools attribute by it."""
     labels = _state.labels
     return labels[-1] if labels else ""
+
+
+def mark_host(tensor: torch.Tensor) -> torch.Tensor:
+    """Never count ``tensor``'s storage in this thread's active trackers (uncounted if it already was);
+    returns ``tensor``. For host-placed copies that live on the compute device (host == device)."""
+    if _has_storage(tensor):
+        for tracker in _state.active:
+            tracker._ignore(tensor.untyped_storage())
+    return tensor
+
+
+@contextmanager
+def host_allocation() -> Iterator[None]:
+    """Storages first seen inside are host memory: this thread's active trackers never count them."""
+    for tracker in _state.active:
+        tracker._host_depth += 1
+    active = list(_state.active)
+    try:
+        yield
+    finally:
+        for tracker in active:
+            tracker._host_depth -= 1
 
 
 @contextmanager
@@ -92,10 +120,15 @@ class MemoryTracker(TorchDispatchMode):
     """
 
     def __init__(
-        self, label_modules: dict[str, torch.nn.Module] | None = None, record_events: bool = False
+        self,
+        label_modules: dict[str, torch.nn.Module] | None = None,
+        record_events: bool = False,
+        device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         self.label_modules = label_modules
+        # Count only storages on this device (None: every storage). ``cuda`` matches every CUDA index.
+        self.device = torch.device(device) if device is not None else None
         # (+nbytes, key) for an allocation, (-nbytes, key) for a free: replayed through an
         # allocator model by the profiler (vramplan.planner.allocator).
         self.events: list[tuple[int, int]] | None = [] if record_events else None
@@ -110,11 +143,32 @@ class MemoryTracker(TorchDispatchMode):
         self._stack: list[_Frame] = []
         self._hooks: list = []
         self._cuda_base: int | None = None
+        self._ignored: dict[int, weakref.ref] = {}
+        self._host_depth = 0
 
     # -- bookkeeping -------------------------------------------------------------------------
+    def _counts(self, storage: torch.UntypedStorage) -> bool:
+        if self.device is None:
+            return True
+        dev = storage.device
+        return dev.type == self.device.type and (self.device.index is None or dev.index == self.device.index)
+
+    def _ignore(self, storage: torch.UntypedStorage) -> None:
+        key = id(storage)
+        if key in self._ignored:
+            return
+        if key in self._live:
+            self._free(key)
+        self._ignored[key] = weakref.ref(storage, lambda _r, k=key: self._ignored.pop(k, None))
+
     def _add(self, storage: torch.UntypedStorage) -> None:
         key = id(storage)
-        if key in self._live:
+        if key in self._live or key in self._ignored:
+            return
+        if self._host_depth:
+            self._ignore(storage)
+            return
+        if not self._counts(storage):
             return
         nbytes = storage.nbytes()
         ref = weakref.ref(storage, lambda _r, k=key: self._free(k))

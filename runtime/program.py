@@ -13,7 +13,7 @@ Layouts (every value has the ``B*T`` frames dimension first):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -29,8 +29,9 @@ class UnitSpec:
     """What the planner needs to know about a unit.
 
     ``needs_input_stats``: the unit normalises its input with statistics over the whole token axis
-    (GroupNorm over time); they are gathered in a first pass over the full input, so the unit must
-    start its group.
+    (GroupNorm over time); they are gathered in a pass over every slice of its first input before
+    the slice loop. That input is read from a full value made before the segment, or, when the
+    unit's own segment makes it, *recomputed* slice by slice (the executor's recompute pass).
     """
 
     name: str
@@ -59,9 +60,12 @@ class Op:
     output: str
     fn: Callable[..., torch.Tensor]
     layout: Layout = "nchw"
-    # Called once on the whole first input before the slice loop, with the slice bounds; its result
-    # reaches every slice as ``ctx.prepared`` (used for GroupNorm statistics over all tokens).
-    prepare: Callable[[SliceCtx, torch.Tensor, Sequence[tuple[int, int]]], Any] | None = None
+    # Called once before the slice loop with an iterable of the first input's slices (the segment's
+    # bounds, in order; each slice is alive only while the iterable hands it over: read from a full
+    # value, staged from host memory or recomputed). Its result reaches every slice as
+    # ``ctx.prepared`` (GroupNorm statistics over all tokens). It must consume each slice as it
+    # comes (under checkpointing the executor may iterate again to recompute).
+    prepare: Callable[[SliceCtx, Iterable[torch.Tensor]], Any] | None = None
 
     @property
     def name(self) -> str:

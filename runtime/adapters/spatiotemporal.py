@@ -8,10 +8,12 @@ other per-frame modules are frames units.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from ..norm import merged_moments, normalize_groups
-from ..program import Op, SliceCtx, UnitSpec, take
+from ..program import Op, SliceCtx, UnitSpec
 
 
 def frames_op(name, inputs, fn, layout="nchw", kind="") -> Op:
@@ -51,16 +53,14 @@ def _from_video(x: torch.Tensor) -> torch.Tensor:
 
 
 def _time_stats(norm: torch.nn.GroupNorm):
-    """``prepare`` hook: GroupNorm moments over (channels in group, time, all tokens)."""
+    """``prepare`` hook: GroupNorm moments over (channels in group, time, all tokens), merged from the
+    token slices ``[B*T, C, n]`` of the input that the executor hands over one by one (read from a
+    full value, or recomputed slice by slice: see ``Op.prepare``)."""
 
-    def prepare(ctx: SliceCtx, full: torch.Tensor, bounds):
+    def prepare(ctx: SliceCtx, pieces: Iterable[torch.Tensor]):
         b, t, g = ctx.globals["batch"], ctx.globals["frames"], norm.num_groups
-        c = full.shape[1]
-        pieces = (
-            take(full, "nchw", "tokens", start, stop).reshape(b, t, g, c // g, stop - start)
-            for start, stop in bounds
-        )
-        return merged_moments(pieces, reduce_dims=(1, 3, 4))
+        grouped = (p.reshape(b, t, g, p.shape[1] // g, p.shape[2]) for p in pieces)
+        return merged_moments(grouped, reduce_dims=(1, 3, 4))
 
     return prepare
 
