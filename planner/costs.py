@@ -13,16 +13,24 @@ when, and which buffer each value is written into, from one rulebook (:mod:`.rul
 - values made and consumed inside the segment exist one slice at a time;
 - with one slice (k=1) a unit's output is its computation's own result.
 
+Three choices change a segment's cost without changing the slicing (see the team contract in
+``docs/design.md``): **placement** (``host``: values kept in host memory between segments, never
+on the device at a segment's start, staged slice by slice into the units that read them, PCIe time
+not overlapped), **weight streaming** (``streamed``: blocks whose weights are on the device only
+while a segment touches them, plus the next streamed block prefetched) and **depth** (slices in
+flight at once). A statistics unit may sit inside a group whose units make its input: its
+statistics then come from a recompute pass (the units it depends on run once more, slice by slice).
+
 Profiles are traced without autograd, so the executor's storage checks (a dense layout, a storage
 nothing else holds, no autograd watching) hold for every buffer the rulebook offers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
-from .rules import ProgramRules
+from .rules import ProgramRules, SegmentRules
 from .schema import GpuProfile, ModelProfile
 
 
@@ -38,6 +46,17 @@ def roofline_seconds(flops: int, bytes_moved: int, gpu: GpuProfile, dtype: str) 
 COMPUTE_EFFICIENCY = 0.6
 BANDWIDTH_EFFICIENCY = 0.75
 LAUNCH_SECONDS = 8e-6
+# Host-link rate of pageable (not pinned) host memory as a fraction of the pinned rate in
+# ``GpuProfile.pcie_gbps``: the copy goes through a driver staging buffer. An estimate, not measured
+# here: NVIDIA's "How to Optimize Data Transfers in CUDA C/C++" (Harris, 2012) shows pageable
+# transfers at roughly half to 85% of pinned ones depending on the machine; we take the low end,
+# since the fallback is used where pinning failed (memory-limited containers).
+PAGEABLE_FRACTION = 0.5
+# Slices in flight (Group.depth) offered for groups of at least MIN_DEPTH_K slices.
+DEPTHS = (2, 4)
+MIN_DEPTH_K = 4
+
+EMPTY: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -45,25 +64,35 @@ class Segment:
     start: int
     stop: int  # inclusive
     k: int
+    depth: int = 1  # slices in flight at once (a wave); 1 = one after another
 
 
 @dataclass(frozen=True)
 class SegmentCost:
-    activation_bytes: int  # peak live + transient while the segment runs
+    activation_bytes: int  # peak live + transient (+ streamed weights present) while the segment runs
     live_bytes: int  # full-size values held at that peak
     transient_bytes: int  # slice intermediates at that peak
     peak_unit: int  # index of the unit where the peak occurs
-    needed_bytes: int  # activation_bytes x allocator factor
-    seconds: float
+    needed_bytes: int  # activations x allocator factor, + streamed weights present
+    seconds: float  # host-link time of placed values included
+    streamed_bytes: int = 0  # weights of streamed blocks on the device while the segment runs
+    transfer_s: float = 0.0  # host-link seconds of placed values (part of ``seconds``, not overlapped)
+    recompute: tuple[int, ...] = ()  # statistics units whose input is recomputed in a pre-pass
 
 
 class CostModel:
-    """Segment costs for one profile on one GPU."""
+    """Segment costs for one profile on one GPU.
 
-    def __init__(self, profile: ModelProfile, gpu: GpuProfile, allocator: str = "expandable_segments"):
+    ``pinned=False`` prices host-link copies at the pageable rate (``PAGEABLE_FRACTION``).
+    Costs are memoised per (segment, placement relevant to it); streaming is added on top.
+    """
+
+    def __init__(self, profile: ModelProfile, gpu: GpuProfile, allocator: str = "expandable_segments", *,
+                 pinned: bool = True):
         self.profile = profile
         self.gpu = gpu
         self.allocator = allocator
+        self.pinned = pinned
         self.units = profile.units
         self.n = len(self.units)
         self.index = {u.name: i for i, u in enumerate(self.units)}
@@ -71,11 +100,24 @@ class CostModel:
         tflops = gpu.fp32_tflops if fp32 else gpu.fp16_tensor_tflops
         self.flops_per_s = tflops * 1e12 * COMPUTE_EFFICIENCY
         self.bytes_per_s = gpu.memory_bandwidth_gbps * 1e9 * BANDWIDTH_EFFICIENCY
+        self.link_bytes_per_s = gpu.pcie_gbps * 1e9 * (1.0 if pinned else PAGEABLE_FRACTION)
+        self.size = {u.name: u.output_bytes for u in self.units}
 
     # -- static structure ----------------------------------------------------------------------
     @cached_property
     def rules(self) -> ProgramRules:
         return ProgramRules.of(self.units, self.profile.result)
+
+    def rules_for(self, host: frozenset[str]) -> ProgramRules:
+        """The rulebook with ``host`` placed in host memory (memoised per placement)."""
+        if not host:
+            return self.rules
+        cache = self.__dict__.setdefault("_rules_cache", {})
+        if host not in cache:
+            if len(cache) > 512:
+                cache.clear()
+            cache[host] = self.rules.with_host(host)
+        return cache[host]
 
     @property
     def producer(self) -> dict[str, int]:
@@ -87,8 +129,8 @@ class CostModel:
 
     @cached_property
     def live_in(self) -> list[int]:
-        """Bytes of program-made values alive when unit ``a`` starts (read at ``a`` or later)."""
-        size = {u.name: u.output_bytes for u in self.units}
+        """Bytes of program-made values alive when unit ``a`` starts (read at ``a`` or later), none placed."""
+        size = self.size
         return [self.profile.globals_bytes + sum(size[v] for v in self.rules.made_before(a)) for a in range(self.n)]
 
     def ks(self, start: int, stop: int) -> list[int]:
@@ -98,57 +140,172 @@ class CostModel:
             common &= set(unit.scratch)
         return sorted(common)
 
-    # -- one segment -----------------------------------------------------------------------------
-    def cost(self, seg: Segment) -> SegmentCost:
-        """Memory and latency of ``seg`` (memoised: a segment's cost never depends on the budget)."""
-        cache = self.__dict__.setdefault("_costs", {})
-        if seg not in cache:
-            cache[seg] = self._cost(seg)
-        return cache[seg]
+    # -- placement and streaming: what may move ---------------------------------------------------
+    @cached_property
+    def placeable(self) -> tuple[str, ...]:
+        """Values that may live in host memory: made by a unit, read by a later one, not the result."""
+        return tuple(
+            u.name for i, u in enumerate(self.units)
+            if u.name != self.profile.result and u.output_bytes > 0 and self.last_use.get(u.name, i) > i
+        )
 
-    def _cost(self, seg: Segment) -> SegmentCost:
+    def relevant(self, seg: Segment) -> frozenset[str]:
+        """Values whose placement can change ``seg``'s cost: alive at its start, or made in it."""
+        cache = self.__dict__.setdefault("_relevant_cache", {})
+        key = (seg.start, seg.stop)
+        if key not in cache:
+            cache[key] = frozenset(self.rules.made_before(seg.start)) | frozenset(
+                u.name for u in self.units[seg.start : seg.stop + 1]
+            )
+        return cache[key]
+
+    @cached_property
+    def block_order(self) -> tuple[str, ...]:
+        """Blocks in execution order (first use)."""
+        return tuple(dict.fromkeys(u.block for u in self.units))
+
+    @cached_property
+    def streamable(self) -> tuple[str, ...]:
+        """Blocks whose weights may be streamed (listed in the profile's ``block_weights``), in order."""
+        weights = self.profile.block_weights
+        return tuple(b for b in self.block_order if weights.get(b, 0) > 0)
+
+    def streamed_weight_bytes(self, streamed: frozenset[str]) -> int:
+        """Weights that leave the device when ``streamed`` blocks are streamed."""
+        return sum(self.profile.block_weights.get(b, 0) for b in streamed)
+
+    def _touched(self, start: int, stop: int) -> tuple[frozenset[str], int]:
+        cache = self.__dict__.setdefault("_touched_cache", {})
+        key = (start, stop)
+        if key not in cache:
+            blocks = frozenset(u.block for u in self.units[start : stop + 1])
+            order = {b: i for i, b in enumerate(self.block_order)}
+            cache[key] = (blocks, max(order[b] for b in blocks))
+        return cache[key]
+
+    def present_blocks(self, seg: Segment, streamed: frozenset[str]) -> list[str]:
+        """Streamed blocks on the device while ``seg`` runs: those it touches, and the next streamed
+        block after the last block it touches (prefetched)."""
+        if not streamed:
+            return []
+        touched, last = self._touched(seg.start, seg.stop)
+        out = [b for b in self.block_order if b in touched and b in streamed]
+        nxt = next((b for b in self.block_order[last + 1 :] if b in streamed), None)
+        if nxt is not None:
+            out.append(nxt)
+        return out
+
+    def present_bytes(self, seg: Segment, streamed: frozenset[str]) -> int:
+        weights = self.profile.block_weights
+        return sum(weights.get(b, 0) for b in self.present_blocks(seg, streamed))
+
+    @cached_property
+    def unit_seconds(self) -> list[float]:
+        """Roofline time of each unit, unsliced (no launches): the compute a weight copy can hide behind."""
+        return [u.flops / self.flops_per_s + u.bytes_moved / self.bytes_per_s for u in self.units]
+
+    def streaming_seconds(self, streamed: frozenset[str]) -> tuple[float, float]:
+        """(transfer, exposed) seconds per call of streaming ``streamed``: every streamed block is copied
+        in once per call, on one copy stream in block order. Block ``b_i`` is prefetched when the
+        computation reaches the previous streamed block ``b_(i-1)`` (the call's start for the first)
+        and is needed at its own first unit; the computation waits for what is not done by then."""
+        if not streamed:
+            return 0.0, 0.0
+        cache = self.__dict__.setdefault("_streaming_cache", {})
+        if streamed in cache:
+            return cache[streamed]
+        first: dict[str, int] = {}
+        for i, u in enumerate(self.units):
+            first.setdefault(u.block, i)
+        clock = [0.0]
+        for t in self.unit_seconds:
+            clock.append(clock[-1] + t)
+        weights = self.profile.block_weights
+        blocks = [b for b in self.block_order if b in streamed]
+        stall = copy_free = total = 0.0
+        for i, b in enumerate(blocks):
+            issue = clock[first[blocks[i - 1]]] + stall if i else 0.0
+            seconds = weights.get(b, 0) / self.link_bytes_per_s
+            total += seconds
+            copy_free = max(issue, copy_free) + seconds
+            need = clock[first[b]] + stall
+            if copy_free > need:
+                stall += copy_free - need
+        cache[streamed] = (total, stall)
+        return cache[streamed]
+
+    # -- one segment -----------------------------------------------------------------------------
+    def cost(self, seg: Segment, host: frozenset[str] = EMPTY, streamed: frozenset[str] = EMPTY) -> SegmentCost:
+        """Memory and latency of ``seg`` with values ``host`` placed in host memory and blocks
+        ``streamed`` (memoised: a segment's cost never depends on the budget)."""
+        rel = host & self.relevant(seg) if host else EMPTY
+        cache = self.__dict__.setdefault("_costs", {})
+        key = (seg, rel)
+        found = cache.get(key)
+        if found is None:
+            found = cache[key] = self._cost(seg, rel)
+        if not streamed:
+            return found
+        extra = self.present_bytes(seg, streamed)
+        if not extra:
+            return found
+        return replace(found, activation_bytes=found.activation_bytes + extra, needed_bytes=found.needed_bytes + extra,
+                       streamed_bytes=extra)
+
+    def _cost(self, seg: Segment, host: frozenset[str] = EMPTY) -> SegmentCost:
         units = self.units[seg.start : seg.stop + 1]
-        entry = self.live_in[seg.start]
+        rules = self.rules_for(host)
+        seg_rules = rules.segment(seg.start, seg.stop)
+        size = self.size
+        entry = self.live_in[seg.start] - sum(
+            size[v] for v in host if self.producer[v] < seg.start and rules.alive(v, seg.start)
+        )
         first = units[0]
         slices = min(seg.k, first.axis_length) if first.axis else 1
         if slices <= 1:
             scratch = first.scratch[seg.k]
-            act = entry + scratch
-            return self._finish(act, entry, scratch, seg.start, seg, 1)
+            staged = sum(size[v] for v in seg_rules.staged(seg.start))  # whole host inputs, during the call
+            act = entry + scratch + staged
+            return self._finish(act, entry, scratch + staged, seg.start, seg, 1, seg_rules)
 
         length = first.axis_length
         big = -(-length // seg.k)  # the first slice is the largest (split_bounds: the first N % k are)...
         small = big if length % seg.k != 1 else length // seg.k  # ...and the largest of the later ones
-        rules = self.rules.segment(seg.start, seg.stop)
-        kinds = rules.buffers(self._same_shape)
+        depth = seg.depth
+        kinds = seg_rules.buffers(self._same_shape)
         buffer = [unit.output_bytes if kind == "new" else 0 for unit, kind in zip(units, kinds, strict=True)]
         best = None
         for i, unit in enumerate(units):
             j = seg.start + i
-            held = sum(self.units[h].output_bytes for h in rules.held_at(j))  # full size
+            held = sum(size[self.units[h].name] for h in seg_rules.held_at(j)) * depth  # full size, x slices in flight
+            # this unit's pieces of earlier slices of the wave, when a later unit of the segment reads them
+            wave = (depth - 1) * unit.output_bytes if seg_rules.local_last(unit.name) > j else 0
+            staged = sum(size[v] for v in seg_rules.staged(j))  # host inputs: one staged slice during the call
             scratch = unit.scratch[seg.k]
             before = entry + sum(buffer[:i])
             states = [
-                # first slice: earlier units' buffers exist, this unit computes...
-                (before, held * big // length + scratch),
+                # first slice (wave): earlier units' buffers exist (and with depth > 1 its own), this unit computes...
+                (before + (buffer[i] if depth > 1 else 0), (held + wave + staged) * big // length + scratch),
                 # ...then allocates its own buffer while its output piece is alive;
                 (before + buffer[i], held * big // length + unit.output_bytes * big // length),
                 # later slices: every buffer exists, slices are `small` (scratch scales with the slice).
-                (entry + sum(buffer), held * small // length + scratch * small // big),
+                (entry + sum(buffer), (held + wave + staged) * small // length + scratch * small // big),
             ]
             for live, transient in states:
                 if best is None or live + transient > best[0]:
                     best = (live + transient, live, transient, j)
         act, live, transient, j = best
-        return self._finish(act, live, transient, j, seg, slices)
+        return self._finish(act, live, transient, j, seg, slices, seg_rules)
 
     def _same_shape(self, j: int, name: str) -> bool:
         """What the profile can tell of the executor's reuse check: the input has the output's shape."""
         return self.units[self.producer[name]].output_shape == self.units[j].output_shape
 
-    def _finish(self, act: int, live: int, transient: int, j: int, seg: Segment, slices: int) -> SegmentCost:
+    def _finish(self, act: int, live: int, transient: int, j: int, seg: Segment, slices: int,
+                seg_rules: SegmentRules) -> SegmentCost:
         factor = self.allocator_factor(seg.k)
-        return SegmentCost(act, live, transient, j, int(act * factor), self.seconds(seg, slices))
+        seconds, transfer, recompute = self._seconds(seg, slices, seg_rules)
+        return SegmentCost(act, live, transient, j, int(act * factor), seconds, 0, transfer, recompute)
 
     def allocator_factor(self, k: int) -> float:
         if self.allocator == "none":
@@ -161,18 +318,40 @@ class CostModel:
         return table[targets[-1]]
 
     def seconds(self, seg: Segment, slices: int) -> float:
+        """Latency of ``seg`` with nothing placed (see :meth:`cost` for placed values)."""
+        return self._seconds(seg, slices, self.rules.segment(seg.start, seg.stop))[0]
+
+    def _seconds(self, seg: Segment, slices: int, rules: SegmentRules) -> tuple[float, float, tuple[int, ...]]:
         total = 0.0
-        rules = self.rules.segment(seg.start, seg.stop)
+        link = 0.0  # bytes over the host link
+        recompute = []
+        size = self.size
         for i in range(seg.start, seg.stop + 1):
             unit = self.units[i]
-            total += unit.flops / self.flops_per_s + unit.bytes_moved / self.bytes_per_s
-            total += slices * unit.kernels * LAUNCH_SECONDS
+            total += self._unit_time(i, slices, seg.depth)
+            staged = rules.staged(i)
+            link += sum(size[v] for v in staged)  # each reading unit stages its own slices
             if slices > 1:
                 if rules.escapes(i):
                     total += 2 * unit.output_bytes / self.bytes_per_s  # writing slices into the buffer
                 if unit.needs_input_stats:
                     total += 3 * self._input_bytes(unit) / self.bytes_per_s  # statistics pass
-        return total
+                    cone = rules.cone(i) if i > seg.start else []
+                    if cone:  # the units making its input run once more, slice by slice
+                        recompute.append(i)
+                        for c in cone:
+                            total += self._unit_time(c, slices, seg.depth)
+                            link += sum(size[v] for v in rules.staged(c))
+                    elif unit.inputs and unit.inputs[0] in staged:
+                        link += size[unit.inputs[0]]  # the statistics pass stages it once more
+            if rules.on_host(i):
+                link += unit.output_bytes  # written to host memory once
+        transfer = link / self.link_bytes_per_s
+        return total + transfer, transfer, tuple(recompute)
+
+    def _unit_time(self, i: int, slices: int, depth: int) -> float:
+        unit = self.units[i]
+        return self.unit_seconds[i] + slices * unit.kernels * LAUNCH_SECONDS / depth
 
     def _input_bytes(self, unit) -> int:
         name = unit.inputs[0]
@@ -181,7 +360,10 @@ class CostModel:
 
     # -- candidates ----------------------------------------------------------------------------
     def segments(self, max_group: int = 8) -> list[Segment]:
-        """Every segment a plan may use: single units at each profiled k, and groups (k > 1)."""
+        """Every segment a plan may use: single units at each profiled k, and groups (k > 1), with
+        depth 2 and 4 for groups of at least 4 slices. A statistics unit may sit inside a group: its
+        statistics come from the full input when that is made before the group, else from a
+        recompute pass."""
         key = ("_segments", max_group)
         if key in self.__dict__:
             return self.__dict__[key]
@@ -192,13 +374,15 @@ class CostModel:
                 continue
             b = a
             while b < self.n and b - a < max_group:
-                if b > a and (self.units[b].axis != unit.axis or self.units[b].needs_input_stats):
+                if b > a and self.units[b].axis != unit.axis:
                     break
                 if self.units[b].axis_length != unit.axis_length:
                     break
                 for k in self.ks(a, b):
                     if b == a or k > 1:
                         out.append(Segment(a, b, k))
+                        if b > a and k >= MIN_DEPTH_K:
+                            out += [Segment(a, b, k, d) for d in DEPTHS if d <= k]
                 b += 1
         self.__dict__[key] = out
         return out

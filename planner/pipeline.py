@@ -7,6 +7,12 @@ off after it (cost: twice its bytes over the GPU's PCIe bandwidth). Given the re
 sliced stage (the UNet, the VAE decoder) is planned independently within what is left of the
 budget (:mod:`.solve`); the residency itself is chosen by trying every assignment (2^components,
 a handful). The pipeline's peak is the largest stage peak.
+
+When a sliced stage does not fit with every value on the GPU and its component's weights whole,
+:func:`.placement.search` places values in host memory and streams blocks' weights (only then, so
+plans that fit without are unchanged). Streamed blocks stay in pinned host memory for the whole
+run: the component's other stages hold only its other weights too. Floors are computed with every
+value placed and every block streamed, and name what sets them.
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ from dataclasses import dataclass
 from .costs import CostModel, roofline_seconds
 from .errors import InfeasibleError
 from .fmt import human_bytes
-from .plan import MARGIN_FRACTION, to_component
+from .placement import floor as model_floor
+from .placement import host_bytes, search
+from .plan import MARGIN_FRACTION, plan_fields
 from .schema import (
     ComponentPlan,
     PipelineProfile,
@@ -27,7 +35,7 @@ from .schema import (
     StagePrediction,
     Target,
 )
-from .solve import Solution, min_needed, solve
+from .solve import Solution
 
 
 @dataclass
@@ -60,22 +68,30 @@ class PipelinePlanner:
         return self.steps if stage.per_step else 1
 
     def evaluate(self, resident: dict[str, bool], cap: int, method: str = "dp") -> list[_StageResult] | None:
-        """Every stage within ``cap`` bytes, fastest, for this residency; None if one cannot fit."""
+        """Every stage within ``cap`` bytes, fastest, for this residency; None if one cannot fit.
+
+        Sliced stages first (placement and streaming chosen within what is left with every other
+        component's weights whole), then every stage's weights less the blocks streamed."""
+        solutions: dict[str, Solution] = {}
+        for stage in self.profile.stages:
+            if stage.profile is None:
+                continue
+            budget = min(cap, self.usable) - self._base(stage, resident, {})
+            try:
+                solutions[stage.stage] = self._search(stage, budget, method)
+            except InfeasibleError:
+                return None
+        credit = {s.component: solutions[s.stage].streamed_weight_bytes for s in self.profile.stages
+                  if s.stage in solutions}
         results = []
         for stage in self.profile.stages:
-            on_gpu = sum(w for c, w in self.weights.items() if resident[c] or c == stage.component)
-            weights = on_gpu + stage.extra_weight_bytes
-            base = self.gpu.cuda_context_bytes + self.margin + weights + self.held_bytes(stage)
-            budget = min(cap, self.usable) - base
+            base = self._base(stage, resident, credit)
+            weights = base - self.gpu.cuda_context_bytes - self.margin - self.held_bytes(stage)
             moved = not resident.get(stage.component, True)
-            transfer = 2 * self.weights[stage.component] / (self.gpu.pcie_gbps * 1e9) if moved else 0.0
+            on = self.weights.get(stage.component, 0) - credit.get(stage.component, 0)
+            transfer = 2 * on / (self.gpu.pcie_gbps * 1e9) if moved else 0.0
             if stage.profile is not None:
-                try:
-                    if budget <= 0:
-                        return None
-                    sol = solve(self.models[stage.stage], budget, method=method)
-                except InfeasibleError:
-                    return None
+                sol = solutions[stage.stage]
                 worst = max(sol.costs, key=lambda c: c.needed_bytes)
                 seconds = sol.latency_s * self.calls(stage) + transfer
                 if self.rehash is not None and stage.per_step:
@@ -85,12 +101,31 @@ class PipelinePlanner:
                 results.append(_StageResult(stage, weights, base, sol, worst.needed_bytes, activation, seconds, unit))
             else:
                 needed = int(stage.activation_bytes * self._factor())
-                if needed > budget:
+                if needed > min(cap, self.usable) - base:
                     return None
                 seconds = roofline_seconds(stage.flops, stage.bytes_moved, self.gpu, self.profile.dtype)
                 seconds = seconds * self.calls(stage) + transfer
                 results.append(_StageResult(stage, weights, base, None, needed, stage.activation_bytes, seconds, None))
         return results
+
+    def _base(self, stage, resident: dict[str, bool], credit: dict[str, int]) -> int:
+        """Context + margin + weights on the GPU (less ``credit``: streamed weights) + held tensors."""
+        on_gpu = sum(w - credit.get(c, 0) for c, w in self.weights.items() if resident[c] or c == stage.component)
+        return self.gpu.cuda_context_bytes + self.margin + on_gpu + stage.extra_weight_bytes + self.held_bytes(stage)
+
+    def _search(self, stage, budget: int, method: str) -> Solution:
+        """The stage's fastest plan within ``budget`` (its component's weights counted whole), memoised."""
+        cache = self.__dict__.setdefault("_searches", {})
+        key = (stage.stage, budget, method)
+        if key not in cache:
+            try:
+                cache[key] = search(self.models[stage.stage], budget, method=method)
+            except InfeasibleError as err:
+                cache[key] = err
+        found = cache[key]
+        if isinstance(found, InfeasibleError):
+            raise found
+        return found
 
     def _factor(self) -> float:
         unet = next((s.profile for s in self.profile.stages if s.profile is not None), None)
@@ -133,23 +168,48 @@ class PipelinePlanner:
         return held
 
     def floor(self) -> tuple[int, str, str]:
-        """The smallest reachable pipeline peak, and the stage and unit that set it."""
+        """The smallest reachable pipeline peak, and the stage and unit that set it (every value that
+        may leave the GPU in host memory, every block streamed; :attr:`floor_reason` says more)."""
+        floors = {s.stage: model_floor(self.models[s.stage]) for s in self.profile.stages if s.profile is not None}
+        credit = {s.component: self.models[s.stage].streamed_weight_bytes(f.streamed)
+                  for s in self.profile.stages if (f := floors.get(s.stage)) is not None}
         best = None
         for resident in self.residencies():
             worst = None
             for stage in self.profile.stages:
-                on_gpu = sum(w for c, w in self.weights.items() if resident[c] or c == stage.component)
-                base = (self.gpu.cuda_context_bytes + self.margin + on_gpu + stage.extra_weight_bytes
-                        + self.held_bytes(stage))
+                # the stage's own component counted whole: a model floor is relative to all its weights
+                base = self._base(stage, resident, {c: v for c, v in credit.items() if c != stage.component})
                 if stage.profile is not None:
-                    needed, unit = min_needed(self.models[stage.stage])
+                    needed, unit = floors[stage.stage].needed_bytes, floors[stage.stage].unit
                 else:
                     needed, unit = int(stage.activation_bytes * self._factor()), stage.component
+                    base -= credit.get(stage.component, 0)
                 if worst is None or base + needed > worst[0]:
-                    worst = (base + needed, stage.stage, unit)
+                    worst = (base + needed, stage.stage, unit, resident)
             if best is None or worst[0] < best[0]:
                 best = worst
-        return best
+        total, stage_name, unit, resident = best
+        self.floor_reason = self._reason(stage_name, resident, credit, floors.get(stage_name))
+        return total, stage_name, unit
+
+    def _reason(self, stage_name: str, resident, credit, found) -> str:
+        """What the floor's stage holds at its peak, the largest part first named."""
+        stage = next(s for s in self.profile.stages if s.stage == stage_name)
+        on_gpu = {c: w - credit.get(c, 0) for c, w in self.weights.items() if resident[c] or c == stage.component}
+        parts = {
+            "CUDA context": self.gpu.cuda_context_bytes,
+            "weights that cannot be streamed": sum(on_gpu.values()) + stage.extra_weight_bytes,
+            "tensors held from other stages": self.held_bytes(stage),
+        }
+        if found is not None:
+            parts.update(found.parts())
+            where = f"at {found.describe(self.models[stage_name])}"
+        else:
+            parts["activations of a stage that is not sliced"] = int(stage.activation_bytes * self._factor())
+            where = f"{stage.component} runs that stage unsliced"
+        largest = max(parts, key=parts.get)
+        listed = ", ".join(f"{name} {human_bytes(v)}" for name, v in parts.items() if v)
+        return f"{where}; the largest part is {largest} ({listed}, margin {human_bytes(self.margin)})"
 
 
 def plan_pipeline(
@@ -173,10 +233,11 @@ def plan_pipeline(
         err = InfeasibleError(
             f"{profile.model_name} {profile.frames} x {profile.height}x{profile.width} cannot fit {gpu.name} "
             f"({human_bytes(usable)} usable): the smallest reachable peak is {human_bytes(floor)}, set by the "
-            f"{stage} stage ({unit}) with every other component's weights off the GPU. Use a GPU with at least "
-            f"{human_bytes(floor)}, a smaller resolution or fewer frames."
+            f"{stage} stage ({unit}), with every other component's weights off the GPU, every value that may leave "
+            f"the GPU in host memory and every block's weights streamed: {planner.floor_reason}. Use a GPU with at "
+            f"least {human_bytes(floor)}, a smaller resolution or fewer frames."
         )
-        err.min_peak_bytes, err.stage, err.unit = floor, stage, unit
+        err.min_peak_bytes, err.stage, err.unit, err.reason = floor, stage, unit, planner.floor_reason
         raise err
     cap = usable
     if max_latency_s is not None:
@@ -206,20 +267,28 @@ def _assemble(profile, planner, resident, results, cap, max_latency_s) -> Plan:
         for c in profile.components
     }
     stages = []
+    transfer = 0.0
+    placed_peak = streamed_total = 0
     for r in results:
         stage = r.stage
+        streamed = placed = 0
         if r.solution is not None:
             model = planner.models[stage.stage]
-            slices, groups = to_component(model, r.solution.segments)
             comp = components[stage.component]
             components[stage.component] = comp.model_copy(
-                update={"model": stage.profile.model, "shape": stage.profile.shape, "slices": slices, "groups": groups}
+                update={"model": stage.profile.model, "shape": stage.profile.shape, **plan_fields(model, r.solution)}
             )
+            streamed = r.solution.streamed_weight_bytes
+            placed = host_bytes(model, r.solution.host)
+            transfer += r.solution.transfer_s * planner.calls(stage)
+            placed_peak = max(placed_peak, placed)
+            streamed_total += streamed
         stages.append(StagePrediction(
             stage=stage.stage, component=stage.component, calls=planner.calls(stage),
             peak_bytes=r.base + r.needed, weight_bytes=r.weights, held_bytes=planner.held_bytes(stage),
             activation_bytes=r.activation, needed_bytes=r.needed,
             original_activation_bytes=stage.activation_bytes, peak_unit=r.peak_unit, seconds=round(r.seconds, 4),
+            streamed_bytes=streamed, host_bytes=placed + streamed,
         ))
     worst = max(results, key=lambda r: r.base + r.needed)
     denoise = next((r for r in results if r.stage.per_step and r.solution is not None), None)
@@ -243,6 +312,8 @@ def _assemble(profile, planner, resident, results, cap, max_latency_s) -> Plan:
         original_peak_bytes=original,
         unet_call_s=round(denoise.solution.latency_s, 6) if denoise else 0.0,
         latency_s=round(planner.latency(results), 4),
+        host_bytes=placed_peak + streamed_total,
+        transfer_s=round(transfer, 4),
         latency_calibrated=gpu.calibrated,
         allocator_model=f"{planner.allocator}: factor from replays of the traced allocation sequences",
     )

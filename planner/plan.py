@@ -8,6 +8,7 @@ from ..profiles import read_json
 from .costs import CostModel, Segment
 from .errors import InfeasibleError
 from .fmt import human_bytes
+from .placement import crossing, host_bytes, search
 from .schema import (
     ComponentPlan,
     Group,
@@ -18,7 +19,7 @@ from .schema import (
     SolverInfo,
     Target,
 )
-from .solve import solve
+from .solve import Solution
 
 # Headroom kept free beyond the modelled allocator overhead: other processes, cuBLAS workspaces
 # growing on first use, allocator bookkeeping.
@@ -66,20 +67,21 @@ def make_plan(
     budget = usable - base
     model = CostModel(profile, gpu, allocator)
     per_call = None if max_latency_s is None else max_latency_s / steps
+    fixed = base - model.streamed_weight_bytes(frozenset(model.streamable))
     try:
-        if budget <= 0:
+        if fixed >= usable:
             raise InfeasibleError("")
-        solution = solve(model, budget, per_call, method=method)
+        solution = search(model, budget, per_call, method=method)
     except InfeasibleError as err:
-        raise _explain(err, profile, gpu, usable, base) from None
+        raise _explain(err, profile, gpu, usable, base, model) from None
 
-    slices, groups = to_component(model, solution.segments)
     peak_cost = max(solution.costs, key=lambda c: c.needed_bytes)
     needed = peak_cost.needed_bytes
+    resident = profile.weight_bytes - solution.streamed_weight_bytes
     prediction = Prediction(
-        peak_bytes=base + needed,
+        peak_bytes=base - solution.streamed_weight_bytes + needed,
         context_bytes=gpu.cuda_context_bytes,
-        weight_bytes=profile.weight_bytes,
+        weight_bytes=resident,
         live_bytes=peak_cost.live_bytes,
         transient_bytes=peak_cost.transient_bytes,
         allocator_bytes=needed - peak_cost.activation_bytes,
@@ -89,11 +91,13 @@ def make_plan(
         original_activation_peak_bytes=profile.original_peak_bytes,
         unet_call_s=round(solution.latency_s, 6),
         latency_s=round(solution.latency_s * steps, 4),
+        host_bytes=host_bytes(model, solution.host) + solution.streamed_weight_bytes,
+        transfer_s=round(solution.transfer_s * steps, 4),
         latency_calibrated=gpu.calibrated,
         allocator_model=f"{allocator}: factor from {profile.allocator.method}",
     )
     component = ComponentPlan(component=profile.component, model=profile.model, shape=profile.shape,
-                              slices=slices, groups=groups)
+                              **plan_fields(model, solution))
     return Plan(
         model_name=profile.model.name,
         components=[component],
@@ -118,6 +122,7 @@ def make_plan(
 
 
 def to_component(model: CostModel, segments: Iterable[Segment]) -> tuple[dict[str, int], list[Group]]:
+    """Slice counts and groups (with their depth) of a path of segments."""
     slices: dict[str, int] = {}
     groups: list[Group] = []
     for seg in segments:
@@ -125,27 +130,67 @@ def to_component(model: CostModel, segments: Iterable[Segment]) -> tuple[dict[st
         if seg.k > 1:
             slices.update({u.name: seg.k for u in units})
         if len(units) > 1:
-            groups.append(Group(units=[u.name for u in units], axis=units[0].axis, k=seg.k))
+            groups.append(Group(units=[u.name for u in units], axis=units[0].axis, k=seg.k, depth=seg.depth))
     return slices, groups
 
 
-def _explain(err: InfeasibleError, profile: ModelProfile, gpu, usable: int, base: int) -> InfeasibleError:
+def plan_fields(model: CostModel, solution: Solution) -> dict:
+    """The ComponentPlan fields of a solution: slices, groups, recompute, host and streamed, the last
+    two in execution order (host: only values that leave their segment)."""
+    slices, groups = to_component(model, solution.segments)
+    recompute = [model.units[j].name for c in solution.costs for j in c.recompute]
+    host = crossing(model, solution.segments, solution.host)
+    return {
+        "slices": slices,
+        "groups": groups,
+        "recompute": recompute,
+        "host": [u.name for u in model.units if u.name in host],
+        "streamed": [b for b in model.block_order if b in solution.streamed],
+    }
+
+
+def segments_of(model: CostModel, comp: ComponentPlan) -> list[Segment]:
+    """The cost-model segments of a component plan (groups with their depth, else single units)."""
+    start_of = {g.units[0]: g for g in comp.groups}
+    out, i = [], 0
+    while i < model.n:
+        name = model.units[i].name
+        if name in start_of:
+            g = start_of[name]
+            out.append(Segment(i, i + len(g.units) - 1, g.k, g.depth))
+            i += len(g.units)
+        else:
+            out.append(Segment(i, i, comp.k(name) if model.units[i].axis else 1))
+            i += 1
+    return out
+
+
+def component_costs(model: CostModel, comp: ComponentPlan) -> list:
+    """Per segment of ``comp``: (segment, its cost with the plan's placement and streaming)."""
+    host, streamed = frozenset(comp.host), frozenset(comp.streamed)
+    return [(seg, model.cost(seg, host, streamed)) for seg in segments_of(model, comp)]
+
+
+def _explain(err: InfeasibleError, profile: ModelProfile, gpu, usable: int, base: int, model: CostModel) -> InfeasibleError:
     floor = getattr(err, "min_needed_bytes", None)
-    if floor is None:  # weights + context alone do not fit
+    if floor is None:  # weights that cannot be streamed + context alone do not fit
+        unstreamable = profile.weight_bytes - model.streamed_weight_bytes(frozenset(model.streamable))
         return InfeasibleError(
             f"{profile.model.name or profile.model.class_name} does not fit {gpu.name} at all: CUDA context "
-            f"{human_bytes(gpu.cuda_context_bytes)} + weights {human_bytes(profile.weight_bytes)} + margin "
-            f"already exceed the {human_bytes(usable)} usable."
-        )
+            f"{human_bytes(gpu.cuda_context_bytes)} + weights that cannot be streamed {human_bytes(unstreamable)} "
+            f"+ margin already exceed the {human_bytes(usable)} usable."
+        ) if not str(err) else err
     if not str(err).startswith("no plan fits"):
         return err
     total = base + floor
+    what = err.floor.describe(model) if getattr(err, "floor", None) is not None else err.unit
     out = InfeasibleError(
         f"{profile.model.name or profile.model.class_name} at {profile.shape.describe()} cannot fit "
-        f"{gpu.name} ({human_bytes(usable)} usable): the smallest reachable peak is {human_bytes(total)} "
-        f"(activations {human_bytes(floor)}, set by {err.unit}, + context, weights and margin "
-        f"{human_bytes(base)}). Use a GPU with at least {human_bytes(total)}, a smaller resolution or fewer frames."
+        f"{gpu.name} ({human_bytes(usable)} usable): the smallest reachable peak, with every value that may "
+        f"leave the GPU in host memory and every block's weights streamed, is {human_bytes(total)} "
+        f"(set by {what}; context, margin and resident weights included). Use a GPU with at least "
+        f"{human_bytes(total)}, a smaller resolution or fewer frames."
     )
     out.min_peak_bytes, out.unit = total, err.unit
+    out.floor = getattr(err, "floor", None)
     return out
-

@@ -18,7 +18,7 @@ import time
 import warnings
 from dataclasses import dataclass
 
-from .costs import CostModel, Segment, SegmentCost
+from .costs import EMPTY, CostModel, Segment, SegmentCost
 from .errors import InfeasibleError
 from .fmt import human_bytes
 
@@ -34,6 +34,11 @@ class Solution:
     gap: float | None
     seconds: float
     candidates: int
+    host: frozenset[str] = EMPTY  # values placed in host memory
+    streamed: frozenset[str] = EMPTY  # blocks whose weights are streamed
+    streamed_weight_bytes: int = 0  # weights off the device (the budget grows by as much)
+    stream_transfer_s: float = 0.0  # per call: copying the streamed blocks in...
+    stream_exposed_s: float = 0.0  # ...and the part of it not hidden behind compute
 
     @property
     def needed_bytes(self) -> int:
@@ -41,7 +46,13 @@ class Solution:
 
     @property
     def latency_s(self) -> float:
-        return sum(c.seconds for c in self.costs)
+        """Per call: the segments (host-link time of placed values included) + exposed weight streaming."""
+        return sum(c.seconds for c in self.costs) + self.stream_exposed_s
+
+    @property
+    def transfer_s(self) -> float:
+        """Per call: host-link seconds not hidden behind compute."""
+        return sum(c.transfer_s for c in self.costs) + self.stream_exposed_s
 
 
 def solve(
@@ -50,38 +61,51 @@ def solve(
     max_latency_s: float | None = None,
     method: str = "auto",
     max_group: int = 8,
+    *,
+    host: frozenset[str] = EMPTY,
+    streamed: frozenset[str] = EMPTY,
 ) -> Solution:
-    """The best plan: fastest within ``budget_bytes``, or, given ``max_latency_s``, the smallest
-    peak that meets it (still within the budget). Raises :class:`InfeasibleError` with the
-    smallest reachable peak and the unit that sets it."""
+    """The best plan for one placement: fastest within ``budget_bytes``, or, given ``max_latency_s``,
+    the smallest peak that meets it (still within the budget). Raises :class:`InfeasibleError` with
+    the smallest reachable peak and the unit that sets it.
+
+    ``budget_bytes`` is what activations may use with every weight of the model on the device;
+    streaming ``streamed`` blocks adds their bytes to it (and the blocks present to each segment).
+    ``host``: values placed in host memory. :func:`.placement.search` chooses both."""
     started = time.perf_counter()
     candidates = model.segments(max_group)
-    costs = {s: model.cost(s) for s in candidates}
-    fitting = [s for s in candidates if costs[s].needed_bytes <= budget_bytes]
+    costs = {s: model.cost(s, host, streamed) for s in candidates}
+    credit = model.streamed_weight_bytes(streamed)
+    transfer, exposed = model.streaming_seconds(streamed)
+    fitting = [s for s in candidates if costs[s].needed_bytes <= budget_bytes + credit]
     if not _covers(fitting, model.n):
-        raise _infeasible(model, candidates, costs, budget_bytes)
+        raise _infeasible(model, candidates, costs, budget_bytes + credit)
+    limit = None if max_latency_s is None else max_latency_s - exposed
 
     if method == "auto":
         method = "ilp" if _cbc_available() else "dp"
         if method == "dp":
             log.warning("PuLP's CBC solver is not available: using the exact dynamic-programming solver")
-    if method == "ilp":
-        chosen, status, gap = _ilp(fitting, costs, model.n, max_latency_s)
+    if limit is not None and limit <= 0:
+        chosen, status, gap, name = None, "Infeasible", None, method
+    elif method == "ilp":
+        chosen, status, gap = _ilp(fitting, costs, model.n, limit)
         name = "ILP (PuLP/CBC)"
     elif method == "dp":
-        chosen, status, gap = _dp(fitting, costs, model.n, max_latency_s)
+        chosen, status, gap = _dp(fitting, costs, model.n, limit)
         name = "exact dynamic programming"
     else:
         raise ValueError(f"unknown method {method!r}: 'auto', 'ilp' or 'dp'")
     if chosen is None:
         fastest, _, _ = _dp(fitting, costs, model.n, None)
-        best = sum(costs[s].seconds for s in fastest)
+        best = sum(costs[s].seconds for s in fastest) + exposed
         raise InfeasibleError(
             f"no plan meets max_latency_s={max_latency_s:g}: the fastest plan within the budget takes "
             f"{best:.3f} s per UNet call. Raise the latency limit or give more memory."
         )
     return Solution(
-        chosen, [costs[s] for s in chosen], name, status, gap, time.perf_counter() - started, len(candidates)
+        chosen, [costs[s] for s in chosen], name, status, gap, time.perf_counter() - started, len(candidates),
+        host, streamed, credit, transfer, exposed,
     )
 
 
@@ -166,7 +190,7 @@ def _ilp(segments, costs, n, max_latency_s):
 
     objective = "min_peak" if max_latency_s is not None else "min_latency"
     prob = pulp.LpProblem("vramplan", pulp.LpMinimize)
-    y = {s: _variable(prob, f"y_{s.start}_{s.stop}_{s.k}", cat="Binary") for s in segments}
+    y = {s: _variable(prob, f"y_{s.start}_{s.stop}_{s.k}_{s.depth}", cat="Binary") for s in segments}
     starts: dict[int, list] = {}
     ends: dict[int, list] = {}
     for s, var in y.items():
@@ -198,24 +222,42 @@ def _ilp(segments, costs, n, max_latency_s):
 
 
 def min_needed(model: CostModel, max_group: int = 8) -> tuple[int, str]:
-    """The smallest reachable needed-memory peak of ``model`` and the unit that sets it."""
-    candidates = model.segments(max_group)
-    err = _infeasible(model, candidates, {s: model.cost(s) for s in candidates}, 0)
-    return err.min_needed_bytes, err.unit
+    """The smallest reachable needed-memory peak of ``model`` with every value that may be placed on
+    host and every streamable block streamed, and the unit that sets it. Like a budget, it counts
+    every weight as resident: streamed weights present are in it, all streamed weights are taken
+    off (so it can be below the activations, even negative). :func:`.placement.floor` says more."""
+    from .placement import floor
+
+    found = floor(model, max_group)
+    return found.needed_bytes, found.unit
+
+
+def minimax(n: int, candidates, value) -> tuple[int, Segment, list[Segment]] | None:
+    """The path of segments over units ``0..n-1`` whose largest ``value(segment)`` is smallest: that
+    value, the segment that sets it and the path (ties: the first found). None if no path exists."""
+    best: list[tuple[int, Segment | None, Segment | None] | None] = [None] * (n + 1)  # (peak, worst, last)
+    best[0] = (-(2**62), None, None)
+    for s in sorted(candidates, key=lambda s: s.start):
+        here = best[s.start]
+        if here is None:
+            continue
+        v = value(s)
+        peak, worst = (v, s) if v >= here[0] else (here[0], here[1])
+        if best[s.stop + 1] is None or peak < best[s.stop + 1][0]:
+            best[s.stop + 1] = (peak, worst, s)
+    if best[n] is None:
+        return None
+    path, i = [], n
+    while i > 0:
+        seg = best[i][2]
+        path.append(seg)
+        i = seg.start
+    return best[n][0], best[n][1], path[::-1]
 
 
 def _infeasible(model: CostModel, candidates, costs, budget_bytes) -> InfeasibleError:
     # Minimax path: the smallest reachable peak, and the segment that sets it.
-    best: list[tuple[int, Segment | None] | None] = [None] * (model.n + 1)
-    best[0] = (0, None)
-    for s in sorted(candidates, key=lambda s: s.start):
-        if best[s.start] is None:
-            continue
-        value = max(best[s.start][0], costs[s].needed_bytes)
-        worst = s if costs[s].needed_bytes >= best[s.start][0] else best[s.start][1]
-        if best[s.stop + 1] is None or value < best[s.stop + 1][0]:
-            best[s.stop + 1] = (value, worst)
-    floor, seg = best[model.n]
+    floor, seg, _ = minimax(model.n, candidates, lambda s: costs[s].needed_bytes)
     unit = model.units[costs[seg].peak_unit].name
     err = InfeasibleError(
         f"no plan fits: the smallest reachable activation peak is {human_bytes(floor)} "

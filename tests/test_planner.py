@@ -42,34 +42,41 @@ def handmade() -> ModelProfile:
     )
 
 
-def brute_force(model: CostModel, budget: int, max_latency: float | None):
-    """Every valid plan, built unit by unit (k per unit, join-with-previous per pair), not from segments()."""
+def brute_force(model: CostModel, budget: int, max_latency: float | None, host=frozenset(), streamed=frozenset()):
+    """Every valid plan, built unit by unit (k per unit, join-with-previous per pair, depth 1/2/4 for
+    groups of k >= 4), not from segments(). A statistics unit may be joined (recompute or stats from
+    the full input). Budgets count every weight resident, as solve() does."""
     units = model.units
     choices = [sorted(u.scratch) for u in units]
+    credit = model.streamed_weight_bytes(streamed)
+    exposed = model.streaming_seconds(streamed)[1]
     best = None
     for ks in itertools.product(*choices):
         for joins in itertools.product([False, True], repeat=len(units) - 1):
             valid = all(
                 not joined
                 or (units[j + 1].axis is not None and units[j + 1].axis == units[j].axis and ks[j] == ks[j + 1]
-                    and ks[j] > 1 and not units[j + 1].needs_input_stats)
+                    and ks[j] > 1)
                 for j, joined in enumerate(joins)
             )
             if not valid:
                 continue
-            segments, start = [], 0
+            spans, start = [], 0
             for j in range(1, len(units) + 1):
                 if j == len(units) or not joins[j - 1]:
-                    segments.append(Segment(start, j - 1, ks[start]))
+                    spans.append((start, j - 1, ks[start]))
                     start = j
-            costs = [model.cost(s) for s in segments]
-            peak = max(c.needed_bytes for c in costs)
-            latency = sum(c.seconds for c in costs)
-            if peak > budget or (max_latency is not None and latency > max_latency + 1e-12):
-                continue
-            key = (latency, peak) if max_latency is None else (peak, latency)
-            if best is None or key < best[0]:
-                best = (key, segments)
+            depths = [[1, 2, 4] if b > a and k >= 4 else [1] for a, b, k in spans]
+            for ds in itertools.product(*depths):
+                segments = [Segment(a, b, k, d) for (a, b, k), d in zip(spans, ds, strict=True)]
+                costs = [model.cost(s, host, streamed) for s in segments]
+                peak = max(c.needed_bytes for c in costs)
+                latency = sum(c.seconds for c in costs) + exposed
+                if peak > budget + credit or (max_latency is not None and latency > max_latency + 1e-12):
+                    continue
+                key = (latency, peak) if max_latency is None else (peak, latency)
+                if best is None or key < best[0]:
+                    best = (key, segments)
     return best
 
 

@@ -1,0 +1,286 @@
+"""Host placement of values and weight streaming, chosen around the shortest-path solver. No torch.
+
+For a fixed placement (values in host memory) and streamed set (blocks whose weights are copied in
+just before use) the best slicing is the shortest path of :mod:`.solve`. Choosing the placement is
+done greedily, only when the plan with nothing placed or streamed does not fit (so every plan that
+fits today is unchanged):
+
+1. **Trajectory.** Starting from nothing, take the minimax path (the smallest reachable peak) and
+   its worst segment; among the values that segment holds and the blocks not yet streamed, take the
+   one that saves the most bytes there per second it adds (streamed bytes the copy stream hides cost
+   nothing), and repeat. Each step lowers the floor or the trajectory stops; its last state is
+   everything placed and streamed, which is the floor (:func:`floor`). The trajectory does not depend
+   on the budget, so it is computed once per cost model.
+2. **Solve** at the first state of the trajectory whose floor fits the budget.
+3. **Prune**: placed values that cross no boundary of the solution are dropped; then each remaining
+   choice (most host-link time first) is dropped when the plan without it still fits and is no slower.
+
+Budgets here, as in :func:`.solve.solve`, count every weight of the model as resident: streaming a
+block adds its bytes to the budget and the streamed blocks present to each segment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .costs import EMPTY, CostModel, Segment, SegmentCost
+from .errors import InfeasibleError
+from .fmt import human_bytes
+from .solve import Solution, _cbc_available, minimax, solve
+
+
+@dataclass(frozen=True)
+class Floor:
+    """The smallest reachable peak of one model with everything placed and streamed, and what sets it."""
+
+    needed_bytes: int  # like a budget: every weight counted resident (streamed weights present in, all streamed out)
+    unit: str  # the unit where the peak occurs
+    segment: Segment
+    cost: SegmentCost
+    host: frozenset[str]
+    streamed: frozenset[str]
+    resident_weight_bytes: int  # weights outside every streamable block: never leave the device
+    present: tuple[str, ...]  # streamed blocks on the device at the peak
+
+    @property
+    def activation_bytes(self) -> int:
+        """Needed bytes at the peak: allocator overhead and streamed weights present included."""
+        return self.cost.needed_bytes
+
+    def parts(self) -> dict[str, int]:
+        """What the peak segment holds on the device (beyond context, margin and resident weights)."""
+        c = self.cost
+        overhead = c.needed_bytes - c.activation_bytes
+        return {
+            "streamed weights present": c.streamed_bytes,
+            "values that cannot be placed": c.live_bytes,
+            "slices and scratch": c.transient_bytes + overhead,
+        }
+
+    def describe(self, model: CostModel) -> str:
+        """``set by <unit> (k=..): <largest part> ...`` with the parts named."""
+        c = self.cost
+        seg = self.segment
+        names = [u.name for u in model.units[seg.start : seg.stop + 1]]
+        where = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]} (a group of {len(names)})"
+        parts = self.parts()
+        detail = []
+        if c.streamed_bytes:
+            detail.append(f"streamed weights {human_bytes(c.streamed_bytes)} ({', '.join(self.present)})")
+        if c.live_bytes:
+            kept = _unplaceable(model, seg, self.host)
+            detail.append(f"values that cannot be placed {human_bytes(c.live_bytes)}" + (f" ({kept})" if kept else ""))
+        detail.append(f"slices and scratch {human_bytes(parts['slices and scratch'])} at k={seg.k}")
+        largest = max(parts, key=parts.get)
+        return f"{self.unit} in {where}: mostly {largest}; " + ", ".join(detail)
+
+
+def _unplaceable(model: CostModel, seg: Segment, host: frozenset[str]) -> str:
+    rules = model.rules_for(host)
+    names = [v for v in rules.on_device_before(seg.start)]
+    if model.profile.globals_bytes:
+        names.insert(0, "the call's inputs and embeddings")
+    seg_rules = rules.segment(seg.start, seg.stop)
+    if seg.k > 1:  # the result's full buffer (unsliced, the result is the unit's own output)
+        names += [model.units[j].name for j in range(seg.start, seg.stop + 1)
+                  if seg_rules.escapes(j) and model.units[j].name == model.profile.result]
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _everything(model: CostModel) -> tuple[frozenset[str], frozenset[str]]:
+    return frozenset(model.placeable), frozenset(model.streamable)
+
+
+def _memory_candidates(model: CostModel, max_group: int) -> list[Segment]:
+    """Candidate segments for floors: depth only adds memory, so waves of one slice."""
+    return [s for s in model.segments(max_group) if s.depth == 1]
+
+
+def _adjusted(model: CostModel, host, streamed):
+    credit = model.streamed_weight_bytes(streamed)
+
+    def value(s: Segment) -> int:
+        return model.cost(s, host, streamed).needed_bytes - credit
+
+    return value
+
+
+def floor(model: CostModel, max_group: int = 8) -> Floor:
+    """The smallest reachable peak with every placeable value on host and every block streamed."""
+    key = ("_floor", max_group)
+    if key in model.__dict__:
+        return model.__dict__[key]
+    host, streamed = _everything(model)
+    peak, seg, _ = minimax(model.n, _memory_candidates(model, max_group), _adjusted(model, host, streamed))
+    cost = model.cost(seg, host, streamed)
+    resident = model.profile.weight_bytes - model.streamed_weight_bytes(streamed)
+    found = Floor(peak, model.units[cost.peak_unit].name, seg, cost, host, streamed, resident,
+                  tuple(model.present_blocks(seg, streamed)))
+    model.__dict__[key] = found
+    return found
+
+
+def trajectory(model: CostModel, max_group: int = 8) -> list[tuple[frozenset[str], frozenset[str], int]]:
+    """Greedy states ``(host, streamed, floor)`` from nothing to everything, floors decreasing."""
+    key = ("_trajectory", max_group)
+    if key in model.__dict__:
+        return model.__dict__[key]
+    candidates = _memory_candidates(model, max_group)
+    host, streamed = EMPTY, EMPTY
+    peak, worst, _ = minimax(model.n, candidates, _adjusted(model, host, streamed))
+    states = [(host, streamed, peak)]
+    bottom = floor(model, max_group).needed_bytes
+    placeable = set(model.placeable)
+    readers: dict[str, int] = {}
+    for u in model.units:
+        for name in set(u.inputs):
+            readers[name] = readers.get(name, 0) + 1
+    while peak > bottom:
+        here = _adjusted(model, host, streamed)(worst)
+        _, exposed = model.streaming_seconds(streamed)
+        best = None
+        for group in _host_options(model, worst, host, placeable):
+            gain = here - _adjusted(model, host | group, streamed)(worst)
+            seconds = sum(model.size[v] * (1 + readers.get(v, 1)) for v in group) / model.link_bytes_per_s
+            best = _better(best, gain, seconds, ("host", group))
+        for b in model.streamable:
+            if b in streamed:
+                continue
+            grown = streamed | {b}
+            gain = here - _adjusted(model, host, grown)(worst)
+            seconds = max(0.0, model.streaming_seconds(grown)[1] - exposed)
+            best = _better(best, gain, seconds, ("streamed", b))
+        if best is None:
+            break
+        kind, name = best[2]
+        if kind == "host":
+            host = host | name
+        else:
+            streamed = streamed | {name}
+        peak, worst, _ = minimax(model.n, candidates, _adjusted(model, host, streamed))
+        states.append((host, streamed, peak))
+    if peak > bottom:
+        states.append((*_everything(model), bottom))
+    model.__dict__[key] = states
+    return states
+
+
+def _host_options(model: CostModel, seg: Segment, host: frozenset[str], placeable: set[str]) -> list[frozenset[str]]:
+    """Values to try placing for ``seg``: each value it holds alone, and each escaping output with the
+    input whose buffer it takes over (placing one of the two alone saves nothing: the buffer moves)."""
+    names = sorted(placeable & model.relevant(seg) - host)
+    options = [frozenset([v]) for v in names]
+    rules = model.rules_for(host).segment(seg.start, seg.stop)
+    kinds = rules.buffers(model._same_shape)
+    for j, kind in zip(range(seg.start, seg.stop + 1), kinds, strict=True):
+        out = model.units[j].name
+        if kind not in (None, "new", "host") and out in placeable and kind in placeable:
+            pair = frozenset([out, kind]) - host
+            if len(pair) == 2:
+                options.append(pair)
+    return options
+
+
+def _better(best, gain: int, seconds: float, choice):
+    if gain <= 0:
+        return best
+    score = (gain / max(seconds, 1e-9), gain)
+    return (score, seconds, choice) if best is None or score > best[0] else best
+
+
+def search(
+    model: CostModel,
+    budget_bytes: int,
+    max_latency_s: float | None = None,
+    method: str = "auto",
+    max_group: int = 8,
+) -> Solution:
+    """The best plan within ``budget_bytes`` (every weight counted resident), placing values and
+    streaming blocks only when the plan with neither does not fit. Raises :class:`InfeasibleError`
+    with the floor (``min_needed_bytes``, ``unit``, ``floor``) when even everything placed and
+    streamed does not fit."""
+    try:
+        return solve(model, budget_bytes, max_latency_s, method, max_group)
+    except InfeasibleError as err:
+        if not hasattr(err, "min_needed_bytes"):  # memory fits; the latency limit does not
+            raise
+        plain = err
+    bottom = floor(model, max_group)
+    if bottom.needed_bytes > budget_bytes:
+        raise _infeasible(model, bottom, budget_bytes) from None
+    if not (model.placeable or model.streamable):
+        raise plain
+    host, streamed = next((h, s) for h, s, peak in trajectory(model, max_group) if peak <= budget_bytes)
+    solution = solve(model, budget_bytes, max_latency_s, "dp", max_group, host=host, streamed=streamed)
+    solution = prune(model, solution, budget_bytes, max_latency_s, max_group)
+    if method == "ilp" or (method == "auto" and _cbc_available()):
+        solution = solve(model, budget_bytes, max_latency_s, "ilp", max_group,
+                         host=solution.host, streamed=solution.streamed)
+    return solution
+
+
+def host_bytes(model: CostModel, host: frozenset[str]) -> int:
+    """Host memory the placed values take at most at once (each from its unit to its last reader)."""
+    if not host:
+        return 0
+    delta = [0] * (model.n + 2)
+    for v in host:
+        p, last = model.producer[v], min(model.last_use[v], model.n)
+        delta[p] += model.size[v]
+        delta[last + 1] -= model.size[v]
+    peak = running = 0
+    for d in delta:
+        running += d
+        peak = max(peak, running)
+    return peak
+
+
+def crossing(model: CostModel, segments, host: frozenset[str]) -> frozenset[str]:
+    """The values of ``host`` that some segment of ``segments`` leaves behind (the others never
+    leave the device: placing them changes nothing)."""
+    out = set()
+    for seg in segments:
+        rules = model.rules.segment(seg.start, seg.stop)
+        for j in range(seg.start, seg.stop + 1):
+            name = model.units[j].name
+            if name in host and rules.escapes(j):
+                out.add(name)
+    return frozenset(out)
+
+
+def prune(model: CostModel, solution: Solution, budget_bytes: int, max_latency_s: float | None,
+          max_group: int = 8) -> Solution:
+    """Drop placed values and streamed blocks the plan does not need (see the module docstring)."""
+    host = crossing(model, solution.segments, solution.host)
+    if host != solution.host:
+        solution = solve(model, budget_bytes, max_latency_s, "dp", max_group, host=host, streamed=solution.streamed)
+    order = sorted(solution.host, key=lambda v: -model.size[v])
+    order = [("host", v) for v in order] + [
+        ("streamed", b) for b in sorted(solution.streamed, key=lambda b: -model.profile.block_weights.get(b, 0))
+    ]
+    for kind, name in order:
+        host, streamed = solution.host, solution.streamed
+        if kind == "host":
+            if name not in host:
+                continue
+            host = host - {name}
+        else:
+            streamed = streamed - {name}
+        try:
+            trial = solve(model, budget_bytes, max_latency_s, "dp", max_group, host=host, streamed=streamed)
+        except InfeasibleError:
+            continue
+        if trial.latency_s <= solution.latency_s * (1 + 1e-9):
+            solution = trial
+    return solution
+
+
+def _infeasible(model: CostModel, bottom: Floor, budget_bytes: int) -> InfeasibleError:
+    err = InfeasibleError(
+        f"no plan fits: with every value that may leave the GPU in host memory and every block's weights "
+        f"streamed, the smallest reachable peak needs {human_bytes(bottom.needed_bytes)} beyond context, "
+        f"weights and margin (set by {bottom.describe(model)}), but only {human_bytes(budget_bytes)} is left. "
+        f"Use a GPU with more memory, a smaller resolution or fewer frames."
+    )
+    err.min_needed_bytes, err.unit, err.budget_bytes, err.floor = bottom.needed_bytes, bottom.unit, budget_bytes, bottom
+    return err
