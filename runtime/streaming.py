@@ -229,8 +229,8 @@ class WeightStreamer:
             for w in block.weights:
                 current = w.tensor.data
                 hosted = self._offloaded and _same(current, w.host)
-                if not hosted:
-                    w.home = current.device
+                if not hosted and not (self._offloaded and current.device == w.host.device):
+                    w.home = current.device  # moved since (model.to(device)); a dtype change keeps the home
                 # pinned for a CUDA call: async copies in, and a CPU weight pinned once (not per call)
                 pin = self.pinned and (current.device.type == "cuda" or (
                     cuda_call and current.device.type == "cpu" and not current.is_pinned()))
