@@ -12,6 +12,7 @@ after the last step and reset whenever the pipeline sets its scheduler's timeste
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -73,7 +74,7 @@ def reuse_segments(segments: list[Segment], ops: list[Op], cut: str) -> list[Seg
     for seg in segments:
         mine = [op for op in seg.ops if id(op) in keep]
         if mine:
-            out.append(Segment(mine, seg.axis, seg.k))
+            out.append(dataclasses.replace(seg, ops=mine))  # keeps k and depth
     return out
 
 
@@ -174,8 +175,11 @@ class RehashHandle(PlanHandle):
             if not key:
                 env, layouts = {**env, cut: self.cache}, {**layouts, cut: self._cut_layout}
             program = Program(ops, env, layouts, self.result, binding.finish, binding.globals)
+            placement = self.placement(program)
+            if placement:  # host values of this call only: a reuse call has fewer ops, the cut is its input
+                placement["host"] = placement["host"] & {op.output for op in ops} - {cut}
             out = execute(program, segments, keep=frozenset({cut}) if key else frozenset(),
-                          around_segment=around, checkpoint=checkpoint)
+                          around_segment=around, checkpoint=checkpoint, **placement)
             if key:
                 self.cache = program.kept[cut]
         _sync(self.cache)

@@ -23,6 +23,14 @@ def plans():
     }
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _table_blocks(table: str) -> dict[str, dict[str, tuple[str, str, str]]]:
     """component -> block -> (original GiB, planned GiB, slice counts), parsed from plan_table."""
     out: dict[str, dict[str, tuple[str, str, str]]] = {}
@@ -33,6 +41,8 @@ def _table_blocks(table: str) -> dict[str, dict[str, tuple[str, str, str]]]:
         elif current is None and ": batch " in line and not line.startswith(" "):
             current = out.setdefault(line.split(":")[0], {})
         elif current is not None and line.startswith("  ") and not line.split()[0] == "block":
+            if not all(_is_number(cell) for cell in line.split()[1:3]):  # a note under the table ("depth 4 on 1 group")
+                continue
             block, original, planned, ks = line.split()[:4]
             current[block] = (original, planned, ks)
     return out

@@ -53,7 +53,8 @@ def block_rows(comp, profile, model) -> list[BlockRow]:
         unit = model.units[i]
         group = group_of.get(unit.name)
         length = len(group.units) if group else 1
-        cost = model.cost(Segment(i, i + length - 1, comp.k(unit.name)))
+        seg = Segment(i, i + length - 1, comp.k(unit.name), group.depth if group else 1)
+        cost = model.cost(seg, frozenset(comp.host), frozenset(comp.streamed))
         for u in model.units[i : i + length]:
             peaks[u.block] = max(peaks.get(u.block, 0), cost.activation_bytes)
         i += length
