@@ -209,12 +209,8 @@ def placement_summary(comp, profile=None) -> str:
     parts = []
     if comp.recompute:
         parts.append(f"recompute {len(comp.recompute)} unit{'s' * (len(comp.recompute) > 1)}")
-    if comp.host:
-        size = ""
-        if profile is not None:
-            out = {u.name: u.output_bytes for u in profile.units}
-            size = f" ({_gib(sum(out.get(n, 0) for n in comp.host))} GiB)"
-        parts.append(f"host {len(comp.host)} value{'s' * (len(comp.host) > 1)}{size}")
+    if comp.host:  # sizes: the prediction's host memory (placed values may share buffers)
+        parts.append(f"host {len(comp.host)} value{'s' * (len(comp.host) > 1)}")
     if comp.streamed:
         size = ""
         if profile is not None and profile.block_weights:
