@@ -316,3 +316,32 @@ def test_verify_on_meta_counts_the_streamed_copies():
     streamed = verify(plan, meta).measured_activation_bytes
     assert plain + min(blocks.values()) <= streamed <= plain + sum(blocks.values())
     assert all(p.device.type == "meta" for p in meta.parameters())
+
+
+def test_step_rehash_streams_the_blocks_of_key_and_reuse_calls():
+    """A rehash handle (key calls: the whole program; reuse calls: its tail) streams through the same
+    bridges: outputs equal the rehash run without streaming, weights restored after remove."""
+    from tiny import svd_inputs, tiny_svd_unet
+    from vramplan.planner.schema import RehashPlan, SampleShape
+    from vramplan.runtime.apply import uniform_component
+    from vramplan.runtime.rehash import apply_rehash, rehash_cuts
+
+    unet = tiny_svd_unet()
+    args = svd_inputs(unet, batch=2)
+    shape = SampleShape(batch=2, frames=5, latent_height=8, latent_width=8, dtype="fp32")
+    cut = rehash_cuts(unet)[-1]
+    rehash = RehashPlan(mode="uniform", cut=cut, steps=3, key_steps=[0], quality="uncalibrated",
+                        original_unet_flops=1, unet_flops=1, key_call_s=0.0, reuse_call_s=0.0,
+                        latency_saved_s=0.0, cache_bytes=0)
+    comp = uniform_component(unet, 2, shape, group=False)
+
+    def trajectory():
+        with torch.no_grad(), apply_rehash(unet, rehash, comp):
+            return [unet(*args).sample for _ in range(3)]
+
+    expected = trajectory()
+    before = _weights(unet)
+    comp.streamed = list(streamable_blocks(unet, shape))
+    got = trajectory()
+    assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
+    _assert_weights_restored(unet, before)
