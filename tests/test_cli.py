@@ -125,6 +125,23 @@ def test_memory_snapshot_without_cuda_is_an_error_before_loading(plans, tmp_path
     assert err.startswith("error: --memory-snapshot") and "no CUDA device" in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("field, value, fragment", [
+    ("streamed", ["down_blocks.9"], "streams blocks this model does not have: down_blocks.9"),
+    ("host", ["sample"], "values no unit of this model makes: sample"),
+    ("recompute", ["conv_in"], "recompute lists conv_in"),
+])
+def test_verify_names_bad_placement_fields(plans, tmp_path, capsys, field, value, fragment):
+    from vramplan.planner.schema import Plan
+
+    plan = Plan.load(plans["svd"])
+    unet = plan.component("unet")
+    setattr(unet, field, getattr(unet, field) + value)  # after whatever the planner chose
+    path = plan.save(tmp_path / "bad.json")
+    assert main(["verify", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and fragment in err, err
+
+
 def test_plan_table_shows_recompute_host_streamed_and_depth(plans):
     from vramplan.planner.schema import Plan
 
