@@ -271,6 +271,9 @@ def _residency(pipe, plan: Plan, device, stack: ExitStack, notes: list[str], off
         streamer = handle.streamer if handle is not None else None
         if getattr(model, "_hf_hook", None) is not None:
             notes.append(f"{comp.component} keeps the accelerate hook it came with (its device is up to that hook)")
+            if streamer is not None:
+                notes.append(f"{comp.component}: that hook moves the streamed blocks with the whole model; each call "
+                             f"puts them back in host memory first (slower; remove the hook to stream as planned)")
             continue
         if streamer is not None:
             skip = {id(w.tensor) for b in streamer.blocks.values() for w in b.weights}
