@@ -269,28 +269,42 @@ class CostModel:
             return self._finish(act, entry, scratch + staged, seg.start, seg, 1, seg_rules)
 
         length = first.axis_length
-        big = -(-length // seg.k)  # the first slice is the largest (split_bounds: the first N % k are)...
-        small = big if length % seg.k != 1 else length // seg.k  # ...and the largest of the later ones
-        depth = seg.depth
+        base, extra = divmod(length, slices)  # split_bounds: the first length % slices are one larger
+        sizes = [base + 1] * extra + [base] * (slices - extra)
+        big = sizes[0]
+        depth = min(seg.depth, slices)
+        # The first wave (buffers appear as its units run) and the largest later one (every buffer exists).
+        waves = [sizes[:depth]] + ([sizes[depth : 2 * depth]] if slices > depth else [])
         kinds = seg_rules.buffers(self._same_shape)
         buffer = [unit.output_bytes if kind == "new" else 0 for unit, kind in zip(units, kinds, strict=True)]
         best = None
         for i, unit in enumerate(units):
             j = seg.start + i
-            held = sum(size[self.units[h].name] for h in seg_rules.held_at(j)) * depth  # full size, x slices in flight
+            # slices of earlier units alive while this one runs: all of the wave's when a later unit reads
+            # them, else only those of slices it has not reached yet (released per slice once it has read them)
+            held = [self.units[h].name for h in seg_rules.held_at(j)]
+            held_long = sum(size[v] for v in held if seg_rules.local_last(v) > j)
+            held_dying = sum(size[v] for v in held if seg_rules.local_last(v) == j)
             # this unit's pieces of earlier slices of the wave, when a later unit of the segment reads them
-            wave = (depth - 1) * unit.output_bytes if seg_rules.local_last(unit.name) > j else 0
+            kept = unit.output_bytes if seg_rules.local_last(unit.name) > j else 0
             staged = sum(size[v] for v in seg_rules.staged(j))  # host inputs: one staged slice during the call
             scratch = unit.scratch[seg.k]
             before = entry + sum(buffer[:i])
             states = [
-                # first slice (wave): earlier units' buffers exist (and with depth > 1 its own), this unit computes...
-                (before + (buffer[i] if depth > 1 else 0), (held + wave + staged) * big // length + scratch),
-                # ...then allocates its own buffer while its output piece is alive;
-                (before + buffer[i], held * big // length + unit.output_bytes * big // length),
-                # later slices: every buffer exists, slices are `small` (scratch scales with the slice).
-                (entry + sum(buffer), (held + wave + staged) * small // length + scratch * small // big),
+                # first slice: earlier units' buffers exist; it allocates its own while its output piece is alive
+                (before + buffer[i], (held_long + held_dying) * sum(waves[0]) // length
+                 + unit.output_bytes * big // length),
             ]
+            for w, wave in enumerate(waves):
+                total = sum(wave)
+                for m, s in enumerate(wave):
+                    # slice m of the wave computes: every buffer of the first wave's earlier units (its own
+                    # after its first slice; all of them in later waves); scratch scales with the slice
+                    live = entry + sum(buffer) if w else before + (buffer[i] if m else 0)
+                    reached = sum(wave[:m])
+                    transient = (held_long * total + held_dying * (total - reached) + kept * reached
+                                 + staged * s) // length + scratch * s // big
+                    states.append((live, transient))
             for live, transient in states:
                 if best is None or live + transient > best[0]:
                     best = (live + transient, live, transient, j)

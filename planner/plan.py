@@ -171,6 +171,12 @@ def component_costs(model: CostModel, comp: ComponentPlan) -> list:
     return [(seg, model.cost(seg, host, streamed)) for seg in segments_of(model, comp)]
 
 
+def component_seconds(model: CostModel, comp: ComponentPlan) -> float:
+    """Predicted seconds of one call of ``comp``: its segments (placed values' copies included) and
+    the weight copies of its streamed blocks that compute does not hide."""
+    return sum(c.seconds for _, c in component_costs(model, comp)) + model.streaming_seconds(frozenset(comp.streamed))[1]
+
+
 def _explain(err: InfeasibleError, profile: ModelProfile, gpu, usable: int, base: int, model: CostModel) -> InfeasibleError:
     floor = getattr(err, "min_needed_bytes", None)
     if floor is None:  # weights that cannot be streamed + context alone do not fit

@@ -10,7 +10,7 @@ from vramplan.planner.costs import LAUNCH_SECONDS, PAGEABLE_FRACTION, CostModel,
 from vramplan.planner.errors import InfeasibleError
 from vramplan.planner.gpus import find_gpu
 from vramplan.planner.placement import floor, search, trajectory
-from vramplan.planner.plan import make_plan, segments_of
+from vramplan.planner.plan import component_seconds, make_plan, segments_of
 from vramplan.planner.schema import AllocatorProfile, ModelProfile, ModelRef, SampleShape, UnitProfile
 from vramplan.planner.solve import minimax, solve
 
@@ -174,6 +174,10 @@ def test_depth_memory_by_hand():
     # depth 2: b.out computes the wave's second slice: its buffer, two slices of b.up, scratch
     assert two.activation_bytes == entry + 200 * MIB + 2 * 50 * MIB + 70 * MIB
     assert two.peak_unit == 4
+    # depth 4, one wave: b.out allocates its buffer while all four slices of b.up and its first piece are
+    # alive; while it computes later slices, b.up's slices it has read are gone already
+    four = m.cost(Segment(3, 4, 4, 4))
+    assert four.activation_bytes == entry + 200 * MIB + 4 * 50 * MIB + 50 * MIB
     launches = 4 * 5 * LAUNCH_SECONDS * 2
     assert one.seconds - two.seconds == pytest.approx(launches / 2, rel=1e-9)
 
@@ -286,6 +290,7 @@ def test_make_plan_carries_placement_streaming_and_depth():
     costs = [m.cost(s, frozenset(comp.host), frozenset(comp.streamed)) for s in segments_of(m, comp)]
     assert max(c.needed_bytes for c in costs) + resident + gpu.cuda_context_bytes + plan.prediction.margin_bytes \
         == plan.prediction.peak_bytes
+    assert component_seconds(m, comp) == pytest.approx(plan.prediction.unet_call_s, abs=1e-6)
 
 
 def test_make_plan_infeasible_names_the_floor():
