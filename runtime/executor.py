@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils._pytree import tree_flatten
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from ..planner.rules import ProgramRules, SegmentRules, released_after_segment
-from .memory import unit_label
+from .memory import host_allocation, unit_label
 from .program import (
     Axis,
     Op,
@@ -45,9 +46,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Segment:
+    """Ops run slice by slice end to end. ``depth``: slices in flight at once (a *wave*): each op runs on
+    every slice of the wave before the next op, each slice on its own CUDA stream when the tensors
+    are on CUDA, one after another elsewhere (the same result)."""
+
     ops: list[Op]
     axis: Axis | None
     k: int
+    depth: int = 1
 
 
 def execute(
@@ -59,6 +65,8 @@ def execute(
     keep: Collection[str] = frozenset(),
     around_segment: Callable[[Segment], contextlib.AbstractContextManager | None] | None = None,
     checkpoint: bool = False,
+    host: Collection[str] = frozenset(),
+    host_device: torch.device | str | None = None,
 ) -> object:
     """Run ``program``'s ops, segment by segment; return the model's output.
 
@@ -69,14 +77,24 @@ def execute(
 
     ``keep``: value names that survive the call untouched (never a reused buffer, never released);
     afterwards they are in ``program.kept``. ``around_segment(segment)`` may return a context
-    manager entered around that segment's run. ``checkpoint`` runs every op slice under
-    non-reentrant activation checkpointing when grad is enabled.
+    manager entered around that segment's run. ``checkpoint`` runs every op slice and statistics
+    pass under non-reentrant activation checkpointing when grad is enabled.
+
+    ``host``: op outputs placed in host memory on ``host_device`` between segments (never initial
+    values, the result or kept values: ValueError). An escaping host output is written slice by
+    slice into a host buffer (pinned when the host is the CPU and the computation is on CUDA; if
+    pinning fails, pageable with a warning), or copied whole when unsliced; every slice a later op
+    reads is staged (copied to the compute device, alive during that op's call only).
+    ``host_device=None``: host == the compute device; the same copies happen and the host copies
+    are never counted by this thread's active tracker (:func:`~.memory.mark_host`).
     """
-    keep = frozenset(keep)
+    keep, host = frozenset(keep), frozenset(host)
     known = set(program.env) | {op.output for op in program.ops}
     if keep - known:
         raise ValueError(f"keep names values this program does not have: {', '.join(sorted(keep - known))}")
-    run = _Run(program, ProgramRules.of(program.ops, program.result, keep), first_slice_only, checkpoint)
+    _check_host(program, host, keep)
+    rules = ProgramRules.of(program.ops, program.result, keep, host)
+    run = _Run(program, rules, first_slice_only, checkpoint, host_device)
     position = 0
     for seg in segments:
         end = position + len(seg.ops) - 1
@@ -94,6 +112,28 @@ def execute(
     return program.finish(run.env.pop(program.result))
 
 
+def _check_host(program: Program, host: frozenset[str], keep: frozenset[str]) -> None:
+    outputs = {op.output for op in program.ops}
+    why = []
+    for name in sorted(host):
+        if name in program.env:
+            why.append(f"{name} is an initial value (the caller's)")
+        elif name not in outputs:
+            why.append(f"{name} is not a value of this program")
+        elif name == program.result:
+            why.append(f"{name} is the result")
+        elif name in keep:
+            why.append(f"{name} is kept")
+    if why:
+        raise ValueError("cannot place on host: " + "; ".join(why) + " (only op outputs may be)")
+
+
+def compute_device(program: Program) -> torch.device:
+    """Where the program computes: the device of its initial values (a CUDA one if any is)."""
+    devices = [t.device for t in program.env.values() if isinstance(t, torch.Tensor)]
+    return next((d for d in devices if d.type == "cuda"), devices[0] if devices else torch.device("cpu"))
+
+
 def _storage(t: torch.Tensor) -> int:
     # id() of the storage object: PyTorch keeps one Python object per live storage, and unlike
     # data_ptr() it tells meta storages apart.
@@ -103,7 +143,9 @@ def _storage(t: torch.Tensor) -> int:
 class _Run:
     """One call's state: the values, their layouts, and which storages may never be written."""
 
-    def __init__(self, program: Program, rules: ProgramRules, first_slice_only: bool, checkpoint: bool):
+    def __init__(
+        self, program: Program, rules: ProgramRules, first_slice_only: bool, checkpoint: bool, host_device=None
+    ):
         self.env = dict(program.env)
         self.layouts = dict(program.layouts)
         self.globals = program.globals
@@ -115,6 +157,13 @@ class _Run:
         # The caller's tensors and per-call constants: held here so that their ids stay theirs.
         self.protected = {_storage(t): t.untyped_storage() for t in caller}
         self.grad_seen = any(t.requires_grad for t in caller)
+        self.host = rules.host
+        self.device = compute_device(program)
+        self.host_device = torch.device(host_device) if host_device is not None else self.device
+        self.pin = self.host_device.type == "cpu" and self.device.type == "cuda"
+        self.cuda = self.device.type == "cuda"
+        self._streams: list = []
+        self._main = None  # the compute stream while a wave runs on side streams
 
     # -- running --------------------------------------------------------------------------------
     def _call(self, fn, ctx: SliceCtx, *args):
@@ -130,8 +179,12 @@ class _Run:
             for op in ops:
                 with unit_label(op.name):
                     ctx = SliceCtx(None, 0, 0, 0, self.globals, shapes=_shapes(env))
-                    env[op.output] = self._call(op.fn, ctx, *(env[n] for n in op.inputs))
-                self.grad_seen |= env[op.output].requires_grad
+                    args = [self.stage(env[n]) if n in self.host else env[n] for n in op.inputs]
+                    out = self._call(op.fn, ctx, *args)
+                    del args
+                self.grad_seen |= out.requires_grad
+                env[op.output] = self.to_host(out) if op.output in self.host else out
+                del out
                 layouts[op.output] = op.layout
             return 0
 
@@ -149,55 +202,125 @@ class _Run:
                     pieces = _Pieces(self, seg, rules, rules.start + i, run_bounds, length, shapes, prepared)
                     prepared[op.name] = self._call(op.prepare, ctx, pieces)
 
-        buffers: dict[str, torch.Tensor] = {}
-        full_shapes: dict[str, tuple[int, ...]] = {}
-        taken: set[str] = set()
-        for start, stop in run_bounds:
-            local: dict[str, torch.Tensor] = {}
+        state = _SegmentState(seg, rules, axis, length, len(bounds), shapes, prepared)
+        depth = max(1, seg.depth)
+        for w0 in range(0, len(run_bounds), depth):
+            wave = run_bounds[w0 : w0 + depth]
+            streams = self.streams(len(wave)) if self.cuda and len(wave) > 1 else None
+            locals_: list[dict[str, torch.Tensor]] = [{} for _ in wave]
+            if streams is not None:
+                main = self._main = torch.cuda.current_stream(self.device)
+                for stream in streams:
+                    stream.wait_stream(main)
             for i, op in enumerate(ops):
-                j = rules.start + i
-                with unit_label(op.name):
-                    args = [local[n] if n in local else take(env[n], layouts[n], axis, start, stop) for n in op.inputs]
-                    ctx = SliceCtx(axis, start, stop, length, self.globals, prepared.get(op.name), shapes)
-                    piece = self._call(op.fn, ctx, *args)
-                    del args
-                self.grad_seen |= piece.requires_grad
-                out = op.output
-                if out not in full_shapes:
-                    like = full_shapes.get(op.inputs[0]) or tuple(env[op.inputs[0]].shape)
-                    full_shapes[out] = full_shape(piece.shape, op.layout, axis, length, like)
-                if rules.escapes(j):
-                    if len(bounds) == 1:
-                        buffers[out] = as_whole(piece, op.layout, axis, full_shapes[out])
-                    else:
-                        with unit_label(f"{op.name}:output"):
-                            if out not in buffers:
-                                buffers[out] = self._buffer(rules, j, piece, full_shapes[out], taken, buffers)
-                            put(buffers[out], op.layout, axis, start, stop, piece)
-                if rules.local_last(out) > j:
-                    local[out] = piece
-                del piece
-                for name in rules.release_after(j):
-                    local.pop(name, None)
-            del local
+                for (start, stop), local, stream in zip(wave, locals_, streams or [None] * len(wave), strict=True):
+                    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                        self._slice(state, rules.start + i, op, start, stop, local)
+            del locals_
+            if streams is not None:
+                for stream in streams:
+                    main.wait_stream(stream)
+                self._main = None
 
         for op in ops:
             layouts[op.output] = op.layout
-            if op.output in buffers:
-                env[op.output] = buffers[op.output]
+            if op.output in state.buffers:
+                env[op.output] = state.buffers[op.output]
         return length
+
+    def _slice(self, state: _SegmentState, j: int, op: Op, start: int, stop: int, local: dict) -> None:
+        """Unit ``j`` on one slice: its output piece goes to the local slices and/or its full buffer."""
+        env, layouts, axis, rules = self.env, self.layouts, state.axis, state.rules
+        with unit_label(op.name):
+            staged = {n: self.stage(take(env[n], layouts[n], axis, start, stop)) for n in rules.staged(j)}
+            args = [
+                local[n] if n in local else staged[n] if n in staged else take(env[n], layouts[n], axis, start, stop)
+                for n in op.inputs
+            ]
+            del staged
+            ctx = SliceCtx(axis, start, stop, state.length, self.globals, state.prepared.get(op.name), state.shapes)
+            piece = self._call(op.fn, ctx, *args)
+            del args
+        self.grad_seen |= piece.requires_grad
+        out = op.output
+        full_shapes, buffers = state.full_shapes, state.buffers
+        if out not in full_shapes:
+            like = full_shapes.get(op.inputs[0]) or tuple(env[op.inputs[0]].shape)
+            full_shapes[out] = full_shape(piece.shape, op.layout, axis, state.length, like)
+        if rules.escapes(j):
+            if state.slices == 1:
+                whole = as_whole(piece, op.layout, axis, full_shapes[out])
+                buffers[out] = self.to_host(whole) if out in self.host else whole
+                del whole
+            else:
+                with unit_label(f"{op.name}:output"):
+                    if out not in buffers:
+                        buffers[out] = self._buffer(rules, j, piece, full_shapes[out], state.taken, buffers)
+                    put(buffers[out], op.layout, axis, start, stop, piece)
+        if rules.local_last(out) > j:
+            local[out] = piece
+        del piece
+        for name in rules.release_after(j):
+            local.pop(name, None)
+
+    def streams(self, n: int) -> list:
+        """``n`` side streams of the compute device (made once per call)."""
+        while len(self._streams) < n:
+            self._streams.append(torch.cuda.Stream(self.device))
+        return self._streams[:n]
+
+    # -- host placement ---------------------------------------------------------------------------
+    def stage(self, t: torch.Tensor) -> torch.Tensor:
+        """A host value's slice (or whole value) as a new tensor on the compute device."""
+        return t.to(self.device, copy=True, non_blocking=self.pin and t.is_pinned())
+
+    def host_empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        """A new host tensor (pinned when the host is the CPU under a CUDA computation), never counted
+        by this thread's active tracker."""
+        with host_allocation():
+            if self.pin:
+                try:
+                    return torch.empty(shape, dtype=dtype, device=self.host_device, pin_memory=True)
+                except RuntimeError as err:
+                    self.pin = False
+                    warnings.warn(
+                        f"pinned host memory could not be allocated ({err}); host-placed values use pageable "
+                        "memory (slower transfers)",
+                        RuntimeWarning,
+                        stacklevel=4,
+                    )
+            return torch.empty(shape, dtype=dtype, device=self.host_device)
+
+    def to_host(self, t: torch.Tensor) -> torch.Tensor:
+        """A host copy of a whole value (the device tensor is dropped by the caller)."""
+        out = self.host_empty(t.shape, t.dtype)
+        with host_allocation():
+            out.copy_(t)
+        return out
 
     # -- where an escaping output lives -----------------------------------------------------------
     def _buffer(self, rules: SegmentRules, j: int, piece, shape, taken, buffers) -> torch.Tensor:
-        """A dying input's buffer when the rulebook allows it and the storage is free, else a new one."""
+        """A dying input's buffer when the rulebook allows it and the storage is free, else a new one
+        (on the host for a host-placed output)."""
         held = {_storage(b) for b in buffers.values()}
-        name = rules.reuse(j, taken, lambda n: self._writable(n, shape, piece, held))
-        return self.env[name] if name is not None else piece.new_empty(shape)
+        on_host = rules.program.outputs[j] in self.host
+        device = self.host_device if on_host else piece.device
+        name = rules.reuse(j, taken, lambda n: self._writable(n, shape, piece, device, held))
+        if name is not None:
+            return self.env[name]
+        if on_host:
+            return self.host_empty(shape, piece.dtype)
+        if self._main is not None:
+            # On a wave's side stream: allocate on the compute stream, which joins every side stream at
+            # the wave's end (so the buffer outlives the wave with no cross-stream use to record).
+            with torch.cuda.stream(self._main):
+                return piece.new_empty(shape)
+        return piece.new_empty(shape)
 
-    def _writable(self, name: str, shape, piece: torch.Tensor, held: set[int]) -> bool:
-        """Whether the output (slices like ``piece``, full ``shape``) may be written over ``name``."""
+    def _writable(self, name: str, shape, piece: torch.Tensor, device: torch.device, held: set[int]) -> bool:
+        """Whether the output (slices like ``piece``, full ``shape``, on ``device``) may be written over ``name``."""
         cand = self.env[name]
-        if tuple(cand.shape) != tuple(shape) or cand.dtype != piece.dtype or cand.device != piece.device:
+        if tuple(cand.shape) != tuple(shape) or cand.dtype != piece.dtype or cand.device != device:
             return False
         if not is_dense(cand):  # a permuted view is fine: its slices still map 1:1 onto the values
             return False
@@ -209,6 +332,20 @@ class _Run:
         # Nothing else may hold the storage: another value (a view of it, a kept value) would see
         # the writes, whatever its name.
         return not any(other != name and _storage(t) == key for other, t in self.env.items())
+
+
+@dataclass
+class _SegmentState:
+    seg: Segment
+    rules: SegmentRules
+    axis: Axis
+    length: int
+    slices: int
+    shapes: dict
+    prepared: dict
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    full_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    taken: set[str] = field(default_factory=set)
 
 
 class _Pieces:
@@ -234,18 +371,25 @@ class _Pieces:
         # again in backward, after the segment has released its inputs.
         made = {rules.program.outputs[i] for i in self.cone}
         reads = [n for i in self.cone for n in rules.program.inputs[i]] if self.cone else [self.name]
-        self.sources = {n: (run.env[n], run.layouts[n]) for n in reads if n not in made}
+        self.sources = {n: (run.env[n], run.layouts[n], n in run.host) for n in reads if n not in made}
+
+    def _read(self, name: str, start: int, stop: int) -> torch.Tensor:
+        t, layout, on_host = self.sources[name]
+        piece = take(t, layout, self.seg.axis, start, stop)
+        return self.run.stage(piece) if on_host else piece
 
     def __iter__(self):
         run, rules, axis, name = self.run, self.rules, self.seg.axis, self.name
         for start, stop in self.bounds:
             if not self.cone:
-                yield take(*self.sources[name], axis, start, stop)
+                yield self._read(name, start, stop)
                 continue
             local: dict[str, torch.Tensor] = {}
             for i in self.cone:
                 op = self.seg.ops[i - rules.start]
-                args = [local[n] if n in local else take(*self.sources[n], axis, start, stop) for n in op.inputs]
+                staged = {n: self._read(n, start, stop) for n in dict.fromkeys(op.inputs) if n not in local}
+                args = [local[n] if n in local else staged[n] for n in op.inputs]
+                del staged
                 ctx = SliceCtx(axis, start, stop, self.length, run.globals, self.prepared.get(op.name), self.shapes)
                 local[op.output] = op.fn(ctx, *args)
                 del args
