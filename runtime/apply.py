@@ -12,9 +12,7 @@ No weight is copied or moved.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
-import inspect
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -178,8 +176,6 @@ class PlanHandle(Hook, _Link):
         if not cuda and not self._said_host:
             self._said_host = True
             log.warning("%s: %s", self.plan.component, HOST_EQUALS_DEVICE)
-        if not _EXECUTOR_HOST:  # pragma: no cover - an executor without host placement
-            raise InvalidPlanError("this vramplan runtime cannot place values on host; plan without host placement")
         return {"host": frozenset(self.plan.host), "host_device": torch.device("cpu") if cuda else None}
 
     # -- hooks of modules the plan does not call --------------------------------------------------
@@ -361,16 +357,6 @@ def _compute_device(model: torch.nn.Module, streamer: WeightStreamer) -> torch.d
     return next((w.home for b in streamer.blocks.values() for w in b.weights), torch.device("cpu"))
 
 
-_EXECUTOR_HOST = "host" in inspect.signature(execute).parameters
-_SEGMENT_DEPTH = "depth" in {f.name for f in dataclasses.fields(Segment)}
-
-
-def _segment(ops: list[Op], axis, k: int, depth: int = 1) -> Segment:
-    if depth == 1 or not _SEGMENT_DEPTH:  # an executor without depth runs the same slices one by one
-        return Segment(ops, axis, k)
-    return Segment(ops, axis, k, depth=depth)
-
-
 def _checkpointing(model: torch.nn.Module) -> bool:
     """Whether gradient checkpointing is on (diffusers sets ``gradient_checkpointing`` on the blocks)."""
     return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
@@ -532,7 +518,7 @@ def build_segments(ops: list[Op], plan: ComponentPlan) -> tuple[list[Segment], d
     while i < len(ops):
         if i in group_at:
             group = group_at[i]
-            segments.append(_segment(ops[i : i + len(group.units)], group.axis, group.k, group.depth))
+            segments.append(Segment(ops[i : i + len(group.units)], group.axis, group.k, depth=group.depth))
             i += len(group.units)
             continue
         op = ops[i]

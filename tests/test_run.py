@@ -308,9 +308,7 @@ def test_a_rehash_schedule_on_an_unsliced_unet_is_run(pipe, image):
 
 
 def test_streamed_blocks_and_host_placement_run_exactly_and_say_host_is_device(pipe, image):
-    """Streaming (and host placement, once the executor has it) on a CPU run: the same frames as the
-    plan without them, the report says host == device, every weight back in place afterwards."""
-    from vramplan.runtime import apply as apply_mod
+    """Streaming and host placement on a CPU run: the same frames as the plan without them, the report says host == device, every weight back in place afterwards."""
     from vramplan.runtime.adapters import adapter_for
     from vramplan.runtime.streaming import streamable_blocks
 
@@ -321,7 +319,7 @@ def test_streamed_blocks_and_host_placement_run_exactly_and_say_host_is_device(p
     for comp in plan.components:
         model = getattr(pipe, comp.component)
         comp.streamed = list(streamable_blocks(model, comp.shape, adapter_for(model).method))[::2]
-        if apply_mod._EXECUTOR_HOST and comp.component == "unet":
+        if comp.component == "unet":
             ops, _ = adapter_for(model).ops(model)
             comp.host = [ops[0].output]  # conv_in's output: read by the next segment
     result = run(plan, generator=torch.Generator().manual_seed(0), **kw)
