@@ -73,12 +73,17 @@ class PipelinePlanner:
         Sliced stages first (placement and streaming chosen within what is left with every other
         component's weights whole), then every stage's weights less the blocks streamed."""
         solutions: dict[str, Solution] = {}
+        limit = min(cap, self.usable)
         for stage in self.profile.stages:
             if stage.profile is None:
                 continue
-            budget = min(cap, self.usable) - self._base(stage, resident, {})
+            budget = limit - self._base(stage, resident, {})
+            # the component's unsliced stages (SVD's VAE encode) fit only if enough of its weights stream
+            need = max((int(other.activation_bytes * self._factor()) + self._base(other, resident, {}) - limit
+                        for other in self.profile.stages
+                        if other.component == stage.component and other.profile is None), default=0)
             try:
-                solutions[stage.stage] = self._search(stage, budget, method)
+                solutions[stage.stage] = self._search(stage, budget, method, need)
             except InfeasibleError:
                 return None
         credit = {s.component: solutions[s.stage].streamed_weight_bytes for s in self.profile.stages
@@ -113,13 +118,14 @@ class PipelinePlanner:
         on_gpu = sum(w - credit.get(c, 0) for c, w in self.weights.items() if resident[c] or c == stage.component)
         return self.gpu.cuda_context_bytes + self.margin + on_gpu + stage.extra_weight_bytes + self.held_bytes(stage)
 
-    def _search(self, stage, budget: int, method: str) -> Solution:
-        """The stage's fastest plan within ``budget`` (its component's weights counted whole), memoised."""
+    def _search(self, stage, budget: int, method: str, streamed_bytes: int = 0) -> Solution:
+        """The stage's fastest plan within ``budget`` (its component's weights counted whole) streaming
+        at least ``streamed_bytes`` of them, memoised."""
         cache = self.__dict__.setdefault("_searches", {})
-        key = (stage.stage, budget, method)
+        key = (stage.stage, budget, method, max(0, streamed_bytes))
         if key not in cache:
             try:
-                cache[key] = search(self.models[stage.stage], budget, method=method)
+                cache[key] = search(self.models[stage.stage], budget, method=method, min_streamed_bytes=streamed_bytes)
             except InfeasibleError as err:
                 cache[key] = err
         found = cache[key]

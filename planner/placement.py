@@ -194,13 +194,18 @@ def search(
     max_latency_s: float | None = None,
     method: str = "auto",
     max_group: int = 8,
+    min_streamed_bytes: int = 0,
 ) -> Solution:
     """The best plan within ``budget_bytes`` (every weight counted resident), placing values and
     streaming blocks only when the plan with neither does not fit. Raises :class:`InfeasibleError`
     with the floor (``min_needed_bytes``, ``unit``, ``floor``) when even everything placed and
-    streamed does not fit."""
+    streamed does not fit.
+
+    ``min_streamed_bytes``: weights that must be streamed whatever this model needs (another stage of
+    the same component needs the room): the largest blocks are streamed first, and kept."""
+    forced = forced_streaming(model, min_streamed_bytes)
     try:
-        return solve(model, budget_bytes, max_latency_s, method, max_group)
+        return solve(model, budget_bytes, max_latency_s, method, max_group, streamed=forced)
     except InfeasibleError as err:
         if not hasattr(err, "min_needed_bytes"):  # memory fits; the latency limit does not
             raise
@@ -210,13 +215,39 @@ def search(
         raise _infeasible(model, bottom, budget_bytes) from None
     if not (model.placeable or model.streamable):
         raise plain
-    host, streamed = next((h, s) for h, s, peak in trajectory(model, max_group) if peak <= budget_bytes)
+    candidates = _memory_candidates(model, max_group)
+    for host, streamed, peak in trajectory(model, max_group):
+        if forced - streamed:
+            streamed = streamed | forced
+            peak = minimax(model.n, candidates, _adjusted(model, host, streamed))[0]
+        if peak <= budget_bytes:
+            break
     solution = solve(model, budget_bytes, max_latency_s, "dp", max_group, host=host, streamed=streamed)
-    solution = prune(model, solution, budget_bytes, max_latency_s, max_group)
+    solution = prune(model, solution, budget_bytes, max_latency_s, max_group, keep=forced)
     if method == "ilp" or (method == "auto" and _cbc_available()):
         solution = solve(model, budget_bytes, max_latency_s, "ilp", max_group,
                          host=solution.host, streamed=solution.streamed)
     return solution
+
+
+def forced_streaming(model: CostModel, min_bytes: int) -> frozenset[str]:
+    """The fewest blocks (largest first) whose weights add up to ``min_bytes``; InfeasibleError if all do not."""
+    if min_bytes <= 0:
+        return EMPTY
+    out, total = [], 0
+    for b in sorted(model.streamable, key=lambda b: -model.profile.block_weights[b]):
+        if total >= min_bytes:
+            break
+        out.append(b)
+        total += model.profile.block_weights[b]
+    if total < min_bytes:
+        err = InfeasibleError(
+            f"no plan fits: {human_bytes(min_bytes)} of weights must leave the GPU, but only "
+            f"{human_bytes(total)} are in blocks that can be streamed"
+        )
+        err.min_needed_bytes, err.unit, err.budget_bytes = min_bytes, model.units[0].name, 0
+        raise err
+    return frozenset(out)
 
 
 def host_bytes(model: CostModel, host: frozenset[str]) -> int:
@@ -249,14 +280,15 @@ def crossing(model: CostModel, segments, host: frozenset[str]) -> frozenset[str]
 
 
 def prune(model: CostModel, solution: Solution, budget_bytes: int, max_latency_s: float | None,
-          max_group: int = 8) -> Solution:
-    """Drop placed values and streamed blocks the plan does not need (see the module docstring)."""
+          max_group: int = 8, keep: frozenset[str] = EMPTY) -> Solution:
+    """Drop placed values and streamed blocks the plan does not need (see the module docstring);
+    blocks in ``keep`` stay streamed."""
     host = crossing(model, solution.segments, solution.host)
     if host != solution.host:
         solution = solve(model, budget_bytes, max_latency_s, "dp", max_group, host=host, streamed=solution.streamed)
     order = sorted(solution.host, key=lambda v: -model.size[v])
     order = [("host", v) for v in order] + [
-        ("streamed", b) for b in sorted(solution.streamed, key=lambda b: -model.profile.block_weights.get(b, 0))
+        ("streamed", b) for b in sorted(solution.streamed - keep, key=lambda b: -model.profile.block_weights.get(b, 0))
     ]
     for kind, name in order:
         host, streamed = solution.host, solution.streamed

@@ -363,3 +363,25 @@ def test_pipeline_floor_names_stage_unit_and_largest_part():
                                               r"\(.+\), with every .* streamed: .*the largest part is") as info:
         plan_pipeline(_shipped("svd-576x1024-f14-cfg-fp16-efficient"), find_gpu("2080Ti"), usable_bytes=2**30)
     assert info.value.stage and info.value.unit and info.value.reason
+
+
+def test_required_streaming_is_kept():
+    m = model()
+    sol = search(m, 2000 * MIB, method="dp", min_streamed_bytes=350 * MIB)
+    assert sol.streamed == {"b"}  # the largest block alone is enough; the plan alone needs none
+    with pytest.raises(InfeasibleError, match="can be streamed"):
+        search(m, 2000 * MIB, method="dp", min_streamed_bytes=950 * MIB)
+
+
+@pytest.mark.parametrize("name", ["svd-576x1024-f14-cfg-fp16-efficient", "animatediff-576x1024-f16-cfg-fp16-efficient"])
+def test_pipeline_floor_is_reachable(name):
+    """Just above the floor a plan exists: SVD's VAE encode (unsliced) needs the decoder's blocks
+    streamed though the decode stage alone would not."""
+    from vramplan.planner.pipeline import plan_pipeline
+
+    gpu = find_gpu("2080Ti")
+    with pytest.raises(InfeasibleError) as info:
+        plan_pipeline(_shipped(name), gpu, usable_bytes=2**29, method="dp")
+    usable = int(info.value.min_peak_bytes * 1.03)
+    plan = plan_pipeline(_shipped(name), gpu, usable_bytes=usable, method="dp")
+    assert plan.prediction.peak_bytes <= usable
