@@ -51,12 +51,14 @@ class _StageResult:
 
 
 class PipelinePlanner:
-    def __init__(self, profile: PipelineProfile, gpu, usable: int, steps: int, allocator: str, rehash=None):
+    def __init__(self, profile: PipelineProfile, gpu, usable: int, steps: int, allocator: str, rehash=None,
+                 pinned: bool = True):
         self.profile, self.gpu, self.usable, self.steps, self.allocator = profile, gpu, usable, steps, allocator
         self.margin = int(usable * MARGIN_FRACTION)
         self.weights = {c.component: c.weight_bytes for c in profile.components}
+        # pinned=False: host memory could not be pinned; host-link copies at the pageable rate
         self.models = {
-            s.stage: CostModel(s.profile, gpu, allocator) for s in profile.stages if s.profile is not None
+            s.stage: CostModel(s.profile, gpu, allocator, pinned=pinned) for s in profile.stages if s.profile is not None
         }
         # Step Rehash (planner.rehash.StageRehash): groups kept off the cut, reuse calls priced, cache held.
         self.rehash = rehash
@@ -228,11 +230,13 @@ def plan_pipeline(
     allocator: str = "expandable_segments",
     method: str = "auto",
     rehash=None,
+    pinned: bool = True,
 ) -> Plan:
     """The fastest run within the GPU's memory, or (given ``max_latency_s``) the smallest peak within it.
-    ``rehash``: a Step Rehash schedule to price in (:class:`.rehash.StageRehash`)."""
+    ``rehash``: a Step Rehash schedule to price in (:class:`.rehash.StageRehash`). ``pinned=False``:
+    host memory cannot be pinned here, so placed values and streamed weights move at the pageable rate."""
     usable = usable_bytes if usable_bytes is not None else gpu.memory_usable_bytes
-    planner = PipelinePlanner(profile, gpu, usable, steps, allocator, rehash)
+    planner = PipelinePlanner(profile, gpu, usable, steps, allocator, rehash, pinned)
     found = planner.best(usable, None)
     if found is None:
         floor, stage, unit = planner.floor()

@@ -58,14 +58,16 @@ def make_plan(
     max_latency_s: float | None = None,
     allocator: str = "expandable_segments",
     method: str = "auto",
+    pinned: bool = True,
 ) -> Plan:
     """Plan one model (``profile``) for ``gpu``: fastest within memory, or smallest peak within
-    ``max_latency_s`` (for ``steps`` calls). Whole pipelines: :func:`.pipeline.plan_pipeline`."""
+    ``max_latency_s`` (for ``steps`` calls). Whole pipelines: :func:`.pipeline.plan_pipeline`.
+    ``pinned=False``: host-link copies at the pageable rate (pinned memory unavailable)."""
     usable = usable_bytes if usable_bytes is not None else gpu.memory_usable_bytes
     margin = int(usable * MARGIN_FRACTION)
     base = gpu.cuda_context_bytes + profile.weight_bytes + margin
     budget = usable - base
-    model = CostModel(profile, gpu, allocator)
+    model = CostModel(profile, gpu, allocator, pinned=pinned)
     per_call = None if max_latency_s is None else max_latency_s / steps
     fixed = base - model.streamed_weight_bytes(frozenset(model.streamable))
     try:

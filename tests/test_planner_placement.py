@@ -385,3 +385,14 @@ def test_pipeline_floor_is_reachable(name):
     usable = int(info.value.min_peak_bytes * 1.03)
     plan = plan_pipeline(_shipped(name), gpu, usable_bytes=usable, method="dp")
     assert plan.prediction.peak_bytes <= usable
+
+
+def test_pageable_fallback_predicts_a_slower_plan():
+    from vramplan.planner.pipeline import plan_pipeline
+
+    gpu, usable = find_gpu("2080Ti"), int(3.5 * 2**30)
+    profile = _shipped("svd-xt-576x1024-f25-cfg-fp16-efficient")
+    pinned = plan_pipeline(profile, gpu, usable_bytes=usable, method="dp")
+    pageable = plan_pipeline(profile, gpu, usable_bytes=usable, method="dp", pinned=False)
+    assert pageable.prediction.peak_bytes <= usable
+    assert pageable.prediction.latency_s > pinned.prediction.latency_s
