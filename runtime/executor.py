@@ -6,6 +6,14 @@ runs on that slice, so values made and used inside the segment only ever exist o
 time. Values that outlive the segment are written slice by slice into one preallocated buffer —
 or back into a dying input's buffer. After the segment every value past its last use is released.
 
+A unit that needs statistics over its whole first input gets them in a pass before the slice
+loop: over slices of the full value when it was made before the segment, else by *recomputing*
+the units of the segment it depends on, slice by slice with the same bounds (so the statistics
+equal the split plan's bit for bit). Values placed on the host (``execute(host=...)``) are
+written into host buffers and *staged* back slice by slice for every op that reads them. With
+``Segment.depth`` > 1 the slices run in waves: each op on every slice of the wave, on CUDA each
+slice on its own stream.
+
 *What* is alive when and which input's buffer may be reused comes from the torch-free rulebook
 (:mod:`vramplan.planner.rules`), which the planner's cost model uses too. This module adds what
 only real tensors tell: a buffer is reused only if its storage is the program's own (not the
@@ -20,6 +28,7 @@ import logging
 import warnings
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch.utils._pytree import tree_flatten
@@ -271,8 +280,7 @@ class _Run:
 
     # -- host placement ---------------------------------------------------------------------------
     def stage(self, t: torch.Tensor) -> torch.Tensor:
-        """A host value's slice (or whole value) as a new tensor on the compute device."""
-        return t.to(self.device, copy=True, non_blocking=self.pin and t.is_pinned())
+        return _stage(self.device, t)
 
     def host_empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
         """A new host tensor (pinned when the host is the CPU under a CUDA computation), never counted
@@ -355,7 +363,8 @@ class _Pieces:
     Re-iterable (a checkpointed ``prepare`` iterates again in backward)."""
 
     def __init__(self, run: _Run, seg: Segment, rules: SegmentRules, j: int, bounds, length, shapes, prepared):
-        self.run, self.seg, self.rules, self.j = run, seg, rules, j
+        # No reference to the run itself: a checkpointed prepare keeps this object until backward.
+        self.globals, self.stage, self.seg, self.rules, self.j = run.globals, partial(_stage, run.device), seg, rules, j
         self.bounds, self.length, self.shapes, self.prepared = bounds, length, shapes, prepared
         self.cone = rules.cone(j)
         self.name = rules.program.inputs[j][0]
@@ -376,10 +385,10 @@ class _Pieces:
     def _read(self, name: str, start: int, stop: int) -> torch.Tensor:
         t, layout, on_host = self.sources[name]
         piece = take(t, layout, self.seg.axis, start, stop)
-        return self.run.stage(piece) if on_host else piece
+        return self.stage(piece) if on_host else piece
 
     def __iter__(self):
-        run, rules, axis, name = self.run, self.rules, self.seg.axis, self.name
+        rules, axis, name = self.rules, self.seg.axis, self.name
         for start, stop in self.bounds:
             if not self.cone:
                 yield self._read(name, start, stop)
@@ -390,7 +399,7 @@ class _Pieces:
                 staged = {n: self._read(n, start, stop) for n in dict.fromkeys(op.inputs) if n not in local}
                 args = [local[n] if n in local else staged[n] for n in op.inputs]
                 del staged
-                ctx = SliceCtx(axis, start, stop, self.length, run.globals, self.prepared.get(op.name), self.shapes)
+                ctx = SliceCtx(axis, start, stop, self.length, self.globals, self.prepared.get(op.name), self.shapes)
                 local[op.output] = op.fn(ctx, *args)
                 del args
                 for n in self.dying[i]:
@@ -399,6 +408,12 @@ class _Pieces:
             del local
             yield piece
             del piece
+
+
+def _stage(device: torch.device, t: torch.Tensor) -> torch.Tensor:
+    """A host value's slice (or whole value) as a new tensor on the compute device (asynchronous from
+    pinned memory under CUDA: stream-ordered before the op that reads it)."""
+    return t.to(device, copy=True, non_blocking=device.type == "cuda" and t.is_pinned())
 
 
 def _shapes(env: dict[str, torch.Tensor]) -> dict[str, torch.Size]:

@@ -104,3 +104,25 @@ def test_depth_one_slice_per_wave_is_the_plain_loop():
     with torch.no_grad():
         got = execute(program, [Segment(program.ops, "frames", 3, 2)])
     assert torch.equal(got, x * 8)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_adapter_with_recompute_host_and_depth(name):
+    """Maximal same-axis groups (stats units inside: recompute), every other value on host, depth 2."""
+    case = CASES[name]()
+    args, kwargs, _ = case.inputs(2, 3, 5, 4)
+    program = program_of(case.model, args, kwargs)
+    ops = program.ops
+    spans, i = [], 0
+    while i < len(ops):
+        j = i
+        while j + 1 < len(ops) and ops[i].spec.axis is not None and ops[j + 1].spec.axis == ops[i].spec.axis:
+            j += 1
+        if ops[i].spec.axis is not None:
+            spans.append((i, j, 3, 2))
+        i = j + 1
+    host = [op.output for op in ops if op.output != program.result][::2]
+    expected = original(case, args, kwargs)
+    with torch.no_grad():
+        got = run(case, args, kwargs, spans, host=host)
+    torch.testing.assert_close(got, expected, **TOL)
