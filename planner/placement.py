@@ -62,7 +62,7 @@ class Floor:
         c = self.cost
         seg = self.segment
         names = [u.name for u in model.units[seg.start : seg.stop + 1]]
-        where = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]} (a group of {len(names)})"
+        where = self.unit if len(names) == 1 else f"{self.unit} (in the group {names[0]} .. {names[-1]})"
         parts = self.parts()
         detail = []
         if c.streamed_bytes:
@@ -72,7 +72,7 @@ class Floor:
             detail.append(f"values that cannot be placed {human_bytes(c.live_bytes)}" + (f" ({kept})" if kept else ""))
         detail.append(f"slices and scratch {human_bytes(parts['slices and scratch'])} at k={seg.k}")
         largest = max(parts, key=parts.get)
-        return f"{self.unit} in {where}: mostly {largest}; " + ", ".join(detail)
+        return f"{where}: mostly {largest}; " + ", ".join(detail)
 
 
 def _unplaceable(model: CostModel, seg: Segment, host: frozenset[str]) -> str:
