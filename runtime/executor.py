@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import warnings
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -137,6 +138,9 @@ def _check_host(program: Program, host: frozenset[str], keep: frozenset[str]) ->
         raise ValueError("cannot place on host: " + "; ".join(why) + " (only op outputs may be)")
 
 
+_side_streams = threading.local()  # per thread: compute device -> side streams for waves
+
+
 def compute_device(program: Program) -> torch.device:
     """Where the program computes: the device of its initial values (a CUDA one if any is)."""
     devices = [t.device for t in program.env.values() if isinstance(t, torch.Tensor)]
@@ -171,7 +175,6 @@ class _Run:
         self.host_device = torch.device(host_device) if host_device is not None else self.device
         self.pin = self.host_device.type == "cpu" and self.device.type == "cuda"
         self.cuda = self.device.type == "cuda"
-        self._streams: list = []
         self._main = None  # the compute stream while a wave runs on side streams
 
     # -- running --------------------------------------------------------------------------------
@@ -273,10 +276,15 @@ class _Run:
             local.pop(name, None)
 
     def streams(self, n: int) -> list:
-        """``n`` side streams of the compute device (made once per call)."""
-        while len(self._streams) < n:
-            self._streams.append(torch.cuda.Stream(self.device))
-        return self._streams[:n]
+        """``n`` side streams of the compute device: the same ones at every call of this thread, so
+        that the caching allocator's per-stream pools are reused rather than spread over new streams."""
+        pools = getattr(_side_streams, "pools", None)
+        if pools is None:
+            pools = _side_streams.pools = {}
+        pool = pools.setdefault(self.device, [])
+        while len(pool) < n:
+            pool.append(torch.cuda.Stream(self.device))
+        return pool[:n]
 
     # -- host placement ---------------------------------------------------------------------------
     def stage(self, t: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from test_recompute import (
 from tiny import CASES, assert_gradients_equal, gradients
 from vramplan.runtime.executor import Segment, execute
 from vramplan.runtime.memory import MemoryTracker
+from vramplan.runtime.program import Op, Program, UnitSpec
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +127,73 @@ def test_every_adapter_with_recompute_host_and_depth(name):
     with torch.no_grad():
         got = run(case, args, kwargs, spans, host=host)
     torch.testing.assert_close(got, expected, **TOL)
+
+
+def test_stream_schedule_of_a_wave(monkeypatch):
+    """The CUDA path's schedule, with streams simulated on the CPU: every slice of a wave on its own
+    side stream (the same streams at every call), side streams wait for the compute stream at the
+    wave's start, the compute stream waits for them at its end, buffers are allocated on the compute
+    stream. The result is the plain loop's."""
+    import contextlib
+
+    import vramplan.runtime.executor as executor
+
+    log, current = [], ["main"]
+
+    class Stream:
+        def __init__(self, device=None):
+            self.name = f"side{sum(1 for e in log if e[0] == 'new')}"
+            log.append(("new", self.name))
+
+        def wait_stream(self, other):
+            log.append(("wait", self.name, other.name))
+
+    main = Stream.__new__(Stream)
+    main.name = "main"
+
+    @contextlib.contextmanager
+    def stream(s):
+        current.append(s.name)
+        try:
+            yield
+        finally:
+            current.pop()
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+    monkeypatch.setattr(executor, "compute_device", lambda program: torch.device("cuda", 0))
+    monkeypatch.setattr(executor, "_side_streams", __import__("threading").local())
+
+    def traced(ctx, t):
+        log.append(("op", current[-1], ctx.start))
+        return t * 2
+
+    x = torch.randn(5, 3, 2, 2)
+    ops = [Op(UnitSpec(n, "frames"), (i,), n, traced) for i, n in [("x", "a"), ("a", "b")]]
+    real_new_empty = torch.Tensor.new_empty
+
+    def new_empty(self, *args, **kwargs):
+        log.append(("alloc", current[-1]))
+        return real_new_empty(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "new_empty", new_empty)
+    for _call in range(2):
+        log.clear()
+        program = Program(ops, {"x": x}, {"x": "nchw"}, "b", lambda t: t)
+        with torch.no_grad():
+            out = execute(program, [Segment(program.ops, "frames", 5, 2)])
+        assert torch.equal(out, x * 4)
+    # the second call made no new streams
+    assert not any(e[0] == "new" for e in log)
+    expected = []  # k=5 over 5 frames: waves of slices starting at (0, 1), (2, 3), (4,)
+    for starts in [(0, 1), (2, 3)]:
+        expected += [("wait", "side0", "main"), ("wait", "side1", "main")]
+        for op in ("a", "b"):
+            for n, start in enumerate(starts):
+                expected.append(("op", f"side{n}", start))
+                if op == "b" and start == 0:
+                    expected.append(("alloc", "main"))
+        expected += [("wait", "main", "side0"), ("wait", "main", "side1")]
+    expected += [("op", "main", 4), ("op", "main", 4)]  # a last wave of one slice runs on the compute stream
+    assert log == expected
