@@ -173,7 +173,7 @@ class PlanHandle(Hook, _Link):
             return {}
         device = _device_of(program)
         cuda = device is not None and device.type == "cuda"
-        if not cuda and not self._said_host:
+        if not cuda and not self._said_host and device is not None and device.type != "meta":  # meta: verify
             self._said_host = True
             log.warning("%s: %s", self.plan.component, HOST_EQUALS_DEVICE)
         return {"host": frozenset(self.plan.host), "host_device": torch.device("cpu") if cuda else None}
@@ -255,7 +255,7 @@ class PlanHandle(Hook, _Link):
                     yield around if starts else None
                     return
                 device = _compute_device(self.model, streamer)
-                if device.type != "cuda" and not self._said_stream:
+                if device.type not in ("cuda", "meta") and not self._said_stream:  # meta: verify, on purpose
                     self._said_stream = True
                     log.warning("%s: %s", self.plan.component, STREAM_EQUALS_DEVICE)
                 streaming = stack.enter_context(streamer.call(segments, device))

@@ -306,6 +306,8 @@ def cmd_verify(args) -> int:
             comp = plan.component(report.component)
             print(f"\n{comp.component}: {comp.shape.describe()}, {len(comp.slices)} sliced units, "
                   f"{len(comp.groups)} groups")
+            if placement_summary(comp):
+                print(f"  {placement_summary(comp)}")
         where = f"  (at {report.peak_label})" if report.peak_label else ""
         print(f"  measured activation peak   {_gib(report.measured_activation_bytes)} GiB{where}")
         print(f"  predicted activation peak  {_gib(report.predicted_activation_bytes)} GiB")
