@@ -142,6 +142,22 @@ def test_verify_names_bad_placement_fields(plans, tmp_path, capsys, field, value
     assert err.startswith("error: ") and err.count("\n") == 1 and fragment in err, err
 
 
+def test_pageable_host_memory_is_priced_slower(tmp_path, capsys):
+    """--pageable (pinned memory unavailable): the same budget, host-link copies at the pageable rate."""
+    from vramplan.planner.errors import InvalidArgumentError
+
+    pinned = plan_for(gpu="2080Ti", model="svd-xt", vram_gb=3.5)
+    assert pinned.prediction.transfer_s > 0  # the plan moves values / weights over the host link
+    pageable = plan_for(gpu="2080Ti", model="svd-xt", vram_gb=3.5, pinned=False)
+    assert pageable.prediction.transfer_s > pinned.prediction.transfer_s
+    assert pageable.prediction.latency_s > pinned.prediction.latency_s
+    with pytest.raises(InvalidArgumentError, match="pinned='no' must be True or False"):
+        plan_for(gpu="2080Ti", pinned="no")
+    assert main(["plan", "--gpu", "2080Ti", "--model", "svd-xt", "--vram-gb", "3.5", "--pageable",
+                 "-o", str(tmp_path / "p.json")]) == 0
+    assert "transfers not hidden behind compute" in capsys.readouterr().out
+
+
 def test_plan_table_shows_recompute_host_streamed_and_depth(plans):
     from vramplan.planner.schema import Plan
 

@@ -40,6 +40,7 @@ def plan_for(
     rehash: str = "off",
     calibration=None,
     keys: int | None = None,
+    pinned: bool = True,
 ) -> Plan:
     """A plan that runs the whole ``model`` pipeline at ``height`` x ``width`` x ``frames`` within
     ``gpu``'s memory: per component slicing, groups and weight residency, with a prediction.
@@ -52,12 +53,16 @@ def plan_for(
     (default: minimise latency within memory). ``guidance`` doubles the UNet batch (CFG).
     ``rehash``: Step Rehash schedule, "off" | "uniform" | "greedy" | "optimal" (the last two need a
     ``calibration``: a Calibration or its JSON file); ``keys``: how many steps run the whole UNet.
+    ``pinned=False``: host memory cannot be pinned where the plan runs (container limits on locked
+    memory): values placed on host and streamed weights are priced at the pageable transfer rate.
     """
     _check_choice("dtype", dtype, DTYPES)
     _check_choice("allocator", allocator, ALLOCATORS)
     _check_choice("method", method, METHODS)
     if not isinstance(guidance, bool):
         raise InvalidArgumentError(f"guidance={guidance!r} must be True or False")
+    if not isinstance(pinned, bool):
+        raise InvalidArgumentError(f"pinned={pinned!r} must be True or False")
     check_number("steps", steps, integer=True, minimum=1)
     check_number("vram_gb", vram_gb, positive=True, allow_none=True)
     check_number("max_latency_s", max_latency_s, positive=True, allow_none=True)
@@ -87,6 +92,10 @@ def plan_for(
     if rehash != "off":
         from .planner.rehash import load_calibration, plan_rehash
 
+        if not pinned:
+            raise InvalidArgumentError("pinned=False (pageable host memory) is not priced for Step Rehash plans yet; "
+                                       "plan with rehash='off', or with pinned memory")
+
         cal, ref = load_calibration(calibration)
         return plan_rehash(
             profile, gpu_profile, mode=rehash, calibration=cal, calibration_ref=ref, keys=keys, usable_bytes=usable,
@@ -94,7 +103,7 @@ def plan_for(
         )
     return plan_pipeline(
         profile, gpu_profile, usable_bytes=usable, steps=steps, max_latency_s=max_latency_s,
-        allocator=allocator, method=method,
+        allocator=allocator, method=method, pinned=pinned,
     )
 
 

@@ -41,6 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--keys", type=int, help="Step Rehash: how many steps run the whole UNet")
     p.add_argument("-o", "--output", help="plan file to write (default: <model>-<gpu>.json)")
     p.add_argument("--plot", metavar="PNG", help="also draw per-block memory, original vs plan (needs matplotlib)")
+    p.add_argument("--pageable", action="store_true",
+                   help="host memory cannot be pinned where the plan runs (container limits): price host-link "
+                        "copies of placed values and streamed weights at the pageable rate")
 
     sub.add_parser("gpus", help="list the known GPUs")
 
@@ -140,7 +143,7 @@ def cmd_plan(args) -> int:
         gpu=args.gpu, model=args.model, height=args.height, width=args.width, frames=args.frames,
         guidance=not args.no_guidance, dtype=args.dtype, steps=args.steps, vram_gb=args.vram_gb,
         max_latency_s=args.max_latency, allocator=args.allocator, method=args.solver,
-        rehash=args.rehash, calibration=args.calibration, keys=args.keys,
+        rehash=args.rehash, calibration=args.calibration, keys=args.keys, pinned=not args.pageable,
     )
     print(plan_table(plan))
     if plan.rehash is not None:
@@ -190,7 +193,7 @@ def plan_table(plan) -> str:
         f" + allocator {_gib(pred.allocator_bytes)} + margin {_gib(pred.margin_bytes)}",
     ]
     if pred.host_bytes or pred.transfer_s:
-        lines.append(f"host memory      {_gib(pred.host_bytes)} GiB pinned (placed values, streamed weights); "
+        lines.append(f"host memory      {_gib(pred.host_bytes)} GiB (placed values, streamed weights); "
                      f"{pred.transfer_s:.2f} s of transfers not hidden behind compute")
     if pred.original_peak_bytes:
         lines.append(f"original         {_gib(pred.original_peak_bytes)} GiB (every component resident, "
