@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 PAGEABLE_WARNING = (
     "pinned host memory could not be allocated ({error}); streamed weights use pageable host memory: "
-    "transfers are slower and not overlapped with compute"
+    "transfers are slower and not overlapped with compute (plan with --pageable / plan_for(pinned=False) to price them)"
 )
 
 
