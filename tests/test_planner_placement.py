@@ -396,3 +396,11 @@ def test_pageable_fallback_predicts_a_slower_plan():
     pageable = plan_pipeline(profile, gpu, usable_bytes=usable, method="dp", pinned=False)
     assert pageable.prediction.peak_bytes <= usable
     assert pageable.prediction.latency_s > pinned.prediction.latency_s
+
+
+def test_search_ilp_equals_dp():
+    m = model()
+    for budget in (450 * MIB, 250 * MIB, -100 * MIB):
+        dp, ilp = search(m, budget, method="dp"), search(m, budget, method="ilp")
+        assert ilp.method.startswith("ILP") and (ilp.host, ilp.streamed) == (dp.host, dp.streamed)
+        assert ilp.latency_s == pytest.approx(dp.latency_s, rel=1e-9)
