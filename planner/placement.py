@@ -8,7 +8,7 @@ fits today is unchanged):
 1. **Trajectory.** Starting from nothing, take the minimax path (the smallest reachable peak) and
    its worst segment; among the values that segment holds and the blocks not yet streamed, take the
    one that saves the most bytes there per second it adds (streamed bytes the copy stream hides cost
-   nothing), and repeat. Each step lowers the floor or the trajectory stops; its last state is
+   nothing), and repeat. No step raises the floor; when none lowers it the trajectory stops; its last state is
    everything placed and streamed, which is the floor (:func:`floor`). The trajectory does not depend
    on the budget, so it is computed once per cost model.
 2. **Solve** at the first state of the trajectory whose floor fits the budget.
@@ -58,7 +58,7 @@ class Floor:
         }
 
     def describe(self, model: CostModel) -> str:
-        """``set by <unit> (k=..): <largest part> ...`` with the parts named."""
+        """``<unit> (in the group ..): mostly <largest part>; <each part>`` for error messages."""
         c = self.cost
         seg = self.segment
         names = [u.name for u in model.units[seg.start : seg.stop + 1]]
@@ -77,7 +77,7 @@ class Floor:
 
 def _unplaceable(model: CostModel, seg: Segment, host: frozenset[str]) -> str:
     rules = model.rules_for(host)
-    names = [v for v in rules.on_device_before(seg.start)]
+    names = list(rules.on_device_before(seg.start))
     if model.profile.globals_bytes:
         names.insert(0, "the call's inputs and embeddings")
     seg_rules = rules.segment(seg.start, seg.stop)
