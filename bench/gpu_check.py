@@ -92,9 +92,10 @@ class Point:
 
 
 # ---------------------------------------------------------------------------- cost-model features
-def segment_features(profile, gpu, segments) -> list[tuple[float, float, float]]:
+def segment_features(profile, gpu, segments, host=frozenset()) -> list[tuple[float, float, float]]:
     """(compute_s, memory_s, launches) of each planner segment, such that the cost model's time is
-    ``compute_s / COMPUTE_EFFICIENCY + memory_s / BANDWIDTH_EFFICIENCY + launches * LAUNCH_SECONDS``.
+    ``compute_s / COMPUTE_EFFICIENCY + memory_s / BANDWIDTH_EFFICIENCY + launches * LAUNCH_SECONDS``
+    (+ the host-link time of values placed on ``host``, a fixed offset that is not fitted).
 
     Read off the cost model itself (evaluated with one term switched on at a time), so the features
     follow ``planner/costs.py``; a check refuses them if that model stops being linear in its constants."""
@@ -105,7 +106,7 @@ def segment_features(profile, gpu, segments) -> list[tuple[float, float, float]]
         model.flops_per_s, model.bytes_per_s = flop_rate, byte_rate
         saved, costs.LAUNCH_SECONDS = costs.LAUNCH_SECONDS, launch
         try:
-            return [model.cost(seg).seconds for seg in segments]
+            return [model.cost(seg, host).seconds - model.cost(seg, host).transfer_s for seg in segments]
         finally:
             costs.LAUNCH_SECONDS = saved
 
@@ -115,7 +116,7 @@ def segment_features(profile, gpu, segments) -> list[tuple[float, float, float]]
     inf = math.inf
     rows = list(zip(seconds(peak_flops, inf, 0.0), seconds(inf, peak_bytes, 0.0), seconds(inf, inf, 1.0), strict=True))
     for (c, b, n), seg in zip(rows, segments, strict=True):
-        want = reference.cost(seg).seconds
+        want = reference.cost(seg, host).seconds - reference.cost(seg, host).transfer_s
         got = c / costs.COMPUTE_EFFICIENCY + b / costs.BANDWIDTH_EFFICIENCY + n * costs.LAUNCH_SECONDS
         if not math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-12):
             raise RuntimeError(f"the cost model is no longer linear in its constants ({got} vs {want} s): "
@@ -442,7 +443,8 @@ def planned_units(model, comp):
         name = model.units[i].name
         size = len(group_at[name].units) if name in group_at else 1
         k = comp.k(name) if model.units[i].axis else 1
-        out.append(Segment(i, i + size - 1, k))
+        depth = group_at[name].depth if name in group_at else 1
+        out.append(Segment(i, i + size - 1, k, depth=depth))
         i += size
     return out
 
@@ -476,9 +478,9 @@ def check_case(case: Case, device: Device, gpu, dtype, warmup: int, repeats: int
             act = case.profile.original_peak_bytes
             needed = int(act * (1.0 if device.cpu else case.profile.allocator.original_expandable_segments))
         else:
-            costs = [cost.cost(s) for s in planned]
+            costs = [cost.cost(s, frozenset(comp.host), frozenset(comp.streamed)) for s in planned]
             act, needed = max(c.activation_bytes for c in costs), max(c.needed_bytes for c in costs)
-        features = segment_features(case.profile, gpu, planned)
+        features = segment_features(case.profile, gpu, planned, frozenset(comp.host) if comp else frozenset())
         predicted = sum(predict(f, current_constants()) for f in features)
         with apply_plan(module, comp) if comp is not None else contextlib.nullcontext(), torch.no_grad():
             # timed first: the memory run then finds cuBLAS/cuDNN handles and workspaces already made

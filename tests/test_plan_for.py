@@ -59,9 +59,10 @@ def test_latency_limit_minimises_memory():
 
 
 def test_impossible_budget_names_smallest_peak_stage_and_unit():
-    with pytest.raises(InfeasibleError, match=r"smallest reachable peak is [45]\.\d\d GiB, set by the (decode|denoise) "
-                                              r"stage \((decoder|down|up|mid)"):
-        plan_for(gpu="2080Ti", model="svd", vram_gb=4.0)
+    # below the floor with everything placed and streamed: SVD's VAE encoder (unsliced, fp32) sets it
+    with pytest.raises(InfeasibleError, match=r"smallest reachable peak is 2\.\d\d GiB, set by the encode_vae "
+                                              r"stage \(vae\).*largest part is activations of a stage that is not sliced"):
+        plan_for(gpu="2080Ti", model="svd", vram_gb=1.5)
 
 
 def test_weights_alone_too_big():
