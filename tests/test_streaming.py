@@ -346,3 +346,69 @@ def test_step_rehash_streams_the_blocks_of_key_and_reuse_calls():
     got = trajectory()
     assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
     _assert_weights_restored(unet, before)
+
+
+def test_cuda_prefetch_schedule_simulated_on_the_cpu(monkeypatch):
+    """The CUDA branch with streams and events simulated: the next block is copied on the copy stream
+    during the segment before its use, the compute stream waits on its event at first use and marks its
+    tensors used there (record_stream); blocks touched now are copied on the compute stream."""
+    import contextlib
+    from types import SimpleNamespace
+
+    log = []
+
+    class FakeStream:
+        def __init__(self, name="copy"):
+            self.name = name
+
+        def wait_event(self, event):
+            log.append(("wait", self.name, event.block))
+
+        def synchronize(self):
+            log.append(("sync", self.name))
+
+    compute = FakeStream("compute")
+    active = [compute]
+
+    class FakeEvent:
+        block = None
+
+        def record(self, stream):
+            self.block = current_block[0]
+            log.append(("record", stream.name, self.block))
+
+    @contextlib.contextmanager
+    def on(stream):
+        active.append(stream)
+        yield
+        active.pop()
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: log.append(("mark", s.name)))
+    current_block = [None]
+
+    def copy_in(block, device):
+        current_block[0] = block.name
+        log.append(("copy", active[-1].name, block.name))
+        for w in block.weights:
+            w.tensor.data = w.host.clone()
+
+    monkeypatch.setattr(WeightStreamer, "_copy_in", staticmethod(copy_in))
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(2, 2), "b": torch.nn.Linear(2, 2), "c": torch.nn.Linear(2, 2)})
+    streamer = WeightStreamer(model, ["a", "b", "c"])
+    streamer.offload()
+    segments = [SimpleNamespace(ops=[SimpleNamespace(name=n)]) for n in ("a", "b", "c")]
+    with torch.no_grad(), streamer.call(segments, torch.device("cuda")) as around:
+        for seg in segments:
+            with around(seg):
+                log.append(("run", seg.ops[0].name))
+    assert log == [
+        ("copy", "compute", "a"), ("copy", "copy", "b"), ("record", "copy", "b"), ("run", "a"),
+        ("wait", "compute", "b"), ("mark", "compute"), ("mark", "compute"),  # b's weight and bias
+        ("copy", "copy", "c"), ("record", "copy", "c"), ("run", "b"),
+        ("wait", "compute", "c"), ("mark", "compute"), ("mark", "compute"), ("run", "c"),
+    ]
+    assert not any(b.loaded for b in streamer.blocks.values())
