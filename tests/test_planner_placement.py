@@ -404,3 +404,17 @@ def test_search_ilp_equals_dp():
         dp, ilp = search(m, budget, method="dp"), search(m, budget, method="ilp")
         assert ilp.method.startswith("ILP") and (ilp.host, ilp.streamed) == (dp.host, dp.streamed)
         assert ilp.latency_s == pytest.approx(dp.latency_s, rel=1e-9)
+
+
+def test_floor_names_weights_when_they_cannot_be_streamed():
+    from vramplan.planner.pipeline import plan_pipeline
+
+    profile = _shipped("animatediff-576x1024-f16-cfg-fp16-efficient")
+    stages = [s.model_copy(update={"profile": s.profile.model_copy(update={"block_weights": {}})})
+              if s.profile is not None else s for s in profile.stages]
+    fixed = profile.model_copy(update={"stages": stages})
+    with pytest.raises(InfeasibleError, match=r"set by the denoise stage .* the largest part is weights that cannot "
+                                              r"be streamed"):
+        plan_pipeline(fixed, find_gpu("2080Ti"), usable_bytes=2**31, method="dp")
+    with pytest.raises(InfeasibleError, match=r"the largest part is streamed weights present"):
+        plan_pipeline(profile, find_gpu("2080Ti"), usable_bytes=2**30, method="dp")
