@@ -215,7 +215,7 @@ class PipelinePlanner:
         else:
             parts["activations of a stage that is not sliced"] = int(stage.activation_bytes * self._factor())
             where = f"{stage.component} runs that stage unsliced"
-        largest = max(parts, key=parts.get)
+        largest = self.floor_part = max(parts, key=parts.get)
         listed = ", ".join(f"{name} {human_bytes(v)}" for name, v in parts.items() if v)
         return f"{where}; the largest part is {largest} ({listed}, margin {human_bytes(self.margin)})"
 
@@ -248,6 +248,7 @@ def plan_pipeline(
             f"least {human_bytes(floor)}, a smaller resolution or fewer frames."
         )
         err.min_peak_bytes, err.stage, err.unit, err.reason = floor, stage, unit, planner.floor_reason
+        err.part = planner.floor_part  # what sets it: "CUDA context", "weights that cannot be streamed", ...
         raise err
     cap = usable
     if max_latency_s is not None:

@@ -363,6 +363,7 @@ def test_pipeline_floor_names_stage_unit_and_largest_part():
                                               r"\(.+\), with every .* streamed: .*the largest part is") as info:
         plan_pipeline(_shipped("svd-576x1024-f14-cfg-fp16-efficient"), find_gpu("2080Ti"), usable_bytes=2**30)
     assert info.value.stage and info.value.unit and info.value.reason
+    assert info.value.part in info.value.reason
 
 
 def test_required_streaming_is_kept():
