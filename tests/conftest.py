@@ -19,3 +19,18 @@ def tiny_unet():
     from tiny import tiny_svd_unet
 
     return tiny_svd_unet()
+
+
+# Tiny SVD models shared by the executor tests (recompute, placement, depth).
+@pytest.fixture(scope="module")
+def vae_case():
+    from tiny import CASES
+
+    return CASES["AutoencoderKLTemporalDecoder"]()
+
+
+@pytest.fixture(scope="module")
+def unet_case():
+    from tiny import CASES
+
+    return CASES["UNetSpatioTemporalConditionModel"]()

@@ -23,16 +23,6 @@ from vramplan.runtime.memory import MemoryTracker
 from vramplan.runtime.program import Op, Program, UnitSpec
 
 
-@pytest.fixture(scope="module")
-def vae_case():
-    return CASES["AutoencoderKLTemporalDecoder"]()
-
-
-@pytest.fixture(scope="module")
-def unet_case():
-    return CASES["UNetSpatioTemporalConditionModel"]()
-
-
 def _depth_one(spans):
     return [(a, b, k) for a, b, k, *_ in spans]
 

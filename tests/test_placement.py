@@ -24,21 +24,11 @@ from test_recompute import (
     segments_of,
     vae_inputs,
 )
-from tiny import CASES, assert_gradients_equal, gradients
+from tiny import assert_gradients_equal, gradients
 from vramplan.planner.rules import ProgramRules
 from vramplan.runtime.executor import Segment, _Run, execute
 from vramplan.runtime.memory import MemoryTracker, host_allocation, mark_host
 from vramplan.runtime.program import Op, Program, UnitSpec
-
-
-@pytest.fixture(scope="module")
-def vae_case():
-    return CASES["AutoencoderKLTemporalDecoder"]()
-
-
-@pytest.fixture(scope="module")
-def unet_case():
-    return CASES["UNetSpatioTemporalConditionModel"]()
 
 
 def _outputs(ops, result):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny import CASES, assert_gradients_equal, gradients
+from tiny import assert_gradients_equal, gradients
 from vramplan.planner.rules import ProgramRules
 from vramplan.runtime.adapters import adapter_for
 from vramplan.runtime.executor import Segment, execute
@@ -27,16 +27,6 @@ NORM2 = "decoder.up_blocks.1.resnets.0.temporal_res_block.norm2"
 
 
 # ---------------------------------------------------------------------- helpers (shared)
-@pytest.fixture(scope="module")
-def vae_case():
-    return CASES["AutoencoderKLTemporalDecoder"]()
-
-
-@pytest.fixture(scope="module")
-def unet_case():
-    return CASES["UNetSpatioTemporalConditionModel"]()
-
-
 def program_of(model, args, kwargs) -> Program:
     adapter = adapter_for(model)
     ops, result = adapter.ops(model)
