@@ -25,6 +25,19 @@ def main() -> None:
     print(rehash_summary(plan))
     print(f"\nplan written to {plan.save(out / 'svd-2080ti-rehash.json')}")
 
+    print("\n== 1b. exact on a 4 GB laptop GPU: SVD-XT, 25 x 576x1024 (the original pipeline needs 32.7 GiB) ==\n")
+    from vramplan.cli import placement_summary
+
+    laptop = plan_for(gpu="3050 laptop", model="svd-xt", height=576, width=1024)
+    pred = laptop.prediction
+    print(f"RTX 3050 Laptop: predicted peak {pred.peak_bytes / 2**30:.2f} GiB of "
+          f"{laptop.target.usable_bytes / 2**30:.2f} GiB usable, {pred.latency_s:.0f} s for 25 steps (uncalibrated), "
+          f"{pred.host_bytes / 2**30:.2f} GiB of pinned host memory")
+    for comp in laptop.components:
+        if summary := placement_summary(comp):
+            print(f"  {comp.component}: {summary}")
+    print(f"plan written to {laptop.save(out / 'svd-xt-3050-laptop.json')} (`vramplan verify` checks it on meta tensors)")
+
     print("\n== 2. the small trained image-to-video model (CPU, fp32): original vs sliced + Step Rehash ==\n")
     import torch
 
