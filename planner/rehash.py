@@ -29,7 +29,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from .costs import CostModel, Segment
+from .costs import EMPTY, CostModel, Segment
 from .errors import (
     InfeasibleError,
     InvalidArgumentError,
@@ -37,7 +37,8 @@ from .errors import (
     PlanMismatchError,
     UnsupportedArgumentError,
 )
-from .schema import SCHEMA_VERSION, ComponentPlan, ModelRef, SampleShape, _JsonFile, _Strict
+from .plan import component_seconds, segments_of
+from .schema import SCHEMA_VERSION, ModelRef, SampleShape, _JsonFile, _Strict
 
 Mode = Literal["off", "uniform", "greedy", "optimal"]
 GREEDY_THRESHOLD = 0.95  # cosine similarity to the last key step below which a step becomes key
@@ -310,21 +311,22 @@ def reuse_flops(model: CostModel, cut: str) -> int:
 
 
 def split_at_cut(segments: Sequence[Segment], cut_at: int) -> list[Segment]:
-    """Segments with any one that runs across unit ``cut_at`` split after it (an estimate for cuts
-    the slicing was not planned around)."""
+    """Segments with any one that runs across unit ``cut_at`` split after it, slice count and depth
+    kept (an estimate for cuts the slicing was not planned around)."""
     out = []
     for seg in segments:
         if seg.start <= cut_at < seg.stop:
-            out += [Segment(seg.start, cut_at, seg.k), Segment(cut_at + 1, seg.stop, seg.k)]
+            out += [Segment(seg.start, cut_at, seg.k, seg.depth), Segment(cut_at + 1, seg.stop, seg.k, seg.depth)]
         else:
             out.append(seg)
     return out
 
 
-def reuse_seconds(model: CostModel, segments: Sequence[Segment], cut: str) -> float:
-    """Predicted time of one reuse call: the plan's segments restricted to the reuse program."""
+def reuse_segments(model: CostModel, segments: Sequence[Segment], cut: str) -> list[Segment]:
+    """The plan's segments restricted to the reuse program: each run of consecutive reuse units of a
+    segment, with its slice count and depth (as the runtime's ``reuse_segments`` keeps them)."""
     keep = set(reuse_indices(model, cut))
-    total = 0.0
+    out = []
     for seg in segments:
         run: list[int] = []
         for i in [*range(seg.start, seg.stop + 1), None]:
@@ -332,32 +334,41 @@ def reuse_seconds(model: CostModel, segments: Sequence[Segment], cut: str) -> fl
                 run.append(i)
                 continue
             if run:
-                total += model.cost(Segment(run[0], run[-1], seg.k)).seconds
+                out.append(Segment(run[0], run[-1], seg.k, seg.depth))
                 run = []
-    return total
-
-
-def segments_of(model: CostModel, comp: ComponentPlan) -> list[Segment]:
-    """The cost-model segments of a component plan (groups, else single units)."""
-    start_of = {g.units[0]: g for g in comp.groups}
-    out, i = [], 0
-    while i < model.n:
-        name = model.units[i].name
-        if name in start_of:
-            g = start_of[name]
-            out.append(Segment(i, i + len(g.units) - 1, g.k))
-            i += len(g.units)
-        else:
-            out.append(Segment(i, i, comp.k(name) if model.units[i].axis else 1))
-            i += 1
     return out
+
+
+def reuse_streaming_seconds(model: CostModel, cut: str, streamed: frozenset[str]) -> tuple[float, float]:
+    """(transfer, exposed) seconds per reuse call of streaming ``streamed``: the runtime copies in only
+    the streamed blocks the reuse program touches, and prefetches the next one *it* uses, so the
+    reuse program is priced as a model of its own (its units, its compute clock; see
+    :meth:`.costs.CostModel.streaming_seconds`)."""
+    if not streamed:
+        return 0.0, 0.0
+    cache = model.__dict__.setdefault("_reuse_models", {})
+    if cut not in cache:
+        units = [model.units[i] for i in reuse_indices(model, cut)]
+        cache[cut] = CostModel(model.profile.model_copy(update={"units": units}), model.gpu, model.allocator,
+                               pinned=model.pinned)
+    return cache[cut].streaming_seconds(frozenset(streamed))
+
+
+def reuse_seconds(model: CostModel, segments: Sequence[Segment], cut: str, host: Iterable[str] = EMPTY,
+                  streamed: Iterable[str] = EMPTY) -> float:
+    """Predicted time of one reuse call: the plan's segments restricted to the reuse program (with
+    ``host`` placed and ``streamed`` blocks), and the weight copies of the streamed blocks the reuse
+    program touches that its compute does not hide."""
+    host, streamed = frozenset(host), frozenset(streamed)
+    runs = reuse_segments(model, segments, cut)
+    return sum(model.cost(s, host, streamed).seconds for s in runs) + reuse_streaming_seconds(model, cut, streamed)[1]
 
 
 class CutCostModel(CostModel):
     """A cost model whose candidate segments never run across the rehash cut."""
 
-    def __init__(self, profile, gpu, allocator: str, cut: str):
-        super().__init__(profile, gpu, allocator)
+    def __init__(self, profile, gpu, allocator: str, cut: str, *, pinned: bool = True):
+        super().__init__(profile, gpu, allocator, pinned=pinned)
         self.cut = cut
         self.cut_at = cut_index([u.name for u in profile.units], cut)
 
@@ -375,14 +386,16 @@ class StageRehash:
     steps: int
 
     def constrain(self, model: CostModel) -> CostModel:
-        return CutCostModel(model.profile, model.gpu, model.allocator, self.cut)
+        return CutCostModel(model.profile, model.gpu, model.allocator, self.cut, pinned=model.pinned)
 
     def cache_bytes(self, model: CostModel) -> int:
         return model.units[model.index[self.cut]].output_bytes
 
     def seconds(self, model: CostModel, solution) -> float:
+        """The denoising stage: ``keys`` full calls and the rest reuse calls, each with the solution's
+        placement and streamed blocks (the reuse calls' own weight copies)."""
         full = solution.latency_s
-        reuse = reuse_seconds(model, solution.segments, self.cut)
+        reuse = reuse_seconds(model, solution.segments, self.cut, solution.host, solution.streamed)
         return self.keys * full + (self.steps - self.keys) * reuse
 
 
@@ -448,6 +461,7 @@ def plan_rehash(
     allocator: str = "expandable_segments",
     method: str = "auto",
     cut: str | None = None,
+    pinned: bool = True,
 ):
     """A pipeline plan with a Step Rehash schedule (see :func:`vramplan.plan_for`).
 
@@ -459,6 +473,9 @@ def plan_rehash(
     least calibrated error wins (uncalibrated: the most key steps, then the fastest). The pipeline
     is then planned again with that schedule priced in (groups kept off the cut, the cache held
     through denoising), minimising the peak under the latency target. ``cut`` fixes the cut.
+    Both calls are priced with the plan's placement (values on host, streamed blocks, depth); a
+    reuse call copies in only the streamed blocks its program touches. ``pinned=False``: host-link
+    copies at the pageable rate, as :func:`.pipeline.plan_pipeline`.
     """
     from .pipeline import plan_pipeline
 
@@ -477,10 +494,12 @@ def plan_rehash(
     unet = stage.profile
     if calibration is not None:
         calibration.check(unet.model, unet.shape, steps)
-    base = plan_pipeline(profile, gpu, usable_bytes=usable_bytes, steps=steps, allocator=allocator, method=method)
-    model = CostModel(unet, gpu, allocator)
-    segments = segments_of(model, base.component(stage.component))
-    full = sum(model.cost(s).seconds for s in segments)
+    base = plan_pipeline(profile, gpu, usable_bytes=usable_bytes, steps=steps, allocator=allocator, method=method,
+                         pinned=pinned)
+    model = CostModel(unet, gpu, allocator, pinned=pinned)
+    comp = base.component(stage.component)
+    segments = segments_of(model, comp)
+    full = component_seconds(model, comp)
     other = base.prediction.latency_s - steps * full
     nodes = profile_nodes(model.units)
     cuts = valid_cuts(nodes, unet.result, candidate_cuts(model.units))
@@ -491,7 +510,8 @@ def plan_rehash(
     if calibration is not None:
         measured = {c.cut for c in calibration.cuts}
         cuts = [c for c in cuts if c in measured]
-    reuse_at = {c: reuse_seconds(model, split_at_cut(segments, model.index[c]), c) for c in cuts}
+    reuse_at = {c: reuse_seconds(model, split_at_cut(segments, model.index[c]), c, comp.host, comp.streamed)
+                for c in cuts}
     budget = None if max_latency_s is None else max_latency_s - other
     options = rank_cuts(reuse_at, full, steps, mode, keys, budget, calibration, threshold)
     if not options:
@@ -511,12 +531,12 @@ def plan_rehash(
         try:
             plan = plan_pipeline(
                 profile, gpu, usable_bytes=usable_bytes, steps=steps, max_latency_s=max_latency_s,
-                allocator=allocator, method=method, rehash=choice,
+                allocator=allocator, method=method, rehash=choice, pinned=pinned,
             )
         except InfeasibleError as err:  # the cut-respecting slicing is slower than estimated
             last_error = err
             continue
-        return _attach(plan, stage, unet, gpu, allocator, mode, option, steps, calibration, calibration_ref)
+        return _attach(plan, stage, unet, gpu, allocator, mode, option, steps, calibration, calibration_ref, pinned)
     raise last_error
 
 
@@ -535,13 +555,13 @@ def schedule_for(mode, steps, allowed, cal, threshold) -> tuple[list[int], float
     return optimal_keys(cal.error, allowed)[0], None
 
 
-def _attach(plan, stage, unet, gpu, allocator, mode, option, steps, calibration, calibration_ref):
+def _attach(plan, stage, unet, gpu, allocator, mode, option, steps, calibration, calibration_ref, pinned=True):
     from .schema import RehashPlan
 
-    model = CutCostModel(unet, gpu, allocator, option.cut)
-    segments = segments_of(model, plan.component(stage.component))
-    full = sum(model.cost(s).seconds for s in segments)
-    reuse = reuse_seconds(model, segments, option.cut)
+    model = CutCostModel(unet, gpu, allocator, option.cut, pinned=pinned)
+    comp = plan.component(stage.component)
+    full = component_seconds(model, comp)
+    reuse = reuse_seconds(model, segments_of(model, comp), option.cut, comp.host, comp.streamed)
     flops = sum(u.flops for u in model.units)
     n = len(option.keys)
     rehash = RehashPlan(

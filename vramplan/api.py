@@ -92,14 +92,10 @@ def plan_for(
     if rehash != "off":
         from .planner.rehash import load_calibration, plan_rehash
 
-        if not pinned:
-            raise InvalidArgumentError("pinned=False (pageable host memory) is not priced for Step Rehash plans yet; "
-                                       "plan with rehash='off', or with pinned memory")
-
         cal, ref = load_calibration(calibration)
         return plan_rehash(
             profile, gpu_profile, mode=rehash, calibration=cal, calibration_ref=ref, keys=keys, usable_bytes=usable,
-            steps=steps, max_latency_s=max_latency_s, allocator=allocator, method=method,
+            steps=steps, max_latency_s=max_latency_s, allocator=allocator, method=method, pinned=pinned,
         )
     return plan_pipeline(
         profile, gpu_profile, usable_bytes=usable, steps=steps, max_latency_s=max_latency_s,
