@@ -10,12 +10,15 @@ configs with random fp16 weights directly on the GPU (no download), and for each
   times the allocator factor); latency by CUDA events, after warmup, median of N;
 - the unit program segment by segment (original: every unit whole; planned: the plan's segments),
   timing every segment with CUDA events. Each segment's predicted time is linear in the cost
-  model's three constants (``planner/costs.py``: 1 / COMPUTE_EFFICIENCY, 1 / BANDWIDTH_EFFICIENCY,
-  LAUNCH_SECONDS), so a least-squares fit over all timed segments (relative error, non-negative)
-  gives the card's constants.
+  model's three constants (``planner/costs.py``: 1 / compute efficiency, 1 / bandwidth efficiency,
+  seconds per launch; the card's own when its profile is calibrated, else the defaults), so a
+  least-squares fit over all timed segments (relative error, non-negative) gives the card's constants.
 
-It writes the constants as a JSON calibration file naming the card (``profiles/calibration/<card>.json``
-or ``--out``; it never edits ``profiles/gpus.json``) and a markdown table for ``docs/benchmarks.md``.
+It writes them as a GPU-profile overlay (``vramplan.planner.schema.GpuOverlay``: the profile they apply
+to, the constants with the card named as measured, and the whole measurement) to
+``profiles/calibration/<card>.json`` or ``--out``, which ``planner/gpus.py`` applies when it builds the
+GPU profiles (also from a folder named by ``VRAMPLAN_CALIBRATION_DIR``); it never edits
+``profiles/gpus.json``. A markdown table for ``docs/benchmarks.md`` goes next to it.
 It keeps to ``--timeout-budget`` seconds, skipping (and saying so) what would not fit.
 
     python bench/gpu_check.py                        # every model, the local GPU (NVML), ~3-6 min on an H100
@@ -92,53 +95,75 @@ class Point:
 
 
 # ---------------------------------------------------------------------------- cost-model features
-def segment_features(profile, gpu, segments, host=frozenset()) -> list[tuple[float, float, float]]:
-    """(compute_s, memory_s, launches) of each planner segment, such that the cost model's time is
-    ``compute_s / COMPUTE_EFFICIENCY + memory_s / BANDWIDTH_EFFICIENCY + launches * LAUNCH_SECONDS``
-    (+ the host-link time of values placed on ``host``, a fixed offset that is not fitted).
+CONSTANTS = ("compute_efficiency", "bandwidth_efficiency", "launch_seconds")
 
-    Read off the cost model itself (evaluated with one term switched on at a time), so the features
-    follow ``planner/costs.py``; a check refuses them if that model stops being linear in its constants."""
+
+def with_constants(gpu, compute_efficiency, bandwidth_efficiency, launch_seconds):
+    """``gpu`` priced with these latency constants (an efficiency of None: that term costs nothing); the
+    host-link efficiency stays the card's."""
+    from vramplan.planner.costs import latency_constants
+
+    current = latency_constants(gpu)
+    latency = current.model_copy(update={"compute_efficiency": compute_efficiency,
+                                         "bandwidth_efficiency": bandwidth_efficiency,
+                                         "launch_seconds": launch_seconds})
+    return gpu.model_copy(update={"latency": latency})
+
+
+def segment_features(profile, gpu, segments, host=frozenset()) -> list[tuple[float, float, float]]:
+    """(compute_s, memory_s, launches) of each planner segment, such that the cost model's time on ``gpu`` is
+    ``compute_s / compute_efficiency + memory_s / bandwidth_efficiency + launches * launch_seconds`` with
+    the card's constants (``GpuProfile.latency``, else the defaults of ``planner/costs.py``), plus the
+    host-link time of values placed on ``host``, a fixed offset that is not fitted.
+
+    Read off the cost model itself, evaluated on copies of ``gpu`` with one term switched on at a time
+    (its efficiency 1 or one second per launch, the others costing nothing), so the features follow
+    ``planner/costs.py``; a check refuses them if that model stops being linear in its constants."""
     from vramplan.planner import costs
 
-    def seconds(flop_rate: float, byte_rate: float, launch: float) -> list[float]:
-        model = costs.CostModel(profile, gpu, "none")
-        model.flops_per_s, model.bytes_per_s = flop_rate, byte_rate
-        saved, costs.LAUNCH_SECONDS = costs.LAUNCH_SECONDS, launch
-        try:
-            return [model.cost(seg, host).seconds - model.cost(seg, host).transfer_s for seg in segments]
-        finally:
-            costs.LAUNCH_SECONDS = saved
+    def seconds(card) -> list[float]:
+        model = costs.CostModel(profile, card, "none")
+        return [model.cost(seg, host).seconds - model.cost(seg, host).transfer_s for seg in segments]
 
+    rows = list(zip(seconds(with_constants(gpu, 1.0, None, 0.0)), seconds(with_constants(gpu, None, 1.0, 0.0)),
+                    seconds(with_constants(gpu, None, None, 1.0)), strict=True))
     reference = costs.CostModel(profile, gpu, "none")
-    peak_flops = reference.flops_per_s / costs.COMPUTE_EFFICIENCY
-    peak_bytes = reference.bytes_per_s / costs.BANDWIDTH_EFFICIENCY
-    inf = math.inf
-    rows = list(zip(seconds(peak_flops, inf, 0.0), seconds(inf, peak_bytes, 0.0), seconds(inf, inf, 1.0), strict=True))
-    for (c, b, n), seg in zip(rows, segments, strict=True):
+    constants = current_constants(gpu)
+    for f, seg in zip(rows, segments, strict=True):
         want = reference.cost(seg, host).seconds - reference.cost(seg, host).transfer_s
-        got = c / costs.COMPUTE_EFFICIENCY + b / costs.BANDWIDTH_EFFICIENCY + n * costs.LAUNCH_SECONDS
+        got = predict(f, constants)
         if not math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-12):
             raise RuntimeError(f"the cost model is no longer linear in its constants ({got} vs {want} s): "
                                f"update bench/gpu_check.py's features")
     return rows
 
 
-def current_constants() -> dict[str, float]:
+def current_constants(gpu=None) -> dict[str, float]:
+    """The constants ``gpu`` is priced with now (its own when calibrated), or the defaults of
+    ``planner/costs.py`` (``gpu`` None); a dropped term's efficiency is infinite."""
     from vramplan.planner import costs
 
-    return {"compute_efficiency": costs.COMPUTE_EFFICIENCY, "bandwidth_efficiency": costs.BANDWIDTH_EFFICIENCY,
-            "launch_seconds": costs.LAUNCH_SECONDS}
+    if gpu is None:
+        return {"compute_efficiency": costs.COMPUTE_EFFICIENCY, "bandwidth_efficiency": costs.BANDWIDTH_EFFICIENCY,
+                "launch_seconds": costs.LAUNCH_SECONDS}
+    c = costs.latency_constants(gpu)
+    return {name: math.inf if getattr(c, name) is None else getattr(c, name) for name in CONSTANTS}
 
 
 def predict(point_features, constants: dict[str, float]) -> float:
     c, b, n = point_features
-    return c / constants["compute_efficiency"] + b / constants["bandwidth_efficiency"] + n * constants["launch_seconds"]
+
+    def over(x, efficiency):
+        return 0.0 if efficiency is None or math.isinf(efficiency) else x / efficiency
+
+    return (over(c, constants["compute_efficiency"]) + over(b, constants["bandwidth_efficiency"])
+            + n * constants["launch_seconds"])
 
 
-def fit_constants(points: list[Point]) -> dict:
+def fit_constants(points: list[Point], before: dict[str, float] | None = None) -> dict:
     """Least squares of the relative error, with non-negative coefficients (every subset of the three
-    terms is tried; the best feasible one wins): 1/efficiency for compute and memory, seconds per launch."""
+    terms is tried; the best feasible one wins): 1/efficiency for compute and memory, seconds per launch.
+    ``before``: the constants the points were predicted with (default: the defaults of ``planner/costs.py``)."""
     import numpy as np
 
     usable = [p for p in points if p.seconds > 0]
@@ -168,13 +193,14 @@ def fit_constants(points: list[Point]) -> dict:
         "bandwidth_efficiency": 1 / inv_memory if inv_memory > 0 else math.inf,
         "launch_seconds": float(launch),
     }
-    before = _errors(usable, current_constants())
+    before = before or current_constants()
     after = _errors(usable, constants)
     return {
         "constants": constants,
+        "constants_before": dict(before),
         "dropped": [name for name, value in constants.items() if value in (math.inf, 0.0)],
         "points": len(usable),
-        "median_abs_rel_error_before": statistics.median(before),
+        "median_abs_rel_error_before": statistics.median(_errors(usable, before)),
         "median_abs_rel_error_after": statistics.median(after),
         "method": "non-negative least squares of relative error over timed segments (each segment's "
                   "predicted time is linear in 1/compute_efficiency, 1/bandwidth_efficiency, launch_seconds)",
@@ -481,7 +507,7 @@ def check_case(case: Case, device: Device, gpu, dtype, warmup: int, repeats: int
             costs = [cost.cost(s, frozenset(comp.host), frozenset(comp.streamed)) for s in planned]
             act, needed = max(c.activation_bytes for c in costs), max(c.needed_bytes for c in costs)
         features = segment_features(case.profile, gpu, planned, frozenset(comp.host) if comp else frozenset())
-        predicted = sum(predict(f, current_constants()) for f in features)
+        predicted = sum(predict(f, current_constants(gpu)) for f in features)
         with apply_plan(module, comp) if comp is not None else contextlib.nullcontext(), torch.no_grad():
             # timed first: the memory run then finds cuBLAS/cuDNN handles and workspaces already made
             measured = device.time_call(call, warmup, repeats)
@@ -524,7 +550,7 @@ def markdown(rows: list[Row], fit: dict | None, header: dict, skipped: list[str]
             f"{ms(r.fitted_s)} |"
         )
     if fit is not None:
-        c, old = fit["constants"], current_constants()
+        c, old = fit["constants"], fit["constants_before"]
         dropped = f" (dropped by the fit: {', '.join(fit['dropped'])})" if fit["dropped"] else ""
         lines += ["", f"Fitted over {fit['points']} timed segments{dropped}: compute efficiency "
                       f"{c['compute_efficiency']:.3f} "
@@ -544,6 +570,36 @@ def _finite(value):
     if isinstance(value, list):
         return [_finite(v) for v in value]
     return None if isinstance(value, float) and math.isinf(value) else value
+
+
+def overlay(gpu, fit: dict | None, record: dict) -> dict:
+    """The GPU-profile overlay ``planner/gpus.py`` applies (``vramplan.planner.schema.GpuOverlay``): the
+    profile the constants belong to, the fitted constants with the card named as measured (None when
+    nothing was fitted), and the whole record; checked against the schema before it is written."""
+    from vramplan.planner.costs import latency_constants
+    from vramplan.planner.schema import GpuOverlay, LatencyConstants, LatencySource
+
+    latency = None
+    if fit is not None:
+        c = fit["constants"]
+        latency = LatencyConstants(
+            compute_efficiency=None if math.isinf(c["compute_efficiency"]) else c["compute_efficiency"],
+            bandwidth_efficiency=None if math.isinf(c["bandwidth_efficiency"]) else c["bandwidth_efficiency"],
+            launch_seconds=c["launch_seconds"],
+            link_efficiency=latency_constants(gpu).link_efficiency,  # not measured here: the card's as it was
+            source=LatencySource(card=record["device_name"], date=record["measured_at"], tool="bench/gpu_check.py",
+                                 smoke=record["smoke"]),
+        )
+    data = GpuOverlay(gpu=gpu.name, latency=latency, measurement=_finite(record)).model_dump(mode="json")
+    GpuOverlay.model_validate(data)
+    return data
+
+
+def default_out(gpu, smoke: bool) -> Path:
+    """``profiles/calibration/<card>.json`` (read by ``planner/gpus.py``); a smoke run's numbers mean
+    nothing, so it goes to ``out/gpu_check-smoke/`` instead."""
+    folder = REPO / "out" / "gpu_check-smoke" if smoke else REPO / "profiles" / "calibration"
+    return folder / f"{slug(gpu.name)}.json"
 
 
 def slug(name: str) -> str:
@@ -566,7 +622,8 @@ def parse_args(argv):
                    help="seconds for the whole check; what would not fit is skipped (default 360)")
     p.add_argument("--quick", action="store_true", help="2 repeats; the smallest plan and the card's only")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny models on the CPU in fp32 (no CUDA needed)")
-    p.add_argument("--out", help="calibration JSON (default profiles/calibration/<card>.json)")
+    p.add_argument("--out", help="GPU-profile overlay JSON (default profiles/calibration/<card>.json, which "
+                                 "planner/gpus.py applies; --cpu-smoke: out/gpu_check-smoke/<card>.json)")
     p.add_argument("--markdown", help="markdown table file (default: next to the JSON, .md)")
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -633,7 +690,7 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
     fit = None
     try:
-        fit = fit_constants(points)
+        fit = fit_constants(points, current_constants(gpu))
     except ValueError as err:
         skipped.append(f"no fit: {err}")
     if fit is not None:
@@ -647,7 +704,7 @@ def main(argv=None) -> int:
     }
     table = markdown(rows, fit, header, skipped)
     print("\n" + table)
-    out = Path(args.out) if args.out else REPO / "profiles" / "calibration" / f"{slug(gpu.name)}.json"
+    out = Path(args.out) if args.out else default_out(gpu, args.cpu_smoke)
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "card": gpu.name,
@@ -659,13 +716,13 @@ def main(argv=None) -> int:
         "measured_at": header["date"],
         "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
         "shape": {"height": args.height, "width": args.width, "dtype": header["dtype"]},
-        "uncalibrated": current_constants(),
+        "constants_before": current_constants(gpu),
         "fit": fit,
         "rows": [{k: v for k, v in asdict(r).items() if k != "features"} for r in rows],
         "skipped": skipped,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    out.write_text(json.dumps(_finite(record), indent=1) + "\n")
+    out.write_text(json.dumps(overlay(gpu, fit, record), indent=1) + "\n")
     md = Path(args.markdown) if args.markdown else out.with_suffix(".md")
     md.write_text(table)
     print(f"wrote {out} and {md} in {record['seconds']} s")

@@ -27,25 +27,49 @@ nothing else holds, no autograd watching) hold for every buffer the rulebook off
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from functools import cached_property
 
 from .rules import ProgramRules, SegmentRules
-from .schema import GpuProfile, ModelProfile
+from .schema import GpuProfile, LatencyConstants, ModelProfile
 
 
 def roofline_seconds(flops: int, bytes_moved: int, gpu: GpuProfile, dtype: str) -> float:
-    """Latency of work that is not sliced (a whole stage): compute + memory traffic at derated peaks."""
-    tflops = gpu.fp32_tflops if dtype == "fp32" else gpu.fp16_tensor_tflops
-    return flops / (tflops * 1e12 * COMPUTE_EFFICIENCY) + bytes_moved / (
-        gpu.memory_bandwidth_gbps * 1e9 * BANDWIDTH_EFFICIENCY
-    )
+    """Latency of work that is not sliced (a whole stage): compute + memory traffic at derated peaks
+    (the GPU's own constants when it has them, see :func:`latency_constants`)."""
+    c = latency_constants(gpu)
+    return flops / compute_rate(gpu, dtype, c) + bytes_moved / memory_rate(gpu, c)
 
 
 # Uncalibrated latency constants: fractions of peak rates reached, and host cost per kernel launch.
+# Defaults: a GPU profile with ``latency`` (fitted by bench/gpu_check.py) uses its own.
 COMPUTE_EFFICIENCY = 0.6
 BANDWIDTH_EFFICIENCY = 0.75
 LAUNCH_SECONDS = 8e-6
+
+
+def latency_constants(gpu: GpuProfile) -> LatencyConstants:
+    """The latency constants of ``gpu``: its fitted ones (``GpuProfile.latency``), else the defaults above."""
+    if gpu.latency is not None:
+        return gpu.latency
+    return LatencyConstants(compute_efficiency=COMPUTE_EFFICIENCY, bandwidth_efficiency=BANDWIDTH_EFFICIENCY,
+                            launch_seconds=LAUNCH_SECONDS)
+
+
+def compute_rate(gpu: GpuProfile, dtype: str, constants: LatencyConstants | None = None) -> float:
+    """FLOP/s reached (infinite when the constants drop the compute term)."""
+    c = constants or latency_constants(gpu)
+    tflops = gpu.fp32_tflops if dtype == "fp32" else gpu.fp16_tensor_tflops
+    return math.inf if c.compute_efficiency is None else tflops * 1e12 * c.compute_efficiency
+
+
+def memory_rate(gpu: GpuProfile, constants: LatencyConstants | None = None) -> float:
+    """Bytes/s reached by memory-bound work (infinite when the constants drop the memory term)."""
+    c = constants or latency_constants(gpu)
+    return math.inf if c.bandwidth_efficiency is None else gpu.memory_bandwidth_gbps * 1e9 * c.bandwidth_efficiency
+
+
 # Host-link rate of pageable (not pinned) host memory as a fraction of the pinned rate in
 # ``GpuProfile.pcie_gbps``: the copy goes through a driver staging buffer. An estimate, not measured
 # here: NVIDIA's "How to Optimize Data Transfers in CUDA C/C++" (Harris, 2012) shows pageable
@@ -81,7 +105,8 @@ class SegmentCost:
 
 
 class CostModel:
-    """Segment costs for one profile on one GPU.
+    """Segment costs for one profile on one GPU, with the GPU's latency constants (its fitted
+    ``GpuProfile.latency``, else the module defaults).
 
     ``pinned=False`` prices host-link copies at the pageable rate (``PAGEABLE_FRACTION``).
     Costs are memoised per (segment, placement relevant to it); streaming is added on top.
@@ -96,11 +121,11 @@ class CostModel:
         self.units = profile.units
         self.n = len(self.units)
         self.index = {u.name: i for i, u in enumerate(self.units)}
-        fp32 = profile.shape.dtype == "fp32"
-        tflops = gpu.fp32_tflops if fp32 else gpu.fp16_tensor_tflops
-        self.flops_per_s = tflops * 1e12 * COMPUTE_EFFICIENCY
-        self.bytes_per_s = gpu.memory_bandwidth_gbps * 1e9 * BANDWIDTH_EFFICIENCY
-        self.link_bytes_per_s = gpu.pcie_gbps * 1e9 * (1.0 if pinned else PAGEABLE_FRACTION)
+        self.constants = constants = latency_constants(gpu)
+        self.flops_per_s = compute_rate(gpu, profile.shape.dtype, constants)
+        self.bytes_per_s = memory_rate(gpu, constants)
+        self.launch_seconds = constants.launch_seconds
+        self.link_bytes_per_s = gpu.pcie_gbps * 1e9 * constants.link_efficiency * (1.0 if pinned else PAGEABLE_FRACTION)
         self.size = {u.name: u.output_bytes for u in self.units}
 
     # -- static structure ----------------------------------------------------------------------
@@ -365,7 +390,7 @@ class CostModel:
 
     def _unit_time(self, i: int, slices: int, depth: int) -> float:
         unit = self.units[i]
-        return self.unit_seconds[i] + slices * unit.kernels * LAUNCH_SECONDS / depth
+        return self.unit_seconds[i] + slices * unit.kernels * self.launch_seconds / depth
 
     def _input_bytes(self, unit) -> int:
         name = unit.inputs[0]

@@ -1,28 +1,135 @@
-"""GPU profiles: lookup by forgiving name, ``auto`` through NVML. No torch."""
+"""GPU profiles: lookup by forgiving name, ``auto`` through NVML. No torch.
+
+The shipped specs (``profiles/gpus.json``) get per-card overlays: JSON files written by
+``bench/gpu_check.py`` (:class:`~.schema.GpuOverlay`: the card and its fitted latency constants),
+read from the shipped folder ``profiles/calibration/`` and then from the folder named by
+``VRAMPLAN_CALIBRATION_DIR`` (a later overlay for the same card wins). An overlay for a card with
+no profile is ignored with a warning; a malformed one is an error naming the file.
+"""
 
 from __future__ import annotations
 
 import difflib
+import json
 import logging
+import os
 import re
 from functools import cache
+from importlib import resources
+from pathlib import Path
+
+from pydantic import ValidationError
 
 from ..profiles import read_json
-from .errors import UnknownGPUError, VramplanError
-from .schema import GpuProfile
+from .errors import InputFileError, UnknownGPUError, VramplanError
+from .schema import GpuOverlay, GpuProfile
 
 log = logging.getLogger(__name__)
+
+CALIBRATION_ENV = "VRAMPLAN_CALIBRATION_DIR"
+SHIPPED_CALIBRATION = "calibration"
 
 
 @cache
 def all_gpus() -> tuple[GpuProfile, ...]:
+    """Every GPU profile: the shipped specs with the calibration overlays found applied."""
+    gpus = shipped_gpus()
+    applied: dict[str, Path] = {}
+    updated = {g.name: g for g in gpus}
+    for path, overlay in read_overlays():
+        gpu = _match(overlay.gpu, gpus) or (_match(overlay.latency.source.card, gpus) if overlay.latency
+                                             and overlay.latency.source else None)
+        if gpu is None:
+            log.warning("ignoring the GPU overlay %s: no GPU profile matches %r (`vramplan gpus` lists them)",
+                        path, overlay.gpu)
+            continue
+        if overlay.latency is None:
+            log.info("the GPU overlay %s has no latency constants (the check fitted none): nothing applied", path)
+            continue
+        if gpu.name in applied:
+            log.warning("the GPU overlay %s replaces %s for %s", path, applied[gpu.name], gpu.name)
+        if overlay.latency.source is not None and overlay.latency.source.smoke:
+            log.warning("the GPU overlay %s comes from a CPU smoke run: its constants mean nothing for %s",
+                        path, gpu.name)
+        applied[gpu.name] = path
+        updated[gpu.name] = gpu.model_copy(update={
+            "latency": overlay.latency, "calibrated": True,
+            "sources": [*gpu.sources, f"latency constants: {path.name}"],
+        })
+    return tuple(updated[g.name] for g in gpus)
+
+
+@cache
+def shipped_gpus() -> tuple[GpuProfile, ...]:
+    """The GPU specs of ``profiles/gpus.json``, no overlay applied."""
     return tuple(GpuProfile.model_validate(g) for g in read_json("gpus.json")["gpus"])
+
+
+def clear_cache() -> None:
+    """Forget the profiles built so far (after writing an overlay or changing ``VRAMPLAN_CALIBRATION_DIR``)."""
+    all_gpus.cache_clear()
+    _index.cache_clear()
+
+
+def calibration_dirs() -> list[Path]:
+    """Where overlays are read from, in order: the shipped folder, then ``$VRAMPLAN_CALIBRATION_DIR``."""
+    folders = [Path(str(resources.files("vramplan.profiles").joinpath(SHIPPED_CALIBRATION)))]
+    user = os.environ.get(CALIBRATION_ENV, "").strip()
+    if user:
+        folder = Path(user).expanduser()
+        if folder.exists() and not folder.is_dir():
+            raise InputFileError(f"{CALIBRATION_ENV}={user}: that is a file, not a folder of GPU overlays "
+                                 f"(the JSON files bench/gpu_check.py writes)")
+        if not folder.exists():
+            log.warning("%s=%s does not exist: no GPU overlays read from it", CALIBRATION_ENV, user)
+        folders.append(folder)
+    return folders
+
+
+def read_overlays() -> list[tuple[Path, GpuOverlay]]:
+    """Every overlay (``*.json``) of :func:`calibration_dirs`, in order (by name within a folder)."""
+    out = []
+    for folder in calibration_dirs():
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.glob("*.json")):
+            out.append((path, load_overlay(path)))
+    return out
+
+
+def load_overlay(path: str | Path) -> GpuOverlay:
+    """One overlay file, or an error naming the file and what is wrong with it."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputFileError(f"cannot read the GPU overlay {path}: {err}") from err
+    except json.JSONDecodeError as err:
+        raise InputFileError(f"the GPU overlay {path} is not valid JSON ({err}); fix or remove it") from err
+    try:
+        return GpuOverlay.model_validate(data)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or '(file)'}: {e['msg']}" for e in err.errors())
+        raise InputFileError(
+            f"the GPU overlay {path} is malformed ({problems}); rerun bench/gpu_check.py or remove it"
+        ) from err
 
 
 def _norm(name: str) -> str:
     name = name.lower()
     name = re.sub(r"\b(nvidia|geforce|tesla)\b", "", name)
     return re.sub(r"[^a-z0-9]", "", name)
+
+
+def _match(name: str | None, gpus) -> GpuProfile | None:
+    """The profile ``name`` (a profile name, an alias or an NVML name) denotes among ``gpus``, or None."""
+    if not name:
+        return None
+    key = _norm(name)
+    for gpu in gpus:
+        if any(_norm(alias) == key for alias in [gpu.name, *gpu.aliases]):
+            return gpu
+    return None
 
 
 @cache

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -70,8 +71,41 @@ class Group(_Strict):
     )
 
 
+class LatencySource(_Strict):
+    """Where a GPU's latency constants come from: the card they were measured on, when, with what."""
+
+    card: str = Field(description="the device name as measured (NVML / torch.cuda.get_device_name)")
+    date: str = Field(description="when it was measured, e.g. 2026-11-27 15:00 UTC")
+    tool: str = Field(default="bench/gpu_check.py", description="what measured it")
+    smoke: bool = Field(default=False, description="a CPU smoke run: exercises the code, its numbers mean nothing")
+
+
+class LatencyConstants(_Strict):
+    """The latency model's constants for one GPU (``planner/costs.py``), fitted by ``bench/gpu_check.py``.
+
+    A segment's time is compute FLOPs / (peak x ``compute_efficiency``) + bytes / (bandwidth x
+    ``bandwidth_efficiency``) + kernel launches x ``launch_seconds``; host-link copies run at
+    ``pcie_gbps`` x ``link_efficiency``. An efficiency of None is a term the fit dropped: it costs nothing."""
+
+    compute_efficiency: float | None = Field(gt=0, description="fraction of the fp16 tensor / fp32 peak reached")
+    bandwidth_efficiency: float | None = Field(gt=0, description="fraction of the memory bandwidth reached")
+    launch_seconds: float = Field(ge=0, description="host cost per kernel launch (per slice)")
+    link_efficiency: float = Field(default=1.0, gt=0, description="fraction of pcie_gbps reached by pinned copies")
+    source: LatencySource | None = None
+
+    @model_validator(mode="after")
+    def _finite(self):
+        for name in ("compute_efficiency", "bandwidth_efficiency", "launch_seconds", "link_efficiency"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name}={value} must be finite (None: a term the fit dropped)")
+        return self
+
+
 class GpuProfile(_Strict):
-    """One GPU model's specs (``profiles/gpus.json``). Latency figures are vendor peaks until calibrated."""
+    """One GPU model's specs (``profiles/gpus.json``). Latency figures are vendor peaks, priced with
+    the default constants of ``planner/costs.py``, until ``latency`` carries the card's own (then
+    ``calibrated`` is true)."""
 
     name: str
     aliases: list[str] = Field(default_factory=list)
@@ -88,11 +122,31 @@ class GpuProfile(_Strict):
     calibrated: bool = False
     sources: list[str] = Field(default_factory=list)
     notes: str = ""
+    latency: LatencyConstants | None = Field(
+        default=None, description="the card's fitted latency constants (None: the defaults of planner/costs.py)")
+
+    @model_validator(mode="after")
+    def _calibrated(self):
+        if self.latency is not None:
+            self.calibrated = True
+        return self
 
     @property
     def attention_kernel(self) -> str:
         """The fused SDPA kernel PyTorch runs here for fp16 without a mask."""
         return "flash" if "flash" in self.attention_kernels else "efficient"
+
+
+class GpuOverlay(_Strict):
+    """A per-card overlay on a shipped GPU profile (``profiles/calibration/<card>.json`` or a file in
+    ``$VRAMPLAN_CALIBRATION_DIR``), written by ``bench/gpu_check.py``: the profile it applies to and the
+    latency constants fitted there; ``measurement`` keeps what the check measured (free form)."""
+
+    format: Literal["vramplan-gpu-overlay"] = "vramplan-gpu-overlay"
+    version: Literal[1] = 1
+    gpu: str = Field(description="the GPU profile the constants apply to (their peaks are its figures)")
+    latency: LatencyConstants | None = Field(description="None: the check fitted nothing (too few timings)")
+    measurement: dict[str, Any] = Field(default_factory=dict, description="the check's record: rows, fit, skipped")
 
 
 class UnitProfile(_Strict):
@@ -523,6 +577,9 @@ class RunReport(_Strict):
     predicted_peak_bytes: int | None = None
     predicted_activation_bytes: int | None = None
     predicted_latency_s: float | None = None
+    predicted_pageable_latency_s: float | None = Field(
+        default=None, description="the plan's latency re-priced at the pageable host-link rate, when pinned host "
+        "memory could not be allocated during the run (None: pinned memory worked, or no re-pricing was possible)")
     total_seconds: float
     stages: list[StageReport] = Field(default_factory=list)
     step_seconds: list[float] = Field(default_factory=list)
@@ -546,6 +603,9 @@ class RunReport(_Strict):
         if self.predicted_peak_bytes is not None:
             lines.append(f"  plan for {self.plan_gpu}: predicted peak {size(self.predicted_peak_bytes)}, "
                          f"latency {self.predicted_latency_s:.1f} s")
+        if self.predicted_pageable_latency_s is not None:
+            lines.append(f"  pinned host memory failed: predicted {self.predicted_pageable_latency_s:.1f} s at the "
+                         f"pageable rate")
         for st in self.stages:
             peak = f", peak {size(st.peak_bytes)}" if st.peak_bytes is not None else ""
             lines.append(f"  {st.stage:<14} {st.seconds:8.3f} s over {st.calls} call(s){peak}")

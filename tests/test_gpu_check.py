@@ -74,10 +74,12 @@ def test_fit_needs_enough_points(gpu_check):
         gpu_check.fit_constants([gpu_check.Point(1e-3, 1e-3, 10, 2e-3)])
 
 
-def test_cpu_smoke_run(gpu_check, tmp_path, capsys):
+def test_cpu_smoke_run(gpu_check, tmp_path, capsys, monkeypatch):
     out = tmp_path / "calibration" / "smoke.json"
     assert gpu_check.main(["--cpu-smoke", "--models", "svd", "--repeats", "1", "--out", str(out)]) == 0
-    record = json.loads(out.read_text())
+    data = json.loads(out.read_text())
+    assert data["format"] == "vramplan-gpu-overlay" and data["gpu"] == "RTX 4090"
+    record = data["measurement"]
     assert record["smoke"] and record["card"] == record["gpu_profile"]["name"] == "RTX 4090"
     rows = record["rows"]
     assert {(r["stage"], r["run"]) for r in rows} == {
@@ -94,12 +96,58 @@ def test_cpu_smoke_run(gpu_check, tmp_path, capsys):
     assert "| svd | decode | plan 0.5x |" in table and "Fitted over" in table
     assert "wrote" in capsys.readouterr().out
 
+    # the overlay names the card as measured and carries the fitted constants ...
+    latency = data["latency"]
+    assert latency["source"]["card"] == "CPU (smoke run, tiny models)" and latency["source"]["smoke"]
+    for name in ("compute_efficiency", "bandwidth_efficiency", "launch_seconds"):
+        assert latency[name] == (None if constants[name] is None else pytest.approx(constants[name])), name
+    # ... and planner/gpus.py applies it to the RTX 4090's profile (only), priced with it
+    from vramplan.planner import gpus
+
+    monkeypatch.setenv(gpus.CALIBRATION_ENV, str(out.parent))
+    gpus.clear_cache()
+    try:
+        card = find_gpu("RTX 4090")
+        assert card.calibrated and card.latency.launch_seconds == pytest.approx(constants["launch_seconds"])
+        assert "smoke.json" in card.sources[-1]
+        assert not find_gpu("2080Ti").calibrated and find_gpu("2080Ti").latency is None
+    finally:
+        monkeypatch.delenv(gpus.CALIBRATION_ENV)
+        gpus.clear_cache()
+    assert not find_gpu("RTX 4090").calibrated
+
+
+def test_cpu_smoke_default_output_is_not_applied(gpu_check):
+    """Without --out a smoke run writes outside profiles/calibration: its numbers mean nothing for the card."""
+    gpu = find_gpu("RTX 4090")
+    assert gpu_check.default_out(gpu, smoke=False).parent == gpu_check.REPO / "profiles" / "calibration"
+    assert gpu_check.default_out(gpu, smoke=True).parent.name == "gpu_check-smoke"
+
+
+def test_features_follow_the_cards_own_constants(gpu_check, svd_segments):
+    """A calibrated card: the features are the same (they depend on the peaks only), and predicting with
+    the card's constants reproduces the cost model, which prices with them."""
+    from vramplan.planner.schema import LatencyConstants
+
+    profile, segments = svd_segments
+    plain = find_gpu("H100 SXM")
+    card = plain.model_copy(update={"latency": LatencyConstants(compute_efficiency=0.3, bandwidth_efficiency=None,
+                                                                launch_seconds=5e-6)})
+    mine, theirs = (gpu_check.segment_features(profile, g, segments) for g in (card, plain))
+    assert [x for f in mine for x in f] == pytest.approx([x for f in theirs for x in f], rel=1e-12)
+    constants = gpu_check.current_constants(card)
+    assert constants == {"compute_efficiency": 0.3, "bandwidth_efficiency": math.inf, "launch_seconds": 5e-6}
+    model = CostModel(profile, card, "none")
+    for f, seg in zip(gpu_check.segment_features(profile, card, segments), segments, strict=True):
+        assert gpu_check.predict(f, constants) == pytest.approx(model.cost(seg).seconds, rel=1e-9)
+
 
 def test_cpu_smoke_respects_the_time_budget(gpu_check, tmp_path):
     out = tmp_path / "c.json"
     assert gpu_check.main(["--cpu-smoke", "--models", "svd-xt", "--timeout-budget", "0", "--out", str(out)]) == 0
-    record = json.loads(out.read_text())
-    assert record["rows"] == [] and record["fit"] is None
+    data = json.loads(out.read_text())
+    record = data["measurement"]
+    assert data["latency"] is None and record["rows"] == [] and record["fit"] is None
     assert any("skipped" in s for s in record["skipped"]) and any("no fit" in s for s in record["skipped"])
 
 
