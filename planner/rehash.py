@@ -398,6 +398,15 @@ class StageRehash:
         reuse = reuse_seconds(model, solution.segments, self.cut, solution.host, solution.streamed)
         return self.keys * full + (self.steps - self.keys) * reuse
 
+    def transfer_s(self, model: CostModel, solution) -> float:
+        """Host-link seconds of the denoising stage not hidden behind compute: placed values' copies
+        and exposed weight streaming of ``keys`` full calls and of the rest, reuse calls."""
+        host, streamed = frozenset(solution.host), frozenset(solution.streamed)
+        runs = reuse_segments(model, solution.segments, self.cut)
+        reuse = (sum(model.cost(s, host, streamed).transfer_s for s in runs)
+                 + reuse_streaming_seconds(model, self.cut, streamed)[1])
+        return self.keys * solution.transfer_s + (self.steps - self.keys) * reuse
+
 
 # ---------------------------------------------------------------------------------- planning
 class CalibrationRequiredError(InvalidArgumentError):

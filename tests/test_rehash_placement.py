@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 from vramplan.planner.costs import CostModel, Segment
 from vramplan.planner.gpus import find_gpu
+from vramplan.planner.pipeline import PipelinePlanner
 from vramplan.planner.plan import segments_of, shipped_pipeline_profile
 from vramplan.planner.rehash import (
     CutCostModel,
@@ -153,3 +154,22 @@ def test_pageable_changes_nothing_when_nothing_moves(svd):
     assert not comp.host and not comp.streamed
     assert pageable.rehash == pinned.rehash
     assert pageable.prediction.latency_s == pinned.prediction.latency_s
+
+
+def test_stage_transfer_counts_reuse_calls(svd):
+    """What the denoising stage waits on the host link: keys x a full call's + rest x a reuse call's."""
+    gpu = find_gpu(GPU)
+    usable = int(2.5 * 2**30)
+    plan = plan_for(gpu=GPU, model="svd", vram_gb=2.5, rehash="uniform", keys=13)
+    choice = StageRehash(plan.rehash.cut, 13, 25)
+    planner = PipelinePlanner(svd, gpu, usable, 25, "expandable_segments", choice)
+    resident = {c.component: c.resident for c in plan.components}
+    sol = next(r.solution for r in planner.evaluate(resident, usable) if r.stage.per_step)
+    model = planner.models["denoise"]
+    runs = reuse_segments(model, sol.segments, choice.cut)
+    reuse = sum(model.cost(s, sol.host, sol.streamed).transfer_s for s in runs)
+    keep = sorted({model.index[n] for n in reuse_names(profile_nodes(model.units), model.profile.result, choice.cut)})
+    reuse += _exposed(model, keep, sol.streamed)
+    assert sol.host and 0 < reuse < sol.transfer_s
+    assert choice.transfer_s(model, sol) == pytest.approx(13 * sol.transfer_s + 12 * reuse)
+    assert choice.transfer_s(model, sol) < 25 * sol.transfer_s
