@@ -139,6 +139,20 @@ def _check_host(program: Program, host: frozenset[str], keep: frozenset[str]) ->
 
 
 _side_streams = threading.local()  # per thread: compute device -> side streams for waves
+_pinning = threading.local()  # per thread: the lists watching_pinning() collects failures into
+
+
+@contextlib.contextmanager
+def watching_pinning():
+    """Collect, while inside, the pinning failures of host buffers in this thread's calls: one message
+    per call that fell back to pageable host memory (each warns once); ``run`` re-prices the plan so."""
+    seen: list[str] = []
+    watchers = _pinning.__dict__.setdefault("watchers", [])
+    watchers.append(seen)
+    try:
+        yield seen
+    finally:
+        del watchers[next(i for i, w in enumerate(watchers) if w is seen)]
 
 
 def compute_device(program: Program) -> torch.device:
@@ -299,6 +313,8 @@ class _Run:
                     return torch.empty(shape, dtype=dtype, device=self.host_device, pin_memory=True)
                 except RuntimeError as err:
                     self.pin = False
+                    for seen in getattr(_pinning, "watchers", ()):
+                        seen.append(f"{type(err).__name__}: {err}")
                     warnings.warn(
                         f"pinned host memory could not be allocated ({err}); host-placed values use pageable "
                         "memory (slower transfers)",

@@ -29,6 +29,7 @@ from ..planner.schema import Plan, RunReport, StageReport
 from .adapters import pipeline_adapter
 from .adapters.base import LoadFailure
 from .apply import HOST_EQUALS_DEVICE, PlanHandle, apply_plan
+from .executor import watching_pinning
 from .hooks import Hook, register_hook, reset_state
 from .memory import MemoryTracker, unit_label
 from .rehash import apply_rehash, check_rehash_call
@@ -147,15 +148,22 @@ def run(plan: Plan, pipe=None, *, allow_download: bool = False, progress: bool =
         call_kwargs["callback_on_step_end"] = on_step
         if memory_snapshot is not None:
             stack.enter_context(recording_memory(memory_snapshot, notes))
+        pinning_failures = stack.enter_context(watching_pinning())  # host buffers that fell back to pageable
         output = pipe(**call_kwargs)
         _sync(device)
         for hook in hooks.values():
             hook.offload()
+        pageable = False
         for name, handle in handles.items():
             streamer = handle._streamer
             if streamer is not None and not streamer.pinned:
+                pageable = True
                 notes.append(f"{name}: pinned host memory could not be allocated ({streamer.fallback_error}); "
                              "streamed weights used pageable memory (slower transfers)")
+        if pinning_failures:
+            pageable = True
+            notes.append(f"pinned host memory could not be allocated ({pinning_failures[0]}); host-placed values "
+                         f"used pageable memory (slower transfers)")
     total = time.perf_counter() - started
 
     report = RunReport(
@@ -179,6 +187,9 @@ def run(plan: Plan, pipe=None, *, allow_download: bool = False, progress: bool =
         report.predicted_peak_bytes = plan.prediction.peak_bytes
         report.predicted_activation_bytes = plan.prediction.activation_peak_bytes
         report.predicted_latency_s = plan.prediction.latency_s
+    if pageable:
+        report.predicted_pageable_latency_s, note = pageable_latency(plan)
+        report.notes.append(note)
     if cuda:
         report.peak_allocated_bytes = torch.cuda.max_memory_allocated()
         report.peak_reserved_bytes = torch.cuda.max_memory_reserved()
@@ -188,6 +199,95 @@ def run(plan: Plan, pipe=None, *, allow_download: bool = False, progress: bool =
         report.notes.append("CPU run: memory measured by the tracker (tensors made during the run, weights excluded)")
     frames = output.frames if hasattr(output, "frames") else output[0]
     return RunResult(frames=frames, report=report)
+
+
+def pageable_latency(plan: Plan) -> tuple[float | None, str]:
+    """The plan's predicted latency re-priced at the pageable host-link rate (pinned host memory could
+    not be allocated), and a note saying so; (None, why) when it cannot be re-priced.
+
+    Each sliced stage is priced twice over the plan's own segments, placement and streamed blocks
+    (:func:`~vramplan.planner.plan.component_seconds`, with ``pinned=False`` and with pinned memory), with
+    the stage profiles of the plan's pipeline (shipped or cached: never profiled here); the difference
+    is added to the plan's prediction. A Step Rehash stage is priced as its key and reuse calls."""
+    if plan.prediction is None or plan.target is None or not plan.stages:
+        return None, "pinned memory failed: the pageable re-pricing is unavailable (the plan has no per-stage prediction)"
+    was = plan.prediction.latency_s
+    profile, why = _stage_profiles(plan)
+    if profile is None:
+        return None, (f"pinned memory failed: the pageable re-pricing is unavailable ({why}); the plan predicted "
+                      f"{_secs(was)} s pinned")
+    from ..planner.costs import CostModel
+    from ..planner.gpus import find_gpu
+
+    gpu = find_gpu(plan.target.gpu)
+    extra = 0.0
+    profiles = {s.stage: s.profile for s in profile.stages if s.profile is not None}
+    for pred in plan.stages:
+        stage_profile = profiles.get(pred.stage)
+        if stage_profile is None:
+            continue
+        comp = plan.component(pred.component)
+        if comp.shape != stage_profile.shape or comp.model.config_hash != stage_profile.model.config_hash:
+            return None, (f"pinned memory failed: the pageable re-pricing is unavailable (the {pred.stage} profile "
+                          f"found is for another model or shape); the plan predicted {_secs(was)} s pinned")
+        pinned, slow = (_stage_seconds(plan, pred, CostModel(stage_profile, gpu, plan.target.allocator, pinned=flag))
+                        for flag in (True, False))
+        extra += slow - pinned
+    seconds = round(was + extra, 4)
+    return seconds, f"predicted {_secs(seconds)} s at the pageable rate (was {_secs(was)} s pinned)"
+
+
+def _secs(x: float) -> str:
+    return f"{x:.2f}" if x >= 1 else f"{x:.3g}"
+
+
+def _stage_seconds(plan: Plan, pred, model) -> float:
+    """Predicted seconds of every call of a sliced stage under ``plan`` (its host copies at ``model``'s rate)."""
+    from ..planner.plan import component_seconds, segments_of
+
+    comp = plan.component(pred.component)
+    if plan.rehash is not None and comp.component == "unet" and pred.calls == plan.rehash.steps:
+        from ..planner.rehash import reuse_seconds
+
+        keys = len(plan.rehash.key_steps)
+        reuse = reuse_seconds(model, segments_of(model, comp), plan.rehash.cut, comp.host, comp.streamed)
+        return keys * component_seconds(model, comp) + (plan.rehash.steps - keys) * reuse
+    return pred.calls * component_seconds(model, comp)
+
+
+def _stage_profiles(plan: Plan):
+    """The plan's pipeline profile, shipped or in the profile cache (never profiled here: that takes
+    minutes), or (None, why)."""
+    from ..planner.pipelines import pipeline_source, pipeline_spec
+    from ..planner.plan import pipeline_profile_name, shipped_pipeline_profile
+    from ..planner.schema import PipelineProfile
+    from .profiler import PROFILER_VERSION, cache_dir
+
+    if not (plan.pipeline and plan.model_name and plan.height and plan.width and plan.frames):
+        return None, "the plan names no pipeline, model or size"
+    try:
+        spec = pipeline_spec(plan.pipeline)
+        denoiser = plan.component(next(c for s, c, _ in spec.stages if s == "denoise"))
+        guidance = denoiser.shape.batch == spec.guidance_batch if denoiser.shape else True
+        dtype = denoiser.shape.dtype if denoiser.shape else "fp16"
+        args = (plan.height, plan.width, plan.frames, guidance, dtype, plan.target.attention_kernel)
+        shipped = shipped_pipeline_profile(plan.model_name, *args)
+        if shipped is not None:
+            return shipped, ""
+        source = pipeline_source(plan.model_name)
+        name = pipeline_profile_name(source.key, *args)
+        pattern = name.replace(".pipeline.json", f"-k*-v{PROFILER_VERSION}.pipeline.json")
+        for path in sorted(cache_dir().glob(pattern)):
+            try:
+                found = PipelineProfile.load(path)
+            except (VramplanError, OSError):
+                continue
+            if (found.pipeline, found.height, found.width, found.frames, found.guidance, found.dtype,
+                    found.attention_kernel) == (source.pipeline, *args):
+                return found, ""
+    except (VramplanError, KeyError, StopIteration) as err:
+        return None, f"its pipeline profile cannot be found: {err}"
+    return None, f"no shipped or cached profile of {plan.model_name} at {plan.frames} x {plan.height}x{plan.width}"
 
 
 def _call_arguments(plan: Plan, kwargs: dict, adapter) -> dict:
