@@ -291,7 +291,10 @@ def _assemble(profile, planner, resident, results, cap, max_latency_s) -> Plan:
             )
             streamed = r.solution.streamed_weight_bytes
             placed = host_bytes(model, r.solution.host)
-            transfer += r.solution.transfer_s * planner.calls(stage)
+            if planner.rehash is not None and stage.per_step:  # keys pay a full call's copies, the rest a reuse call's
+                transfer += planner.rehash.transfer_s(model, r.solution)
+            else:
+                transfer += r.solution.transfer_s * planner.calls(stage)
             placed_peak = max(placed_peak, placed)
             streamed_total += streamed
         stages.append(StagePrediction(

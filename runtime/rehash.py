@@ -377,8 +377,12 @@ def split_groups_at(component: ComponentPlan, cuts) -> ComponentPlan:
     from ..planner.schema import Group
 
     cuts = set(cuts)
-    groups = [Group(units=p, axis=g.axis, k=g.k) for g in component.groups for p in _pieces(g, cuts) if len(p) > 1]
-    return component.model_copy(update={"groups": groups})
+    groups = [Group(units=p, axis=g.axis, k=g.k, depth=g.depth)
+              for g in component.groups for p in _pieces(g, cuts) if len(p) > 1]
+    # a statistics unit recomputes only while a unit of its piece makes its input (it follows one)
+    inside = {u for g in groups for u in g.units[1:]}
+    recompute = [u for u in component.recompute if u in inside]
+    return component.model_copy(update={"groups": groups, "recompute": recompute})
 
 
 def _pieces(group, cuts) -> list[list[str]]:

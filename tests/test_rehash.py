@@ -398,3 +398,20 @@ def test_a_copy_of_a_rehashed_pipeline_has_its_own_scheduler():
         assert handle.step == 2  # the original handle was not reset by the copy
         with pytest.raises(RehashStepsError):
             pipe.scheduler.set_timesteps(5)
+
+
+def test_split_groups_keeps_depth_and_drops_recompute_that_lost_its_producer():
+    from vramplan.planner.schema import ComponentPlan, Group, ModelRef
+    from vramplan.runtime.rehash import split_groups_at
+
+    a, b, c, d = "x.norm1", "x.norm2", "y.norm1", "y.norm2"
+    comp = ComponentPlan(
+        model=ModelRef(class_name="UNet", config_hash="0"),
+        slices={u: 4 for u in (a, b, c, d)},
+        groups=[Group(units=[a, b, c, d], axis="tokens", k=4, depth=2)],
+        recompute=[b, d],
+    )
+    split = split_groups_at(comp, [a])  # cut after x.norm1: x.norm2 now starts its piece
+    assert [g.units for g in split.groups] == [[b, c, d]]
+    assert split.groups[0].depth == 2
+    assert split.recompute == [d]
