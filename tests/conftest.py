@@ -34,3 +34,19 @@ def unet_case():
     from tiny import CASES
 
     return CASES["UNetSpatioTemporalConditionModel"]()
+
+
+# The tiny SVD pipeline and a 32x32 conditioning image of the pipeline-level tests (run, rehash, calibrate).
+@pytest.fixture(scope="module")
+def pipe():
+    from vramplan.runtime.tiny import tiny_svd_pipeline
+
+    return tiny_svd_pipeline()
+
+
+@pytest.fixture(scope="module")
+def image():
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype("uint8"))

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from vramplan.planner.rehash import Calibration, SchedulerOrderError
 from vramplan.planner.schema import RehashPlan
 from vramplan.runtime.calibrate import calibrate, plot_calibration
@@ -14,16 +12,6 @@ from vramplan.runtime.tiny import tiny_svd_pipeline
 
 STEPS = 4
 CALL = dict(height=32, width=32, num_frames=4, decode_chunk_size=4, num_inference_steps=STEPS)
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_svd_pipeline()
-
-
-@pytest.fixture(scope="module")
-def image():
-    return Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype("uint8"))
 
 
 @pytest.fixture(scope="module")

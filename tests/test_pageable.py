@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from vramplan.planner.costs import PAGEABLE_FRACTION, CostModel
 from vramplan.planner.gpus import find_gpu
 from vramplan.planner.plan import component_costs
@@ -99,11 +97,6 @@ def tiny(tmp_path_factory):
 @pytest.fixture()
 def cache(tiny, monkeypatch):
     monkeypatch.setenv("VRAMPLAN_CACHE", str(tiny[2] / "cache"))
-
-
-@pytest.fixture(scope="module")
-def image():
-    return Image.fromarray((np.random.default_rng(0).random((SIZE, SIZE, 3)) * 255).astype("uint8"))
 
 
 def _with(plan: Plan, component: str, **fields) -> Plan:

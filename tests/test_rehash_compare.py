@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-from PIL import Image
 from vramplan.planner.rehash import CalibrationRequiredError, RehashStepsError, SchedulerOrderError
 from vramplan.runtime import uniform_pipeline_plan
 from vramplan.runtime.compare import compare
@@ -13,16 +11,6 @@ from vramplan.runtime.runner import run
 from vramplan.runtime.tiny import tiny_svd_pipeline
 
 CALL = dict(height=32, width=32, num_frames=4)
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_svd_pipeline()
-
-
-@pytest.fixture(scope="module")
-def image():
-    return Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype("uint8"))
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -13,16 +12,6 @@ from vramplan.runtime.runner import load_pipeline, run, save_video
 from vramplan.runtime.tiny import tiny_svd_pipeline
 
 SIZE, FRAMES = 32, 5
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_svd_pipeline()
-
-
-@pytest.fixture(scope="module")
-def image():
-    return Image.fromarray((np.random.default_rng(0).random((SIZE, SIZE, 3)) * 255).astype("uint8"))
 
 
 def _original(pipe, image, **kw):
