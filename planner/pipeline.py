@@ -354,3 +354,38 @@ def _assemble(profile, planner, resident, results, cap, max_latency_s) -> Plan:
             candidates=sum(s.candidates for s in solved),
         ),
     )
+
+
+def repriced_latency(plan: Plan, profile: PipelineProfile, gpu, *, pinned: bool) -> float:
+    """``plan``'s predicted latency with its host-link copies priced at the pinned (``pinned=True``) or
+    pageable rate: each sliced stage is priced both ways over the plan's own segments, placement and
+    streamed blocks, and the difference is added to the prediction. ValueError when ``profile`` is not
+    the one the plan was made from (another model or shape)."""
+    stages = {s.stage: s for s in profile.stages if s.profile is not None}
+    extra = 0.0
+    for pred in plan.stages:
+        stage = stages.get(pred.stage)
+        if stage is None:
+            continue
+        comp = plan.component(pred.component)
+        if comp.shape != stage.profile.shape or comp.model.config_hash != stage.profile.model.config_hash:
+            raise ValueError(f"the {pred.stage} profile found is for another model or shape")
+        was, now = (stage_seconds(plan, pred, CostModel(stage.profile, gpu, plan.target.allocator, pinned=flag))
+                    for flag in (True, pinned))
+        extra += now - was
+    return round(plan.prediction.latency_s + extra, 4)
+
+
+def stage_seconds(plan: Plan, pred: StagePrediction, model: CostModel) -> float:
+    """Predicted seconds of every call of a sliced stage under ``plan`` (its host copies at ``model``'s
+    rate; moving a non-resident component is not included). A Step Rehash stage: key and reuse calls."""
+    from .plan import component_seconds, segments_of
+    from .rehash import reuse_seconds
+
+    comp = plan.component(pred.component)
+    if plan.rehash is not None and comp.component == "unet" and pred.calls == plan.rehash.steps:
+        keys = len(plan.rehash.key_steps)
+        reuse = reuse_seconds(model, segments_of(model, comp), plan.rehash.cut, comp.host, comp.streamed)
+        return keys * component_seconds(model, comp) + (plan.rehash.steps - keys) * reuse
+    return pred.calls * component_seconds(model, comp)
+

@@ -205,10 +205,8 @@ def pageable_latency(plan: Plan) -> tuple[float | None, str]:
     """The plan's predicted latency re-priced at the pageable host-link rate (pinned host memory could
     not be allocated), and a note saying so; (None, why) when it cannot be re-priced.
 
-    Each sliced stage is priced twice over the plan's own segments, placement and streamed blocks
-    (:func:`~vramplan.planner.plan.component_seconds`, with ``pinned=False`` and with pinned memory), with
-    the stage profiles of the plan's pipeline (shipped or cached: never profiled here); the difference
-    is added to the plan's prediction. A Step Rehash stage is priced as its key and reuse calls."""
+    The pricing is the planner's (:func:`~vramplan.planner.pipeline.repriced_latency`), with the stage
+    profiles of the plan's pipeline (shipped or cached: never profiled here)."""
     if plan.prediction is None or plan.target is None or not plan.stages:
         return None, "pinned memory failed: the pageable re-pricing is unavailable (the plan has no per-stage prediction)"
     was = plan.prediction.latency_s
@@ -216,43 +214,19 @@ def pageable_latency(plan: Plan) -> tuple[float | None, str]:
     if profile is None:
         return None, (f"pinned memory failed: the pageable re-pricing is unavailable ({why}); the plan predicted "
                       f"{_secs(was)} s pinned")
-    from ..planner.costs import CostModel
     from ..planner.gpus import find_gpu
+    from ..planner.pipeline import repriced_latency
 
-    gpu = find_gpu(plan.target.gpu)
-    extra = 0.0
-    profiles = {s.stage: s.profile for s in profile.stages if s.profile is not None}
-    for pred in plan.stages:
-        stage_profile = profiles.get(pred.stage)
-        if stage_profile is None:
-            continue
-        comp = plan.component(pred.component)
-        if comp.shape != stage_profile.shape or comp.model.config_hash != stage_profile.model.config_hash:
-            return None, (f"pinned memory failed: the pageable re-pricing is unavailable (the {pred.stage} profile "
-                          f"found is for another model or shape); the plan predicted {_secs(was)} s pinned")
-        pinned, slow = (_stage_seconds(plan, pred, CostModel(stage_profile, gpu, plan.target.allocator, pinned=flag))
-                        for flag in (True, False))
-        extra += slow - pinned
-    seconds = round(was + extra, 4)
+    try:
+        seconds = repriced_latency(plan, profile, find_gpu(plan.target.gpu), pinned=False)
+    except ValueError as err:
+        return None, (f"pinned memory failed: the pageable re-pricing is unavailable ({err}); the plan predicted "
+                      f"{_secs(was)} s pinned")
     return seconds, f"predicted {_secs(seconds)} s at the pageable rate (was {_secs(was)} s pinned)"
 
 
 def _secs(x: float) -> str:
     return f"{x:.2f}" if x >= 1 else f"{x:.3g}"
-
-
-def _stage_seconds(plan: Plan, pred, model) -> float:
-    """Predicted seconds of every call of a sliced stage under ``plan`` (its host copies at ``model``'s rate)."""
-    from ..planner.plan import component_seconds, segments_of
-
-    comp = plan.component(pred.component)
-    if plan.rehash is not None and comp.component == "unet" and pred.calls == plan.rehash.steps:
-        from ..planner.rehash import reuse_seconds
-
-        keys = len(plan.rehash.key_steps)
-        reuse = reuse_seconds(model, segments_of(model, comp), plan.rehash.cut, comp.host, comp.streamed)
-        return keys * component_seconds(model, comp) + (plan.rehash.steps - keys) * reuse
-    return pred.calls * component_seconds(model, comp)
 
 
 def _stage_profiles(plan: Plan):

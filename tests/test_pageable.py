@@ -9,12 +9,13 @@ import pytest
 import torch
 from vramplan.planner.costs import PAGEABLE_FRACTION, CostModel
 from vramplan.planner.gpus import find_gpu
+from vramplan.planner.pipeline import stage_seconds
 from vramplan.planner.plan import component_costs
 from vramplan.planner.schema import Plan
 from vramplan.runtime import executor, streaming, uniform_pipeline_plan
 from vramplan.runtime.executor import Segment, execute, watching_pinning
 from vramplan.runtime.program import Op, Program, UnitSpec
-from vramplan.runtime.runner import _stage_profiles, _stage_seconds, pageable_latency, run
+from vramplan.runtime.runner import _stage_profiles, pageable_latency, run
 from vramplan.runtime.tiny import tiny_svd_pipeline
 
 from vramplan import plan_for
@@ -202,7 +203,7 @@ def test_repricing_agrees_with_the_planners_pageable_pricing(rehash):
             comp = plan.component(stage.component)
             model = CostModel(stage.profile, gpu, plan.target.allocator, pinned=pinned)
             moved = 0.0 if comp.resident else 2 * (weights[comp.component] - pred.streamed_bytes) / (gpu.pcie_gbps * 1e9)
-            assert _stage_seconds(plan, pred, model) + moved == pytest.approx(pred.seconds, abs=2e-4), stage.stage
+            assert stage_seconds(plan, pred, model) + moved == pytest.approx(pred.seconds, abs=2e-4), stage.stage
         if pinned:
             seconds, note = pageable_latency(plan)
             assert seconds > plan.prediction.latency_s and note.startswith(f"predicted {seconds:.2f} s at the pageable")
