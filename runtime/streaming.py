@@ -35,8 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from ..planner.errors import InvalidPlanError
-from . import memory
-from .memory import current_label
+from .memory import current_label, mark_host
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +54,6 @@ def block_of(unit: str) -> str:
         if part == "mid_block":
             return ".".join(parts[: i + 1])
     return ".".join(parts[:2]) if len(parts) > 1 and parts[0] in ("decoder", "encoder") else parts[0]
-
-
-def mark_host(tensor: torch.Tensor) -> torch.Tensor:
-    """:func:`vramplan.runtime.memory.mark_host` (never counted by the active trackers)."""
-    mark = getattr(memory, "mark_host", None)
-    return mark(tensor) if mark is not None else tensor
 
 
 # ---------------------------------------------------------------------------- which blocks may stream
