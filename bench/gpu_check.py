@@ -305,10 +305,10 @@ def executor_segments(ops, comp, model):
     """The executor segments of a run (``comp`` None: every unit whole) and the cost model's segments
     for the same run, checked to agree unit for unit."""
     from vramplan.runtime.apply import build_segments
-    from vramplan.runtime.executor import Segment
+    from vramplan.runtime.executor import unit_by_unit
 
     if comp is None:
-        segments = [Segment([op], op.spec.axis, 1) for op in ops]
+        segments = unit_by_unit(ops)
         planner = whole_units(model.n)
     else:
         segments, _ = build_segments(ops, comp)
@@ -323,7 +323,6 @@ def time_segments(device: Device, model, adapter, ops, result, args, segments, w
     """Median seconds of each segment of one execution of the unit program."""
     import torch
     from vramplan.runtime.executor import execute
-    from vramplan.runtime.program import Program
 
     runs = []
     for i in range(warmup + repeats):
@@ -337,7 +336,7 @@ def time_segments(device: Device, model, adapter, ops, result, args, segments, w
 
         with torch.no_grad():
             binding = adapter.bind(model, *args)
-            program = Program(ops, binding.env, binding.layouts, result, binding.finish, binding.globals)
+            program = binding.program(ops, result)
             out = execute(program, segments, around_segment=around)
         device.sync()
         del out, program, binding

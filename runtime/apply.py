@@ -25,7 +25,7 @@ from ..planner.errors import InvalidPlanError, PlanConflictError, PlanMismatchEr
 from ..planner.schema import ComponentPlan, Group, ModelRef, Plan, SampleShape
 from . import adapters  # noqa: F401  (registers the adapters)
 from .adapters.base import adapter_for
-from .executor import Segment, execute
+from .executor import Segment, execute, unit_by_unit
 from .hooks import _ATTR as _REGISTRY_ATTR
 from .hooks import (
     PLAN_HOOK,
@@ -422,8 +422,8 @@ def traced_calls(model: torch.nn.Module, shape: SampleShape, method: str = "forw
             called.clear()
             ops, result = adapter.ops(twin)
             binding = adapter.bind(twin, *args)
-            program = Program(ops, binding.env, binding.layouts, result, binding.finish, binding.globals)
-            execute(program, [Segment([op], op.spec.axis, 1) for op in ops], first_slice_only=True)
+            program = binding.program(ops, result)
+            execute(program, unit_by_unit(ops), first_slice_only=True)
             planned = frozenset(called)
     finally:
         for h in handles:

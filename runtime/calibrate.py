@@ -89,7 +89,7 @@ def calibrate(
             raise SchedulerOrderError(f"more UNet calls than the {n} steps: the scheduler makes several per step")
         binding = adapter.bind(unet, *args, **kwargs)
         state["shape"] = binding.shape
-        program = Program(ops, binding.env, binding.layouts, result, binding.finish, binding.globals)
+        program = binding.program(ops, result)
         out, kept = execute_keeping(program, segments, set(cuts))
         guided = _guided(pipe, _tensor(out))
         for c in cuts:

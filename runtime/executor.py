@@ -66,6 +66,11 @@ class Segment:
     depth: int = 1
 
 
+def unit_by_unit(ops: Sequence[Op]) -> list[Segment]:
+    """Every op its own segment, whole (one slice): the original computation, unit by unit."""
+    return [Segment([op], op.spec.axis, 1) for op in ops]
+
+
 def execute(
     program: Program,
     segments: Sequence[Segment],

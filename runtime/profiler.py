@@ -42,7 +42,7 @@ from ..planner.schema import (
 )
 from .adapters.base import adapter_for, pipeline_adapter
 from .apply import fingerprint
-from .executor import Segment, execute
+from .executor import Segment, execute, unit_by_unit
 from .fake import attention_kernel, weight_bytes
 from .memory import MemoryTracker
 from .opcount import OpCounter
@@ -120,7 +120,7 @@ def profile(
     with torch.no_grad(), attention_kernel(kernel), readers:  # the prologue reads weights too (embeddings)
         program = _program(adapter, model, ops, result, args)
         with counter:
-            execute(program, [Segment([op], op.spec.axis, 1) for op in ops], observer=observe)
+            execute(program, unit_by_unit(ops), observer=observe)
     say(f"unit program: {len(ops)} units")
 
     # 3. Per-slice scratch at each slice-count target.
@@ -213,7 +213,7 @@ def _k_for(length: int, target: int) -> int:
 
 def _program(adapter, model, ops, result, args) -> Program:
     binding = adapter.bind(model, *args)
-    return Program(ops, binding.env, binding.layouts, result, binding.finish, binding.globals)
+    return binding.program(ops, result)
 
 
 def _first_entry(ops, args, adapter, model, kernel, result) -> int:

@@ -31,7 +31,7 @@ from ..planner.rehash import (
 from ..planner.schema import ComponentPlan, Plan, RehashPlan
 from .adapters.base import adapter_for
 from .apply import PlanHandle, _check_shape, _checkpointing, build_segments, component_for, fingerprint
-from .executor import Segment, execute
+from .executor import Segment, execute, unit_by_unit
 from .hooks import PLAN_HOOK, _original_method, get_hook, register_hook
 from .program import Op, Program
 
@@ -238,7 +238,7 @@ def apply_rehash(target, plan: Plan | RehashPlan, component: ComponentPlan | Non
         segments, unsliced = build_segments(ops, component)
     else:
         component = ComponentPlan(component="unet", model=fingerprint(unet))
-        segments, unsliced = [Segment([op], op.spec.axis, 1) for op in ops], {}
+        segments, unsliced = unit_by_unit(ops), {}
     reuse = reuse_ops(ops, result, rehash.cut)
     handle = RehashHandle(unet, component, ops, result, segments, unsliced, method="forward", rehash=rehash,
                           reuse=reuse, reuse_segs=reuse_segments(segments, reuse, rehash.cut), scheduler=scheduler)
@@ -301,8 +301,8 @@ def measure_cuts(unet: torch.nn.Module, shape, cuts: list[str]) -> tuple[int, di
     with torch.no_grad():
         with flop_counter() as counter:
             binding = adapter.bind(unet, *args)
-            program = Program(ops, binding.env, binding.layouts, result, binding.finish, binding.globals)
-            _, kept = execute_keeping(program, [Segment([op], op.spec.axis, 1) for op in ops], set(cuts))
+            program = binding.program(ops, result)
+            _, kept = execute_keeping(program, unit_by_unit(ops), set(cuts))
         full = counter.get_total_flops()
         for cut in cuts:
             reuse = reuse_ops(ops, result, cut)
@@ -310,7 +310,7 @@ def measure_cuts(unet: torch.nn.Module, shape, cuts: list[str]) -> tuple[int, di
                 binding = adapter.bind(unet, *args)
                 program = Program(reuse, {**binding.env, cut: kept[cut]}, {**binding.layouts, cut: layouts[cut]},
                                   result, binding.finish, binding.globals)
-                execute(program, [Segment([op], op.spec.axis, 1) for op in reuse])
+                execute(program, unit_by_unit(reuse))
             reuse_flops[cut] = counter.get_total_flops()
             sizes[cut] = kept[cut].numel() * kept[cut].element_size()
     return full, reuse_flops, sizes

@@ -115,8 +115,7 @@ def streamable_blocks(model: torch.nn.Module, shape, method: str = "forward") ->
     data, nobody's hooks); None when the model cannot be traced so."""
     from .adapters.base import adapter_for
     from .apply import _TORCH_DTYPES, _meta_twin
-    from .executor import Segment, execute
-    from .program import Program
+    from .executor import execute, unit_by_unit
 
     try:
         twin = _meta_twin(model, _TORCH_DTYPES[shape.dtype])
@@ -126,8 +125,8 @@ def streamable_blocks(model: torch.nn.Module, shape, method: str = "forward") ->
         readers = WeightReaders(twin)
         with torch.no_grad(), readers:
             binding = adapter.bind(twin, *args)
-            program = Program(ops, binding.env, binding.layouts, result, binding.finish, binding.globals)
-            execute(program, [Segment([op], op.spec.axis, 1) for op in ops], first_slice_only=True)
+            program = binding.program(ops, result)
+            execute(program, unit_by_unit(ops), first_slice_only=True)
         return readers.block_weights([op.name for op in ops])
     except Exception as err:  # noqa: BLE001 - a model that cannot be copied or traced on meta
         log.warning("could not trace which units read which weights (%s: %s); streamed blocks are not checked",

@@ -20,7 +20,7 @@ def planned_call(model, plan, args, kwargs, **options):
     ops, result = adapter.ops(model)
     segments, _ = build_segments(ops, component_for(model, plan))
     binding = adapter.bind(model, *args, **kwargs)
-    program = Program(ops, binding.env, binding.layouts, result, binding.finish, binding.globals)
+    program = binding.program(ops, result)
     return execute(program, segments, **options)
 
 

@@ -107,7 +107,7 @@ def test_key_step_exact_and_plumbing(which, k, unet, motion_unet):
         segments, _ = build_segments(ops, comp)
         binding = adapter.bind(model, *args)
         full, kept = execute_keeping(
-            Program(ops, binding.env, binding.layouts, result, binding.finish, binding.globals), segments, {cut}
+            binding.program(ops, result), segments, {cut}
         )
         torch.testing.assert_close(_out(full), expected, rtol=1e-5, atol=1e-5)
         reuse = reuse_ops(ops, result, cut)
@@ -188,10 +188,10 @@ def test_cache_not_overwritten_by_buffer_reuse(unet):
         adapter = adapter_for(unet)
         ops, result = adapter.ops(unet)
         binding = adapter.bind(unet, *args)
-        from vramplan.runtime.executor import Segment, execute
+        from vramplan.runtime.executor import execute, unit_by_unit
 
-        execute(Program(ops, binding.env, binding.layouts, result, binding.finish, binding.globals),
-                [Segment([op], op.spec.axis, 1) for op in ops], observer=observer)
+        execute(binding.program(ops, result),
+                unit_by_unit(ops), observer=observer)
         with apply_rehash(unet, _rehash(cut, [0], 3), comp) as handle:
             unet(*args)
             torch.testing.assert_close(handle.cache, captured[cut], rtol=1e-5, atol=1e-5)

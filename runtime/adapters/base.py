@@ -19,7 +19,7 @@ from ...planner.pipelines import pipeline_spec
 from ..fake import attention_kernel
 from ..memory import MemoryTracker
 from ..opcount import OpCounter
-from ..program import Layout, Op
+from ..program import Layout, Op, Program
 
 
 @dataclass
@@ -31,6 +31,10 @@ class CallBinding:
     globals: dict[str, Any]
     finish: Any
     shape: dict[str, Any]  # batch, frames, latent_height, latent_width, dtype (for plan checks)
+
+    def program(self, ops: list[Op], result: str) -> Program:
+        """The unit program of this call: ``ops`` from these initial values, returning ``result``."""
+        return Program(ops, self.env, self.layouts, result, self.finish, self.globals)
 
 
 class Adapter(Protocol):
