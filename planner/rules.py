@@ -169,16 +169,18 @@ class SegmentRules:
                 need.update(self.program.inputs[i])
         return out[::-1]
 
-    def recompute_held(self, j: int, i: int) -> list[int]:
-        """Units of ``j``'s :meth:`cone` whose slices are alive while cone unit ``i`` runs in the
-        recompute pass (made earlier in the cone and read by ``i`` or a later cone unit)."""
+    def recompute_release_after(self, j: int) -> dict[int, list[str]]:
+        """For each unit ``i`` of ``j``'s :meth:`cone`: the cone's slices that die once ``i`` has run in
+        the recompute pass (no later cone unit reads them; the last cone unit's output dies after ``j``'s
+        statistics have taken it, so it is listed under no unit)."""
         cone = self.cone(j)
-        last = {}
+        last: dict[str, int] = {}
         for u in cone:
             for name in self.program.inputs[u]:
                 last[name] = u
         last[self.program.inputs[j][0]] = j
-        return [u for u in cone if u < i and last.get(self.program.outputs[u], -1) >= i]
+        outputs = self.program.outputs
+        return {i: [outputs[u] for u in cone if u <= i and last.get(outputs[u], -1) <= i] for i in cone}
 
     def local_last(self, name: str) -> int:
         """Position of the last unit of this segment that reads ``name`` (-1 if none does)."""

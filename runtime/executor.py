@@ -397,14 +397,7 @@ class _Pieces:
         self.bounds, self.length, self.shapes, self.prepared = bounds, length, shapes, prepared
         self.cone = rules.cone(j)
         self.name = rules.program.inputs[j][0]
-        last: dict[str, int] = {}
-        for i in self.cone:
-            for n in rules.program.inputs[i]:
-                last[n] = i
-        last[self.name] = j
-        # cone unit -> slices that die once it has run
-        self.dying = {i: [rules.program.outputs[u] for u in self.cone if u <= i and last.get(rules.program.outputs[u], -1) <= i]
-                      for i in self.cone}
+        self.dying = rules.recompute_release_after(j)  # cone unit -> slices that die once it has run
         # What the pass reads from before the segment, held here: a checkpointed prepare iterates
         # again in backward, after the segment has released its inputs.
         made = {rules.program.outputs[i] for i in self.cone}
