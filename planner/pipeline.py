@@ -290,7 +290,7 @@ def _assemble(profile, planner, resident, results, cap, max_latency_s) -> Plan:
                 update={"model": stage.profile.model, "shape": stage.profile.shape, **plan_fields(model, r.solution)}
             )
             streamed = r.solution.streamed_weight_bytes
-            placed = host_bytes(model, r.solution.host)
+            placed = host_bytes(model, r.solution.host, r.solution.segments)
             if planner.rehash is not None and stage.per_step:  # keys pay a full call's copies, the rest a reuse call's
                 transfer += planner.rehash.transfer_s(model, r.solution)
             else:

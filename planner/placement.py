@@ -250,19 +250,34 @@ def forced_streaming(model: CostModel, min_bytes: int) -> frozenset[str]:
     return frozenset(out)
 
 
-def host_bytes(model: CostModel, host: frozenset[str]) -> int:
-    """Host memory the placed values take at most at once (each from its unit to its last reader)."""
+def host_bytes(model: CostModel, host: frozenset[str], segments=None) -> int:
+    """Host memory the placed values take at most at once, as the executor allocates it.
+
+    A host value's buffer appears in the segment that makes it and is released after the segment of
+    its last reader; a host output that takes over a dying host input's buffer (the rulebook's
+    :meth:`~.rules.SegmentRules.buffers`, sliced segments only) allocates nothing. The peak is at the
+    end of some segment: what is alive at its start plus the buffers it makes. ``segments``: the
+    plan's path (None: every unit alone, unsliced: no reuse, an upper bound)."""
     if not host:
         return 0
-    delta = [0] * (model.n + 2)
-    for v in host:
-        p, last = model.producer[v], min(model.last_use[v], model.n)
-        delta[p] += model.size[v]
-        delta[last + 1] -= model.size[v]
-    peak = running = 0
-    for d in delta:
-        running += d
-        peak = max(peak, running)
+    if segments is None:
+        segments = [Segment(i, i, 1) for i in range(model.n)]
+    host = crossing(model, segments, host)  # as the plan lists them: values that leave their segment
+    rules = model.rules_for(host)
+    size = model.size
+    peak = 0
+    for seg in segments:
+        alive = sum(size[v] for v in host if model.producer[v] < seg.start and rules.alive(v, seg.start))
+        seg_rules = rules.segment(seg.start, seg.stop)
+        first = model.units[seg.start]
+        sliced = first.axis is not None and min(seg.k, first.axis_length) > 1
+        if sliced:
+            kinds = seg_rules.buffers(model._same_shape)
+            made = sum(model.units[j].output_bytes for j, kind in zip(range(seg.start, seg.stop + 1), kinds, strict=True)
+                       if kind == "host")
+        else:  # unsliced: each escaping host output is copied whole into a new host buffer
+            made = sum(model.units[j].output_bytes for j in range(seg.start, seg.stop + 1) if seg_rules.on_host(j))
+        peak = max(peak, alive + made)
     return peak
 
 

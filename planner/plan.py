@@ -93,7 +93,7 @@ def make_plan(
         original_activation_peak_bytes=profile.original_peak_bytes,
         unet_call_s=round(solution.latency_s, 6),
         latency_s=round(solution.latency_s * steps, 4),
-        host_bytes=host_bytes(model, solution.host) + solution.streamed_weight_bytes,
+        host_bytes=host_bytes(model, solution.host, solution.segments) + solution.streamed_weight_bytes,
         transfer_s=round(solution.transfer_s * steps, 4),
         latency_calibrated=gpu.calibrated,
         allocator_model=f"{allocator}: factor from {profile.allocator.method}",

@@ -145,6 +145,9 @@ class MemoryTracker(TorchDispatchMode):
         self._cuda_base: int | None = None
         self._ignored: dict[int, weakref.ref] = {}
         self._host_depth = 0
+        # Host memory the call allocated (host-placed values' buffers): current and peak, never in peak_bytes.
+        self.host_current_bytes = 0
+        self.host_peak_bytes = 0
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _counts(self, storage: torch.UntypedStorage) -> bool:
@@ -167,6 +170,7 @@ class MemoryTracker(TorchDispatchMode):
             return
         if self._host_depth:
             self._ignore(storage)
+            self._add_host(storage)
             return
         if not self._counts(storage):
             return
@@ -183,6 +187,16 @@ class MemoryTracker(TorchDispatchMode):
             self._breakdown_stale = True
         for frame in self._stack:
             frame.peak = max(frame.peak, self.current_bytes)
+
+    def _add_host(self, storage: torch.UntypedStorage) -> None:
+        """A new host storage (made inside :func:`host_allocation`): counted in ``host_*`` only."""
+        nbytes = storage.nbytes()
+        self.host_current_bytes += nbytes
+        self.host_peak_bytes = max(self.host_peak_bytes, self.host_current_bytes)
+        weakref.finalize(storage, self._free_host, nbytes)
+
+    def _free_host(self, nbytes: int) -> None:
+        self.host_current_bytes -= nbytes
 
     def _free(self, key: int) -> None:
         if self._breakdown_stale and self.current_bytes == self.peak_bytes:

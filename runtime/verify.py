@@ -24,6 +24,10 @@ class VerifyReport:
     measured_needed_bytes: int  # the measured allocation sequence replayed through the allocator model
     peak_label: str | None
     seconds: float
+    # Host memory: the buffers of host-placed values the call allocated at most at once (the tracker)
+    # plus the streamed blocks' host weights; predicted: the stage's ``host_bytes``.
+    measured_host_bytes: int = 0
+    predicted_host_bytes: int | None = None
 
     @property
     def error(self) -> float | None:
@@ -31,6 +35,15 @@ class VerifyReport:
         if not self.predicted_activation_bytes:
             return None
         return self.predicted_activation_bytes / self.measured_activation_bytes - 1
+
+    @property
+    def host_error(self) -> float | None:
+        """Relative error of the predicted host memory (+ = over-predicted); None when nothing to compare."""
+        if self.predicted_host_bytes is None or (not self.predicted_host_bytes and not self.measured_host_bytes):
+            return None
+        if not self.measured_host_bytes:
+            return float("inf")
+        return self.predicted_host_bytes / self.measured_host_bytes - 1
 
 
 def verify(plan: Plan | ComponentPlan, model: torch.nn.Module | None = None) -> VerifyReport:
@@ -79,6 +92,9 @@ def failures(plan: Plan, reports: list[VerifyReport], tolerance: float) -> list[
     for report in reports:
         if report.error is not None and abs(report.error) > tolerance:
             out.append(f"{report.component}: prediction off by {report.error * 100:+.2f} % "
+                       f"(tolerance {tolerance * 100:.2f} %)")
+        if report.host_error is not None and abs(report.host_error) > tolerance:
+            out.append(f"{report.component}: host memory prediction off by {report.host_error * 100:+.2f} % "
                        f"(tolerance {tolerance * 100:.2f} %)")
     return out
 
@@ -134,15 +150,16 @@ def _run(plan: Plan, comp: ComponentPlan, model: torch.nn.Module) -> VerifyRepor
     args = adapter.example_inputs(model, comp.shape, device="meta")
     kernel = plan.target.attention_kernel if plan.target else "flash"
     expandable = plan.target is None or plan.target.allocator == "expandable_segments"
-    with apply_plan(model, comp), attention_kernel(kernel), MemoryTracker(record_events=True) as tracker:
+    with apply_plan(model, comp) as handle, attention_kernel(kernel), MemoryTracker(record_events=True) as tracker:
         with torch.no_grad():
             getattr(model, adapter.method)(*args)
-    predicted = None
+        streamed = _streamed_host_bytes(handle)
+    predicted = predicted_host = None
     for stage in plan.stages:
         if stage.component == comp.component and stage.peak_unit is not None:
-            predicted = stage.activation_bytes
+            predicted, predicted_host = stage.activation_bytes, stage.host_bytes
     if predicted is None and plan.prediction is not None and len(plan.components) == 1:
-        predicted = plan.prediction.activation_peak_bytes
+        predicted, predicted_host = plan.prediction.activation_peak_bytes, plan.prediction.host_bytes
     return VerifyReport(
         component=comp.component,
         measured_activation_bytes=tracker.peak_bytes,
@@ -150,4 +167,19 @@ def _run(plan: Plan, comp: ComponentPlan, model: torch.nn.Module) -> VerifyRepor
         measured_needed_bytes=replay(tracker.events, expandable).needed_peak,
         peak_label=tracker.peak_label,
         seconds=time.perf_counter() - started,
+        measured_host_bytes=tracker.host_peak_bytes + streamed,
+        predicted_host_bytes=predicted_host,
     )
+
+
+def _streamed_host_bytes(handle) -> int:
+    """Bytes of the streamed blocks' host weights (each storage once): host memory for the whole run."""
+    streamer = handle.streamer
+    if streamer is None:
+        return 0
+    storages = {}
+    for block in streamer.blocks.values():
+        for w in block.weights:
+            storage = w.host.untyped_storage()
+            storages[id(storage)] = storage.nbytes()
+    return sum(storages.values())
