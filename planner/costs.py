@@ -312,7 +312,9 @@ class CostModel:
             held_dying = sum(size[v] for v in held if seg_rules.local_last(v) == j)
             # this unit's pieces of earlier slices of the wave, when a later unit of the segment reads them
             kept = unit.output_bytes if seg_rules.local_last(unit.name) > j else 0
-            staged = sum(size[v] for v in seg_rules.staged(j))  # host inputs: one staged slice during the call
+            whole = seg_rules.staged_whole(j)  # host inputs read whole: staged in full for every slice
+            staged = sum(size[v] for v in seg_rules.staged(j) if v not in whole)  # one staged slice during the call
+            staged_whole = sum(size[v] for v in whole)
             scratch = unit.scratch[seg.k]
             before = entry + sum(buffer[:i])
             states = [
@@ -328,7 +330,7 @@ class CostModel:
                     live = entry + sum(buffer) if w else before + (buffer[i] if m else 0)
                     reached = sum(wave[:m])
                     transient = (held_long * total + held_dying * (total - reached) + kept * reached
-                                 + staged * s) // length + scratch * s // big
+                                 + staged * s) // length + scratch * s // big + staged_whole
                     states.append((live, transient))
             for live, transient in states:
                 if best is None or live + transient > best[0]:
@@ -369,7 +371,8 @@ class CostModel:
             unit = self.units[i]
             total += self._unit_time(i, slices, seg.depth)
             staged = rules.staged(i)
-            link += sum(size[v] for v in staged)  # each reading unit stages its own slices
+            link += sum(size[v] * (slices if rules.program.reads_whole(i, v) else 1)
+                        for v in staged)  # each reading unit stages its own slices (a whole value per slice)
             if slices > 1:
                 if rules.escapes(i):
                     total += 2 * unit.output_bytes / self.bytes_per_s  # writing slices into the buffer
@@ -415,6 +418,8 @@ class CostModel:
             while b < self.n and b - a < max_group:
                 if b > a and self.units[b].axis != unit.axis:
                     break
+                if b > a and self.rules.whole_made_inside(a, b):
+                    break  # b reads whole a value this run makes
                 if self.units[b].axis_length != unit.axis_length:
                     break
                 for k in self.ks(a, b):

@@ -16,6 +16,11 @@ segment *stages* each slice it reads (a device copy alive during that unit's cal
 :meth:`SegmentRules.staged`); buffer reuse needs matching placement (a host output only over a
 dying host input, a device output only over a device input).
 
+Whole inputs: a unit may read some inputs *whole* while its output is sliced (self-attention's
+keys and values for a chunk of queries). Such a value must exist in full before the unit's segment
+(:meth:`ProgramRules.whole_made_inside` names the units that break this), its reader's output never
+takes over its buffer, and a host-placed one is staged whole for every slice.
+
 Recompute: a unit that needs statistics over its whole first input may sit inside a segment that
 makes that input; its statistics then come from a pass that recomputes, slice by slice, the units
 of the segment that input depends on (:meth:`SegmentRules.cone`).
@@ -41,6 +46,7 @@ class ProgramRules:
     result: str
     keep: frozenset[str] = frozenset()
     host: frozenset[str] = frozenset()
+    whole: tuple[frozenset[str], ...] = ()  # per unit: the inputs it reads whole (empty when none)
     producer: dict[str, int] = field(init=False)
     last_use: dict[str, int] = field(init=False)
 
@@ -63,17 +69,33 @@ class ProgramRules:
     ) -> ProgramRules:
         """From anything with ``inputs`` and ``output`` (executor ops) or ``name`` (profile units)."""
         units = list(units)
+        whole = tuple(frozenset(getattr(u, "whole_inputs", None) or ()) for u in units)
         return cls(
             tuple(tuple(u.inputs) for u in units),
             tuple(getattr(u, "output", None) or u.name for u in units),
             result,
             frozenset(keep),
             frozenset(host),
+            whole if any(whole) else (),
         )
 
     def with_host(self, host: Collection[str]) -> ProgramRules:
         """The same program with ``host`` placed in host memory (the cost model tries placements)."""
-        return ProgramRules(self.inputs, self.outputs, self.result, self.keep, frozenset(host))
+        return ProgramRules(self.inputs, self.outputs, self.result, self.keep, frozenset(host), self.whole)
+
+    def reads_whole(self, j: int, name: str) -> bool:
+        """Whether unit ``j`` reads ``name`` whole (every slice of ``j`` sees the full value)."""
+        return bool(self.whole) and name in self.whole[j]
+
+    def whole_made_inside(self, start: int, stop: int) -> list[int]:
+        """Units of ``start..stop`` reading whole a value made by an earlier unit of that range: such a
+        range cannot be one segment (the value exists one slice at a time there)."""
+        if not self.whole:
+            return []
+        return [
+            j for j in range(start + 1, stop + 1)
+            if any(start <= self.producer.get(n, -1) < j for n in self.whole[j])
+        ]
 
     def host_errors(self, host: Collection[str]) -> list[str]:
         """Why each name of ``host`` cannot be placed on host (empty when all can): only values made by
@@ -142,6 +164,10 @@ class SegmentRules:
         several slices each slice is copied into a host buffer, with one the whole result is)."""
         return self.escapes(j) and self.program.outputs[j] in self.program.host
 
+    def staged_whole(self, j: int) -> list[str]:
+        """Of :meth:`staged`, the values ``j`` reads whole: staged in full for every slice."""
+        return [n for n in self.staged(j) if self.program.reads_whole(j, n)]
+
     def staged(self, j: int) -> list[str]:
         """Host values unit ``j`` reads from before this segment: each slice it reads (the whole value
         when unsliced) is copied to the device and alive during ``j``'s call only. Distinct names, in
@@ -201,8 +227,8 @@ class SegmentRules:
     def candidates(self, j: int) -> list[str]:
         """Inputs of unit ``j`` whose full buffer its escaping output may take over, by position:
         made by the program before this segment (full size; never an initial value), read for the
-        last time by ``j`` (each slice of it is read before the same slice is overwritten), and
-        placed where the output is (host over host, device over device)."""
+        last time by ``j`` (each slice of it is read before the same slice is overwritten: never an
+        input ``j`` reads whole), and placed where the output is (host over host, device over device)."""
         out = []
         host = self.program.host
         placed = self.program.outputs[j] in host
@@ -210,7 +236,7 @@ class SegmentRules:
             p = self.program.producer.get(name)
             if (
                 p is not None and p < self.start and self.program.last_use[name] == j and name not in out
-                and (name in host) == placed
+                and (name in host) == placed and not self.program.reads_whole(j, name)
             ):
                 out.append(name)
         return out

@@ -158,6 +158,8 @@ class UnitProfile(_Strict):
     kind: str = ""
     block: str = Field(description="top-level block, for per-block tables (down_blocks.0, mid_block, ...)")
     inputs: list[str] = Field(description="values read: names of the units that made them, or initial inputs")
+    whole_inputs: list[str] = Field(default_factory=list, description="inputs read whole by every slice "
+                                    "(attention keys/values for a query chunk); made before the unit's segment")
     output_bytes: int = Field(ge=0)
     output_shape: list[Annotated[int, Field(ge=0)]]
     axis_length: int = Field(ge=0, description="size of the slicing axis at this unit (B*T frames or H*W tokens)")

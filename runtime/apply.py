@@ -82,8 +82,11 @@ def list_units(model: torch.nn.Module) -> list[UnitSpec]:
     return [op.spec for op in ops]
 
 
-def sample_shape(sample: torch.Tensor) -> SampleShape:
-    """The plan shape of a ``[batch, frames, channels, height, width]`` latent sample."""
+def sample_shape(sample: torch.Tensor, model: torch.nn.Module | None = None) -> SampleShape:
+    """The plan shape of a ``[batch, frames, channels, height, width]`` latent sample, or of the layout
+    ``model``'s adapter names (``sample_layout = "bcthw"``: a DiT's ``[batch, channels, frames, h, w]``)."""
+    if model is not None and getattr(adapter_for(model), "sample_layout", "btchw") == "bcthw":
+        sample = sample.transpose(1, 2)
     b, t, _, h, w = sample.shape
     return SampleShape(batch=b, frames=t, latent_height=h, latent_width=w, dtype=dtype_name(sample.dtype))
 
@@ -102,7 +105,8 @@ def uniform_component(model: torch.nn.Module, k: int, shape: SampleShape, *, gro
     if group and k > 1:
         run: list[UnitSpec] = []
         for unit in [*units, None]:
-            if run and (unit is None or unit.axis != run[-1].axis or unit.needs_input_stats):
+            if run and (unit is None or unit.axis != run[-1].axis or unit.needs_input_stats
+                        or set(unit.whole_inputs) & {u.name for u in run}):
                 if len(run) > 1:
                     groups.append(Group(units=[u.name for u in run], axis=run[0].axis, k=k))
                 run = []
@@ -506,6 +510,12 @@ def build_segments(ops: list[Op], plan: ComponentPlan) -> tuple[list[Segment], d
             if spec.axis != group.axis:
                 raise InvalidPlanError(
                     f"unit {spec.name} slices along {spec.axis or 'no axis'}, but its group is along {group.axis}"
+                )
+            inside = sorted(made & set(spec.whole_inputs))
+            if inside:
+                raise InvalidPlanError(
+                    f"unit {spec.name} reads {_names(inside)} whole, so its group may not make it: "
+                    f"end the group before {spec.name}"
                 )
             if spec.needs_input_stats and ops[pos].inputs and ops[pos].inputs[0] in made:
                 recompute.append(spec.name)  # its statistics input is made in the group: a recompute pass

@@ -113,6 +113,11 @@ def execute(
     position = 0
     for seg in segments:
         end = position + len(seg.ops) - 1
+        broken = rules.whole_made_inside(position, end)
+        if broken:
+            op = program.ops[broken[0]]
+            raise ValueError(f"{op.name} reads {', '.join(op.whole_inputs)} whole, so it cannot share a segment with "
+                             "the unit that makes it")
         manager = around_segment(seg) if around_segment is not None else None
         with manager if manager is not None else contextlib.nullcontext():
             length = run.segment(seg, run.rules.segment(position, end))
@@ -262,10 +267,15 @@ class _Run:
     def _slice(self, state: _SegmentState, j: int, op: Op, start: int, stop: int, local: dict) -> None:
         """Unit ``j`` on one slice: its output piece goes to the local slices and/or its full buffer."""
         env, layouts, axis, rules = self.env, self.layouts, state.axis, state.rules
+        whole = op.whole_inputs
         with unit_label(op.name):
-            staged = {n: self.stage(take(env[n], layouts[n], axis, start, stop)) for n in rules.staged(j)}
+            staged = {
+                n: self.stage(env[n] if n in whole else take(env[n], layouts[n], axis, start, stop))
+                for n in rules.staged(j)
+            }
             args = [
-                local[n] if n in local else staged[n] if n in staged else take(env[n], layouts[n], axis, start, stop)
+                local[n] if n in local else staged[n] if n in staged else env[n] if n in whole
+                else take(env[n], layouts[n], axis, start, stop)
                 for n in op.inputs
             ]
             del staged
@@ -404,9 +414,9 @@ class _Pieces:
         reads = [n for i in self.cone for n in rules.program.inputs[i]] if self.cone else [self.name]
         self.sources = {n: (run.env[n], run.layouts[n], n in run.host) for n in reads if n not in made}
 
-    def _read(self, name: str, start: int, stop: int) -> torch.Tensor:
+    def _read(self, name: str, start: int, stop: int, whole: bool = False) -> torch.Tensor:
         t, layout, on_host = self.sources[name]
-        piece = take(t, layout, self.seg.axis, start, stop)
+        piece = t if whole else take(t, layout, self.seg.axis, start, stop)
         return self.stage(piece) if on_host else piece
 
     def __iter__(self):
@@ -418,7 +428,8 @@ class _Pieces:
             local: dict[str, torch.Tensor] = {}
             for i in self.cone:
                 op = self.seg.ops[i - rules.start]
-                staged = {n: self._read(n, start, stop) for n in dict.fromkeys(op.inputs) if n not in local}
+                staged = {n: self._read(n, start, stop, n in op.whole_inputs)
+                          for n in dict.fromkeys(op.inputs) if n not in local}
                 args = [local[n] if n in local else staged[n] for n in op.inputs]
                 del staged
                 ctx = SliceCtx(axis, start, stop, self.length, self.globals, self.prepared.get(op.name), self.shapes)

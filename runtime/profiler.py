@@ -154,6 +154,7 @@ def profile(
                 kind=op.spec.kind,
                 block=block_of(op.name),
                 inputs=list(op.inputs),
+                whole_inputs=list(op.whole_inputs),
                 output_bytes=nbytes,
                 output_shape=list(shape_),
                 axis_length=length,

@@ -38,6 +38,11 @@ class UnitSpec:
     axis: Axis | None
     needs_input_stats: bool = False
     kind: str = ""
+    # Inputs read WHOLE while the output is sliced (self-attention's keys and values for a query
+    # chunk): every slice of the unit sees the full value. It must be made before the unit's
+    # segment (a group never holds both a whole input's maker and its reader), and the unit's
+    # output never takes over its buffer (later slices still read it).
+    whole_inputs: tuple[str, ...] = ()
 
 
 @dataclass
@@ -70,6 +75,15 @@ class Op:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def whole_inputs(self) -> tuple[str, ...]:
+        return self.spec.whole_inputs
+
+    def __post_init__(self) -> None:
+        whole = self.spec.whole_inputs
+        if whole and (not set(whole) <= set(self.inputs[1:]) or self.inputs[0] in whole):
+            raise ValueError(f"{self.name}: whole inputs must be inputs other than the first (the sliced one)")
 
 
 @dataclass

@@ -18,8 +18,10 @@ def random_plans(draw, units, model_ref, shape, max_k: int = 12):
             i += 1
             continue
         # The longest run this unit may start: same axis, and no later unit that needs input stats.
+        # Nor one reading whole a value the run makes (attention keys/values: made before its segment).
         j = i + 1
-        while j < len(units) and units[j].axis == unit.axis and not units[j].needs_input_stats:
+        while (j < len(units) and units[j].axis == unit.axis and not units[j].needs_input_stats
+               and not set(getattr(units[j], "whole_inputs", ())) & {u.name for u in units[i:j]}):
             j += 1
         size = draw(st.integers(1, j - i))
         k = draw(st.integers(1, max_k))

@@ -108,11 +108,47 @@ def _sd_vae_case() -> Case:
     return Case(vae, inputs, lambda m, a, kw: m.decode(*a, **kw).sample, "decoder.mid_block")
 
 
+TINY_WAN = dict(
+    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, text_dim=16,
+    freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+)
+
+
+def tiny_wan(seed: int = 0, **overrides):
+    """A tiny WanTransformer3DModel (diffusers' own test config); ``image_dim=8, added_kv_proj_dim=24``
+    makes it image-conditioned (Wan 2.1 I2V)."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(**{**TINY_WAN, **overrides}).eval()
+
+
+def wan_inputs(model, batch, frames, h, w, seed=1, text=7, per_token=False):
+    """``hidden_states [B, C, T, 2h, 2w]`` (h*w*T tokens), timesteps, text (and image) embeddings."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    x = torch.randn(batch, cfg.in_channels, frames, 2 * h, 2 * w, generator=g)
+    t = torch.rand(batch, frames * h * w, generator=g) * 900 if per_token else torch.rand(batch, generator=g) * 900
+    image = None
+    if cfg.image_dim is not None:
+        text = 512  # the stock processor splits image and text context at 512 text tokens
+        image = torch.randn(batch, 257, cfg.image_dim, generator=g)
+    ehs = torch.randn(batch, text, cfg.text_dim, generator=g)
+    return (x, t, ehs, image), {}, _shape(batch, frames, 2 * h, 2 * w)
+
+
+def _wan_case() -> Case:
+    model = tiny_wan()
+    return Case(model, lambda b, f, h, w, seed=1: wan_inputs(model, b, f, h, w, seed),
+                lambda m, a, kw: m(*a, **kw).sample, "blocks.0")
+
+
 CASES: dict[str, Callable[[], Case]] = {
     "UNetSpatioTemporalConditionModel": _svd_unet_case,
     "AutoencoderKLTemporalDecoder": _svd_vae_case,
     "UNetMotionModel": _motion_unet_case,
     "AutoencoderKL": _sd_vae_case,
+    "WanTransformer3DModel": _wan_case,
 }
 
 
