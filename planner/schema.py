@@ -23,7 +23,7 @@ from .errors import PlanFormatError
 SCHEMA_VERSION = 1
 
 DType = Literal["fp32", "fp16", "bf16"]
-Axis = Literal["frames", "tokens"]
+Axis = Literal["frames", "tokens", "rows"]
 
 
 class _Strict(BaseModel):
@@ -166,6 +166,9 @@ class UnitProfile(_Strict):
     flops: int = Field(ge=0, description="matmul/conv/attention FLOPs of the unsliced unit")
     bytes_moved: int = Field(ge=0, description="bytes read + written by its other (memory-bound) ops")
     kernels: int = Field(ge=0, description="non-view ops per slice (launch-cost model)")
+    rows: list[list[int]] | None = Field(
+        default=None, description="axis rows: the unit's layers along the height, each [kernel, stride, pad before, "
+        "pad after, upsampling] (vramplan.planner.rows.RowMap): the halo and the row mapping")
     scratch: dict[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=0)]] = Field(
         description="slice count k -> peak bytes the unit's computation adds above its entry for one "
         "(the largest) slice, its output piece included, output buffer excluded"

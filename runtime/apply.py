@@ -76,9 +76,10 @@ def fingerprint(model: torch.nn.Module, name: str | None = None) -> ModelRef:
     return ModelRef(class_name=type(model).__name__, config_hash=config_hash(model.config), name=name)
 
 
-def list_units(model: torch.nn.Module) -> list[UnitSpec]:
-    """The model's units in execution order (``.name``, ``.axis``)."""
-    ops, _ = adapter_for(model).ops(model)
+def list_units(model: torch.nn.Module, component: str | None = None) -> list[UnitSpec]:
+    """The model's units in execution order (``.name``, ``.axis``); ``component="vae_encoder"``: a
+    VAE's encode rather than its decode."""
+    ops, _ = adapter_for(model, component).ops(model)
     return [op.spec for op in ops]
 
 
@@ -91,15 +92,17 @@ def sample_shape(sample: torch.Tensor, model: torch.nn.Module | None = None) -> 
     return SampleShape(batch=b, frames=t, latent_height=h, latent_width=w, dtype=dtype_name(sample.dtype))
 
 
-def uniform_plan(model: torch.nn.Module, k: int, shape: SampleShape, *, group: bool = True) -> Plan:
+def uniform_plan(model: torch.nn.Module, k: int, shape: SampleShape, *, group: bool = True,
+                 component: str | None = None) -> Plan:
     """A one-component plan that slices every sliceable unit ``k`` ways; with ``group``, maximal runs
     of one axis are grouped (a unit that needs statistics over its whole input starts a new group)."""
-    return Plan(components=[uniform_component(model, k, shape, group=group)])
+    return Plan(components=[uniform_component(model, k, shape, group=group, component=component)])
 
 
-def uniform_component(model: torch.nn.Module, k: int, shape: SampleShape, *, group: bool = True) -> ComponentPlan:
+def uniform_component(model: torch.nn.Module, k: int, shape: SampleShape, *, group: bool = True,
+                      component: str | None = None) -> ComponentPlan:
     """The component plan of :func:`uniform_plan`."""
-    units = list_units(model)
+    units = list_units(model, component)
     slices = {u.name: k for u in units if u.axis is not None and k > 1}
     groups = []
     if group and k > 1:
@@ -112,7 +115,7 @@ def uniform_component(model: torch.nn.Module, k: int, shape: SampleShape, *, gro
                 run = []
             if unit is not None and unit.axis is not None:
                 run.append(unit)
-    component = getattr(adapter_for(model), "component", "unet")
+    component = getattr(adapter_for(model, component), "component", "unet")
     return ComponentPlan(component=component, model=fingerprint(model), shape=shape, slices=slices, groups=groups)
 
 
@@ -129,6 +132,7 @@ class PlanHandle(Hook, _Link):
     unsliced: dict[str, str] = field(default_factory=dict)
     method: str = "forward"
     active: bool = True
+    hook_name: str = PLAN_HOOK
     _bridges: dict[str, Bridge] = field(default_factory=dict)
     _hooked: tuple = ()
     _calls: tuple[frozenset[str], frozenset[str]] | None = None
@@ -144,8 +148,8 @@ class PlanHandle(Hook, _Link):
 
     def remove(self) -> None:
         try:
-            if get_hook(self.model, PLAN_HOOK) is self:
-                remove_hook(self.model, PLAN_HOOK)
+            if get_hook(self.model, self.hook_name) is self:
+                remove_hook(self.model, self.hook_name)
         finally:
             self.active = False
             self.restore_weights()
@@ -219,7 +223,8 @@ class PlanHandle(Hook, _Link):
     def _traced_calls(self) -> tuple[frozenset[str], frozenset[str]]:
         if self._calls is None:
             try:
-                self._calls = traced_calls(self.model, self.plan.shape or config_shape(self.model), self.method)
+                self._calls = traced_calls(self.model, self.plan.shape or config_shape(self.model), self.method,
+                                           self.plan.component)
             except Exception as err:  # noqa: BLE001 - a model that cannot be copied or traced on meta
                 log.warning("could not trace which modules the plan calls (%s: %s); deciding by module paths "
                             "(containers of units are bypassed)", type(err).__name__, err)
@@ -281,7 +286,7 @@ class PlanHandle(Hook, _Link):
             hook.pre_forward(model)
         checkpoint = torch.is_grad_enabled() and _checkpointing(model)
         with self.bridged(self.segments) as around:
-            binding = adapter_for(model).bind(model, *args, **kwargs)
+            binding = adapter_for(model, self.plan.component).bind(model, *args, **kwargs)
             _check_shape(self.plan, binding.shape)
             program = Program(
                 ops=self.ops,
@@ -304,26 +309,35 @@ def apply_plan(model: torch.nn.Module, plan: Plan | ComponentPlan) -> PlanHandle
     it. A second plan on the same model raises PlanConflictError; so does a hook on a submodule the
     plan bypasses that cannot be run around the plan's segments.
     """
-    adapter = adapter_for(model)
-    if get_hook(model, PLAN_HOOK) is not None:
+    plan = component_for(model, plan)
+    adapter = adapter_for(model, plan.component)
+    hook_name = _plan_hook(adapter)
+    if get_hook(model, hook_name) is not None:
         raise PlanConflictError(
             f"{type(model).__name__} already runs under a plan. Remove the first plan's handle "
             f"(handle.remove(), or leave its `with` block) before applying another."
         )
-    plan = component_for(model, plan)
     ops, result = adapter.ops(model)
     segments, unsliced = build_segments(ops, plan)
-    handle = PlanHandle(model, plan, ops, result, segments, unsliced, method=getattr(adapter, "method", "forward"))
+    handle = PlanHandle(model, plan, ops, result, segments, unsliced, method=getattr(adapter, "method", "forward"),
+                        hook_name=hook_name)
     handle.check_hooks()  # refuse unbridgeable hooks now, before anything is attached
     for unit, why in unsliced.items():
         log.warning("%s runs unsliced: %s", unit, why)
     handle.streamer  # noqa: B018 - checks the streamed blocks and moves their weights to host now
     try:
-        register_hook(model, handle, PLAN_HOOK, method=handle.method, innermost=True)
+        register_hook(model, handle, hook_name, method=handle.method, innermost=True)
     except BaseException:
         handle.restore_weights()
         raise
     return handle
+
+
+def _plan_hook(adapter) -> str:
+    """The hook name of a plan: ``vramplan.plan``, or ``vramplan.plan.encode`` for a VAE's encode (a
+    VAE may carry an encode plan and a decode plan at once)."""
+    method = getattr(adapter, "method", "forward")
+    return f"{PLAN_HOOK}.{method}" if method == "encode" else PLAN_HOOK
 
 
 def make_streamer(model: torch.nn.Module, plan: ComponentPlan, method: str = "forward") -> WeightStreamer:
@@ -405,7 +419,7 @@ def config_shape(model: torch.nn.Module) -> SampleShape:
     return SampleShape(batch=1, frames=frames, latent_height=h, latent_width=w, dtype=dtype_name(model.dtype))
 
 
-def traced_calls(model: torch.nn.Module, shape: SampleShape, method: str = "forward"):
+def traced_calls(model: torch.nn.Module, shape: SampleShape, method: str = "forward", component: str | None = None):
     """(modules called under a plan, modules called without), by module path, traced once on a copy
     of ``model`` whose weights are meta tensors (no memory, no data, nobody's hooks)."""
     twin = _meta_twin(model, _TORCH_DTYPES[shape.dtype])
@@ -413,7 +427,7 @@ def traced_calls(model: torch.nn.Module, shape: SampleShape, method: str = "forw
     handles = [
         m.register_forward_pre_hook(lambda *_, n=name: called.add(n)) for name, m in twin.named_modules() if name
     ]
-    adapter = adapter_for(twin)
+    adapter = adapter_for(twin, component)
     try:
         args = adapter.example_inputs(twin, shape, device="meta")
         with torch.no_grad():

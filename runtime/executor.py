@@ -211,6 +211,10 @@ class _Run:
         """Run one segment; returns its axis length (0 for an unsliced unit)."""
         env, layouts, ops = self.env, self.layouts, seg.ops
         first = ops[0]
+        if seg.axis == "rows" and first.inputs:  # slabs with halos: vramplan.runtime.rows
+            from .rows import RowsSegment
+
+            return RowsSegment(self, seg, rules).run_segment(self.first_slice_only)
         if seg.axis is None or not first.inputs:
             for op in ops:
                 with unit_label(op.name):

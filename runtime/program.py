@@ -9,6 +9,10 @@ Layouts (every value has the ``B*T`` frames dimension first):
 
 - ``nchw``: ``[B*T, C, H, W]``; a token slice is ``[B*T, C, n]`` over the flattened ``H*W``.
 - ``nlc``: ``[B*T, L, C]`` with ``L = H*W``; a token slice is ``[B*T, n, C]``.
+
+Rows (``nchw`` only, any number of leading dimensions: ``[..., H, W]``): a rows slice is a range of
+``H``; a rows op computes its output rows from a slab of input rows with halos, as its ``rows``
+map says (:mod:`vramplan.planner.rows`; run by :mod:`.rows`).
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ from typing import Any, Literal
 
 import torch
 
-Axis = Literal["frames", "tokens"]
+from ..planner.rows import RowMap
+
+Axis = Literal["frames", "tokens", "rows"]
 Layout = Literal["nchw", "nlc"]
-AXES: tuple[str, ...] = ("frames", "tokens")
+AXES: tuple[str, ...] = ("frames", "tokens", "rows")
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,9 @@ class Op:
     # ``ctx.prepared`` (GroupNorm statistics over all tokens). It must consume each slice as it
     # comes (under checkpointing the executor may iterate again to recompute).
     prepare: Callable[[SliceCtx, Iterable[torch.Tensor]], Any] | None = None
+    # Axis "rows": how every input's rows map to the output's (a slab with halos computes a range of
+    # output rows; the executor crops it to the rows it needs).
+    rows: RowMap | None = None
 
     @property
     def name(self) -> str:
@@ -101,6 +110,8 @@ class Program:
 
 
 def axis_length(t: torch.Tensor, layout: Layout, axis: Axis) -> int:
+    if axis == "rows":
+        return t.shape[-2]
     if axis == "frames":
         return t.shape[0]
     return t.shape[2] * t.shape[3] if layout == "nchw" else t.shape[1]
@@ -108,6 +119,8 @@ def axis_length(t: torch.Tensor, layout: Layout, axis: Axis) -> int:
 
 def take(t: torch.Tensor, layout: Layout, axis: Axis, start: int, stop: int) -> torch.Tensor:
     """A view of ``t`` restricted to ``[start, stop)`` along ``axis`` (never a copy)."""
+    if axis == "rows":
+        return t.narrow(-2, start, stop - start)
     if axis == "frames":
         return t[start:stop]
     if layout == "nchw":

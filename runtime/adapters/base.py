@@ -77,12 +77,17 @@ def supported_classes() -> list[str]:
     return [cls for a in _ADAPTERS for cls in a.model_classes]
 
 
-def adapter_for(model: torch.nn.Module) -> Adapter:
-    """The adapter for ``model``'s class, or a clear error naming the supported classes."""
+def adapter_for(model: torch.nn.Module, component: str | None = None) -> Adapter:
+    """The adapter for ``model``'s class, or a clear error naming the supported classes. A class with
+    several adapters (a VAE's decode and encode) is told apart by ``component`` (the adapter's
+    ``component``: ``vae`` decodes, ``vae_encoder`` encodes); otherwise the first registered one."""
     name = type(model).__name__
-    for adapter in _ADAPTERS:
-        if name in adapter.model_classes:
+    found = [a for a in _ADAPTERS if name in a.model_classes]
+    for adapter in found:
+        if component is None or getattr(adapter, "component", None) == component:
             return adapter
+    if found:  # a plan naming another component (an older plan's default): the class's first adapter
+        return found[0]
     raise UnsupportedModelError(
         f"vramplan has no adapter for {name}. Supported model classes: {', '.join(supported_classes())}."
     )
