@@ -52,8 +52,13 @@ class _StageResult:
 
 class PipelinePlanner:
     def __init__(self, profile: PipelineProfile, gpu, usable: int, steps: int, allocator: str, rehash=None,
-                 pinned: bool = True):
+                 pinned: bool = True, host_ram_bytes: int | None = None):
         self.profile, self.gpu, self.usable, self.steps, self.allocator = profile, gpu, usable, steps, allocator
+        self.pinned = pinned
+        # Pinned host memory the plan may use (placed values + streamed weights); None: no limit.
+        self.host_ram_bytes = host_ram_bytes
+        self.host_bound = False  # set when a residency fitted the GPU but not the host budget
+        self.host_ram_source: str | None = None  # for the plan's target: 'given', 'this machine', 'assumed'
         self.margin = int(usable * MARGIN_FRACTION)
         self.weights = {c.component: c.weight_bytes for c in profile.components}
         # pinned=False: host memory could not be pinned; host-link copies at the pageable rate
@@ -88,8 +93,21 @@ class PipelinePlanner:
                 solutions[stage.stage] = self._search(stage, budget, method, need)
             except InfeasibleError:
                 return None
+        results = self.results(resident, solutions, cap)
+        if results is None:
+            return None
+        if self.host_ram_bytes is not None and self.host_total(results) > self.host_ram_bytes:
+            self.host_bound = True
+            return None
+        return results
+
+    def results(self, resident: dict[str, bool], solutions: dict[str, Solution], cap: int) -> list[_StageResult] | None:
+        """Every stage's weights, peak and seconds given the sliced stages' ``solutions`` (None: an unsliced
+        stage does not fit within ``cap``, or a resident component streams blocks: a contradiction)."""
         credit = {s.component: solutions[s.stage].streamed_weight_bytes for s in self.profile.stages
                   if s.stage in solutions}
+        if any(resident.get(c, True) and v for c, v in credit.items()):
+            return None  # streamed weights leave the GPU: the component is not resident
         results = []
         for stage in self.profile.stages:
             base = self._base(stage, resident, credit)
@@ -114,6 +132,19 @@ class PipelinePlanner:
                 seconds = seconds * self.calls(stage) + transfer
                 results.append(_StageResult(stage, weights, base, None, needed, stage.activation_bytes, seconds, None))
         return results
+
+    def stage_host_bytes(self, r: _StageResult) -> tuple[int, int]:
+        """(placed, streamed): pinned host memory of a stage's placed values at most at once, and of its
+        component's streamed blocks (held for the whole run)."""
+        if r.solution is None:
+            return 0, 0
+        model = self.models[r.stage.stage]
+        return host_bytes(model, r.solution.host, r.solution.segments), r.solution.streamed_weight_bytes
+
+    def host_total(self, results) -> int:
+        """Pinned host memory of the run: every streamed block, plus the largest stage's placed values."""
+        parts = [self.stage_host_bytes(r) for r in results]
+        return max((p for p, _ in parts), default=0) + sum(s for _, s in parts)
 
     def _base(self, stage, resident: dict[str, bool], credit: dict[str, int]) -> int:
         """Context + margin + weights on the GPU (less ``credit``: streamed weights) + held tensors."""
@@ -231,13 +262,20 @@ def plan_pipeline(
     method: str = "auto",
     rehash=None,
     pinned: bool = True,
+    host_ram_bytes: int | None = None,
+    host_ram_source: str = "given",
 ) -> Plan:
     """The fastest run within the GPU's memory, or (given ``max_latency_s``) the smallest peak within it.
     ``rehash``: a Step Rehash schedule to price in (:class:`.rehash.StageRehash`). ``pinned=False``:
-    host memory cannot be pinned here, so placed values and streamed weights move at the pageable rate."""
+    host memory cannot be pinned here, so placed values and streamed weights move at the pageable rate.
+    ``host_ram_bytes``: pinned host memory the plan may use (None: no limit); a plan needing more is
+    not chosen."""
     usable = usable_bytes if usable_bytes is not None else gpu.memory_usable_bytes
-    planner = PipelinePlanner(profile, gpu, usable, steps, allocator, rehash, pinned)
+    planner = PipelinePlanner(profile, gpu, usable, steps, allocator, rehash, pinned, host_ram_bytes)
+    planner.host_ram_source = host_ram_source if host_ram_bytes is not None else None
     found = planner.best(usable, None)
+    if found is None and planner.host_bound:
+        raise _host_infeasible(profile, gpu, usable, planner)
     if found is None:
         floor, stage, unit = planner.floor()
         err = InfeasibleError(
@@ -271,6 +309,22 @@ def plan_pipeline(
     return _assemble(profile, planner, resident, results, cap, max_latency_s)
 
 
+def _host_infeasible(profile, gpu, usable: int, planner: PipelinePlanner) -> InfeasibleError:
+    """The GPU's memory is reachable, but only with more pinned host memory than the budget."""
+    free = PipelinePlanner(profile, gpu, usable, planner.steps, planner.allocator, planner.rehash, planner.pinned)
+    found = free.best(usable, None)
+    need = free.host_total(free.evaluate(found[1], usable)) if found is not None else None
+    needs = f"needs {human_bytes(need)} of pinned host memory" if need is not None else "needs more pinned host memory"
+    err = InfeasibleError(
+        f"{profile.model_name} {profile.frames} x {profile.height}x{profile.width} fits {gpu.name} "
+        f"({human_bytes(usable)} usable) only by keeping values and weights in host memory: the plan {needs}, "
+        f"beyond the host memory budget of {human_bytes(planner.host_ram_bytes)}. Give more host memory "
+        f"(host_ram_gb= / --host-ram-gb), a GPU with more memory, a smaller resolution or fewer frames."
+    )
+    err.part, err.host_bytes, err.host_ram_bytes = "pinned host memory", need, planner.host_ram_bytes
+    return err
+
+
 def _assemble(profile, planner, resident, results, cap, max_latency_s) -> Plan:
     gpu = planner.gpu
     components: dict[str, ComponentPlan] = {
@@ -289,8 +343,7 @@ def _assemble(profile, planner, resident, results, cap, max_latency_s) -> Plan:
             components[stage.component] = comp.model_copy(
                 update={"model": stage.profile.model, "shape": stage.profile.shape, **plan_fields(model, r.solution)}
             )
-            streamed = r.solution.streamed_weight_bytes
-            placed = host_bytes(model, r.solution.host, r.solution.segments)
+            placed, streamed = planner.stage_host_bytes(r)
             if planner.rehash is not None and stage.per_step:  # keys pay a full call's copies, the rest a reuse call's
                 transfer += planner.rehash.transfer_s(model, r.solution)
             else:
@@ -343,6 +396,7 @@ def _assemble(profile, planner, resident, results, cap, max_latency_s) -> Plan:
             gpu=gpu.name, usable_bytes=planner.usable, max_latency_s=max_latency_s,
             objective="min_peak" if max_latency_s is not None else "min_latency",
             allocator=planner.allocator, attention_kernel=profile.attention_kernel, steps=planner.steps,
+            pinned=planner.pinned, host_ram_bytes=planner.host_ram_bytes, host_ram_source=planner.host_ram_source,
         ),
         prediction=prediction,
         stages=stages,

@@ -327,6 +327,11 @@ class Target(_Strict):
     )
     attention_kernel: Literal["flash", "efficient", "cpu_flash", "math"] = "flash"
     steps: int = Field(default=1, ge=1, description="denoising steps the latency is for")
+    pinned: bool = Field(default=True, description="host-link copies priced at the pinned rate (False: pageable)")
+    host_ram_bytes: int | None = Field(
+        default=None, gt=0, description="pinned host memory the plan may use (None: no limit was set)")
+    host_ram_source: str | None = Field(
+        default=None, description="where host_ram_bytes comes from: 'given', 'this machine' or 'assumed'")
 
 
 class Prediction(_Strict):

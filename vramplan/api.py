@@ -7,9 +7,10 @@ so the same mistakes get the same clear errors from Python and from the CLI.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
-from .planner.errors import InvalidArgumentError, UnsupportedGPUFeatureError, VramplanError
+from .planner.errors import InfeasibleError, InvalidArgumentError, UnsupportedGPUFeatureError, VramplanError
 from .planner.fmt import human_bytes
 from .planner.gpus import find_gpu
 from .planner.pipeline import plan_pipeline
@@ -41,6 +42,7 @@ def plan_for(
     calibration=None,
     keys: int | None = None,
     pinned: bool = True,
+    host_ram_gb: float | None = None,
 ) -> Plan:
     """A plan that runs the whole ``model`` pipeline at ``height`` x ``width`` x ``frames`` within
     ``gpu``'s memory: per component slicing, groups and weight residency, with a prediction.
@@ -55,6 +57,9 @@ def plan_for(
     ``calibration``: a Calibration or its JSON file); ``keys``: how many steps run the whole UNet.
     ``pinned=False``: host memory cannot be pinned where the plan runs (container limits on locked
     memory): values placed on host and streamed weights are priced at the pageable transfer rate.
+    ``host_ram_gb``: pinned host memory the plan may use for placed values and streamed weights (a plan
+    needing more is not chosen). Default: with ``gpu="auto"`` 75% of this machine's RAM, else an
+    assumption (:data:`ASSUMED_HOST_RAM_GB`), recorded in the plan's target and printed with it.
     """
     _check_choice("dtype", dtype, DTYPES)
     _check_choice("allocator", allocator, ALLOCATORS)
@@ -66,6 +71,7 @@ def plan_for(
     check_number("steps", steps, integer=True, minimum=1)
     check_number("vram_gb", vram_gb, positive=True, allow_none=True)
     check_number("max_latency_s", max_latency_s, positive=True, allow_none=True)
+    check_number("host_ram_gb", host_ram_gb, positive=True, allow_none=True)
     if not isinstance(gpu, str) or not gpu.strip():
         raise InvalidArgumentError(f'gpu={gpu!r} must be a GPU name such as "2080Ti", or "auto"')
     shape = sample_shape_for(model, height, width, frames, guidance, dtype)
@@ -84,6 +90,7 @@ def plan_for(
                 vram_gb, gpu_profile.name, human_bytes(gpu_profile.memory_usable_bytes),
             )
     kernel = gpu_profile.attention_kernel if dtype != "fp32" else "efficient"
+    host_bytes, source = host_ram_budget(gpu, host_ram_gb)
     profile = find_pipeline_profile(model, height, width, shape.frames, guidance, dtype, kernel)
     for name, value in (("keys", keys), ("calibration", calibration)):
         if value is not None and rehash == "off":  # would be ignored silently
@@ -93,14 +100,52 @@ def plan_for(
         from .planner.rehash import load_calibration, plan_rehash
 
         cal, ref = load_calibration(calibration)
-        return plan_rehash(
+        plan = plan_rehash(
             profile, gpu_profile, mode=rehash, calibration=cal, calibration_ref=ref, keys=keys, usable_bytes=usable,
             steps=steps, max_latency_s=max_latency_s, allocator=allocator, method=method, pinned=pinned,
         )
+        return _within_host_budget(plan, host_bytes, source)  # checked after the schedule is chosen
     return plan_pipeline(
         profile, gpu_profile, usable_bytes=usable, steps=steps, max_latency_s=max_latency_s,
-        allocator=allocator, method=method, pinned=pinned,
+        allocator=allocator, method=method, pinned=pinned, host_ram_bytes=host_bytes, host_ram_source=source,
     )
+
+
+# Pinned host memory assumed for a named GPU when no host_ram_gb is given (a 32 GiB machine, 75% pinnable).
+ASSUMED_HOST_RAM_GB = 24.0
+PINNABLE_FRACTION = 0.75
+
+
+def host_ram_budget(gpu: str, host_ram_gb: float | None) -> tuple[int, str]:
+    """(bytes, source) of the pinned host memory a plan may use: given, from this machine (gpu="auto"),
+    or assumed."""
+    if host_ram_gb is not None:
+        return int(host_ram_gb * 2**30), "given"
+    if gpu.strip().lower() == "auto":
+        total = machine_ram_bytes()
+        if total:
+            return int(total * PINNABLE_FRACTION), f"this machine ({PINNABLE_FRACTION:.0%} of {human_bytes(total)} RAM)"
+    return int(ASSUMED_HOST_RAM_GB * 2**30), "assumed (set host_ram_gb= / --host-ram-gb)"
+
+
+def machine_ram_bytes() -> int | None:
+    """Physical memory of this machine (None when the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _within_host_budget(plan: Plan, budget: int, source: str) -> Plan:
+    need = plan.prediction.host_bytes
+    if need > budget:
+        raise InfeasibleError(
+            f"the plan needs {human_bytes(need)} of pinned host memory (placed values, streamed weights), beyond "
+            f"the host memory budget of {human_bytes(budget)} ({source}). Give more host memory (host_ram_gb= / "
+            f"--host-ram-gb), a GPU with more memory, a smaller resolution or fewer frames."
+        )
+    return plan.model_copy(update={"target": plan.target.model_copy(
+        update={"host_ram_bytes": budget, "host_ram_source": source})})
 
 
 def sample_shape_for(model: str, height: int, width: int, frames: int | None, guidance: bool, dtype: str) -> SampleShape:
