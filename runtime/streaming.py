@@ -47,10 +47,11 @@ PAGEABLE_WARNING = (
 
 def block_of(unit: str) -> str:
     """The top-level block of a unit, for per-block tables: ``down_blocks.1``, ``decoder.mid_block``,
-    ``blocks.7`` (a DiT's numbered blocks)."""
+    ``blocks.7``, ``encoder.block.3`` (numbered DiT and text-encoder layers)."""
     parts = unit.split(".")
     for i, part in enumerate(parts):
-        if part in ("down_blocks", "up_blocks") or (part == "blocks" and parts[i + 1 : i + 2] and parts[i + 1].isdigit()):
+        if part in ("down_blocks", "up_blocks") or (
+            part in ("blocks", "block", "layers") and parts[i + 1 : i + 2] and parts[i + 1].isdigit()):
             return ".".join(parts[: i + 2])
         if part == "mid_block":
             return ".".join(parts[: i + 1])

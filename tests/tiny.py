@@ -143,12 +143,36 @@ def _wan_case() -> Case:
                 lambda m, a, kw: m(*a, **kw).sample, "blocks.0")
 
 
+def tiny_umt5(seed: int = 0):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    config = UMT5Config(vocab_size=100, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4,
+                        relative_attention_num_buckets=8)
+    return UMT5EncoderModel(config).eval()
+
+
+def _umt5_case() -> Case:
+    model = tiny_umt5()
+
+    def inputs(batch, frames, h, w, seed=1):
+        g = torch.Generator().manual_seed(seed)
+        n = frames * w  # tokens: the conformance suite's "other shape" changes frames
+        ids = torch.randint(0, 100, (batch, n), generator=g)
+        mask = torch.ones(batch, n, dtype=torch.long)
+        mask[:, n - n // 3 :] = 0  # padding, as the Wan pipelines pad prompts to 512 tokens
+        return (ids, mask), {}, _shape(batch, 1, 1, n)
+
+    return Case(model, inputs, lambda m, a, kw: m(*a, **kw).last_hidden_state, "encoder.block.0")
+
+
 CASES: dict[str, Callable[[], Case]] = {
     "UNetSpatioTemporalConditionModel": _svd_unet_case,
     "AutoencoderKLTemporalDecoder": _svd_vae_case,
     "UNetMotionModel": _motion_unet_case,
     "AutoencoderKL": _sd_vae_case,
     "WanTransformer3DModel": _wan_case,
+    "UMT5EncoderModel": _umt5_case,
 }
 
 
