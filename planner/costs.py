@@ -159,7 +159,10 @@ class CostModel:
         return [self.profile.globals_bytes + sum(size[v] for v in self.rules.made_before(a)) for a in range(self.n)]
 
     def ks(self, start: int, stop: int) -> list[int]:
-        """Slice counts profiled for every unit of ``[start, stop]``."""
+        """Slice counts profiled for every unit of ``[start, stop]`` (a rows group: those of its last
+        unit, whose output rows it splits; the others' scratch is scaled by slab rows)."""
+        if stop > start and self.units[start].axis == "rows":
+            return sorted(self.units[stop].scratch)
         common = set(self.units[start].scratch)
         for unit in self.units[start + 1 : stop + 1]:
             common &= set(unit.scratch)
@@ -286,6 +289,10 @@ class CostModel:
             size[v] for v in host if self.producer[v] < seg.start and rules.alive(v, seg.start)
         )
         first = units[0]
+        if first.axis == "rows" and seg.k > 1 and units[-1].axis_length > 1:  # slabs with halos
+            from .rows_cost import rows_cost
+
+            return rows_cost(self, seg, seg_rules, entry, host)
         slices = min(seg.k, first.axis_length) if first.axis else 1
         if slices <= 1:
             scratch = first.scratch[seg.k]
@@ -420,12 +427,12 @@ class CostModel:
                     break
                 if b > a and self.rules.whole_made_inside(a, b):
                     break  # b reads whole a value this run makes
-                if self.units[b].axis_length != unit.axis_length:
-                    break
+                if self.units[b].axis_length != unit.axis_length and unit.axis != "rows":
+                    break  # a rows group may change resolution (its slabs follow the row maps)
                 for k in self.ks(a, b):
                     if b == a or k > 1:
                         out.append(Segment(a, b, k))
-                        if b > a and k >= MIN_DEPTH_K:
+                        if b > a and k >= MIN_DEPTH_K and unit.axis != "rows":
                             out += [Segment(a, b, k, d) for d in DEPTHS if d <= k]
                 b += 1
         self.__dict__[key] = out

@@ -50,6 +50,8 @@ class RowStep:
             return s // self.up, min(n_in, -(-e // self.up))
         a = max(0, self.stride * s - self.pad)
         b = min(n_in, self.stride * (e - 1) - self.pad + self.kernel)
+        if b <= a:  # rows made of padding only: the slab at that edge, one row
+            a, b = (0, min(1, n_in)) if a == 0 else (max(0, n_in - 1), n_in)
         return a, b
 
     def start(self, a: int) -> int:

@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_K = 256
 # Part of every cache key: bump when what the profiler measures changes, so old entries are not served.
-PROFILER_VERSION = 3  # 3: block_weights
+PROFILER_VERSION = 4  # 3: block_weights; 4: rows units (row maps), VAE encode profiles
 
 
 def slice_counts(length: int, max_k: int = DEFAULT_MAX_K) -> list[int]:
@@ -84,11 +84,13 @@ def profile(
     name: str | None = None,
     max_k: int = DEFAULT_MAX_K,
     progress: Callable[[str], None] | None = None,
+    component: str | None = None,
 ) -> ModelProfile:
-    """Profile ``model`` (best built on meta: :func:`~vramplan.runtime.empty_model`) at ``shape``."""
+    """Profile ``model`` (best built on meta: :func:`~vramplan.runtime.empty_model`) at ``shape``
+    (``component="vae_encoder"``: a VAE's encode, not its decode)."""
     check_number("max_k", max_k, integer=True, minimum=1)
     started = time.perf_counter()
-    adapter = adapter_for(model)
+    adapter = adapter_for(model, component)
     targets = [1 << i for i in range(max_k.bit_length()) if 1 << i <= max_k]
     bar = _progress_bar(2 + len(targets), f"profiling {getattr(adapter, 'component', 'unet')}")
 
@@ -162,6 +164,7 @@ def profile(
                 bytes_moved=stats.bytes_moved if stats else 0,
                 kernels=stats.kernels if stats else 0,
                 scratch=scratch[op.name],
+                rows=op.rows.as_list() if op.spec.axis == "rows" and op.rows is not None else None,
             )
         )
     bar.close()
@@ -275,10 +278,13 @@ def writable_cache_dir() -> Path:
     return folder
 
 
-def cache_path(ref: ModelRef, shape: SampleShape, kernel: str, max_k: int = DEFAULT_MAX_K) -> Path:
-    """Keyed by everything the profile depends on: model config, shape, kernel, max_k, profiler version."""
+def cache_path(ref: ModelRef, shape: SampleShape, kernel: str, max_k: int = DEFAULT_MAX_K,
+               component: str | None = None) -> Path:
+    """Keyed by everything the profile depends on: model config (and which of its adapters: a VAE's
+    encode is ``component="vae_encoder"``), shape, kernel, max_k, profiler version."""
+    part = f"-{component}" if component == "vae_encoder" else ""
     stem = (
-        f"{ref.class_name}-{ref.config_hash[:16]}-b{shape.batch}-f{shape.frames}-"
+        f"{ref.class_name}{part}-{ref.config_hash[:16]}-b{shape.batch}-f{shape.frames}-"
         f"{shape.latent_height}x{shape.latent_width}-{shape.dtype}-{kernel}-k{max_k}-v{PROFILER_VERSION}"
     )
     return cache_dir() / f"{stem}.json"
@@ -314,7 +320,7 @@ def cached_profile(model, shape: SampleShape, kernel: str, name: str | None = No
     check_number("max_k", max_k, integer=True, minimum=1)
     writable_cache_dir()
     ref = fingerprint(model)
-    path = cache_path(ref, shape, kernel, max_k)
+    path = cache_path(ref, shape, kernel, max_k, kwargs.get("component"))
 
     def matches(p: ModelProfile) -> bool:
         return p.model.config_hash == ref.config_hash and p.shape == shape and p.attention_kernel == kernel
@@ -348,12 +354,13 @@ def pipeline_profile(model: str, height: int, width: int, frames: int, guidance:
     whole = adapter.measure_whole_stages(components, height, width, dtype, kernel)
     bar.update(1)
     profiles: dict[str, ModelProfile] = {}
-    for stage, component, _ in adapter.stages:
+    for stage, component, method in adapter.stages:
         if stage in adapter.sliced and stage not in profiles:
             say(f"{stage}: {component}")
             shape = adapter.stage_shape(stage, height, width, frames, guidance, dtype, source.configs)
-            profiles[stage] = profile(components[component], shape, kernel, name=source.name, max_k=max_k,
-                                      progress=progress)
+            with adapter.stage_dtype(components, stage, dtype):  # SVD encodes in fp32
+                profiles[stage] = profile(components[component], shape, kernel, name=source.name, max_k=max_k,
+                                          progress=progress, component="vae_encoder" if method == "encode" else None)
             bar.update(1)
     bar.close()
     stages = adapter.stage_profiles(components, height, width, frames, guidance, dtype, whole, profiles)

@@ -172,8 +172,10 @@ class _OwnRows:
             if e > s:
                 piece, have = local.pop(seg.ops[last].output)
                 del local
-                yield _crop(piece, have, s, e)
+                own = _crop(piece, have, s, e).contiguous()  # the slab's halo need not stay alive
                 del piece
+                yield own
+                del own
 
     def _read_later(self, name: str, i: int) -> bool:
         return any(name in self.seg.ops[u].inputs for u in self.cone if u > i)

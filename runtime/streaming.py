@@ -121,7 +121,7 @@ def streamable_blocks(model: torch.nn.Module, shape, method: str = "forward") ->
 
     try:
         twin = _meta_twin(model, _TORCH_DTYPES[shape.dtype])
-        adapter = adapter_for(twin)
+        adapter = adapter_for(twin, method)  # a VAE's encode or decode adapter
         ops, result = adapter.ops(twin)
         args = adapter.example_inputs(twin, shape, device="meta")
         readers = WeightReaders(twin)

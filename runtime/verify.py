@@ -146,7 +146,7 @@ def _build(plan: Plan, comp: ComponentPlan) -> torch.nn.Module:
 
 def _run(plan: Plan, comp: ComponentPlan, model: torch.nn.Module) -> VerifyReport:
     started = time.perf_counter()
-    adapter = adapter_for(model)
+    adapter = adapter_for(model, comp.component)
     args = adapter.example_inputs(model, comp.shape, device="meta")
     kernel = plan.target.attention_kernel if plan.target else "flash"
     expandable = plan.target is None or plan.target.allocator == "expandable_segments"

@@ -7,6 +7,7 @@ The slicer, grouping and memory code work on that program and never see a diffus
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -80,11 +81,12 @@ def supported_classes() -> list[str]:
 def adapter_for(model: torch.nn.Module, component: str | None = None) -> Adapter:
     """The adapter for ``model``'s class, or a clear error naming the supported classes. A class with
     several adapters (a VAE's decode and encode) is told apart by ``component`` (the adapter's
-    ``component``: ``vae`` decodes, ``vae_encoder`` encodes); otherwise the first registered one."""
+    ``component`` — ``vae`` decodes, ``vae_encoder`` encodes — or its ``method``, ``encode``); otherwise the
+    first registered one."""
     name = type(model).__name__
     found = [a for a in _ADAPTERS if name in a.model_classes]
     for adapter in found:
-        if component is None or getattr(adapter, "component", None) == component:
+        if component is None or component in (getattr(adapter, "component", None), getattr(adapter, "method", None)):
             return adapter
     if found:  # a plan naming another component (an older plan's default): the class's first adapter
         return found[0]
@@ -157,6 +159,11 @@ class PipelineAdapter:
         from ..models import meta_from_config
 
         return {name: meta_from_config(configs[name], dtype) for name in self.components}
+
+    def stage_dtype(self, components: dict, stage: str, dtype: str):
+        """Around profiling a sliced stage: the component in the dtype the pipeline runs that stage in
+        (a VAE encode upcast to fp32); by default as it is."""
+        return contextlib.nullcontext()
 
     def load(self, source: str, dtype: torch.dtype, local_files_only: bool, entry: dict | None = None):
         """The pipeline from a local path or the Hugging Face cache (raises :class:`LoadFailure`)."""

@@ -31,10 +31,38 @@ def row_stats(norm: torch.nn.GroupNorm):
     first is the sample, the ones between C and the rows are reduced too, as a 5-D GroupNorm does)."""
 
     def prepare(ctx: SliceCtx, pieces: Iterable[torch.Tensor]):
-        g = norm.num_groups
-        return merged_moments((p.reshape(p.shape[0], g, -1) for p in pieces), reduce_dims=(2,))
+        return streamed_moments(pieces, norm.num_groups)
 
     return prepare
+
+
+def streamed_moments(pieces: Iterable[torch.Tensor], groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`~vramplan.runtime.norm.merged_moments` of ``[N, C, ...]`` pieces grouped by channel,
+    holding no piece while the next one is made (a recomputed piece is a whole slab's work)."""
+    it = iter(pieces)
+    state = None
+    while True:
+        piece = next(it, None)
+        if piece is None:
+            break
+        part = merged_moments([piece.reshape(piece.shape[0], groups, -1)], reduce_dims=(2,))
+        n = piece[0, 0].numel() * (piece.shape[1] // groups)
+        del piece
+        state = _merge(state, part, n)
+    if state is None:
+        raise ValueError("no rows to take statistics over")
+    return state[0], state[1] / state[2]
+
+
+def _merge(state, part, n: int):
+    """Chan et al.'s pairwise update of (mean, m2, count) with a piece's (mean, var) over ``n`` values."""
+    mean_i, var_i = part
+    if state is None:
+        return mean_i, var_i * n, n
+    mean, m2, count = state
+    total = count + n
+    delta = mean_i - mean
+    return mean + delta * (n / total), m2 + var_i * n + delta.square() * (count * n / total), total
 
 
 def group_norm(norm: torch.nn.GroupNorm, x: torch.Tensor, stats) -> torch.Tensor:

@@ -1,0 +1,153 @@
+"""Memory and latency of a *rows* segment (units sliced along the height with halos), from a profile.
+
+The executor (``vramplan.runtime.rows``) runs a rows segment slice by slice on the rows
+:func:`.rows.plan_segment` gives; this prices the same plan:
+
+- memory, per slice and unit: values alive at the segment's start, the full buffers of escaping
+  outputs (device-placed; all of them after the first slice), the pieces of earlier units a later
+  unit of the slice still reads (each as many rows as its slab produced: the halo included), host
+  inputs staged for the slab, and the unit's own scratch for its slab — the profiled scratch of
+  the unit sliced alone (``UnitProfile.scratch``), scaled by slab rows from the nearest profiled
+  slice count at or above it;
+- time: each unit's roofline time scaled by the rows it computes over all slices (the halo's
+  recompute), a launch cost per slice, the statistics passes (and the units recomputed for them),
+  writing escaping outputs, and host-link copies.
+"""
+
+from __future__ import annotations
+
+from .rows import RowMap, plan_segment
+
+
+def _maps(model) -> list[RowMap | None]:
+    cache = model.__dict__.get("_row_maps")
+    if cache is None:
+        cache = model.__dict__["_row_maps"] = [RowMap.from_list(u.rows) if u.rows else None for u in model.units]
+    return cache
+
+
+def in_rows(model, j: int) -> int:
+    """Rows of unit ``j``'s first input: its producer's output, or the sample's height."""
+    unit = model.units[j]
+    p = model.producer.get(unit.inputs[0]) if unit.inputs else None
+    if p is not None:
+        return model.units[p].output_shape[-2]
+    return model.profile.shape.latent_height
+
+
+def _slab_scratch(model, j: int, rows: int) -> float:
+    """Scratch of unit ``j`` computing from a slab of ``rows`` input rows."""
+    cache = model.__dict__.setdefault("_rows_scratch", {})
+    table = cache.get(j)
+    unit = model.units[j]
+    if table is None:
+        m, n = _maps(model)[j], in_rows(model, j)
+        table = []
+        for k, nbytes in sorted(unit.scratch.items()):
+            sl = plan_segment([m], [[]], [None], [n], k)
+            biggest = max(b - a for a, b in (s.slab[0] for s in sl))
+            table.append((biggest, nbytes))
+        table.sort()
+        cache[j] = table
+    for slab, nbytes in table:  # smallest profiled slab at or above ``rows``
+        if slab >= rows:
+            return nbytes * rows / slab
+    slab, nbytes = table[-1]
+    return nbytes * rows / slab
+
+
+def rows_cost(model, seg, seg_rules, entry: int, host: frozenset[str]):
+    """The :class:`~.costs.SegmentCost` of a rows segment of ``k`` > 1 slices."""
+    from .costs import SegmentCost
+
+    units = model.units[seg.start : seg.stop + 1]
+    maps = _maps(model)[seg.start : seg.stop + 1]
+    pos = {u.name: i for i, u in enumerate(units)}
+    first = [pos.get(u.inputs[0]) for u in units]
+    in_lens = [in_rows(model, seg.start + i) for i in range(len(units))]
+    readers = [[r for r in range(i + 1, len(units)) if u.name in units[r].inputs] for i, u in enumerate(units)]
+    slices = plan_segment(maps, readers, first, in_lens, seg.k)
+    size = model.size
+    lens = [u.output_shape[-2] or 1 for u in units]
+    kinds = seg_rules.buffers(lambda j, name: False)  # rows never write over an input (halos are read later)
+    buffer = [u.output_bytes if kind == "new" else 0 for u, kind in zip(units, kinds, strict=True)]
+
+    def made_rows(i: int, sl) -> int:
+        """Rows unit ``i`` produces on its slab (the halo included) before it is cropped."""
+        a, b = sl.slab[i]
+        return maps[i].out_len(b - a) if b > a else 0
+
+    best = None
+    for n, sl in enumerate(slices):
+        for i in range(len(units)):
+            j = seg.start + i
+            if sl.out[i][1] <= sl.out[i][0]:
+                continue
+            live = entry + (sum(buffer) if n else sum(buffer[: i + 1]))
+            held = sum(units[h - seg.start].output_bytes * made_rows(h - seg.start, sl) // lens[h - seg.start]
+                       for h in seg_rules.held_at(j))
+            a, b = sl.slab[i]
+            staged = sum(size[v] * (b - a) // max(1, in_lens[i]) for v in seg_rules.staged(j))
+            scratch = int(_slab_scratch(model, j, b - a))
+            transient = held + staged + scratch
+            if best is None or live + transient > best[0]:
+                best = (live + transient, live, transient, j)
+    # Statistics passes run before the slice loop (no buffers yet): a recomputed input's cone, slice by
+    # slice, holding the cone's slabs its later units read, then the input's own rows (and their copy
+    # for the grouped moments).
+    for i, unit in enumerate(units):
+        j = seg.start + i
+        cone = [c - seg.start for c in seg_rules.cone(j)] if unit.needs_input_stats and i else []
+        for sl in slices if cone else ():
+            for n, c in enumerate(cone):
+                if sl.out[c][1] <= sl.out[c][0]:
+                    continue
+                held = sum(units[u].output_bytes * made_rows(u, sl) // lens[u] for u in cone[:n]
+                           if any(units[u].name in units[v].inputs for v in cone[n:]))
+                a, b = sl.slab[c]
+                transient = held + int(_slab_scratch(model, seg.start + c, b - a))
+                if entry + transient > best[0]:
+                    best = (entry + transient, entry, transient, j)
+            last = cone[-1]
+            own = sl.own[last][1] - sl.own[last][0]
+            transient = units[last].output_bytes * (made_rows(last, sl) + own) // lens[last]
+            if entry + transient > best[0]:
+                best = (entry + transient, entry, transient, j)
+    act, live, transient, peak = best
+    seconds, transfer, recompute = _seconds(model, seg, seg_rules, slices, units, lens, made_rows)
+    factor = model.allocator_factor(seg.k)
+    return SegmentCost(act, live, transient, peak, int(act * factor), seconds, 0, transfer, recompute)
+
+
+def _seconds(model, seg, rules, slices, units, lens, made_rows):
+    total = link = 0.0
+    recompute = []
+    size = model.size
+    computed = [sum(made_rows(i, sl) for sl in slices) for i in range(len(units))]
+    k = len(slices)
+
+    def unit_time(i: int) -> float:
+        j = seg.start + i
+        return model.unit_seconds[j] * computed[i] / lens[i] + k * units[i].kernels * model.launch_seconds
+
+    for i, unit in enumerate(units):
+        j = seg.start + i
+        total += unit_time(i)
+        staged = rules.staged(j)
+        link += sum(size[v] for v in staged)
+        if rules.escapes(j):
+            total += 2 * unit.output_bytes / model.bytes_per_s
+        if unit.needs_input_stats:
+            total += 3 * model._input_bytes(unit) / model.bytes_per_s
+            cone = rules.cone(j) if j > seg.start else []
+            if cone:
+                recompute.append(j)
+                for c in cone:
+                    total += unit_time(c - seg.start)
+                    link += sum(size[v] for v in rules.staged(c))
+            elif unit.inputs and unit.inputs[0] in staged:
+                link += size[unit.inputs[0]]
+        if rules.on_host(j):
+            link += unit.output_bytes
+    transfer = link / model.link_bytes_per_s
+    return total + transfer, transfer, tuple(recompute)
