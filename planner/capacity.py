@@ -208,7 +208,11 @@ class FleetPlan(_Strict):
         raise FleetError(f"the fleet plan has no workload {name!r}; it has {', '.join(w.name for w in self.workloads)}")
 
     def check(self) -> FleetPlan:
-        """Refuse a plan (e.g. edited by hand) whose packings exceed a GPU's memory or its Ray fractions."""
+        """Refuse a plan (e.g. edited by hand) whose packings exceed a GPU's memory or its Ray fractions;
+        every job's peak is first re-derived from its embedded plan (:func:`.fleet.rederive_job_peaks`)."""
+        from .fleet import rederive_job_peaks
+
+        rederive_job_peaks(self)
         for alloc in self.gpus:
             gpu = find_gpu(alloc.gpu)
             for packing in alloc.packings:

@@ -60,3 +60,9 @@ class InputFileError(VramplanError, ValueError):
 
 class VerificationError(VramplanError, RuntimeError):
     """A verify run whose measured peak is off the prediction by more than the tolerance, or misses a part."""
+
+
+class PlanIntegrityError(PlanFormatError):
+    """A plan file that disagrees with itself or with its model: a stated prediction that the profile
+    does not give, a slice count beyond its axis, a streamed block of a resident component, ... (one
+    line naming the field)."""

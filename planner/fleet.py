@@ -68,3 +68,29 @@ def capacity(
             gpus_needed=math.ceil(videos_per_hour / per_hour) if videos_per_hour else None,
         ))
     return sorted(rows, key=lambda r: (not r.fits, r.seconds_per_video or 0.0))
+
+
+def rederive_job_peaks(fleet) -> None:
+    """Before a fleet plan's packings are checked: every job's embedded plan must agree with itself and
+    with its model's profile (:func:`.integrity.check_plan` recomputes its prediction), and each job's
+    stated peak must be its plan's. A fleet plan edited to lower its jobs' peaks is refused here
+    (:class:`.capacity.FleetPlanError`, naming the job and the field)."""
+    from .capacity import FleetPlanError
+    from .errors import PlanIntegrityError
+    from .integrity import check_plan
+
+    for alloc in fleet.gpus:
+        for p, packing in enumerate(alloc.packings):
+            for j, job in enumerate(packing.jobs):
+                where = f"gpus[{alloc.gpu}].packings[{p}].jobs[{j}] ({job.workload})"
+                try:
+                    check_plan(job.plan, source=f"fleet plan job {where}")
+                except PlanIntegrityError as err:
+                    raise FleetPlanError(str(err).replace("make a new plan (vramplan plan)",
+                                                          "re-plan the fleet (vramplan fleet)")) from None
+                pred = job.plan.prediction
+                if pred is not None and job.peak_bytes != pred.peak_bytes:
+                    raise FleetPlanError(
+                        f"fleet plan job {where}: field 'peak_bytes' is {job.peak_bytes}, but its plan's peak is "
+                        f"{pred.peak_bytes}; re-plan the fleet (vramplan fleet)"
+                    )

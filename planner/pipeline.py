@@ -379,6 +379,7 @@ def _assemble(profile, planner, resident, results, cap, max_latency_s) -> Plan:
         original_peak_bytes=original,
         unet_call_s=round(denoise.solution.latency_s, 6) if denoise else 0.0,
         latency_s=round(planner.latency(results), 4),
+        streamed_bytes=worst_cost.streamed_bytes if worst_cost else 0,
         host_bytes=placed_peak + streamed_total,
         transfer_s=round(transfer, 4),
         latency_calibrated=gpu.calibrated,

@@ -86,6 +86,7 @@ def make_plan(
         weight_bytes=resident,
         live_bytes=peak_cost.live_bytes,
         transient_bytes=peak_cost.transient_bytes,
+        streamed_bytes=peak_cost.streamed_bytes,
         allocator_bytes=needed - peak_cost.activation_bytes,
         margin_bytes=margin,
         activation_peak_bytes=max(c.activation_bytes for c in solution.costs),

@@ -342,6 +342,7 @@ class Prediction(_Strict):
     weight_bytes: int
     live_bytes: int = Field(description="full-size values held at the peak (skips, residuals, buffers)")
     transient_bytes: int = Field(description="one slice's intermediates at the peak")
+    streamed_bytes: int = Field(default=0, description="weights of streamed blocks on the GPU at the peak")
     allocator_bytes: int = Field(description="modelled caching-allocator overhead at the peak")
     margin_bytes: int
     activation_peak_bytes: int = Field(description="live + transient: what `verify` measures")
@@ -552,8 +553,15 @@ class Plan(_Strict):
             raise PlanFormatError(f"{source} is not a valid plan: {_describe(err)}") from err
 
     @classmethod
-    def load(cls, path: str | Path) -> Plan:
-        return cls.from_json(read_limited(path, "plan file"), source=str(path))
+    def load(cls, path: str | Path, *, check: bool = True) -> Plan:
+        """Read a plan file; with ``check`` it must agree with itself and with its model's profile
+        (:func:`.integrity.check_plan`: a stated prediction is recomputed, never trusted)."""
+        plan = cls.from_json(read_limited(path, "plan file"), source=str(path))
+        if check:
+            from .integrity import check_plan
+
+            check_plan(plan, source=str(path))
+        return plan
 
 
 def _describe(err: ValidationError) -> str:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..planner.allocator import replay
-from ..planner.errors import PlanMismatchError
+from ..planner.errors import PlanMismatchError, VramplanError
 from ..planner.schema import ComponentPlan, Plan
 from .adapters.base import adapter_for, pipeline_adapter
 from .apply import apply_plan, fingerprint
@@ -28,6 +28,7 @@ class VerifyReport:
     # plus the streamed blocks' host weights; predicted: the stage's ``host_bytes``.
     measured_host_bytes: int = 0
     predicted_host_bytes: int | None = None
+    unsliced: dict[str, str] | None = None  # units the plan slices that run whole, and why
 
     @property
     def error(self) -> float | None:
@@ -90,6 +91,8 @@ def failures(plan: Plan, reports: list[VerifyReport], tolerance: float) -> list[
     """What makes a verify fail: a missing sliced component, or a prediction off by more than ``tolerance``."""
     out = [f"{c}: missing from the plan, so it would run unsliced and unplanned" for c in missing_components(plan)]
     for report in reports:
+        for unit, why in (report.unsliced or {}).items():
+            out.append(f"{report.component}: the plan slices {unit}, which runs whole ({why})")
         if report.error is not None and abs(report.error) > tolerance:
             out.append(f"{report.component}: prediction off by {report.error * 100:+.2f} % "
                        f"(tolerance {tolerance * 100:.2f} %)")
@@ -97,6 +100,38 @@ def failures(plan: Plan, reports: list[VerifyReport], tolerance: float) -> list[
             out.append(f"{report.component}: host memory prediction off by {report.host_error * 100:+.2f} % "
                        f"(tolerance {tolerance * 100:.2f} %)")
     return out
+
+
+def integrity(plan: Plan) -> list[str]:
+    """What in ``plan`` disagrees with itself or with its model (:mod:`vramplan.planner.integrity`),
+    checked against its pipeline profile: shipped, cached or profiled now on meta tensors (cached)."""
+    from ..planner.integrity import problems
+
+    found = problems(plan, find_profile=False)
+    if found:
+        return found
+    return problems(plan, _profile_of(plan))
+
+
+def _profile_of(plan: Plan):
+    """The plan's pipeline profile, found or made (None for a plan without a pipeline header)."""
+    from ..planner.integrity import shipped_profile
+
+    found = shipped_profile(plan)
+    if found is not None or not (plan.pipeline and plan.model_name and plan.height and plan.target):
+        return found
+    from ..api import find_pipeline_profile
+    from ..planner.pipelines import pipeline_spec
+
+    unet = next((c for c in plan.components if c.component == "unet" and c.shape is not None), None)
+    if unet is None:
+        return None
+    guidance = unet.shape.batch == pipeline_spec(plan.pipeline).guidance_batch
+    try:
+        return find_pipeline_profile(plan.model_name, plan.height, plan.width, plan.frames, guidance,
+                                     unet.shape.dtype, plan.target.attention_kernel)
+    except VramplanError:  # a model the catalogue does not know (the trained demo model): no profile
+        return None
 
 
 def _whole_stages(plan: Plan) -> list[VerifyReport]:
@@ -154,6 +189,7 @@ def _run(plan: Plan, comp: ComponentPlan, model: torch.nn.Module) -> VerifyRepor
         with torch.no_grad():
             getattr(model, adapter.method)(*args)
         streamed = _streamed_host_bytes(handle)
+        unsliced = dict(handle.unsliced)
     predicted = predicted_host = None
     for stage in plan.stages:
         if stage.component == comp.component and stage.peak_unit is not None:
@@ -169,6 +205,7 @@ def _run(plan: Plan, comp: ComponentPlan, model: torch.nn.Module) -> VerifyRepor
         seconds=time.perf_counter() - started,
         measured_host_bytes=tracker.host_peak_bytes + streamed,
         predicted_host_bytes=predicted_host,
+        unsliced=unsliced,
     )
 
 

@@ -185,7 +185,9 @@ def find_pipeline_profile(
 
 
 def load_plan(path: str | Path) -> Plan:
-    """Read a plan file (clear errors for corrupt, oversized or future-version files)."""
+    """Read a plan file (clear errors for corrupt, oversized or future-version files, and a
+    :class:`~vramplan.planner.errors.PlanIntegrityError` naming the field of a plan that disagrees with
+    itself or with its model's shipped profile: its prediction is recomputed, never trusted)."""
     return Plan.load(path)
 
 

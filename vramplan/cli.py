@@ -297,8 +297,16 @@ def cmd_verify(args) -> int:
     from .planner.schema import Plan
 
     check_number("--tolerance", args.tolerance, minimum=0)
-    plan = Plan.load(args.plan)
-    from .runtime.verify import failures, verify_all
+    plan = Plan.load(args.plan, check=False)  # integrity is verify's first check: a failure exits 1
+    from .runtime.verify import failures, integrity, verify_all
+
+    wrong = integrity(plan)
+    if wrong:
+        print(f"\nFAILED: {args.plan} disagrees with itself or with its model (make a new plan):", file=sys.stderr)
+        for problem in wrong:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    print(f"{plan.describe()}: every stated number recomputed from its profile and every field checked against it")
 
     print(f"{plan.describe()}: executing every sliced component on meta tensors of the full-size model")
     reports = verify_all(plan, _trained_meta_models(plan) if plan.model_name == TRAINED else None)
@@ -317,6 +325,10 @@ def cmd_verify(args) -> int:
         if report.error is not None:
             print(f"  prediction error           {report.error * 100:+.2f} %")
         print(f"  allocator replay           {_gib(report.measured_needed_bytes)} GiB needed")
+        if report.predicted_host_bytes or report.measured_host_bytes:
+            error = "" if report.host_error is None else f" ({report.host_error * 100:+.2f} %)"
+            print(f"  host memory                measured {_gib(report.measured_host_bytes)} GiB, predicted "
+                  f"{_gib(report.predicted_host_bytes)} GiB{error}")
         print(f"  verified in {report.seconds:.1f} s")
     problems = failures(plan, reports, args.tolerance)
     if problems:
