@@ -19,6 +19,16 @@ from .planner.schema import Plan
 
 __version__ = "0.1.0"
 
+
+def plan_vae(vae, shape, vram_gb: float = 2.0, **kwargs) -> Plan:
+    """An exact low-memory plan for ``vae.decode`` (``encode=True``: ``vae.encode``) on latents of
+    ``shape`` within ``vram_gb``: ``with vramplan.runtime.apply_plan(pipe.vae, plan):``. Needs torch
+    (see :func:`vramplan.runtime.vae.plan_vae`)."""
+    from .runtime.vae import plan_vae as _plan_vae
+
+    return _plan_vae(vae, shape, vram_gb, **kwargs)
+
+
 __all__ = [
     "InfeasibleError",
     "InvalidArgumentError",
@@ -32,4 +42,5 @@ __all__ = [
     "VramplanError",
     "load_plan",
     "plan_for",
+    "plan_vae",
 ]
