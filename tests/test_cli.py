@@ -125,10 +125,10 @@ def test_memory_snapshot_without_cuda_is_an_error_before_loading(plans, tmp_path
     assert err.startswith("error: --memory-snapshot") and "no CUDA device" in err and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("field, value, fragment", [
-    ("streamed", ["down_blocks.9"], "streams blocks this model does not have: down_blocks.9"),
-    ("host", ["sample"], "values no unit of this model makes: sample"),
-    ("recompute", ["conv_in"], "recompute lists conv_in"),
+@pytest.mark.parametrize("field, value, fragment", [  # integrity: verify fails (exit 1) before running
+    ("streamed", ["down_blocks.9"], "'components[unet].streamed' names 'down_blocks.9'"),
+    ("host", ["sample"], "'components[unet].host' names 'sample'"),
+    ("recompute", ["conv_in"], "'components[unet].recompute' lists conv_in"),
 ])
 def test_verify_names_bad_placement_fields(plans, tmp_path, capsys, field, value, fragment):
     from vramplan.planner.schema import Plan
@@ -137,9 +137,9 @@ def test_verify_names_bad_placement_fields(plans, tmp_path, capsys, field, value
     unet = plan.component("unet")
     setattr(unet, field, getattr(unet, field) + value)  # after whatever the planner chose
     path = plan.save(tmp_path / "bad.json")
-    assert main(["verify", str(path)]) == 2
+    assert main(["verify", str(path)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and fragment in err, err
+    assert "FAILED" in err and fragment in err, err
 
 
 def test_pageable_host_memory_is_priced_slower(tmp_path, capsys):
@@ -219,8 +219,9 @@ def test_more_memory_than_the_card_warns_and_plans(tmp_path):
 
 
 def test_verify_fails_on_a_missing_component_and_on_a_bad_prediction(plans, tmp_path, capsys):
-    """A plan with its VAE deleted (the decode would run unsliced) and a UNet prediction 44% low: both
-    are reported and verify exits 1 (one run: a full-size verify takes seconds)."""
+    """A plan with its VAE deleted (the decode would run unsliced) and a UNet prediction 44% low: the
+    integrity check refuses it before anything runs (exit 1); the measured comparison of ``failures``
+    reports both."""
     data = json.loads(open(plans["svd"]).read())
     data["components"] = [c for c in data["components"] if c["component"] != "vae"]
     for stage in data["stages"]:
@@ -231,14 +232,11 @@ def test_verify_fails_on_a_missing_component_and_on_a_bad_prediction(plans, tmp_
     assert main(["verify", str(edited)]) == 1
     captured = capsys.readouterr()
     assert "FAILED" in captured.err
-    assert "vae: missing from the plan, so it would run unsliced and unplanned" in captured.err
-    assert "unet: prediction off by -44" in captured.err and "(tolerance 1.00 %)" in captured.err
-    assert "encode_image (image_encoder)" in captured.out  # the whole stages were still measured
-    assert "(at None)" not in captured.out  # whole stages have no peak label to show
+    assert "field 'components' names unet, image_encoder, but the pipeline has unet, vae" in captured.err
     from vramplan.planner.schema import Plan
     from vramplan.runtime.verify import VerifyReport, failures
 
-    plan = Plan.load(edited)
+    plan = Plan.load(edited, check=False)
     report = VerifyReport("unet", measured_activation_bytes=100, predicted_activation_bytes=56,
                           measured_needed_bytes=100, peak_label=None, seconds=0.0)
     assert failures(plan, [report], tolerance=0.5) == [  # within 50%: only the missing VAE fails it
