@@ -73,13 +73,14 @@ def solve(
     streaming ``streamed`` blocks adds their bytes to it (and the blocks present to each segment).
     ``host``: values placed in host memory. :func:`.placement.search` chooses both."""
     started = time.perf_counter()
-    candidates = model.segments(max_group)
-    costs = {s: model.cost(s, host, streamed) for s in candidates}
+    segs, needed, seconds = table(model, host, streamed, max_group)
     credit = model.streamed_weight_bytes(streamed)
     transfer, exposed = model.streaming_seconds(streamed)
-    fitting = [s for s in candidates if costs[s].needed_bytes <= budget_bytes + credit]
-    if not _covers(fitting, model.n):
-        raise _infeasible(model, candidates, costs, budget_bytes + credit)
+    cap = budget_bytes + credit
+    fitting = [i for i, b in enumerate(needed) if b <= cap]
+    fastest = _shortest(segs, fitting, seconds, model.n)
+    if fastest is None:
+        raise _infeasible(model, segs, needed, cap, host)
     limit = None if max_latency_s is None else max_latency_s - exposed
 
     if method == "auto":
@@ -89,66 +90,111 @@ def solve(
     if limit is not None and limit <= 0:
         chosen, status, gap, name = None, "Infeasible", None, method
     elif method == "ilp":
-        chosen, status, gap = _ilp(fitting, costs, model.n, limit)
+        chosen, status, gap = _ilp([segs[i] for i in fitting], {segs[i]: (needed[i], seconds[i]) for i in fitting},
+                                   model.n, limit)
         name = "ILP (PuLP/CBC)"
     elif method == "dp":
-        chosen, status, gap = _dp(fitting, costs, model.n, limit)
+        chosen, status, gap = _dp(segs, fitting, needed, seconds, model.n, limit, fastest)
         name = "exact dynamic programming"
     else:
         raise ValueError(f"unknown method {method!r}: 'auto', 'ilp' or 'dp'")
     if chosen is None:
-        fastest, _, _ = _dp(fitting, costs, model.n, None)
-        best = sum(costs[s].seconds for s in fastest) + exposed
+        best = fastest[0] + exposed
         raise InfeasibleError(
             f"no plan meets max_latency_s={max_latency_s:g}: the fastest plan within the budget takes "
             f"{best:.3f} s per UNet call. Raise the latency limit or give more memory."
         )
     return Solution(
-        chosen, [costs[s] for s in chosen], name, status, gap, time.perf_counter() - started, len(candidates),
-        host, streamed, credit, transfer, exposed,
+        chosen, [model.cost(s, host, streamed) for s in chosen], name, status, gap, time.perf_counter() - started,
+        len(segs), host, streamed, credit, transfer, exposed,
     )
 
 
-def _covers(segments: list[Segment], n: int) -> bool:
-    reach = [False] * (n + 1)
-    reach[0] = True
-    for s in sorted(segments, key=lambda s: s.start):
-        if reach[s.start]:
-            reach[s.stop + 1] = True
-    return reach[n]
+def table(model: CostModel, host: frozenset[str] = EMPTY, streamed: frozenset[str] = EMPTY, max_group: int = 8
+          ) -> tuple[list[Segment], list[int], list[float]]:
+    """Every candidate segment with its needed bytes and seconds for one placement: what a solve reads.
+
+    Memoised per (placement, streamed set) on ``model``: a bisection over budgets, the placement
+    search and its pruning re-solve the same placements many times, and a segment's cost never
+    depends on the budget. Streamed weights present are added per (start, stop) of a segment (they do
+    not depend on its slicing), which is what makes a table cheap to build."""
+    cache = model.__dict__.setdefault("_solve_tables", {})
+    key = (host, streamed, max_group)
+    found = cache.get(key)
+    if found is not None:
+        return found
+    if len(cache) >= TABLES_KEPT:
+        cache.pop(next(iter(cache)))
+    segs = model.segments(max_group)
+    base = [model.cost(s, host) for s in segs]  # memoised per (segment, placement relevant to it)
+    needed = [c.needed_bytes for c in base]
+    if streamed:
+        present = _present_bytes(model, streamed)
+        needed = [b + present(s.start, s.stop) for b, s in zip(needed, segs, strict=True)]
+    found = cache[key] = (segs, needed, [c.seconds for c in base])
+    return found
 
 
-def _shortest(segments, costs, n, weight) -> tuple[float, list[Segment]] | None:
-    best: list[tuple[float, list[Segment]] | None] = [None] * (n + 1)
-    best[0] = (0.0, [])
-    by_start: dict[int, list[Segment]] = {}
-    for s in segments:
-        by_start.setdefault(s.start, []).append(s)
-    for i in range(n):
-        if best[i] is None:
+TABLES_KEPT = 256  # placements whose tables a cost model keeps (each ~3000 numbers per candidate list)
+
+
+def _present_bytes(model: CostModel, streamed: frozenset[str]):
+    """``(start, stop) -> bytes`` of streamed weights on the device while a segment runs: the streamed
+    blocks it touches and the next streamed block (prefetched), as :meth:`CostModel.present_blocks`."""
+    order = model.block_order
+    weights = model.profile.block_weights
+    after = [0] * (len(order) + 1)  # after[i]: weights of the first streamed block at index >= i
+    for i in range(len(order) - 1, -1, -1):
+        after[i] = weights.get(order[i], 0) if order[i] in streamed else after[i + 1]
+    memo: dict[tuple[int, int], int] = {}
+
+    def present(start: int, stop: int) -> int:
+        key = (start, stop)
+        found = memo.get(key)
+        if found is None:
+            touched, last = model._touched(start, stop)
+            found = memo[key] = sum(weights.get(b, 0) for b in touched if b in streamed) + after[last + 1]
+        return found
+
+    return present
+
+
+def _shortest(segs, allowed, seconds, n) -> tuple[float, list[Segment]] | None:
+    """The fastest path over units ``0..n-1`` through the candidates ``allowed`` (indices into ``segs``,
+    in the order of ``segs``: by start), and its seconds; None if they do not tile the units."""
+    best = [None] * (n + 1)  # (seconds, index of the last segment)
+    best[0] = (0.0, -1)
+    for i in allowed:
+        s = segs[i]
+        here = best[s.start]
+        if here is None:
             continue
-        base, path = best[i]
-        for s in by_start.get(i, []):
-            value = base + weight(s)
-            j = s.stop + 1
-            if best[j] is None or value < best[j][0] - 1e-15:
-                best[j] = (value, path + [s])
-    return best[n]
+        value = here[0] + seconds[i]
+        j = s.stop + 1
+        if best[j] is None or value < best[j][0] - 1e-15:
+            best[j] = (value, i)
+    if best[n] is None:
+        return None
+    path, j = [], n
+    while j > 0:
+        seg = segs[best[j][1]]
+        path.append(seg)
+        j = seg.start
+    return best[n][0], path[::-1]
 
 
-def _dp(segments, costs, n, max_latency_s):
-    fastest = _shortest(segments, costs, n, lambda s: costs[s].seconds)
+def _dp(segs, fitting, needed, seconds, n, max_latency_s, fastest=None):
+    fastest = fastest or _shortest(segs, fitting, seconds, n)
     if max_latency_s is None:
         return fastest[1], "Optimal", 0.0
     if fastest[0] > max_latency_s:
         return None, "Infeasible", None
     # Smallest peak P whose segments still allow a path within the latency limit.
-    peaks = sorted({costs[s].needed_bytes for s in segments})
+    peaks = sorted({needed[i] for i in fitting})
     lo, hi, best = 0, len(peaks) - 1, fastest[1]
     while lo <= hi:
         mid = (lo + hi) // 2
-        allowed = [s for s in segments if costs[s].needed_bytes <= peaks[mid]]
-        found = _shortest(allowed, costs, n, lambda s: costs[s].seconds) if _covers(allowed, n) else None
+        found = _shortest(segs, [i for i in fitting if needed[i] <= peaks[mid]], seconds, n)
         if found is not None and found[0] <= max_latency_s:
             best, hi = found[1], mid - 1
         else:
@@ -186,6 +232,7 @@ def _variable(prob, name: str, **kwargs):
 
 
 def _ilp(segments, costs, n, max_latency_s):
+    """``costs``: segment -> (needed bytes, seconds)."""
     import pulp
 
     objective = "min_peak" if max_latency_s is not None else "min_latency"
@@ -200,14 +247,14 @@ def _ilp(segments, costs, n, max_latency_s):
     prob += pulp.lpSum(ends.get(n, [])) == 1
     for i in range(1, n):
         prob += pulp.lpSum(ends.get(i, [])) == pulp.lpSum(starts.get(i, []))
-    latency = pulp.lpSum(costs[s].seconds * var for s, var in y.items())
+    latency = pulp.lpSum(costs[s][1] * var for s, var in y.items())
     if objective == "min_latency":
         prob += latency
     else:
         scale = 2**30
         peak = _variable(prob, "peak_gib", lowBound=0)
         for s, var in y.items():
-            prob += peak >= (costs[s].needed_bytes / scale) * var
+            prob += peak >= (costs[s][0] / scale) * var
         prob += latency <= max_latency_s
         # Ties in peak are broken towards lower latency (a term far smaller than any peak step).
         prob += peak + 1e-9 * latency
@@ -255,10 +302,11 @@ def minimax(n: int, candidates, value) -> tuple[int, Segment, list[Segment]] | N
     return best[n][0], best[n][1], path[::-1]
 
 
-def _infeasible(model: CostModel, candidates, costs, budget_bytes) -> InfeasibleError:
+def _infeasible(model: CostModel, segs, needed, budget_bytes, host=EMPTY) -> InfeasibleError:
     # Minimax path: the smallest reachable peak, and the segment that sets it.
-    floor, seg, _ = minimax(model.n, candidates, lambda s: costs[s].needed_bytes)
-    unit = model.units[costs[seg].peak_unit].name
+    value = dict(zip(segs, needed, strict=True))
+    floor, seg, _ = minimax(model.n, segs, value.__getitem__)
+    unit = model.units[model.cost(seg, host).peak_unit].name
     err = InfeasibleError(
         f"no plan fits: the smallest reachable activation peak is {human_bytes(floor)} "
         f"(set by {unit}, even at its largest profiled slice count), but only {human_bytes(budget_bytes)} "
