@@ -14,8 +14,11 @@ Metrics (our choice; the paper publishes neither):
   below a threshold (default :data:`GREEDY_THRESHOLD`).
 - **error** of reusing step ``a``'s feature at step ``s``: the relative L2 error
   ``||g' - g|| / ||g||`` of the *guided* noise prediction ``g`` (after classifier-free guidance),
-  measured on the full trajectory's inputs. A schedule's predicted error is the sum over its
-  reused steps (additive, so the optimal schedule is an exact DP over "key a, next key b" arcs).
+  measured on the full trajectory's inputs (the plain sum over reused steps: :func:`schedule_error`).
+
+What a schedule does to the video is predicted from these and from how the scheduler and the VAE
+carry an error to the frames (:mod:`.rehash_quality`); with a calibration the cut, key count and key
+steps are searched together by that prediction (:mod:`.rehash_search`).
 """
 
 from __future__ import annotations
@@ -173,6 +176,19 @@ class Calibration(_JsonFile):
     similarity_metric: str = "cosine similarity of the cut feature, flattened over the CFG batch"
     error_metric: str = "relative L2 error ||g' - g|| / ||g|| of the guided noise prediction"
     cuts: list[CutCalibration] = Field(min_length=1)
+    # How an error of the noise prediction reaches the video (for the quality predictor; absent in
+    # calibrations made before it, which then predict no PSNR).
+    noise_norm: list[float] | None = Field(
+        default=None, description="[s]: L2 norm of the guided noise prediction at step s (the full run)")
+    step_gain: list[float] | None = Field(
+        default=None, description="[s]: L2 change of the latent the scheduler's step s makes per unit L2 change of "
+        "the noise prediction (its coefficient, measured on the scheduler itself)")
+    sigmas: list[float] | None = Field(default=None, description="[s]: the scheduler's noise level at step s")
+    latent_rms: float | None = Field(default=None, description="RMS of the full run's final latent (the data's scale)")
+    decode_gain: float | None = Field(
+        default=None, description="L2 change of the decoded frames (range [-1, 1]) per L2 change of the final latent, "
+        "measured on a small random perturbation of the full run's final latent")
+    frame_values: int | None = Field(default=None, ge=1, description="values of the decoded video (for the MSE)")
 
     def cut(self, name: str) -> CutCalibration:
         for c in self.cuts:
@@ -420,17 +436,31 @@ class _Option:
     error: float | None
     threshold: float | None
     cost: float  # the schedule's UNet work: predicted seconds (planner) or FLOPs (runtime)
+    psnr: float | None = None  # predicted PSNR against the full run (calibrated)
+    name: str | None = None  # the schedule, named honestly
+
+
+# with a calibration, the schedule families each mode searches (cut and key count searched jointly)
+MODE_KINDS = {"uniform": ("uniform",), "greedy": ("greedy",), "optimal": ("optimal", "greedy", "uniform")}
 
 
 def rank_cuts(reuse_at: dict[str, float], full: float, steps: int, mode: Mode, keys: int | None,
-              budget: float | None, calibration: Calibration | None, threshold: float | None) -> list[_Option]:
-    """Per cut, the schedule of ``mode`` with as many key steps as ``budget`` (UNet work of all steps, in
-    the unit of ``full`` and ``reuse_at``: seconds or FLOPs) and ``keys`` allow; best first: least
-    calibrated error (uncalibrated: most key steps), then least work. ``keys`` without a budget means
-    the work of ``keys`` key steps at the cheapest cut: a shallower cut (less error, less saved) gets
-    fewer keys, so a calibration cannot trade the whole saving away for error."""
+              budget: float | None, calibration: Calibration | None, threshold: float | None,
+              min_psnr: float | None = None) -> list[_Option]:
+    """Schedules of ``mode`` within ``budget`` (UNet work of all steps, in the unit of ``full`` and
+    ``reuse_at``: seconds or FLOPs) and at most ``keys`` key steps, best first. ``keys`` without a budget
+    means the work of ``keys`` key steps at the cheapest cut: a shallower cut (less error, less saved)
+    gets fewer keys, so quality cannot trade the whole saving away.
+
+    With a calibration, cut, key count and key steps are searched jointly (:mod:`.rehash_search`): the
+    best predicted quality first, or with ``min_psnr`` the least work predicted to reach it. Without one,
+    per cut the schedule of ``mode`` with as many key steps as allowed, most key steps first."""
     if budget is None and keys is not None and reuse_at:
         budget = keys * full + (steps - keys) * min(reuse_at.values())
+    if calibration is not None:
+        return _searched(reuse_at, full, steps, mode, keys, budget, calibration, threshold, min_psnr)
+    if min_psnr is not None:
+        raise CalibrationRequiredError("min_psnr needs a calibration (the quality predictor); vramplan calibrate")
     options = []
     for c, reuse in reuse_at.items():
         allowed = keys
@@ -455,6 +485,24 @@ def rank_cuts(reuse_at: dict[str, float], full: float, steps: int, mode: Mode, k
     return options
 
 
+def _searched(reuse_at, full, steps, mode, keys, budget, calibration, threshold, min_psnr) -> list[_Option]:
+    from .rehash_quality import QualityModel
+    from .rehash_search import candidates, ranked
+
+    if budget is None and min_psnr is None:  # nothing bounds the work: the mode's default schedule
+        if mode == "uniform":
+            keys = len(uniform_keys(steps, interval=DEFAULT_INTERVAL))
+            budget = keys * full + (steps - keys) * min(reuse_at.values(), default=full)
+        elif mode == "greedy" and threshold is None:
+            threshold = GREEDY_THRESHOLD
+        elif mode == "optimal":
+            raise InvalidArgumentError("rehash='optimal' needs a latency or FLOPs limit, keys, or min_psnr")
+    model = QualityModel(calibration)
+    cands = candidates(model, reuse_at, full, kinds=MODE_KINDS[mode], max_keys=keys, threshold=threshold)
+    return [_Option(c.cut, list(c.keys), c.error, c.threshold, c.cost, c.psnr, c.name)
+            for c in ranked(cands, budget, min_psnr)]
+
+
 def plan_rehash(
     profile,
     gpu,
@@ -471,6 +519,7 @@ def plan_rehash(
     method: str = "auto",
     cut: str | None = None,
     pinned: bool = True,
+    min_psnr: float | None = None,
 ):
     """A pipeline plan with a Step Rehash schedule (see :func:`vramplan.plan_for`).
 
@@ -485,6 +534,11 @@ def plan_rehash(
     Both calls are priced with the plan's placement (values on host, streamed blocks, depth); a
     reuse call copies in only the streamed blocks its program touches. ``pinned=False``: host-link
     copies at the pageable rate, as :func:`.pipeline.plan_pipeline`.
+
+    With a calibration the cut, key count and key steps are chosen together by the quality predictor
+    (:mod:`.rehash_search`): the best predicted PSNR within the latency target, or with ``min_psnr`` the
+    fastest schedule predicted to reach it (:class:`.rehash_search.QualityFloorError` names the best
+    reachable when none does).
     """
     from .pipeline import plan_pipeline
 
@@ -495,8 +549,8 @@ def plan_rehash(
             f"rehash={mode!r} needs a calibration (vramplan calibrate, or vramplan.runtime.calibrate); "
             f"without one only rehash='uniform' is offered, and its quality is uncalibrated."
         )
-    if mode == "optimal" and keys is None and max_latency_s is None:
-        raise InvalidArgumentError("rehash='optimal' needs max_latency_s or keys (how many full UNet steps)")
+    if mode == "optimal" and keys is None and max_latency_s is None and min_psnr is None:
+        raise InvalidArgumentError("rehash='optimal' needs max_latency_s, keys (how many full UNet steps) or min_psnr")
     if keys is not None and not 1 <= keys <= steps:
         raise InvalidArgumentError(f"keys={keys} must lie in 1..steps ({steps})")
     stage = next(s for s in profile.stages if s.per_step and s.profile is not None)
@@ -522,7 +576,7 @@ def plan_rehash(
     reuse_at = {c: reuse_seconds(model, split_at_cut(segments, model.index[c]), c, comp.host, comp.streamed)
                 for c in cuts}
     budget = None if max_latency_s is None else max_latency_s - other
-    options = rank_cuts(reuse_at, full, steps, mode, keys, budget, calibration, threshold)
+    options = rank_cuts(reuse_at, full, steps, mode, keys, budget, calibration, threshold, min_psnr)
     if not options:
         if max_latency_s is None:
             raise InvalidPlanError(
@@ -577,6 +631,7 @@ def _attach(plan, stage, unet, gpu, allocator, mode, option, steps, calibration,
         mode=mode, cut=option.cut, steps=steps, key_steps=option.keys,
         quality="calibrated" if calibration is not None else "uncalibrated",
         predicted_error=None if option.error is None else round(option.error, 6),
+        predicted_psnr=_psnr(option.psnr), schedule=option.name,
         threshold=None if option.threshold is None or math.isinf(option.threshold) else round(option.threshold, 6),
         original_unet_flops=steps * flops,
         unet_flops=n * flops + (steps - n) * reuse_flops(model, option.cut),
@@ -588,16 +643,26 @@ def _attach(plan, stage, unet, gpu, allocator, mode, option, steps, calibration,
     return plan.model_copy(update={"rehash": rehash})
 
 
+def _psnr(value: float | None) -> float | None:
+    """A predicted PSNR for the plan's JSON (every step key: no error, capped at 200 dB)."""
+    return None if value is None else round(min(value, 200.0), 3)
+
+
 def rehash_summary(plan) -> str:
     """Lines for the plan table."""
     r = plan.rehash
     if r is None:
         return ""
     ratio = r.original_unet_flops / max(1, r.unet_flops)
-    quality = (f"calibrated, predicted error {r.predicted_error:.3g}" if r.quality == "calibrated"
-               else "uncalibrated (run vramplan calibrate for greedy/optimal schedules)")
+    if r.quality != "calibrated":
+        quality = "uncalibrated (run vramplan calibrate for greedy/optimal schedules)"
+    elif r.predicted_psnr is not None:
+        quality = f"calibrated, predicted {r.predicted_psnr:.1f} dB PSNR vs the full run"
+    else:
+        quality = f"calibrated, predicted error {r.predicted_error:.3g}"
     return "\n".join([
-        f"rehash           {r.mode}: {len(r.key_steps)} of {r.steps} steps key, cut {r.cut}",
+        f"rehash           {r.mode}: {len(r.key_steps)} of {r.steps} steps key, cut {r.cut}"
+        + (f"; {r.schedule}" if r.schedule else ""),
         f"                 key steps {r.key_steps}",
         f"                 UNet FLOPs {_flops(r.unet_flops)} per video ({ratio:.2f}x fewer); "
         + (f"{r.latency_saved_s:.2f} s saved; " if r.latency_saved_s is not None else "")

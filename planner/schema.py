@@ -451,7 +451,15 @@ class RehashPlan(_Strict):
     key_steps: list[int] = Field(min_length=1, description="0-based steps that run the whole UNet; 0 always")
     quality: Literal["calibrated", "uncalibrated"]
     predicted_error: float | None = Field(
-        default=None, description="calibrated sum over reused steps of the guided noise prediction's relative error"
+        default=None, description="calibrated: the quality predictor's L2 error of the final latent (older plans: the "
+        "sum over reused steps of the guided noise prediction's relative error)"
+    )
+    predicted_psnr: float | None = Field(
+        default=None, description="calibrated: the quality predictor's PSNR of the video against the full run, dB"
+    )
+    schedule: str | None = Field(
+        default=None, description="what the key steps are, named honestly (e.g. 'uniform, every 2nd step "
+        "(DeepCache's schedule)' only where it is DeepCache's computation)"
     )
     threshold: float | None = Field(default=None, description="greedy: cosine similarity threshold used")
     original_unet_flops: int = Field(description="UNet FLOPs per video without rehash")

@@ -109,10 +109,11 @@ def calibrate(
         state["step"] = s + 1
         return out
 
+    probe = _Probe(pipe, seed)
     saved = unet.__dict__.get("forward")
     unet.forward = forward
     try:
-        with torch.no_grad():
+        with torch.no_grad(), probe:
             pipe(num_inference_steps=num_inference_steps, generator=torch.Generator().manual_seed(seed),
                  **call_kwargs)
     finally:
@@ -133,7 +134,107 @@ def calibrate(
         max_gap=max_gap,
         seed=seed,
         cuts=[CutCalibration(cut=c, similarity=_round(sim[c]), error=_round(err[c])) for c in cuts],
+        **probe.fields(n),
     )
+
+
+class _Probe:
+    """What carries a noise-prediction error into the video, measured on the full run (for the quality
+    predictor, :func:`vramplan.planner.rehash.predict`): the norm of the guided noise prediction the
+    pipeline hands its scheduler at each step, how far the scheduler's step moves the latent per unit
+    change of it (a copy of the scheduler steps a perturbed prediction: its coefficient, whatever the
+    scheduler), and how far the VAE's decoded frames move per unit change of the final latent (the
+    decode repeated on a perturbed latent). Perturbations use their own random generator and leave
+    the pipeline's state and results untouched."""
+
+    REL = 1e-2  # perturbation size, relative to the RMS of what it perturbs
+
+    def __init__(self, pipe, seed: int):
+        self.pipe, self.gen = pipe, torch.Generator().manual_seed(seed + 7919)
+        self.noise_norm: list[float] = []
+        self.step_gain: list[float] = []
+        self.sigmas: list[float] = []
+        self.decoded = [0.0, 0.0, 0]  # sum ||d frames||^2, sum ||d latent||^2, frame values
+        self.scale = float(getattr(getattr(getattr(pipe, "vae", None), "config", None), "scaling_factor", 1.0) or 1.0)
+
+    def _noise(self, t: torch.Tensor) -> torch.Tensor:
+        r = torch.randn(t.shape, generator=self.gen, dtype=torch.float32).to(t.device, t.dtype)
+        rms = t.float().square().mean().sqrt().clamp_min(1e-12)
+        return r * (self.REL * rms).to(t.dtype)
+
+    def __enter__(self):
+        import copy
+
+        scheduler, vae = self.pipe.scheduler, getattr(self.pipe, "vae", None)
+        step, decode = scheduler.step, getattr(vae, "decode", None)
+
+        def probed_step(model_output, timestep, sample, *args, **kwargs):
+            twin = copy.deepcopy(scheduler)
+            twin.__dict__.pop("step", None)  # the copy steps as the class does, not through this probe
+            index = getattr(scheduler, "step_index", None)
+            sigmas = getattr(scheduler, "sigmas", None)
+            out = step(model_output, timestep, sample, *args, **kwargs)
+            delta = self._noise(model_output)
+            with torch.random.fork_rng(devices=[]):
+                moved = twin.step(model_output + delta, timestep, sample, *args, **kwargs)
+            a, b = _first(out), _first(moved)
+            self.noise_norm.append(float(model_output.float().norm()))
+            self.latent_rms = float(a.float().square().mean().sqrt())  # the last step's: the final latent
+            self.step_gain.append(float((b - a).float().norm() / delta.float().norm().clamp_min(1e-30)))
+            if sigmas is not None and index is not None:
+                self.sigmas.append(float(sigmas[index]))
+            return out
+
+        def probed_decode(z, *args, **kwargs):
+            out = decode(z, *args, **kwargs)
+            delta = self._noise(z)
+            moved = decode(z + delta, *args, **kwargs)
+            a, b = _first(out), _first(moved)
+            self.decoded[0] += float((b - a).float().square().sum())
+            self.decoded[1] += float(delta.float().square().sum())
+            self.decoded[2] += a.numel()
+            return out
+
+        self.saved = scheduler.__dict__.get("step"), (vae.__dict__.get("decode") if vae is not None else None)
+        scheduler.step = probed_step
+        if decode is not None:
+            vae.decode = probed_decode
+        return self
+
+    def __exit__(self, *exc) -> None:
+        scheduler, vae = self.pipe.scheduler, getattr(self.pipe, "vae", None)
+        for owner, name, saved in ((scheduler, "step", self.saved[0]), (vae, "decode", self.saved[1])):
+            if owner is None:
+                continue
+            if saved is None:
+                owner.__dict__.pop(name, None)
+            else:
+                setattr(owner, name, saved)
+
+    def fields(self, steps: int) -> dict:
+        """The Calibration fields measured (those not measured stay absent)."""
+        out: dict = {}
+        if len(self.noise_norm) == steps:
+            out.update(noise_norm=_r(self.noise_norm), step_gain=_r(self.step_gain))
+        if len(self.sigmas) == steps:
+            out.update(sigmas=_r(self.sigmas), latent_rms=round(self.latent_rms, 6))
+        frames, latent, values = self.decoded
+        if values and latent > 0:
+            # decode input = latent / scaling_factor: the gain per unit change of the scheduler's latent
+            out.update(decode_gain=round((frames / latent) ** 0.5 / self.scale, 6), frame_values=values)
+        return out
+
+
+def _first(out) -> torch.Tensor:
+    """The tensor of a scheduler step's or a VAE decode's output (dataclass or tuple)."""
+    for name in ("prev_sample", "sample"):
+        if hasattr(out, name):
+            return getattr(out, name)
+    return out[0]
+
+
+def _r(values):
+    return [float(f"{v:.6g}") for v in values]
 
 
 def _round(matrix):
@@ -210,3 +311,70 @@ def default_path(cal: Calibration, name: str | None = None) -> Path:
     label = (name or cal.model.name or cal.model.class_name).replace("/", "_")
     stem = f"calibration-{label}-{s.frames}x{s.latent_height}x{s.latent_width}-{cal.steps}steps-{cal.model.config_hash[:12]}"
     return writable_cache_dir() / f"{stem}.json"
+
+
+def schedule_candidates(unet: torch.nn.Module, cal: Calibration, kinds=None):
+    """Every searched schedule (:func:`vramplan.planner.rehash_search.candidates`) at the calibration's cuts,
+    priced in UNet FLOPs of all steps (PyTorch's counter on ``unet`` at the calibration's shape), and
+    the FLOPs of one full call."""
+    from ..planner.rehash_quality import QualityModel
+    from ..planner.rehash_search import KINDS, candidates
+    from .rehash import measure_cuts
+
+    check_calibration(unet, cal)
+    full, reuse, _ = measure_cuts(unet, cal.shape, [c.cut for c in cal.cuts])
+    return candidates(QualityModel(cal), reuse, full, kinds=kinds or KINDS), full
+
+
+def check_calibration(unet: torch.nn.Module, cal: Calibration) -> None:
+    """Refuse a calibration made for another model (class and config) than ``unet``."""
+    mine = fingerprint(unet)
+    if (mine.class_name, mine.config_hash) != (cal.model.class_name, cal.model.config_hash):
+        from ..planner.rehash import CalibrationMismatchError
+
+        raise CalibrationMismatchError(
+            f"this calibration was made for {cal.model.describe()}, not for this {mine.describe()}. "
+            f"Calibrate this model (vramplan calibrate).")
+
+
+def frontier_rows(cands, full: float, steps: int) -> list[dict]:
+    """The Pareto frontier (predicted PSNR vs UNet FLOPs) as rows for a table or JSON."""
+    from ..planner.rehash_search import frontier
+
+    return [dict(cut=c.cut, key_steps=list(c.keys), keys=len(c.keys), schedule=c.name, kind=c.kind,
+                 flops_fewer=round(steps * full / c.cost, 4), unet_flops=int(c.cost),
+                 predicted_psnr=None if c.psnr is None else round(min(c.psnr, 200.0), 2),
+                 predicted_error=round(c.error, 6))
+            for c in frontier(cands)]
+
+
+def plot_frontier(cands, full: float, steps: int, path: str | Path, title: str = "") -> Path:
+    """Predicted PSNR against the UNet FLOPs saving of every searched schedule, by kind, and the frontier."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..planner.rehash_search import frontier
+
+    def xy(cs):
+        pts = [(steps * full / c.cost, min(c.psnr, 80.0)) for c in cs if c.psnr is not None]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for kind, marker in (("uniform", "s"), ("greedy", "^"), ("optimal", "o")):
+        xs, ys = xy([c for c in cands if c.kind == kind])
+        if xs:
+            ax.scatter(xs, ys, s=10, marker=marker, alpha=0.5, label=kind)
+    xs, ys = xy(frontier(cands))
+    ax.plot(xs, ys, "k-", lw=1.2, label="frontier")
+    ax.set_xlabel("UNet FLOPs: x fewer than the full run")
+    ax.set_ylabel("predicted PSNR vs the full run (dB, capped at 80)")
+    ax.set_title(title or "Step Rehash schedules: predicted quality vs saving", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

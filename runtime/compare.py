@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..planner.schema import Plan, RunReport
+from ..planner.schema import Plan, RehashPlan, RunReport
 from .hooks import Hook, register_hook
 from .runner import run
 
@@ -174,3 +174,24 @@ def side_by_side(result: Comparison, path: str | Path, fps: int = 7, scale: int 
     if scale > 1:
         video = torch.nn.functional.interpolate(video, scale_factor=scale, mode="nearest")
     return save_video(video, path, fps=fps)
+
+
+def schedule_plan(cut: str, key_steps, steps: int, mode: str = "optimal") -> RehashPlan:
+    """A bare rehash schedule (no slicing, no prediction) to run with :func:`rehash_video`."""
+    return RehashPlan(mode=mode, cut=cut, steps=steps, key_steps=list(key_steps), quality="calibrated",
+                      original_unet_flops=1, unet_flops=1, cache_bytes=0)
+
+
+def rehash_video(pipe, rehash: RehashPlan | None, *, seed: int = 0, **call_kwargs) -> torch.Tensor:
+    """The first video of one call of ``pipe`` (``[F, 3, H, W]`` in [-1, 1]) under the schedule ``rehash``
+    on its stock UNet, or as is (None): what the quality predictor is measured against."""
+    from .rehash import apply_rehash
+
+    handle = apply_rehash(pipe, rehash) if rehash is not None else None
+    try:
+        with torch.no_grad():
+            out = pipe(generator=torch.Generator().manual_seed(seed), output_type="pt", **call_kwargs).frames
+    finally:
+        if handle is not None:
+            handle.remove()
+    return _video(out) * 2 - 1

@@ -327,11 +327,14 @@ def with_rehash(
     threshold: float | None = None,
     cut: str | None = None,
     max_unet_flops: int | None = None,
+    min_psnr: float | None = None,
 ) -> Plan:
     """``plan`` (e.g. a hand-made uniform plan of a model without a shipped profile) with a Step Rehash
     schedule chosen as the planner does (see :func:`vramplan.planner.rehash.plan_rehash`), FLOPs
     counted by PyTorch on the real model; no latency prediction. ``max_unet_flops`` (UNet FLOPs per
-    video) plays the latency target's part: per cut it sets how many key steps are allowed."""
+    video) plays the latency target's part: per cut it sets how many key steps are allowed. With a
+    calibration, cut, key count and key steps are searched together by predicted quality; ``min_psnr``:
+    the fewest FLOPs predicted to reach that PSNR against the full run."""
     from ..planner.rehash import CalibrationRequiredError, load_calibration, rank_cuts
 
     cal, ref = load_calibration(calibration)
@@ -352,18 +355,20 @@ def with_rehash(
     if not cuts:
         raise RehashCutError("no candidate cut lies on a segment boundary of this plan; plan with fewer groups")
     full, reuse, sizes = measure_cuts(unet, comp.shape, cuts)
-    options = rank_cuts(reuse, full, steps, mode, keys, max_unet_flops, cal, threshold)
+    options = rank_cuts(reuse, full, steps, mode, keys, max_unet_flops, cal, threshold, min_psnr)
     if not options:
         raise RehashCutError(
             "no cut has a schedule within the limits (the FLOPs budget, the key steps, the calibrated gaps); "
             "allow more FLOPs or key steps, or calibrate with a larger max_gap"
         )
-    c, key_steps, error, thr = options[0].cut, options[0].keys, options[0].error, options[0].threshold
+    best = options[0]
+    c, key_steps, error, thr = best.cut, best.keys, best.error, best.threshold
     n = len(key_steps)
     rehash = RehashPlan(
         mode=mode, cut=c, steps=steps, key_steps=key_steps,
         quality="calibrated" if cal is not None else "uncalibrated",
         predicted_error=None if error is None else round(error, 6),
+        predicted_psnr=None if best.psnr is None else round(min(best.psnr, 200.0), 3), schedule=best.name,
         threshold=None if thr is None or math.isinf(thr) else round(thr, 6),
         original_unet_flops=steps * full, unet_flops=n * full + (steps - n) * reuse[c],
         cache_bytes=sizes[c], calibration=ref,

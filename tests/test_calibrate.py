@@ -96,3 +96,14 @@ def test_unknown_cut_refused(pipe, image):
 
     with pytest.raises(RehashCutError, match="not rehash cuts"):
         calibrate(pipe, image=image, cuts=["conv_in"], **CALL)
+
+
+def test_probe_measures_the_schedulers_coefficient(pipe, image, cal):
+    """SVD's Euler step with v-prediction moves the latent by dt / sqrt(sigma^2 + 1) per unit of the noise
+    prediction: the probe's measurement on a copy of the scheduler must say so; the probes are gone after."""
+    assert len(cal.sigmas) == len(cal.step_gain) == len(cal.noise_norm) == STEPS
+    after = [*cal.sigmas[1:], 0.0]
+    for s, (sigma, nxt) in enumerate(zip(cal.sigmas, after, strict=True)):
+        assert cal.step_gain[s] == pytest.approx(abs(nxt - sigma) / (sigma**2 + 1) ** 0.5, rel=1e-3)
+    assert cal.decode_gain > 0 and cal.frame_values == 4 * 3 * 32 * 32 and cal.latent_rms > 0
+    assert "step" not in pipe.scheduler.__dict__ and "decode" not in pipe.vae.__dict__

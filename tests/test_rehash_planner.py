@@ -225,11 +225,19 @@ def test_rehash_planning_needs_no_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_no_schedule_within_the_calibrated_gaps(svd):
-    from vramplan.planner.errors import InvalidPlanError
+def test_gaps_beyond_the_calibration_are_extrapolated_not_infinite(svd):
+    """With 2 key steps of 25 every reuse gap exceeds the calibrated 4: the predictor extrapolates (finite,
+    never below the largest measured gap's error) instead of refusing or ranking them as infinite."""
+    from vramplan.planner.rehash_quality import QualityModel
 
-    with pytest.raises(InvalidPlanError, match="within the calibrated gaps"):
-        plan_for(gpu="4090", model="svd", rehash="optimal", keys=2, calibration=_calibration(svd))
+    cal = _calibration(svd)
+    plan = plan_for(gpu="4090", model="svd", rehash="optimal", keys=2, calibration=cal)
+    assert len(plan.rehash.key_steps) <= 2 and math.isfinite(plan.rehash.predicted_error)
+    model = QualityModel(cal)
+    errors = model.errors(cal.cuts[0].cut)
+    for a in range(20):
+        for s in range(a + 5, 25):
+            assert math.isfinite(errors[a][s]) and errors[a][s] >= cal.cuts[0].error[a][a + 4]
 
 
 def test_keys_with_a_calibration_keep_the_work_of_keys_at_the_cheapest_cut(svd):

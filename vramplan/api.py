@@ -43,6 +43,7 @@ def plan_for(
     keys: int | None = None,
     pinned: bool = True,
     host_ram_gb: float | None = None,
+    min_psnr: float | None = None,
 ) -> Plan:
     """A plan that runs the whole ``model`` pipeline at ``height`` x ``width`` x ``frames`` within
     ``gpu``'s memory: per component slicing, groups and weight residency, with a prediction.
@@ -55,6 +56,8 @@ def plan_for(
     (default: minimise latency within memory). ``guidance`` doubles the UNet batch (CFG).
     ``rehash``: Step Rehash schedule, "off" | "uniform" | "greedy" | "optimal" (the last two need a
     ``calibration``: a Calibration or its JSON file); ``keys``: how many steps run the whole UNet.
+    ``min_psnr`` (with a calibration): the fastest schedule predicted to keep the video within this
+    PSNR (dB) of the full run; an error names the best reachable when none does.
     ``pinned=False``: host memory cannot be pinned where the plan runs (container limits on locked
     memory): values placed on host and streamed weights are priced at the pageable transfer rate.
     ``host_ram_gb``: pinned host memory the plan may use for placed values and streamed weights (a plan
@@ -92,7 +95,8 @@ def plan_for(
     kernel = gpu_profile.attention_kernel if dtype != "fp32" else "efficient"
     host_bytes, source = host_ram_budget(gpu, host_ram_gb)
     profile = find_pipeline_profile(model, height, width, shape.frames, guidance, dtype, kernel)
-    for name, value in (("keys", keys), ("calibration", calibration)):
+    check_number("min_psnr", min_psnr, positive=True, allow_none=True)
+    for name, value in (("keys", keys), ("calibration", calibration), ("min_psnr", min_psnr)):
         if value is not None and rehash == "off":  # would be ignored silently
             raise InvalidArgumentError(f"{name}={value!r} needs rehash='uniform', 'greedy' or 'optimal' "
                                        f"(rehash='off' plans no Step Rehash)")
@@ -103,6 +107,7 @@ def plan_for(
         plan = plan_rehash(
             profile, gpu_profile, mode=rehash, calibration=cal, calibration_ref=ref, keys=keys, usable_bytes=usable,
             steps=steps, max_latency_s=max_latency_s, allocator=allocator, method=method, pinned=pinned,
+            min_psnr=min_psnr,
         )
         return _within_host_budget(plan, host_bytes, source)  # checked after the schedule is chosen
     return plan_pipeline(

@@ -25,6 +25,12 @@ def register(sub) -> dict:
                    "max-gap reuse calls per step)")
     p.add_argument("-o", "--output", help="calibration JSON (default: beside the cached profiles)")
     p.add_argument("--plot", help="heatmap PNG (default: the JSON's name with .png)")
+    p.add_argument("--frontier", action="store_true", help="also print the Pareto frontier of schedules (cut, key "
+                   "steps) by predicted PSNR vs UNet FLOPs, and plot it (--frontier-plot)")
+    p.add_argument("--frontier-plot", help="frontier PNG (default: the JSON's name with -frontier.png)")
+    p.add_argument("--from", dest="existing", metavar="CALIBRATION",
+                   help="use this calibration JSON instead of measuring one (with --frontier)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (with --frontier: the frontier)")
 
     p = sub.add_parser("compare", help="run the original pipeline and the plan on one seed: PSNR/SSIM, FLOPs, time")
     p.add_argument("plan")
@@ -35,6 +41,8 @@ def register(sub) -> dict:
     p.add_argument("--rehash", choices=["off", "uniform", "greedy", "optimal"], default="uniform")
     p.add_argument("--keys", type=int, help="steps that run the whole UNet (default: every other step)")
     p.add_argument("--calibration", help="calibration JSON (greedy and optimal need one)")
+    p.add_argument("--min-psnr", type=float, help="with --calibration: the fewest FLOPs predicted to keep this PSNR "
+                   "(dB) against the full run")
     p.add_argument("--slices", type=int, default=1, help="slice every sliceable unit this many ways (grouped)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("-o", "--output", default="trained-plan.json")
@@ -120,6 +128,9 @@ def _check_trained_args(args) -> None:
     check_number("--steps", args.steps, integer=True, minimum=1)
     check_number("--slices", args.slices, integer=True, minimum=1)
     check_number("--keys", args.keys, integer=True, minimum=1, allow_none=True)
+    check_number("--min-psnr", args.min_psnr, positive=True, allow_none=True)
+    if args.min_psnr is not None and args.calibration is None:
+        raise VramplanError("--min-psnr needs --calibration (the quality predictor works from a calibration)")
     if args.keys is not None and args.keys > args.steps:
         raise VramplanError(f"--keys={args.keys} must lie in 1..--steps ({args.steps})")
     for flag, value in (("--keys", args.keys), ("--calibration", args.calibration)):
@@ -149,7 +160,7 @@ def cmd_trained_plan(args) -> int:
     _check_trained_args(args)
     pipe = trained_svd_pipeline()
     plan = trained_plan(pipe, rehash=args.rehash, keys=args.keys, calibration=args.calibration,
-                        slices=args.slices, steps=args.steps)
+                        slices=args.slices, steps=args.steps, min_psnr=args.min_psnr)
     if plan.rehash is not None:
         from .planner.rehash import rehash_summary
 
@@ -159,29 +170,60 @@ def cmd_trained_plan(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
+    import json
+
     from .planner.pipelines import check_number
+    from .planner.rehash import Calibration
     from .planner.schema import Plan
     from .runtime.calibrate import calibrate, default_path, plot_calibration
 
     plan = Plan.load(args.plan)
     check_number("--steps", args.steps, integer=True, minimum=1, allow_none=True)
     check_number("--max-gap", args.max_gap, integer=True, minimum=1)
-    _check_run_args(args, (args.output, "calibration file"), (args.plot, "plot file"))
-    inputs = call_inputs(plan, args)
+    _check_run_args(args, (args.output, "calibration file"), (args.plot, "plot file"),
+                    (args.frontier_plot, "frontier plot file"))
+    if (args.existing or args.frontier_plot) and not args.frontier:
+        raise VramplanError("--from and --frontier-plot go with --frontier")
+    cal = Calibration.load(args.existing) if args.existing else None  # a bad file fails before the model loads
+    inputs = call_inputs(plan, args) if cal is None else {}
     pipe = load(plan, args.allow_download)
-    _progress(pipe, f"calibrating {len(args.cuts) if args.cuts else 'every candidate'} cut(s): one run of the "
-                    f"pipeline, each step also reruns the UNet's tail from up to {args.max_gap} earlier steps per cut")
-    cal = calibrate(pipe, plan=plan, num_inference_steps=args.steps, cuts=args.cuts, max_gap=args.max_gap,
-                    seed=args.seed, model_name=plan.model_name, **inputs)
-    out = Path(args.output) if args.output else default_path(cal, plan.model_name)
-    cal.save(out)
-    plot = plot_calibration(cal, args.plot or out.with_suffix(".png"))
-    print(f"calibrated {len(cal.cuts)} cuts over {cal.steps} steps ({cal.scheduler}); wrote {out} and {plot}")
-    for entry in cal.cuts:
-        adjacent = [entry.similarity[s - 1][s] for s in range(1, cal.steps)]
-        errors = [entry.error[s - 1][s] for s in range(1, cal.steps)]
-        print(f"  {entry.cut:<55} adjacent similarity {min(adjacent):.4f}..{max(adjacent):.4f}, "
-              f"reuse error (gap 1) {sum(errors) / len(errors):.4f} mean")
+    if cal is None:
+        _progress(pipe, f"calibrating {len(args.cuts) if args.cuts else 'every candidate'} cut(s): one run of the "
+                        f"pipeline, each step also reruns the UNet's tail from up to {args.max_gap} earlier steps "
+                        f"per cut")
+        cal = calibrate(pipe, plan=plan, num_inference_steps=args.steps, cuts=args.cuts, max_gap=args.max_gap,
+                        seed=args.seed, model_name=plan.model_name, **inputs)
+        out = Path(args.output) if args.output else default_path(cal, plan.model_name)
+        cal.save(out)
+        plot = plot_calibration(cal, args.plot or out.with_suffix(".png"))
+        if not args.json:
+            print(f"calibrated {len(cal.cuts)} cuts over {cal.steps} steps ({cal.scheduler}); wrote {out} and {plot}")
+            for entry in cal.cuts:
+                adjacent = [entry.similarity[s - 1][s] for s in range(1, cal.steps)]
+                errors = [entry.error[s - 1][s] for s in range(1, cal.steps)]
+                print(f"  {entry.cut:<55} adjacent similarity {min(adjacent):.4f}..{max(adjacent):.4f}, "
+                      f"reuse error (gap 1) {sum(errors) / len(errors):.4f} mean")
+    else:
+        out = Path(args.existing)
+    if not args.frontier:
+        if args.json:
+            print(json.dumps({"calibration": str(out), "cuts": [c.cut for c in cal.cuts], "steps": cal.steps}))
+        return 0
+    from .runtime.calibrate import frontier_rows, plot_frontier, schedule_candidates
+
+    cands, full = schedule_candidates(pipe.unet, cal)
+    rows = frontier_rows(cands, full, cal.steps)
+    plot = plot_frontier(cands, full, cal.steps, args.frontier_plot or out.with_name(out.stem + "-frontier.png"))
+    if args.json:
+        print(json.dumps({"calibration": str(out), "frontier": rows, "plot": str(plot)}, indent=1))
+        return 0
+    print(f"Pareto frontier of {len(cands)} schedules (cut, key steps) by predicted PSNR vs the full run:")
+    print(f"  {'FLOPs':>7} {'PSNR':>7} {'keys':>4}  {'cut':<48} schedule")
+    for r in rows:
+        p = r["predicted_psnr"]
+        psnr = "-" if p is None else "exact" if p >= 200 else f"{p:.1f}"
+        print(f"  {r['flops_fewer']:>6.2f}x {psnr:>7} {r['keys']:>4}  {r['cut']:<48} {r['schedule']}")
+    print(f"wrote {plot}")
     return 0
 
 
