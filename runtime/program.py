@@ -80,6 +80,9 @@ class Op:
     # Axis "rows": how every input's rows map to the output's (a slab with halos computes a range of
     # output rows; the executor crops it to the rows it needs).
     rows: RowMap | None = None
+    # Axis "rows": ``fn`` returns exactly the rows ``[ctx.start, ctx.stop)`` (it crops inside, stage by
+    # stage) instead of every row its slab gives.
+    rows_cropped: bool = False
 
     @property
     def name(self) -> str:

@@ -71,7 +71,7 @@ class RowsSegment:
         ctx = SliceCtx(AXIS, s, e, self.lengths[j], self.run.globals, prepared, self.shapes)
         piece = self.run._call(op.fn, ctx, *args)
         del args
-        return _crop(piece, op.rows.start(a), s, e), s
+        return _crop(piece, s if op.rows_cropped else op.rows.start(a), s, e), s
 
     def run_segment(self, first_slice_only: bool) -> int:
         run, rules, ops = self.run, self.rules, self.ops
@@ -164,7 +164,7 @@ class _OwnRows:
                 ctx = SliceCtx(AXIS, s, e, seg.lengths[i], seg.run.globals, self.prepared.get(op.name), seg.shapes)
                 piece = op.fn(ctx, *args)
                 del args
-                local[op.output] = (_crop(piece, op.rows.start(a), s, e), s)
+                local[op.output] = (_crop(piece, s if op.rows_cropped else op.rows.start(a), s, e), s)
                 del piece
                 for n in [n for n in local if n != seg.ops[last].output and not self._read_later(n, i)]:
                     del local[n]

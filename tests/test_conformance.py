@@ -165,7 +165,7 @@ def test_state_is_restored_after_an_exception_inside_the_planned_forward(case):
     expected = _out(case, args, kwargs)
     grad_mode = torch.is_grad_enabled()
     modules = list(model.get_submodule(case.container).modules())
-    leaf = next((m for m in modules if isinstance(m, torch.nn.Conv2d)), None) or next(
+    leaf = next((m for m in modules if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))), None) or next(
         m for m in modules if isinstance(m, torch.nn.Linear))  # a DiT block has no convolution
 
     def fail(*_):

@@ -166,12 +166,45 @@ def _umt5_case() -> Case:
     return Case(model, inputs, lambda m, a, kw: m(*a, **kw).last_hidden_state, "encoder.block.0")
 
 
+TINY_WAN_VAE = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True],
+                    latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+# Wan 2.2's decoder: residual up blocks (DupUp3D shortcuts), a 2x2 patch (unpatchify), z48 -> here z8.
+TINY_WAN22_VAE = dict(base_dim=8, decoder_base_dim=8, z_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                      temperal_downsample=[False, True, True], is_residual=True, patch_size=2, in_channels=12,
+                      out_channels=12, latents_mean=[0.0] * 8, latents_std=[1.0] * 8)
+
+
+def tiny_wan_vae(seed: int = 0, wan22: bool = False):
+    """A tiny AutoencoderKLWan with random weights (its default init leaves the RMS norms at 1)."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(**(TINY_WAN22_VAE if wan22 else TINY_WAN_VAE)).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return vae
+
+
+def _wan_vae_case() -> Case:
+    vae = tiny_wan_vae()
+
+    def inputs(batch, frames, h, w, seed=1):
+        z = torch.randn(batch, vae.config.z_dim, frames, h, w, generator=torch.Generator().manual_seed(seed))
+        return (z,), {}, _shape(batch, frames, h, w)
+
+    # post_quant_conv: the one module the stock decode calls once (the decoder runs once per latent frame)
+    return Case(vae, inputs, lambda m, a, kw: m.decode(*a, **kw).sample, "post_quant_conv")
+
+
 CASES: dict[str, Callable[[], Case]] = {
     "UNetSpatioTemporalConditionModel": _svd_unet_case,
     "AutoencoderKLTemporalDecoder": _svd_vae_case,
     "UNetMotionModel": _motion_unet_case,
     "AutoencoderKL": _sd_vae_case,
     "WanTransformer3DModel": _wan_case,
+    "AutoencoderKLWan": _wan_vae_case,
     "UMT5EncoderModel": _umt5_case,
 }
 

@@ -1,0 +1,88 @@
+"""The Wan VAE decode (``AutoencoderKLWan``, 2.1 and 2.2 decoders) under plans: rows outer, latent
+frames inner, each slice with its own causal cache — equal to the stock ``vae.decode``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tiny import tiny_wan_vae
+from vramplan.planner.errors import PlanMismatchError, UnsupportedArgumentError
+from vramplan.planner.schema import ComponentPlan
+from vramplan.runtime import apply_plan, fingerprint, list_units, sample_shape, uniform_plan
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+VAES = {"2.1": tiny_wan_vae(), "2.2": tiny_wan_vae(1, wan22=True)}
+
+
+def _z(vae, b, t, h, w, seed=0):
+    return torch.randn(b, vae.config.z_dim, t, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def _decode(vae, z):
+    with torch.no_grad():
+        return vae.decode(z).sample
+
+
+def test_units_and_shape():
+    vae = VAES["2.1"]
+    units = list_units(vae)
+    assert [(u.name, u.axis) for u in units] == [("decoder.mid_block", None), ("decoder.up_blocks", "rows")]
+    shape = sample_shape(_z(vae, 2, 5, 6, 4), vae)  # Wan latents are [B, C, T, h, w]
+    assert (shape.batch, shape.frames, shape.latent_height, shape.latent_width) == (2, 5, 6, 4)
+    # a uniform plan slices rows where frames cannot be sliced
+    assert uniform_plan(vae, 3, shape).components[0].slices == {"decoder.up_blocks": 3}
+
+
+@settings(max_examples=6, deadline=None)
+@given(st.sampled_from(["2.1", "2.2"]), st.integers(1, 4), st.integers(3, 9), st.integers(2, 7), st.integers(1, 80),
+       st.booleans())
+def test_random_plans_equal_the_stock_decode(version, t, h, w, k, host):
+    """Latent frames 1..4 (the first frame's special case, the temporal upsampling), heights and widths
+    that do not divide, k up to and beyond the output rows, the mid block's output on host or not."""
+    vae = VAES[version]
+    z = _z(vae, 1, t, h, w, seed=t * 100 + h * 10 + w)
+    ref = _decode(vae, z)
+    shape = sample_shape(z, vae)
+    comp = uniform_plan(vae, k, shape).components[0]
+    if host:
+        comp = comp.model_copy(update={"host": ["decoder.mid_block"]})
+    with apply_plan(vae, comp):
+        out = _decode(vae, z)
+    torch.testing.assert_close(out, ref, **TOL)
+
+
+def test_batch_of_two_and_bf16():
+    vae = VAES["2.1"]
+    z = _z(vae, 2, 3, 5, 4, seed=3)
+    ref = _decode(vae, z)
+    with apply_plan(vae, uniform_plan(vae, 4, sample_shape(z, vae))):
+        torch.testing.assert_close(_decode(vae, z), ref, **TOL)
+    low = tiny_wan_vae().to(torch.bfloat16)
+    zl = z.to(torch.bfloat16)
+    ref_l = _decode(low, zl).float()
+    with apply_plan(low, uniform_plan(low, 4, sample_shape(zl, low))):
+        out = _decode(low, zl).float()
+    assert (out - ref_l).abs().max() <= 0.05  # bf16 noise on a [-1, 1] video
+
+
+def test_bad_input_is_refused():
+    vae = VAES["2.1"]
+    z = _z(vae, 1, 2, 5, 4)
+    plan = uniform_plan(vae, 2, sample_shape(z, vae))
+    with apply_plan(vae, plan):
+        with pytest.raises(UnsupportedArgumentError, match="4-channel"):
+            _decode(vae, torch.randn(1, 16, 2, 5, 4))
+        with pytest.raises(PlanMismatchError):
+            _decode(vae, _z(vae, 1, 3, 5, 4))  # another shape than the plan's
+    vae.enable_tiling()
+    try:
+        with apply_plan(vae, plan), pytest.raises(UnsupportedArgumentError, match="disable_tiling"):
+            _decode(vae, z)
+    finally:
+        vae.disable_tiling()
+    with pytest.raises(PlanMismatchError):
+        apply_plan(VAES["2.2"], plan)  # a plan for another VAE configuration
+    comp = ComponentPlan(component="vae", model=fingerprint(vae), shape=sample_shape(z, vae))
+    assert comp.slices == {}
