@@ -280,33 +280,128 @@ def _describe(err: ValidationError) -> str:
     parts = []
     for e in err.errors()[:4]:
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        parts.append(f"'{where}': {e['msg']} (got {e.get('input')!r:.60})")
+        parts.append(f"'{where[:80]}': {e['msg']} (got {_short(e.get('input'))})")
     return "; ".join(parts)
+
+
+def _short(value: Any, width: int = 60) -> str:
+    """A bounded repr of a value read from a file: nested or shared structures never expand in full."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother = 2, 3, 3, width, width
+    text = r.repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 # -- reading workload and inventory files -----------------------------------------------------------
 
 
+MAX_DOCUMENT_BYTES = 1 << 20  # workload and inventory files are a few KiB
+MAX_DOCUMENT_NODES = 100_000  # values after expanding YAML aliases: a billion laughs stops here
+MAX_DOCUMENT_DEPTH = 64
+
+
 def read_document(path: str | Path) -> Any:
-    """JSON, or YAML when PyYAML is installed (a clear error when it is not)."""
+    """JSON, or YAML when PyYAML is installed (a clear error when it is not). Bounded: a regular file
+    of at most MAX_DOCUMENT_BYTES, at most MAX_DOCUMENT_NODES values once YAML aliases are expanded,
+    nested at most MAX_DOCUMENT_DEPTH deep; refused before anything formats or walks the expansion."""
+    import stat
+
     path = Path(path)
     try:
-        text = path.read_text()
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+            raise FleetError(f"cannot read {path}: not a regular file")
+        if st.st_size > MAX_DOCUMENT_BYTES:
+            raise FleetError(f"{path} is {st.st_size} bytes; workload and inventory files may have at most "
+                             f"{MAX_DOCUMENT_BYTES}")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_DOCUMENT_BYTES + 1)
     except OSError as err:
         raise FleetError(f"cannot read {path}: {err.strerror}") from err
+    if len(raw) > MAX_DOCUMENT_BYTES:
+        raise FleetError(f"{path} has more than {MAX_DOCUMENT_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise FleetError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml
         except ImportError as err:
             raise FleetError(f"{path} is YAML, which needs PyYAML (pip install pyyaml); or write it as JSON") from err
         try:
-            return yaml.safe_load(text)
+            loader = yaml.SafeLoader(text)
+            try:
+                node = loader.get_single_node()
+                _check_yaml_size(node, path)
+                return None if node is None else loader.construct_document(node)
+            finally:
+                loader.dispose()
         except yaml.YAMLError as err:
-            raise FleetError(f"{path} is not valid YAML: {err}") from err
+            raise FleetError(f"{path} is not valid YAML: {_short(str(err), 300)}") from err
+        except RecursionError as err:
+            raise FleetError(f"{path} nests deeper than {MAX_DOCUMENT_DEPTH} levels") from err
     try:
-        return json.loads(text)
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise FleetError(f"{path} is not valid JSON: {err} (YAML files must end in .yaml or .yml)") from err
+    except RecursionError as err:
+        raise FleetError(f"{path} nests deeper than {MAX_DOCUMENT_DEPTH} levels") from err
+    _check_depth(data, path)
+    return data
+
+
+def _check_yaml_size(root, path: Path) -> None:
+    """Count the values a YAML graph expands to (aliases counted each time they are used), without
+    expanding it: sizes are memoised per node, so a billion laughs costs its node count."""
+    import yaml
+
+    if root is None:
+        return
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    order, stack, seen = [], [(root, 1)], set()
+    while stack:  # children before parents, iteratively (no recursion limit)
+        node, d = stack.pop()
+        if d > MAX_DOCUMENT_DEPTH:
+            raise FleetError(f"{path} nests deeper than {MAX_DOCUMENT_DEPTH} levels")
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        order.append(node)
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((c, d + 1) for c in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend((c, d + 1) for kv in node.value for c in kv)
+    for node in reversed(order):
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [c for kv in node.value for c in kv]
+        else:
+            children = []
+        total = 1 + sum(size.get(id(c), 1) for c in children)
+        size[id(node)] = min(total, MAX_DOCUMENT_NODES + 1)
+        depth[id(node)] = 1 + max((depth.get(id(c), 1) for c in children), default=0)
+        if size[id(node)] > MAX_DOCUMENT_NODES:
+            raise FleetError(f"{path} expands to more than {MAX_DOCUMENT_NODES} values (YAML anchors and aliases "
+                             f"repeated into a huge document); write the workloads out")
+        if depth[id(node)] > MAX_DOCUMENT_DEPTH:
+            raise FleetError(f"{path} nests deeper than {MAX_DOCUMENT_DEPTH} levels")
+
+
+def _check_depth(data: Any, path: Path) -> None:
+    stack = [(data, 1)]
+    while stack:
+        value, d = stack.pop()
+        if d > MAX_DOCUMENT_DEPTH:
+            raise FleetError(f"{path} nests deeper than {MAX_DOCUMENT_DEPTH} levels")
+        if isinstance(value, dict):
+            stack.extend((v, d + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, d + 1) for v in value)
 
 
 def parse_workloads(data: Any, source: str = "workloads") -> list[Workload]:
@@ -323,15 +418,16 @@ def parse_workloads(data: Any, source: str = "workloads") -> list[Workload]:
         try:
             w = Workload.model_validate(entry)
         except ValidationError as err:
-            raise WorkloadError(f"{source}: workload {label!r}: {_describe(err)}") from err
+            raise WorkloadError(f"{source}: workload {_short(label)}: {_describe(err)}") from None
         if w.model.lower() not in model_catalogue():
-            raise WorkloadError(f"{source}: workload {w.name!r} asks for unknown model {w.model!r}; fleet planning "
+            raise WorkloadError(f"{source}: workload {_short(w.name)} asks for unknown model {_short(w.model)}; "
+                                f"fleet planning "
                                 f"knows the shipped models: {', '.join(sorted(model_catalogue()))}")
         out.append(w)
     names = [w.name for w in out]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise WorkloadError(f"{source}: workload names must be unique; repeated: {', '.join(dupes)}")
+        raise WorkloadError(f"{source}: workload names must be unique; repeated: {', '.join(d[:80] for d in dupes[:10])}")
     return out
 
 
@@ -349,7 +445,7 @@ def parse_inventory(data: Any | None, source: str = "inventory") -> list[GpuOffe
         try:
             offer = GpuOffer.model_validate(entry)
         except ValidationError as err:
-            raise InventoryError(f"{source}: GPU #{i + 1}: {_describe(err)}") from err
+            raise InventoryError(f"{source}: GPU #{i + 1}: {_describe(err)}") from None
         name = find_gpu(offer.gpu).name
         if name in offers:
             raise InventoryError(f"{source}: {name} is listed twice; give it once with its count")

@@ -55,10 +55,15 @@ def test_emit_ray_is_a_valid_serve_config(files, capsys):
                  "--emit", "ray", "-o", str(out)]) == 0
     config = yaml.safe_load(out.read_text())
     ServeDeploySchema.model_validate(config)
+    from vramplan.fleet.serve import deployment_name
+
     deployments = {d["name"]: d for d in config["applications"][0]["deployments"]}
-    assert set(deployments) == {"hd--A10G", "sq--A10G"}
+    hd, sq = deployment_name("A10G", "hd"), deployment_name("A10G", "sq")
+    assert set(deployments) == {hd, sq} and hd.startswith("hd--A10G-")
     assert sum(d["ray_actor_options"]["num_gpus"] for d in deployments.values()) <= 1
-    assert deployments["hd--A10G"]["ray_actor_options"]["label_selector"] == {"ray.io/accelerator-type": "A10G"}
+    assert deployments[hd]["ray_actor_options"]["label_selector"] == {"ray.io/accelerator-type": "A10G"}
+    assert config["http_options"]["host"] == "127.0.0.1"  # loopback unless told
+    assert len(config["applications"][0]["args"]["token_sha256"]) == 64  # the token's digest, never the token
     assert FleetPlan.load(config["applications"][0]["args"]["fleet"]).workloads[0].name == "hd"
     from ray.serve import Application
 
@@ -116,7 +121,7 @@ def test_batch_checks_the_jobs_file_before_starting_ray(files, capsys, monkeypat
     (files / "key.jsonl").write_text('{"workload": "hd", "image": "x.png", "sed": 3}\n')
     (files / "empty.jsonl").write_text("\n")
     for jobs, message in [("empty.jsonl", "empty.jsonl holds no jobs"), ("nope.jsonl", "cannot read jobs file"), ("typo.jsonl", "'hdd' is not in the fleet plan"),
-                          ("key.jsonl", "key.jsonl:1: unknown key(s) 'sed'")]:
+                          ("key.jsonl", "key.jsonl:1: sed: Extra inputs are not permitted")]:
         capsys.readouterr()
         assert main(["batch", str(files / jobs), "--fleet", str(fleet)]) == 2
         err = capsys.readouterr().err

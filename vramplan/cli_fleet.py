@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from .planner.errors import VramplanError
 
@@ -40,13 +41,17 @@ def register(sub) -> dict:
     p.add_argument("--emit", choices=["ray"], help="print (or with -o, write) a Ray Serve config file instead")
     p.add_argument("--fleet", help="with --emit ray: an existing fleet plan instead of planning one")
     p.add_argument("--schema", action="store_true", help="print the fleet plan file's JSON Schema")
+    _http_args(p, emit=True)
     SINGLE_DEFAULTS.update({dest: p.get_default(dest) for dest in SINGLE_OPTIONS + MIX_OPTIONS})
 
     p = sub.add_parser("serve", help="serve a fleet plan on Ray Serve (HTTP: POST /jobs, GET /jobs/<id>)")
     p.add_argument("fleet", help="fleet plan file (vramplan fleet -o fleet.json)")
     _ray_args(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    _http_args(p)
+    p.add_argument("--job-timeout", type=float,
+                   help="seconds one job may run (default: ten times its predicted latency, at least 120)")
+    p.add_argument("--start-timeout", type=float, default=600.0,
+                   help="seconds to wait for every deployment to be up (default 600)")
 
     p = sub.add_parser("batch", help="run a JSONL file of jobs on a Ray cluster with a fleet plan's workers")
     p.add_argument("jobs", help="JSONL: one job per line: id, workload, image or prompt, seed, steps, options")
@@ -72,12 +77,27 @@ def _ray_args(p: argparse.ArgumentParser) -> None:
                    help="how replicas ask for their GPU type (auto: labels on Ray >= 2.49)")
 
 
+def _http_args(p: argparse.ArgumentParser, emit: bool = False) -> None:
+    pre = "with --emit ray: " if emit else ""
+    p.add_argument("--host", default=None, help=f"{pre}address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=None, help=f"{pre}port (default 8000)")
+    p.add_argument("--token", help=f"{pre}bearer token clients must send (default: $VRAMPLAN_TOKEN, else a new one "
+                                   "printed once; prefer the variable: arguments show in `ps`)")
+    p.add_argument("--insecure", action="store_true", help=f"{pre}serve without authentication")
+    p.add_argument("--data-dir", help=f"{pre}folder whose files jobs may name as image_path (default: none; "
+                                      "images come as data)")
+
+
 def cmd_fleet(args) -> int:
     if args.schema:
         from .planner.capacity import FleetPlan
 
         print(json.dumps(FleetPlan.model_json_schema(), indent=2))
         return 0
+    http = [f for f, v in (("--host", args.host), ("--port", args.port), ("--token", args.token),
+                           ("--insecure", args.insecure), ("--data-dir", args.data_dir)) if v]
+    if http and not args.emit:
+        raise VramplanError(f"{', '.join(http)} go with --emit ray (the Serve config); `vramplan serve` takes them too")
     if args.workloads or args.fleet:
         given = ["--" + d.replace("_", "-") for d in SINGLE_OPTIONS if getattr(args, d) != SINGLE_DEFAULTS[d]]
         if given:
@@ -151,7 +171,17 @@ def _emit_ray(args, fleet, fleet_path) -> int:
         fleet_path = Path(args.output or ".").with_suffix("").as_posix() + ".fleet.json" if args.output else "fleet.json"
         fleet.save(fleet_path)
         print(f"wrote {fleet_path}", file=sys.stderr)
-    text = dump_config(serve_config(fleet_path, fleet))
+    import os
+
+    from .fleet.front import digest, resolve_token
+
+    host, port = args.host or "127.0.0.1", args.port or 8000
+    _check_port(port)
+    token, generated = resolve_token(args.token, os.environ, host, args.insecure)
+    if generated:
+        print(f"token (shown once; the config holds only its SHA-256): {token}", file=sys.stderr)
+    text = dump_config(serve_config(fleet_path, fleet, host=host, port=port, data_dir=args.data_dir,
+                                    token_sha256=None if token is None else digest(token)))
     if args.output:
         Path(args.output).write_text(text)
         print(f"wrote {args.output} (deploy with: serve deploy {args.output})", file=sys.stderr)
@@ -182,41 +212,70 @@ def fleet_table(fleet) -> str:
     return "\n".join(lines)
 
 
+def _check_port(port: int) -> None:
+    if not 1 <= port <= 65535:
+        raise VramplanError(f"--port={port}: give a TCP port, 1..65535")
+
+
 def cmd_serve(args) -> int:
+    import os
+    import signal
+
     from .fleet import connect
-    from .fleet.serve import start
+    from .fleet.front import digest, resolve_token
+    from .fleet.inputs import DataDir
+    from .fleet.serve import ServeSettings, start, stop
     from .planner.capacity import FleetPlan
 
     fleet = _tiny(args, FleetPlan.load(args.fleet))
-    if not 1 <= args.port <= 65535:
-        raise VramplanError(f"--port={args.port}: give a TCP port, 1..65535")
-    ray = connect(args.address)
-    _warn_without_gpus(ray, args.placement)
-    start(fleet, factory=args.factory, out_dir=args.out_dir, host=args.host, port=args.port,
-          declared_gpu=args.declare_gpu, placement_mode=args.placement)
-    print(f"serving {len(fleet.workloads)} workloads on http://{args.host}:{args.port}: POST /jobs, GET /jobs/<id>. "
-          f"Ctrl-C stops.")
+    host, port = args.host or "127.0.0.1", args.port or 8000
+    _check_port(port)
+    if args.job_timeout is not None and not args.job_timeout > 0:
+        raise VramplanError(f"--job-timeout={args.job_timeout}: give seconds > 0")
+    if args.data_dir:
+        DataDir(args.data_dir)  # a folder, checked before Ray starts
+    token, generated = resolve_token(args.token, os.environ, host, args.insecure)
+    settings = ServeSettings(token_sha256=None if token is None else digest(token),
+                             data_dir=args.data_dir and os.path.realpath(args.data_dir), job_timeout_s=args.job_timeout)
+    local = not (args.address or os.environ.get("RAY_ADDRESS"))
+    ray = None
     try:
-        import time
-
+        ray = connect(args.address)
+        _warn_without_gpus(ray, args.placement)
+        print(f"starting {len(fleet.replicas())} deployments (each loads its pipeline) ...", file=sys.stderr, flush=True)
+        url = start(fleet, factory=args.factory, out_dir=args.out_dir, host=host, port=port,
+                    declared_gpu=args.declare_gpu, placement_mode=args.placement, settings=settings,
+                    nodes_may_join=not local, wait_s=args.start_timeout,
+                    say=lambda m: print(m, file=sys.stderr, flush=True))
+        auth = "no authentication (--insecure)" if token is None else "send 'Authorization: Bearer <token>'"
+        if generated:
+            print(f"token (shown once): {token}", file=sys.stderr)
+        print(f"ready: {url} ({auth}; jobs kept in {os.path.realpath(args.out_dir)}). POST /jobs, GET /jobs/<id>. "
+              f"Ctrl-C stops.", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        from ray import serve
-
-        serve.shutdown()
-    return 0
+        print("stopping ...", file=sys.stderr, flush=True)
+        return 0
+    finally:
+        if ray is not None:
+            signal.signal(signal.SIGINT, lambda *_: os._exit(130))  # a second Ctrl-C: leave at once
+            try:
+                stop(local)
+            except Exception as err:  # noqa: BLE001 - stopping: say it, never a traceback
+                print(f"while stopping: {type(err).__name__}: {err}", file=sys.stderr)
 
 
 def cmd_batch(args) -> int:
     from .fleet import connect
     from .fleet.batch import read_jobs, run_batch
+    from .fleet.serve import workload_kinds
     from .planner.capacity import FleetPlan
 
     fleet = _tiny(args, FleetPlan.load(args.fleet))
     if args.retries < 0:
         raise VramplanError(f"--retries={args.retries}: give 0 or more")
-    if not read_jobs(args.jobs, {w.name for w in fleet.workloads}):  # a missing file or a typo: before Ray starts
+    if not read_jobs(args.jobs, workload_kinds(fleet)):  # a missing file or a typo: before Ray starts
         raise VramplanError(f"{args.jobs} holds no jobs (one JSON object per line)")
     _warn_without_gpus(connect(args.address), args.placement)
     workers = sum(replicas for replicas, _, _ in fleet.replicas().values())

@@ -23,7 +23,7 @@ from ..planner.errors import VramplanError
 from ..planner.schema import Plan
 from . import require_ray
 from .jobs import DEFAULT_FACTORY, check_gpu, execute, import_factory, safe_id
-from .serve import placement
+from .serve import placement, workload_kinds
 
 REPORTS = "reports.jsonl"
 
@@ -36,39 +36,41 @@ class BatchSummary(BaseModel):
     reports: str
 
 
-JOB_KEYS = {"id", "workload", "image", "prompt", "negative_prompt", "seed", "steps", "options", "format", "fps"}
 FINAL = "_final"  # a worker's result that retrying cannot change
 
 
-def read_jobs(path: str | Path, workloads: set[str]) -> list[dict]:
-    """Jobs of a JSONL file, with ids; unknown workloads and duplicate ids are clear errors up front."""
+def read_jobs(path: str | Path, kinds: dict[str, str]) -> list[dict]:
+    """Jobs of a JSONL file, with ids, each checked like a served request (:mod:`.requests`; ``image`` may
+    also be a file path here: the file is the operator's). ``kinds``: workload -> conditioning."""
+    from .requests import RequestInvalid, validate_job
+
     path = Path(path)
     try:
         lines = path.read_text().splitlines()
-    except OSError as err:
-        raise FleetError(f"cannot read jobs file {path}: {err.strerror}") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise FleetError(f"cannot read jobs file {path}: {getattr(err, 'strerror', None) or err}") from err
     jobs, seen = [], set()
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             job = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise FleetError(f"{path}:{n} is not a JSON object ({err})") from err
+        except (json.JSONDecodeError, RecursionError) as err:
+            raise FleetError(f"{path}:{n} is not a JSON object ({str(err)[:200]})") from err
         if not isinstance(job, dict):
             raise FleetError(f"{path}:{n} must be a JSON object")
-        job["id"] = safe_id(str(job.get("id", f"line-{n}")))
+        job["id"] = safe_id(str(job.get("id", f"line-{n}"))[:200])
         if job["id"] in seen:
             raise FleetError(f"{path}:{n}: job id {job['id']!r} is used twice")
-        unknown = sorted(set(job) - JOB_KEYS)
-        if unknown:
-            raise FleetError(f"{path}:{n}: unknown key(s) {', '.join(map(repr, unknown))}; a job takes "
-                             f"{', '.join(sorted(JOB_KEYS))} (pipeline arguments go in 'options')")
-        if job.get("workload") not in workloads:
-            raise FleetError(f"{path}:{n}: workload {job.get('workload')!r} is not in the fleet plan "
-                             f"({', '.join(sorted(workloads))})")
+        if job.get("workload") not in kinds:
+            raise FleetError(f"{path}:{n}: workload {str(job.get('workload'))[:80]!r} is not in the fleet plan "
+                             f"({', '.join(sorted(kinds))})")
+        try:
+            request, options = validate_job({k: v for k, v in job.items() if k != "id"}, kinds)
+        except RequestInvalid as err:
+            raise FleetError(f"{path}:{n}: {str(err)[:500]} (pipeline arguments go in 'options')") from None
         seen.add(job["id"])
-        jobs.append(job)
+        jobs.append({**request.model_dump(exclude_none=True), "options": options, "id": job["id"]})
     return jobs
 
 
@@ -120,7 +122,7 @@ def run_batch(fleet: FleetPlan, jobs_path: str | Path, out_dir: str | Path = "vi
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     reports = out / REPORTS
-    jobs = read_jobs(jobs_path, {w.name for w in fleet.workloads})
+    jobs = read_jobs(jobs_path, workload_kinds(fleet))
     skip = finished_ids(reports)
     pending: dict[str, deque] = defaultdict(deque)
     for job in jobs:

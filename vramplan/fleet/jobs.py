@@ -1,15 +1,13 @@
 """One video job: from a JSON job description to a video file and its RunReport. Shared by Serve and batch.
 
-A job is ``{"workload": name, "image": path | data URL | base64, "prompt": text, "seed": 0, ...}``;
-any other key in ``options`` is passed to the pipeline call (``run`` refuses sizes that differ from
-the plan's). Imports torch lazily: the Serve ingress and the batch driver never load it.
+A job is ``{"workload": name, "image_bytes": checked image | "image": data URL | base64 | (batch files
+only) a path, "prompt": text, "seed": 0, ...}``, its fields checked by :mod:`.requests`; ``options`` go to
+the pipeline call. Imports torch lazily: the Serve ingress and the batch driver never load it.
 """
 
 from __future__ import annotations
 
-import base64
 import importlib
-import io
 import os
 import re
 from collections.abc import Callable
@@ -81,18 +79,25 @@ def import_factory(path: str) -> Callable[[Plan], Any]:
         raise FleetError(f"pipeline factory {path!r} cannot be imported ({err}); give 'module:function'") from err
 
 
-def _image(value: str):
-    from PIL import Image
+def job_image(job: dict, limits=None):
+    """The job's conditioning image as RGB: checked bytes from the HTTP front (``image_bytes``), or for
+    batch files (the operator's own) base64 / a data URL / a regular file, under the same limits."""
+    from .inputs import InputError, Limits, decode_base64_image, load_image, read_regular_file
 
-    if value.startswith("data:"):
-        value = value.split(",", 1)[1]
-    path = Path(value)
+    limits = limits or Limits()
+    data = job.get("image_bytes")
     try:
-        if len(value) < 4096 and path.exists():
-            return Image.open(path).convert("RGB")
-        return Image.open(io.BytesIO(base64.b64decode(value, validate=True))).convert("RGB")
-    except Exception as err:  # noqa: BLE001 - PIL and base64 raise many kinds
-        raise JobError(f"'image' is neither a readable image file nor base64 image data ({err})") from err
+        if data is None:
+            value = job.get("image")
+            if not isinstance(value, str) or not value:
+                raise InputError("image", "give the image as base64 data, a data URL or (batch files) a file path")
+            if not value.startswith("data:") and len(value) < 4096 and os.path.lexists(value):
+                data = read_regular_file(value, limits)
+            else:
+                data = decode_base64_image(value, limits)
+        return load_image(data, limits)
+    except InputError as err:
+        raise JobError(str(err)) from None
 
 
 def safe_id(job_id: str) -> str:
@@ -101,52 +106,65 @@ def safe_id(job_id: str) -> str:
     return job_id
 
 
+class JobTimeoutError(JobError):
+    """A job that ran past its time limit (stopped at the next step)."""
+
+
 def call_arguments(plan: Plan, job: dict) -> dict:
-    """Pipeline call arguments of a job: conditioning, seed, steps, options."""
+    """Pipeline call arguments of a job: conditioning, seed, steps, options (checked at the door by
+    :mod:`.requests`; checked again here for batch files and direct callers)."""
     import torch
 
+    from ..planner.pipelines import pipeline_spec
+
     kwargs = dict(job.get("options") or {})
-    if not isinstance(kwargs, dict):
+    if not isinstance(job.get("options") or {}, dict):
         raise JobError("'options' must be an object of pipeline call arguments")
-    if plan.pipeline == "AnimateDiffPipeline":
-        if "prompt" not in job and "prompt_embeds" not in kwargs:
+    if pipeline_spec(plan.pipeline).conditioning == "prompt":
+        if not job.get("prompt"):
             raise JobError("an AnimateDiff job needs 'prompt'")
-        if "prompt" in job:
-            kwargs["prompt"] = job["prompt"]
+        kwargs["prompt"] = job["prompt"]
         if job.get("negative_prompt"):
             kwargs["negative_prompt"] = job["negative_prompt"]
     else:
-        if "image" not in job:
-            raise JobError("a Stable Video Diffusion job needs 'image' (a path, data URL or base64 PNG/JPEG)")
-        kwargs["image"] = _image(job["image"])
+        kwargs["image"] = job_image(job)
     if job.get("steps") is not None:
-        kwargs["num_inference_steps"] = int(job["steps"])
-    kwargs["generator"] = torch.Generator().manual_seed(int(job.get("seed", 0)))
+        kwargs["num_inference_steps"] = job["steps"]
+    kwargs["generator"] = torch.Generator().manual_seed(job.get("seed", 0))
     return kwargs
 
 
 def execute(plan: Plan, pipe, job: dict, out_dir: str | Path,
-            progress: Callable[[int, int], None] | None = None) -> dict:
+            progress: Callable[[int, int], None] | None = None,
+            stop: Callable[[], bool] | None = None) -> dict:
     """Run one job under ``plan`` on ``pipe``; write ``<out_dir>/<id>.<format>``. Returns the video path and
-    the RunReport (as JSON data). Raises on a bad job; the caller records the error per job."""
+    the RunReport (as JSON data). Raises on a bad job; the caller records the error per job. ``stop()``
+    is asked after every step: True ends the job with :class:`JobTimeoutError`."""
     from ..runtime.runner import run, save_video
 
     job_id = safe_id(str(job.get("id", "")))
-    kwargs = call_arguments(plan, job)
-    steps = kwargs.get("num_inference_steps", plan.target.steps if plan.target else 25)
-    if progress is not None:
-        progress(0, steps)
-
-        def on_step(pipe_, i, t, tensors):
-            progress(i + 1, steps)
-            return tensors
-
-        kwargs["callback_on_step_end"] = on_step
-    result = run(plan, pipe=pipe, progress=False, **kwargs)
     fmt = str(job.get("format", "gif")).lower()
     if fmt not in ("gif", "mp4"):
         raise JobError(f"format {fmt!r}: choose gif or mp4")
+    fps = job.get("fps", 7)
+    if isinstance(fps, bool) or not isinstance(fps, int) or not 1 <= fps <= 60:
+        raise JobError(f"fps {fps!r}: give a whole number of frames per second, 1..60")
+    kwargs = call_arguments(plan, job)
+    steps = kwargs.get("num_inference_steps", plan.target.steps if plan.target else 25)
+
+    def on_step(pipe_, i, t, tensors):
+        if progress is not None:
+            progress(i + 1, steps)
+        if stop is not None and stop():
+            raise JobTimeoutError(f"stopped after step {i + 1} of {steps}: the job ran past its time limit")
+        return tensors
+
+    if progress is not None:
+        progress(0, steps)
+    if progress is not None or stop is not None:
+        kwargs["callback_on_step_end"] = on_step
+    result = run(plan, pipe=pipe, progress=False, **kwargs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = save_video(result.frames, out / f"{job_id}.{fmt}", fps=int(job.get("fps", 7)))
+    path = save_video(result.frames, out / f"{job_id}.{fmt}", fps=fps)
     return {"video_path": str(path.resolve()), "report": result.report.model_dump(mode="json")}
