@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from .costs import EMPTY, CostModel, Segment, SegmentCost
 from .errors import InfeasibleError
 from .fmt import human_bytes
-from .solve import Solution, _cbc_available, minimax, solve
+from .solve import Solution, _cbc_available, _present_bytes, minimax, solve
 
 
 @dataclass(frozen=True)
@@ -98,9 +98,10 @@ def _memory_candidates(model: CostModel, max_group: int) -> list[Segment]:
 
 def _adjusted(model: CostModel, host, streamed):
     credit = model.streamed_weight_bytes(streamed)
+    present = _present_bytes(model, streamed) if streamed else None
 
-    def value(s: Segment) -> int:
-        return model.cost(s, host, streamed).needed_bytes - credit
+    def value(s: Segment) -> int:  # as model.cost(s, host, streamed).needed_bytes - credit, without building it
+        return model.cost(s, host).needed_bytes + (present(s.start, s.stop) if present else 0) - credit
 
     return value
 

@@ -303,9 +303,15 @@ def minimax(n: int, candidates, value) -> tuple[int, Segment, list[Segment]] | N
 
 
 def _infeasible(model: CostModel, segs, needed, budget_bytes, host=EMPTY) -> InfeasibleError:
-    # Minimax path: the smallest reachable peak, and the segment that sets it.
-    value = dict(zip(segs, needed, strict=True))
-    floor, seg, _ = minimax(model.n, segs, value.__getitem__)
+    # Minimax path: the smallest reachable peak, and the segment that sets it (memoised per table).
+    cache = model.__dict__.setdefault("_solve_floors", {})
+    key = id(needed)  # tables are kept while the model lives; a table's needed list is never rebuilt
+    if key not in cache or cache[key][0] is not needed:
+        if len(cache) >= TABLES_KEPT:
+            cache.clear()
+        value = dict(zip(segs, needed, strict=True))
+        cache[key] = (needed, *minimax(model.n, segs, value.__getitem__)[:2])
+    _, floor, seg = cache[key]
     unit = model.units[model.cost(seg, host).peak_unit].name
     err = InfeasibleError(
         f"no plan fits: the smallest reachable activation peak is {human_bytes(floor)} "
