@@ -34,6 +34,7 @@ class RowStep:
     pad: int = 0
     pad_end: int | None = None
     up: int = 1
+    cost: int = 0  # relative work per output row (a unit that crops after every step: its time model)
 
     @property
     def after(self) -> int:
@@ -62,7 +63,10 @@ class RowStep:
         return self.up > 1 or a % self.stride == 0
 
     def as_list(self) -> list[int]:
-        return [self.kernel, self.stride, self.pad, self.after, self.up]
+        return [self.kernel, self.stride, self.pad, self.after, self.up, self.cost]
+
+    def with_cost(self, cost: int) -> RowStep:
+        return RowStep(self.kernel, self.stride, self.pad, self.pad_end, self.up, int(cost))
 
 
 CONV3 = RowStep(kernel=3, pad=1)  # a 3x3 convolution, stride 1, padding 1: a halo of one row each side
@@ -82,7 +86,7 @@ class RowMap:
 
     @classmethod
     def from_list(cls, data: Sequence[Sequence[int]]) -> RowMap:
-        return cls(tuple(RowStep(k, s, p, e, u) for k, s, p, e, u in data))
+        return cls(tuple(RowStep(*step) for step in data))
 
     def as_list(self) -> list[list[int]]:
         return [s.as_list() for s in self.steps]
@@ -117,6 +121,28 @@ class RowMap:
         while s > 0 and not self._aligned(s):
             s -= 1
         return s, e
+
+    def step_slabs(self, s: int, e: int, n_in: int) -> list[tuple[int, int]]:
+        """Input rows of every step for output rows ``[s, e)``, when each step keeps only the rows the
+        next one reads (a unit that crops after every step): ``[(a_0, b_0), ...]`` in step order."""
+        lens = self.lengths(n_in)
+        out = []
+        for i in range(len(self.steps) - 1, -1, -1):
+            s, e = self.steps[i].needs(s, e, lens[i])
+            out.append((s, e))
+        return out[::-1]
+
+    def cropped_fraction(self, bounds: Sequence[tuple[int, int]], n_in: int) -> float:
+        """Work of computing output rows ``bounds`` (slices) step by step, cropping after every step, as
+        a fraction of the unsliced work (steps weighted by their ``cost``, equal when none is given)."""
+        lens = self.lengths(n_in)
+        weights = [s.cost or 1 for s in self.steps]
+        whole = sum(w * lens[i + 1] for i, w in enumerate(weights))
+        done = 0
+        for s, e in bounds:
+            for i, (a, b) in enumerate(self.step_slabs(s, e, n_in)):
+                done += weights[i] * self.steps[i].out_len(b - a)
+        return done / whole if whole else 1.0
 
     @property
     def radius(self) -> int:

@@ -123,12 +123,20 @@ def _seconds(model, seg, rules, slices, units, lens, made_rows):
     total = link = 0.0
     recompute = []
     size = model.size
-    computed = [sum(made_rows(i, sl) for sl in slices) for i in range(len(units))]
     k = len(slices)
+    maps = _maps(model)
+    work = []  # each unit's work over all slices as a fraction of its unsliced work (the halo's recompute)
+    for i, unit in enumerate(units):
+        j = seg.start + i
+        if getattr(unit, "rows_cropped", False):
+            work.append(maps[j].cropped_fraction([sl.out[i] for sl in slices if sl.out[i][1] > sl.out[i][0]],
+                                                 in_rows(model, j)))
+        else:
+            work.append(sum(made_rows(i, sl) for sl in slices) / lens[i])
 
     def unit_time(i: int) -> float:
         j = seg.start + i
-        return model.unit_seconds[j] * computed[i] / lens[i] + k * units[i].kernels * model.launch_seconds
+        return model.unit_seconds[j] * work[i] + k * units[i].kernels * model.launch_seconds
 
     for i, unit in enumerate(units):
         j = seg.start + i

@@ -168,7 +168,10 @@ class UnitProfile(_Strict):
     kernels: int = Field(ge=0, description="non-view ops per slice (launch-cost model)")
     rows: list[list[int]] | None = Field(
         default=None, description="axis rows: the unit's layers along the height, each [kernel, stride, pad before, "
-        "pad after, upsampling] (vramplan.planner.rows.RowMap): the halo and the row mapping")
+        "pad after, upsampling(, relative cost per output row)] (vramplan.planner.rows.RowMap): the halo and the "
+        "row mapping")
+    rows_cropped: bool = Field(default=False, description="axis rows: the unit crops to the rows still needed "
+                               "after every layer (its halo work is priced layer by layer)")
     scratch: dict[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=0)]] = Field(
         description="slice count k -> peak bytes the unit's computation adds above its entry for one "
         "(the largest) slice, its output piece included, output buffer excluded"

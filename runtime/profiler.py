@@ -165,6 +165,7 @@ def profile(
                 kernels=stats.kernels if stats else 0,
                 scratch=scratch[op.name],
                 rows=op.rows.as_list() if op.spec.axis == "rows" and op.rows is not None else None,
+                rows_cropped=op.spec.axis == "rows" and op.rows_cropped,
             )
         )
     bar.close()

@@ -33,23 +33,36 @@ from .base import CallBinding, example_maker, register
 MID = "decoder.mid_block"
 
 
+def _upsampler(block):
+    up = getattr(block, "upsampler", None)
+    if up is None and getattr(block, "upsamplers", None) is not None:
+        up = block.upsamplers[0]
+    if up is not None and up.mode not in ("upsample2d", "upsample3d"):
+        raise UnsupportedModelError(f"Wan decoder upsampler mode {up.mode!r} has no rows lowering")
+    return up
+
+
 def _stage_maps(vae) -> list[RowMap]:
-    """Row maps of the up blocks, then of the head (norm_out + conv_out, and unpatchify)."""
-    dec = vae.decoder
+    """Row maps of the crop points of the up part, in order: each residual block's conv1 and conv2,
+    each upsampler (nearest(-exact) x2 then a 3x3 conv), then the head (conv_out, and unpatchify)."""
     maps = []
-    for block in dec.up_blocks:
-        steps = [CONV3, CONV3] * len(block.resnets)  # each residual block: two 3x3(x3) causal convs
-        up = getattr(block, "upsampler", None) or (block.upsamplers[0] if getattr(block, "upsamplers", None) else None)
+    scale = frames = 1  # width and frames per latent frame at this level, relative to the first up block's
+    for block in vae.decoder.up_blocks:
+        for res in block.resnets:
+            for conv in (res.conv1, res.conv2):
+                maps.append(RowMap.of(CONV3.with_cost(conv.weight.numel() * scale * frames)))
+        up = _upsampler(block)
         if up is not None:
-            if up.mode not in ("upsample2d", "upsample3d"):
-                raise UnsupportedModelError(f"Wan decoder upsampler mode {up.mode!r} has no rows lowering")
-            steps += [UP2, CONV3]  # nearest(-exact) x2 then a 3x3 conv (a DupUp3D shortcut: the same rows)
-        maps.append(RowMap(tuple(steps)))
-    head = [CONV3]
-    if vae.config.patch_size:
-        head += [UP2] * (vae.config.patch_size.bit_length() - 1)
-        if vae.config.patch_size & (vae.config.patch_size - 1):
-            raise UnsupportedModelError(f"patch_size={vae.config.patch_size}: only powers of two have a row map")
+            frames *= 2 if up.mode == "upsample3d" else 1
+            scale *= 2
+            # a DupUp3D shortcut maps rows the same way
+            maps.append(RowMap.of(UP2.with_cost(1), CONV3.with_cost(up.resample[1].weight.numel() * scale * frames)))
+    head = [CONV3.with_cost(vae.decoder.conv_out.weight.numel() * scale * frames)]
+    patch = vae.config.patch_size
+    if patch:
+        if patch & (patch - 1):
+            raise UnsupportedModelError(f"patch_size={patch}: only powers of two have a row map")
+        head += [UP2.with_cost(1)] * (patch.bit_length() - 1)
     maps.append(RowMap(tuple(head)))
     return maps
 
@@ -126,51 +139,93 @@ class WanVAEDecoderAdapter:
         return (example_maker(vae, device, seed)(*size),)
 
 
+def _cached_conv(conv, x: torch.Tensor, cache: list, idx: list) -> torch.Tensor:
+    """A causal conv with the stock decode's feature cache: the last two input frames (one new frame
+    after a single-frame chunk: the previous cache's last frame and it)."""
+    i = idx[0]
+    keep = x[:, :, -CACHE_T:].clone()
+    if keep.shape[2] < 2 and cache[i] is not None:
+        keep = torch.cat([cache[i][:, :, -1:].to(keep.device), keep], dim=2)
+    out = conv(x, cache[i])
+    cache[i] = keep
+    idx[0] += 1
+    return out
+
+
+CACHE_T = 2
+
+
+class _Rows:
+    """The rows walk of one slice: ``need[i]``: rows needed at the input of crop point ``i``."""
+
+    def __init__(self, stages: list[RowMap], n_in: int, start: int, stop: int):
+        full = [n_in]
+        for m in stages:
+            full.append(m.out_len(full[-1]))
+        need = [(start, stop)]
+        for j in range(len(stages) - 1, -1, -1):
+            need.insert(0, stages[j].needs(*need[0], full[j]))
+        self.stages, self.need = stages, need
+
+    def crop(self, t: torch.Tensor, i: int, have: int) -> tuple[torch.Tensor, int]:
+        """The output of crop point ``i`` (computed from a slab whose first row was ``have``), cropped to
+        what point ``i + 1`` needs: the tensor and its first row."""
+        lo, hi = self.need[i + 1]
+        start = self.stages[i].start(have)
+        return t.narrow(-2, lo - start, hi - lo), lo
+
+
 def _up_slab(vae, stages: list[RowMap], ctx: SliceCtx, x: torch.Tensor) -> torch.Tensor:
     """Output rows ``[ctx.start, ctx.stop)`` of every frame from a slab of the mid block's output:
-    latent frames in order through the stock up blocks and head, with this slab's own feature
-    cache; after each stage the rows the next stage needs."""
+    latent frames in order through the up blocks (the stock modules, and their forwards' own code
+    between them), with this slab's own feature cache, cropped after every convolution to the rows
+    the rest needs."""
     from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, unpatchify
 
     dec = vae.decoder
-    # rows needed at each stage's input (the last entry: the output rows), walking backwards
-    need = [(ctx.start, ctx.stop)]
-    full = [ctx.shapes[MID][-2]]
-    for m in stages:
-        full.append(m.out_len(full[-1]))
-    for j in range(len(stages) - 1, -1, -1):
-        need.insert(0, stages[j].needs(*need[0], full[j]))
-    a0 = need[0][0]
-    if x.shape[-2] != need[0][1] - a0:
-        raise RuntimeError(f"Wan up blocks: a slab of {x.shape[-2]} rows, expected rows {need[0]}")
+    walk = _Rows(stages, ctx.shapes[MID][-2], ctx.start, ctx.stop)
+    a0, b0 = walk.need[0]
+    if x.shape[-2] != b0 - a0:
+        raise RuntimeError(f"Wan up blocks: a slab of {x.shape[-2]} rows, expected rows {walk.need[0]}")
     b, _, t, _, _ = x.shape
     cache: list = [None] * (1 + sum(isinstance(m, WanCausalConv3d) for m in dec.up_blocks.modules()))
     later = 2 ** sum(getattr(m, "mode", None) == "upsample3d" for m in dec.up_blocks.modules())
     out = None
     frame = 0
-    for i in range(t):
+    for f in range(t):
         idx = [0]
-        h = x[:, :, i : i + 1]
-        have = a0
-        for j, block in enumerate(dec.up_blocks):
-            h = block(h, feat_cache=cache, feat_idx=idx, first_chunk=i == 0)
-            start = stages[j].start(have)
-            lo, hi = need[j + 1]
-            h = h.narrow(-2, lo - start, hi - lo)
-            have = lo
-        h = dec.nonlinearity(dec.norm_out(h))
-        c = h[:, :, -2:].clone()
-        if c.shape[2] < 2 and cache[idx[0]] is not None:
-            c = torch.cat([cache[idx[0]][:, :, -1:].to(c.device), c], dim=2)
-        h = dec.conv_out(h, cache[idx[0]])
-        cache[idx[0]] = c
+        h, have, point = x[:, :, f : f + 1], a0, 0
+        for block in dec.up_blocks:
+            block_in, block_have = h, have
+            for res in block.resnets:
+                res_in, res_have = h, have
+                h = _cached_conv(res.conv1, res.nonlinearity(res.norm1(h)), cache, idx)
+                h, have = walk.crop(h, point, have)
+                point += 1
+                h = res.dropout(res.nonlinearity(res.norm2(h)))
+                h = _cached_conv(res.conv2, h, cache, idx)
+                h, have = walk.crop(h, point, have)
+                point += 1
+                shortcut = res.conv_shortcut(res_in)
+                h = h + shortcut.narrow(-2, have - res_have, h.shape[-2])
+                del res_in, shortcut
+            up = _upsampler(block)
+            if up is not None:
+                h = up(h, feat_cache=cache, feat_idx=idx)
+                h, have = walk.crop(h, point, have)
+                point += 1
+            if getattr(block, "avg_shortcut", None) is not None:  # Wan 2.2: DupUp3D of the block's input
+                shortcut = block.avg_shortcut(block_in, first_chunk=f == 0)
+                h = h + shortcut.narrow(-2, have - 2 * block_have, h.shape[-2])
+                del shortcut
+            del block_in
+        h = _cached_conv(dec.conv_out, dec.nonlinearity(dec.norm_out(h)), cache, idx)
         if vae.config.patch_size is not None:
             h = unpatchify(h, patch_size=vae.config.patch_size)
-        start = stages[-1].start(have)
-        lo, hi = ctx.start, ctx.stop
-        h = torch.clamp(h.narrow(-2, lo - start, hi - lo), min=-1.0, max=1.0)
+        h, have = walk.crop(h, point, have)
+        h = torch.clamp(h, min=-1.0, max=1.0)
         if out is None:
-            out = h.new_empty(b, h.shape[1], h.shape[2] + later * (t - 1), hi - lo, h.shape[-1])
+            out = h.new_empty(b, h.shape[1], h.shape[2] + later * (t - 1), h.shape[-2], h.shape[-1])
         out[:, :, frame : frame + h.shape[2]] = h
         frame += h.shape[2]
         del h
