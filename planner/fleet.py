@@ -40,20 +40,20 @@ def capacity(
     gpus: list[str] | None = None,
 ) -> list[FleetRow]:
     """One row per GPU, fastest first; infeasible GPUs last."""
-    from ..api import find_pipeline_profile, sample_shape_for
+    from ..api import find_pipeline_profile, sample_shape_for, video_frames
     from .pipelines import check_number
 
     check_number("videos_per_hour", videos_per_hour, positive=True, allow_none=True)
     check_number("steps", steps, integer=True, minimum=1)
 
-    shape = sample_shape_for(model, height, width, frames, guidance, dtype)
+    sample_shape_for(model, height, width, frames, guidance, dtype)  # refuses what the model cannot take
     rows = []
     for gpu in [find_gpu(g) for g in gpus] if gpus else list(all_gpus()):
         if dtype == "bf16" and not gpu.bf16:
             rows.append(FleetRow(gpu=gpu.name, fits=False, peak_bytes=0, note="no bf16 on this GPU"))
             continue
         kernel = gpu.attention_kernel if dtype != "fp32" else "efficient"
-        profile = find_pipeline_profile(model, height, width, shape.frames, guidance, dtype, kernel)
+        profile = find_pipeline_profile(model, height, width, video_frames(model, frames), guidance, dtype, kernel)
         try:
             plan = plan_pipeline(profile, gpu, steps=steps)
         except InfeasibleError as err:

@@ -85,7 +85,8 @@ def shipped_profile(plan: Plan) -> PipelineProfile | None:
         return None
     if not _NAME.match(plan.model_name.lower()):  # a path or a hub id: never a shipped file name
         return None
-    denoiser = next((c for c in plan.components if c.component == "unet" and c.shape is not None), None)
+    denoiser = next((c for c in plan.components if c.component in ("unet", "transformer") and c.shape is not None),
+                    None)
     if denoiser is None:
         return None
     try:

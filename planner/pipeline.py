@@ -72,7 +72,16 @@ class PipelinePlanner:
                 self.models[s.stage] = rehash.constrain(self.models[s.stage])
 
     def calls(self, stage) -> int:
-        return self.steps if stage.per_step else 1
+        """Calls of ``stage`` in a run: the pipeline says (Wan: two batch-1 forwards per step under CFG,
+        each expert its own steps), else ``steps`` for a per-step stage and one otherwise."""
+        from .errors import UnsupportedModelError
+        from .pipelines import pipeline_spec
+
+        try:
+            spec = pipeline_spec(self.profile.pipeline)
+        except UnsupportedModelError:
+            return self.steps if stage.per_step else 1
+        return spec.stage_calls(stage.stage, stage.per_step, self.steps, self.profile.guidance)
 
     def evaluate(self, resident: dict[str, bool], cap: int, method: str = "dp") -> list[_StageResult] | None:
         """Every stage within ``cap`` bytes, fastest, for this residency; None if one cannot fit.

@@ -38,6 +38,17 @@ class PipelineSpec:
     # The call argument that decodes this many frames at once: a plan decodes all frames in one sliced
     # pass (its decoder shape has every frame), so the run sets it to the plan's frame count.
     chunk_argument: ClassVar[str | None] = "decode_chunk_size"
+    # A variant of a diffusers class (Wan 2.2's two experts) is registered under its own name and says
+    # which class it is and which checkpoints (``model_index.json``) it matches.
+    diffusers_class: ClassVar[str | None] = None
+
+    @classmethod
+    def matches(cls, index: dict) -> bool:
+        return True
+
+    def stage_calls(self, stage: str, per_step: bool, steps: int, guidance: bool = True) -> int:
+        """How often ``stage`` runs in a call of ``steps`` denoising steps (a per-step stage: ``steps``)."""
+        return steps if per_step else 1
 
     # -- shapes ----------------------------------------------------------------------------
     def max_frames(self, unet_config: dict[str, Any] | None) -> int | None:
@@ -183,6 +194,178 @@ class AnimateDiff(PipelineSpec):
                 f"(motion_max_seq_length={limit}). Use frames <= {limit}.")
 
 
+# ---------------------------------------------------------------------------- Wan 2.1 / 2.2
+def flow_timesteps(steps: int, shift: float, train_timesteps: int = 1000) -> list[int]:
+    """The timesteps ``UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=shift)`` sets for
+    ``steps`` steps (the Wan pipelines' scheduler), without numpy: sigmas evenly spaced from 1 to
+    1/train, shifted ``shift*s / (1 + (shift-1)*s)``, times ``train_timesteps``."""
+    out = []
+    for i in range(steps):
+        s = 1 + (1 / train_timesteps - 1) * i / steps
+        s = shift * s / (1 + (shift - 1) * s)
+        if i == 0 and abs(s - 1) < 1e-6:
+            s -= 1e-6  # as the scheduler does (a finite log at the first step)
+        out.append(int(s * train_timesteps))  # the scheduler's timesteps are int64 (truncated)
+    return out
+
+
+def expert_steps(steps: int, boundary_ratio: float, shift: float, train_timesteps: int = 1000) -> tuple[int, int]:
+    """(high-noise, low-noise) step counts of a Wan 2.2 two-expert run: ``transformer`` runs the steps
+    whose timestep is at least ``boundary_ratio * train_timesteps``, ``transformer_2`` the rest."""
+    boundary = boundary_ratio * train_timesteps
+    high = sum(t >= boundary for t in flow_timesteps(steps, shift, train_timesteps))
+    return high, steps - high
+
+
+class _Wan(PipelineSpec):
+    """The Wan 2.1 / 2.2 pipelines: UMT5 prompt encoding (prompt and negative prompt, one batch-1 call
+    each), the DiT per step run as two batch-1 forwards under CFG (as the stock pipelines do), the
+    causal video VAE decode (run whole until a sliced Wan VAE lands), post-processing.
+
+    Latents: ``(frames - 1) / 4 + 1`` frames, pixels / the VAE's spatial factor (8; 16 for the Wan 2.2
+    VAE of TI2V-5B), then 2x2 patches: frames must be 4n+1 and sizes multiples of factor x patch (the
+    stock pipeline rounds silently; a plan refuses)."""
+
+    sliced: ClassVar[dict[str, str | int]] = {"encode_text": 1, "denoise": 1}
+    guidance_batch = 1  # CFG as two batch-1 forwards: the batch does not double
+    chunk_argument = None
+    conditioning = "prompt"
+    temporal_factor: ClassVar[int] = 4
+    patch: ClassVar[int] = 2
+    text_tokens: ClassVar[int] = 512  # max_sequence_length: prompts are padded (and truncated) to it
+    default_flow_shift: ClassVar[float] = 3.0
+    boundary_ratio: ClassVar[float | None] = None  # Wan 2.2 A14B: where transformer_2 takes over
+    experts: ClassVar[int] = 1
+
+    def scale_factor(self, configs=None) -> int:
+        vae = (configs or {}).get("vae") or {}
+        return int(vae.get("scale_factor_spatial") or self.vae_scale_factor)
+
+    def smallest_latent(self, configs=None) -> int:
+        return self.patch
+
+    def default_frames(self, entry, unet_config):
+        return (entry or {}).get("frames") or 81
+
+    def check_size(self, height: int, width: int, configs=None) -> None:
+        f = self.scale_factor(configs) * self.patch
+        for label, value in (("height", height), ("width", width)):
+            if value % f or value < f:
+                raise InvalidArgumentError(
+                    f"{label}={value} is not a multiple of {f}: the Wan VAE encodes {f // self.patch}x"
+                    f"{f // self.patch} pixels into one latent and the transformer takes 2x2 latent patches. "
+                    f"Try {label}={max(round(value / f), 1) * f}."
+                )
+
+    def check_frames(self, frames: int, unet_config=None) -> None:
+        super().check_frames(frames, unet_config)
+        if frames % self.temporal_factor != 1:
+            n = max(round((frames - 1) / self.temporal_factor), 0)
+            raise InvalidArgumentError(
+                f"frames={frames} is not of the form 4n+1: the Wan VAE keeps the first frame and compresses the "
+                f"rest 4x in time (the stock pipeline would silently round to {frames // 4 * 4 + 1}). "
+                f"Try frames={4 * n + 1}."
+            )
+
+    def stage_shape(self, stage, height, width, frames, guidance, dtype, configs=None) -> SampleShape:
+        if stage == "encode_text":  # one prompt of text_tokens tokens per call
+            return SampleShape(batch=1, frames=1, latent_height=1, latent_width=self.text_tokens, dtype=dtype)
+        f = self.scale_factor(configs)
+        latent_frames = (frames - 1) // self.temporal_factor + 1
+        return SampleShape(batch=1, frames=latent_frames, latent_height=height // f, latent_width=width // f,
+                           dtype=dtype)
+
+    def stage_calls(self, stage: str, per_step: bool, steps: int, guidance: bool = True) -> int:
+        """How often ``stage`` runs in a call of ``steps`` steps: the prompt encoder once per prompt (and
+        once more for the negative prompt), each expert twice per step of its own under CFG."""
+        cfg = 2 if guidance else 1
+        if stage == "encode_text":
+            return cfg
+        if stage in ("denoise", "denoise_2"):
+            if self.boundary_ratio is None:
+                return cfg * steps
+            high, low = expert_steps(steps, self.boundary_ratio, self.default_flow_shift)
+            return cfg * (high if stage == "denoise" else low)
+        return steps if per_step else 1
+
+
+@register
+class WanT2V(_Wan):
+    """``WanPipeline`` with one transformer: Wan 2.1 T2V 1.3B / 14B, and Wan 2.2 TI2V-5B (the Wan 2.2
+    VAE, 16x spatial; one timestep per token: ``expand_timesteps``)."""
+
+    pipeline = "WanPipeline"
+    stages = (("encode_text", "text_encoder", "forward"), ("denoise", "transformer", "forward"),
+              ("decode", "vae", "decode"))
+    components = ("transformer", "vae", "text_encoder")
+
+
+@register
+class WanT2VA14B(_Wan):
+    """``WanPipeline`` with two experts (Wan 2.2 T2V-A14B): ``transformer`` for the high-noise steps,
+    ``transformer_2`` after ``boundary_ratio`` (0.875): the switch is a stage boundary."""
+
+    pipeline = "WanPipeline:A14B"
+    diffusers_class = "WanPipeline"
+    stages = (("encode_text", "text_encoder", "forward"), ("denoise", "transformer", "forward"),
+              ("denoise_2", "transformer_2", "forward"), ("decode", "vae", "decode"))
+    sliced = {"encode_text": 1, "denoise": 1, "denoise_2": 1}
+    components = ("transformer", "transformer_2", "vae", "text_encoder")
+    boundary_ratio = 0.875
+    experts = 2
+
+    @classmethod
+    def matches(cls, index: dict) -> bool:
+        return _names_component(index, "transformer_2")
+
+
+@register
+class WanI2V(_Wan):
+    """``WanImageToVideoPipeline`` of Wan 2.1 I2V-14B: the CLIP image encoder (run whole, 1.2 GiB),
+    the VAE encode of the conditioning video (the image then zeros), the transformer, the decode."""
+
+    pipeline = "WanImageToVideoPipeline"
+    stages = (("encode_text", "text_encoder", "forward"), ("encode_image", "image_encoder", "forward"),
+              ("encode_vae", "vae", "encode"), ("denoise", "transformer", "forward"), ("decode", "vae", "decode"))
+    components = ("transformer", "vae", "text_encoder", "image_encoder")
+    conditioning = "image"
+
+
+@register
+class WanI2VA14B(_Wan):
+    """``WanImageToVideoPipeline`` of Wan 2.2 I2V-A14B: no image encoder, two experts (boundary 0.9)."""
+
+    pipeline = "WanImageToVideoPipeline:A14B"
+    diffusers_class = "WanImageToVideoPipeline"
+    stages = (("encode_text", "text_encoder", "forward"), ("encode_vae", "vae", "encode"),
+              ("denoise", "transformer", "forward"), ("denoise_2", "transformer_2", "forward"),
+              ("decode", "vae", "decode"))
+    sliced = {"encode_text": 1, "denoise": 1, "denoise_2": 1}
+    components = ("transformer", "transformer_2", "vae", "text_encoder")
+    conditioning = "image"
+    boundary_ratio = 0.9
+    experts = 2
+
+    @classmethod
+    def matches(cls, index: dict) -> bool:
+        return _names_component(index, "transformer_2")
+
+
+def _names_component(index: dict, name: str) -> bool:
+    """Whether a ``model_index.json`` has component ``name`` (``[library, class]``, not ``[null, null]``)."""
+    value = index.get(name)
+    return isinstance(value, list) and bool(value) and value[0] is not None
+
+
+def pipeline_variant(class_name: str | None, index: dict) -> str | None:
+    """The registered spec for a checkpoint of diffusers class ``class_name``: a variant (Wan 2.2's
+    two experts: ``WanPipeline:A14B``) when one matches its ``model_index.json``, else the class."""
+    for key, cls in _SPECS.items():
+        if getattr(cls, "diffusers_class", None) == class_name and cls.matches(index):
+            return key
+    return class_name
+
+
 def check_number(name: str, value: Any, *, integer: bool = False, minimum: float | None = None,
                  positive: bool = False, allow_none: bool = False) -> None:
     """Refuse a value of the wrong type, nan/inf, or out of range, naming the argument."""
@@ -249,6 +432,7 @@ def pipeline_source(model: str) -> PipelineSource:
         )
     index = _load_json(read("model_index.json"), f"{model}/model_index.json")
     pipeline = index.get("_class_name") if isinstance(index, dict) else None
+    pipeline = pipeline_variant(pipeline, index) if isinstance(index, dict) else pipeline
     spec = pipeline_spec(pipeline)
     configs, missing = {}, []
     for component in spec.components:

@@ -65,4 +65,6 @@ def meta_from_config(config: dict, dtype: str = "fp16") -> torch.nn.Module:
     fields = {k: v for k, v in config.items() if not k.startswith("_")}
     with init_empty_weights():
         model = cls(cls.config_class(**fields))
+    if hasattr(model, "tie_weights"):  # init_empty_weights re-creates tied parameters apart (UMT5's embeddings)
+        model.tie_weights()
     return model.to(device="meta", dtype=DTYPES[dtype]).eval()

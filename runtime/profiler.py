@@ -40,7 +40,7 @@ from ..planner.schema import (
     SampleShape,
     UnitProfile,
 )
-from .adapters.base import adapter_for, pipeline_adapter
+from .adapters.base import adapter_for, measure_whole_stages, pipeline_adapter
 from .apply import fingerprint
 from .executor import Segment, execute, unit_by_unit
 from .fake import attention_kernel, weight_bytes
@@ -352,7 +352,7 @@ def pipeline_profile(model: str, height: int, width: int, frames: int, guidance:
     bar = _progress_bar(1 + len(adapter.sliced), f"profiling {source.name}")
     components = adapter.meta_components(source.configs, dtype)
     say("stages that run whole")
-    whole = adapter.measure_whole_stages(components, height, width, dtype, kernel)
+    whole = measure_whole_stages(adapter, components, height, width, frames, dtype, kernel)
     bar.update(1)
     profiles: dict[str, ModelProfile] = {}
     for stage, component, method in adapter.stages:
@@ -404,7 +404,8 @@ SHIPPED_KERNELS = ("flash", "efficient")
 
 def regenerate_shipped(progress: Callable[[str], None] | None = None, models: list[str] | None = None) -> list[Path]:
     """Re-profile the shipped pipeline configurations (every catalogue model at its default frame
-    count, CFG, fp16) into ``vramplan/profiles/models``."""
+    count, CFG, fp16; or at the entry's own ``shipped`` sizes, ``dtype`` and ``kernels``) into
+    ``vramplan/profiles/models``."""
     from importlib import resources
 
     from ..planner.plan import SHIPPED_DIR, pipeline_profile_name
@@ -415,12 +416,14 @@ def regenerate_shipped(progress: Callable[[str], None] | None = None, models: li
     for model, entry in model_catalogue().items():
         if models and model not in models:
             continue
-        for (height, width), kernel in ((s, k) for s in SHIPPED_SIZES for k in SHIPPED_KERNELS):
+        sizes, kernels = entry.get("shipped") or SHIPPED_SIZES, entry.get("kernels") or SHIPPED_KERNELS
+        dtype = entry.get("dtype", "fp16")
+        for (height, width), kernel in ((s, k) for s in sizes for k in kernels):
             frames = entry["frames"]
             if progress:
                 progress(f"profiling the {model} pipeline, {frames} x {height}x{width} ({kernel})")
-            prof = pipeline_profile(model, height, width, frames, True, "fp16", kernel)
-            name = pipeline_profile_name(model, height, width, frames, True, "fp16", kernel)
+            prof = pipeline_profile(model, height, width, frames, True, dtype, kernel)
+            name = pipeline_profile_name(model, height, width, frames, True, dtype, kernel)
             written.append(prof.save(folder / name))
     return written
 

@@ -94,13 +94,20 @@ def run(plan: Plan, pipe=None, *, allow_download: bool = False, progress: bool =
     write PyTorch's snapshot there (for https://pytorch.org/memory_viz); refused without CUDA."""
     if memory_snapshot is not None:
         check_snapshot(memory_snapshot)
+    planned = pipeline_adapter(plan.pipeline) if plan.pipeline else None
+    if planned is not None and hasattr(planned, "check_call"):  # before any weight is loaded
+        planned.check_call(plan, call_kwargs)
     pipe = pipe if pipe is not None else load_pipeline(plan, allow_download)
     kind = type(pipe).__name__
     adapter = pipeline_adapter(kind)
+    if planned is not None and hasattr(planned, "check_pipeline"):  # a variant of the class (Wan 2.2's experts)
+        planned.check_pipeline(pipe, plan)
+        adapter = planned
+    said = planned.prompt_notes(pipe, call_kwargs) if planned is not None and hasattr(planned, "prompt_notes") else []
     stages = adapter.stages
     call_kwargs = _call_arguments(plan, call_kwargs, adapter)
     cuda = pipe.device.type == "cuda" or (pipe.device.type == "cpu" and torch.cuda.is_available())
-    notes: list[str] = []
+    notes: list[str] = list(said)
     device = torch.device("cuda" if cuda else pipe.device)
     components = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
     rehash = None

@@ -10,7 +10,7 @@ import torch
 from ..planner.allocator import replay
 from ..planner.errors import PlanMismatchError, VramplanError
 from ..planner.schema import ComponentPlan, Plan
-from .adapters.base import adapter_for, pipeline_adapter
+from .adapters.base import adapter_for, measure_whole_stages, pipeline_adapter
 from .apply import apply_plan, fingerprint
 from .fake import attention_kernel
 from .memory import MemoryTracker
@@ -123,7 +123,7 @@ def _profile_of(plan: Plan):
     from ..api import find_pipeline_profile
     from ..planner.pipelines import pipeline_spec
 
-    unet = next((c for c in plan.components if c.component == "unet" and c.shape is not None), None)
+    unet = next((c for c in plan.components if c.component in ("unet", "transformer") and c.shape is not None), None)
     if unet is None:
         return None
     guidance = unet.shape.batch == pipeline_spec(plan.pipeline).guidance_batch
@@ -143,7 +143,7 @@ def _whole_stages(plan: Plan) -> list[VerifyReport]:
     dtype = next(c.shape.dtype for c in plan.components if c.shape is not None)
     components = adapter.meta_components(pipeline_source(plan.model_name).configs, dtype)
     kernel = plan.target.attention_kernel if plan.target else "flash"
-    measured = adapter.measure_whole_stages(components, plan.height, plan.width, dtype, kernel)
+    measured = measure_whole_stages(adapter, components, plan.height, plan.width, plan.frames, dtype, kernel)
     reports = []
     for stage in plan.stages:
         if stage.stage in measured:

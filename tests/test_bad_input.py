@@ -57,7 +57,7 @@ PLAN_FOR_CASES = [
     (dict(max_latency_s=-1.0), InvalidArgumentError, "max_latency_s=-1.0 must be > 0"),
     (dict(height=570), InvalidArgumentError, "height=570 is not a multiple of 8"),
     (dict(width=32), InvalidArgumentError, "width=32 is too small"),
-    (dict(model="svd-xxl"), UnsupportedModelError, "unknown model 'svd-xxl': not a shipped model (animatediff, svd, svd-xt)"),
+    (dict(model="svd-xxl"), UnsupportedModelError, "unknown model 'svd-xxl': not a shipped model (animatediff, svd, svd-xt, wan"),
     (dict(model=""), InvalidArgumentError, "model='' must be a model name"),
     (dict(model=None), InvalidArgumentError, "model=None must be a model name"),
     (dict(dtype="bf16"), UnsupportedGPUFeatureError, "RTX 2080 Ti (compute capability 7.5) has no bf16"),
@@ -249,9 +249,12 @@ def test_local_folder_without_component_configs(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableVideoDiffusionPipeline"}))
     with pytest.raises(UnsupportedModelError, match="lacks unet/config.json, vae/config.json, image_encoder/config.json"):
         plan_for(gpu="2080Ti", model=str(tmp_path), frames=4)
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
-    with pytest.raises(UnsupportedModelError, match="does not know the pipeline 'WanPipeline'"):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "CogVideoXPipeline"}))
+    with pytest.raises(UnsupportedModelError, match="does not know the pipeline 'CogVideoXPipeline'"):
         plan_for(gpu="2080Ti", model=str(tmp_path))
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    with pytest.raises(UnsupportedModelError, match="lacks transformer/config.json, vae/config.json"):
+        plan_for(gpu="RTX 4090", model=str(tmp_path), dtype="bf16")
 
 
 def test_input_file_errors_are_value_errors():

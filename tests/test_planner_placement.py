@@ -326,7 +326,7 @@ def test_every_shipped_pipeline_keeps_its_2080ti_plan():
     from vramplan.planner.pipeline import plan_pipeline
     from vramplan.planner.plan import shipped_profiles
 
-    names = [n.removesuffix(".pipeline.json") for n in shipped_profiles()]
+    names = [n.removesuffix(".pipeline.json") for n in shipped_profiles() if not n.startswith("wan")]  # bf16: no 2080 Ti
     assert sorted(names) == sorted(BEFORE_2080TI)
     gpu = find_gpu("2080Ti")
     for name in names:

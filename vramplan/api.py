@@ -77,7 +77,7 @@ def plan_for(
     check_number("host_ram_gb", host_ram_gb, positive=True, allow_none=True)
     if not isinstance(gpu, str) or not gpu.strip():
         raise InvalidArgumentError(f'gpu={gpu!r} must be a GPU name such as "2080Ti", or "auto"')
-    shape = sample_shape_for(model, height, width, frames, guidance, dtype)
+    sample_shape_for(model, height, width, frames, guidance, dtype)  # refuses what the model cannot take
     gpu_profile = find_gpu(gpu)
     if dtype == "bf16" and not gpu_profile.bf16:
         raise UnsupportedGPUFeatureError(
@@ -94,7 +94,7 @@ def plan_for(
             )
     kernel = gpu_profile.attention_kernel if dtype != "fp32" else "efficient"
     host_bytes, source = host_ram_budget(gpu, host_ram_gb)
-    profile = find_pipeline_profile(model, height, width, shape.frames, guidance, dtype, kernel)
+    profile = find_pipeline_profile(model, height, width, video_frames(model, frames), guidance, dtype, kernel)
     check_number("min_psnr", min_psnr, positive=True, allow_none=True)
     for name, value in (("keys", keys), ("calibration", calibration), ("min_psnr", min_psnr)):
         if value is not None and rehash == "off":  # would be ignored silently
@@ -168,6 +168,15 @@ def sample_shape_for(model: str, height: int, width: int, frames: int | None, gu
             raise InvalidArgumentError(f"{model!r} has no default frame count: pass frames=")
     spec.check_frames(frames, source.unet_config)
     return spec.unet_shape(height, width, frames, guidance, dtype, source.configs)
+
+
+def video_frames(model: str, frames: int | None) -> int:
+    """The video's frame count of a request (the model's default when None): what pipeline profiles are
+    keyed by. Not the sample's frames, which a video VAE compresses (Wan: 81 frames, 21 latents)."""
+    if frames is not None:
+        return frames
+    source = pipeline_source(model)
+    return pipeline_spec(source.pipeline).default_frames(source.entry, source.unet_config)
 
 
 def find_pipeline_profile(

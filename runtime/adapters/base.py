@@ -98,12 +98,20 @@ def adapter_for(model: torch.nn.Module, component: str | None = None) -> Adapter
 def pipeline_adapter(name: str | None):
     """The runtime adapter of diffusers pipeline class ``name`` (its torch-free facts plus loading,
     profiling and whole-stage measuring), or an UnsupportedModelError naming the supported ones."""
-    from . import animatediff_pipeline, svd_pipeline  # noqa: F401  (registers the runtime subclasses)
+    from . import animatediff_pipeline, svd_pipeline, wan_pipeline  # noqa: F401  (registers the runtime subclasses)
 
     adapter = pipeline_spec(name)
     if not isinstance(adapter, PipelineAdapter):
         raise UnsupportedModelError(f"{name} can be planned but has no runtime adapter to profile or run it")
     return adapter
+
+
+def measure_whole_stages(adapter, components: dict, height: int, width: int, frames: int, dtype: str, kernel: str):
+    """``adapter.measure_whole_stages``, given ``frames=`` when it takes it (a video VAE decoded whole)."""
+    import inspect
+
+    extra = {"frames": frames} if "frames" in inspect.signature(adapter.measure_whole_stages).parameters else {}
+    return adapter.measure_whole_stages(components, height, width, dtype, kernel, **extra)
 
 
 def measure_stage(fn: Callable[[], object], kernel: str) -> tuple[int, int, int]:

@@ -45,13 +45,12 @@ class UMT5EncoderAdapter:
 
     def example_inputs(self, model, shape, device="cpu", seed: int = 0) -> tuple:
         """Token ids ``[batch, latent_width]`` (a text encoder's plan shape: one "frame" of tokens) and a
-        mask of ones."""
+        mask of ones (none on meta)."""
         b, n = shape.batch, shape.latent_width
         gen = torch.Generator().manual_seed(seed)
-        if torch.device(device).type == "meta":
-            ids = torch.empty(b, n, dtype=torch.long, device=device)
-        else:
-            ids = torch.randint(0, model.config.vocab_size, (b, n), generator=gen).to(device)
+        if torch.device(device).type == "meta":  # no mask: building one reads its values (.item())
+            return torch.empty(b, n, dtype=torch.long, device=device), None
+        ids = torch.randint(0, model.config.vocab_size, (b, n), generator=gen).to(device)
         return ids, torch.ones(b, n, dtype=torch.long, device=device)
 
     def bind(self, model, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs) -> CallBinding:
