@@ -130,7 +130,7 @@ def host_ram_budget(gpu: str, host_ram_gb: float | None) -> tuple[int, str]:
         total = machine_ram_bytes()
         if total:
             return int(total * PINNABLE_FRACTION), f"this machine ({PINNABLE_FRACTION:.0%} of {human_bytes(total)} RAM)"
-    return int(ASSUMED_HOST_RAM_GB * 2**30), "assumed (set host_ram_gb= / --host-ram-gb)"
+    return int(ASSUMED_HOST_RAM_GB * 2**30), "assumed; set host_ram_gb= / --host-ram-gb"
 
 
 def machine_ram_bytes() -> int | None:

@@ -41,6 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--keys", type=int, help="Step Rehash: how many steps run the whole UNet")
     p.add_argument("-o", "--output", help="plan file to write (default: <model>-<gpu>.json)")
     p.add_argument("--plot", metavar="PNG", help="also draw per-block memory, original vs plan (needs matplotlib)")
+    p.add_argument("--host-ram-gb", type=float,
+                   help="pinned host memory the plan may use for placed values and streamed weights (default: "
+                        "75%% of this machine's RAM with --gpu auto, else an assumed 24 GiB, printed with the plan)")
     p.add_argument("--pageable", action="store_true",
                    help="host memory cannot be pinned where the plan runs (container limits): price host-link "
                         "copies of placed values and streamed weights at the pageable rate")
@@ -144,6 +147,7 @@ def cmd_plan(args) -> int:
         guidance=not args.no_guidance, dtype=args.dtype, steps=args.steps, vram_gb=args.vram_gb,
         max_latency_s=args.max_latency, allocator=args.allocator, method=args.solver,
         rehash=args.rehash, calibration=args.calibration, keys=args.keys, pinned=not args.pageable,
+        host_ram_gb=args.host_ram_gb,
     )
     print(plan_table(plan))
     if plan.rehash is not None:
@@ -161,8 +165,9 @@ def cmd_plan(args) -> int:
 
 
 def plan_table(plan) -> str:
-    """Per stage: residency, original vs planned peak; per block of each sliced component: original
-    vs planned activation peak, slice counts, groups; then the totals."""
+    """Per stage: residency, original vs planned peak, pinned host memory; per block of each sliced
+    component: original vs planned activation peak, slice counts, groups, and why a block's plan
+    exceeds its original; a legend of the plan's terms; then the totals, host memory beside GPU memory."""
     pred, target = plan.prediction, plan.target
     lines = [
         f"{plan.describe()} ({plan.pipeline or 'one model'}) on {target.gpu}: {_gib(target.usable_bytes)} GiB "
@@ -170,31 +175,42 @@ def plan_table(plan) -> str:
     ]
     if plan.stages:
         lines += ["", f"{'stage':<14}{'component':<15}{'on GPU':<9}{'weights':>8}{'original act.':>15}"
-                      f"{'planned act.':>14}{'stage peak':>12}{'seconds':>9}"]
+                      f"{'planned act.':>14}{'stage peak':>12}{'host':>7}{'seconds':>9}"]
         resident = {c.component: c.resident for c in plan.components}
         for st in plan.stages:
             where = "always" if resident.get(st.component, True) else "moved"
             lines.append(f"{st.stage:<14}{st.component:<15}{where:<9}{_gib(st.weight_bytes):>8}"
                          f"{_gib(st.original_activation_bytes):>15}{_gib(st.activation_bytes):>14}"
-                         f"{_gib(st.peak_bytes):>12}{st.seconds:>9.2f}")
-    for comp, profile, model in _sliced_components(plan):
+                         f"{_gib(st.peak_bytes):>12}{_gib(st.host_bytes):>7}{st.seconds:>9.2f}")
+    sliced = _sliced_components(plan)
+    for comp, profile, model in sliced:
         streamed = set(comp.streamed)
+        rows = _block_rows(comp, profile, model)
         lines += ["", f"{comp.component}: {comp.shape.describe()}",
-                  f"  {'block':<22}{'original GiB':>13}{'planned GiB':>13}  {'slices k':<16}{'weights':<10}groups"]
-        lines += [f"  {b:<22}{o:>13}{p:>13}  {k:<16}{'streamed' if b in streamed else '':<10}{g}"
-                  for b, o, p, k, g in _block_rows(comp, profile, model)]
+                  f"  {'block':<22}{'original GiB':>13}{'planned GiB':>13}  {'slices k':<16}{'weights':<10}"
+                  f"{'groups':<14}why bigger"]
+        lines += [f"  {b:<22}{o:>13}{p:>13}  {k:<16}{'streamed' if b in streamed else '':<10}{g:<14}{why}".rstrip()
+                  for b, o, p, k, g, why, _ in rows]
+        present = max((r[6] for r in rows), default=0)
+        if present:
+            lines.append(f"  streamed weights on the GPU besides the planned activations: up to {_gib(present)} GiB "
+                         f"at once (in the stage's planned act.)")
         placement = placement_summary(comp, profile)
         if placement:
             lines.append(f"  {placement}")
+    if sliced:
+        lines += ["", *LEGEND]
+    streamed_peak = f" + streamed {_gib(pred.streamed_bytes)}" if pred.streamed_bytes else ""
     lines += [
         "",
         f"predicted peak   {_gib(pred.peak_bytes)} GiB in {pred.peak_stage} = context {_gib(pred.context_bytes)} + "
         f"weights {_gib(pred.weight_bytes)} + live {_gib(pred.live_bytes)} + transient {_gib(pred.transient_bytes)}"
-        f" + allocator {_gib(pred.allocator_bytes)} + margin {_gib(pred.margin_bytes)}",
+        f"{streamed_peak} + allocator {_gib(pred.allocator_bytes)} + margin {_gib(pred.margin_bytes)}",
+        f"pinned host      {_gib(pred.host_bytes)} GiB {_host_parts(plan)}; {_host_budget(target)}",
     ]
     if pred.host_bytes or pred.transfer_s:
-        lines.append(f"host memory      {_gib(pred.host_bytes)} GiB (placed values, streamed weights); "
-                     f"{pred.transfer_s:.2f} s of transfers not hidden behind compute")
+        rate = "pinned" if target.pinned else "pageable"
+        lines.append(f"host link        {pred.transfer_s:.2f} s of transfers not hidden behind compute ({rate} rate)")
     if pred.original_peak_bytes:
         lines.append(f"original         {_gib(pred.original_peak_bytes)} GiB (every component resident, "
                      f"unsliced; all frames decoded at once)")
@@ -205,6 +221,33 @@ def plan_table(plan) -> str:
         f"{plan.solver.solve_seconds * 1000:.0f} ms over {plan.solver.candidates} candidate segments",
     ]
     return "\n".join(lines)
+
+
+LEGEND = (
+    "legend  k          slices a unit's input is cut into along its axis (frames, tokens, rows); 1: whole",
+    "        groups     consecutive units run slice by slice end to end with one k (what crosses stays one slice)",
+    "        depth      slices of a group in flight at once, each on its own CUDA stream (memory: depth slices)",
+    "        recompute  units needing statistics over a whole input (GroupNorm) get them by re-running its",
+    "                   producers slice by slice instead of keeping the input whole",
+    "        host       values kept in pinned host memory between segments, copied in slice by slice",
+    "        streamed   blocks whose weights stay in pinned host memory, copied in just before use (the next",
+    "                   prefetched); original/planned GiB: activation peak in the block, unmodified vs the plan",
+)
+
+
+def _host_parts(plan) -> str:
+    """``(placed values X + streamed weights Y)`` of the prediction's pinned host memory."""
+    streamed = sum(s.streamed_bytes for s in plan.stages)
+    placed = plan.prediction.host_bytes - streamed
+    if not plan.stages or not plan.prediction.host_bytes:
+        return "(nothing placed or streamed)"
+    return f"(placed values {_gib(placed)} + streamed weights {_gib(streamed)})"
+
+
+def _host_budget(target) -> str:
+    if target.host_ram_bytes is None:
+        return "no host memory budget set"
+    return f"budget {_gib(target.host_ram_bytes)} GiB ({target.host_ram_source or 'given'})"
 
 
 def placement_summary(comp, profile=None) -> str:
@@ -235,12 +278,12 @@ def _sliced_components(plan):
     return [(comp, profile, model) for _, comp, profile, model in sliced_stages(plan)]
 
 
-def _block_rows(plan, profile, model) -> list[tuple[str, str, str, str, str]]:
+def _block_rows(plan, profile, model) -> list[tuple[str, str, str, str, str, str, int]]:
     from .plots import block_rows
 
     return [
         (r.block, _gib(r.original_bytes), _gib(r.planned_bytes), ",".join(map(str, r.ks)),
-         f"{r.groups} ({r.grouped_units} units)" if r.groups else "-")
+         f"{r.groups} ({r.grouped_units} units)" if r.groups else "-", r.why, r.streamed_bytes)
         for r in block_rows(plan, profile, model)
     ]
 

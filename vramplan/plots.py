@@ -27,6 +27,8 @@ class BlockRow:
     ks: tuple[int, ...]  # slice counts used by its units
     groups: int  # plan groups that start in this block...
     grouped_units: int  # ...and the units they hold
+    streamed_bytes: int = 0  # streamed blocks' weights on the GPU at that peak (not in planned_bytes)
+    why: str = ""  # when planned_bytes exceeds original_bytes: what makes it so
 
 
 @dataclass(frozen=True)
@@ -43,36 +45,54 @@ class StageBlocks:
 def block_rows(comp, profile, model) -> list[BlockRow]:
     """Per block of ``profile``: original and planned activation peak, slice counts, groups.
 
-    ``comp``: the plan's ComponentPlan; ``model``: a planner CostModel of ``profile``."""
-    from .planner.costs import Segment
+    A segment's peak is the block's of the unit where it occurs; a group spanning blocks also bounds
+    its other blocks (their row says where the group's peak is). Streamed weights on the GPU are
+    weights, not activations: they are kept apart (``streamed_bytes``), so that ``planned_bytes``
+    compares with the unmodified model's activations. A row whose plan exceeds the original says why.
 
-    group_of = {u: g for g in comp.groups for u in g.units}
-    peaks: dict[str, int] = {}
-    i = 0
-    while i < model.n:
-        unit = model.units[i]
-        group = group_of.get(unit.name)
-        length = len(group.units) if group else 1
-        seg = Segment(i, i + length - 1, comp.k(unit.name), group.depth if group else 1)
-        cost = model.cost(seg, frozenset(comp.host), frozenset(comp.streamed))
-        for u in model.units[i : i + length]:
-            peaks[u.block] = max(peaks.get(u.block, 0), cost.activation_bytes)
-        i += length
+    ``comp``: the plan's ComponentPlan; ``model``: a planner CostModel of ``profile``."""
+    from .planner.plan import segments_of
+
+    host, streamed = frozenset(comp.host), frozenset(comp.streamed)
+    peaks: dict[str, tuple[int, int, str]] = {}  # block -> (activations, streamed weights, why)
+    for seg in segments_of(model, comp):
+        cost = model.cost(seg, host, streamed)
+        act = cost.activation_bytes - cost.streamed_bytes
+        at = model.units[cost.peak_unit]
+        for block in dict.fromkeys(u.block for u in model.units[seg.start : seg.stop + 1]):
+            if act + cost.streamed_bytes > sum(peaks.get(block, (0, 0))[:2]):
+                peaks[block] = (act, cost.streamed_bytes, _why(model, seg, at, block))
     rows = []
     seen_groups: set[int] = set()
     for block in dict.fromkeys(u.block for u in profile.units):
         names = [u.name for u in profile.units if u.block == block]
         groups = [g for g in comp.groups if g.units[0] in names and id(g) not in seen_groups]
         seen_groups.update(id(g) for g in groups)
+        original = profile.original_block_peaks.get(block)
+        planned, present, why = peaks.get(block, (None, 0, ""))
         rows.append(BlockRow(
             block=block,
-            original_bytes=profile.original_block_peaks.get(block),
-            planned_bytes=peaks.get(block),
+            original_bytes=original,
+            planned_bytes=planned,
             ks=tuple(sorted({comp.k(n) for n in names})),
             groups=len(groups),
             grouped_units=sum(len(g.units) for g in groups),
+            streamed_bytes=present,
+            why=why if planned is not None and original is not None and planned > original else "",
         ))
     return rows
+
+
+def _why(model, seg, at, block: str) -> str:
+    """Why a segment's activation peak in ``block`` may exceed the unmodified model's there."""
+    if at.block != block:
+        return f"in a group whose peak is in {at.block} ({at.name})"
+    first = model.units[seg.start]
+    if seg.depth > 1:
+        return f"depth {seg.depth}: {seg.depth} slices in flight at once"
+    if first.axis is not None and min(seg.k, first.axis_length) > 1:
+        return f"k={seg.k}: full-size output buffers are written slice by slice while their inputs live"
+    return "unsliced (k=1): nothing saved here; values are released between units, not inside them"
 
 
 def sliced_stages(plan) -> list[tuple[object, object, object, object]]:
