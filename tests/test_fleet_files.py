@@ -274,3 +274,39 @@ def test_emit_ray_carries_the_token_digest_never_the_token(fleet_file, tmp_path,
     assert config["http_options"]["host"] == "0.0.0.0" and config["applications"][0]["args"]["insecure"] is True
     assert main(["fleet", "--fleet", str(fleet_file), "--host", "0.0.0.0"]) == 2
     assert "go with --emit ray" in capsys.readouterr().err
+
+
+def test_wait_ready_names_a_failed_or_slow_deployment(monkeypatch):
+    pytest.importorskip("ray")
+    import ray
+    from ray import serve
+
+    from vramplan.fleet.serve import wait_ready
+
+    class Deployment:
+        def __init__(self, status, message=""):
+            self.status, self.message, self.replica_states = status, message, {"STARTING": 1}
+
+    class App:
+        def __init__(self, status, deployments):
+            self.status, self.deployments, self.message = status, deployments, ""
+
+    class Status:
+        def __init__(self, app):
+            self.applications = {"vramplan": app}
+
+    states = iter([App("DEPLOYING", {"hd-1": Deployment("UPDATING")}),
+                   App("DEPLOY_FAILED", {"hd-1": Deployment("DEPLOY_FAILED", "Traceback...\nGpuMismatchError: runs "
+                                                                             "on 'T4' but made for A10G"),
+                                         "FleetAPI": Deployment("HEALTHY")})])
+    monkeypatch.setattr(serve, "status", lambda: Status(next(states)))
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 2.0, "GPU": 0.5, "memory": 1.0})
+    said = []
+    with pytest.raises(FleetError, match=r"failed to start: hd-1: GpuMismatchError: runs on 'T4'"):
+        wait_ready(60, said.append, poll_s=0, report_after_s=0)
+    assert said and "waiting for hd-1 (UPDATING" in said[0] and "CPU 2, GPU 0.5" in said[0]
+    monkeypatch.setattr(serve, "status", lambda: Status(App("DEPLOYING", {"hd-1": Deployment("UPDATING")})))
+    with pytest.raises(FleetError, match=r"not ready after 0.05 s: hd-1"):
+        wait_ready(0.05, said.append, poll_s=0.01)
+    monkeypatch.setattr(serve, "status", lambda: Status(App("RUNNING", {})))
+    wait_ready(1, said.append)

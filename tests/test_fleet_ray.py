@@ -42,8 +42,16 @@ def fleet() -> FleetPlan:
     from vramplan.fleet.testing import tiny_fleet
 
     real = plan_fleet(parse_workloads(WORKLOADS), parse_inventory([{"gpu": "A10G", "count": 2}]),
-                      max_jobs=2)
+                      max_jobs=2, slack=0.01)  # (slack 0.01: half the planning of the default)
     return tiny_fleet(real)
+
+
+@pytest.fixture(scope="module")
+def elsewhere() -> FleetPlan:
+    """A fleet for a GPU type the test cluster does not have."""
+    from vramplan.fleet.testing import tiny_fleet
+
+    return tiny_fleet(plan_fleet(parse_workloads(WORKLOADS[:1]), parse_inventory([{"gpu": "RTX 4090"}]), slack=0.01))
 
 
 @pytest.fixture(scope="module")
@@ -181,15 +189,18 @@ def test_batch_resumable_with_retries(cluster, fleet, tmp_path):
     assert (again.skipped, again.done, again.failed) == (2, 0, 1)  # done jobs skipped, the failed one retried
 
 
-def test_batch_workers_that_cannot_be_placed_are_a_clear_error(cluster, tmp_path):
+def test_batch_workers_that_cannot_be_placed_are_a_clear_error(cluster, elsewhere, tmp_path):
     from vramplan.fleet.batch import run_batch
-    from vramplan.fleet.testing import tiny_fleet
 
-    elsewhere = tiny_fleet(plan_fleet(parse_workloads(WORKLOADS[:1]), parse_inventory([{"gpu": "RTX 4090"}])))
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text(json.dumps({"id": "x", "workload": "hd", "image": _image_b64()}) + "\n")
-    with pytest.raises(FleetError, match=r"not placed within 2 s.*hd on RTX 4090.*GeForce-RTX-4090"):
-        run_batch(elsewhere, jobs, tmp_path / "out", factory=FACTORY, progress=False, start_timeout=2)
+    t0 = time.monotonic()
+    with pytest.raises(FleetError, match=r"cannot be placed: deployment hd--RTX-4090-\w+: 1 of 1.*GeForce-RTX-4090"):
+        run_batch(elsewhere, jobs, tmp_path / "out", factory=FACTORY, progress=False)
+    assert time.monotonic() - t0 < 5  # said at once, no worker started
+    with pytest.raises(FleetError, match=r"not placed within 1 s.*hd on RTX 4090.*GeForce-RTX-4090"):
+        run_batch(elsewhere, jobs, tmp_path / "out", factory=FACTORY, progress=False, start_timeout=1,
+                  nodes_may_join=True)  # an autoscaling cluster: waited for, then the same error
 
 
 # -- serving: these run after the batch tests (the load test leaves jobs queued) --------------------------
@@ -224,7 +235,7 @@ def test_serve_end_to_end(served, fleet, cluster):
         assert (served["out"] / f"{job_id}.gif").read_bytes() == video
     # packing respected: Ray holds exactly the packed fractions of the declared GPUs
     used = 2 - cluster.available_resources().get("GPU", 0)
-    assert used == pytest.approx(sum(j.num_gpus for j in fleet.gpus[0].packings[0].jobs), abs=1e-4)
+    assert used == pytest.approx(sum(j.num_gpus for j in fleet.gpus[0].packings[0].jobs), abs=1e-3)  # Ray rounds
 
 
 def _raw(port: int, head: str, body: bytes = b"") -> int:
@@ -287,25 +298,15 @@ def test_the_issue_attacks_are_refused_with_no_side_effect(served):
     assert serve.status().applications["vramplan"].status == "RUNNING"
 
 
-def test_a_replica_on_the_wrong_gpu_refuses(cluster, served, fleet):
+def test_a_replica_on_the_wrong_gpu_refuses(cluster, fleet):
+    """The check every Serve replica and batch worker runs in its constructor, before loading anything
+    (a Serve replica failing it: the application fails with its message, see wait_ready)."""
+    from vramplan.fleet.batch import BatchWorker
     from vramplan.fleet.jobs import GpuMismatchError, check_gpu
 
     plan = fleet.gpus[0].packings[0].jobs[0].plan
     with pytest.raises(GpuMismatchError, match="runs on 'T4' but its plan .* was made for A10G"):
         check_gpu(plan, declared="T4")
-    from ray import serve
-
-    from vramplan.fleet.serve import build_app
-
-    app = build_app(fleet, factory=FACTORY, declared_gpu="T4")  # replicas that believe they sit on a T4
-    with pytest.raises(RuntimeError, match="wrong-gpu failed"):
-        serve.run(app, name="wrong-gpu", route_prefix="/wrong")
-    messages = [d.message for d in serve.status().applications["wrong-gpu"].deployments.values()]
-    assert any("GpuMismatchError" in m and "runs on 'T4'" in m and "made for A10G" in m for m in messages)
-    serve.delete("wrong-gpu")
-    assert serve.status().applications["vramplan"].status == "RUNNING"  # the good application is untouched
-    from vramplan.fleet.batch import BatchWorker
-
     worker = ray.remote(BatchWorker).options(num_cpus=1, num_gpus=0).remote(plan.model_dump_json(), FACTORY, "/tmp", "T4")
     with pytest.raises(ray.exceptions.RayActorError, match="was made for A10G"):
         ray.get(worker.ready.remote())
@@ -313,7 +314,7 @@ def test_a_replica_on_the_wrong_gpu_refuses(cluster, served, fleet):
 
 def test_the_job_board_killed_mid_job_loses_nothing(served):
     base = served["url"]
-    status, body = _http(f"{base}/jobs", {"workload": "sq", "image": _image_b64(), "steps": 40, "seed": 7})
+    status, body = _http(f"{base}/jobs", {"workload": "sq", "image": _image_b64(), "steps": 25, "seed": 7})
     job_id = json.loads(body)["id"]
     _wait(base, job_id, until=("running",))
     ray.kill(_board(), no_restart=False)  # Ray restarts it; it reopens the store
@@ -332,7 +333,7 @@ def test_a_restart_keeps_finished_jobs_and_requeues_the_unfinished_once(served, 
     done_id = json.loads(_http(f"{base}/jobs", {"workload": "hd", "image": _image_b64(), "steps": 1})[1])["id"]
     done_record = _wait(base, done_id)
     video = _http(f"{base}/jobs/{done_id}/video")[1]
-    running = json.loads(_http(f"{base}/jobs", {"workload": "hd", "image": _image_b64(), "steps": 60})[1])["id"]
+    running = json.loads(_http(f"{base}/jobs", {"workload": "hd", "image": _image_b64(), "steps": 30})[1])["id"]
     queued = json.loads(_http(f"{base}/jobs", {"workload": "hd", "image": _image_b64(), "steps": 1})[1])["id"]
     _wait(base, running, until=("running",))
     # everything that holds job state dies at once: the board, the front and the workers
@@ -371,11 +372,9 @@ def test_fifty_concurrent_submissions_and_polls(served):
     assert sum(_counts().values()) == before + 50
 
 
-def test_a_fleet_that_cannot_be_placed_is_named_within_seconds(served):
+def test_a_fleet_that_cannot_be_placed_is_named_within_seconds(served, elsewhere):
     from vramplan.fleet.serve import start
-    from vramplan.fleet.testing import tiny_fleet
 
-    elsewhere = tiny_fleet(plan_fleet(parse_workloads(WORKLOADS[:1]), parse_inventory([{"gpu": "RTX 4090"}])))
     t0 = time.monotonic()
     with pytest.raises(FleetError, match=r"deployment hd--RTX-4090-\w+: 1 of 1 replica\(s\) cannot be placed.*"
                                          r"GeForce-RTX-4090.*the cluster has node 1: CPU 6.*A10G"):

@@ -267,6 +267,8 @@ def cmd_serve(args) -> int:
 
 
 def cmd_batch(args) -> int:
+    import os
+
     from .fleet import connect
     from .fleet.batch import read_jobs, run_batch
     from .fleet.serve import workload_kinds
@@ -283,7 +285,8 @@ def cmd_batch(args) -> int:
           f"--start-timeout {args.start_timeout:g} s) ...", file=sys.stderr, flush=True)
     summary = run_batch(fleet, args.jobs, args.out_dir, factory=args.factory, retries=args.retries,
                         declared_gpu=args.declare_gpu, placement_mode=args.placement, progress=not args.no_progress,
-                        start_timeout=args.start_timeout)
+                        start_timeout=args.start_timeout,
+                        nodes_may_join=bool(args.address or os.environ.get("RAY_ADDRESS")))
     print(json.dumps(summary.model_dump()))
     return 0 if summary.failed == 0 else 1
 

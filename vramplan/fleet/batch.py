@@ -23,7 +23,7 @@ from ..planner.errors import VramplanError
 from ..planner.schema import Plan
 from . import require_ray
 from .jobs import DEFAULT_FACTORY, check_gpu, execute, import_factory, safe_id
-from .serve import placement, workload_kinds
+from .serve import demands, placement, placement_problems, workload_kinds
 
 REPORTS = "reports.jsonl"
 
@@ -110,10 +110,12 @@ class BatchWorker:
 def run_batch(fleet: FleetPlan, jobs_path: str | Path, out_dir: str | Path = "videos", *,
               factory: str = DEFAULT_FACTORY, retries: int = 2, declared_gpu: str | None = None,
               placement_mode: str = "auto", progress: bool = True, start_timeout: float = 600.0,
+              nodes_may_join: bool = False,
               on_dispatch: Callable[[dict, int, object], None] | None = None) -> BatchSummary:
     """Run every job not yet done; append one report line per finished job to ``<out_dir>/reports.jsonl``.
-    ``on_dispatch(job, attempt, actor)`` is called as each attempt starts (monitoring, tests). Workers that
-    cannot be placed within ``start_timeout`` seconds (no node with their GPU type) are a clear error."""
+    ``on_dispatch(job, attempt, actor)`` is called as each attempt starts (monitoring, tests). Workers no
+    node of the cluster can hold are a clear error at once (``nodes_may_join``, an autoscaling cluster:
+    after ``start_timeout`` seconds of waiting for them)."""
     ray = require_ray()
     from ray.exceptions import GetTimeoutError, RayError
     from tqdm import tqdm
@@ -129,6 +131,12 @@ def run_batch(fleet: FleetPlan, jobs_path: str | Path, out_dir: str | Path = "vi
         if job["id"] not in skip:
             pending[job["workload"]].append(job)
 
+    if not nodes_may_join:  # a fixed cluster: say at once which workers no node can hold
+        wanted = [d for d in demands(fleet, placement_mode) if pending[d["workload"]]]
+        problems = placement_problems(wanted, ray.nodes())
+        if problems:
+            raise FleetError(f"the batch workers cannot be placed: {'; '.join(problems)}. Add nodes with those "
+                             f"GPUs (--address), or --placement none.")
     remote = ray.remote(BatchWorker)
     idle: dict[str, deque] = defaultdict(deque)
     for (gpu, workload), (replicas, fraction, plan) in sorted(fleet.replicas().items()):

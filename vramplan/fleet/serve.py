@@ -50,6 +50,7 @@ APP_NAME = "vramplan"
 BOARD_NAME = "vramplan-jobs"
 WORKER_MAX_ONGOING = 1  # one minute-long video at a time per replica: the plan's peak is for one job
 CONSTRUCTOR_RETRIES = 2
+API_MAX_ONGOING = 64  # submissions and polls are short; Serve's default of 5 would queue pollers behind uploads
 HEALTH_CHECK_S = 5
 
 
@@ -169,8 +170,8 @@ def demands(fleet: FleetPlan, placement_mode: str = "auto") -> list[dict]:
         resources = {"CPU": 1.0, "GPU": float(fraction)}
         if "accelerator_type" in where:
             resources[f"accelerator_type:{where['accelerator_type']}"] = 0.001
-        out.append({"deployment": deployment_name(gpu, workload), "replicas": replicas, "resources": resources,
-                    "labels": where.get("label_selector", {})})
+        out.append({"deployment": deployment_name(gpu, workload), "workload": workload, "replicas": replicas,
+                    "resources": resources, "labels": where.get("label_selector", {})})
     return out
 
 
@@ -463,7 +464,8 @@ def build_app(fleet: FleetPlan, factory: str = DEFAULT_FACTORY, declared_gpu: st
     info = {"deployments": sorted(workers), "auth": "none" if settings.token_sha256 is None else "bearer",
             "image_paths": settings.data_dir is not None, "max_body_bytes": settings.limits.max_body_bytes}
     api = serve.deployment(FleetAPI).options(name="FleetAPI", ray_actor_options={"num_cpus": 0},
-                                             health_check_period_s=HEALTH_CHECK_S)
+                                             health_check_period_s=HEALTH_CHECK_S,
+                                             max_ongoing_requests=API_MAX_ONGOING)
     return api.bind(workers, weights, workload_kinds(fleet), settings, info)
 
 
