@@ -85,18 +85,29 @@ def shipped_profile(plan: Plan) -> PipelineProfile | None:
         return None
     if not _NAME.match(plan.model_name.lower()):  # a path or a hub id: never a shipped file name
         return None
-    denoiser = next((c for c in plan.components if c.component in ("unet", "transformer") and c.shape is not None),
-                    None)
-    if denoiser is None:
+    found = profile_key(plan)
+    if found is None:
         return None
     try:
-        from .pipelines import pipeline_spec
-
-        guidance = denoiser.shape.batch == pipeline_spec(plan.pipeline).guidance_batch
-        return shipped_pipeline_profile(plan.model_name, plan.height, plan.width, plan.frames, guidance,
-                                        denoiser.shape.dtype, plan.target.attention_kernel)
+        return shipped_pipeline_profile(plan.model_name, plan.height, plan.width, plan.frames, *found,
+                                        plan.target.attention_kernel)
     except (VramplanError, OSError, ValueError):
         return None
+
+
+def profile_key(plan: Plan) -> tuple[bool, str] | None:
+    """(guidance, dtype) of a pipeline plan, read off its denoiser's shape (None: no sliced denoiser)."""
+    from .pipelines import pipeline_spec
+
+    try:
+        spec = pipeline_spec(plan.pipeline)
+    except VramplanError:
+        return None
+    name = next((c for s, c, _ in spec.stages if s == "denoise"), None)
+    denoiser = next((c for c in plan.components if c.component == name and c.shape is not None), None)
+    if denoiser is None:
+        return None
+    return denoiser.shape.batch == spec.guidance_batch, denoiser.shape.dtype
 
 
 def stage_profiles(plan: Plan, profile: PipelineProfile | ModelProfile) -> dict[str, ModelProfile]:

@@ -121,15 +121,14 @@ def _profile_of(plan: Plan):
     if found is not None or not (plan.pipeline and plan.model_name and plan.height and plan.target):
         return found
     from ..api import find_pipeline_profile
-    from ..planner.pipelines import pipeline_spec
+    from ..planner.integrity import profile_key
 
-    unet = next((c for c in plan.components if c.component in ("unet", "transformer") and c.shape is not None), None)
-    if unet is None:
+    key = profile_key(plan)
+    if key is None:
         return None
-    guidance = unet.shape.batch == pipeline_spec(plan.pipeline).guidance_batch
     try:
-        return find_pipeline_profile(plan.model_name, plan.height, plan.width, plan.frames, guidance,
-                                     unet.shape.dtype, plan.target.attention_kernel)
+        return find_pipeline_profile(plan.model_name, plan.height, plan.width, plan.frames, *key,
+                                     plan.target.attention_kernel)
     except VramplanError:  # a model the catalogue does not know (the trained demo model): no profile
         return None
 
