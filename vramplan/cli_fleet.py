@@ -304,6 +304,6 @@ def _tiny(args, fleet):
 def _warn_without_gpus(ray, placement: str) -> None:
     """Replicas wait for GPU nodes; say so up front on a cluster that has none (an autoscaler may add them)."""
     if ray.cluster_resources().get("GPU", 0) == 0:
-        print("warning: this Ray cluster has no GPUs yet; the workers wait until nodes with their GPU types join. "
+        print("warning: this Ray cluster has no GPUs yet; the workers need nodes with their GPU types. "
               "To try a fleet on CPUs: ray start --head --num-gpus 2 --labels ray.io/accelerator-type=<type>, "
               "then --address, --declare-gpu <GPU> and --tiny (tiny random-weight pipelines).", file=sys.stderr)

@@ -540,9 +540,30 @@ def start(fleet: FleetPlan, *, factory: str = DEFAULT_FACTORY, out_dir: str = "v
     ensure_board(settings.out_dir, pin=True)
     app = build_app(fleet, factory, declared_gpu, placement_mode, settings)
     serve.start(http_options={"host": host, "port": port})
+    host, port = _serving_at(host, port, settings, say)
     serve._run(app, name=APP_NAME, route_prefix="/", _blocking=False)
     wait_ready(wait_s, say)
     return f"http://{host}:{port}"
+
+
+def _serving_at(host: str, port: int, settings: ServeSettings, say: Callable[[str], None]) -> tuple[str, int]:
+    """Where Serve's proxy really listens: a cluster's Serve keeps the HTTP options it started with."""
+    from .front import is_loopback
+
+    try:
+        from ray.serve.context import _get_global_client
+
+        config = _get_global_client().http_config
+        actual = (config.host, int(config.port))
+    except Exception:  # noqa: BLE001 - Serve internals moved: trust the options given
+        return host, port
+    if actual != (host, port):
+        say(f"warning: Serve already runs on this cluster with HTTP on {actual[0]}:{actual[1]} (one HTTP config per "
+            f"cluster); the application is served there. To change it: `serve shutdown` first.")
+    if settings.token_sha256 is None and not is_loopback(actual[0]):
+        raise FleetError(f"Serve on this cluster listens on {actual[0]}, beyond this machine, and this server has no "
+                         f"token: give one (VRAMPLAN_TOKEN) or shut that Serve down first")
+    return actual
 
 
 def wait_ready(wait_s: float, say: Callable[[str], None], poll_s: float = 0.5, report_after_s: float = 5.0) -> None:
@@ -578,7 +599,7 @@ def _last_line(text: str | None) -> str:
 
 
 def _pending(pending: dict) -> str:
-    return ", ".join(f"{n} ({d.status}: {dict(d.replica_states)}{' ' + _last_line(d.message) if d.message else ''})"
+    return ", ".join(f"{n} ({getattr(d.status, 'value', d.status)}: {dict(d.replica_states)}{' ' + _last_line(d.message) if d.message else ''})"
                      for n, d in pending.items()) or "the application"
 
 
@@ -593,7 +614,10 @@ def stop(local: bool) -> None:
     from ray import serve
 
     try:
-        serve.delete(APP_NAME)
+        try:
+            serve.delete(APP_NAME)
+        except Exception:  # noqa: BLE001 - Serve never started (placement refused, Ctrl-C early): nothing to delete
+            pass
         try:
             ray.kill(ray.get_actor(BOARD_NAME, namespace=NAMESPACE), no_restart=True)
         except ValueError:
