@@ -139,6 +139,7 @@ class PlanHandle(Hook, _Link):
     _streamer: WeightStreamer | None = None
     _said_host: bool = False
     _said_stream: bool = False
+    _named: list | None = None  # the model's (name, module) pairs, listed once: the plan's ops hold their modules
 
     def __enter__(self) -> PlanHandle:
         return self
@@ -191,7 +192,9 @@ class PlanHandle(Hook, _Link):
         """Bridges for the hooks on submodules whose forward the plan bypasses (traced once, when a
         hooked submodule first appears); a PlanConflictError for a hook that cannot be bridged, or
         for a stateful diffusers hook (a cache) on a module the plan calls once per slice."""
-        hooked = hooked_modules(self.model)
+        if self._named is None:
+            self._named = list(self.model.named_modules())
+        hooked = hooked_modules(self.model, self._named)
         signature = tuple((name, hook_signature(m)) for name, m in hooked.items())
         if signature == self._hooked:
             return self._bridges

@@ -122,25 +122,31 @@ def compare(plan: Plan, pipe, *, seed: int = 0, original: Original | None = None
 
 
 class _UNetTimer(Hook):
+    """Wall-clock and this thread's CPU seconds of the UNet's calls (CPU time: what a one-thread run costs
+    on a machine shared with other jobs, where wall clock also counts the waits)."""
+
     def __init__(self) -> None:
         self.seconds = 0.0
+        self.cpu_seconds = 0.0
 
     def wrap(self, module, call_next, args, kwargs):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             return call_next(*args, **kwargs)
         finally:
             self.seconds += time.perf_counter() - t0
+            self.cpu_seconds += time.thread_time() - c0
 
 
-def _timed(pipe, plan: Plan | None, seed: int, kwargs: dict) -> tuple[float, float]:
-    """Seconds of one pipeline call (original, or with the plan's hooks attached) and of its UNet calls."""
+def _timed(pipe, plan: Plan | None, seed: int, kwargs: dict, timer: _UNetTimer | None = None) -> tuple[float, float]:
+    """Seconds of one pipeline call (original, or with the plan's hooks attached) and of its UNet calls
+    (``timer``: the UNet timer to use, which also counts CPU seconds)."""
     from contextlib import ExitStack
 
     from .apply import apply_plan
     from .rehash import apply_rehash
 
-    timer = _UNetTimer()
+    timer = timer or _UNetTimer()
     with ExitStack() as stack, torch.no_grad():
         for comp in plan.components if plan is not None else ():
             if plan.rehash is not None and comp.component == "unet":

@@ -327,17 +327,19 @@ _BRIDGEABLE_DIFFUSERS = {"GroupOffloadingHook", "LayerwiseCastingHook", "LayerEx
 _BRIDGEABLE_ACCELERATE = {"AlignDevicesHook", "CpuOffload", "LayerwiseCastingHook"}
 
 
-def hooked_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+def hooked_modules(model: torch.nn.Module, named=None) -> dict[str, torch.nn.Module]:
     """Submodules (not ``model`` itself) that carry any hook: PyTorch's, accelerate's, diffusers',
-    ours, or a replaced ``forward``."""
+    ours, or a replaced ``forward``. ``named``: the (name, module) pairs to look at, if already listed
+    (walking a UNet's modules costs more than checking them)."""
     found = {}
-    for name, m in model.named_modules():
+    for name, m in model.named_modules() if named is None else named:
+        d = m.__dict__  # the module's own attributes (checked directly: this runs at every planned call)
         if name and (
-            any(getattr(m, attr, None) for attr in _TORCH_HOOKS)
-            or "forward" in m.__dict__
-            or "_hf_hook" in m.__dict__
-            or hooks_on(m)
-            or getattr(m.__dict__.get("_diffusers_hook"), "hooks", None)
+            any(d.get(attr) for attr in _TORCH_HOOKS)
+            or "forward" in d
+            or "_hf_hook" in d
+            or d.get(_ATTR) is not None and d[_ATTR].hooks
+            or getattr(d.get("_diffusers_hook"), "hooks", None)
         ):
             found[name] = m
     return found
