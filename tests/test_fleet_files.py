@@ -310,3 +310,16 @@ def test_wait_ready_names_a_failed_or_slow_deployment(monkeypatch):
         wait_ready(0.05, said.append, poll_s=0.01)
     monkeypatch.setattr(serve, "status", lambda: Status(App("RUNNING", {})))
     wait_ready(1, said.append)
+
+
+def test_a_serve_config_without_a_token_or_insecure_is_refused(fleet_file, monkeypatch):
+    pytest.importorskip("ray")
+    from vramplan.fleet.serve import app_builder
+
+    monkeypatch.delenv("VRAMPLAN_TOKEN", raising=False)
+    with pytest.raises(FleetError, match="need token_sha256"):
+        app_builder({"fleet": str(fleet_file)})
+    with pytest.raises(FleetError, match="64 hex digits"):
+        app_builder({"fleet": str(fleet_file), "token_sha256": "secret-in-clear"})
+    with pytest.raises(FleetError, match="need token_sha256"):
+        app_builder({"fleet": str(fleet_file), "token_env": "VRAMPLAN_TOKEN"})  # named, but unset

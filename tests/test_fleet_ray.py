@@ -325,7 +325,7 @@ def test_the_job_board_killed_mid_job_loses_nothing(served):
 def test_a_restart_keeps_finished_jobs_and_requeues_the_unfinished_once(served, fleet):
     from ray import serve
 
-    from vramplan.fleet.serve import APP_NAME, start
+    from vramplan.fleet.serve import APP_NAME, deployment_name, start
 
     base = served["url"]
     finished = [r["id"] for r in ray.get(_board().queued.remote())]  # (none queued now)
@@ -336,11 +336,14 @@ def test_a_restart_keeps_finished_jobs_and_requeues_the_unfinished_once(served, 
     running = json.loads(_http(f"{base}/jobs", {"workload": "hd", "image": _image_b64(), "steps": 30})[1])["id"]
     queued = json.loads(_http(f"{base}/jobs", {"workload": "hd", "image": _image_b64(), "steps": 1})[1])["id"]
     _wait(base, running, until=("running",))
-    # everything that holds job state dies at once: the board, the front and the workers
+    # everything that holds this job's state dies at once: the board, the front and the job's worker
     ray.kill(_board(), no_restart=True)
-    for actor in ray.util.list_named_actors(all_namespaces=True):
-        if actor["namespace"] == "serve" and APP_NAME in actor["name"] and "SERVE_REPLICA" in actor["name"]:
-            ray.kill(ray.get_actor(actor["name"], namespace="serve"), no_restart=True)
+    victims = ("#FleetAPI#", f"#{deployment_name('A10G', 'hd')}#")
+    killed = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+              if a["namespace"] == "serve" and f"::{APP_NAME}#" in a["name"] and any(v in a["name"] for v in victims)]
+    for name in killed:
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    assert len(killed) == 2, killed
     start(fleet, factory=FACTORY, out_dir=str(served["out"]), port=served["port"], declared_gpu="A10G",
           settings=served["settings"])  # what a restarted `vramplan serve` does
     assert serve.status().applications[APP_NAME].status == "RUNNING"
