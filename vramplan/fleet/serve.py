@@ -444,9 +444,9 @@ class FleetAPI:
 
 
 def build_app(fleet: FleetPlan, factory: str = DEFAULT_FACTORY, declared_gpu: str | None = None,
-              placement_mode: str = "auto", settings: ServeSettings | None = None):
-    """The Serve application of a fleet plan (checked for packing beyond memory first). The job board
-    must exist (:func:`ensure_board`)."""
+              placement_mode: str = "auto", settings: ServeSettings | None = None, front_node: str | None = None):
+    """The Serve application of a fleet plan (checked for packing beyond memory first). ``front_node``:
+    the IP of the node the HTTP front must run on (where the data folder is)."""
     require_ray()
     from ray import serve
 
@@ -463,7 +463,10 @@ def build_app(fleet: FleetPlan, factory: str = DEFAULT_FACTORY, declared_gpu: st
         weights[name] = (workload, replicas)
     info = {"deployments": sorted(workers), "auth": "none" if settings.token_sha256 is None else "bearer",
             "image_paths": settings.data_dir is not None, "max_body_bytes": settings.limits.max_body_bytes}
-    api = serve.deployment(FleetAPI).options(name="FleetAPI", ray_actor_options={"num_cpus": 0},
+    front_options = {"num_cpus": 0}
+    if front_node:  # Ray gives every node a resource named after its IP: asking a sliver of it pins the front
+        front_options["resources"] = {f"node:{front_node}": 0.001}
+    api = serve.deployment(FleetAPI).options(name="FleetAPI", ray_actor_options=front_options,
                                              health_check_period_s=HEALTH_CHECK_S,
                                              max_ongoing_requests=API_MAX_ONGOING)
     return api.bind(workers, weights, workload_kinds(fleet), settings, info)
@@ -538,7 +541,7 @@ def start(fleet: FleetPlan, *, factory: str = DEFAULT_FACTORY, out_dir: str = "v
         say(f"warning: {message}; waiting up to {wait_s:g} s for nodes to join (an autoscaler may add them)")
     settings = replace(settings or ServeSettings(token_sha256=None), out_dir=str(Path(out_dir).resolve()))
     ensure_board(settings.out_dir, pin=True)
-    app = build_app(fleet, factory, declared_gpu, placement_mode, settings)
+    app = build_app(fleet, factory, declared_gpu, placement_mode, settings, front_node=ray.util.get_node_ip_address())
     serve.start(http_options={"host": host, "port": port})
     host, port = _serving_at(host, port, settings, say)
     serve._run(app, name=APP_NAME, route_prefix="/", _blocking=False)
