@@ -353,6 +353,8 @@ def test_a_restart_keeps_finished_jobs_and_requeues_the_unfinished_once(served, 
     assert record["status"] == "done" and (record["attempts"], record["requeues"]) == (2, 1), record
     record = _wait(base, queued)
     assert record["status"] == "done" and (record["attempts"], record["requeues"]) == (1, 0), record
+    survivor = json.loads(_http(f"{base}/jobs", {"workload": "sq", "image": _image_b64(), "steps": 1})[1])["id"]
+    assert _wait(base, survivor)["status"] == "done"  # a worker that lived through it finds the new board
 
 
 def test_fifty_concurrent_submissions_and_polls(served):

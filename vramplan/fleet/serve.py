@@ -296,14 +296,25 @@ class RemoteBoard:
 
     def __getattr__(self, method: str):
         async def call(*args, **kwargs):
-            if self._actor is None:
-                ray = require_ray()
-                self._actor = ray.remote(JobBoard).options(
-                    name=BOARD_NAME, namespace=NAMESPACE, lifetime="detached", num_cpus=0, max_restarts=-1,
-                    max_task_retries=-1, get_if_exists=True).remote(str(Path(self._out_dir).resolve()))
-            return await getattr(self._actor, method).remote(*args, **kwargs)
+            from ray.exceptions import ActorDiedError
+
+            for attempt in range(2):
+                try:
+                    return await getattr(self._handle(), method).remote(*args, **kwargs)
+                except ActorDiedError:  # killed for good (a restarted server made a new one): look it up again
+                    self._actor = None
+                    if attempt:
+                        raise
 
         return call
+
+    def _handle(self):
+        if self._actor is None:
+            ray = require_ray()
+            self._actor = ray.remote(JobBoard).options(
+                name=BOARD_NAME, namespace=NAMESPACE, lifetime="detached", num_cpus=0, max_restarts=-1,
+                max_task_retries=-1, get_if_exists=True).remote(str(Path(self._out_dir).resolve()))
+        return self._actor
 
 
 # -- the deployments -------------------------------------------------------------------------------
