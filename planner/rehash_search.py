@@ -73,12 +73,12 @@ def _nth(k: int) -> str:
 def candidates(model: QualityModel, reuse_at: dict[str, float], full: float, *,
                kinds=KINDS, max_keys: int | None = None, threshold: float | None = None) -> list[Candidate]:
     """Every schedule of ``kinds`` at every cut of ``reuse_at`` (the cost of one reuse call there; ``full``:
-    one full call) with at most ``max_keys`` key steps; duplicates (same cut and keys) kept once, the
+    one full call) with at most ``max_keys`` key steps and at least one reused step; duplicates (same cut and keys) kept once, the
     first kind of ``kinds`` naming them. ``threshold`` fixes the greedy schedule's threshold."""
     from .rehash import greedy_keys, uniform_keys
 
     steps = model.cal.steps
-    top = steps if max_keys is None else max(1, min(max_keys, steps))
+    top = steps - 1 if max_keys is None else max(1, min(max_keys, steps - 1))  # a schedule reuses some step
     seen: dict[tuple[str, tuple[int, ...]], Candidate] = {}
     for cut, reuse in reuse_at.items():
         if reuse >= full:
@@ -178,5 +178,5 @@ def ranked(cands: list[Candidate], budget: float | None = None, min_psnr: float 
                  if best is not None else "no schedule is within the limits at all")
         raise QualityFloorError(
             f"no Step Rehash schedule is predicted to reach {min_psnr:g} dB PSNR within the limits; {reach}. "
-            f"Lower the quality floor, or allow more time or key steps.")
+            f"Lower the quality floor, allow more time or key steps, or plan without Step Rehash.")
     return sorted(good, key=lambda c: (c.cost, -c.quality))

@@ -34,6 +34,24 @@ def test_trained_plan_calibrate_compare(weights, tmp_path, capsys):
                  "-o", str(optimal)]) == 0
     assert json.loads(optimal.read_text())["rehash"]["quality"] == "calibrated"
     capsys.readouterr()
+    # the frontier from the saved calibration (no new run): cheaper rows are predicted worse
+    front = tmp_path / "front.png"
+    assert main(["calibrate", str(plan), "--frontier", "--from", str(cal), "--frontier-plot", str(front),
+                 "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["frontier"]
+    assert rows and front.stat().st_size > 1000
+    for cheaper, dearer in zip(rows, rows[1:], strict=False):
+        assert cheaper["flops_fewer"] > dearer["flops_fewer"] and cheaper["predicted_psnr"] < dearer["predicted_psnr"]
+    floor = rows[len(rows) // 2]["predicted_psnr"]
+    floored = tmp_path / "floor.json"
+    assert main(["trained-plan", "--steps", "3", "--rehash", "optimal", "--calibration", str(cal), "--min-psnr",
+                 str(floor), "-o", str(floored)]) == 0
+    r = json.loads(floored.read_text())["rehash"]
+    assert r["predicted_psnr"] >= floor - 0.01 and r["schedule"]
+    capsys.readouterr()
+    assert main(["trained-plan", "--steps", "3", "--rehash", "optimal", "--calibration", str(cal), "--min-psnr",
+                 "900", "-o", str(floored)]) == 2
+    assert "best reachable is" in capsys.readouterr().err
     assert main(["compare", str(optimal), "--gif", str(gif)]) == 0
     out = capsys.readouterr().out
     assert "PSNR" in out and "UNet FLOPs" in out and gif.stat().st_size > 0
