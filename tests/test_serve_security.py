@@ -338,7 +338,9 @@ def test_a_good_image_is_stored_with_the_job(server):
 @pytest.mark.parametrize("name", ["../outside/secret.png", "link-out.png", "dir-out/secret.png", "fifo.png",
                                   "zero", "sub", ".", "", "missing.png", "sub/../../outside/secret.png",
                                   "/etc/passwd", "/etc/shadow", "/dev/zero", "/proc/self/environ", "ok.png\x00.txt",
-                                  "sub/../link-out.png", "//etc/passwd", "./../data/../outside/secret.png"])
+                                  "sub/../link-out.png", "//etc/passwd", "./../data/../outside/secret.png",
+                                  "%2e%2e/outside/secret.png", "..\\outside\\secret.png", "\uff0e\uff0e/outside/secret.png",
+                                  "sub/./../../outside/secret.png", "~/.ssh/id_rsa", "ok.png/.."])
 def test_names_outside_or_not_files_get_one_answer(server, data_dir, name):
     t0 = time.monotonic()
     status, data, _ = server.post({**GOOD, "image": None, "image_path": name})
