@@ -7,8 +7,9 @@
   context + margin + weights + held + needed, a top-level peak, latency or host memory that is not
   the stages' (these need no profile);
 - header (height, width, frames) disagrees with its components' shapes;
-- components contradict themselves: depth above k, duplicate host / recompute / streamed entries, a
-  streamed block of a resident component, slicing, placement or streaming on an unsliced component;
+- components contradict themselves: depth above k, duplicate host / recompute / streamed entries,
+  slicing, placement or streaming on an unsliced component (``resident`` with streamed blocks is not
+  a contradiction: the blocks stream, the other weights stay; the recomputed prediction checks it);
 - components disagree with the model's profile (shipped, or passed in): a unit that does not exist, k
   on a unit without an axis or beyond its axis length, a group that is not a run of one axis, a
   recompute list that is not the one its groups imply, a host value that never leaves its segment, a
@@ -258,9 +259,6 @@ def _component(comp: ComponentPlan) -> Iterator[str]:
         twice = sorted({v for v in values if values.count(v) > 1})
         if twice:
             yield f"field '{where}.{name}' lists {', '.join(twice[:3])} more than once"
-    if comp.resident and comp.streamed:
-        yield (f"field '{where}.resident' is true, but the component streams blocks ({', '.join(comp.streamed[:3])}): "
-               f"streamed weights leave the GPU, so it is not resident")
 
 
 # -- one component, against its profile ---------------------------------------------------------------

@@ -112,11 +112,10 @@ class PipelinePlanner:
 
     def results(self, resident: dict[str, bool], solutions: dict[str, Solution], cap: int) -> list[_StageResult] | None:
         """Every stage's weights, peak and seconds given the sliced stages' ``solutions`` (None: an unsliced
-        stage does not fit within ``cap``, or a resident component streams blocks: a contradiction)."""
+        stage does not fit within ``cap``). A resident component that streams blocks keeps its other
+        weights on the GPU for the whole run (the runtime moves them once)."""
         credit = {s.component: solutions[s.stage].streamed_weight_bytes for s in self.profile.stages
                   if s.stage in solutions}
-        if any(resident.get(c, True) and v for c, v in credit.items()):
-            return None  # streamed weights leave the GPU: the component is not resident
         results = []
         for stage in self.profile.stages:
             base = self._base(stage, resident, credit)

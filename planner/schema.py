@@ -374,8 +374,9 @@ class SolverInfo(_Strict):
 class ComponentPlan(_Strict):
     """How to run one model (a pipeline component) on one sample shape.
 
-    Units not named in ``slices`` run unsliced. ``resident``: the weights stay on the GPU for the
-    whole run; otherwise they are moved to the GPU before the component's stage and off after it.
+    Units not named in ``slices`` run unsliced. ``resident``: the weights (less any streamed blocks')
+    stay on the GPU for the whole run; otherwise they are moved to the GPU before the component's stage
+    and off after it.
     """
 
     component: str = Field(default="unet", description="pipeline attribute: unet, vae, image_encoder, ...")
@@ -383,7 +384,9 @@ class ComponentPlan(_Strict):
     shape: SampleShape | None = Field(default=None, description="None for a component that is not sliced")
     slices: dict[str, int] = Field(default_factory=dict, description="unit name -> slice count k (>= 1)")
     groups: list[Group] = Field(default_factory=list)
-    resident: bool = True
+    resident: bool = Field(
+        default=True, description="the component's weights stay on the GPU for the whole run (those of streamed "
+        "blocks excepted: they live in pinned host memory); false: moved to the GPU for its stages only")
     recompute: list[str] = Field(
         default_factory=list,
         description="units whose input statistics come from recomputing their producers slice by slice "
