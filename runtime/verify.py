@@ -102,15 +102,17 @@ def failures(plan: Plan, reports: list[VerifyReport], tolerance: float) -> list[
     return out
 
 
-def integrity(plan: Plan) -> list[str]:
+def integrity(plan: Plan) -> tuple[list[str], bool]:
     """What in ``plan`` disagrees with itself or with its model (:mod:`vramplan.planner.integrity`),
-    checked against its pipeline profile: shipped, cached or profiled now on meta tensors (cached)."""
+    checked against its pipeline profile: shipped, cached or profiled now on meta tensors (cached).
+    Also says whether a profile was found (False: the plan was checked against itself only)."""
     from ..planner.integrity import problems
 
     found = problems(plan, find_profile=False)
     if found:
-        return found
-    return problems(plan, _profile_of(plan))
+        return found, False
+    profile = _profile_of(plan)
+    return problems(plan, profile), profile is not None
 
 
 def _profile_of(plan: Plan):
