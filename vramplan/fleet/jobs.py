@@ -117,9 +117,9 @@ def call_arguments(plan: Plan, job: dict) -> dict:
 
     from ..planner.pipelines import pipeline_spec
 
-    kwargs = dict(job.get("options") or {})
     if not isinstance(job.get("options") or {}, dict):
         raise JobError("'options' must be an object of pipeline call arguments")
+    kwargs = dict(job.get("options") or {})
     if pipeline_spec(plan.pipeline).conditioning == "prompt":
         if not job.get("prompt"):
             raise JobError("an AnimateDiff job needs 'prompt'")
