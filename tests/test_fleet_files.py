@@ -323,3 +323,15 @@ def test_a_serve_config_without_a_token_or_insecure_is_refused(fleet_file, monke
         app_builder({"fleet": str(fleet_file), "token_sha256": "secret-in-clear"})
     with pytest.raises(FleetError, match="need token_sha256"):
         app_builder({"fleet": str(fleet_file), "token_env": "VRAMPLAN_TOKEN"})  # named, but unset
+
+
+def test_a_jobs_file_that_is_a_fifo_is_refused_without_blocking(tmp_path):
+    from vramplan.fleet.batch import read_jobs
+
+    fifo = tmp_path / "jobs.jsonl"
+    os.mkfifo(fifo)
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(err=pytest.raises(FleetError, read_jobs, fifo, {})))
+    thread.start()
+    thread.join(5)
+    assert not thread.is_alive() and "not a regular file" in str(result["err"].value)

@@ -42,10 +42,14 @@ FINAL = "_final"  # a worker's result that retrying cannot change
 def read_jobs(path: str | Path, kinds: dict[str, str]) -> list[dict]:
     """Jobs of a JSONL file, with ids, each checked like a served request (:mod:`.requests`; ``image`` may
     also be a file path here: the file is the operator's). ``kinds``: workload -> conditioning."""
+    import stat
+
     from .requests import RequestInvalid, validate_job
 
     path = Path(path)
     try:
+        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block, a device never end
+            raise FleetError(f"cannot read jobs file {path}: not a regular file")
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise FleetError(f"cannot read jobs file {path}: {getattr(err, 'strerror', None) or err}") from err
