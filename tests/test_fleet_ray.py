@@ -162,7 +162,7 @@ def test_batch_resumable_with_retries(cluster, fleet, tmp_path):
     image = _image_b64()
     lines = [{"id": "a", "workload": "hd", "image": image, "steps": 2},
              {"id": "b", "workload": "sq", "image": image, "steps": 1},
-             {"id": "bad", "workload": "sq", "image": "no/such/image.png"}]
+             {"id": "bad", "workload": "hd", "image": "no/such/image.png"}]  # (one worker per workload)
     jobs.write_text("\n".join(json.dumps(j) for j in lines) + "\n")
     killed = []
 
