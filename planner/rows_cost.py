@@ -35,6 +35,14 @@ def in_rows(model, j: int) -> int:
     return model.profile.shape.latent_height
 
 
+def _frames(model, name: str, unit) -> int:
+    """Pieces a unit stages a host input's slab in: its frames (dim 2) when it stages them itself."""
+    if not getattr(unit, "stage_inside", False):
+        return 1
+    shape = model.units[model.producer[name]].output_shape
+    return shape[2] if len(shape) == 5 else 1
+
+
 def _slab_scratch(model, j: int, rows: int) -> float:
     """Scratch of unit ``j`` computing from a slab of ``rows`` input rows."""
     cache = model.__dict__.setdefault("_rows_scratch", {})
@@ -87,7 +95,8 @@ def rows_cost(model, seg, seg_rules, entry: int, host: frozenset[str]):
             held = sum(units[h - seg.start].output_bytes * made_rows(h - seg.start, sl) // lens[h - seg.start]
                        for h in seg_rules.held_at(j))
             a, b = sl.slab[i]
-            staged = sum(size[v] * (b - a) // max(1, in_lens[i]) for v in seg_rules.staged(j))
+            staged = sum(size[v] * (b - a) // max(1, in_lens[i]) // _frames(model, v, units[i])
+                         for v in seg_rules.staged(j))
             scratch = int(_slab_scratch(model, j, b - a))
             transient = held + staged + scratch
             if best is None or live + transient > best[0]:

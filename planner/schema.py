@@ -172,6 +172,8 @@ class UnitProfile(_Strict):
         "row mapping")
     rows_cropped: bool = Field(default=False, description="axis rows: the unit crops to the rows still needed "
                                "after every layer (its halo work is priced layer by layer)")
+    stage_inside: bool = Field(default=False, description="axis rows: a host-placed input is staged one frame "
+                               "(dim 2) of its slab at a time by the unit itself")
     scratch: dict[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=0)]] = Field(
         description="slice count k -> peak bytes the unit's computation adds above its entry for one "
         "(the largest) slice, its output piece included, output buffer excluded"

@@ -166,6 +166,7 @@ def profile(
                 scratch=scratch[op.name],
                 rows=op.rows.as_list() if op.spec.axis == "rows" and op.rows is not None else None,
                 rows_cropped=op.spec.axis == "rows" and op.rows_cropped,
+                stage_inside=op.spec.axis == "rows" and op.stage_inside,
             )
         )
     bar.close()

@@ -83,6 +83,9 @@ class Op:
     # Axis "rows": ``fn`` returns exactly the rows ``[ctx.start, ctx.stop)`` (it crops inside, stage by
     # stage) instead of every row its slab gives.
     rows_cropped: bool = False
+    # Axis "rows": a host-placed input reaches ``fn`` as a host view of its slab, and ``fn`` copies it to
+    # the device piece by piece (a video's latent frames one at a time) instead of the whole slab at once.
+    stage_inside: bool = False
 
     @property
     def name(self) -> str:

@@ -51,14 +51,15 @@ class RowsSegment:
         self.lengths = segment_lengths(maps, first, in_lens)  # output rows of each unit
         self.length = self.lengths[-1]
 
-    def _read(self, name: str, a: int, b: int, local: dict) -> torch.Tensor:
-        """Rows ``[a, b)`` of ``name``: from this slice's local piece, staged from host, or a view."""
+    def _read(self, name: str, a: int, b: int, local: dict, inside: bool = False) -> torch.Tensor:
+        """Rows ``[a, b)`` of ``name``: from this slice's local piece, staged from host (``inside``: left
+        on host for the op to stage piece by piece, ``Op.stage_inside``), or a view."""
         if name in local:
             piece, have = local[name]
             return _crop(piece, have, a, b)
         run = self.run
         t = run.env[name].narrow(-2, a, b - a)
-        return run.stage(t) if name in run.host else t
+        return run.stage(t) if name in run.host and not inside else t
 
     def _unit(self, j: int, sl: SliceRows, local: dict, prepared) -> tuple[torch.Tensor, int] | None:
         """Unit ``j`` on one slice: its output rows ``sl.out[j]`` (a tensor and its first row)."""
@@ -67,7 +68,7 @@ class RowsSegment:
         if e <= s:
             return None
         a, b = sl.slab[j]
-        args = [self._read(n, a, b, local) for n in op.inputs]
+        args = [self._read(n, a, b, local, op.stage_inside) for n in op.inputs]
         ctx = SliceCtx(AXIS, s, e, self.lengths[j], self.run.globals, prepared, self.shapes)
         piece = self.run._call(op.fn, ctx, *args)
         del args

@@ -1,9 +1,19 @@
 """Model adapters and pipeline adapters; importing this package registers them."""
 
-from . import animatediff_pipeline, animatediff_unet, sd_vae, svd_pipeline, svd_unet, svd_vae  # noqa: F401
-from . import umt5_encoder, wan_transformer  # noqa: F401
-from . import vae_encoder  # noqa: F401  (after sd_vae/svd_vae: their decode adapters stay the default)
-from . import wan_vae  # noqa: F401
+# Registration order matters where a class has two adapters: sd_vae/svd_vae (decode) before vae_encoder,
+# so that a VAE's decode adapter is its default.
+from . import (  # noqa: F401
+    animatediff_pipeline,
+    animatediff_unet,
+    sd_vae,
+    svd_pipeline,
+    svd_unet,
+    svd_vae,
+    umt5_encoder,
+    vae_encoder,
+    wan_transformer,
+    wan_vae,
+)
 from .base import adapter_for, pipeline_adapter, supported_classes
 
 __all__ = ["adapter_for", "pipeline_adapter", "supported_classes"]

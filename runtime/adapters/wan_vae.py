@@ -106,7 +106,7 @@ class WanVAEDecoderAdapter:
         up_spec = UnitSpec("decoder.up_blocks", "rows", kind="conv")
         ops = [
             Op(mid_spec, ("z",), mid_spec.name, mid),
-            Op(up_spec, (mid_spec.name,), up_spec.name, up, rows=whole, rows_cropped=True),
+            Op(up_spec, (mid_spec.name,), up_spec.name, up, rows=whole, rows_cropped=True, stage_inside=True),
         ]
         return ops, up_spec.name
 
@@ -129,7 +129,7 @@ class WanVAEDecoderAdapter:
             return DecoderOutput(sample=out) if return_dict else (out,)
 
         return CallBinding(
-            env={"z": z}, layouts={"z": "nchw"}, globals={}, finish=finish,
+            env={"z": z}, layouts={"z": "nchw"}, globals={"device": z.device}, finish=finish,
             shape={"batch": z.shape[0], "frames": z.shape[2], "latent_height": z.shape[-2],
                    "latent_width": z.shape[-1], "dtype": z.dtype},
         )
@@ -188,13 +188,16 @@ def _up_slab(vae, stages: list[RowMap], ctx: SliceCtx, x: torch.Tensor) -> torch
     if x.shape[-2] != b0 - a0:
         raise RuntimeError(f"Wan up blocks: a slab of {x.shape[-2]} rows, expected rows {walk.need[0]}")
     b, _, t, _, _ = x.shape
+    device = ctx.globals["device"]
+    cuda = device.type == "cuda" and x.is_pinned()
     cache: list = [None] * (1 + sum(isinstance(m, WanCausalConv3d) for m in dec.up_blocks.modules()))
     later = 2 ** sum(getattr(m, "mode", None) == "upsample3d" for m in dec.up_blocks.modules())
     out = None
     frame = 0
     for f in range(t):
         idx = [0]
-        h, have, point = x[:, :, f : f + 1], a0, 0
+        # the mid block's output may be in host memory: one latent frame of the slab on the device at a time
+        h, have, point = x[:, :, f : f + 1].to(device, copy=True, non_blocking=cuda), a0, 0
         for block in dec.up_blocks:
             block_in, block_have = h, have
             for res in block.resnets:
