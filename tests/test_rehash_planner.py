@@ -274,3 +274,30 @@ def test_stage_predictions_hold_the_cache(svd):
     if floors["plain"][1] == "denoise":
         assert floors["rehash"][0] - floors["plain"][0] == plan.rehash.cache_bytes
     assert floors["rehash"][0] >= floors["plain"][0]
+
+
+def _probed(profile, steps=25):
+    """_calibration with the scheduler and decoder probes a calibration run records (predicts PSNR)."""
+    sigmas = [700.0 * 0.7**s for s in range(steps)]
+    gain = [abs(b - a) / math.sqrt(a * a + 1) for a, b in zip(sigmas, [*sigmas[1:], 0.0], strict=True)]
+    return _calibration(profile, steps, noise_norm=[80.0] * steps, step_gain=gain, sigmas=sigmas, latent_rms=1.0,
+                        decode_gain=0.3, frame_values=14 * 3 * 576 * 1024)
+
+
+def test_min_psnr_plans_the_fastest_schedule_predicted_to_reach_it(svd, capsys):
+    from vramplan.planner.rehash_search import QualityFloorError
+
+    cal = _probed(svd)
+    loose = plan_for(gpu="4090", model="svd", rehash="optimal", calibration=cal, min_psnr=30.0)
+    tight = plan_for(gpu="4090", model="svd", rehash="optimal", calibration=cal, min_psnr=45.0)
+    for plan, floor in ((loose, 30.0), (tight, 45.0)):
+        assert plan.rehash.predicted_psnr >= floor and plan.rehash.schedule
+    assert loose.rehash.unet_flops <= tight.rehash.unet_flops  # a lower floor never costs more
+    with pytest.raises(QualityFloorError, match=r"best reachable is \d"):
+        plan_for(gpu="4090", model="svd", rehash="optimal", calibration=cal, min_psnr=900.0)
+    with pytest.raises(QualityFloorError, match="predicts no PSNR"):  # a calibration made before the probes
+        plan_for(gpu="4090", model="svd", rehash="optimal", calibration=_calibration(svd), min_psnr=30.0)
+    from vramplan.cli import main
+
+    assert main(["plan", "--model", "svd", "--gpu", "4090", "--min-psnr", "30", "-o", "/dev/null"]) == 2
+    assert "--min-psnr needs --rehash" in capsys.readouterr().err

@@ -39,6 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="Step Rehash schedule (greedy and optimal need --calibration)")
     p.add_argument("--calibration", help="calibration JSON from `vramplan calibrate` (Step Rehash)")
     p.add_argument("--keys", type=int, help="Step Rehash: how many steps run the whole UNet")
+    p.add_argument("--min-psnr", type=float, help="Step Rehash with --calibration: the fastest schedule predicted "
+                   "to keep this PSNR (dB) against the full run")
     p.add_argument("-o", "--output", help="plan file to write (default: <model>-<gpu>.json)")
     p.add_argument("--plot", metavar="PNG", help="also draw per-block memory, original vs plan (needs matplotlib)")
     p.add_argument("--host-ram-gb", type=float,
@@ -134,7 +136,7 @@ def cmd_plan(args) -> int:
     from .api import plan_for
 
     check_output(args.output or "plan.json", "plan file")  # the default is written to the current folder
-    for flag, value in (("--keys", args.keys), ("--calibration", args.calibration)):
+    for flag, value in (("--keys", args.keys), ("--calibration", args.calibration), ("--min-psnr", args.min_psnr)):
         if value is not None and args.rehash == "off":  # would be ignored: a plan without Step Rehash
             raise InvalidArgumentError(f"{flag} needs --rehash (uniform, greedy or optimal); without it the plan "
                                        "has no Step Rehash")
@@ -147,7 +149,7 @@ def cmd_plan(args) -> int:
         guidance=not args.no_guidance, dtype=args.dtype, steps=args.steps, vram_gb=args.vram_gb,
         max_latency_s=args.max_latency, allocator=args.allocator, method=args.solver,
         rehash=args.rehash, calibration=args.calibration, keys=args.keys, pinned=not args.pageable,
-        host_ram_gb=args.host_ram_gb,
+        host_ram_gb=args.host_ram_gb, min_psnr=args.min_psnr,
     )
     print(plan_table(plan))
     if plan.rehash is not None:
