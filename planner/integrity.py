@@ -201,15 +201,18 @@ def _header(plan: Plan, profile) -> Iterator[str]:
     sliced = [c for c in plan.components if c.shape is not None]
     if not sliced or plan.height is None or plan.width is None or plan.frames is None:
         return
-    expected = {}
+    expected, exact = {}, True
     if isinstance(profile, PipelineProfile):
         if (profile.height, profile.width, profile.frames) != (plan.height, plan.width, plan.frames):
             yield (f"the plan's header ({plan.frames} x {plan.height}x{plan.width}) is not its profile's "
                    f"({profile.frames} x {profile.height}x{profile.width})")
             return
         expected = {c: p.shape for c, p in stage_profiles(plan, profile).items()}
+    elif profile is None:
+        expected, exact = _spec_shapes(plan)
     dtype = sliced[0].shape.dtype
     batches = _batches(plan)
+    header = f"{plan.frames} x {plan.height}x{plan.width}"
     for comp in sliced:
         shape = comp.shape
         where = f"components[{comp.component}].shape"
@@ -218,16 +221,41 @@ def _header(plan: Plan, profile) -> Iterator[str]:
         if comp.component in batches and shape.batch not in batches[comp.component]:
             yield (f"field '{where}.batch' is {shape.batch}, but {plan.pipeline} runs its {comp.component} on a batch "
                    f"of {' or '.join(map(str, sorted(batches[comp.component])))}")
-        if comp.component in expected:
-            if shape != expected[comp.component]:
-                yield f"field '{where}' is {shape.describe()}, but the plan's header needs {expected[comp.component].describe()}"
+        want = expected.get(comp.component)
+        fields = ("batch", "frames", "latent_height", "latent_width", "dtype") if exact else ("frames",)
+        for name in fields if want is not None else ():
+            if getattr(shape, name) != getattr(want, name):
+                yield (f"field '{where}.{name}' is {getattr(shape, name)}, but the plan's header ({header}) needs "
+                       f"{getattr(want, name)}")
+        if want is not None and exact:
             continue
-        if shape.frames != plan.frames:
-            yield f"field '{where}.frames' is {shape.frames}, but the plan is for {plan.frames} frames"
         h, w = plan.height / shape.latent_height, plan.width / shape.latent_width
         if h != w or h != int(h) or int(h) & (int(h) - 1):
             yield (f"field '{where}' has latents {shape.latent_height}x{shape.latent_width}, which no VAE scale "
                    f"factor maps to the plan's {plan.height}x{plan.width} pixels (height and width swapped?)")
+
+
+def _spec_shapes(plan: Plan) -> tuple[dict, bool]:
+    """(component -> the sample shape its pipeline gives the plan's header, exact). Exact for a catalogue
+    model (its configs give the VAE scale); for a model named by a path or an id, whose files a plan
+    should not make us read, only the frame count is known (``exact`` False)."""
+    from ..profiles import model_catalogue
+    from .pipelines import pipeline_source, pipeline_spec
+
+    key = profile_key(plan)
+    if key is None or not plan.model_name:
+        return {}, True
+    try:
+        spec = pipeline_spec(plan.pipeline)
+        known = plan.model_name.lower() in model_catalogue()
+        configs = pipeline_source(plan.model_name).configs if known else None
+        by_stage = {stage: component for stage, component, _ in spec.stages}
+        shapes = {by_stage[stage]: spec.stage_shape(stage, plan.height, plan.width, plan.frames, key[0], key[1],
+                                                    configs)
+                  for stage in spec.sliced if stage in by_stage}
+        return shapes, known
+    except (VramplanError, KeyError, ValueError):
+        return {}, True
 
 
 def _batches(plan: Plan) -> dict[str, set[int]]:

@@ -155,12 +155,13 @@ LAPTOP_CASES = {
     "negative solve time": (_set(["solver", "solve_seconds"], -1.0), r"'solver\.solve_seconds' is -1\.0"),
     "nan gap": (_set(["solver", "gap"], math.nan), r"'solver\.gap' is nan"),
     # -- header vs component shapes -----------------------------------------------------------------
-    "height and width swapped": (lambda d: d.update(height=d["width"], width=d["height"]), r"header|shape"),
-    "frames halved in the header": (_set(["frames"], 12), r"'components\[unet\]\.shape\.frames' is 25, but the plan is for 12"),
+    "height and width swapped": (lambda d: d.update(height=d["width"], width=d["height"]),
+                                 r"'components\[unet\]\.shape\.latent_height' is 72, but the plan's header \(25 x 1024x576\) needs 128"),
+    "frames halved in the header": (_set(["frames"], 12), r"'components\[unet\]\.shape\.frames' is 25, but the plan's header \(12 x 576x1024\) needs 12"),
     "unet with twice the frames": (lambda d: comp(d, "unet")["shape"].__setitem__("frames", 50),
-                                   r"'components\[unet\]\.shape'"),
+                                   r"'components\[unet\]\.shape\.frames' is 50, but the plan's header"),
     "vae latents swapped": (lambda d: comp(d, "vae")["shape"].update(latent_height=128, latent_width=72),
-                            r"'components\[vae\]\.shape'"),
+                            r"'components\[vae\]\.shape\.latent_height' is 128, but the plan's header"),
     "unet batch of three": (lambda d: comp(d, "unet")["shape"].__setitem__("batch", 3),
                             r"'components\[unet\]\.shape\.batch' is 3"),
     "vae batch of two": (lambda d: comp(d, "vae")["shape"].__setitem__("batch", 2), r"'components\[vae\]\.shape"),
@@ -362,3 +363,18 @@ def test_fleet_emit_ray_refuses_an_edited_fleet_plan(fleet_data, tmp_path, capsy
     out = tmp_path / "serve.yaml"
     assert main(["fleet", "--emit", "ray", "--fleet", str(path), "-o", str(out)]) == 2
     assert "profile gives" in capsys.readouterr().err and not out.exists()
+
+
+def test_wan_plans_agree_with_their_header_in_latent_frames(tmp_path):
+    """Wan's transformer sees latent frames (81 video frames -> 21): with or without the shipped profile
+    the header check follows the pipeline's own shape rule."""
+    from vramplan.planner.schema import Plan
+
+    plan = plan_for(gpu="RTX 4090", model="wan2.1-t2v-1.3b", height=480, width=832, dtype="bf16")
+    assert plan.component("transformer").shape.frames == 21
+    assert problems(plan) == [] and problems(plan, find_profile=False) == []
+    data = json.loads(plan.to_json())
+    data["frames"] = 85  # 22 latent frames
+    found = problems(Plan.model_validate(data))
+    assert found and found[0].startswith("field 'components[")  and "frames' is 21, but the plan's header" in found[0]
+    load_plan(_write(tmp_path, json.loads(plan.to_json())))
