@@ -350,6 +350,7 @@ def gpu_cases(models, gpu, height: int, width: int, budgets: list[str]) -> list[
     """Full-size components and their plans from ``plan_for`` (shipped pipeline profiles)."""
     from vramplan.planner.errors import InfeasibleError
     from vramplan.planner.pipelines import pipeline_source
+    from vramplan.profiles import model_catalogue
 
     from vramplan import plan_for
     from vramplan.plots import sliced_stages
@@ -359,6 +360,11 @@ def gpu_cases(models, gpu, height: int, width: int, budgets: list[str]) -> list[
         configs = pipeline_source(model).configs
         by_stage: dict[str, Case] = {}
         notes = []
+        entry = model_catalogue().get(model, {})
+        size = dict(height=height, width=width)  # a model shipped at its own sizes and dtype (Wan: bf16)
+        if entry.get("shipped"):
+            size = dict(height=entry["shipped"][0][0], width=entry["shipped"][0][1], dtype=entry.get("dtype", "fp16"),
+                        host_ram_gb=256)
         for budget in budgets:
             if budget == "card":
                 vram, label = None, f"plan {gpu.name}"
@@ -368,12 +374,15 @@ def gpu_cases(models, gpu, height: int, width: int, budgets: list[str]) -> list[
             else:
                 vram, label = float(budget), f"plan {float(budget):g} GiB"
             try:
-                plan = plan_for(gpu=gpu.name, model=model, height=height, width=width, vram_gb=vram)
+                plan = plan_for(gpu=gpu.name, model=model, vram_gb=vram, **size)
             except InfeasibleError as err:
                 notes.append(f"{label}: infeasible ({str(err).split(':')[0]})")
                 continue
             for stage, comp, profile, _ in sliced_stages(plan):
                 cfg = configs[stage.component]
+                if not hasattr(__import__("diffusers"), cfg["_class_name"]):  # UMT5: built by transformers
+                    notes.append(f"{stage.stage}: {cfg['_class_name']} is not built here (not a diffusers model)")
+                    continue
                 case = by_stage.setdefault(stage.stage, Case(model, stage.stage, stage.component, cfg["_class_name"],
                                                              cfg, profile, []))
                 case.plans.append((label, comp))
@@ -386,11 +395,17 @@ def gpu_cases(models, gpu, height: int, width: int, budgets: list[str]) -> list[
 def _floor_gib(model: str, gpu, height: int, width: int) -> float:
     """A budget just above the smallest plan's peak (read from the planner's refusal of a tiny budget)."""
     from vramplan.planner.errors import InfeasibleError
+    from vramplan.profiles import model_catalogue
 
     from vramplan import plan_for
 
+    entry = model_catalogue().get(model, {})
+    size = dict(height=height, width=width)
+    if entry.get("shipped"):
+        size = dict(height=entry["shipped"][0][0], width=entry["shipped"][0][1], dtype=entry.get("dtype", "fp16"),
+                    host_ram_gb=256)
     try:
-        plan_for(gpu=gpu.name, model=model, height=height, width=width, vram_gb=0.5)
+        plan_for(gpu=gpu.name, model=model, vram_gb=0.5, **size)
     except InfeasibleError as err:
         return err.min_peak_bytes / GIB * 1.02 + 0.02  # + the 2% margin the plan keeps
     return 0.5
@@ -402,6 +417,11 @@ SMOKE = {  # model -> [(stage, class, tiny config name in runtime/tiny.py, batch
     "svd-xt": [("denoise", "UNetSpatioTemporalConditionModel", "TINY_UNET", 2, 5)],
     "animatediff": [("denoise", "UNetMotionModel", "TINY_MOTION_UNET", 2, 3),
                     ("decode", "AutoencoderKL", "TINY_SD_VAE", 1, 3)],
+    # Wan: the DiT (CFG as two batch-1 calls); diffusers' own tiny test config
+    "wan2.1-t2v-1.3b": [("denoise", "WanTransformer3DModel", {
+        "patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 12, "in_channels": 4,
+        "out_channels": 4, "text_dim": 16, "freq_dim": 256, "ffn_dim": 32, "num_layers": 2, "cross_attn_norm": True,
+        "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 32}, 1, 3)],
 }
 
 
@@ -420,7 +440,7 @@ def smoke_cases(models, gpu) -> list[Case]:
     cases = []
     for model in models:
         for stage, cls_name, config_name, batch, frames in SMOKE[model]:
-            config = dict(getattr(tiny, config_name))
+            config = dict(config_name if isinstance(config_name, dict) else getattr(tiny, config_name))
             shape = SampleShape(batch=batch, frames=frames, latent_height=8, latent_width=8, dtype="fp32")
             meta = empty_model(getattr(diffusers, cls_name), config, torch.float32)
             prof = profile(meta, shape, "cpu_flash", name=f"tiny-{model}", max_k=4, progress=lambda _: None)
@@ -483,7 +503,8 @@ def check_case(case: Case, device: Device, gpu, dtype, warmup: int, repeats: int
     from vramplan.runtime.adapters.base import adapter_for
     from vramplan.runtime.apply import apply_plan
 
-    module = materialise(torch, case.cls, case.config, dtype, device.name)
+    planned = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[case.profile.shape.dtype]
+    module = materialise(torch, case.cls, case.config, dtype if device.cpu else planned, device.name)
     adapter = adapter_for(module)
     ops, result = adapter.ops(module)
     cost = CostModel(case.profile, gpu, "none" if device.cpu else "expandable_segments")

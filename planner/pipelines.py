@@ -220,13 +220,13 @@ def expert_steps(steps: int, boundary_ratio: float, shift: float, train_timestep
 class _Wan(PipelineSpec):
     """The Wan 2.1 / 2.2 pipelines: UMT5 prompt encoding (prompt and negative prompt, one batch-1 call
     each), the DiT per step run as two batch-1 forwards under CFG (as the stock pipelines do), the
-    causal video VAE decode (run whole until a sliced Wan VAE lands), post-processing.
+    causal video VAE decode (sliced along rows with halos: ``runtime/adapters/wan_vae.py``), post-processing.
 
     Latents: ``(frames - 1) / 4 + 1`` frames, pixels / the VAE's spatial factor (8; 16 for the Wan 2.2
     VAE of TI2V-5B), then 2x2 patches: frames must be 4n+1 and sizes multiples of factor x patch (the
     stock pipeline rounds silently; a plan refuses)."""
 
-    sliced: ClassVar[dict[str, str | int]] = {"encode_text": 1, "denoise": 1}
+    sliced: ClassVar[dict[str, str | int]] = {"encode_text": 1, "denoise": 1, "decode": 1}
     guidance_batch = 1  # CFG as two batch-1 forwards: the batch does not double
     chunk_argument = None
     conditioning = "prompt"
@@ -309,7 +309,7 @@ class WanT2VA14B(_Wan):
     diffusers_class = "WanPipeline"
     stages = (("encode_text", "text_encoder", "forward"), ("denoise", "transformer", "forward"),
               ("denoise_2", "transformer_2", "forward"), ("decode", "vae", "decode"))
-    sliced = {"encode_text": 1, "denoise": 1, "denoise_2": 1}
+    sliced = {"encode_text": 1, "denoise": 1, "denoise_2": 1, "decode": 1}
     components = ("transformer", "transformer_2", "vae", "text_encoder")
     boundary_ratio = 0.875
     experts = 2
@@ -340,7 +340,7 @@ class WanI2VA14B(_Wan):
     stages = (("encode_text", "text_encoder", "forward"), ("encode_vae", "vae", "encode"),
               ("denoise", "transformer", "forward"), ("denoise_2", "transformer_2", "forward"),
               ("decode", "vae", "decode"))
-    sliced = {"encode_text": 1, "denoise": 1, "denoise_2": 1}
+    sliced = {"encode_text": 1, "denoise": 1, "denoise_2": 1, "decode": 1}
     components = ("transformer", "transformer_2", "vae", "text_encoder")
     conditioning = "image"
     boundary_ratio = 0.9

@@ -360,6 +360,13 @@ def pipeline_profile(model: str, height: int, width: int, frames: int, guidance:
         if stage in adapter.sliced and stage not in profiles:
             say(f"{stage}: {component}")
             shape = adapter.stage_shape(stage, height, width, frames, guidance, dtype, source.configs)
+            twin = next((s for s, c, m in adapter.stages if s in profiles and m == method
+                         and _same_model(components[c], components[component])
+                         and profiles[s].shape == shape), None)
+            if twin is not None:  # an identical model at the same shape (Wan 2.2's two experts): one profile
+                profiles[stage] = profiles[twin].model_copy(deep=True)
+                bar.update(1)
+                continue
             with adapter.stage_dtype(components, stage, dtype):  # SVD encodes in fp32
                 profiles[stage] = profile(components[component], shape, kernel, name=source.name, max_k=max_k,
                                           progress=progress, component="vae_encoder" if method == "encode" else None)
@@ -373,6 +380,13 @@ def pipeline_profile(model: str, height: int, width: int, frames: int, guidance:
         components=component_profiles(components, source.name, refs), stages=stages,
         versions=next(iter(profiles.values())).versions,
     )
+
+
+def _same_model(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Same class and config (fingerprint) and dtype: the profiler would measure the same profile."""
+    fa, fb = fingerprint(a), fingerprint(b)
+    return (fa.class_name, fa.config_hash) == (fb.class_name, fb.config_hash) and \
+        next(a.parameters()).dtype == next(b.parameters()).dtype
 
 
 def cached_pipeline_profile(model: str, height: int, width: int, frames: int, guidance: bool, dtype: str,
