@@ -7,8 +7,8 @@ tokens), runs the transformer twice per step (cond, then uncond: batch 1 each; W
 to ``transformer_2`` once the timestep falls below ``boundary_ratio``), decodes the latents with
 ``AutoencoderKLWan`` and post-processes the frames. ``WanImageToVideoPipeline`` adds the CLIP image
 encoder (Wan 2.1) and the VAE encode of the conditioning video (the image, then zeros). The text
-encoder and the transformers are sliced stages (their profiles let the planner stream layers and
-blocks); the VAE and the image encoder are measured whole on meta tensors.
+encoder, the transformers and the VAE decode (rows with halos) are sliced stages (their profiles let
+the planner slice, place and stream); the VAE encode and the image encoder are measured whole.
 """
 
 from __future__ import annotations
@@ -37,15 +37,17 @@ class _WanAdapter(PipelineAdapter):
     # -- measuring -----------------------------------------------------------------------------
     def measure_whole_stages(self, components: dict, height: int, width: int, dtype: str, kernel: str,
                              frames: int = 81) -> dict:
-        """The VAE decode of all latent frames (and for I2V the CLIP image encoder and the VAE encode of
-        the conditioning video), on meta tensors."""
+        """For I2V the CLIP image encoder and the VAE encode of the conditioning video (and the VAE decode
+        when it is not a sliced stage), on meta tensors."""
         vae = components["vae"]
         configs = {"vae": dict(vae.config)}
         f = self.scale_factor(configs)
         t = self.temporal_factor
         latents = torch.empty(1, vae.config.z_dim, (frames - 1) // t + 1, height // f, width // f,
                               device="meta", dtype=vae.dtype)
-        out = {"decode": measure_stage(lambda: vae.decode(latents), kernel)}
+        out = {}
+        if "decode" not in self.sliced:
+            out["decode"] = measure_stage(lambda: vae.decode(latents), kernel)
         if "encode_vae" in {s for s, _, _ in self.stages}:
             video = torch.empty(1, 3, frames, height, width, device="meta", dtype=vae.dtype)
             out["encode_vae"] = measure_stage(lambda: vae.encode(video).latent_dist.mode(), kernel)
@@ -92,13 +94,15 @@ class _WanAdapter(PipelineAdapter):
                 stages.append(StageProfile(stage=stage, component=component, per_step=True, profile=p,
                                            activation_bytes=p.original_peak_bytes,
                                            held_bytes=latent + image_latents + embeds))
+            elif stage == "decode" and stage in profiles:  # sliced along rows (the Wan VAE adapter)
+                p = profiles[stage]
+                stages.append(StageProfile(stage=stage, component=component, profile=p,
+                                           activation_bytes=p.original_peak_bytes, held_bytes=latent_values * (4 + size)))
             elif stage == "decode":
                 act, flops, moved = whole[stage]
                 stages.append(StageProfile(stage=stage, component=component, activation_bytes=act, flops=flops,
                                            bytes_moved=moved, held_bytes=latent_values * (4 + size)))
-        # postprocess_video: the decoded video (model dtype) rescaled, clamped and cast to fp32 before the copy
-        stages.append(StageProfile(stage="postprocess", component="none", activation_bytes=frames_px * (size + 4 + 8),
-                                   bytes_moved=frames_px * 24, held_bytes=frames_px * size))
+        stages.append(postprocess_stage(frames, height, width, dtype))
         return stages
 
     # -- loading and checking ------------------------------------------------------------------------
@@ -156,6 +160,15 @@ class _WanAdapter(PipelineAdapter):
                 f"({what[str(variant).endswith(':A14B')]}). Make a plan for this checkpoint (vramplan.plan_for with "
                 f"its model name or folder)."
             )
+
+
+def postprocess_stage(frames: int, height: int, width: int, dtype: str) -> StageProfile:
+    """``postprocess_video`` of the decoded video (held, model dtype): denormalize ``(x * 0.5 + 0.5).clamp``
+    makes two model-dtype temporaries at once on the GPU, then ``.cpu()`` before the fp32 cast
+    (``VaeImageProcessor.pt_to_numpy``)."""
+    values, size = frames * 3 * height * width, _BYTES[dtype]
+    return StageProfile(stage="postprocess", component="none", activation_bytes=2 * values * size,
+                        bytes_moved=5 * values * size, held_bytes=values * size)
 
 
 def _read_index(source: str) -> dict | None:
