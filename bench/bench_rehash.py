@@ -1,13 +1,16 @@
 """Step Rehash benchmarks.
 
-(i)  Full-size SVD 14f, SVD-XT 25f and AnimateDiff 16f at 576x1024 (CFG, fp16), from the shipped
-     profiles (no torch): UNet FLOPs per video and the planner's predicted latency on a GPU for 25,
-     13 and 9 key steps out of 25 at every candidate cut (uniform schedules).
-(ii) The shipped trained image-to-video model (CPU, fp32): one calibration, then greedy, optimal and
-     DeepCache-uniform schedules with the same key-step counts, each run against the full run on the
-     same seed and held-out first frames: PSNR/SSIM to the full run, UNet FLOPs and CPU wall clock.
+(i)   Full-size SVD 14f, SVD-XT 25f and AnimateDiff 16f at 576x1024 (CFG, fp16), from the shipped
+      profiles (no torch): UNet FLOPs per video and the planner's predicted latency on a GPU for 25,
+      13 and 9 key steps out of 25 at every candidate cut (uniform schedules).
+(ii)  The quality predictor on the shipped trained image-to-video model (CPU, fp32): one calibration
+      predicts the PSNR (against the full run) of schedules of every kind at several cuts; each is then
+      run on held-out first frames: Spearman rank correlation, the table, and the planner's joint choice
+      (cut, keys, key steps) against DeepCache's uniform schedule at the same UNet FLOPs.
+(iii) Reuse steps at their FLOPs: denoising wall clock of rehash schedules against the stock pipeline,
+      side by side in one process, against their FLOPs ratio.
 
-    python bench/bench_rehash.py [--part i|ii|both] [--gpu "RTX 4090"] [--write docs/benchmarks.md]
+    python bench/bench_rehash.py [--part i|ii|iii|all] [--gpu "RTX 4090"] [--write docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -68,113 +71,227 @@ def part_i(gpu_name: str) -> str:
     return "\n".join(out + ["Best cut per model at 13 of 25 key steps:", "", *summary, ""])
 
 
-def part_ii(keys_list=(9, 13, 17), examples: int = 2, max_gap: int = 5, plot: str | None = None) -> str:
+CUTS_II = ("up_blocks.0.attentions.1.proj_out", "up_blocks.1.resnets.0.temporal_res_block.norm2",
+           "up_blocks.1.attentions.1.proj_out", "up_blocks.2.resnets.0.temporal_res_block.norm2")
+
+
+def _trained_setup(max_gap: int):
     import torch
     from vramplan.runtime import trained
     from vramplan.runtime.calibrate import calibrate
-    from vramplan.runtime.compare import compare
+
+    from vramplan.cli_rehash import trained_kwargs
+
+    torch.set_num_threads(1)
+    pipe = trained.trained_svd_pipeline()
+    call = dict(height=trained.HEIGHT, width=trained.WIDTH, num_frames=trained.NUM_FRAMES,
+                decode_chunk_size=trained.NUM_FRAMES, num_inference_steps=trained.NUM_INFERENCE_STEPS,
+                **trained_kwargs())
+    started = time.perf_counter()
+    cal = calibrate(pipe, max_gap=max_gap, seed=0, image=trained.heldout_example(0)[1], **call)
+    return pipe, call, cal, time.perf_counter() - started
+
+
+def part_ii(keys_list=(6, 9, 13, 17), examples=(1, 2), max_gap: int = 4, plot: str | None = None,
+            frontier_plot: str | None = None) -> str:
+    """The quality predictor against measured PSNR, over schedules of every kind at several cuts."""
+    import random
+
+    from vramplan.planner import rehash as R
+    from vramplan.planner.rehash_quality import QualityModel, spearman
+    from vramplan.planner.rehash_search import candidates, frontier, optimal_by_count, ranked, schedule_name
+    from vramplan.runtime import trained
+    from vramplan.runtime.calibrate import plot_calibration, plot_frontier
+    from vramplan.runtime.compare import rehash_video, schedule_plan
+    from vramplan.runtime.rehash import measure_cuts
+
+    pipe, call, cal, cal_seconds = _trained_setup(max_gap)
+    if plot:
+        plot_calibration(cal, plot)
+    steps, model = cal.steps, QualityModel(cal)
+    full, reuse, _ = measure_cuts(pipe.unet, cal.shape, [c.cut for c in cal.cuts])
+    images = {i: trained.heldout_example(i)[1] for i in examples}
+    originals = {i: rehash_video(pipe, None, seed=i, image=images[i], **call) for i in examples}
+
+    def measure(cut, keys):
+        plan = schedule_plan(cut, keys, steps)
+        videos = {i: rehash_video(pipe, plan, seed=i, image=images[i], **call) for i in examples}
+        psnr = sum(float(trained.psnr(videos[i], originals[i]).mean()) for i in examples) / len(examples)
+        ssim = sum(float(trained.ssim(videos[i], originals[i]).mean()) for i in examples) / len(examples)
+        return psnr, ssim
+
+    rng = random.Random(0)
+    rows = []
+    for cut in CUTS_II:
+        dp = optimal_by_count(model, cut, max(keys_list))
+        for n in keys_list:
+            schedules = [("uniform", R.uniform_keys(steps, keys=n), None),
+                         ("greedy", *R.greedy_for_count(cal.cut(cut).similarity, n)),
+                         ("optimal", dp[n], None),
+                         ("random", sorted({0, *rng.sample(range(1, steps), n - 1)}), None)]
+            for kind, keys, t in schedules:
+                cost = len(keys) * full + (steps - len(keys)) * reuse[cut]
+                p, s_ = measure(cut, keys)
+                rows.append(dict(cut=cut, n=n, kind=kind, keys=keys, name=schedule_name(kind, keys, t),
+                                 fewer=steps * full / cost, pred=model.psnr(cut, keys), psnr=p, ssim=s_))
+                print(f"{cut[-34:]:>34} {n:>2} {kind:<8} pred {rows[-1]['pred']:6.2f} measured {p:6.2f}", flush=True)
+    pred, meas = [r["pred"] for r in rows], [r["psnr"] for r in rows]
+    rho = spearman(pred, meas)
+    within = {c: spearman([r["pred"] for r in rows if r["cut"] == c], [r["psnr"] for r in rows if r["cut"] == c])
+              for c in CUTS_II}
+    mae = sum(abs(a - b) for a, b in zip(pred, meas, strict=True)) / len(rows)
+    bias = sum(a - b for a, b in zip(pred, meas, strict=True)) / len(rows)
+
+    # the planner's joint choice (any cut, key count, schedule) at the UNet FLOPs of DeepCache's uniform
+    # schedules at each cut, measured the same way
+    cands = candidates(model, reuse, full)
+    if frontier_plot:
+        plot_frontier(cands, full, steps, frontier_plot, title="trained tiny SVD: predicted PSNR vs UNet FLOPs saved")
+    joint = []
+    for cut in CUTS_II[1:]:
+        for n in (9, 13):
+            keys = R.uniform_keys(steps, keys=n)
+            budget = n * full + (steps - n) * reuse[cut]
+            best = ranked(cands, budget)[0]
+            p, _ = measure(best.cut, best.keys)
+            base = next(r for r in rows if r["cut"] == cut and r["n"] == n and r["kind"] == "uniform")
+            joint.append((cut, n, base, best, p))
+            print(f"joint @ {cut[-30:]} {n}: {best.cut[-30:]} {len(best.keys)} pred {best.psnr:.2f} meas {p:.2f}",
+                  flush=True)
+
+    import hashlib
+
+    weights = trained.trained_dir() / "unet" / "diffusion_pytorch_model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
+    out = [f"### (ii) The quality predictor on the shipped trained model (CPU, fp32, {steps} steps, "
+           f"{trained.NUM_FRAMES} x {trained.HEIGHT}x{trained.WIDTH}, CFG; UNet weights sha256 {digest})", "",
+           f"One calibration ({cal_seconds:.0f} s, every cut, gaps up to {max_gap}, held-out clip 0, seed 0) predicts "
+           f"each schedule's PSNR against the full run (`vramplan.planner.rehash_quality`); each schedule is then run "
+           f"on held-out clips {', '.join(map(str, examples))} (seeds = clip) against the full run with the same seed. "
+           f"{len(rows)} schedules: {len(CUTS_II)} cuts x {len(keys_list)} key counts x 4 kinds (uniform, greedy, "
+           f"optimal under the predictor, random).", "",
+           f"**Spearman rank correlation, predicted vs measured PSNR: {rho:.3f}** over {len(rows)} schedules "
+           f"(target >= 0.9: {'met' if rho >= 0.9 else 'NOT met'}); within one cut: "
+           + ", ".join(f"`{c.split('.', 1)[1]}` {v:.2f}" for c, v in within.items())
+           + f". Mean absolute error {mae:.1f} dB (predicted - measured: {bias:+.1f} dB on average).", "",
+           "| cut | keys | schedule | UNet FLOPs x fewer | predicted PSNR | measured PSNR | SSIM |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| `{r['cut']}` | {len(r['keys'])} | {r['kind']}: {r['name']} | {r['fewer']:.2f} | "
+                   f"{r['pred']:.1f} | {r['psnr']:.2f} | {r['ssim']:.4f} |")
+    out += ["", "The planner's joint choice (`rehash_search.ranked`: any cut, key count and key steps, the best "
+            "predicted PSNR) within the UNet FLOPs of DeepCache's uniform schedule at a cut, measured the same way:",
+            "", "| DeepCache-cost point | uniform PSNR | planner's choice | its FLOPs x fewer | predicted | measured |",
+            "|---|---|---|---|---|---|"]
+    for cut, n, base, best, p in joint:
+        out.append(f"| `{cut}`, {n} keys ({base['fewer']:.2f}x) | {base['psnr']:.2f} | `{best.cut}`, "
+                   f"{len(best.keys)} keys, {best.name} | {steps * full / best.cost:.2f} | {best.psnr:.1f} | {p:.2f} |")
+    front = frontier(cands)
+    out += ["", f"Frontier: {len(front)} of {len(cands)} searched schedules (`vramplan calibrate --frontier`); "
+            + (f"plot: [{Path(frontier_plot).name}]({Path(frontier_plot).name})." if frontier_plot else "")]
+    return "\n".join(out + [""])
+
+
+def part_iii(repeats: int = 5) -> str:
+    """Reuse steps at their FLOPs: denoising wall clock of rehash schedules against the stock pipeline's,
+    side by side in one process (interleaved, the fastest of ``repeats`` runs each), against FLOPs."""
+    import torch
+    from vramplan.planner.rehash import uniform_keys
+    from vramplan.runtime import trained
+    from vramplan.runtime.compare import _timed, _UNetTimer, schedule_plan
+    from vramplan.runtime.rehash import measure_cuts
 
     from vramplan.cli_rehash import trained_kwargs, trained_plan
 
     torch.set_num_threads(1)
     pipe = trained.trained_svd_pipeline()
-    extra = trained_kwargs()
-    started = time.perf_counter()
-    plain = trained_plan(pipe, rehash="off")
-    cal = calibrate(pipe, plan=plain.model_copy(update={"target": None}), num_inference_steps=trained.NUM_INFERENCE_STEPS,
-                    max_gap=max_gap, image=trained.heldout_example(0)[1], **extra)
-    cal_seconds = time.perf_counter() - started
-    if plot:
-        from vramplan.runtime.calibrate import plot_calibration
+    steps = trained.NUM_INFERENCE_STEPS
+    call = dict(image=trained.heldout_example(0)[1], height=trained.HEIGHT, width=trained.WIDTH,
+                num_frames=trained.NUM_FRAMES, decode_chunk_size=trained.NUM_FRAMES, num_inference_steps=steps,
+                output_type="pt", **trained_kwargs())
+    base = trained_plan(pipe, rehash="off")
+    cuts = ("up_blocks.2.resnets.0.temporal_res_block.norm2", "up_blocks.1.attentions.1.proj_out")
+    full, reuse, _ = measure_cuts(pipe.unet, base.component("unet").shape, list(cuts))
+    configs = {"stock diffusers": None,
+               "vramplan, every step key": (cuts[0], list(range(steps)))}
+    for cut in cuts:
+        for n in (13, 9):
+            configs[f"`{cut}`, {n} keys (uniform)"] = (cut, uniform_keys(steps, keys=n))
 
-        plot_calibration(cal, plot)
-    steps = cal.steps
-    rows, originals = [], {}
-    from vramplan.planner.rehash import schedule_error
+    def plan_of(entry):
+        if entry is None:
+            return None
+        plan = schedule_plan(*entry, steps)
+        return base.model_copy(update={"rehash": plan})
 
-    for keys in keys_list:
-        uniform = trained_plan(pipe, rehash="uniform", keys=keys)
-        cut, budget = uniform.rehash.cut, uniform.rehash.unet_flops
-        variants = [
-            ("uniform", uniform),  # DeepCache: evenly spaced keys at the cheapest cut
-            ("greedy", trained_plan(pipe, rehash="greedy", keys=keys, calibration=cal, cut=cut)),
-            ("optimal", trained_plan(pipe, rehash="optimal", keys=keys, calibration=cal, cut=cut)),
-            # the planner's choice of cut and keys for the same UNet FLOPs as the uniform schedule
-            ("optimal-any-cut", trained_plan(pipe, rehash="optimal", calibration=cal, max_unet_flops=budget)),
-        ]
-        for mode, plan in variants:
-            err = schedule_error(cal.cut(plan.rehash.cut).error, plan.rehash.key_steps)
-            psnrs, ssims, ratios, speed = [], [], [], []
-            for i in range(examples):
-                image = trained.heldout_example(i)[1]
-                c = compare(plan, pipe, seed=i, original=originals.get(i), image=image, num_inference_steps=steps,
-                            **extra)
-                originals[i] = c.original
-                psnrs.append(sum(c.psnr) / len(c.psnr))
-                ssims.append(sum(c.ssim) / len(c.ssim))
-                ratios.append(c.flops_ratio)
-                speed.append(c.unet_speedup)
-            r = plan.rehash
-            rows.append((keys, mode, len(r.key_steps), r.cut, err, sum(psnrs) / examples, sum(ssims) / examples,
-                         sum(ratios) / examples, sum(speed) / examples))
-    import hashlib
-
-    weights = trained.trained_dir() / "unet" / "diffusion_pytorch_model.safetensors"
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
-    out = [f"### (ii) The shipped trained model (CPU, fp32, {steps} steps, {trained.NUM_FRAMES} x "
-           f"{trained.HEIGHT}x{trained.WIDTH}, CFG; UNet weights sha256 {digest})", "",
-           f"One calibration ({cal_seconds:.0f} s, gaps up to {max_gap}) on held-out clip 0; each schedule run on "
-           f"{examples} held-out first frames against the full run with the same seed. PSNR/SSIM: mean over frames "
-           f"and examples, planned vs full run. Error: calibrated sum of relative guided-noise errors (- where a gap "
-           f"exceeds the calibrated {max_gap}). Speed: UNet "
-           f"wall clock, full / planned (CPU, one thread; a tiny model is dominated by per-op overhead).", "",
-           "| keys | schedule | key steps | cut | calibrated error | PSNR dB | SSIM | UNet FLOPs x fewer | UNet speed |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    for keys, mode, n, cut, err, p, s, ratio, sp in rows:
-        label = {"uniform": "DeepCache uniform", "greedy": "greedy (Alg. 1), same cut", "optimal": "optimal (DP), same cut",
-                 "optimal-any-cut": "optimal (DP), any cut, same FLOPs"}[mode]
-        out.append(f"| {keys} | {label} | {n} | `{cut}` | {'-' if err is None else f'{err:.3f}'} | {p:.2f} | "
-                   f"{s:.4f} | {ratio:.2f} | {sp:.2f}x |")
-    verdicts = []
-    for keys in keys_list:
-        by = {r[1]: r[5] for r in rows if r[0] == keys}
-        verdicts.append(f"- {keys} keys: optimal {by['optimal']:.2f} dB vs uniform {by['uniform']:.2f} dB "
-                        f"({'>=' if by['optimal'] >= by['uniform'] else '<'}), at the same cut; greedy "
-                        f"{by['greedy']:.2f} dB; optimal over every cut at uniform's FLOPs {by['optimal-any-cut']:.2f} dB")
-    return "\n".join(out + ["", *verdicts, ""])
+    wall = {name: float("inf") for name in configs}
+    cpu = dict(wall)
+    for _ in range(repeats):
+        for name, entry in configs.items():
+            timer = _UNetTimer()
+            _timed(pipe, plan_of(entry), 0, call, timer)
+            wall[name], cpu[name] = min(wall[name], timer.seconds), min(cpu[name], timer.cpu_seconds)
+    out = ["### (iii) Reuse steps at their FLOPs (CPU, one thread, the trained model)", "",
+           f"UNet (denoising) time of one {steps}-step call, the least of {repeats} interleaved runs per row, all "
+           "in one process: wall clock, and the thread's CPU time (the same work without the waits of a machine "
+           "shared with other jobs). FLOPs: PyTorch's counter (plus CPU fused attention). Target: the time ratio "
+           "to the stock run within 1.1x of the FLOPs ratio.", "",
+           "| run | UNet FLOPs / stock | wall s | wall / stock | / FLOPs ratio | CPU s | CPU / stock | / FLOPs ratio |",
+           "|---|---|---|---|---|---|---|---|"]
+    for name, entry in configs.items():
+        if entry is None:
+            flops = 1.0
+        else:
+            n = len(entry[1])
+            flops = (n * full + (steps - n) * reuse[entry[0]]) / (steps * full)
+        w, c = wall[name] / wall["stock diffusers"], cpu[name] / cpu["stock diffusers"]
+        out.append(f"| {name} | {flops:.3f} | {wall[name]:.3f} | {w:.3f} | {w / flops:.2f} | {cpu[name]:.3f} | "
+                   f"{c:.3f} | {c / flops:.2f} |")
+    return "\n".join(out + [""])
 
 
-def write_section(path: Path, text: str) -> None:
-    begin, end = "<!-- rehash:begin -->", "<!-- rehash:end -->"
-    block = f"{begin}\n## Step Rehash\n\n{text}\n{end}"
+def write_section(path: Path, text: str, part: str) -> None:
+    """Put ``text`` in the part's own block of the Step Rehash section (replaced if present)."""
+    begin, end = f"<!-- rehash-{part}:begin -->", f"<!-- rehash-{part}:end -->"
+    block = f"{begin}\n{text}\n{end}"
     doc = path.read_text() if path.exists() else ""
     if begin in doc:
         doc = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, doc, flags=re.S)
+    elif "<!-- rehash:end -->" in doc:
+        doc = doc.replace("<!-- rehash:end -->", block + "\n\n<!-- rehash:end -->")
     else:
-        doc = doc.rstrip() + "\n\n" + block + "\n"
+        doc = doc.rstrip() + "\n\n<!-- rehash:begin -->\n## Step Rehash\n\n" + block + "\n<!-- rehash:end -->\n"
     path.write_text(doc)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--part", choices=["i", "ii", "both"], default="both")
+    parser.add_argument("--part", choices=["i", "ii", "iii", "all"], default="all")
     parser.add_argument("--gpu", default="RTX 4090")
-    parser.add_argument("--examples", type=int, default=2)
-    parser.add_argument("--write", help="markdown file to put the section in (replaced if present)")
+    parser.add_argument("--examples", type=int, default=2, help="(ii): held-out clips each schedule is measured on")
+    parser.add_argument("--write", help="markdown file to put the parts in (each part's block replaced if present)")
     parser.add_argument("--plot", help="(ii): also draw the trained model's calibration heatmaps (PNG)")
-    parser.add_argument("--max-gap", type=int, default=5, help="(ii): reuse distances the calibration measures")
+    parser.add_argument("--frontier-plot", help="(ii): also draw the searched schedules and their frontier (PNG)")
+    parser.add_argument("--max-gap", type=int, default=4, help="(ii): reuse distances the calibration measures")
+    parser.add_argument("--repeats", type=int, default=5, help="(iii): timed runs per configuration")
     args = parser.parse_args()
-    parts = []
-    if args.part in ("i", "both"):
-        parts.append(part_i(args.gpu))
-    if args.part in ("ii", "both"):
-        parts.append(part_ii(examples=args.examples, plot=args.plot, max_gap=args.max_gap))
-    machine = f"Machine: {platform.processor() or platform.machine()}, Python {platform.python_version()}; " \
-              f"command: `python bench/bench_rehash.py --part {args.part} --max-gap {args.max_gap}`."
-    text = "\n".join(parts) + "\n" + machine + "\n"
-    print(text)
-    if args.write:
-        write_section(Path(args.write), text)
+    machine = f"Machine: {platform.processor() or platform.machine()}, Python {platform.python_version()}"
+    runs = {"i": lambda: part_i(args.gpu),
+            "ii": lambda: part_ii(examples=tuple(range(1, args.examples + 1)), plot=args.plot,
+                                  max_gap=args.max_gap, frontier_plot=args.frontier_plot),
+            "iii": lambda: part_iii(args.repeats)}
+    for part, fn in runs.items():
+        if args.part not in (part, "all"):
+            continue
+        started = time.perf_counter()
+        text = fn()
+        text += (f"\n{machine}; {time.strftime('%Y-%m-%d', time.gmtime())}, {time.perf_counter() - started:.0f} s; "
+                 f"command: `python bench/bench_rehash.py --part {part}"
+                 + {"i": f" --gpu '{args.gpu}'", "ii": f" --examples {args.examples} --max-gap {args.max_gap}",
+                    "iii": f" --repeats {args.repeats}"}[part] + "`.\n")
+        print(text, flush=True)
+        if args.write:
+            write_section(Path(args.write), text, part)
 
 
 if __name__ == "__main__":
