@@ -243,3 +243,17 @@ def test_a14b_folder_is_profiled_once_per_identical_expert_and_planned(tmp_path)
     calls = {s.stage: s.calls for s in plan.stages}
     high, low = expert_steps(10, 0.875, 3.0)
     assert (calls["denoise"], calls["denoise_2"], calls["encode_text"]) == (2 * high, 2 * low, 2)
+
+
+def test_a_budget_below_the_floor_names_what_sets_it():
+    from vramplan.planner.errors import InfeasibleError
+
+    with pytest.raises(InfeasibleError) as err:  # the 1.3B's floor: UMT5's embedding table stays on the GPU
+        plan_for(gpu="RTX 4090", model="wan2.1-t2v-1.3b", height=480, width=832, frames=81, dtype="bf16",
+                 vram_gb=2, host_ram_gb=64)
+    assert err.value.stage == "encode_text" and err.value.part == "weights that cannot be streamed"
+    assert "encode_text" in str(err.value) and err.value.min_peak_bytes > 2 * 2**30
+    with pytest.raises(InfeasibleError, match="pinned host memory") as err:  # the streamed weights need RAM
+        plan_for(gpu="RTX 4090", model="wan2.1-t2v-14b", height=720, width=1280, frames=81, dtype="bf16",
+                 vram_gb=6, host_ram_gb=8)
+    assert err.value.part == "pinned host memory"
