@@ -28,13 +28,20 @@ ENCODE = "vae_encoder"
 def vae_shape(vae: torch.nn.Module, shape: Sequence[int], *, encode: bool = False,
               dtype: torch.dtype | None = None) -> SampleShape:
     """The plan shape of a VAE call: latents ``[N, C, h, w]`` (``N`` images), ``[B, T, C, h, w]`` (a
-    video's latents as the SVD pipeline holds them), or images ``[N, 3, H, W]`` with ``encode``."""
+    video's latents as the SVD pipeline holds them), a Wan VAE's ``[B, C, T, h, w]``, or images
+    ``[N, 3, H, W]`` with ``encode``."""
     name = type(vae).__name__
     shape = tuple(int(s) for s in shape)
     dtype = dtype or next(vae.parameters()).dtype
-    channels = vae.encoder.conv_in.in_channels if encode else vae.config.latent_channels
+    video = getattr(adapter_for(vae, ENCODE if encode else None), "sample_layout", None) == "bcthw"
+    channels = (vae.encoder.conv_in.in_channels if encode else
+                vae.config.z_dim if video else vae.config.latent_channels)
     what = "images" if encode else "latents"
-    if len(shape) == 5:
+    if video and len(shape) == 5:  # a video VAE's latents: [B, C, T, h, w]
+        batch, c, frames, h, w = shape
+    elif video:
+        raise InvalidArgumentError(f"{name}: latents of shape {shape}: give [B, C, T, h, w].")
+    elif len(shape) == 5:
         batch, frames, c, h, w = shape
     elif len(shape) == 4:
         (frames, c, h, w), batch = shape, 1
@@ -43,7 +50,7 @@ def vae_shape(vae: torch.nn.Module, shape: Sequence[int], *, encode: bool = Fals
     if c != channels:
         raise InvalidArgumentError(
             f"{name} {'encodes' if encode else 'decodes'} {channels}-channel {what}; the shape {shape} has {c} "
-            f"channels (is the layout right? latents are [N, C, h, w] or [B, T, C, h, w]).")
+            f"channels (is the layout right? latents are [N, C, h, w] or [B, T, C, h, w]; a Wan VAE's [B, C, T, h, w]).")
     if min(batch, frames, h, w) < 1:
         raise InvalidArgumentError(f"{name}: {what} of shape {shape} are empty")
     if getattr(vae, "use_tiling", False):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import vramplan
 from vramplan.planner.errors import InfeasibleError, InvalidArgumentError, UnsupportedArgumentError
 from vramplan.planner.gpus import find_gpu
 from vramplan.runtime import apply_plan
 from vramplan.runtime.tiny import TINY_VAE, randomize_norms
+
+import vramplan
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 # A tiny model's memory is kilobytes: plan for a GPU without a CUDA context so the budget is all activations.
@@ -81,3 +82,24 @@ def test_bad_input(sd_vae):
     # above the weights, below the smallest slice of some unit: the error names the unit and the bytes
     with pytest.raises(InfeasibleError, match=r"set by encoder\.[\w.]+.*iB"):
         vramplan.plan_vae(sd_vae, (1, 3, 64, 48), vram_gb=_budget(sd_vae, 0.01, 10**6), encode=True, gpu=GPU)
+
+
+def test_wan_decode_plan_is_exact():
+    from tiny import tiny_wan_vae
+
+    vae = tiny_wan_vae()
+    z = torch.randn(1, 4, 3, 10, 6, generator=torch.Generator().manual_seed(2))  # Wan latents: [B, C, T, h, w]
+    with torch.no_grad():
+        ref = vae.decode(z).sample
+    whole = vramplan.plan_vae(vae, z.shape, vram_gb=1.0, gpu=GPU)
+    assert whole.components[0].shape.frames == 3
+    plan = vramplan.plan_vae(vae, z.shape, vram_gb=_budget(vae, 0.5, whole.prediction.original_activation_peak_bytes),
+                             gpu=GPU)
+    assert plan.components[0].slices.get("decoder.up_blocks", 1) > 1
+    with apply_plan(vae, plan), torch.no_grad():
+        out = vae.decode(z).sample
+    torch.testing.assert_close(out, ref, **TOL)
+    with pytest.raises(InvalidArgumentError, match="4-channel"):
+        vramplan.plan_vae(vae, (1, 16, 3, 10, 6), gpu=GPU)  # z16 latents for a z4 VAE
+    with pytest.raises(InvalidArgumentError, match=r"\[B, C, T, h, w\]"):
+        vramplan.plan_vae(vae, (3, 4, 10, 6), gpu=GPU)
