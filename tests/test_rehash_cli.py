@@ -52,6 +52,12 @@ def test_trained_plan_calibrate_compare(weights, tmp_path, capsys):
     assert main(["trained-plan", "--steps", "3", "--rehash", "optimal", "--calibration", str(cal), "--min-psnr",
                  "900", "-o", str(floored)]) == 2
     assert "best reachable is" in capsys.readouterr().err
+    other = tmp_path / "other.json"  # a calibration of another model is refused, naming what to do
+    data = json.loads(cal.read_text())
+    data["model"]["config_hash"] = "0" * 64
+    other.write_text(json.dumps(data))
+    assert main(["calibrate", str(plan), "--frontier", "--from", str(other)]) == 2
+    assert "Calibrate this model" in capsys.readouterr().err
     assert main(["compare", str(optimal), "--gif", str(gif)]) == 0
     out = capsys.readouterr().out
     assert "PSNR" in out and "UNet FLOPs" in out and gif.stat().st_size > 0
