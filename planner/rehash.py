@@ -477,12 +477,19 @@ def rank_cuts(reuse_at: dict[str, float], full: float, steps: int, mode: Mode, k
             continue
         error = schedule_error(cal.error, key_steps) if cal is not None else None
         n = len(key_steps)
-        options.append(_Option(c, key_steps, error, thr, n * full + (steps - n) * reuse))
+        options.append(_Option(c, key_steps, error, thr, n * full + (steps - n) * reuse,
+                               name=schedule_name(mode, key_steps, thr)))
     if calibration is not None:
         options.sort(key=lambda o: (math.inf if o.error is None else o.error, o.cost))
     else:
         options.sort(key=lambda o: (-len(o.keys), o.cost))
     return options
+
+
+def schedule_name(kind: str, keys, threshold: float | None = None) -> str:
+    from .rehash_search import schedule_name as name
+
+    return name(kind, keys, threshold)
 
 
 def _searched(reuse_at, full, steps, mode, keys, budget, calibration, threshold, min_psnr) -> list[_Option]:

@@ -154,6 +154,7 @@ def test_uniform_plan_is_faster_and_counts_flops(svd):
     plan = plan_for(gpu="4090", model="svd", rehash="uniform", keys=13)
     r = plan.rehash
     assert r is not None and len(r.key_steps) == 13 and r.quality == "uncalibrated" and r.calibration is None
+    assert r.schedule == "uniform, every 2nd step (DeepCache's schedule)"
     assert plan.prediction.latency_s < base.prediction.latency_s
     unet = _unet(svd)
     model = CostModel(unet, find_gpu("4090"))
