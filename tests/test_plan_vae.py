@@ -88,11 +88,11 @@ def test_wan_decode_plan_is_exact():
     from tiny import tiny_wan_vae
 
     vae = tiny_wan_vae()
-    z = torch.randn(1, 4, 3, 10, 6, generator=torch.Generator().manual_seed(2))  # Wan latents: [B, C, T, h, w]
+    z = torch.randn(1, 4, 2, 6, 4, generator=torch.Generator().manual_seed(2))  # Wan latents: [B, C, T, h, w]
     with torch.no_grad():
         ref = vae.decode(z).sample
     whole = vramplan.plan_vae(vae, z.shape, vram_gb=1.0, gpu=GPU)
-    assert whole.components[0].shape.frames == 3
+    assert whole.components[0].shape.frames == 2
     plan = vramplan.plan_vae(vae, z.shape, vram_gb=_budget(vae, 0.5, whole.prediction.original_activation_peak_bytes),
                              gpu=GPU)
     assert plan.components[0].slices.get("decoder.up_blocks", 1) > 1

@@ -230,12 +230,12 @@ def test_planned_rows_encode_peak_matches_measured():
     with torch.device("meta"):
         vae = AutoencoderKL(**{**SD_TINY, "block_out_channels": (16, 32, 32), "layers_per_block": 2,
                                "down_block_types": ("DownEncoderBlock2D",) * 3, "up_block_types": ("UpDecoderBlock2D",) * 3})
-    prof = profile(vae, _shape(1, 96, 72), "flash", component="vae_encoder", max_k=32)
+    prof = profile(vae, _shape(1, 96, 72), "flash", component="vae_encoder", max_k=16)
     assert any(u.rows for u in prof.units)
     gpu = find_gpu("2080Ti").model_copy(update={"cuda_context_bytes": 0})  # a tiny model: no context to hide it
     base = prof.weight_bytes
     seen = set()
-    for fraction in (1.0, 0.6, 0.4, 0.25):
+    for fraction in (0.6, 0.4, 0.25):
         plan = make_plan(prof, gpu, usable_bytes=int((base + prof.original_peak_bytes * fraction) / 0.98), steps=1)
         comp = plan.components[0]
         report = verify(plan, vae)

@@ -35,12 +35,12 @@ def test_units_and_shape():
     assert uniform_plan(vae, 3, shape).components[0].slices == {"decoder.up_blocks": 3}
 
 
-@settings(max_examples=6, deadline=None)
-@given(st.sampled_from(["2.1", "2.2"]), st.integers(1, 4), st.integers(3, 9), st.integers(2, 7), st.integers(1, 80),
+@settings(max_examples=5, deadline=None)
+@given(st.sampled_from(["2.1", "2.2"]), st.integers(1, 4), st.integers(3, 9), st.integers(2, 7), st.integers(1, 12),
        st.booleans())
 def test_random_plans_equal_the_stock_decode(version, t, h, w, k, host):
     """Latent frames 1..4 (the first frame's special case, the temporal upsampling), heights and widths
-    that do not divide, k up to and beyond the output rows, the mid block's output on host or not."""
+    that do not divide, k that does not divide the rows, the mid block's output on host or not."""
     vae = VAES[version]
     z = _z(vae, 1, t, h, w, seed=t * 100 + h * 10 + w)
     ref = _decode(vae, z)
@@ -51,6 +51,16 @@ def test_random_plans_equal_the_stock_decode(version, t, h, w, k, host):
     with apply_plan(vae, comp):
         out = _decode(vae, z)
     torch.testing.assert_close(out, ref, **TOL)
+
+
+@pytest.mark.parametrize("k", [24, 100])
+def test_one_row_per_slice_and_beyond(k):
+    """k = the output rows (24: one row per slice) and more than that (clamped)."""
+    vae = VAES["2.1"]
+    z = _z(vae, 1, 2, 3, 3, seed=k)
+    ref = _decode(vae, z)
+    with apply_plan(vae, uniform_plan(vae, k, sample_shape(z, vae))):
+        torch.testing.assert_close(_decode(vae, z), ref, **TOL)
 
 
 def test_batch_of_two_and_bf16():
