@@ -234,8 +234,9 @@ class _Run:
         run_bounds = bounds[:1] if self.first_slice_only else bounds
         shapes = _shapes(env)
         prepared: dict[str, object] = {}
+        whole = len(bounds) == 1 and not self.first_slice_only and self.device.type == "cpu"
         for i, op in enumerate(ops):
-            if op.prepare is not None:
+            if op.prepare is not None and not (whole and op.self_stats):
                 with unit_label(op.name):
                     ctx = SliceCtx(axis, 0, length, length, self.globals, shapes=shapes)
                     # Profiling needs the memory of the statistics pass, which one slice shows.

@@ -77,6 +77,9 @@ class Op:
     # ``ctx.prepared`` (GroupNorm statistics over all tokens). It must consume each slice as it
     # comes (under checkpointing the executor may iterate again to recompute).
     prepare: Callable[[SliceCtx, Iterable[torch.Tensor]], Any] | None = None
+    # ``fn`` computes the statistics itself when ``ctx.prepared`` is None: on the CPU a one-slice segment
+    # then skips ``prepare`` (PyTorch's fused GroupNorm is faster there than statistics, then normalising).
+    self_stats: bool = False
     # Axis "rows": how every input's rows map to the output's (a slab with halos computes a range of
     # output rows; the executor crops it to the rows it needs).
     rows: RowMap | None = None

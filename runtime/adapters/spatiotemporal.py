@@ -68,6 +68,8 @@ def _time_stats(norm: torch.nn.GroupNorm):
 
 
 def _group_norm(norm: torch.nn.GroupNorm, x: torch.Tensor, stats) -> torch.Tensor:
+    if stats is None:  # the whole input, statistics not prepared (Op.self_stats): the stock module
+        return norm(x)
     mean, var = stats
     return normalize_groups(x, mean, var, norm.num_groups, norm.eps, norm.weight, norm.bias)
 
@@ -82,7 +84,8 @@ def _temporal_conv1(name: str, block, xs: str) -> Op:
             h = h + temb
         return _from_video(h)
 
-    return Op(UnitSpec(name, "tokens", True, kind="temporal_conv"), (xs,), name, fn, "nchw", _time_stats(block.norm1))
+    return Op(UnitSpec(name, "tokens", True, kind="temporal_conv"), (xs,), name, fn, "nchw", _time_stats(block.norm1),
+              self_stats=True)
 
 
 def _temporal_conv2(name: str, block, mixer, h1: str, xs: str) -> Op:
@@ -94,7 +97,8 @@ def _temporal_conv2(name: str, block, mixer, h1: str, xs: str) -> Op:
         out = mixer(x_spatial=x, x_temporal=shortcut + h, image_only_indicator=ctx.globals["indicator"])
         return _from_video(out)
 
-    return Op(UnitSpec(name, "tokens", True, kind="temporal_conv"), (h1, xs), name, fn, "nchw", _time_stats(block.norm2))
+    return Op(UnitSpec(name, "tokens", True, kind="temporal_conv"), (h1, xs), name, fn, "nchw", _time_stats(block.norm2),
+              self_stats=True)
 
 
 def upsampler(name: str, module, h: str, next_skip: str) -> Op:
