@@ -257,3 +257,24 @@ def test_a_budget_below_the_floor_names_what_sets_it():
         plan_for(gpu="RTX 4090", model="wan2.1-t2v-14b", height=720, width=1280, frames=81, dtype="bf16",
                  vram_gb=6, host_ram_gb=8)
     assert err.value.part == "pinned host memory"
+
+
+def test_run_without_the_weights_says_how_to_get_them(monkeypatch, tmp_path):
+    from vramplan.planner.errors import VramplanError
+    from vramplan.runtime import run
+
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    plan = plan_for(gpu="RTX 4090", model="wan2.1-t2v-1.3b", height=480, width=832, frames=81, dtype="bf16",
+                    host_ram_gb=64)
+    with pytest.raises(VramplanError, match="huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B-Diffusers"):
+        run(plan, prompt="a fox")
+
+
+def test_a_wan21_plan_for_a_wan22_folder_is_refused_before_any_weight_is_read(tmp_path):
+    from vramplan.runtime import run
+
+    one, _ = _tiny_pipe(False)
+    plan = _plan(one, 2, "WanPipeline").model_copy(update={"model_name": _tiny_folder(tmp_path, two_experts=True)})
+    with pytest.raises(PlanMismatchError, match="two transformers"):  # the folder has configs only, no weights
+        run(plan, prompt_embeds=torch.zeros(1, 512, 16), progress=False)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from plans import random_plans
 from tiny import tiny_wan, wan_inputs
@@ -167,7 +167,7 @@ def test_profile_streams_each_block_and_counts_quadratic_attention(wan_profile):
     assert units["blocks.0.attn1"].flops >= 4 * length * length * 24
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_memory_model_predicts_the_measured_peak(meta_wan, wan_profile, data):
     from vramplan.planner.costs import CostModel, Segment
@@ -186,6 +186,7 @@ def test_memory_model_predicts_the_measured_peak(meta_wan, wan_profile, data):
         "groups": [g.model_copy(update={"k": profiled(g.k)}) for g in drawn.groups],
     })
     assert all(plan.k(u.name) in k_ok[u.name] for u in units)
+    assume(all(g.k > 1 for g in plan.groups))  # the planner groups only with k > 1 (costs.segments)
     model = CostModel(wan_profile, find_gpu("RTX 4090"), allocator="none")
     group_at = {g.units[0]: g for g in plan.groups}
     segments, i = [], 0
