@@ -32,7 +32,8 @@ def test_checkpointed_plan_gradients_equal_the_original(model_class):
     expected = gradients(case, args, kwargs, lambda a: case.output(case.model, a, kwargs))
     calls = []
     # Convs inside a block: checkpointing reruns those whose saved tensors backward needs.
-    convs = [m for m in case.model.get_submodule(case.container).modules() if isinstance(m, torch.nn.Conv2d)]
+    kinds = (torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)  # a DiT or text encoder block has no conv
+    convs = [m for m in case.model.get_submodule(case.container).modules() if isinstance(m, kinds)]
     hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in convs]
     try:
         plain = gradients(case, args, kwargs, lambda a: _sample(planned_call(case.model, plan, a, kwargs)))

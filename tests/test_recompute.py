@@ -53,7 +53,7 @@ def run(case, args, kwargs, spans, **options):
     """The planned method's output tensor under ``spans`` (see :func:`segments_of`)."""
     program = program_of(case.model, args, kwargs)
     out = execute(program, segments_of(program.ops, spans), **options)
-    return out.sample if hasattr(out, "sample") else out
+    return out.sample if hasattr(out, "sample") else getattr(out, "last_hidden_state", out)  # a text encoder
 
 
 def original(case, args, kwargs):
