@@ -492,15 +492,47 @@ def _plan_or_error(key: tuple) -> Plan | VramplanError:
 
 
 def _plan_all(keys: list[tuple]) -> None:
-    """Plan every key not planned yet; in worker processes when there are many (each plan is ~0.1-0.3 s)."""
+    """Plan every key not planned yet (serially: plan_options plans the many in worker processes)."""
     todo = list(dict.fromkeys(k for k in keys if k not in _PLANS))
-    workers = min(os.cpu_count() or 1, 8)
-    if len(todo) > 24 and workers > 1:
+    _PLANS.update((k, _plan_or_error(k)) for k in todo)
+
+
+def _bounded_key(key: tuple, bound: float, fastest: Plan, slack: float) -> tuple:
+    """The key of the smallest-peak plan within ``slack`` of ``fastest`` (and within ``bound``)."""
+    return (*key[:-1], round(min(bound, fastest.prediction.latency_s * (1 + slack)), 4))
+
+
+def _plan_pairs(tasks: list[tuple[tuple, float, float]]) -> list[tuple[tuple, Plan | VramplanError]]:
+    """Plan each ``(fastest key, workload bound, slack)``: the fastest plan and, when it meets the bound,
+    the smallest peak within ``slack`` of it. One call gets the tasks of one (GPU, model shape) and runs
+    them one after another in one process, so that they share the cost models and their memoised
+    searches (:func:`.pipeline.cost_model`) instead of re-solving from scratch."""
+    out = []
+    for key, bound, slack in tasks:
+        fastest = _PLANS[key] if key in _PLANS else _plan_or_error(key)
+        out.append((key, fastest))
+        if isinstance(fastest, Plan) and fastest.prediction.latency_s <= bound:
+            bounded = _bounded_key(key, bound, fastest, slack)
+            out.append((bounded, _PLANS[bounded] if bounded in _PLANS else _plan_or_error(bounded)))
+    return out
+
+
+PARALLEL_MIN_PLANS = 24  # fewer plans than this are made in this process (a worker starts in ~1 s)
+
+
+def _plan_groups(groups: list[list[tuple[tuple, float, float]]]) -> None:
+    """Plan every group (see :func:`_plan_pairs`), in worker processes when there are many."""
+    groups = [g for g in groups if g]
+    workers = min(os.cpu_count() or 1, 8, len(groups))
+    if sum(map(len, groups)) > PARALLEL_MIN_PLANS and workers > 1:
+        groups.sort(key=len, reverse=True)  # the largest first: the workers finish together
         ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold torch threads
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            _PLANS.update(zip(todo, pool.map(_plan_or_error, todo, chunksize=4), strict=True))
+            for done in pool.map(_plan_pairs, groups):
+                _PLANS.update(done)
     else:
-        _PLANS.update((k, _plan_or_error(k)) for k in todo)
+        for group in groups:
+            _PLANS.update(_plan_pairs(group))
 
 
 def plan_options(workloads: list[Workload], offers: list[GpuOffer], slack: float = 0.05
@@ -511,7 +543,13 @@ def plan_options(workloads: list[Workload], offers: list[GpuOffer], slack: float
     def key(w: Workload, gpu, bound: float | None) -> tuple:
         return (gpu.name, w.model.lower(), w.height, w.width, w.frames, w.guidance, w.dtype, w.steps, bound)
 
-    _plan_all([key(w, g, None) for w in workloads for g in gpus])
+    groups: dict[tuple, list] = {}  # per (GPU, model shape): plans that share cost models
+    for w in workloads:
+        bound = w.p95_latency_s if w.p95_latency_s is not None else math.inf
+        for g in gpus:
+            k = key(w, g, None)
+            groups.setdefault(k[:7], []).append((k, bound, slack))
+    _plan_groups(list(groups.values()))
     options: dict[tuple[int, str], Option] = {}
     too_big: dict[int, list[str]] = {}
     too_slow: dict[int, list[str]] = {}
@@ -530,7 +568,7 @@ def plan_options(workloads: list[Workload], offers: list[GpuOffer], slack: float
             if best > bound:
                 too_slow.setdefault(i, []).append(f"{gpu.name}: {best:.1f} s")
                 continue
-            compact[(i, gpu.name)] = key(w, gpu, round(min(bound, best * (1 + slack)), 4))
+            compact[(i, gpu.name)] = _bounded_key(key(w, gpu, None), bound, fastest, slack)
     _plan_all(list(compact.values()))
     for (i, name), k in compact.items():
         plan = _PLANS[k]

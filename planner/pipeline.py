@@ -18,6 +18,7 @@ value placed and every block streamed, and name what sets them.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 from .costs import CostModel, roofline_seconds
@@ -50,6 +51,24 @@ class _StageResult:
     peak_unit: str | None
 
 
+_MODELS: dict[tuple, CostModel] = {}
+MODELS_KEPT = 8
+
+
+def cost_model(profile, gpu, allocator: str, pinned: bool) -> CostModel:
+    """The cost model of a stage profile on a GPU, kept per (profile, GPU, allocator, pinned) in this
+    process: its memoised segment costs, solve tables, floors and searches do not depend on the budget,
+    the steps or the latency limit, so a ``--max-latency`` plan after the fastest one, or a fleet's
+    plans of one workload shape per GPU, reuse them instead of recomputing."""
+    key = (profile.model_dump_json(), gpu.model_dump_json(), allocator, pinned)
+    found = _MODELS.get(key)
+    if found is None:
+        if len(_MODELS) >= MODELS_KEPT:
+            _MODELS.pop(next(iter(_MODELS)))
+        found = _MODELS[key] = CostModel(profile, gpu, allocator, pinned=pinned)
+    return found
+
+
 class PipelinePlanner:
     def __init__(self, profile: PipelineProfile, gpu, usable: int, steps: int, allocator: str, rehash=None,
                  pinned: bool = True, host_ram_bytes: int | None = None):
@@ -63,7 +82,7 @@ class PipelinePlanner:
         self.weights = {c.component: c.weight_bytes for c in profile.components}
         # pinned=False: host memory could not be pinned; host-link copies at the pageable rate
         self.models = {
-            s.stage: CostModel(s.profile, gpu, allocator, pinned=pinned) for s in profile.stages if s.profile is not None
+            s.stage: cost_model(s.profile, gpu, allocator, pinned) for s in profile.stages if s.profile is not None
         }
         # Step Rehash (planner.rehash.StageRehash): groups kept off the cut, reuse calls priced, cache held.
         self.rehash = rehash
@@ -161,9 +180,10 @@ class PipelinePlanner:
 
     def _search(self, stage, budget: int, method: str, streamed_bytes: int = 0) -> Solution:
         """The stage's fastest plan within ``budget`` (its component's weights counted whole) streaming
-        at least ``streamed_bytes`` of them, memoised."""
-        cache = self.__dict__.setdefault("_searches", {})
-        key = (stage.stage, budget, method, max(0, streamed_bytes))
+        at least ``streamed_bytes`` of them, memoised on the stage's cost model (shared by every plan of
+        the same profile on the same GPU in this process, see :func:`cost_model`)."""
+        cache = self.models[stage.stage].__dict__.setdefault("_searches", {})
+        key = (budget, method, max(0, streamed_bytes))
         if key not in cache:
             try:
                 cache[key] = search(self.models[stage.stage], budget, method=method, min_streamed_bytes=streamed_bytes)
@@ -194,12 +214,24 @@ class PipelinePlanner:
             yield dict(zip(names, choice, strict=True))
 
     def best(self, cap: int, max_latency_s: float | None):
+        """The fastest residency within ``cap`` (and ``max_latency_s``): ``((latency, peak), resident)``.
+
+        A bisection over ``cap`` skips what it cannot use: a residency that did not fit a larger cap,
+        and one whose fastest plan (at the full memory) is already slower than the limit."""
         best = None
+        seen = self.__dict__.setdefault("_residency_seen", {})  # residency -> (largest cap it missed, fastest s)
         for resident in self.residencies():
+            rkey = tuple(resident.values())
+            missed, fastest = seen.get(rkey, (-1, 0.0))
+            if cap <= missed or (max_latency_s is not None and fastest > max_latency_s):
+                continue
             results = self.evaluate(resident, cap)
             if results is None:
+                seen[rkey] = (max(missed, cap), fastest if cap < self.usable else math.inf)
                 continue
             latency = self.latency(results)
+            if cap >= self.usable:
+                seen[rkey] = (missed, latency)
             if max_latency_s is not None and latency > max_latency_s:
                 continue
             key = (latency, self.peak(results))
@@ -304,6 +336,8 @@ def plan_pipeline(
                 f"{found[0][0]:.2f} s. Raise the latency limit or give more memory."
             )
         lo, hi = planner.floor()[0], usable
+        if planner.best(lo, max_latency_s) is not None:  # a loose limit: the smallest reachable peak meets it
+            hi = lo
         while hi - lo > 2**20:  # 1 MiB resolution on the peak
             mid = (lo + hi) // 2
             if planner.best(mid, max_latency_s) is not None:

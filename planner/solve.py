@@ -135,7 +135,7 @@ def table(model: CostModel, host: frozenset[str] = EMPTY, streamed: frozenset[st
     return found
 
 
-TABLES_KEPT = 256  # placements whose tables a cost model keeps (each ~3000 numbers per candidate list)
+TABLES_KEPT = 96  # placements whose tables a cost model keeps (~200 KB each for ~3000 candidates)
 
 
 def _present_bytes(model: CostModel, streamed: frozenset[str]):
