@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -53,6 +54,8 @@ from .fmt import human_bytes
 from .gpus import all_gpus, find_gpu
 from .schema import Plan
 from .solve import _cbc, _variable
+
+log = logging.getLogger(__name__)
 
 FLEET_SCHEMA_VERSION = 1
 FRACTION_STEP = 1e-4  # Ray accepts GPU fractions to 4 decimals
@@ -524,15 +527,43 @@ def _plan_groups(groups: list[list[tuple[tuple, float, float]]]) -> None:
     """Plan every group (see :func:`_plan_pairs`), in worker processes when there are many."""
     groups = [g for g in groups if g]
     workers = min(os.cpu_count() or 1, 8, len(groups))
-    if sum(map(len, groups)) > PARALLEL_MIN_PLANS and workers > 1:
+    pairs = sum(map(len, groups))
+    parallel = pairs > PARALLEL_MIN_PLANS and workers > 1
+    log.info("planning %d (workload, GPU) pairs%s", pairs, f" in {workers} processes" if parallel else "")
+    bar = _bar(pairs, "planning (workload, GPU) pairs")
+    if parallel:
         groups.sort(key=len, reverse=True)  # the largest first: the workers finish together
         ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold torch threads
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            for done in pool.map(_plan_pairs, groups):
+            for group, done in zip(groups, pool.map(_plan_pairs, groups), strict=True):
                 _PLANS.update(done)
+                bar.update(len(group))
     else:
         for group in groups:
             _PLANS.update(_plan_pairs(group))
+            bar.update(len(group))
+    bar.close()
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(total: int, desc: str):
+    """A tqdm bar on stderr when it is a terminal (tqdm comes with the runtime extra), else nothing."""
+    import sys
+
+    if not sys.stderr.isatty():
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, unit="pair")
 
 
 def plan_options(workloads: list[Workload], offers: list[GpuOffer], slack: float = 0.05

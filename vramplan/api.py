@@ -167,7 +167,27 @@ def sample_shape_for(model: str, height: int, width: int, frames: int | None, gu
         if frames is None:
             raise InvalidArgumentError(f"{model!r} has no default frame count: pass frames=")
     spec.check_frames(frames, source.unet_config)
-    return spec.unet_shape(height, width, frames, guidance, dtype, source.configs)
+    shape = spec.unet_shape(height, width, frames, guidance, dtype, source.configs)
+    check_latent_size(shape, height, width, frames)
+    return shape
+
+
+# Latent positions (frames x latent height x latent width) beyond which a request is refused before
+# any profiling: 2^24 is ~70 x the largest shipped shape (SVD-XT 25 x 72x128); one fp16 feature map of
+# 320 channels at that size already takes 10 GiB, and profiling it on meta tensors takes minutes.
+MAX_LATENT_POSITIONS = 2**24
+
+
+def check_latent_size(shape: SampleShape, height: int, width: int, frames: int) -> None:
+    """Refuse a shape whose latent is absurdly large for any GPU, naming the latent size (in < 1 s)."""
+    positions = shape.frames * shape.latent_height * shape.latent_width
+    if positions > MAX_LATENT_POSITIONS:
+        raise InvalidArgumentError(
+            f"{frames} frames at {height}x{width} make a latent of {shape.frames} x {shape.latent_height}x"
+            f"{shape.latent_width} = {positions:,} positions, beyond the {MAX_LATENT_POSITIONS:,} vramplan plans "
+            f"for (one 320-channel fp16 feature map of it alone is {human_bytes(positions * 320 * 2)}): no GPU holds "
+            f"it. Use fewer frames or a smaller resolution."
+        )
 
 
 def video_frames(model: str, frames: int | None) -> int:

@@ -3,29 +3,89 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import logging
 import os
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
 from .cli_rehash import TRAINED
 from .planner.errors import InputFileError, InvalidArgumentError, VramplanError
+from .planner.pipelines import check_number
 
 GIB = 2**30
+# Library loggers whose INFO lines are phases a user waits through (shown without -v).
+PHASE_LOGGERS = ("vramplan.api", "vramplan.planner.capacity")
 
 
 def _gib(n: float | None) -> str:
     return "-" if n is None else f"{n / GIB:.2f}"
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows every default that is a value (not None or False, nor one the help already states)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+# Commands that run torch on this machine's CPU (or its GPU): they get a thread count (--threads).
+TORCH_COMMANDS = frozenset({"run", "calibrate", "compare", "trained-plan", "profile", "verify"})
+
+
+def default_threads() -> int:
+    """torch threads for CPU work when neither --threads nor OMP_NUM_THREADS says: one on a machine of
+    up to 4 cores (small models on a few shared cores run 4-20x slower with torch's default of one
+    thread per core, which spin against each other and any other job), else half the cores, at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return 1 if cores <= 4 else min(8, cores // 2)
+
+
+def set_threads(args) -> str | None:
+    """Set torch's CPU threads for a command that runs torch; returns what to say about it (printed
+    on stderr when the command ends, so that a mistake on the command line stays a one-line error)."""
+    if args.command not in TORCH_COMMANDS:
+        return None
+    if args.threads is None and os.environ.get("OMP_NUM_THREADS"):
+        return f"torch CPU threads: {os.environ['OMP_NUM_THREADS']} (OMP_NUM_THREADS)"
+    import torch
+
+    if args.threads is None and torch.cuda.is_available():
+        return None  # the work is on the GPU: torch's default serves the host side
+    n = args.threads or default_threads()
+    torch.set_num_threads(n)
+    why = "--threads" if args.threads else "the default on this machine; --threads N or OMP_NUM_THREADS to change"
+    return f"torch CPU threads: {n} ({why})"
+
+
+def _version() -> str:
+    from . import __version__
+
+    return f"vramplan {__version__}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vramplan", description="Make video diffusion fit the GPU you have.")
+    parser = argparse.ArgumentParser(prog="vramplan", description="Make video diffusion fit the GPU you have.",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress; show tracebacks of errors")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="torch CPU threads for commands that run a model (run, compare, calibrate, verify, "
+                             "profile); default: OMP_NUM_THREADS if set, else 1 on up to 4 cores, else half the "
+                             "cores (at most 8)")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                parser_class=functools.partial(argparse.ArgumentParser, formatter_class=HelpFormatter))
 
     p = sub.add_parser("plan", help="plan a model for a GPU, print the table and write the plan JSON")
     _shape_args(p)
@@ -33,8 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=25, help="denoising steps (latency prediction)")
     p.add_argument("--vram-gb", type=float, help="plan for this much memory instead of the GPU's")
     p.add_argument("--max-latency", type=float, help="seconds for all steps: minimise memory within it")
-    p.add_argument("--allocator", choices=["expandable_segments", "default", "none"], default="expandable_segments")
-    p.add_argument("--solver", choices=["auto", "ilp", "dp"], default="auto")
+    p.add_argument("--allocator", choices=["expandable_segments", "default", "none"], default="expandable_segments",
+                   help="PyTorch CUDA allocator setting the plan is priced for")
+    p.add_argument("--solver", choices=["auto", "ilp", "dp"], default="auto",
+                   help="the final solve: ILP (PuLP/CBC), exact DP, or auto (ILP when CBC is there)")
     p.add_argument("--rehash", choices=["off", "uniform", "greedy", "optimal"], default="off",
                    help="Step Rehash schedule (greedy and optimal need --calibration)")
     p.add_argument("--calibration", help="calibration JSON from `vramplan calibrate` (Step Rehash)")
@@ -49,14 +111,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--pageable", action="store_true",
                    help="host memory cannot be pinned where the plan runs (container limits): price host-link "
                         "copies of placed values and streamed weights at the pageable rate")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON instead of the table (still written)")
 
-    sub.add_parser("gpus", help="list the known GPUs")
+    p = sub.add_parser("gpus", help="list the known GPUs")
+    p.add_argument("--json", action="store_true", help="print the GPU profiles as JSON instead of the table")
 
     p = sub.add_parser("profile", help="profile a model at a shape on meta tensors (needs torch)")
     _shape_args(p)
-    p.add_argument("--kernel", choices=["flash", "efficient"], default="flash", help="fused attention kernel")
-    p.add_argument("--max-k", type=int, default=256)
-    p.add_argument("-o", "--output", help="profile file (default: the cache)")
+    p.add_argument("--kernel", choices=["flash", "efficient", "both"],
+                   help="fused attention kernel (default: both into the cache, so that `plan` finds the profile "
+                        "for any GPU; flash with -o)")
+    p.add_argument("--max-k", type=int, default=256, help="largest slice count profiled")
+    p.add_argument("-o", "--output", help="write the UNet's profile to this file (default: the whole pipeline's "
+                                          "profile into the cache, where `plan` finds it)")
     p.add_argument("--regenerate-shipped", action="store_true", help="rewrite every shipped pipeline profile")
 
     p = sub.add_parser("schema", help="print the JSON Schema of plan files (or of profiles)")
@@ -66,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("plan")
     p.add_argument("--tolerance", type=float, default=0.01,
                    help="largest relative prediction error accepted (default 0.01 = 1%%); above it verify exits 1")
+    p.add_argument("--json", action="store_true", help="print the measurements as JSON (the text goes to stderr)")
 
     p = sub.add_parser("run", help="run a plan on its pipeline (weights from a local path or the HF cache)")
     p.add_argument("plan")
@@ -73,9 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--prompt", help=f"text prompt ({_pipelines_taking('prompt')})")
     p.add_argument("--negative-prompt", help=f"negative prompt ({_pipelines_taking('prompt')})")
     p.add_argument("--out", default="video.gif", help="GIF or MP4 to write")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the run")
     p.add_argument("--steps", type=int, help="denoising steps (default: the plan's)")
-    p.add_argument("--fps", type=int, default=7)
+    p.add_argument("--fps", type=int, default=7, help="frames per second of the video written")
     p.add_argument("--allow-download", action="store_true", help="let diffusers download missing weights")
     p.add_argument("--memory-snapshot", metavar="PICKLE",
                    help="CUDA only: write PyTorch's allocator snapshot of the run (open at pytorch.org/memory_viz)")
@@ -86,10 +154,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    for name in PHASE_LOGGERS:  # a line per phase (profiling a new shape, ...) even without -v
+        logging.getLogger(name).setLevel(logging.INFO)
     if not args.verbose:  # transformers' advisories (install torchvision, ...) are not the user's business here
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
-        return commands[args.command](args)
+        check_number("--threads", args.threads, integer=True, minimum=1, allow_none=True)
+        threads = set_threads(args)
+        code = commands[args.command](args)
+        if threads:
+            print(threads, file=sys.stderr)
+        return code
     except VramplanError as err:
         if args.verbose:
             traceback.print_exc()
@@ -144,6 +219,7 @@ def cmd_plan(args) -> int:
         check_output(args.plot, "plot file")
         if Path(args.plot).suffix.lower() != ".png":  # checked before the plan file is written
             raise InvalidArgumentError(f"--plot writes a PNG: name the file *.png, not {Path(args.plot).name!r}")
+    started = time.perf_counter()
     plan = plan_for(
         gpu=args.gpu, model=args.model, height=args.height, width=args.width, frames=args.frames,
         guidance=not args.no_guidance, dtype=args.dtype, steps=args.steps, vram_gb=args.vram_gb,
@@ -151,18 +227,25 @@ def cmd_plan(args) -> int:
         rehash=args.rehash, calibration=args.calibration, keys=args.keys, pinned=not args.pageable,
         host_ram_gb=args.host_ram_gb, min_psnr=args.min_psnr,
     )
-    print(plan_table(plan))
-    if plan.rehash is not None:
+    goal = f"the smallest peak within {args.max_latency:g} s" if args.max_latency else "the fastest plan"
+    print(f"planned {goal} in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    if args.json:
+        print(plan.model_dump_json(indent=1))
+    else:
+        print(plan_table(plan))
+    if plan.rehash is not None and not args.json:
         from .planner.rehash import rehash_summary
 
         print(rehash_summary(plan))
     out = args.output or f"{Path(args.model).name or 'model'}-{plan.target.gpu.replace(' ', '')}.json"
+    existed = Path(out).expanduser().exists()
     plan.save(out)
-    print(f"\nwrote {out}")
+    print(f"\n{'overwrote' if existed else 'wrote'} {out}{' (it existed)' if existed else ''}",
+          file=sys.stderr if args.json else sys.stdout)
     if args.plot:
         from .plots import plot_plan
 
-        print(f"wrote {plot_plan(plan, args.plot)}")
+        print(f"wrote {plot_plan(plan, args.plot)}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -293,6 +376,9 @@ def _block_rows(plan, profile, model) -> list[tuple[str, str, str, str, str, str
 def cmd_gpus(args) -> int:
     from .planner.gpus import all_gpus
 
+    if args.json:
+        print(json.dumps([g.model_dump(mode="json") for g in all_gpus()], indent=1))
+        return 0
     print(f"{'name':<16}{'usable GiB':>11}{'GB/s':>8}{'fp16 TFLOPS':>13}{'cc':>6}  attention")
     for g in all_gpus():
         print(f"{g.name:<16}{g.memory_usable_bytes / GIB:>11.2f}{g.memory_bandwidth_gbps:>8.0f}"
@@ -301,33 +387,73 @@ def cmd_gpus(args) -> int:
 
 
 def cmd_profile(args) -> int:
+    """Without -o: the whole pipeline's profile into the cache, for both attention kernels by default
+    (a GPU's kernel decides which one ``plan`` reads), saying where; with -o: the UNet's, to a file."""
     from .api import sample_shape_for
-    from .planner.pipelines import check_number
 
     check_number("--max-k", args.max_k, integer=True, minimum=1)
     if args.output:
         check_output(args.output, "profile file")
-    from .runtime.profiler import cached_profile, profile, regenerate_shipped, writable_cache_dir
+        if args.kernel == "both":
+            raise InvalidArgumentError("-o writes one profile: give --kernel flash or --kernel efficient")
+    from .runtime.profiler import DEFAULT_MAX_K, profile, regenerate_shipped, writable_cache_dir
 
     if args.regenerate_shipped:
         for path in regenerate_shipped(progress=print):
             print("wrote", path)
         return 0
-    from .runtime.models import meta_unet
-
-    shape = sample_shape_for(args.model, args.height, args.width, args.frames, not args.no_guidance, args.dtype)
-    if not args.output:
-        writable_cache_dir()  # before building and profiling, not after
-    unet = meta_unet(args.model, shape.dtype)
+    guidance = not args.no_guidance
+    shape = sample_shape_for(args.model, args.height, args.width, args.frames, guidance, args.dtype)
     if args.output:
-        prof = profile(unet, shape, args.kernel, name=args.model, max_k=args.max_k, progress=print)
+        from .runtime.models import meta_unet
+
+        kernel = args.kernel or "flash"
+        prof = profile(meta_unet(args.model, shape.dtype), shape, kernel, name=args.model, max_k=args.max_k,
+                       progress=print)
         prof.save(args.output)
-        print("wrote", args.output)
+        print(f"wrote {args.output}: the UNet, {kernel} attention ({len(prof.units)} units; original activation "
+              f"peak {_gib(prof.original_peak_bytes)} GiB; weights {_gib(prof.weight_bytes)} GiB). `plan` reads "
+              f"the cache, not this file: run `profile` without -o for that")
+        return 0
+    from .planner.plan import shipped_pipeline_profile
+    from .runtime.profiler import cached_pipeline_profile
+
+    folder = writable_cache_dir()  # before building and profiling, not after
+    kernels = ("flash", "efficient") if args.kernel in (None, "both") else (args.kernel,)
+    for kernel in kernels:
+        what = f"{args.model} {shape.frames} x {args.height}x{args.width}, {kernel} attention"
+        if args.max_k == DEFAULT_MAX_K and shipped_pipeline_profile(
+                args.model, args.height, args.width, shape.frames, guidance, args.dtype, kernel) is not None:
+            print(f"{what}: vramplan ships this profile; `plan` uses it (nothing to profile)")
+            continue
+        path = pipeline_cache_path(folder, args.model, args.height, args.width, shape.frames, guidance, args.dtype,
+                                   kernel, args.max_k)
+        found = path.exists()
+        if not found:
+            print(f"{what}: profiling the whole pipeline on meta tensors ...", file=sys.stderr, flush=True)
+        prof = cached_pipeline_profile(args.model, args.height, args.width, shape.frames, guidance, args.dtype,
+                                       kernel, max_k=args.max_k)
+        stages = "; ".join(f"{st.stage} {len(st.profile.units)} units, original activation peak "
+                           f"{_gib(st.profile.original_peak_bytes)} GiB" for st in prof.stages if st.profile)
+        print(f"{what}: {'already in' if found else 'cached in'} {path} ({stages})")
+    if args.max_k != DEFAULT_MAX_K:
+        print(f"note: `plan` reads profiles made with --max-k {DEFAULT_MAX_K}; this one is for --max-k {args.max_k}")
     else:
-        prof = cached_profile(unet, shape, args.kernel, name=args.model, max_k=args.max_k, progress=print)
-    print(f"{len(prof.units)} units; original activation peak {_gib(prof.original_peak_bytes)} GiB; "
-          f"weights {_gib(prof.weight_bytes)} GiB")
+        print(f"`vramplan plan --model {args.model} --height {args.height} --width {args.width}"
+              f"{f' --frames {args.frames}' if args.frames else ''}` now plans without profiling, for GPUs with "
+              f"{' or '.join(kernels)} attention")
     return 0
+
+
+def pipeline_cache_path(folder: Path, model: str, height: int, width: int, frames: int, guidance: bool, dtype: str,
+                        kernel: str, max_k: int) -> Path:
+    """Where :func:`vramplan.runtime.profiler.cached_pipeline_profile` keeps this pipeline profile."""
+    from .planner.pipelines import pipeline_source
+    from .planner.plan import pipeline_profile_name
+    from .runtime.profiler import PROFILER_VERSION
+
+    name = pipeline_profile_name(pipeline_source(model).key, height, width, frames, guidance, dtype, kernel)
+    return folder / name.replace(".pipeline.json", f"-k{max_k}-v{PROFILER_VERSION}.pipeline.json")
 
 
 def cmd_schema(args) -> int:
@@ -345,6 +471,7 @@ def cmd_verify(args) -> int:
     plan = Plan.load(args.plan, check=False)  # integrity is verify's first check: a failure exits 1
     from .runtime.verify import failures, integrity, verify_all
 
+    say = functools.partial(print, file=sys.stderr) if args.json else print
     wrong, against_profile = integrity(plan)
     if wrong:
         print(f"\nFAILED: {args.plan} disagrees with itself or with its model (make a new plan):", file=sys.stderr)
@@ -352,43 +479,56 @@ def cmd_verify(args) -> int:
             print(f"  {problem}", file=sys.stderr)
         return 1
     if against_profile:
-        print(f"{plan.describe()}: every stated number recomputed from its profile and every field checked against it")
+        say(f"{plan.describe()}: every stated number recomputed from its profile and every field checked against it")
     else:
-        print(f"{plan.describe()}: checked against itself (no profile of its model to recompute it from)")
+        say(f"{plan.describe()}: checked against itself (no profile of its model to recompute it from)")
 
-    print(f"{plan.describe()}: executing every sliced component on meta tensors of the full-size model")
+    say(f"{plan.describe()}: executing every sliced component on meta tensors of the full-size model")
     reports = verify_all(plan, _trained_meta_models(plan) if plan.model_name == TRAINED else None)
     for report in reports:
         if report.component not in {c.component for c in plan.components}:
-            print(f"\n{report.component}: runs whole")
+            say(f"\n{report.component}: runs whole")
         else:
             comp = plan.component(report.component)
-            print(f"\n{comp.component}: {comp.shape.describe()}, {len(comp.slices)} sliced units, "
+            say(f"\n{comp.component}: {comp.shape.describe()}, {len(comp.slices)} sliced units, "
                   f"{len(comp.groups)} groups")
             if placement_summary(comp):
-                print(f"  {placement_summary(comp)}")
+                say(f"  {placement_summary(comp)}")
         where = f"  (at {report.peak_label})" if report.peak_label else ""
-        print(f"  measured activation peak   {_gib(report.measured_activation_bytes)} GiB{where}")
-        print(f"  predicted activation peak  {_gib(report.predicted_activation_bytes)} GiB")
+        say(f"  measured activation peak   {_gib(report.measured_activation_bytes)} GiB{where}")
+        say(f"  predicted activation peak  {_gib(report.predicted_activation_bytes)} GiB")
         if report.error is not None:
-            print(f"  prediction error           {report.error * 100:+.2f} %")
-        print(f"  allocator replay           {_gib(report.measured_needed_bytes)} GiB needed")
+            say(f"  prediction error           {report.error * 100:+.2f} %")
+        say(f"  allocator replay           {_gib(report.measured_needed_bytes)} GiB needed")
         if report.predicted_host_bytes or report.measured_host_bytes:
             error = "" if report.host_error is None else f" ({report.host_error * 100:+.2f} %)"
-            print(f"  host memory                measured {_gib(report.measured_host_bytes)} GiB, predicted "
+            say(f"  host memory                measured {_gib(report.measured_host_bytes)} GiB, predicted "
                   f"{_gib(report.predicted_host_bytes)} GiB{error}")
-        print(f"  verified in {report.seconds:.1f} s")
+        say(f"  verified in {report.seconds:.1f} s")
     problems = failures(plan, reports, args.tolerance)
     if problems:
         print("\nFAILED:", file=sys.stderr)
         for problem in problems:
             print(f"  {problem}", file=sys.stderr)
+        _verify_json(args, plan, reports, problems)
         return 1
+    _verify_json(args, plan, reports, problems)
     if all(r.predicted_activation_bytes is None for r in reports):
-        print("\nOK: every sliced component present and run (the plan has no predictions to check)")
+        say("\nOK: every sliced component present and run (the plan has no predictions to check)")
     else:
-        print(f"\nOK: every sliced component present, every prediction within {args.tolerance * 100:g} %")
+        say(f"\nOK: every sliced component present, every prediction within {args.tolerance * 100:g} %")
     return 0
+
+
+def _verify_json(args, plan, reports, problems) -> None:
+    """``verify --json``: what was measured and predicted per component, and the verdict."""
+    if not args.json:
+        return
+    import dataclasses
+
+    print(json.dumps({"plan": str(args.plan), "model": plan.describe(), "ok": not problems, "problems": problems,
+                      "tolerance": args.tolerance,
+                      "components": [dataclasses.asdict(r) for r in reports]}, indent=1, default=str))
 
 
 def _trained_meta_models(plan) -> dict:
