@@ -198,6 +198,12 @@ class CostModel:
         weights = self.profile.block_weights
         return tuple(b for b in self.block_order if weights.get(b, 0) > 0)
 
+    @cached_property
+    def present_weights(self) -> dict[str, int]:
+        """Device bytes of each streamable block while it is present: its weights, or for a gathered
+        table (``block_gathered``) only the rows a call gathers, which are also all it copies in."""
+        return {**self.profile.block_weights, **self.profile.block_gathered}
+
     def streamed_weight_bytes(self, streamed: frozenset[str]) -> int:
         """Weights that leave the device when ``streamed`` blocks are streamed."""
         return sum(self.profile.block_weights.get(b, 0) for b in streamed)
@@ -224,7 +230,7 @@ class CostModel:
         return out
 
     def present_bytes(self, seg: Segment, streamed: frozenset[str]) -> int:
-        weights = self.profile.block_weights
+        weights = self.present_weights
         return sum(weights.get(b, 0) for b in self.present_blocks(seg, streamed))
 
     @cached_property
@@ -248,7 +254,7 @@ class CostModel:
         clock = [0.0]
         for t in self.unit_seconds:
             clock.append(clock[-1] + t)
-        weights = self.profile.block_weights
+        weights = self.present_weights
         blocks = [b for b in self.block_order if b in streamed]
         stall = copy_free = total = 0.0
         for i, b in enumerate(blocks):

@@ -278,8 +278,22 @@ class ModelProfile(_JsonFile):
         description="weight bytes of each block that may be streamed (its parameters are used only by "
         "units of that block); weights outside these blocks always stay resident",
     )
+    block_gathered: dict[str, Annotated[int, Field(ge=0)]] = Field(
+        default_factory=dict,
+        description="streamable blocks whose weights are tables a unit gathers rows of (an embedding): when "
+        "streamed, the table stays in host memory and only the rows the call's ids select (at most this "
+        "many bytes at the profiled shape) are copied to the device",
+    )
     allocator: AllocatorProfile
     versions: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _gathered_within_blocks(self) -> ModelProfile:
+        for block, nbytes in self.block_gathered.items():
+            if nbytes > self.block_weights.get(block, -1):
+                raise ValueError(f"block_gathered names {block!r} with {nbytes} bytes: a gathered table must be a "
+                                 f"block of block_weights, its rows no larger than the block's weights")
+        return self
 
 
 class ComponentProfile(_Strict):

@@ -142,7 +142,7 @@ def _present_bytes(model: CostModel, streamed: frozenset[str]):
     """``(start, stop) -> bytes`` of streamed weights on the device while a segment runs: the streamed
     blocks it touches and the next streamed block (prefetched), as :meth:`CostModel.present_blocks`."""
     order = model.block_order
-    weights = model.profile.block_weights
+    weights = model.present_weights
     after = [0] * (len(order) + 1)  # after[i]: weights of the first streamed block at index >= i
     for i in range(len(order) - 1, -1, -1):
         after[i] = weights.get(order[i], 0) if order[i] in streamed else after[i + 1]

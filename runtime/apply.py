@@ -166,7 +166,8 @@ class PlanHandle(Hook, _Link):
         """The plan's weight streamer (None without streamed blocks); made on first use, which checks
         the blocks (a meta trace of which units read which weights) and moves their weights to host."""
         if self._streamer is None and self.plan.streamed:
-            self._streamer = make_streamer(self.model, self.plan, self.method)
+            gathered = {block_of(op.name) for seg in self.segments for op in seg.ops if op.gathers}
+            self._streamer = make_streamer(self.model, self.plan, self.method, gathered)
         return self._streamer
 
     def restore_weights(self) -> None:
@@ -343,10 +344,12 @@ def _plan_hook(adapter) -> str:
     return f"{PLAN_HOOK}.{method}" if method == "encode" else PLAN_HOOK
 
 
-def make_streamer(model: torch.nn.Module, plan: ComponentPlan, method: str = "forward") -> WeightStreamer:
+def make_streamer(model: torch.nn.Module, plan: ComponentPlan, method: str = "forward",
+                  gathered: set[str] | frozenset[str] = frozenset()) -> WeightStreamer:
     """The :class:`WeightStreamer` of ``plan.streamed`` on ``model`` (weights moved to host now), after
-    checking that each block's weights are read by that block's units only (a meta trace)."""
-    modules = dict(model.named_modules())
+    checking that each block's weights are read by that block's units only (a meta trace). ``gathered``:
+    blocks whose tables their unit gathers rows of (``Op.gathers``), left in host memory."""
+    modules = dict(model.named_modules(remove_duplicate=False))
     streamable = streamable_blocks(model, plan.shape or config_shape(model), method)
     if streamable is not None:
         shared = [b for b in plan.streamed if b not in streamable and b in modules]
@@ -356,7 +359,7 @@ def make_streamer(model: torch.nn.Module, plan: ComponentPlan, method: str = "fo
                 f"read outside {'those blocks' if len(shared) > 1 else 'that block'} (or it has none): only blocks "
                 f"listed in the profile's block_weights can stream ({', '.join(streamable) or 'none here'})"
             )
-    streamer = WeightStreamer(model, plan.streamed)
+    streamer = WeightStreamer(model, plan.streamed, gathered)
     streamer.offload()
     return streamer
 

@@ -20,6 +20,7 @@ fingerprint, shape and kernel.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -44,6 +45,7 @@ from .adapters.base import adapter_for, measure_whole_stages, pipeline_adapter
 from .apply import fingerprint
 from .executor import Segment, execute, unit_by_unit
 from .fake import attention_kernel, weight_bytes
+from .gather import gathered_bytes
 from .memory import MemoryTracker
 from .opcount import OpCounter
 from .program import Program
@@ -54,7 +56,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_K = 256
 # Part of every cache key: bump when what the profiler measures changes, so old entries are not served.
-PROFILER_VERSION = 4  # 3: block_weights; 4: rows units (row maps), VAE encode profiles
+PROFILER_VERSION = 5  # 3: block_weights; 4: rows units (row maps), VAE encode profiles; 5: block_gathered
 
 
 def slice_counts(length: int, max_k: int = DEFAULT_MAX_K) -> list[int]:
@@ -121,6 +123,7 @@ def profile(
     readers = WeightReaders(model)
     with torch.no_grad(), attention_kernel(kernel), readers:  # the prologue reads weights too (embeddings)
         program = _program(adapter, model, ops, result, args)
+        ids_numel = {n: v.numel() for n, v in program.env.items() if isinstance(v, torch.Tensor)}
         with counter:
             execute(program, unit_by_unit(ops), observer=observe)
     say(f"unit program: {len(ops)} units")
@@ -171,6 +174,7 @@ def profile(
         )
     bar.close()
     first_entry = _first_entry(ops, args, adapter, model, kernel, result)
+    block_weights = readers.block_weights([op.name for op in ops])
     import diffusers
 
     ref = fingerprint(model, name)
@@ -185,7 +189,8 @@ def profile(
         units=units,
         original_peak_bytes=original.peak_bytes,
         original_block_peaks={b: u.peak_bytes for b, u in original.units.items()},
-        block_weights=readers.block_weights([op.name for op in ops]),
+        block_weights=block_weights,
+        block_gathered=_gathered(dict(model.named_modules(remove_duplicate=False)), ops, block_weights, ids_numel, seen),
         allocator=AllocatorProfile(
             method="replay of the traced allocation sequences (first slice of every unit) through "
             "vramplan.planner.allocator; k -> needed/allocated",
@@ -196,6 +201,24 @@ def profile(
         ),
         versions={"torch": torch.__version__.split("+")[0], "diffusers": diffusers.__version__},
     )
+
+
+def _gathered(modules, ops, block_weights: dict[str, int], ids_numel: dict[str, int], seen) -> dict[str, int]:
+    """Per streamable block of a unit that gathers table rows (``Op.gathers``): the device bytes of the
+    rows its ids can select at this shape (the distinct ids, at most; see :mod:`.gather`)."""
+    out: dict[str, int] = {}
+    for op in ops:
+        block = block_of(op.name)
+        if not op.gathers or block not in block_weights or block not in modules:
+            continue
+        n = ids_numel.get(op.gathers)
+        if n is None and op.gathers in seen:
+            n = math.prod(seen[op.gathers][0])
+        if n is None:
+            continue
+        tables = {id(t): t for t in modules[block].parameters()}.values()
+        out[block] = sum(gathered_bytes(t, n) for t in tables)
+    return out
 
 
 def component_profiles(components: dict[str, torch.nn.Module], name: str, refs: dict[str, ModelRef]):

@@ -89,6 +89,10 @@ class Op:
     # Axis "rows": a host-placed input reaches ``fn`` as a host view of its slab, and ``fn`` copies it to
     # the device piece by piece (a video's latent frames one at a time) instead of the whole slab at once.
     stage_inside: bool = False
+    # The input holding ids whose rows ``fn`` looks up in its block's tables through
+    # :func:`~vramplan.runtime.gather.gather_rows` (an embedding): when the plan streams that block, the
+    # tables stay in host memory and only the rows those ids select reach the device.
+    gathers: str | None = None
 
     @property
     def name(self) -> str:

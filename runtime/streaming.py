@@ -12,7 +12,9 @@ the executor's ``around_segment``, for every segment of a call:
   dropped; the parameter points at the host copy again).
 
 So while a segment runs the device holds the resident weights, the streamed blocks it touches and
-the next streamed block. Weights are swapped through ``tensor.data``: the Parameter objects stay
+the next streamed block. A streamed block whose unit gathers rows of its table (``Op.gathers``, an
+embedding) is never copied in: the table stays in host memory and the unit copies only the rows its
+ids select (:mod:`.gather`). Weights are swapped through ``tensor.data``: the Parameter objects stay
 the model's own. Without CUDA, host == device: the host copy is the weight itself (marked as host
 for the memory tracker), and loading still makes a device copy per use, so the memory tracker sees
 what the GPU would hold. ``restore()`` puts every weight back on the device it came from.
@@ -35,6 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from ..planner.errors import InvalidPlanError
+from .gather import set_hosted
 from .memory import current_label, mark_host
 
 log = logging.getLogger(__name__)
@@ -88,13 +91,15 @@ class WeightReaders(TorchDispatchMode):
     def block_weights(self, units: Sequence[str]) -> dict[str, int]:
         """Per block (:func:`block_of` of ``units``) that is a module of the model: the bytes of its
         parameters and buffers, when each of them is owned by modules inside the block only and read
-        by units of that block only (never by the call's prologue or another block's unit). Blocks
-        without weights are left out."""
-        modules = dict(self.model.named_modules())
+        by units of that block only (never by the call's prologue or another block's unit). A tensor
+        also registered outside the block (a tied embedding's ``shared.weight``) is owned when it is the
+        same Parameter object: swapping its ``.data`` moves it under every name. Blocks without weights
+        are left out."""
+        modules = dict(self.model.named_modules(remove_duplicate=False))
         unit_block = {u: block_of(u) for u in units}
-        owners: dict[int, set[str]] = {}
+        owners: dict[int, set[tuple[str, int]]] = {}
         for path, t in _weights(self.model):
-            owners.setdefault(id(t.untyped_storage()), set()).add(path)
+            owners.setdefault(id(t.untyped_storage()), set()).add((path, id(t)))
         out: dict[str, int] = {}
         for block in dict.fromkeys(unit_block.values()):
             module = modules.get(block) if block else None
@@ -105,7 +110,8 @@ class WeightReaders(TorchDispatchMode):
             if not nbytes:
                 continue
             keys = {id(t.untyped_storage()) for t in tensors}
-            owned = all(path.startswith(block + ".") for key in keys for path in owners.get(key, ()))
+            ids = {id(t) for t in tensors}
+            owned = all(path.startswith(block + ".") or tid in ids for key in keys for path, tid in owners.get(key, ()))
             alone = all(unit_block.get(r) == block for key in keys for r in self.readers.get(key, ()))
             if owned and alone:
                 out[block] = nbytes
@@ -186,8 +192,10 @@ class _Block:
 class WeightStreamer:
     """The streamed blocks of one planned model (see the module docstring)."""
 
-    def __init__(self, model: torch.nn.Module, blocks: Sequence[str]) -> None:
-        modules = dict(model.named_modules())
+    def __init__(self, model: torch.nn.Module, blocks: Sequence[str], gathered: Sequence[str] = ()) -> None:
+        modules = dict(model.named_modules(remove_duplicate=False))
+        # Blocks whose tables a unit gathers rows of (Op.gathers): they stay in host memory, never copied in.
+        self.gathered = set(gathered) & set(blocks)
         self.model = model
         self.blocks: dict[str, _Block] = {}
         seen: set[int] = set()
@@ -236,6 +244,7 @@ class WeightStreamer:
                     w.host = current
                 mark_host(w.host)
                 w.tensor.data = w.host
+                set_hosted(w.tensor, block.name in self.gathered)
         self._offloaded = True
 
     def restore(self) -> None:
@@ -245,6 +254,7 @@ class WeightStreamer:
             for w in block.weights:
                 w.tensor.data = w.host if w.host.device == w.home else w.host.to(w.home)
                 w.host = w.tensor.data
+                set_hosted(w.tensor, False)
         self._offloaded = False
 
     # -- a call -----------------------------------------------------------------------------------
@@ -262,7 +272,8 @@ class WeightStreamer:
         loaded during the call is released at its end, also when a segment raises."""
         self.check_grad()
         self.offload(device)
-        touched = [{block_of(op.name) for op in seg.ops} & set(self.blocks) for seg in segments]
+        copied = set(self.blocks) - self.gathered  # a gathered table's rows are copied by its unit
+        touched = [{block_of(op.name) for op in seg.ops} & copied for seg in segments]
         index = {id(seg): i for i, seg in enumerate(segments)}
         first: dict[str, int] = {}
         last: dict[str, int] = {}

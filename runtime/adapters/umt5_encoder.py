@@ -2,7 +2,9 @@
 
 The prompt is short (512 tokens), so nothing here is sliced: the point of the unit program is that
 every layer is its own block, whose weights the planner may stream (prefetched one layer ahead)
-instead of holding the whole encoder on the GPU. Units: ``encoder.embed_tokens`` (the lookup),
+instead of holding the whole encoder on the GPU. The 2 GiB token-embedding table is a gathered table
+(``Op.gathers``, :mod:`..gather`): streamed, it stays in host memory and only the rows of the call's
+ids are copied to the device. Units: ``encoder.embed_tokens`` (the lookup),
 ``encoder.block.N`` (self-attention with its own relative position bias + feed-forward, as
 ``UMT5Stack`` calls them), ``encoder.final_layer_norm``. The attention mask is the stock
 prologue's own (``create_bidirectional_mask``).
@@ -13,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ...planner.errors import UnsupportedArgumentError
+from ..gather import gather_rows
 from ..program import Op, SliceCtx, UnitSpec
 from .base import CallBinding, register
 
@@ -27,11 +30,16 @@ class UMT5EncoderAdapter:
         stack = model.encoder
         ops: list[Op] = []
 
-        def add(name: str, inputs: tuple[str, ...], fn) -> str:
-            ops.append(Op(UnitSpec(name, None, kind="text"), inputs, name, fn, "nlc"))
+        def add(name: str, inputs: tuple[str, ...], fn, gathers: str | None = None) -> str:
+            ops.append(Op(UnitSpec(name, None, kind="text"), inputs, name, fn, "nlc", gathers=gathers))
             return name
 
-        h = add("encoder.embed_tokens", ("input_ids",), lambda ctx, ids: stack.dropout(stack.embed_tokens(ids)))
+        table = stack.embed_tokens  # the model's ``shared`` embedding, tied
+
+        def embed(ctx: SliceCtx, ids):  # the stock lookup; the prompt's rows only when the table stays on host
+            return stack.dropout(gather_rows(table.weight, ids))
+
+        h = add("encoder.embed_tokens", ("input_ids",), embed, gathers="input_ids")
         for i, block in enumerate(stack.block):
 
             def layer(ctx: SliceCtx, x, block=block):
