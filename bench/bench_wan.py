@@ -53,6 +53,15 @@ def _plan(model, h, w, f, steps, gpu, vram=None):
                     vram_gb=vram, host_ram_gb=HOST)
 
 
+def _floor(model, h, w, f) -> str:
+    """The smallest reachable peak (a budget below every plan is refused with it) and what sets it."""
+    try:
+        _plan(model, h, w, f, 50, "RTX 4090", 0.25)
+    except InfeasibleError as err:
+        return f"{human_bytes(err.min_peak_bytes)} ({err.stage}: {err.part})"
+    return "-"
+
+
 def targets(verify: bool) -> None:
     print("| model | size | budget | peak | floor (what sets it) | latency | all-resident | ratio | pinned host |"
           + (" verify (meta) |" if verify else ""))
@@ -69,7 +78,8 @@ def targets(verify: bool) -> None:
             continue
         p = plan.prediction
         ratio = p.latency_s / full.prediction.latency_s
-        row = (f"| {model} | {size} | {budget} GiB | {human_bytes(p.peak_bytes)} | - | {p.latency_s:.0f} s | "
+        low = _floor(model, h, w, f)
+        row = (f"| {model} | {size} | {budget} GiB | {human_bytes(p.peak_bytes)} | {low} | {p.latency_s:.0f} s | "
                f"{full.prediction.latency_s:.0f} s | {ratio:.3f} | {human_bytes(p.host_bytes)} |")
         if verify:
             from vramplan.runtime.verify import verify_all
