@@ -219,12 +219,14 @@ class CostModel:
 
     def present_blocks(self, seg: Segment, streamed: frozenset[str]) -> list[str]:
         """Streamed blocks on the device while ``seg`` runs: those it touches, and the next streamed
-        block after the last block it touches (prefetched)."""
+        block after the last block it touches (prefetched; a gathered table is never prefetched: its
+        unit copies its rows, so the next block copied in is the one after it)."""
         if not streamed:
             return []
         touched, last = self._touched(seg.start, seg.stop)
         out = [b for b in self.block_order if b in touched and b in streamed]
-        nxt = next((b for b in self.block_order[last + 1 :] if b in streamed), None)
+        gathered = self.profile.block_gathered
+        nxt = next((b for b in self.block_order[last + 1 :] if b in streamed and b not in gathered), None)
         if nxt is not None:
             out.append(nxt)
         return out
@@ -242,7 +244,8 @@ class CostModel:
         """(transfer, exposed) seconds per call of streaming ``streamed``: every streamed block is copied
         in once per call, on one copy stream in block order. Block ``b_i`` is prefetched when the
         computation reaches the previous streamed block ``b_(i-1)`` (the call's start for the first)
-        and is needed at its own first unit; the computation waits for what is not done by then."""
+        and is needed at its own first unit; the computation waits for what is not done by then. A
+        gathered table's rows are copied by its unit on the compute stream: all exposed."""
         if not streamed:
             return 0.0, 0.0
         cache = self.__dict__.setdefault("_streaming_cache", {})
@@ -257,6 +260,12 @@ class CostModel:
         weights = self.present_weights
         blocks = [b for b in self.block_order if b in streamed]
         stall = copy_free = total = 0.0
+        gathered = self.profile.block_gathered
+        for b in [b for b in blocks if b in gathered]:  # copied by their unit, on the compute stream: exposed
+            seconds = weights.get(b, 0) / self.link_bytes_per_s
+            total += seconds
+            stall += seconds
+        blocks = [b for b in blocks if b not in gathered]
         for i, b in enumerate(blocks):
             issue = clock[first[blocks[i - 1]]] + stall if i else 0.0
             seconds = weights.get(b, 0) / self.link_bytes_per_s

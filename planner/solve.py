@@ -145,7 +145,8 @@ def _present_bytes(model: CostModel, streamed: frozenset[str]):
     weights = model.present_weights
     after = [0] * (len(order) + 1)  # after[i]: weights of the first streamed block at index >= i
     for i in range(len(order) - 1, -1, -1):
-        after[i] = weights.get(order[i], 0) if order[i] in streamed else after[i + 1]
+        copied = order[i] in streamed and order[i] not in model.profile.block_gathered  # as present_blocks
+        after[i] = weights.get(order[i], 0) if copied else after[i + 1]
     memo: dict[tuple[int, int], int] = {}
 
     def present(start: int, stop: int) -> int:

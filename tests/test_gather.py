@@ -156,8 +156,12 @@ def test_a_gathered_table_is_priced_by_its_rows_and_chosen_when_needed():
     assert model.present_blocks(first, everything) == ["embed", "layers.0"]
     assert model.present_bytes(first, everything) == 104 * MIB  # the rows, not the table; the next layer
     assert model.streamed_weight_bytes(everything) == 1200 * MIB  # all of it leaves the device
-    transfer, _ = model.streaming_seconds(frozenset({"embed"}))
-    assert transfer == pytest.approx(4 * MIB / model.link_bytes_per_s)
+    transfer, exposed = model.streaming_seconds(frozenset({"embed"}))
+    assert transfer == exposed == pytest.approx(4 * MIB / model.link_bytes_per_s)  # copied by its unit
+    # A table in the middle is never prefetched: the block after it is (as the streamer does).
+    middle = _handmade(True).model_copy(deep=True)
+    middle.units[0].block, middle.units[1].block = "layers.0", "embed"
+    assert CostModel(middle, gpu).present_blocks(first, everything) == ["layers.0", "layers.1"]
     plain = CostModel(_handmade(False), gpu)
     assert floor(plain).unit == "embed.lookup"  # the table whole on the device sets the floor
     assert floor(model).unit == "layers.0.f"  # gathered, a layer (and the next one prefetched) sets it
