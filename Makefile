@@ -27,8 +27,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[runtime,test,fleet]"
 	@touch $(STAMP)
 
+# Test workers (pytest-xdist): the files are spread over TEST_WORKERS processes, each file's tests in
+# one of them (--dist loadfile: a file's module fixtures and its Ray cluster stay in one process);
+# one torch thread per worker unless OMP_NUM_THREADS says (two workers on two cores).
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 demo: $(STAMP)
 	$(PY) -m vramplan.demo
