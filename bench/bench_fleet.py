@@ -1,6 +1,7 @@
 """Fleet capacity ILP: cost of the mixed, packed fleet vs one GPU type for everything; solve time at 20 x 18.
 
     .venv/bin/python bench/bench_fleet.py
+    .venv/bin/python bench/bench_fleet.py --baseline 6dd2c90   # planning time, that commit vs today, side by side
 
 The mix: 20 workloads over the shipped models and shapes (SVD, SVD-XT, AnimateDiff at 576x1024 and
 512x512, 20-50 steps), rates from 1 to 60 videos/hour, some with latency bounds. Baselines:
@@ -45,7 +46,74 @@ MIX = [  # name, model, height, width, steps, rate (videos/h), p95 latency bound
 ]
 
 
+def snapshot(commit: str) -> str:
+    """A copy of ``commit``'s package importable with PYTHONPATH (git archive; nothing in the work tree
+    changes): ``<tmp>/vramplan`` with its planner, runtime and profiles in place."""
+    import subprocess
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix=f"vramplan-{commit[:10]}-"))
+    repo = Path(__file__).resolve().parents[1]
+    archive = subprocess.run(["git", "-C", str(repo), "archive", commit], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    pkg = root / "pkg"
+    pkg.mkdir()
+    (pkg / "vramplan").symlink_to(root / "vramplan", target_is_directory=True)
+    for part in ("planner", "runtime", "profiles"):
+        if not (root / "vramplan" / part).exists():
+            (root / "vramplan" / part).symlink_to(root / part, target_is_directory=True)
+    return str(pkg)
+
+
+def timed_fleet() -> dict:
+    """Plan the 20 x 18 mix once in this process's vramplan; seconds (wall, and planning within it)."""
+    import vramplan.planner.capacity as capacity
+
+    workloads = parse_workloads([
+        dict(name=n, model=m, height=h, width=w, steps=s, rate=float(r), p95_latency_s=None if b is None else float(b))
+        for n, m, h, w, s, r, b in MIX
+    ])
+    t0 = time.perf_counter()
+    fleet = plan_fleet(workloads, parse_inventory(None))
+    return {"code": capacity.__file__, "seconds": round(time.perf_counter() - t0, 1),
+            "planning_seconds": round(fleet.solver.planning_seconds, 1), "cost_per_hour": round(fleet.cost_per_hour, 2),
+            "gpus": [f"{a.count} x {a.gpu}" for a in fleet.gpus]}
+
+
+def side_by_side(baseline: str) -> None:
+    """Today's code and ``baseline`` (a commit), each in a fresh process, one after the other."""
+    import json
+    import os
+    import subprocess
+
+    rows = []
+    for label, path in (("before (" + baseline + ")", snapshot(baseline)), ("now (work tree)", None)):
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        if path:
+            env["PYTHONPATH"] = path
+        done = subprocess.run([sys.executable, __file__, "--time-only"], env=env, capture_output=True, text=True,
+                              check=True, cwd="/")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        rows.append([label, result["seconds"], result["planning_seconds"], result["cost_per_hour"],
+                     ", ".join(result["gpus"])])
+        print(rows[-1], flush=True)
+    print(table(["code", "fleet s", "plan_for s", "$/hour", "fleet"], rows))
+
+
 def main() -> None:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--baseline", metavar="COMMIT", help="time this commit's fleet planning, then today's")
+    parser.add_argument("--time-only", action="store_true", help="print one timing as JSON (for --baseline)")
+    args = parser.parse_args()
+    if args.time_only:
+        print(json.dumps(timed_fleet()))
+        return
+    if args.baseline:
+        side_by_side(args.baseline)
+        return
     workloads = parse_workloads([
         dict(name=n, model=m, height=h, width=w, steps=s, rate=float(r), p95_latency_s=None if b is None else float(b))
         for n, m, h, w, s, r, b in MIX
