@@ -336,8 +336,13 @@ def plan_pipeline(
                 f"{found[0][0]:.2f} s. Raise the latency limit or give more memory."
             )
         lo, hi = planner.floor()[0], usable
-        if planner.best(lo, max_latency_s) is not None:  # a loose limit: the smallest reachable peak meets it
+        at_floor = planner.best(lo, max_latency_s)
+        if at_floor is not None:  # a loose limit: the smallest reachable peak meets it
             hi = lo
+            # within the bisection's 1 MiB resolution a faster plan may exist: take it
+            near = planner.best(lo + 2**20, max_latency_s)
+            if near is not None and near[0][0] < at_floor[0][0]:
+                hi = lo + 2**20
         while hi - lo > 2**20:  # 1 MiB resolution on the peak
             mid = (lo + hi) // 2
             if planner.best(mid, max_latency_s) is not None:
