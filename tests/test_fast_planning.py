@@ -43,7 +43,7 @@ def test_table_is_what_the_cost_model_says_for_every_placement():
 def test_fast_solve_is_the_brute_force_optimum_on_a_handmade_profile_with_placements(method):
     """Every placement and streamed set of the handmade profile, at a few budgets: the memoised tables
     give the optimum over every plan built unit by unit (tests/test_planner.brute_force)."""
-    from tests.test_planner import MIB, brute_force, handmade
+    from test_planner import MIB, brute_force, handmade
 
     model = CostModel(handmade(), find_gpu("RTX 4090"))
     for host, streamed in ((frozenset(model.placeable), frozenset()), (frozenset(), frozenset(model.streamable))):

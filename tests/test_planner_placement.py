@@ -237,7 +237,7 @@ def test_search_feasible_exactly_when_some_choice_is(budget_mib):
 
 
 def test_search_solution_equals_brute_force_at_its_placement():
-    from tests.test_planner import brute_force
+    from test_planner import brute_force
 
     m = model()
     budget = 250 * MIB
