@@ -23,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .rules import split_bounds
+
 
 @dataclass(frozen=True)
 class RowStep:
@@ -196,13 +198,8 @@ def plan_segment(
     lens = segment_lengths(maps, first_inputs, in_lens)
     n = len(maps)
     last = lens[-1]
-    k = max(1, min(k, last))
-    base, extra = divmod(last, k)
-    bounds, s = [], 0
-    for i in range(k):
-        e = s + base + (1 if i < extra else 0)
-        bounds.append((s, e))
-        s = e
+    bounds = split_bounds(last, k)
+    k = len(bounds)
     owns = [proportional(bounds, lens[j], last) for j in range(n)]
     inputs_len = [in_lens[j] if first_inputs[j] is None else lens[first_inputs[j]] for j in range(n)]
     out = []

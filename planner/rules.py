@@ -273,3 +273,16 @@ class SegmentRules:
 def released_after_segment(program: ProgramRules, stop: int, names: Sequence[str]) -> list[str]:
     """Of ``names`` (what exists after a segment ending at ``stop``), those no later unit reads."""
     return [name for name in names if not program.alive(name, stop + 1)]
+
+
+def split_bounds(length: int, k: int) -> list[tuple[int, int]]:
+    """``k`` contiguous ranges covering ``[0, length)``, sizes differing by at most one (the first
+    ``length % k`` one larger): how every axis is sliced, by the executor and the cost model alike."""
+    k = max(1, min(k, length))
+    base, extra = divmod(length, k)
+    bounds, start = [], 0
+    for i in range(k):
+        stop = start + base + (1 if i < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 
 from ..planner.rows import RowMap
+from ..planner.rules import split_bounds  # noqa: F401  (the executor and adapters import it from here)
 
 Axis = Literal["frames", "tokens", "rows"]
 Layout = Literal["nchw", "nlc"]
@@ -173,15 +174,3 @@ def is_dense(t: torch.Tensor) -> bool:
             return False
         expected *= size
     return True
-
-
-def split_bounds(length: int, k: int) -> list[tuple[int, int]]:
-    """``k`` contiguous ranges covering ``[0, length)``, sizes differing by at most one."""
-    k = max(1, min(k, length))
-    base, extra = divmod(length, k)
-    bounds, start = [], 0
-    for i in range(k):
-        stop = start + base + (1 if i < extra else 0)
-        bounds.append((start, stop))
-        start = stop
-    return bounds
