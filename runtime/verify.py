@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -52,30 +53,37 @@ def verify(plan: Plan | ComponentPlan, model: torch.nn.Module | None = None) -> 
     return verify_all(plan, {} if model is None else {None: model})[0]
 
 
-def verify_all(plan: Plan | ComponentPlan, models: dict | None = None) -> list[VerifyReport]:
+def verify_all(plan: Plan | ComponentPlan, models: dict | None = None,
+               progress: Callable[[str], None] | None = None) -> list[VerifyReport]:
     """Run every sliced component of ``plan`` on meta tensors; one report per component.
 
     ``models`` maps component names to models to use instead of building them from the catalogue
-    (``{None: model}``: the component made for that model).
+    (``{None: model}``: the component made for that model). ``progress`` gets a line as each
+    component starts (a full-size model takes seconds to tens of seconds each: the user sees which).
     """
+    say = progress or (lambda message: None)
     if isinstance(plan, ComponentPlan):
         plan = Plan(components=[plan])
     models = dict(models or {})
     reports = []
     if plan.pipeline:
         pipeline_adapter(plan.pipeline).check_plan(plan)
-    for comp in plan.components:
-        if comp.shape is None:
-            continue
+    sliced = [c for c in plan.components if c.shape is not None]
+    whole = not models and plan.pipeline and plan.model_name
+    total = len(sliced) + (1 if whole else 0)
+    for i, comp in enumerate(sliced, 1):
         model = models.get(comp.component)
         if model is None and None in models:
             if fingerprint(models[None]).config_hash != comp.model.config_hash:
                 continue
             model = models[None]
+        say(f"[{i}/{total}] {comp.component}: {'building the meta model and ' if model is None else ''}"
+            f"executing the plan ...")
         if model is None:
             model = _build(plan, comp)
         reports.append(_run(plan, comp, model))
-    if not models and plan.pipeline and plan.model_name:
+    if whole:
+        say(f"[{total}/{total}] stages that run whole (encoders, decoder): measuring ...")
         reports += _whole_stages(plan)
     return reports
 

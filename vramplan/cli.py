@@ -125,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("-o", "--output", help="write the UNet's profile to this file (default: the whole pipeline's "
                                           "profile into the cache, where `plan` finds it)")
     p.add_argument("--regenerate-shipped", action="store_true", help="rewrite every shipped pipeline profile")
+    p.add_argument("--json", action="store_true", help="print what was profiled and where it is as JSON (the text "
+                                                     "goes to stderr)")
 
     p = sub.add_parser("schema", help="print the JSON Schema of plan files (or of profiles)")
     p.add_argument("--profile", action="store_true", help="the model profile schema instead")
@@ -147,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--allow-download", action="store_true", help="let diffusers download missing weights")
     p.add_argument("--memory-snapshot", metavar="PICKLE",
                    help="CUDA only: write PyTorch's allocator snapshot of the run (open at pytorch.org/memory_viz)")
+    p.add_argument("--json", action="store_true", help="print the run report (peaks, seconds per stage) as JSON")
 
     commands = dict(COMMANDS)
     for module_name in COMMAND_MODULES:  # commands that live in their own modules (fleet, rehash, ...)
@@ -398,9 +401,13 @@ def cmd_profile(args) -> int:
             raise InvalidArgumentError("-o writes one profile: give --kernel flash or --kernel efficient")
     from .runtime.profiler import DEFAULT_MAX_K, profile, regenerate_shipped, writable_cache_dir
 
+    say = functools.partial(print, file=sys.stderr) if args.json else print  # --json: stdout is the data
     if args.regenerate_shipped:
-        for path in regenerate_shipped(progress=print):
-            print("wrote", path)
+        paths = []
+        for path in regenerate_shipped(progress=say):
+            say("wrote", path)
+            paths.append(str(path))
+        _print_json(args, {"regenerated": paths})
         return 0
     guidance = not args.no_guidance
     shape = sample_shape_for(args.model, args.height, args.width, args.frames, guidance, args.dtype)
@@ -409,9 +416,12 @@ def cmd_profile(args) -> int:
 
         kernel = args.kernel or "flash"
         prof = profile(meta_unet(args.model, shape.dtype), shape, kernel, name=args.model, max_k=args.max_k,
-                       progress=print)
+                       progress=say)
         prof.save(args.output)
-        print(f"wrote {args.output}: the UNet, {kernel} attention ({len(prof.units)} units; original activation "
+        _print_json(args, {"model": args.model, "kernel": kernel, "written": str(args.output), "component": "unet",
+                           "units": len(prof.units), "original_activation_peak_bytes": prof.original_peak_bytes,
+                           "weight_bytes": prof.weight_bytes})
+        say(f"wrote {args.output}: the UNet, {kernel} attention ({len(prof.units)} units; original activation "
               f"peak {_gib(prof.original_peak_bytes)} GiB; weights {_gib(prof.weight_bytes)} GiB). `plan` reads "
               f"the cache, not this file: run `profile` without -o for that")
         return 0
@@ -420,11 +430,13 @@ def cmd_profile(args) -> int:
 
     folder = writable_cache_dir()  # before building and profiling, not after
     kernels = ("flash", "efficient") if args.kernel in (None, "both") else (args.kernel,)
+    records = []
     for kernel in kernels:
         what = f"{args.model} {shape.frames} x {args.height}x{args.width}, {kernel} attention"
         if args.max_k == DEFAULT_MAX_K and shipped_pipeline_profile(
                 args.model, args.height, args.width, shape.frames, guidance, args.dtype, kernel) is not None:
-            print(f"{what}: vramplan ships this profile; `plan` uses it (nothing to profile)")
+            say(f"{what}: vramplan ships this profile; `plan` uses it (nothing to profile)")
+            records.append({"kernel": kernel, "status": "shipped", "path": None, "stages": None})
             continue
         path = pipeline_cache_path(folder, args.model, args.height, args.width, shape.frames, guidance, args.dtype,
                                    kernel, args.max_k)
@@ -435,14 +447,25 @@ def cmd_profile(args) -> int:
                                        kernel, max_k=args.max_k)
         stages = "; ".join(f"{st.stage} {len(st.profile.units)} units, original activation peak "
                            f"{_gib(st.profile.original_peak_bytes)} GiB" for st in prof.stages if st.profile)
-        print(f"{what}: {'already in' if found else 'cached in'} {path} ({stages})")
+        say(f"{what}: {'already in' if found else 'cached in'} {path} ({stages})")
+        records.append({"kernel": kernel, "status": "already cached" if found else "cached", "path": str(path),
+                        "stages": [{"stage": st.stage, "units": len(st.profile.units),
+                                    "original_activation_peak_bytes": st.profile.original_peak_bytes}
+                                   for st in prof.stages if st.profile]})
+    _print_json(args, {"model": args.model, "height": args.height, "width": args.width, "frames": shape.frames,
+                       "guidance": guidance, "dtype": args.dtype, "max_k": args.max_k, "profiles": records})
     if args.max_k != DEFAULT_MAX_K:
-        print(f"note: `plan` reads profiles made with --max-k {DEFAULT_MAX_K}; this one is for --max-k {args.max_k}")
+        say(f"note: `plan` reads profiles made with --max-k {DEFAULT_MAX_K}; this one is for --max-k {args.max_k}")
     else:
-        print(f"`vramplan plan --model {args.model} --height {args.height} --width {args.width}"
+        say(f"`vramplan plan --model {args.model} --height {args.height} --width {args.width}"
               f"{f' --frames {args.frames}' if args.frames else ''}` now plans without profiling, for GPUs with "
               f"{' or '.join(kernels)} attention")
     return 0
+
+
+def _print_json(args, data) -> None:
+    if args.json:
+        print(json.dumps(data, indent=1))
 
 
 def pipeline_cache_path(folder: Path, model: str, height: int, width: int, frames: int, guidance: bool, dtype: str,
@@ -484,7 +507,8 @@ def cmd_verify(args) -> int:
         say(f"{plan.describe()}: checked against itself (no profile of its model to recompute it from)")
 
     say(f"{plan.describe()}: executing every sliced component on meta tensors of the full-size model")
-    reports = verify_all(plan, _trained_meta_models(plan) if plan.model_name == TRAINED else None)
+    reports = verify_all(plan, _trained_meta_models(plan) if plan.model_name == TRAINED else None,
+                         progress=phase_printer())
     for report in reports:
         if report.component not in {c.component for c in plan.components}:
             say(f"\n{report.component}: runs whole")
@@ -518,6 +542,16 @@ def cmd_verify(args) -> int:
     else:
         say(f"\nOK: every sliced component present, every prediction within {args.tolerance * 100:g} %")
     return 0
+
+
+def phase_printer():
+    """A line per phase on stderr, with the seconds since the command started it (stdout stays the result)."""
+    started = time.perf_counter()
+
+    def say(message: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+    return say
 
 
 def _verify_json(args, plan, reports, problems) -> None:
@@ -591,10 +625,16 @@ def cmd_run(args) -> int:
 
         pipe = load(plan)
         kwargs.update(trained_kwargs())
+    print(f"{plan.describe()}: loading the pipeline, then running the plan ...", file=sys.stderr, flush=True)
     result = run(plan, pipe, allow_download=args.allow_download, memory_snapshot=args.memory_snapshot,
                  generator=torch.Generator().manual_seed(args.seed), **kwargs)
+    written = save_video(result.frames, args.out, fps=args.fps)
+    if args.json:
+        print(result.report.model_dump_json(indent=1))
+        print("wrote", written, file=sys.stderr)
+        return 0
     print(result.report.summary())
-    print("wrote", save_video(result.frames, args.out, fps=args.fps))
+    print("wrote", written)
     return 0
 
 

@@ -37,7 +37,8 @@ def register(sub) -> dict:
     p.add_argument("--gap", type=float, default=0.02,
                    help="stop when the fleet is within this fraction of the cheapest (default 0.02; 0: prove it)")
     p.add_argument("-o", "--output", help="write the fleet plan (JSON)")
-    p.add_argument("--json", action="store_true", help="print the fleet plan as JSON instead of a table")
+    p.add_argument("--json", action="store_true", help="print the fleet plan (without --workloads: the rows of the "
+                                                     "one-model table) as JSON instead of a table")
     p.add_argument("--emit", choices=["ray"], help="print (or with -o, write) a Ray Serve config file instead")
     p.add_argument("--fleet", help="with --emit ray: an existing fleet plan instead of planning one")
     p.add_argument("--schema", action="store_true", help="print the fleet plan file's JSON Schema")
@@ -104,8 +105,8 @@ def cmd_fleet(args) -> int:
             raise VramplanError(f"{', '.join(given)} belong to the one-model table (without --workloads); "
                                 "give model, shape, steps and rate per workload in the workload file")
         return _fleet_mix(args)
-    if args.emit or args.inventory or args.output or args.json:
-        raise VramplanError("--inventory, -o, --json and --emit need --workloads (or --fleet for --emit)")
+    if args.emit or args.inventory or args.output:
+        raise VramplanError("--inventory, -o and --emit need --workloads (or --fleet for --emit)")
     mix = ["--" + d.replace("_", "-") for d in MIX_OPTIONS if getattr(args, d) != SINGLE_DEFAULTS[d]]
     if mix:
         raise VramplanError(f"{', '.join(mix)} tune the workload-mix planner: they need --workloads")
@@ -121,6 +122,12 @@ def _fleet_single(args) -> int:
     check_number("--steps", args.steps, integer=True, minimum=1)
     rows = capacity(model=args.model, height=args.height, width=args.width, frames=args.frames, steps=args.steps,
                     guidance=not args.no_guidance, dtype=args.dtype, videos_per_hour=args.rate, gpus=args.gpus)
+    if args.json:
+        print(json.dumps({"model": args.model, "height": args.height, "width": args.width, "frames": args.frames,
+                          "steps": args.steps, "guidance": not args.no_guidance, "dtype": args.dtype,
+                          "videos_per_hour": args.rate, "rows": [r.model_dump(mode="json") for r in rows]},
+                         indent=1))
+        return 0
     print(f"{args.model}, {args.height}x{args.width}, {args.steps} steps: fastest plan per GPU "
           f"(latency uncalibrated unless marked)")
     print(f"{'gpu':<16}{'fits':<6}{'peak GiB':>9}{'s/video':>9}{'videos/h':>10}{'GPUs needed':>13}")

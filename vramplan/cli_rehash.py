@@ -48,6 +48,7 @@ def register(sub) -> dict:
     p.add_argument("--slices", type=int, default=1, help="slice every sliceable unit this many ways (grouped)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("-o", "--output", default="trained-plan.json")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON instead of the summary (still written)")
     return {"calibrate": cmd_calibrate, "compare": cmd_compare, "trained-plan": cmd_trained_plan}
 
 
@@ -163,11 +164,16 @@ def cmd_trained_plan(args) -> int:
     pipe = trained_svd_pipeline()
     plan = trained_plan(pipe, rehash=args.rehash, keys=args.keys, calibration=args.calibration,
                         slices=args.slices, steps=args.steps, min_psnr=args.min_psnr)
+    written = plan.save(args.output)
+    if args.json:
+        print(plan.model_dump_json(indent=1))
+        print("wrote", written, file=sys.stderr)
+        return 0
     if plan.rehash is not None:
         from .planner.rehash import rehash_summary
 
         print(rehash_summary(plan))
-    print("wrote", plan.save(args.output))
+    print("wrote", written)
     return 0
 
 
@@ -200,16 +206,15 @@ def cmd_calibrate(args) -> int:
         plot = plot_calibration(cal, args.plot or out.with_suffix(".png"))
         if not args.json:
             print(f"calibrated {len(cal.cuts)} cuts over {cal.steps} steps ({cal.scheduler}); wrote {out} and {plot}")
-            for entry in cal.cuts:
-                adjacent = [entry.similarity[s - 1][s] for s in range(1, cal.steps)]
-                errors = [entry.error[s - 1][s] for s in range(1, cal.steps)]
-                print(f"  {entry.cut:<55} adjacent similarity {min(adjacent):.4f}..{max(adjacent):.4f}, "
-                      f"reuse error (gap 1) {sum(errors) / len(errors):.4f} mean")
+            for row in _cut_rows(cal):
+                print(f"  {row['cut']:<55} adjacent similarity {row['adjacent_similarity_min']:.4f}.."
+                      f"{row['adjacent_similarity_max']:.4f}, reuse error (gap 1) {row['reuse_error_gap1_mean']:.4f} mean")
     else:
         out = Path(args.existing)
     if not args.frontier:
         if args.json:
-            print(json.dumps({"calibration": str(out), "cuts": [c.cut for c in cal.cuts], "steps": cal.steps}))
+            print(json.dumps({"calibration": str(out), "steps": cal.steps, "scheduler": cal.scheduler,
+                              "cuts": _cut_rows(cal)}, indent=1))
         return 0
     from .runtime.calibrate import frontier_rows, plot_frontier, schedule_candidates
 
@@ -227,6 +232,17 @@ def cmd_calibrate(args) -> int:
         print(f"  {r['flops_fewer']:>6.2f}x {psnr:>7} {r['keys']:>4}  {r['cut']:<48} {r['schedule']}")
     print(f"wrote {plot}")
     return 0
+
+
+def _cut_rows(cal) -> list[dict]:
+    """Per cut: the step-to-step similarity range and the mean error of reusing the previous step."""
+    rows = []
+    for entry in cal.cuts:
+        adjacent = [entry.similarity[s - 1][s] for s in range(1, cal.steps)] or [1.0]
+        errors = [entry.error[s - 1][s] for s in range(1, cal.steps)] or [0.0]
+        rows.append({"cut": entry.cut, "adjacent_similarity_min": min(adjacent),
+                     "adjacent_similarity_max": max(adjacent), "reuse_error_gap1_mean": sum(errors) / len(errors)})
+    return rows
 
 
 def cmd_compare(args) -> int:
