@@ -67,8 +67,9 @@ def problems(plan: Plan, profile: PipelineProfile | ModelProfile | None = None, 
     for comp in plan.components:
         if comp.component in profiles:
             out += list(_against_profile(comp, profiles[comp.component]))
-    if plan.rehash is not None and "unet" in profiles:
-        out += list(_rehash_cut(plan, profiles["unet"]))
+    step = next((s.component for s in getattr(profile, "stages", ()) if s.per_step and s.profile is not None), "unet")
+    if plan.rehash is not None and step in profiles:
+        out += list(_rehash_cut(plan, profiles[step]))
     if out:
         return out
     return list(_recomputed(plan, profile))
@@ -459,7 +460,7 @@ def _compare(stated: dict, computed: dict, where: str) -> Iterator[str]:
 def _rehash_numbers(plan: Plan, profile: PipelineProfile) -> Iterator[str]:
     from .gpus import find_gpu
     from .plan import component_seconds, segments_of
-    from .rehash import CutCostModel, reuse_flops, reuse_seconds
+    from .rehash import CutCostModel, cut_bytes, reuse_flops, reuse_seconds
 
     stage = next(s for s in profile.stages if s.per_step and s.profile is not None)
     r, target = plan.rehash, plan.target
@@ -473,7 +474,7 @@ def _rehash_numbers(plan: Plan, profile: PipelineProfile) -> Iterator[str]:
         "original_unet_flops": r.steps * flops,
         "unet_flops": n * flops + (r.steps - n) * reuse_flops(model, r.cut),
         "key_call_s": full, "reuse_call_s": reuse, "latency_saved_s": (r.steps - n) * (full - reuse),
-        "cache_bytes": model.units[model.index[r.cut]].output_bytes,
+        "cache_bytes": cut_bytes(model, r.cut),
     }
     stated = {k: getattr(r, k) for k in computed if getattr(r, k) is not None}
     yield from _compare(stated, computed, "rehash")

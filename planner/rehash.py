@@ -66,31 +66,104 @@ class SchedulerOrderError(UnsupportedArgumentError):
 
 
 # ---------------------------------------------------------------------------------- reuse program
+RESIDUAL = "->"  # a residual cut's name: "<start>-><end>" (unit names never contain it)
+
+
+def residual_cut(start: str, end: str) -> str:
+    """The name of the residual cut over the span ``start`` .. ``end``."""
+    return f"{start}{RESIDUAL}{end}"
+
+
+def residual_span(cut: str) -> tuple[str, str] | None:
+    """``(start, end)`` of a residual cut, None for a feature cut.
+
+    A **residual cut** caches the span's residual ``end - start`` at key steps; a reuse step computes
+    everything but the units strictly inside the span, and ``end = start + residual`` (DBCache's
+    first-F / last-B blocks of a DiT). A **feature cut** caches one value and the reuse step reads it."""
+    if RESIDUAL not in cut:
+        return None
+    start, _, end = cut.partition(RESIDUAL)
+    return start, end
+
+
 def reuse_names(nodes: Sequence[tuple[str, Sequence[str]]], result: str, cut: str) -> list[str]:
     """The ops (by output name, in program order) that compute ``result`` when ``cut`` is given.
 
-    A backward walk from the result that stops at the cut and at the program's inputs. Raises
-    :class:`RehashCutError` when no op makes ``cut`` or the result does not depend on it.
+    A backward walk from the result that stops at the cut and at the program's inputs. For a residual
+    cut the walk does not stop at the span's start (the reuse step computes it) and takes the span's
+    end as made from its start alone (``start + residual``): the units strictly inside the span are the
+    ones skipped. Raises :class:`RehashCutError` when no op makes ``cut`` (either end) or the result
+    does not depend on it (a residual span's end not on its start).
     """
     made = {name: tuple(inputs) for name, inputs in nodes}
-    if cut not in made:
-        raise RehashCutError(f"the model has no value {cut!r} to cut at; choose one of its rehash cuts")
-    if cut == result:
-        raise RehashCutError(f"{cut!r} is the model's result: reusing it would skip the whole model")
+    span = residual_span(cut)
+    stop = cut if span is None else span[1]
+    for name in (stop,) if span is None else span:
+        if name not in made:
+            raise RehashCutError(f"the model has no value {name!r} to cut at; choose one of its rehash cuts")
+    if stop == result:
+        raise RehashCutError(f"{stop!r} is the model's result: reusing it would skip the whole model")
+    if span is not None and span[0] not in _ancestors(made, span[1]):
+        raise RehashCutError(f"{span[1]!r} does not depend on {span[0]!r}: no residual span {cut!r}")
     needed: set[str] = set()
     stack, reaches_cut = [result], False
     while stack:
         name = stack.pop()
-        if name == cut:
+        if name == stop:
             reaches_cut = True
+            if span is not None:
+                stack.append(span[0])
             continue
         if name in needed or name not in made:
             continue
         needed.add(name)
         stack.extend(made[name])
     if not reaches_cut:
-        raise RehashCutError(f"the model's result does not depend on {cut!r}; it cannot be a rehash cut")
+        raise RehashCutError(f"the model's result does not depend on {stop!r}; it cannot be a rehash cut")
     return [name for name, _ in nodes if name in needed]
+
+
+def _ancestors(made: dict[str, tuple[str, ...]], name: str) -> set[str]:
+    seen: set[str] = set()
+    stack = list(made.get(name, ()))
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(made.get(n, ()))
+    return seen
+
+
+def stream_points(nodes: Sequence[tuple[str, Sequence[str]]]) -> list[str]:
+    """Values that carry the whole state of the program: no later op reads anything made before them
+    (a DiT's block outputs; in a UNet the skip connections leave almost none). Program order."""
+    index = {name: i for i, (name, _) in enumerate(nodes)}
+    last_read = [-1] * len(nodes)
+    for j, (_, inputs) in enumerate(nodes):
+        for i in inputs:
+            if i in index:
+                last_read[index[i]] = max(last_read[index[i]], j)
+    out, reach = [], -1  # reach: the last op reading a value made before i
+    for i, (name, _) in enumerate(nodes):
+        if reach <= i and last_read[i] > i:
+            out.append(name)
+        reach = max(reach, last_read[i])
+    return out
+
+
+RESIDUAL_FIRST = (1, 2, 4, 8)  # blocks run before the span (DBCache's F)
+RESIDUAL_LAST = (0, 1, 2, 4, 8)  # blocks run after it (DBCache's B)
+
+
+def residual_candidates(nodes: Sequence[tuple[str, Sequence[str]]], kinds: dict[str, str],
+                        block_end: str = "ffn") -> list[str]:
+    """Candidate residual cuts: the block ends (stream points of kind ``block_end``) ``b_0 .. b_{n-1}``;
+    first-F blocks run, then the span ``b_{F-1} .. b_{n-1-B}`` is cached as a residual, then the last B
+    blocks (F in :data:`RESIDUAL_FIRST`, B in :data:`RESIDUAL_LAST`, at least one block in the span)."""
+    ends = [n for n in stream_points(nodes) if kinds.get(n) == block_end]
+    n = len(ends)
+    return [residual_cut(ends[f - 1], ends[n - 1 - b])
+            for f in RESIDUAL_FIRST for b in RESIDUAL_LAST if n - 1 - b > f - 1]
 
 
 def reads_inputs(nodes: Sequence[tuple[str, Sequence[str]]], names: Iterable[str], cut: str) -> bool:
@@ -109,7 +182,8 @@ def valid_cuts(nodes: Sequence[tuple[str, Sequence[str]]], result: str, cuts: It
 def candidate_cuts(units) -> list[str]:
     """Candidate cuts from unit kinds (profiles carry no adapter): in the up path, the outputs of
     motion modules, of second temporal res-block halves and of projections closing a temporal
-    transformer. The adapters' ``rehash_cuts`` list the same (a test checks it)."""
+    transformer; and residual cuts over the block ends of a residual stream (:func:`residual_candidates`).
+    The adapters' ``rehash_cuts`` list the same (a test checks it)."""
     kind = {u.name: u.kind for u in units}
     out = []
     for u in units:
@@ -122,7 +196,9 @@ def candidate_cuts(units) -> list[str]:
             or (u.kind == "proj" and first == "temporal_attention")
         ):
             out.append(u.name)
-    return out
+    size = {u.name: getattr(u, "output_bytes", 0) for u in units}  # op lists carry no sizes
+    return out + [c for c in residual_candidates(profile_nodes(units), kind)
+                  if len({size[v] for v in cut_values(c)}) == 1]  # a residual: start and end alike
 
 
 def profile_nodes(units) -> list[tuple[str, list[str]]]:
@@ -136,17 +212,33 @@ def cut_index(names: Sequence[str], cut: str) -> int:
         raise RehashCutError(f"the model has no unit {cut!r} to cut at") from None
 
 
+def cut_values(cut: str) -> tuple[str, ...]:
+    """The values a cut needs whole: the cut, or a residual span's start and end."""
+    span = residual_span(cut)
+    return (cut,) if span is None else span
+
+
+def cut_indices(names: Sequence[str], cut: str) -> list[int]:
+    return [cut_index(names, c) for c in cut_values(cut)]
+
+
+def cut_bytes(model: CostModel, cut: str) -> int:
+    """Bytes of the cache: the cut's value, or a residual span's residual (its end's size)."""
+    return model.units[model.index[cut_values(cut)[-1]]].output_bytes
+
+
 def check_groups(groups: Iterable[tuple[str, Sequence[str]]], cut: str) -> None:
-    """Refuse a slicing group that runs past the cut: the cut would exist one slice at a time only.
-    ``groups``: (label, unit names in order)."""
+    """Refuse a slicing group that runs past the cut (either end of a residual span): the cut would
+    exist one slice at a time only. ``groups``: (label, unit names in order)."""
     for label, names in groups:
         names = list(names)
-        if cut in names and names[-1] != cut:
-            raise RehashCutError(
-                f"the slicing group {label} runs across the rehash cut {cut!r} (the cut is not its last unit), "
-                f"so the cut never exists whole to be cached. Plan with the cut (plan_for(..., rehash=...) keeps "
-                f"groups off it) or split the group after {cut!r}."
-            )
+        for value in cut_values(cut):
+            if value in names and names[-1] != value:
+                raise RehashCutError(
+                    f"the slicing group {label} runs across the rehash cut {value!r} (the cut is not its last "
+                    f"unit), so the cut never exists whole to be cached. Plan with the cut (plan_for(..., "
+                    f"rehash=...) keeps groups off it) or split the group after {value!r}."
+                )
 
 
 # ---------------------------------------------------------------------------------- calibration
@@ -338,6 +430,12 @@ def split_at_cut(segments: Sequence[Segment], cut_at: int) -> list[Segment]:
     return out
 
 
+def _split_at(segments: Sequence[Segment], cut_ats: Iterable[int]) -> list[Segment]:
+    for c in cut_ats:
+        segments = split_at_cut(segments, c)
+    return list(segments)
+
+
 def reuse_segments(model: CostModel, segments: Sequence[Segment], cut: str) -> list[Segment]:
     """The plan's segments restricted to the reuse program: each run of consecutive reuse units of a
     segment, with its slice count and depth (as the runtime's ``reuse_segments`` keeps them)."""
@@ -386,10 +484,10 @@ class CutCostModel(CostModel):
     def __init__(self, profile, gpu, allocator: str, cut: str, *, pinned: bool = True):
         super().__init__(profile, gpu, allocator, pinned=pinned)
         self.cut = cut
-        self.cut_at = cut_index([u.name for u in profile.units], cut)
+        self.cut_ats = cut_indices([u.name for u in profile.units], cut)
 
     def segments(self, max_group: int = 8) -> list[Segment]:
-        return [s for s in super().segments(max_group) if not (s.start <= self.cut_at < s.stop)]
+        return [s for s in super().segments(max_group) if not any(s.start <= c < s.stop for c in self.cut_ats)]
 
 
 @dataclass
@@ -405,7 +503,7 @@ class StageRehash:
         return CutCostModel(model.profile, model.gpu, model.allocator, self.cut, pinned=model.pinned)
 
     def cache_bytes(self, model: CostModel) -> int:
-        return model.units[model.index[self.cut]].output_bytes
+        return cut_bytes(model, self.cut)
 
     def seconds(self, model: CostModel, solution) -> float:
         """The denoising stage: ``keys`` full calls and the rest reuse calls, each with the solution's
@@ -580,8 +678,8 @@ def plan_rehash(
     if calibration is not None:
         measured = {c.cut for c in calibration.cuts}
         cuts = [c for c in cuts if c in measured]
-    reuse_at = {c: reuse_seconds(model, split_at_cut(segments, model.index[c]), c, comp.host, comp.streamed)
-                for c in cuts}
+    reuse_at = {c: reuse_seconds(model, _split_at(segments, [model.index[v] for v in cut_values(c)]), c,
+                                 comp.host, comp.streamed) for c in cuts}
     budget = None if max_latency_s is None else max_latency_s - other
     options = rank_cuts(reuse_at, full, steps, mode, keys, budget, calibration, threshold, min_psnr)
     if not options:
@@ -644,7 +742,7 @@ def _attach(plan, stage, unet, gpu, allocator, mode, option, steps, calibration,
         unet_flops=n * flops + (steps - n) * reuse_flops(model, option.cut),
         key_call_s=round(full, 6), reuse_call_s=round(reuse, 6),
         latency_saved_s=round((steps - n) * (full - reuse), 4),
-        cache_bytes=model.units[model.index[option.cut]].output_bytes,
+        cache_bytes=cut_bytes(model, option.cut),
         calibration=(calibration_ref or calibration.reference()) if calibration is not None else None,
     )
     return plan.model_copy(update={"rehash": rehash})

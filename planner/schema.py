@@ -468,7 +468,8 @@ class RehashPlan(_Strict):
     steps run only what the output needs given the cut. The one approximation a plan may make."""
 
     mode: Literal["uniform", "greedy", "optimal"]
-    cut: str = Field(description="the cached value: a unit of the UNet's program (a temporal layer's output)")
+    cut: str = Field(description="the cached value: a unit of the UNet's program (a temporal layer's output), or "
+                     "a residual cut 'start->end' whose span's residual (end - start) is cached (a DiT's middle blocks)")
     steps: int = Field(ge=1, description="denoising steps the schedule is for (one UNet call each)")
     key_steps: list[int] = Field(min_length=1, description="0-based steps that run the whole UNet; 0 always")
     quality: Literal["calibrated", "uncalibrated"]
