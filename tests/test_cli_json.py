@@ -53,8 +53,10 @@ def test_every_table_command_has_json():
 
 def test_fleet_one_model_json(capsys):
     assert main(["fleet", "--gpus", "A10G", "RTX 4090", "--rate", "10", "--json"]) == 0
-    data = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
     assert data["model"] == "svd" and data["videos_per_hour"] == 10
+    assert "planning svd for 2 GPU types" in captured.err
     rows = {r["gpu"]: r for r in data["rows"]}
     assert set(rows) == {"A10G", "RTX 4090"}
     fitting = [r for r in rows.values() if r["fits"]]

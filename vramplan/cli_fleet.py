@@ -120,6 +120,10 @@ def _fleet_single(args) -> int:
 
     check_number("--rate", args.rate, positive=True, allow_none=True)
     check_number("--steps", args.steps, integer=True, minimum=1)
+    from .planner.gpus import all_gpus
+
+    count = len(args.gpus) if args.gpus else len(all_gpus())
+    print(f"planning {args.model} for {count} GPU types ...", file=sys.stderr, flush=True)
     rows = capacity(model=args.model, height=args.height, width=args.width, frames=args.frames, steps=args.steps,
                     guidance=not args.no_guidance, dtype=args.dtype, videos_per_hour=args.rate, gpus=args.gpus)
     if args.json:
