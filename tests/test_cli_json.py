@@ -144,3 +144,20 @@ def test_calibrate_json_has_the_table_numbers(weights, tmp_path, capsys):
         assert row["adjacent_similarity_min"] <= row["adjacent_similarity_max"] <= 1 + 1e-6
         assert row["reuse_error_gap1_mean"] >= 0
     assert "calibrating" in captured.err
+
+
+@pytest.mark.parametrize("argv", [
+    ["plan", "--gpu", "2080Tii"],                      # cli.py
+    ["fleet", "--gpus", "A10G", "--max-jobs", "1"],    # cli_fleet.py
+    ["trained-plan", "--keys", "0"],                   # cli_rehash.py
+    ["verify", "/nonexistent/plan.json"],
+])
+def test_verbose_is_the_same_before_and_after_the_command(argv, capsys):
+    """-v works in either place for every command: the traceback of an error; without it, one line."""
+    assert main(argv) == 2
+    quiet = capsys.readouterr().err
+    assert quiet.startswith("error: ") and "Traceback" not in quiet
+    for verbose in (["-v", *argv], [argv[0], "-v", *argv[1:]], [*argv, "--verbose"]):
+        assert main(verbose) == 2
+        err = capsys.readouterr().err
+        assert "Traceback (most recent call last)" in err and err.rstrip().splitlines()[-1] == quiet.strip()

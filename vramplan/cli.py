@@ -78,7 +78,8 @@ def _version() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vramplan", description="Make video diffusion fit the GPU you have.",
                                      formatter_class=HelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress; show tracebacks of errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="add the library's log lines (per-unit profiling, GPU overlays, ...) and "
+                             "the traceback of an error; also after the command")
     parser.add_argument("--version", action="version", version=_version())
     parser.add_argument("--threads", type=int, metavar="N",
                         help="torch CPU threads for commands that run a model (run, compare, calibrate, verify, "
@@ -154,6 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = dict(COMMANDS)
     for module_name in COMMAND_MODULES:  # commands that live in their own modules (fleet, rehash, ...)
         commands.update(importlib.import_module(module_name).register(sub))
+    for command in sub.choices.values():  # `vramplan plan -v` as well as `vramplan -v plan`
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="as `vramplan -v`: library log lines; tracebacks of errors")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
