@@ -216,19 +216,32 @@ def search(
         raise _infeasible(model, bottom, budget_bytes) from None
     if not (model.placeable or model.streamable):
         raise plain
-    candidates = _memory_candidates(model, max_group)
-    for host, streamed, peak in trajectory(model, max_group):
-        if forced - streamed:
-            streamed = streamed | forced
-            peak = minimax(model.n, candidates, _adjusted(model, host, streamed))[0]
-        if peak <= budget_bytes:
-            break
+    states = _forced_trajectory(model, max_group, forced)
+    host, streamed, _ = next((s for s in states if s[2] <= budget_bytes), states[-1])
     solution = solve(model, budget_bytes, max_latency_s, "dp", max_group, host=host, streamed=streamed)
     solution = prune(model, solution, budget_bytes, max_latency_s, max_group, keep=forced)
     if method == "ilp" or (method == "auto" and _cbc_available()):
         solution = solve(model, budget_bytes, max_latency_s, "ilp", max_group,
                          host=solution.host, streamed=solution.streamed)
     return solution
+
+
+def _forced_trajectory(model: CostModel, max_group: int, forced: frozenset[str]):
+    """:func:`trajectory` with the ``forced`` blocks streamed in every state (memoised per forced set)."""
+    if not forced:
+        return trajectory(model, max_group)
+    cache = model.__dict__.setdefault("_forced_trajectories", {})
+    key = (forced, max_group)
+    if key not in cache:
+        candidates = _memory_candidates(model, max_group)
+        states = []
+        for host, streamed, peak in trajectory(model, max_group):
+            if forced - streamed:
+                streamed = streamed | forced
+                peak = minimax(model.n, candidates, _adjusted(model, host, streamed))[0]
+            states.append((host, streamed, peak))
+        cache[key] = states
+    return cache[key]
 
 
 def forced_streaming(model: CostModel, min_bytes: int) -> frozenset[str]:
@@ -315,8 +328,11 @@ def prune(model: CostModel, solution: Solution, budget_bytes: int, max_latency_s
         else:
             streamed = streamed - {name}
         try:
-            trial = solve(model, budget_bytes, max_latency_s, "dp", max_group, host=host, streamed=streamed)
-        except InfeasibleError:
+            trial = solve(model, budget_bytes, max_latency_s, "dp", max_group, host=host, streamed=streamed,
+                          explain=False)
+        except InfeasibleError:  # memory fits; the latency limit does not
+            continue
+        if trial is None:
             continue
         if trial.latency_s <= solution.latency_s * (1 + 1e-9):
             solution = trial

@@ -64,14 +64,17 @@ def solve(
     *,
     host: frozenset[str] = EMPTY,
     streamed: frozenset[str] = EMPTY,
-) -> Solution:
+    explain: bool = True,
+) -> Solution | None:
     """The best plan for one placement: fastest within ``budget_bytes``, or, given ``max_latency_s``,
     the smallest peak that meets it (still within the budget). Raises :class:`InfeasibleError` with
     the smallest reachable peak and the unit that sets it.
 
     ``budget_bytes`` is what activations may use with every weight of the model on the device;
     streaming ``streamed`` blocks adds their bytes to it (and the blocks present to each segment).
-    ``host``: values placed in host memory. :func:`.placement.search` chooses both."""
+    ``host``: values placed in host memory. :func:`.placement.search` chooses both.
+    ``explain=False``: return None when nothing fits instead of finding the floor to say why (the
+    placement search's trials only need to know)."""
     started = time.perf_counter()
     segs, needed, seconds = table(model, host, streamed, max_group)
     credit = model.streamed_weight_bytes(streamed)
@@ -80,6 +83,8 @@ def solve(
     fitting = [i for i, b in enumerate(needed) if b <= cap]
     fastest = _shortest(segs, fitting, seconds, model.n)
     if fastest is None:
+        if not explain:
+            return None
         raise _infeasible(model, segs, needed, cap, host)
     limit = None if max_latency_s is None else max_latency_s - exposed
 
@@ -126,12 +131,62 @@ def table(model: CostModel, host: frozenset[str] = EMPTY, streamed: frozenset[st
     if len(cache) >= TABLES_KEPT:
         cache.pop(next(iter(cache)))
     segs = model.segments(max_group)
-    base = [model.cost(s, host) for s in segs]  # memoised per (segment, placement relevant to it)
-    needed = [c.needed_bytes for c in base]
+    needed, seconds = _host_table(model, host, max_group, segs)
     if streamed:
         present = _present_bytes(model, streamed)
         needed = [b + present(s.start, s.stop) for b, s in zip(needed, segs, strict=True)]
-    found = cache[key] = (segs, needed, [c.seconds for c in base])
+    found = cache[key] = (segs, needed, seconds)
+    return found
+
+
+HOST_TABLES_KEPT = 64
+NEAR = 2  # a placement's table is derived from a kept one that differs by at most this many values
+
+
+def _spans(model: CostModel, max_group: int, segs) -> tuple[list[tuple[int, int]], list[int]]:
+    """The distinct (start, stop) of the candidates and each candidate's index among them (memoised):
+    a segment's relevant values depend on its span only."""
+    key = ("_solve_spans", max_group)
+    found = model.__dict__.get(key)
+    if found is None:
+        index: dict[tuple[int, int], int] = {}
+        of = [index.setdefault((s.start, s.stop), len(index)) for s in segs]
+        found = model.__dict__[key] = (list(index), of)
+    return found
+
+
+def _host_table(model: CostModel, host: frozenset[str], max_group: int, segs) -> tuple[list[int], list[float]]:
+    """Needed bytes and seconds of every candidate with ``host`` placed (nothing streamed), memoised.
+
+    A segment's cost depends only on the placed values relevant to its span, so a placement close to
+    a kept one (the pruning drops one value at a time) copies the kept entries of every segment whose
+    span none of the differing values touches and costs only the others: the same numbers as
+    costing every segment, without looking each one up."""
+    cache = model.__dict__.setdefault("_host_tables", {})
+    key = (host, max_group)
+    found = cache.get(key)
+    if found is not None:
+        return found
+    parent = None
+    for (h, g), table_ in reversed(cache.items()):
+        if g == max_group and len(h ^ host) <= NEAR:
+            parent, diff = table_, h ^ host
+            break
+    if parent is None:
+        base = [model.cost(s, host) for s in segs]  # memoised per (segment, placement relevant to it)
+        found = ([c.needed_bytes for c in base], [c.seconds for c in base])
+    else:
+        spans, of = _spans(model, max_group, segs)
+        touched = [not diff.isdisjoint(model.relevant(Segment(a, b, 1))) for a, b in spans]
+        needed, seconds = list(parent[0]), list(parent[1])
+        for i, s in enumerate(segs):
+            if touched[of[i]]:
+                c = model.cost(s, host)
+                needed[i], seconds[i] = c.needed_bytes, c.seconds
+        found = (needed, seconds)
+    if len(cache) >= HOST_TABLES_KEPT:
+        cache.pop(next(iter(cache)))
+    cache[key] = found
     return found
 
 

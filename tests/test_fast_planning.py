@@ -15,6 +15,7 @@ import random
 
 import pytest
 from vramplan.planner import pipeline as pipeline_mod
+from vramplan.planner import solve as solve_mod
 from vramplan.planner.costs import CostModel
 from vramplan.planner.errors import InfeasibleError, InvalidArgumentError
 from vramplan.planner.gpus import find_gpu
@@ -37,6 +38,53 @@ def test_table_is_what_the_cost_model_says_for_every_placement():
         for i in rng.sample(range(len(segs)), 200):
             cost = model.cost(segs[i], host, streamed)
             assert (needed[i], seconds[i]) == (cost.needed_bytes, cost.seconds)
+
+
+def test_tables_derived_from_a_near_placement_are_the_tables_built_from_scratch(monkeypatch):
+    """The pruning drops one placed value at a time: each such table is derived from a kept one by
+    re-costing only the segments whose span the dropped value touches. Every entry equals a table
+    built from scratch on a fresh model (nothing kept to derive from), and the model's cost."""
+    prof = shipped_pipeline_profile("svd", 512, 512, 14, True, "fp16", "flash")
+    stage = next(s for s in prof.stages if s.profile is not None and s.per_step)
+    gpu = find_gpu("RTX 4090")
+    model = CostModel(stage.profile, gpu)
+    rng = random.Random(1)
+    host = frozenset(rng.sample(model.placeable, min(6, len(model.placeable))))
+    table(model, host)
+    derived = []
+    spans = solve_mod._spans
+    monkeypatch.setattr(solve_mod, "_spans", lambda m, *a: derived.append(m) or spans(m, *a))
+    chain = [host]
+    for v in sorted(host):  # drop, then add back one: the derivation goes both ways
+        chain.append(chain[-1] - {v})
+    chain.append(chain[-1] | {sorted(host)[0]})
+    for h in chain[1:]:
+        segs, needed, seconds = table(model, h)
+        fresh = CostModel(stage.profile, gpu)
+        _, needed_fresh, seconds_fresh = table(fresh, h)
+        assert (needed, seconds) == (needed_fresh, seconds_fresh)
+        assert derived[-1] is model  # derived, not built from scratch
+        for i in rng.sample(range(len(segs)), 100):
+            cost = model.cost(segs[i], h)
+            assert (needed[i], seconds[i]) == (cost.needed_bytes, cost.seconds)
+
+
+def test_a_quiet_solve_returns_none_exactly_where_solve_raises():
+    prof = shipped_pipeline_profile("svd", 512, 512, 14, True, "fp16", "flash")
+    stage = next(s for s in prof.stages if s.profile is not None and s.per_step)
+    model = CostModel(stage.profile, find_gpu("RTX 4090"))
+    _, needed, _ = table(model)
+    floor = solve(model, max(needed), method="dp").costs  # fits: the largest candidate
+    assert floor
+    for budget in (0, min(needed) - 1, sorted(needed)[len(needed) // 2], max(needed)):
+        try:
+            loud = solve(model, budget, method="dp")
+        except InfeasibleError:
+            loud = None
+        quiet = solve(model, budget, method="dp", explain=False)
+        assert (quiet is None) == (loud is None)
+        if loud is not None:
+            assert (quiet.segments, quiet.latency_s) == (loud.segments, loud.latency_s)
 
 
 @pytest.mark.parametrize("method", ["dp", "ilp"])
