@@ -25,6 +25,8 @@ from ..planner.rehash import (
     RehashStepsError,
     SchedulerOrderError,
     check_groups,
+    cut_values,
+    residual_span,
     reuse_names,
     valid_cuts,
 )
@@ -33,7 +35,7 @@ from .adapters.base import adapter_for
 from .apply import PlanHandle, _check_shape, _checkpointing, build_segments, component_for, fingerprint
 from .executor import Segment, execute, unit_by_unit
 from .hooks import PLAN_HOOK, _original_method, get_hook, register_hook
-from .program import Op, Program
+from .program import Op, Program, UnitSpec
 
 _MISSING = object()
 
@@ -60,14 +62,40 @@ def _nodes(ops: list[Op]) -> list[tuple[str, tuple[str, ...]]]:
     return [(op.output, op.inputs) for op in ops]
 
 
+def cache_name(cut: str) -> str:
+    """The reuse program's input the cache is bound to: the cut itself, or a residual span's residual."""
+    return cut if residual_span(cut) is None else f"{cut}:residual"
+
+
+def cache_of(cut: str, kept: dict[str, torch.Tensor]) -> torch.Tensor:
+    """What a key step caches from its kept values: the cut, or the span's residual ``end - start``."""
+    span = residual_span(cut)
+    return kept[cut] if span is None else kept[span[1]] - kept[span[0]]
+
+
+def _add_residual(ctx, start: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    return start + residual
+
+
 def reuse_ops(ops: list[Op], result: str, cut: str) -> list[Op]:
-    """The ops a reuse call runs: what ``result`` needs given ``cut``, in program order."""
+    """The ops a reuse call runs: what ``result`` needs given ``cut``, in program order. For a residual
+    cut, one op in place of the span's end: ``end = start + residual`` (whole, unsliced)."""
     names = set(reuse_names(_nodes(ops), result, cut))
-    return [op for op in ops if op.output in names]
+    out = [op for op in ops if op.output in names]
+    span = residual_span(cut)
+    if span is None:
+        return out
+    start, end = span
+    pos = {op.output: i for i, op in enumerate(ops)}
+    made = ops[pos[end]]
+    add = Op(UnitSpec(end, None, kind="residual"), (start, cache_name(cut)), end, _add_residual, made.layout)
+    i = sum(1 for op in out if pos[op.output] < pos[end])
+    return [*out[:i], add, *out[i:]]
 
 
 def reuse_segments(segments: list[Segment], ops: list[Op], cut: str) -> list[Segment]:
-    """The plan's segments restricted to ``ops``; refuses a group that runs across ``cut``."""
+    """The plan's segments restricted to ``ops``; refuses a group that runs across ``cut`` (either end
+    of a residual span). A residual cut's add op runs as a segment of its own where the span ended."""
     check_groups(((f"starting at {s.ops[0].name}", [op.output for op in s.ops]) for s in segments), cut)
     keep = {id(op) for op in ops}
     out = []
@@ -75,6 +103,12 @@ def reuse_segments(segments: list[Segment], ops: list[Op], cut: str) -> list[Seg
         mine = [op for op in seg.ops if id(op) in keep]
         if mine:
             out.append(dataclasses.replace(seg, ops=mine))  # keeps k and depth
+    span = residual_span(cut)
+    if span is not None:
+        pos = {op.output: i for i, op in enumerate(op for seg in segments for op in seg.ops)}
+        add = next(op for op in ops if op.spec.kind == "residual" and op.output == span[1])
+        i = sum(1 for seg in out if pos[seg.ops[-1].output] < pos[span[1]])
+        out.insert(i, Segment([add], None, 1))
     return out
 
 
@@ -161,6 +195,7 @@ class RehashHandle(PlanHandle):
                 f"handle.reset() between calls."
             )
         cut = self.rehash.cut
+        kept = frozenset(cut_values(cut))
         key = step in set(self.rehash.key_steps) or self.cache is None
         if key:
             self.cache = None  # a key step never reads it: one cache held, as the planner counts
@@ -173,15 +208,15 @@ class RehashHandle(PlanHandle):
                 _check_shape(self.plan, binding.shape)
             env, layouts = binding.env, binding.layouts
             if not key:
-                env, layouts = {**env, cut: self.cache}, {**layouts, cut: self._cut_layout}
+                env, layouts = {**env, cache_name(cut): self.cache}, {**layouts, cache_name(cut): self._cut_layout}
             program = Program(ops, env, layouts, self.result, binding.finish, binding.globals)
             placement = self.placement(program)
             if placement:  # host values of this call only: a reuse call has fewer ops, the cut is its input
-                placement["host"] = placement["host"] & {op.output for op in ops} - {cut}
-            out = execute(program, segments, keep=frozenset({cut}) if key else frozenset(),
+                placement["host"] = placement["host"] & {op.output for op in ops} - {cut} - kept
+            out = execute(program, segments, keep=kept if key else frozenset(),
                           around_segment=around, checkpoint=checkpoint, **placement)
             if key:
-                self.cache = program.kept[cut]
+                self.cache = cache_of(cut, program.kept)
         _sync(self.cache)
         self.records.append(StepRecord(step, key, time.perf_counter() - started))
         self.step += 1
@@ -191,7 +226,7 @@ class RehashHandle(PlanHandle):
 
     @property
     def _cut_layout(self):
-        return next(op.layout for op in self.ops if op.output == self.rehash.cut)
+        return next(op.layout for op in self.ops if op.output == cut_values(self.rehash.cut)[-1])
 
 
 class _CheckedSetTimesteps:
@@ -216,7 +251,7 @@ def apply_rehash(target, plan: Plan | RehashPlan, component: ComponentPlan | Non
     ``remove()``. ``target``: a pipeline (its ``unet``; the cache resets whenever the pipeline sets
     its timesteps) or a UNet (call ``reset()`` between pipeline calls). The handle is the UNet's plan
     hook: a second plan on the UNet is refused, and so is a rehash on a UNet already under a plan."""
-    unet = getattr(target, "unet", target)
+    unet = getattr(target, "unet", None) or getattr(target, "transformer", None) or target
     scheduler = getattr(target, "scheduler", None) if unet is not target else None
     if isinstance(plan, Plan):
         if plan.rehash is None:
@@ -302,17 +337,19 @@ def measure_cuts(unet: torch.nn.Module, shape, cuts: list[str]) -> tuple[int, di
         with flop_counter() as counter:
             binding = adapter.bind(unet, *args)
             program = binding.program(ops, result)
-            _, kept = execute_keeping(program, unit_by_unit(ops), set(cuts))
+            _, kept = execute_keeping(program, unit_by_unit(ops), {v for c in cuts for v in cut_values(c)})
         full = counter.get_total_flops()
         for cut in cuts:
             reuse = reuse_ops(ops, result, cut)
             with flop_counter() as counter:
                 binding = adapter.bind(unet, *args)
-                program = Program(reuse, {**binding.env, cut: kept[cut]}, {**binding.layouts, cut: layouts[cut]},
-                                  result, binding.finish, binding.globals)
+                last = cut_values(cut)[-1]
+                program = Program(reuse, {**binding.env, cache_name(cut): cache_of(cut, kept)},
+                                  {**binding.layouts, cache_name(cut): layouts[last]}, result, binding.finish,
+                                  binding.globals)
                 execute(program, unit_by_unit(reuse))
             reuse_flops[cut] = counter.get_total_flops()
-            sizes[cut] = kept[cut].numel() * kept[cut].element_size()
+            sizes[cut] = kept[last].numel() * kept[last].element_size()
     return full, reuse_flops, sizes
 
 
@@ -350,7 +387,7 @@ def with_rehash(
         cuts = [c for c in cuts if c in {e.cut for e in cal.cuts}]
     if comp.groups:
         for c in list(cuts):  # cuts that a group of this plan runs across are not offered
-            if any(c in g.units and g.units[-1] != c for g in comp.groups):
+            if any(v in g.units and g.units[-1] != v for g in comp.groups for v in cut_values(c)):
                 cuts.remove(c)
     if not cuts:
         raise RehashCutError("no candidate cut lies on a segment boundary of this plan; plan with fewer groups")
@@ -381,7 +418,7 @@ def split_groups_at(component: ComponentPlan, cuts) -> ComponentPlan:
     piece stays sliced, ungrouped), so that each cut exists whole and can be cached."""
     from ..planner.schema import Group
 
-    cuts = set(cuts)
+    cuts = {v for c in cuts for v in cut_values(c)}  # both ends of a residual span
     groups = [Group(units=p, axis=g.axis, k=g.k, depth=g.depth)
               for g in component.groups for p in _pieces(g, cuts) if len(p) > 1]
     # a statistics unit recomputes only while a unit of its piece makes its input (it follows one)

@@ -113,7 +113,12 @@ class WanTransformerAdapter:
         return ops, add("unpatchify", None, (h,), unpatchify, "reshape")
 
     def rehash_cuts(self, model) -> list[str]:
-        return []
+        """Residual cuts (the planner's rule): the first F and last B blocks run every step, the middle
+        blocks' residual is cached (DBCache's F/B)."""
+        from ...planner.rehash import residual_candidates
+
+        ops, _ = self.ops(model)
+        return residual_candidates([(op.output, op.inputs) for op in ops], {op.output: op.spec.kind for op in ops})
 
     def example_inputs(self, model, shape, device="cpu", seed: int = 0) -> tuple:
         """``hidden_states [B, C, T, H, W]``, a timestep, 512 text embeddings (plus 257 CLIP image

@@ -1,0 +1,107 @@
+"""Residual cuts at run time on a tiny WanPipeline: key steps exact, reuse steps ``start + residual``
+through the last blocks (checked against the stock blocks with the span's output replaced by hand)."""
+
+import pytest
+import torch
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+from tiny import tiny_umt5, tiny_wan
+from vramplan.planner.rehash import RehashCutError, residual_cut
+from vramplan.planner.schema import Plan, RehashPlan
+from vramplan.runtime.adapters.base import adapter_for
+from vramplan.runtime.apply import sample_shape, uniform_component
+from vramplan.runtime.rehash import apply_rehash, rehash_cuts, split_groups_at
+
+CUT = residual_cut("blocks.0.ffn", "blocks.2.ffn")  # block 0 and block 3 run; blocks 1-2 are the span
+
+
+def _pipe():
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True]).eval()
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        num_train_timesteps=1000, flow_shift=3.0)
+    model = tiny_wan(seed=1, in_channels=16, out_channels=16, num_layers=4)
+    return WanPipeline(tokenizer=None, text_encoder=tiny_umt5(), vae=vae, scheduler=scheduler, transformer=model)
+
+
+def _call():
+    g = torch.Generator().manual_seed(0)
+    return dict(prompt_embeds=torch.randn(1, 512, 16, generator=g), height=32, width=48, num_frames=5,
+                num_inference_steps=4, guidance_scale=1.0, output_type="pt", generator=torch.Generator().manual_seed(3))
+
+
+def _plan(pipe, k, cut=CUT):
+    comp = uniform_component(pipe.transformer, k, sample_shape(torch.zeros(1, 16, 2, 4, 6), pipe.transformer))
+    comp = split_groups_at(comp, [cut])  # both ends of the span exist whole
+    assert k == 1 or comp.groups
+    rehash = RehashPlan(mode="uniform", cut=cut, steps=4, key_steps=[0, 2], quality="uncalibrated",
+                        original_unet_flops=1, unet_flops=1, cache_bytes=1)
+    return Plan(pipeline="WanPipeline", model_name="tiny-wan", height=32, width=48, frames=5, components=[comp],
+                rehash=rehash)
+
+
+def _calls(model):
+    calls = []
+    hook = model.register_forward_hook(
+        lambda m, args, kwargs, out: calls.append((args, dict(kwargs), out[0].clone())), with_kwargs=True)
+    return calls, hook
+
+
+def test_the_adapter_lists_the_planners_residual_cuts():
+    from vramplan.planner.rehash import candidate_cuts
+
+    model = tiny_wan(num_layers=4)
+    ops, result = adapter_for(model).ops(model)
+
+    class U:
+        def __init__(self, op):
+            self.name, self.kind, self.inputs = op.output, op.spec.kind, list(op.inputs)
+
+    assert CUT in rehash_cuts(model) == adapter_for(model).rehash_cuts(model)
+    assert [c for c in candidate_cuts([U(op) for op in ops]) if "->" in c] == rehash_cuts(model)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_key_steps_exact_and_reuse_steps_add_the_cached_residual(k):
+    pipe = _pipe()
+    model = pipe.transformer
+    calls, hook = _calls(model)
+    with torch.no_grad():
+        handle = apply_rehash(pipe, _plan(pipe, k))
+        try:
+            pipe(**_call())
+        finally:
+            handle.remove()
+        hook.remove()
+        assert handle.key_steps == [0, 2] and handle.reused_steps == [1, 3]
+        cache = {}
+
+        def keep(name):
+            return lambda m, a, out: cache.__setitem__(name, out)
+
+        def replace(m, a, out):  # the span's end: start + the residual of the last key step
+            return cache["start"] + cache["residual"]
+
+        for step, (args, kwargs, out) in enumerate(calls):
+            key = step in (0, 2)
+            hooks = [model.blocks[0].register_forward_hook(keep("start"))]
+            if key:
+                hooks.append(model.blocks[2].register_forward_hook(keep("end")))
+            else:
+                hooks.append(model.blocks[2].register_forward_hook(replace))
+            try:
+                expected = model(*args, **kwargs)[0]
+            finally:
+                for h in hooks:
+                    h.remove()
+            if key:
+                cache["residual"] = cache["end"] - cache["start"]
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        # a reuse step differs from the stock forward (the approximation is real)
+        assert not torch.allclose(calls[1][2], model(*calls[1][0], **calls[1][1])[0], atol=1e-6)
+
+
+def test_a_span_that_is_not_a_candidate_is_refused():
+    pipe = _pipe()
+    with pytest.raises(RehashCutError, match="not a rehash cut"):
+        apply_rehash(pipe, _plan(pipe, 1, residual_cut("blocks.0.ffn", "blocks.2.attn1")))
