@@ -125,3 +125,11 @@ def test_wan_fixed_residual_cut_and_latency(wan):
     assert plan.prediction.latency_s < base.prediction.latency_s
     with pytest.raises(RehashCutError):
         plan_rehash(wan, find_gpu("h100"), mode="uniform", keys=9, steps=25, cut=residual_cut("blocks.1.ffn", "blocks.3.attn1"))
+
+
+def test_unets_have_no_residual_candidates():
+    from vramplan.planner.plan import shipped_pipeline_profile
+
+    svd = shipped_pipeline_profile("svd", 576, 1024, 14, True, "fp16", "flash")
+    unet = next(s.profile for s in svd.stages if s.per_step and s.profile is not None)
+    assert candidate_cuts(unet.units) and not any(residual_span(c) for c in candidate_cuts(unet.units))
