@@ -129,17 +129,26 @@ class StepRecord:
 class RehashHandle(PlanHandle):
     """The UNet's plan hook (``vramplan.plan``) with Step Rehash: the plan's slicing on every call, the
     whole program on key steps, the reuse program on the others. Given the pipeline it also wraps the
-    scheduler's ``set_timesteps`` (start of every pipeline call: reset and checks). ``remove()``
-    restores both; ``records`` lists the steps of the last call."""
+    scheduler's ``set_timesteps`` (start of every pipeline call: reset and checks) and ``step`` (the end of
+    a denoising step: a pipeline that calls the model more than once per step, as Wan's CFG does, gets
+    one cache per call of the step). ``remove()`` restores them; ``records`` lists the calls of the last
+    pipeline call."""
 
     rehash: RehashPlan | None = None
     reuse: list[Op] = field(default_factory=list)
     reuse_segs: list[Segment] = field(default_factory=list)
     scheduler: object = None
     step: int = 0
-    cache: torch.Tensor | None = None
+    call: int = 0  # calls of the model within the current step
+    caches: dict[int, torch.Tensor] = field(default_factory=dict)  # per call of a step
     records: list[StepRecord] = field(default_factory=list)
     _saved_set_timesteps: object = _MISSING
+    _saved_step: object = _MISSING
+
+    @property
+    def cache(self) -> torch.Tensor | None:
+        """The cache of a step's first (or only) call."""
+        return self.caches.get(0)
 
     def __enter__(self) -> RehashHandle:
         return self
@@ -147,7 +156,7 @@ class RehashHandle(PlanHandle):
     def reset_state(self) -> None:
         """Per-call state (called by the hook registry at and after every pipeline call): the cache
         and the step counter; the records of the last call stay readable."""
-        self.step, self.cache = 0, None
+        self.step, self.call, self.caches = 0, 0, {}
 
     def reset(self) -> None:
         """Start a new pipeline call: no cache, step 0, no records."""
@@ -162,15 +171,27 @@ class RehashHandle(PlanHandle):
             else:
                 self.scheduler.set_timesteps = self._saved_set_timesteps
             self._saved_set_timesteps = _MISSING
-        self.cache = None
+        if self.scheduler is not None and self._saved_step is not _MISSING:
+            if self._saved_step is None:
+                self.scheduler.__dict__.pop("step", None)
+            else:
+                self.scheduler.step = self._saved_step
+            self._saved_step = _MISSING
+        self.caches = {}
 
     @property
     def key_steps(self) -> list[int]:
-        return [r.step for r in self.records if r.key]
+        return sorted({r.step for r in self.records if r.key})
 
     @property
     def reused_steps(self) -> list[int]:
-        return [r.step for r in self.records if not r.key]
+        return sorted({r.step for r in self.records if not r.key})
+
+    def _after_step(self) -> None:
+        """The scheduler finished a step: the next model call starts the next step."""
+        self.step, self.call = self.step + 1, 0
+        if self.step >= self.rehash.steps:
+            self.caches = {}  # not held through the decode
 
     def _set_timesteps(self, original):
         return _CheckedSetTimesteps(self, original)
@@ -196,9 +217,10 @@ class RehashHandle(PlanHandle):
             )
         cut = self.rehash.cut
         kept = frozenset(cut_values(cut))
-        key = step in set(self.rehash.key_steps) or self.cache is None
+        slot = self.call
+        key = step in set(self.rehash.key_steps) or slot not in self.caches
         if key:
-            self.cache = None  # a key step never reads it: one cache held, as the planner counts
+            self.caches.pop(slot, None)  # a key step never reads it: one cache held, as the planner counts
         ops, segments = (self.ops, self.segments) if key else (self.reuse, self.reuse_segs)
         checkpoint = torch.is_grad_enabled() and _checkpointing(self.model)
         started = time.perf_counter()
@@ -208,7 +230,8 @@ class RehashHandle(PlanHandle):
                 _check_shape(self.plan, binding.shape)
             env, layouts = binding.env, binding.layouts
             if not key:
-                env, layouts = {**env, cache_name(cut): self.cache}, {**layouts, cache_name(cut): self._cut_layout}
+                env, layouts = ({**env, cache_name(cut): self.caches[slot]},
+                                {**layouts, cache_name(cut): self._cut_layout})
             program = Program(ops, env, layouts, self.result, binding.finish, binding.globals)
             placement = self.placement(program)
             if placement:  # host values of this call only: a reuse call has fewer ops, the cut is its input
@@ -216,17 +239,36 @@ class RehashHandle(PlanHandle):
             out = execute(program, segments, keep=kept if key else frozenset(),
                           around_segment=around, checkpoint=checkpoint, **placement)
             if key:
-                self.cache = cache_of(cut, program.kept)
-        _sync(self.cache)
+                self.caches[slot] = cache_of(cut, program.kept)
+        _sync(self.caches.get(slot))
         self.records.append(StepRecord(step, key, time.perf_counter() - started))
-        self.step += 1
-        if self.step == self.rehash.steps:
-            self.cache = None  # not held through the decode
+        if self._saved_step is _MISSING:  # no scheduler: one call per step
+            self.step += 1
+            if self.step == self.rehash.steps:
+                self.caches = {}  # not held through the decode
+        else:
+            self.call += 1
         return out
 
     @property
     def _cut_layout(self):
         return next(op.layout for op in self.ops if op.output == cut_values(self.rehash.cut)[-1])
+
+
+class _SchedulerStep:
+    """The scheduler's ``step`` under a rehash handle: tells the handle a denoising step ended. A copy or
+    pickle of the scheduler gets its own plain ``step``."""
+
+    def __init__(self, handle: RehashHandle, original):
+        self.handle, self.original = handle, original
+
+    def __call__(self, *args, **kwargs):
+        out = self.original(*args, **kwargs)
+        self.handle._after_step()
+        return out
+
+    def __reduce_ex__(self, protocol):
+        return _original_method, (self.handle.scheduler, "step")
 
 
 class _CheckedSetTimesteps:
@@ -282,6 +324,8 @@ def apply_rehash(target, plan: Plan | RehashPlan, component: ComponentPlan | Non
     if scheduler is not None:
         handle._saved_set_timesteps = scheduler.__dict__.get("set_timesteps")
         scheduler.set_timesteps = handle._set_timesteps(scheduler.set_timesteps)
+        handle._saved_step = scheduler.__dict__.get("step")
+        scheduler.step = _SchedulerStep(handle, scheduler.step)
     return handle
 
 

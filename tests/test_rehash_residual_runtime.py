@@ -24,10 +24,12 @@ def _pipe():
     return WanPipeline(tokenizer=None, text_encoder=tiny_umt5(), vae=vae, scheduler=scheduler, transformer=model)
 
 
-def _call():
+def _call(guidance=1.0):
     g = torch.Generator().manual_seed(0)
-    return dict(prompt_embeds=torch.randn(1, 512, 16, generator=g), height=32, width=48, num_frames=5,
-                num_inference_steps=4, guidance_scale=1.0, output_type="pt", generator=torch.Generator().manual_seed(3))
+    embeds, negative = torch.randn(1, 512, 16, generator=g), torch.randn(1, 512, 16, generator=g)
+    return dict(prompt_embeds=embeds, negative_prompt_embeds=negative, height=32, width=48, num_frames=5,
+                num_inference_steps=4, guidance_scale=guidance, output_type="pt",
+                generator=torch.Generator().manual_seed(3))
 
 
 def _plan(pipe, k, cut=CUT):
@@ -61,29 +63,34 @@ def test_the_adapter_lists_the_planners_residual_cuts():
     assert [c for c in candidate_cuts([U(op) for op in ops]) if "->" in c] == rehash_cuts(model)
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_key_steps_exact_and_reuse_steps_add_the_cached_residual(k):
+@pytest.mark.parametrize("k,guidance", [(1, 1.0), (3, 1.0), (3, 4.0)])
+def test_key_steps_exact_and_reuse_steps_add_the_cached_residual(k, guidance):
+    """guidance 4: Wan's CFG calls the DiT twice per step (cond, uncond), each call its own cache."""
     pipe = _pipe()
     model = pipe.transformer
     calls, hook = _calls(model)
     with torch.no_grad():
         handle = apply_rehash(pipe, _plan(pipe, k))
         try:
-            pipe(**_call())
+            pipe(**_call(guidance))
         finally:
             handle.remove()
         hook.remove()
         assert handle.key_steps == [0, 2] and handle.reused_steps == [1, 3]
-        cache = {}
+        per_step = 2 if guidance > 1 else 1
+        assert len(calls) == 4 * per_step and handle.caches == {}  # dropped after the last step
+        cache, residual = {}, {}
 
         def keep(name):
             return lambda m, a, out: cache.__setitem__(name, out)
 
-        def replace(m, a, out):  # the span's end: start + the residual of the last key step
-            return cache["start"] + cache["residual"]
-
-        for step, (args, kwargs, out) in enumerate(calls):
+        for i, (args, kwargs, out) in enumerate(calls):
+            step, slot = divmod(i, per_step)
             key = step in (0, 2)
+
+            def replace(m, a, out, slot=slot):  # the span's end: start + the residual of the last key step
+                return cache["start"] + residual[slot]
+
             hooks = [model.blocks[0].register_forward_hook(keep("start"))]
             if key:
                 hooks.append(model.blocks[2].register_forward_hook(keep("end")))
@@ -95,10 +102,11 @@ def test_key_steps_exact_and_reuse_steps_add_the_cached_residual(k):
                 for h in hooks:
                     h.remove()
             if key:
-                cache["residual"] = cache["end"] - cache["start"]
+                residual[slot] = cache["end"] - cache["start"]
             torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
         # a reuse step differs from the stock forward (the approximation is real)
-        assert not torch.allclose(calls[1][2], model(*calls[1][0], **calls[1][1])[0], atol=1e-6)
+        reused = calls[per_step]
+        assert not torch.allclose(reused[2], model(*reused[0], **reused[1])[0], atol=1e-6)
 
 
 def test_a_span_that_is_not_a_candidate_is_refused():
