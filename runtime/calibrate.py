@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..planner.errors import PlanMismatchError
+from ..planner.errors import PlanMismatchError, UnsupportedArgumentError
 from ..planner.rehash import DEFAULT_MAX_GAP, Calibration, CutCalibration, RehashCutError, SchedulerOrderError
 from ..planner.schema import Plan, SampleShape
 from .adapters.base import adapter_for
@@ -42,7 +42,12 @@ def calibrate(
     """Run ``pipe`` once (``call_kwargs``: image or prompt, height, width, num_frames...) and measure
     every candidate cut of its UNet. With ``plan`` the size and steps come from the plan (and the
     UNet runs with the plan's slice counts, ungrouped, so that every cut exists whole)."""
-    unet = pipe.unet
+    unet = getattr(pipe, "unet", None)
+    if unet is None:
+        raise UnsupportedArgumentError(
+            f"calibrating {type(pipe).__name__} is not built yet: calibration measures a UNet's feature cuts, and "
+            f"a DiT's residual cuts are not calibrated. Plan with rehash='uniform' (uncalibrated) instead."
+        )
     order = getattr(pipe.scheduler, "order", 1)
     if order != 1:
         raise SchedulerOrderError(

@@ -113,3 +113,11 @@ def test_a_span_that_is_not_a_candidate_is_refused():
     pipe = _pipe()
     with pytest.raises(RehashCutError, match="not a rehash cut"):
         apply_rehash(pipe, _plan(pipe, 1, residual_cut("blocks.0.ffn", "blocks.2.attn1")))
+
+
+def test_calibrating_a_dit_pipeline_is_refused_clearly():
+    from vramplan.planner.errors import UnsupportedArgumentError
+    from vramplan.runtime.calibrate import calibrate
+
+    with pytest.raises(UnsupportedArgumentError, match="residual cuts are not calibrated"):
+        calibrate(_pipe(), num_inference_steps=4)
