@@ -121,3 +121,14 @@ def test_calibrating_a_dit_pipeline_is_refused_clearly():
 
     with pytest.raises(UnsupportedArgumentError, match="residual cuts are not calibrated"):
         calibrate(_pipe(), num_inference_steps=4)
+
+
+def test_with_rehash_counts_the_residual_cuts_flops_and_cache():
+    from vramplan.runtime.rehash import with_rehash
+
+    pipe = _pipe()
+    plan = _plan(pipe, 1).model_copy(update={"rehash": None})
+    r = with_rehash(plan, pipe.transformer, mode="uniform", steps=4, keys=2).rehash
+    assert r.cut in rehash_cuts(pipe.transformer) and r.key_steps == [0, 3]
+    assert r.unet_flops < r.original_unet_flops
+    assert r.cache_bytes == 1 * 12 * 24 * 4  # one block output: 12 tokens x 24 channels, fp32
