@@ -50,3 +50,15 @@ def image():
     from PIL import Image
 
     return Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype("uint8"))
+
+
+@pytest.fixture(scope="module")
+def weights():
+    """The small trained model that ships with vramplan; tests that run it skip without its files."""
+    from vramplan.planner.errors import InputFileError
+    from vramplan.runtime import trained
+
+    try:
+        trained._check_files(trained.trained_dir())
+    except InputFileError as err:
+        pytest.skip(f"the trained model is not installed: {err}")

@@ -11,17 +11,6 @@ import pytest
 from vramplan.cli import main
 
 
-@pytest.fixture(scope="module")
-def weights():
-    from vramplan.planner.errors import InputFileError
-    from vramplan.runtime import trained
-
-    try:
-        trained._check_files(trained.trained_dir())
-    except InputFileError as err:
-        pytest.skip(f"the trained model is not installed: {err}")
-
-
 def _parser_options() -> dict[str, set[str]]:
     """Each subcommand's option strings, from the real parser (``--help`` of each)."""
     import argparse

@@ -4,20 +4,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from vramplan.cli import main
-
-
-@pytest.fixture(scope="module")
-def weights():
-    from vramplan.planner.errors import InputFileError
-    from vramplan.runtime import trained
-
-    try:
-        trained._check_files(trained.trained_dir())
-    except InputFileError as err:
-        pytest.skip(f"the trained model is not installed: {err}")
 
 
 def test_trained_plan_calibrate_compare(weights, tmp_path, capsys):
