@@ -193,9 +193,6 @@ class RehashHandle(PlanHandle):
         if self.step >= self.rehash.steps:
             self.caches = {}  # not held through the decode
 
-    def _set_timesteps(self, original):
-        return _CheckedSetTimesteps(self, original)
-
     def _after_set_timesteps(self) -> None:
         self.reset()
         check_scheduler_order(self.scheduler)
@@ -255,37 +252,23 @@ class RehashHandle(PlanHandle):
         return next(op.layout for op in self.ops if op.output == cut_values(self.rehash.cut)[-1])
 
 
-class _SchedulerStep:
-    """The scheduler's ``step`` under a rehash handle: tells the handle a denoising step ended. A copy or
-    pickle of the scheduler gets its own plain ``step``."""
+class _AfterSchedulerMethod:
+    """A scheduler method under a rehash handle: the original, then the handle's ``after`` (``step``: a
+    denoising step ended; ``set_timesteps``: reset the cache and check the schedule). A copy or pickle of
+    the scheduler gets its own plain method (the handle stays with the original), as copies of planned
+    models run unplanned."""
 
-    def __init__(self, handle: RehashHandle, original):
-        self.handle, self.original = handle, original
-
-    def __call__(self, *args, **kwargs):
-        out = self.original(*args, **kwargs)
-        self.handle._after_step()
-        return out
-
-    def __reduce_ex__(self, protocol):
-        return _original_method, (self.handle.scheduler, "step")
-
-
-class _CheckedSetTimesteps:
-    """The scheduler's ``set_timesteps`` under a rehash handle: resets the cache and checks the schedule.
-    A copy or pickle of the scheduler gets its own plain ``set_timesteps`` (the handle stays with the
-    original), as copies of planned models run unplanned."""
-
-    def __init__(self, handle: RehashHandle, original):
-        self.handle, self.original = handle, original
+    def __init__(self, handle: RehashHandle, name: str, after):
+        self.handle, self.name, self.after = handle, name, after
+        self.original = getattr(handle.scheduler, name)
 
     def __call__(self, *args, **kwargs):
         out = self.original(*args, **kwargs)
-        self.handle._after_set_timesteps()
+        self.after()
         return out
 
     def __reduce_ex__(self, protocol):
-        return _original_method, (self.handle.scheduler, "set_timesteps")
+        return _original_method, (self.handle.scheduler, self.name)
 
 
 def apply_rehash(target, plan: Plan | RehashPlan, component: ComponentPlan | None = None) -> RehashHandle:
@@ -323,9 +306,9 @@ def apply_rehash(target, plan: Plan | RehashPlan, component: ComponentPlan | Non
     register_hook(unet, handle, PLAN_HOOK, method="forward", innermost=True)
     if scheduler is not None:
         handle._saved_set_timesteps = scheduler.__dict__.get("set_timesteps")
-        scheduler.set_timesteps = handle._set_timesteps(scheduler.set_timesteps)
+        scheduler.set_timesteps = _AfterSchedulerMethod(handle, "set_timesteps", handle._after_set_timesteps)
         handle._saved_step = scheduler.__dict__.get("step")
-        scheduler.step = _SchedulerStep(handle, scheduler.step)
+        scheduler.step = _AfterSchedulerMethod(handle, "step", handle._after_step)
     return handle
 
 
