@@ -265,6 +265,8 @@ class Calibration(_JsonFile):
     steps: int = Field(ge=1)
     max_gap: int = Field(ge=1)
     seed: int | None = None
+    calls_per_step: int | None = Field(
+        default=None, ge=1, description="model calls per denoising step (2 for Wan's CFG: conditional, unconditional)")
     similarity_metric: str = "cosine similarity of the cut feature, flattened over the CFG batch"
     error_metric: str = "relative L2 error ||g' - g|| / ||g|| of the guided noise prediction"
     cuts: list[CutCalibration] = Field(min_length=1)

@@ -1,12 +1,14 @@
 """Calibrate Step Rehash on the user's pipeline: one full trajectory, measured at every candidate cut.
 
-At every denoising step the whole UNet runs (keeping every candidate cut: ``keep``), so the
-trajectory is the original one. Per cut we record the cosine similarity of its feature to every
-earlier step's (on at most a million evenly strided values per feature, in host memory), and, for
-the last ``max_gap`` steps ``a`` (whose whole features are parked in host memory),
-the relative L2 error of the *guided* noise prediction when this step reuses step ``a``'s feature
-(the reuse program run on this step's inputs). Guidance is applied as the pipeline does:
-``uncond + scale * (cond - uncond)`` with the pipeline's ``guidance_scale`` (per frame for SVD).
+At every denoising step the whole model (UNet or DiT) runs (keeping every candidate cut: ``keep``),
+so the trajectory is the original one. Per cut we record the cosine similarity of what it caches (a
+feature, or a DiT residual span's ``end - start``) to every earlier step's (on at most a million
+evenly strided values, in host memory), and, for the last ``max_gap`` steps ``a`` (whose whole
+caches are parked in host memory), the relative L2 error of the *guided* noise prediction when this
+step reuses step ``a``'s cache (the reuse program run on this step's inputs). Guidance is applied as
+the pipeline does: ``uncond + scale * (cond - uncond)`` with the pipeline's ``guidance_scale`` (per
+frame for SVD) when one call holds the CFG batch; as the pipeline combined its calls when it makes
+several per step (Wan).
 """
 
 from __future__ import annotations
@@ -17,15 +19,34 @@ from pathlib import Path
 import torch
 
 from ..planner.errors import PlanMismatchError, UnsupportedArgumentError
-from ..planner.rehash import DEFAULT_MAX_GAP, Calibration, CutCalibration, RehashCutError, SchedulerOrderError
+from ..planner.rehash import (
+    DEFAULT_MAX_GAP,
+    Calibration,
+    CutCalibration,
+    RehashCutError,
+    SchedulerOrderError,
+    cut_values,
+)
 from ..planner.schema import Plan, SampleShape
 from .adapters.base import adapter_for
 from .apply import component_for, dtype_name, fingerprint
 from .executor import Segment, execute
 from .program import Program
-from .rehash import execute_keeping, rehash_cuts, reuse_ops
+from .rehash import cache_name, cache_of, execute_keeping, rehash_cuts, reuse_ops
 
 log = logging.getLogger(__name__)
+
+
+def denoiser(pipe):
+    """The pipeline's per-step model: its UNet, or its DiT (``transformer``)."""
+    model = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    if model is None:
+        raise UnsupportedArgumentError(f"{type(pipe).__name__} has neither a UNet nor a transformer to calibrate")
+    if getattr(pipe, "transformer_2", None) is not None:
+        raise UnsupportedArgumentError(
+            f"{type(pipe).__name__} switches to a second transformer for the low-noise steps (Wan 2.2 A14B); "
+            f"Step Rehash calibrates one denoiser per trajectory. Plan without rehash.")
+    return model
 
 
 def calibrate(
@@ -40,19 +61,20 @@ def calibrate(
     **call_kwargs,
 ) -> Calibration:
     """Run ``pipe`` once (``call_kwargs``: image or prompt, height, width, num_frames...) and measure
-    every candidate cut of its UNet. With ``plan`` the size and steps come from the plan (and the
-    UNet runs with the plan's slice counts, ungrouped, so that every cut exists whole)."""
-    unet = getattr(pipe, "unet", None)
-    if unet is None:
-        raise UnsupportedArgumentError(
-            f"calibrating {type(pipe).__name__} is not built yet: calibration measures a UNet's feature cuts, and "
-            f"a DiT's residual cuts are not calibrated. Plan with rehash='uniform' (uncalibrated) instead."
-        )
+    every candidate cut of its UNet or DiT (a DiT's residual cuts: the cached value is the span's
+    residual). With ``plan`` the size and steps come from the plan (and the model runs with the plan's
+    slice counts, ungrouped, so that every cut exists whole).
+
+    A pipeline may call the model several times per step (Wan's classifier-free guidance: a conditional
+    and an unconditional call); each call reuses its own cache, as at run time, and the error is that
+    of the noise prediction the pipeline hands its scheduler, combined from the calls as the pipeline
+    combined them (the coefficients are fitted on the full run and checked to reproduce it)."""
+    unet = denoiser(pipe)
     order = getattr(pipe.scheduler, "order", 1)
     if order != 1:
         raise SchedulerOrderError(
-            f"{type(pipe.scheduler).__name__} calls the UNet {order} times per step; Step Rehash (and its "
-            f"calibration) needs a first-order scheduler (Euler, DDIM, DPM++ 2M)."
+            f"{type(pipe.scheduler).__name__} calls the model {order} times per step; Step Rehash (and its "
+            f"calibration) needs a first-order scheduler (Euler, DDIM, DPM++ 2M, UniPC)."
         )
     slices: dict[str, int] = {}
     if plan is not None:
@@ -65,7 +87,7 @@ def calibrate(
             num_inference_steps = plan.rehash.steps
         elif num_inference_steps is None and plan.target is not None:
             num_inference_steps = plan.target.steps
-        if plan.frames:
+        if plan.frames and getattr(pipe, "unet", None) is not None:
             call_kwargs.setdefault("decode_chunk_size", plan.frames)
     if num_inference_steps is None:
         raise PlanMismatchError("calibrate needs num_inference_steps (or a plan with steps)")
@@ -74,47 +96,70 @@ def calibrate(
     candidates = rehash_cuts(unet)
     unknown = [c for c in cuts or () if c not in candidates]
     if unknown:
-        raise RehashCutError(f"not rehash cuts of this UNet: {', '.join(unknown)}; its cuts: {', '.join(candidates)}")
+        raise RehashCutError(f"not rehash cuts of this model: {', '.join(unknown)}; its cuts: {', '.join(candidates)}")
     cuts = list(cuts) if cuts else candidates
     segments = [Segment([op], op.spec.axis, slices.get(op.name, 1) if op.spec.axis else 1) for op in ops]
     reuse = {c: reuse_ops(ops, result, c) for c in cuts}
     reuse_segs = {c: [Segment([op], op.spec.axis, slices.get(op.name, 1) if op.spec.axis else 1) for op in r]
                   for c, r in reuse.items()}
     layouts = {op.output: op.layout for op in ops}
+    kept_values = {v for c in cuts for v in cut_values(c)}
     n = num_inference_steps
     sim = {c: [[1.0 if a == s else 0.0 for s in range(n)] for a in range(n)] for c in cuts}
     err: dict[str, list[list[float | None]]] = {c: [[None] * n for _ in range(n)] for c in cuts}
     sketches: dict[str, list[torch.Tensor]] = {c: [] for c in cuts}  # every step, at most SKETCH values
-    window: dict[str, dict[int, torch.Tensor]] = {c: {} for c in cuts}  # the last max_gap steps, whole
-    state = {"step": 0, "shape": None}
+    # the last max_gap steps' caches, whole, per call of the step: window[cut][a][call]
+    window: dict[str, dict[int, list[torch.Tensor]]] = {c: {} for c in cuts}
+    state = {"step": 0, "shape": None, "calls": [], "slots": None}
 
     def forward(*args, **kwargs):
-        s = state["step"]
+        s, slot = state["step"], len(state["calls"])
         if s >= n:
-            raise SchedulerOrderError(f"more UNet calls than the {n} steps: the scheduler makes several per step")
+            raise SchedulerOrderError(f"more model calls than the {n} steps: the scheduler makes several per step")
         binding = adapter.bind(unet, *args, **kwargs)
         state["shape"] = binding.shape
         program = binding.program(ops, result)
-        out, kept = execute_keeping(program, segments, set(cuts))
-        guided = _guided(pipe, _tensor(out))
+        out, kept = execute_keeping(program, segments, kept_values)
+        call = {"out": _tensor(out), "cache": {}, "approx": {}}
         for c in cuts:
-            feature = kept[c]
-            here = _sketch(feature)
+            call["cache"][c] = cache_of(c, kept).detach()
+            for a in range(max(0, s - max_gap), s):
+                if slot >= len(window[c].get(a, ())):
+                    raise SchedulerOrderError(
+                        f"step {s} made more model calls than step {a}; Step Rehash needs the same calls every step")
+                cached = window[c][a][slot].to(call["cache"][c].device)
+                b = adapter.bind(unet, *args, **kwargs)
+                p = Program(reuse[c], {**b.env, cache_name(c): cached},
+                            {**b.layouts, cache_name(c): layouts[cut_values(c)[-1]]}, result, b.finish, b.globals)
+                call["approx"][(c, a)] = _tensor(execute(p, reuse_segs[c])).detach()
+        state["calls"].append(call)
+        return out
+
+    def end_step(model_output) -> None:
+        """The scheduler got the step's noise prediction: the step's errors and similarities."""
+        s, calls = state["step"], state["calls"]
+        if not calls:
+            raise SchedulerOrderError(f"step {s} made no model call")
+        if state["slots"] is None:
+            state["slots"] = len(calls)
+        elif len(calls) != state["slots"]:
+            raise SchedulerOrderError(f"step {s} made {len(calls)} model calls, step 0 {state['slots']}; "
+                                      f"Step Rehash needs the same calls every step")
+        combine = _combiner(pipe, [c["out"] for c in calls], model_output)
+        guided = combine([c["out"] for c in calls])
+        for c in cuts:
+            here = _sketch(torch.cat([call["cache"][c].flatten() for call in calls]))
             for a, before in enumerate(sketches[c]):
                 sim[c][a][s] = sim[c][s][a] = _cosine(before, here)
             for a in range(max(0, s - max_gap), s):
-                cached = window[c][a].to(feature.device)
-                b = adapter.bind(unet, *args, **kwargs)
-                p = Program(reuse[c], {**b.env, c: cached}, {**b.layouts, c: layouts[c]}, result, b.finish, b.globals)
-                approx = _guided(pipe, _tensor(execute(p, reuse_segs[c])))
+                approx = combine([call["approx"][(c, a)] for call in calls])
                 err[c][a][s] = float((approx - guided).float().norm() / guided.float().norm().clamp_min(1e-12))
             sketches[c].append(here)
-            window[c][s] = feature.detach().to("cpu")
+            window[c][s] = [call["cache"][c].to("cpu") for call in calls]
             window[c].pop(s - max_gap, None)
-        state["step"] = s + 1
-        return out
+        state["step"], state["calls"] = s + 1, []
 
-    probe = _Probe(pipe, seed)
+    probe = _Probe(pipe, seed, end_step)
     saved = unet.__dict__.get("forward")
     unet.forward = forward
     try:
@@ -127,7 +172,7 @@ def calibrate(
         else:
             unet.forward = saved
     if state["step"] != n:
-        raise SchedulerOrderError(f"the pipeline made {state['step']} UNet calls for {n} steps")
+        raise SchedulerOrderError(f"the pipeline made {state['step']} denoising steps, not {n}")
     shape = state["shape"]
     return Calibration(
         model=fingerprint(unet, model_name),
@@ -138,9 +183,29 @@ def calibrate(
         steps=n,
         max_gap=max_gap,
         seed=seed,
+        calls_per_step=state["slots"],
         cuts=[CutCalibration(cut=c, similarity=_round(sim[c]), error=_round(err[c])) for c in cuts],
         **probe.fields(n),
     )
+
+
+def _combiner(pipe, outs: list[torch.Tensor], model_output: torch.Tensor):
+    """How the pipeline made the noise prediction it hands its scheduler from the step's model outputs:
+    one call (CFG batched in it: :func:`_guided`), or several (Wan's conditional and unconditional
+    calls): a fixed linear combination, fitted by least squares on this step and refused unless it
+    reproduces the pipeline's prediction."""
+    if len(outs) == 1:
+        return lambda xs: _guided(pipe, xs[0])
+    a = torch.stack([o.double().flatten() for o in outs], 1)
+    target = model_output.double().flatten()
+    coef = torch.linalg.lstsq(a, target.unsqueeze(1)).solution.flatten()
+    miss = float((a @ coef - target).norm() / target.norm().clamp_min(1e-30))
+    if miss > 1e-4:
+        raise UnsupportedArgumentError(
+            f"{type(pipe).__name__} combines its {len(outs)} model calls per step in a way that is not a fixed "
+            f"linear combination (off by {miss:.2g}); Step Rehash cannot calibrate it")
+    weights = [float(c) for c in coef]
+    return lambda xs: sum(w * x.double() for w, x in zip(weights, xs, strict=True))
 
 
 class _Probe:
@@ -154,13 +219,17 @@ class _Probe:
 
     REL = 1e-2  # perturbation size, relative to the RMS of what it perturbs
 
-    def __init__(self, pipe, seed: int):
-        self.pipe, self.gen = pipe, torch.Generator().manual_seed(seed + 7919)
+    def __init__(self, pipe, seed: int, on_step=None):
+        self.pipe, self.gen, self.on_step = pipe, torch.Generator().manual_seed(seed + 7919), on_step
         self.noise_norm: list[float] = []
         self.step_gain: list[float] = []
         self.sigmas: list[float] = []
         self.decoded = [0.0, 0.0, 0]  # sum ||d frames||^2, sum ||d latent||^2, frame values
-        self.scale = float(getattr(getattr(getattr(pipe, "vae", None), "config", None), "scaling_factor", 1.0) or 1.0)
+        config = getattr(getattr(pipe, "vae", None), "config", None)
+        self.scale = float(getattr(config, "scaling_factor", 1.0) or 1.0)
+        std = getattr(config, "latents_std", None)
+        if std:  # Wan: the decoder reads latent * std + mean (per channel): the RMS gain
+            self.scale = 1.0 / (sum(v * v for v in std) / len(std)) ** 0.5
 
     def _noise(self, t: torch.Tensor) -> torch.Tensor:
         r = torch.randn(t.shape, generator=self.gen, dtype=torch.float32).to(t.device, t.dtype)
@@ -174,6 +243,8 @@ class _Probe:
         step, decode = scheduler.step, getattr(vae, "decode", None)
 
         def probed_step(model_output, timestep, sample, *args, **kwargs):
+            if self.on_step is not None:
+                self.on_step(model_output)
             twin = copy.deepcopy(scheduler)
             twin.__dict__.pop("step", None)  # the copy steps as the class does, not through this probe
             index = getattr(scheduler, "step_index", None)

@@ -115,12 +115,6 @@ def test_a_span_that_is_not_a_candidate_is_refused():
         apply_rehash(pipe, _plan(pipe, 1, residual_cut("blocks.0.ffn", "blocks.2.attn1")))
 
 
-def test_calibrating_a_dit_pipeline_is_refused_clearly():
-    from vramplan.planner.errors import UnsupportedArgumentError
-    from vramplan.runtime.calibrate import calibrate
-
-    with pytest.raises(UnsupportedArgumentError, match="residual cuts are not calibrated"):
-        calibrate(_pipe(), num_inference_steps=4)
 
 
 def test_with_rehash_counts_the_residual_cuts_flops_and_cache():
