@@ -1,0 +1,377 @@
+"""Step Rehash on a DiT, side by side with diffusers' own caches (issue 16 parts 4 and 6).
+
+On the trained tiny Wan (``vramplan.runtime.trained_wan``: a real ``WanPipeline``, CFG as two DiT calls per
+step, first-order flow-matching Euler), same held-out prompts and seeds for every run:
+
+- the full run (the reference every PSNR/SSIM is measured against: the same prompt and seed, no cache);
+- diffusers 0.42.1's caches through ``pipe.transformer.enable_cache(config)``, each at several settings:
+  FirstBlockCache (threshold), MagCache (``mag_ratios`` from its own calibration run, as diffusers documents:
+  ``calibrate=True``, the printed ratios passed back), TaylorSeer (lite mode: blocks skipped, ``proj_out``
+  predicted; its default mode changes nothing on Wan), FasterCache and PyramidAttentionBroadcast (attention
+  reuse; ``current_timestep_callback`` = the pipeline's timestep);
+- vramplan's planned schedules: one calibration (``vramplan.runtime.calibrate``, on a *training* prompt, not
+  one of the evaluated ones) and the joint search (cut, key count, key steps) by predicted PSNR within each
+  diffusers point's measured DiT FLOPs (matched points), at fixed savings (1.5x .. 4x), and the fewest FLOPs
+  predicted to keep 30 dB (``min_psnr``).
+
+DiT FLOPs are *measured*: PyTorch's FLOP counter (matmul, attention; plus the CPU fused attention kernel) over
+every call of the WanTransformer3DModel in the pipeline call (skipped blocks cost nothing, extra work of a
+cache counts). Time: the DiT calls' CPU seconds of this thread (a separate run without the counter), the least
+of ``--repeats``. PSNR: over the whole video (frames in [-1, 1]), averaged over prompts.
+
+    python bench/bench_rehash_dit.py [--prompts 3] [--untrained] [--write docs/benchmarks.md] [--plot docs/x.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import math
+import platform
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Point:
+    family: str
+    setting: str
+    psnr: float
+    ssim: float
+    flops: float  # DiT FLOPs per video (mean over prompts)
+    cpu_s: float  # DiT CPU seconds per video (mean over prompts)
+    predicted: float | None = None
+    keys: list[int] = field(default_factory=list)
+    cut: str | None = None
+
+
+def video_psnr(video: torch.Tensor, ref: torch.Tensor) -> float:
+    mse = float((video.float() - ref.float()).square().mean())
+    return 10 * math.log10(4.0 / mse) if mse > 0 else math.inf
+
+
+class Bench:
+    def __init__(self, untrained: bool, n_prompts: int, repeats: int):
+        from vramplan.runtime import trained_wan as tw
+
+        torch.set_num_threads(1)
+        self.tw = tw
+        self.pipe = tw.build_pipeline(0) if untrained else tw.load_trained_wan()
+        self.label = "UNTRAINED tiny Wan (random weights: not a quality claim)" if untrained else "trained tiny Wan"
+        self.call = dict(height=tw.HEIGHT, width=tw.WIDTH, num_frames=tw.NUM_FRAMES,
+                         num_inference_steps=tw.NUM_INFERENCE_STEPS, guidance_scale=tw.GUIDANCE_SCALE)
+        self.steps = tw.NUM_INFERENCE_STEPS
+        self.prompts = [tw.prompt(*k) for k in tw.heldout_combinations()[:n_prompts]]
+        self.repeats = repeats
+        self.full = [self._run(p, i, counted=True) for i, p in enumerate(self.prompts)]
+        self.full_flops = sum(f[1] for f in self.full) / len(self.full)
+        self.full_cpu = self._cpu(None)
+
+    def _run(self, prompt: str, seed: int, counted: bool):
+        from vramplan.runtime.rehash import flop_counter
+
+        ctx = flop_counter() if counted else contextlib.nullcontext()
+        with torch.no_grad(), ctx as counter, contextlib.redirect_stdout(io.StringIO()):
+            frames = self.pipe(prompt=prompt, generator=torch.Generator().manual_seed(seed), output_type="pt",
+                               **self.call).frames
+        flops = sum(counter.get_flop_counts().get(type(self.pipe.transformer).__name__, {}).values()) if counted else 0
+        return frames[0].float() * 2 - 1, flops
+
+    def _cpu(self, attach) -> float:
+        """DiT CPU seconds per video: the least over repeats of the mean over prompts."""
+        spent = [0.0]
+
+        def pre(m, a, k):
+            spent.append(time.thread_time())
+
+        def post(m, a, k, o):
+            spent[0] += time.thread_time() - spent.pop()
+
+        hooks = [self.pipe.transformer.register_forward_pre_hook(pre, with_kwargs=True),
+                 self.pipe.transformer.register_forward_hook(post, with_kwargs=True)]
+        best = math.inf
+        try:
+            for _ in range(self.repeats):
+                spent[:] = [0.0]
+                for i, p in enumerate(self.prompts):
+                    detach = attach() if attach else None
+                    try:
+                        self._run(p, i, counted=False)
+                    finally:
+                        if detach:
+                            detach()
+                best = min(best, spent[0] / len(self.prompts))
+        finally:
+            for h in hooks:
+                h.remove()
+        return best
+
+    def measure(self, family: str, setting: str, attach, **extra) -> Point:
+        """``attach()`` puts the method on the pipeline and returns what takes it off."""
+        psnrs, ssims, flops = [], [], []
+        from vramplan.runtime.trained import ssim
+
+        for i, p in enumerate(self.prompts):
+            detach = attach()
+            try:
+                video, f = self._run(p, i, counted=True)
+            finally:
+                detach()
+            ref = self.full[i][0]
+            psnrs.append(video_psnr(video, ref))
+            ssims.append(float(ssim(video, ref).mean()))
+            flops.append(f)
+        point = Point(family, setting, sum(min(v, 99.0) for v in psnrs) / len(psnrs), sum(ssims) / len(ssims),
+                      sum(flops) / len(flops), self._cpu(attach), **extra)
+        print(f"{family:<12} {setting:<44} PSNR {point.psnr:6.2f} SSIM {point.ssim:.4f} "
+              f"FLOPs x{self.full_flops / point.flops:5.2f} CPU x{self.full_cpu / point.cpu_s:5.2f}"
+              + (f" predicted {point.predicted:.1f}" if point.predicted is not None else ""), flush=True)
+        return point
+
+    # ------------------------------------------------------------------ diffusers' caches
+    def diffusers_cache(self, config):
+        def attach():
+            self.pipe.transformer.enable_cache(config)
+            return self.pipe.transformer.disable_cache
+        return attach
+
+    def mag_ratios(self) -> list[float]:
+        """MagCache's documented calibration: a run with ``calibrate=True`` prints the ratios (one list per
+        CFG branch: we pass the conditional branch's, printed first)."""
+        from diffusers import MagCacheConfig
+
+        self.pipe.transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=self.steps))
+        buf = io.StringIO()
+        try:
+            with torch.no_grad(), contextlib.redirect_stdout(buf):
+                self.pipe(prompt=self.calibration_prompt, generator=torch.Generator().manual_seed(100),
+                          output_type="latent", **self.call)
+        finally:
+            self.pipe.transformer.disable_cache()
+        lists = re.findall(r"\[([0-9eE.,\s+-]+)\]", buf.getvalue())
+        return [float(v) for v in lists[0].split(",")]
+
+    def diffusers_points(self, quick: bool) -> list[Point]:
+        from diffusers import (
+            FasterCacheConfig,
+            FirstBlockCacheConfig,
+            MagCacheConfig,
+            PyramidAttentionBroadcastConfig,
+            TaylorSeerCacheConfig,
+        )
+
+        def ts():
+            return self.pipe.current_timestep
+
+        ratios = self.mag_ratios()
+        settings = [
+            *[("FirstBlockCache", f"threshold {t}", FirstBlockCacheConfig(threshold=t))
+              for t in ((0.1, 0.3) if quick else (0.05, 0.1, 0.2, 0.3, 0.5))],
+            *[("MagCache", f"threshold {t}, max skip {k}",
+               MagCacheConfig(threshold=t, max_skip_steps=k, retention_ratio=0.2, num_inference_steps=self.steps,
+                              mag_ratios=ratios))
+              for t, k in (((0.06, 3),) if quick else ((0.02, 2), (0.06, 3), (0.12, 3), (0.24, 4), (0.5, 6)))],
+            *[("TaylorSeer", f"lite, interval {n}",
+               TaylorSeerCacheConfig(cache_interval=n, disable_cache_before_step=3, max_order=1,
+                                     taylor_factors_dtype=torch.float32, use_lite_mode=True))
+              for n in ((3,) if quick else (2, 3, 4, 5))],
+            *[("FasterCache", f"attention every {n}",
+               FasterCacheConfig(spatial_attention_block_skip_range=n, current_timestep_callback=ts,
+                                 is_guidance_distilled=True,
+                                 tensor_format="BCFHW"))
+              for n in ((2,) if quick else (2, 3, 4))],
+            *[("PAB", f"self+cross attention every {n}, t in (100, 800)",
+               PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=n, cross_attention_block_skip_range=n,
+                                               current_timestep_callback=ts))
+              for n in ((2,) if quick else (2, 3, 4))],
+        ]
+        return [self.measure(f, s, self.diffusers_cache(c)) for f, s, c in settings]
+
+    # ------------------------------------------------------------------ vramplan
+    @property
+    def calibration_prompt(self) -> str:
+        return self.tw.prompt(*self.tw.train_combinations()[0])
+
+    def calibrate(self, max_gap: int):
+        from vramplan.planner.rehash_quality import QualityModel
+        from vramplan.planner.rehash_search import candidates
+        from vramplan.runtime.calibrate import calibrate
+        from vramplan.runtime.rehash import measure_cuts
+
+        started = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.cal = calibrate(self.pipe, prompt=self.calibration_prompt, max_gap=max_gap, seed=100, **self.call)
+        self.cal_seconds = time.perf_counter() - started
+        self.model = QualityModel(self.cal)
+        self.full_call, self.reuse, _ = measure_cuts(self.pipe.transformer, self.cal.shape,
+                                                      [c.cut for c in self.cal.cuts])
+        self.cands = candidates(self.model, self.reuse, self.full_call)
+        print(f"calibrated {len(self.cal.cuts)} cuts in {self.cal_seconds:.0f} s; {len(self.cands)} candidate "
+              f"schedules", flush=True)
+
+    def schedule(self, c, why: str) -> Point:
+        from vramplan.runtime.compare import schedule_plan
+        from vramplan.runtime.rehash import apply_rehash
+
+        plan = schedule_plan(c.cut, c.keys, self.steps)
+
+        def attach():
+            return apply_rehash(self.pipe, plan).remove
+
+        return self.measure("vramplan", f"{why}: {len(c.keys)} keys, {short(c.cut)}", attach,
+                            predicted=c.psnr, keys=list(c.keys), cut=c.cut)
+
+    def budget(self, flops_per_video: float) -> float:
+        """A measured DiT FLOPs per video in the candidates' unit (FLOPs of one call, all steps)."""
+        return flops_per_video / self.full_flops * self.steps * self.full_call
+
+
+def short(cut: str) -> str:
+    start, _, end = cut.partition("->")
+    return f"{start.split('.')[1]}->{end.split('.')[1]}" if end else cut
+
+
+def run(args) -> tuple[str, list[Point], list[Point], Bench]:
+    from vramplan.planner.rehash_search import QualityFloorError, ranked
+
+    b = Bench(args.untrained, args.prompts, args.repeats)
+    print(f"full run: {b.full_flops / 1e9:.2f} GFLOP DiT per video, {b.full_cpu:.2f} CPU s", flush=True)
+    b.calibrate(args.max_gap)
+    theirs = b.diffusers_points(args.quick)
+    ours: dict[tuple, Point] = {}
+
+    def mine(c, why):
+        key = (c.cut, c.keys)
+        if key not in ours:
+            ours[key] = b.schedule(c, why)
+        return ours[key]
+
+    matched = []
+    for p in theirs:
+        best = ranked(b.cands, b.budget(p.flops))
+        matched.append((p, mine(best[0], "matched") if best else None))
+    for fewer in (1.5, 2.0, 2.5, 3.0, 4.0):
+        best = ranked(b.cands, b.steps * b.full_call / fewer)
+        if best:
+            mine(best[0], f"{fewer}x fewer")
+    floor = None
+    try:
+        floor = ranked(b.cands, None, min_psnr=30.0)[0]
+        mine(floor, "min_psnr 30")
+    except QualityFloorError as err:
+        print(f"min_psnr 30: {err}", flush=True)
+    return report(b, theirs, list(ours.values()), matched, args), theirs, list(ours.values()), b
+
+
+def report(b: Bench, theirs, ours, matched, args) -> str:
+    from vramplan.planner.rehash_quality import spearman
+
+    steps = b.steps
+    rows = sorted([*theirs, *ours], key=lambda p: (p.family, -p.flops))
+    lines = [f"### Step Rehash on a DiT vs diffusers' caches ({b.label})", "",
+             f"`WanPipeline`, {b.tw.NUM_FRAMES} frames {b.tw.HEIGHT}x{b.tw.WIDTH}, {steps} steps, guidance "
+             f"{b.tw.GUIDANCE_SCALE} (two DiT calls per step), {type(b.pipe.scheduler).__name__}; CPU, fp32, one "
+             f"thread. {len(b.prompts)} held-out prompts ({'; '.join(b.prompts)}), seed = prompt index; every "
+             f"PSNR/SSIM against the full run with the same prompt and seed (PSNR over the whole video, frames in "
+             f"[-1, 1]). Full run: {b.full_flops / 1e9:.2f} GFLOP of DiT per video (measured, PyTorch's counter), "
+             f"{b.full_cpu:.2f} DiT CPU s. vramplan: one calibration ({b.cal_seconds:.0f} s, {len(b.cal.cuts)} "
+             f"residual cuts, gaps up to {b.cal.max_gap}, on the training prompt '{b.calibration_prompt}'), then "
+             f"the joint search by predicted PSNR; 'matched' = the planner's best within that diffusers point's "
+             f"measured FLOPs.", "",
+             "| method | setting | DiT FLOPs x fewer | DiT CPU x faster | PSNR dB | SSIM | predicted PSNR |",
+             "|---|---|---|---|---|---|---|"]
+    for p in rows:
+        lines.append(f"| {p.family} | {p.setting} | {b.full_flops / p.flops:.2f} | {b.full_cpu / p.cpu_s:.2f} | "
+                     f"{p.psnr:.2f} | {p.ssim:.4f} | "
+                     + (f"{min(p.predicted, 99):.1f}" if p.predicted is not None else "") + " |")
+    lines += ["", "At each diffusers point's measured DiT FLOPs, the planner's schedule (same FLOPs or fewer):", "",
+              "| diffusers point | its x fewer | its PSNR | vramplan's schedule | x fewer | PSNR | >= ? |",
+              "|---|---|---|---|---|---|---|"]
+    wins = 0
+    for p, q in matched:
+        if q is None:
+            lines.append(f"| {p.family}, {p.setting} | {b.full_flops / p.flops:.2f} | {p.psnr:.2f} | none within "
+                         f"these FLOPs | | | no |")
+            continue
+        ok = q.psnr >= p.psnr
+        wins += ok
+        lines.append(f"| {p.family}, {p.setting} | {b.full_flops / p.flops:.2f} | {p.psnr:.2f} | {q.setting} | "
+                     f"{b.full_flops / q.flops:.2f} | {q.psnr:.2f} | {'yes' if ok else '**no**'} |")
+    at30 = [p for p in ours if p.psnr >= 30]
+    best30 = max(at30, key=lambda p: b.full_flops / p.flops, default=None)
+    theirs30 = max((p for p in theirs if p.psnr >= 30), key=lambda p: b.full_flops / p.flops, default=None)
+    pred = [p for p in ours if p.predicted is not None]
+    rho = spearman([p.predicted for p in pred], [p.psnr for p in pred]) if len(pred) > 2 else float("nan")
+    lines += ["", f"- Matched points where vramplan's PSNR >= the diffusers cache's: **{wins} of {len(matched)}**.",
+              "- Most DiT FLOPs saved at >= 30 dB: vramplan "
+              + (f"**{b.full_flops / best30.flops:.2f}x** ({best30.setting}, {best30.psnr:.1f} dB)" if best30 else
+                 "none of its points") + "; diffusers' caches "
+              + (f"{b.full_flops / theirs30.flops:.2f}x ({theirs30.family}, {theirs30.setting}, {theirs30.psnr:.1f} dB)"
+                 if theirs30 else "none") + " (target: >= 2x at >= 30 dB: "
+              + ("met" if best30 and b.full_flops / best30.flops >= 2 else "NOT met") + ").",
+              f"- The predictor on vramplan's measured points: Spearman {rho:.2f} over {len(pred)} schedules "
+              f"(predicted vs measured PSNR)."]
+    if args.plot:
+        lines += ["", f"Plot: [{Path(args.plot).name}]({Path(args.plot).name})."]
+    return "\n".join(lines + [""])
+
+
+def plot(theirs, ours, full_flops, path, title) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.8, 4.4))
+    markers = {"FirstBlockCache": "o", "MagCache": "s", "TaylorSeer": "^", "FasterCache": "v", "PAB": "D",
+               "vramplan": "*"}
+    for family, marker in markers.items():
+        pts = sorted((full_flops / p.flops, p.psnr) for p in [*theirs, *ours] if p.family == family)
+        if pts:
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker=marker, ms=9 if family == "vramplan" else 6,
+                    lw=1.5 if family == "vramplan" else 0.8, label=family)
+    ax.axhline(30, color="grey", lw=0.6, ls="--")
+    ax.set_xlabel("DiT FLOPs: x fewer than the full run (measured)")
+    ax.set_ylabel("PSNR vs the full run (dB)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--prompts", type=int, default=3, help="held-out prompts each method runs on")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per method (the least counts)")
+    parser.add_argument("--max-gap", type=int, default=4, help="reuse distances the calibration measures")
+    parser.add_argument("--untrained", action="store_true", help="the same pipeline with random weights (harness "
+                        "check only: no quality claim)")
+    parser.add_argument("--quick", action="store_true", help="one setting per diffusers cache")
+    parser.add_argument("--write", help="markdown file to put the section in (its block replaced if present)")
+    parser.add_argument("--plot", help="quality vs DiT FLOPs saved, PNG")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    text, theirs, ours, b = run(args)
+    if args.plot:
+        plot(theirs, ours, b.full_flops, args.plot, f"Step Rehash vs diffusers' caches, {b.label}")
+    machine = f"Machine: {platform.processor() or platform.machine()}, Python {platform.python_version()}"
+    text += (f"\n{machine}; diffusers {__import__('diffusers').__version__}; {time.strftime('%Y-%m-%d', time.gmtime())}, "
+             f"{time.perf_counter() - started:.0f} s; command: `python bench/bench_rehash_dit.py --prompts "
+             f"{args.prompts} --repeats {args.repeats} --max-gap {args.max_gap}"
+             + (" --untrained" if args.untrained else "") + (" --quick" if args.quick else "") + "`.\n")
+    print(text, flush=True)
+    if args.write:
+        from bench_rehash import write_section
+
+        write_section(Path(args.write), text, "dit")
+
+
+if __name__ == "__main__":
+    main()
