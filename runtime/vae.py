@@ -29,18 +29,23 @@ def vae_shape(vae: torch.nn.Module, shape: Sequence[int], *, encode: bool = Fals
               dtype: torch.dtype | None = None) -> SampleShape:
     """The plan shape of a VAE call: latents ``[N, C, h, w]`` (``N`` images), ``[B, T, C, h, w]`` (a
     video's latents as the SVD pipeline holds them), a Wan VAE's ``[B, C, T, h, w]``, or images
-    ``[N, 3, H, W]`` with ``encode``."""
+    ``[N, 3, H, W]`` with ``encode`` (a Wan VAE: its video ``[B, 3, T, H, W]``, T = 4n+1; the plan shape
+    then counts video frames and pixel rows and columns, the sample the encoder sees)."""
     name = type(vae).__name__
     shape = tuple(int(s) for s in shape)
     dtype = dtype or next(vae.parameters()).dtype
-    video = getattr(adapter_for(vae, ENCODE if encode else None), "sample_layout", None) == "bcthw"
-    channels = (vae.encoder.conv_in.in_channels if encode else
-                vae.config.z_dim if video else vae.config.latent_channels)
-    what = "images" if encode else "latents"
-    if video and len(shape) == 5:  # a video VAE's latents: [B, C, T, h, w]
+    adapter = adapter_for(vae, ENCODE if encode else None)
+    video = getattr(adapter, "sample_layout", None) == "bcthw"
+    if hasattr(adapter, "input_channels"):  # a video VAE's encode: the video's channels (Wan 2.2: before its patch)
+        channels = adapter.input_channels(vae)
+    else:
+        channels = (vae.encoder.conv_in.in_channels if encode else
+                    vae.config.z_dim if video else vae.config.latent_channels)
+    what = "videos" if encode and video else "images" if encode else "latents"
+    if video and len(shape) == 5:  # a video VAE's latents (or, to encode, its video): [B, C, T, h, w]
         batch, c, frames, h, w = shape
     elif video:
-        raise InvalidArgumentError(f"{name}: latents of shape {shape}: give [B, C, T, h, w].")
+        raise InvalidArgumentError(f"{name}: {what} of shape {shape}: give [B, C, T, h, w].")
     elif len(shape) == 5:
         batch, frames, c, h, w = shape
     elif len(shape) == 4:
@@ -50,14 +55,20 @@ def vae_shape(vae: torch.nn.Module, shape: Sequence[int], *, encode: bool = Fals
     if c != channels:
         raise InvalidArgumentError(
             f"{name} {'encodes' if encode else 'decodes'} {channels}-channel {what}; the shape {shape} has {c} "
-            f"channels (is the layout right? latents are [N, C, h, w] or [B, T, C, h, w]; a Wan VAE's [B, C, T, h, w]).")
+            f"channels (is the layout right? latents are [N, C, h, w] or [B, T, C, h, w]; a Wan VAE's [B, C, T, h, w]"
+            f"{'' if encode else '; to plan an encode, pass encode=True'}).")
     if min(batch, frames, h, w) < 1:
         raise InvalidArgumentError(f"{name}: {what} of shape {shape} are empty")
     if getattr(vae, "use_tiling", False):
         raise UnsupportedArgumentError(
             f"{name} has tiling enabled (enable_tiling()): tiled decoding blends tiles and changes the output, "
             f"which an exact plan does not reproduce. Call vae.disable_tiling() first; the plan saves the memory.")
-    if name == "AutoencoderKL" or encode:  # a flat batch of images: the plan sees batch 1 x N frames
+    if hasattr(adapter, "check_input"):  # what else the call cannot take (a Wan encode: 4n+1 frames)
+        try:
+            adapter.check_input(vae, shape)
+        except UnsupportedArgumentError as err:
+            raise InvalidArgumentError(str(err)) from err
+    if (name == "AutoencoderKL" or encode) and not video:  # a flat batch of images: batch 1 x N frames
         batch, frames = 1, batch * frames
     return SampleShape(batch=batch, frames=frames, latent_height=h, latent_width=w, dtype=dtype_name(dtype))
 

@@ -13,6 +13,7 @@ from . import (  # noqa: F401
     vae_encoder,
     wan_transformer,
     wan_vae,
+    wan_vae_encoder,
 )
 from .base import adapter_for, pipeline_adapter, supported_classes
 
