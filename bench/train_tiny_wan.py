@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 from vramplan.runtime import trained_wan as W
-from vramplan.runtime.clips import to_pil
 from vramplan.runtime.trained import psnr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,22 +82,24 @@ def train_vae(pipe, args, log, deadline: float) -> None:
             log(f"vae step {step:5d} mse {mse.item():.5f} latent ms {reg.item():.2f} lr {opt.param_groups[0]['lr']:.2e}")
     vae.eval()
     with torch.no_grad():
-        z = torch.cat([vae.encode(videos(W.true_clip(*k)[None])).latent_dist.mode() for k in W.train_combinations()])
+        combos = W.train_combinations()[:args.combos]
+        z = torch.cat([vae.encode(videos(W.true_clip(*k)[None])).latent_dist.mode() for k in combos])
         mean, std = z.mean(dim=(0, 2, 3, 4)), z.std(dim=(0, 2, 3, 4))
         vae.register_to_config(latents_mean=[round(v, 6) for v in mean.tolist()],
                                latents_std=[round(v, 6) for v in std.tolist()])
         recon = [psnr(vae.decode(vae.encode(videos(W.true_clip(*k)[None])).latent_dist.mode()).sample[0]
-                      .transpose(0, 1), W.true_clip(*k)).mean().item() for k in W.heldout_combinations()]
+                      .transpose(0, 1), W.true_clip(*k)).mean().item()
+                 for k in W.heldout_combinations()[:args.combos]]
     log(f"vae: latent mean {[f'{v:.2f}' for v in mean.tolist()]} std {[f'{v:.2f}' for v in std.tolist()]}; "
         f"held-out clips' reconstruction PSNR {sum(recon) / len(recon):.2f} dB (the ceiling for generated clips)")
 
 
-def latents_and_embeds(pipe):
+def latents_and_embeds(pipe, count: int | None = None):
     """Normalised latents of the training clips and the prompt embeddings exactly as the pipeline makes them."""
     cfg = pipe.vae.config
     mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1)
     std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1)
-    combos = W.train_combinations()
+    combos = W.train_combinations()[:count]
     with torch.no_grad():
         z = torch.cat([pipe.vae.encode(videos(W.true_clip(*k)[None])).latent_dist.mode() for k in combos])
         embeds = pipe._get_t5_prompt_embeds([W.prompt(*k) for k in combos], 1, W.MAX_SEQUENCE_LENGTH, "cpu")
@@ -129,7 +130,7 @@ def save(pipe, folder: Path, params, ema, log) -> None:
 
 
 def train_transformer(pipe, args, log, deadline: float) -> None:
-    x0_all, embeds_all, empty = latents_and_embeds(pipe)
+    x0_all, embeds_all, empty = latents_and_embeds(pipe, args.combos)
     model = pipe.transformer.train()
     params = [p for p in model.parameters() if p.requires_grad]
     ema = [p.detach().clone() for p in params]
@@ -209,33 +210,37 @@ def evaluate(folder: Path, args, log) -> dict:
     return results
 
 
-def save_preview(folder: Path, steps: int) -> None:
-    """A PNG: rows of (true clip | generated) for the held-out prompts, every other frame."""
+def save_preview(folder: Path, steps: int, log) -> None:
+    """A PNG: rows of (true clip | generated | generated under a uniform Step Rehash schedule, half the steps
+    key steps) for held-out prompts, every other frame."""
     pipe = W.load_trained_wan(folder)
+    plan = W.rehash_plan(pipe, keys=steps // 2, steps=steps)
     rows = []
     for i, k in enumerate(W.heldout_combinations()[:6]):
-        clip, video = W.true_clip(*k), W.sample(pipe, W.prompt(*k), seed=i, num_inference_steps=steps)
-        pad = torch.ones(3, W.HEIGHT, 2)
-        rows.append(torch.cat([torch.cat(list(clip[::2]), dim=2), pad, torch.cat(list(video[::2]), dim=2)], dim=2))
-    picture = to_pil(torch.cat(rows, dim=1))
-    picture.resize((picture.width * 3, picture.height * 3), 0).save(folder / "preview.png")
+        text = W.prompt(*k)
+        rows.append([W.true_clip(*k), W.sample(pipe, text, seed=i, num_inference_steps=steps),
+                     W.sample_rehash(pipe, plan, text, seed=i)])
+    W.strip(rows, folder / "preview.png")
+    log(f"preview.png: held-out prompts {[W.prompt(*k) for k in W.heldout_combinations()[:6]]}; columns: true | "
+        f"generated | Step Rehash ({plan.rehash.schedule}, cut {plan.rehash.cut})")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "profiles" / W.TRAINED_WAN_DIR)
-    parser.add_argument("--vae-steps", type=int, default=600)
-    parser.add_argument("--dit-steps", type=int, default=4000)
+    parser.add_argument("--vae-steps", type=int, default=400)
+    parser.add_argument("--dit-steps", type=int, default=3000)
     parser.add_argument("--vae-batch", type=int, default=2, help="clips per VAE step")
     parser.add_argument("--batch", type=int, default=8, help="clips per transformer step")
     parser.add_argument("--vae-lr", type=float, default=1e-3)
     parser.add_argument("--dit-lr", type=float, default=5e-4)
     parser.add_argument("--ema", type=float, default=0.999)
-    parser.add_argument("--save-every", type=int, default=1000, help="transformer steps between checkpoints")
+    parser.add_argument("--save-every", type=int, default=500, help="transformer steps between checkpoints")
     parser.add_argument("--max-minutes", type=float, default=60.0, help="wall-clock guard for both phases")
     parser.add_argument("--eval-steps", type=int, default=W.NUM_INFERENCE_STEPS)
     parser.add_argument("--eval-only", action="store_true")
     parser.add_argument("--no-eval", action="store_true")
+    parser.add_argument("--combos", type=int, default=None, help="only the first N training prompts (a smoke test)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -257,7 +262,7 @@ def main(argv=None) -> None:
         log(f"saved to {args.out} ({total / 2**20:.2f} MiB of safetensors)")
     if not args.no_eval:
         evaluate(args.out, args, log)
-        save_preview(args.out, args.eval_steps)
+        save_preview(args.out, args.eval_steps, log)
 
 
 if __name__ == "__main__":

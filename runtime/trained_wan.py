@@ -172,10 +172,10 @@ def check_files(folder: Path) -> None:
 
 def load_trained_wan(path: str | Path | None = None):
     """The shipped trained ``WanPipeline`` (fp32, CPU, eval mode, progress bar off)."""
-    from diffusers import WanPipeline
-
     folder = Path(path) if path is not None else trained_wan_dir()
     check_files(folder)
+    from diffusers import WanPipeline
+
     pipe = WanPipeline.from_pretrained(str(folder), dtype=torch.float32)
     for name in COMPONENTS:
         getattr(pipe, name).eval()
@@ -190,3 +190,63 @@ def sample(pipe, text: str, seed: int = 0, num_inference_steps: int = NUM_INFERE
                   num_inference_steps=num_inference_steps, generator=torch.Generator().manual_seed(seed),
                   output_type="np", **kwargs).frames[0]
     return torch.from_numpy(frames).permute(0, 3, 1, 2).float() * 2 - 1
+
+
+def rehash_plan(pipe, keys: int = NUM_INFERENCE_STEPS // 2, steps: int = NUM_INFERENCE_STEPS, mode: str = "uniform",
+                cut: str | None = None, calibration=None):
+    """A Step Rehash plan for the transformer at the native shape: the middle blocks' residual cached at
+    ``keys`` of ``steps`` steps (each CFG branch its own call, batch 1), FLOPs counted on the model."""
+    from ..planner.schema import Plan
+    from .apply import sample_shape, uniform_component
+    from .rehash import with_rehash
+
+    cfg = pipe.vae.config
+    latent = torch.zeros(1, cfg.z_dim, (NUM_FRAMES - 1) // cfg.scale_factor_temporal + 1,
+                         HEIGHT // cfg.scale_factor_spatial, WIDTH // cfg.scale_factor_spatial)
+    comp = uniform_component(pipe.transformer, 1, sample_shape(latent, pipe.transformer))
+    base = Plan(pipeline="WanPipeline", model_name="trained-tiny-wan", height=HEIGHT, width=WIDTH, frames=NUM_FRAMES,
+                components=[comp])
+    return with_rehash(base, pipe.transformer, mode=mode, steps=steps, keys=keys, cut=cut, calibration=calibration)
+
+
+def sample_rehash(pipe, plan, text: str, seed: int = 0, **kwargs) -> torch.Tensor:
+    """:func:`sample` under the Step Rehash schedule of ``plan`` (the stock pipeline, its DiT hooked)."""
+    from .rehash import apply_rehash
+
+    handle = apply_rehash(pipe, plan)
+    try:
+        with torch.no_grad():
+            return sample(pipe, text, seed=seed, num_inference_steps=plan.rehash.steps, **kwargs)
+    finally:
+        handle.remove()
+
+
+def _tile(videos: list[torch.Tensor], gap: int = 2) -> torch.Tensor:
+    """Clips ``[F, 3, H, W]`` in [-1, 1] side by side, a white column apart."""
+    white = torch.ones(videos[0].shape[0], 3, videos[0].shape[2], gap)
+    parts = [p for v in videos for p in (v, white)][:-1]
+    return torch.cat(parts, dim=3)
+
+
+def side_by_side(videos: list[torch.Tensor], path: str | Path, scale: int = 4, fps: int = 8) -> Path:
+    """A GIF of clips (e.g. true | generated | generated under Step Rehash), enlarged ``scale`` times."""
+    from .runner import save_video
+
+    video = (_tile(videos) + 1) / 2
+    video = torch.nn.functional.interpolate(video, scale_factor=scale, mode="nearest")
+    return save_video(video, path, fps=fps)
+
+
+def strip(rows: list[list[torch.Tensor]], path: str | Path, every: int = 2, scale: int = 3) -> Path:
+    """A PNG: one row per prompt, each clip's frames ``0, every, 2 every, ...`` left to right, clips apart."""
+    from .clips import to_pil
+
+    lines = []
+    for videos in rows:
+        frames = [torch.cat(list(v[::every]), dim=2) for v in videos]
+        lines.append(_tile([f[None] for f in frames], gap=3)[0])
+        lines.append(torch.ones(3, 2, lines[-1].shape[2]))
+    picture = to_pil(torch.cat(lines[:-1], dim=1))
+    picture = picture.resize((picture.width * scale, picture.height * scale), 0)
+    picture.save(path)
+    return Path(path)
