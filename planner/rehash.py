@@ -61,6 +61,10 @@ class RehashStepsError(PlanMismatchError):
     """A run whose denoising steps disagree with the rehash schedule of its plan."""
 
 
+class CfgReuseError(UnsupportedArgumentError):
+    """Per-step CFG reuse on a pipeline that does not call the model twice per step."""
+
+
 class SchedulerOrderError(UnsupportedArgumentError):
     """A scheduler that calls the UNet more than once per step (Heun, DPM2): the schedule counts steps."""
 
@@ -74,12 +78,35 @@ def residual_cut(start: str, end: str) -> str:
     return f"{start}{RESIDUAL}{end}"
 
 
+CFG = "cfg"  # per-step CFG reuse: "cfg" alone, or "cfg+<cut>" with a cut for the first call of a step
+
+
+def cfg_cut(base: str | None = None) -> str:
+    """The name of per-step CFG reuse, alone or on top of the cut ``base``."""
+    return CFG if base is None else f"{CFG}+{base}"
+
+
+def cfg_split(cut: str) -> tuple[bool, str | None]:
+    """(whether ``cut`` reuses the CFG offset, the model cut its first call uses: None for none).
+
+    **Per-step CFG reuse** is for pipelines that call the model twice per step (Wan: conditional, then
+    unconditional). At key steps both calls run whole and the second call's offset from the first
+    (``uncond - cond``) is cached; at reuse steps the second call does not run: its output is the
+    first call's plus that offset. The first call runs whole, or under ``base`` (a residual cut)."""
+    if cut == CFG:
+        return True, None
+    if cut.startswith(CFG + "+"):
+        return True, cut[len(CFG) + 1:]
+    return False, cut
+
+
 def residual_span(cut: str) -> tuple[str, str] | None:
-    """``(start, end)`` of a residual cut, None for a feature cut.
+    """``(start, end)`` of a residual cut (alone or under CFG reuse), None for a feature cut.
 
     A **residual cut** caches the span's residual ``end - start`` at key steps; a reuse step computes
     everything but the units strictly inside the span, and ``end = start + residual`` (DBCache's
     first-F / last-B blocks of a DiT). A **feature cut** caches one value and the reuse step reads it."""
+    cut = cfg_split(cut)[1] or ""
     if RESIDUAL not in cut:
         return None
     start, _, end = cut.partition(RESIDUAL)
@@ -213,9 +240,13 @@ def cut_index(names: Sequence[str], cut: str) -> int:
 
 
 def cut_values(cut: str) -> tuple[str, ...]:
-    """The values a cut needs whole: the cut, or a residual span's start and end."""
-    span = residual_span(cut)
-    return (cut,) if span is None else span
+    """The values a cut needs whole: the cut, or a residual span's start and end (under CFG reuse: its
+    base cut's, none for CFG reuse alone)."""
+    base = cfg_split(cut)[1]
+    if base is None:
+        return ()
+    span = residual_span(base)
+    return (base,) if span is None else span
 
 
 def cut_indices(names: Sequence[str], cut: str) -> list[int]:

@@ -22,9 +22,11 @@ from ..planner.errors import PlanMismatchError, UnsupportedArgumentError
 from ..planner.rehash import (
     DEFAULT_MAX_GAP,
     Calibration,
+    CfgReuseError,
     CutCalibration,
     RehashCutError,
     SchedulerOrderError,
+    cfg_split,
     cut_values,
 )
 from ..planner.schema import Plan, SampleShape
@@ -32,7 +34,7 @@ from .adapters.base import adapter_for
 from .apply import component_for, dtype_name, fingerprint
 from .executor import Segment, execute
 from .program import Program
-from .rehash import cache_name, cache_of, execute_keeping, rehash_cuts, reuse_ops
+from .rehash import cache_name, cache_of, cfg_cuts, execute_keeping, rehash_cuts, reuse_ops
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ def calibrate(
     of the noise prediction the pipeline hands its scheduler, combined from the calls as the pipeline
     combined them (the coefficients are fitted on the full run and checked to reproduce it)."""
     unet = denoiser(pipe)
+    cuts_given = bool(cuts)
     order = getattr(pipe.scheduler, "order", 1)
     if order != 1:
         raise SchedulerOrderError(
@@ -94,10 +97,13 @@ def calibrate(
     adapter = adapter_for(unet)
     ops, result = adapter.ops(unet)
     candidates = rehash_cuts(unet)
-    unknown = [c for c in cuts or () if c not in candidates]
+    offered = candidates + cfg_cuts(unet)
+    unknown = [c for c in cuts or () if c not in offered]
     if unknown:
-        raise RehashCutError(f"not rehash cuts of this model: {', '.join(unknown)}; its cuts: {', '.join(candidates)}")
-    cuts = list(cuts) if cuts else candidates
+        raise RehashCutError(f"not rehash cuts of this model: {', '.join(unknown)}; its cuts: {', '.join(offered)}")
+    asked = list(cuts) if cuts else offered
+    cfg = [c for c in asked if cfg_split(c)[0]]  # per-step CFG reuse: measured from the calls' outputs
+    cuts = list(dict.fromkeys(b for c in asked if (b := cfg_split(c)[1]) is not None))  # run in the model
     segments = [Segment([op], op.spec.axis, slices.get(op.name, 1) if op.spec.axis else 1) for op in ops]
     reuse = {c: reuse_ops(ops, result, c) for c in cuts}
     reuse_segs = {c: [Segment([op], op.spec.axis, slices.get(op.name, 1) if op.spec.axis else 1) for op in r]
@@ -105,9 +111,10 @@ def calibrate(
     layouts = {op.output: op.layout for op in ops}
     kept_values = {v for c in cuts for v in cut_values(c)}
     n = num_inference_steps
-    sim = {c: [[1.0 if a == s else 0.0 for s in range(n)] for a in range(n)] for c in cuts}
-    err: dict[str, list[list[float | None]]] = {c: [[None] * n for _ in range(n)] for c in cuts}
-    sketches: dict[str, list[torch.Tensor]] = {c: [] for c in cuts}  # every step, at most SKETCH values
+    sim = {c: [[1.0 if a == s else 0.0 for s in range(n)] for a in range(n)] for c in asked}
+    err: dict[str, list[list[float | None]]] = {c: [[None] * n for _ in range(n)] for c in asked}
+    sketches: dict[str, list[torch.Tensor]] = {c: [] for c in asked}  # every step, at most SKETCH values
+    offsets: dict[int, list[torch.Tensor]] = {}  # the last max_gap steps: each later call's output - the first's
     # the last max_gap steps' caches, whole, per call of the step: window[cut][a][call]
     window: dict[str, dict[int, list[torch.Tensor]]] = {c: {} for c in cuts}
     state = {"step": 0, "shape": None, "calls": [], "slots": None}
@@ -147,16 +154,33 @@ def calibrate(
                                       f"Step Rehash needs the same calls every step")
         combine = _combiner(pipe, [c["out"] for c in calls], model_output)
         guided = combine([c["out"] for c in calls])
-        for c in cuts:
-            here = _sketch(torch.cat([call["cache"][c].flatten() for call in calls]))
+        def record(c, here, approx_at):
             for a, before in enumerate(sketches[c]):
                 sim[c][a][s] = sim[c][s][a] = _cosine(before, here)
             for a in range(max(0, s - max_gap), s):
-                approx = combine([call["approx"][(c, a)] for call in calls])
+                approx = combine(approx_at(a))
                 err[c][a][s] = float((approx - guided).float().norm() / guided.float().norm().clamp_min(1e-12))
             sketches[c].append(here)
+
+        for c in cuts:
+            if c in asked:
+                record(c, _sketch(torch.cat([call["cache"][c].flatten() for call in calls])),
+                       lambda a, c=c: [call["approx"][(c, a)] for call in calls])
             window[c][s] = [call["cache"][c].to("cpu") for call in calls]
             window[c].pop(s - max_gap, None)
+        if len(calls) == 2:  # CFG reuse: the second call is the first's output plus a key step's offset
+            first, offset = calls[0]["out"], calls[1]["out"] - calls[0]["out"]
+            for c in cfg:
+                base = cfg_split(c)[1]
+                here = _sketch(torch.cat([*([calls[0]["cache"][base].flatten()] if base else []), offset.flatten()]))
+
+                def approx_at(a, base=base):
+                    one = first if base is None else calls[0]["approx"][(base, a)]
+                    return [one, one + offsets[a][0].to(one.device)]
+
+                record(c, here, approx_at)
+            offsets[s] = [offset.detach().to("cpu")]
+            offsets.pop(s - max_gap, None)
         state["step"], state["calls"] = s + 1, []
 
     probe = _Probe(pipe, seed, end_step)
@@ -174,6 +198,12 @@ def calibrate(
     if state["step"] != n:
         raise SchedulerOrderError(f"the pipeline made {state['step']} denoising steps, not {n}")
     shape = state["shape"]
+    if state["slots"] != 2:
+        if cfg and cuts_given:
+            raise CfgReuseError(
+                f"per-step CFG reuse needs a pipeline that calls the model twice per step; {type(pipe).__name__} "
+                f"made {state['slots']} call(s) per step (guidance_scale <= 1, or CFG batched into one call)")
+        asked = [c for c in asked if c not in cfg]
     return Calibration(
         model=fingerprint(unet, model_name),
         shape=SampleShape(batch=shape["batch"], frames=shape["frames"], latent_height=shape["latent_height"],
@@ -184,7 +214,7 @@ def calibrate(
         max_gap=max_gap,
         seed=seed,
         calls_per_step=state["slots"],
-        cuts=[CutCalibration(cut=c, similarity=_round(sim[c]), error=_round(err[c])) for c in cuts],
+        cuts=[CutCalibration(cut=c, similarity=_round(sim[c]), error=_round(err[c])) for c in asked],
         **probe.fields(n),
     )
 

@@ -21,9 +21,12 @@ import torch
 
 from ..planner.errors import PlanConflictError
 from ..planner.rehash import (
+    CfgReuseError,
     RehashCutError,
     RehashStepsError,
     SchedulerOrderError,
+    cfg_cut,
+    cfg_split,
     check_groups,
     cut_values,
     residual_span,
@@ -54,8 +57,17 @@ def check_cut(model: torch.nn.Module, cut: str, cuts: list[str] | None = None) -
     value, or a layer after the last skip connection, whose reuse would replay a stale output whatever the
     step's latents."""
     cuts = rehash_cuts(model) if cuts is None else cuts
+    cfg, base = cfg_split(cut)
+    if cfg and (base is None or base in cuts):
+        return
     if cut not in cuts:
         raise RehashCutError(f"{cut!r} is not a rehash cut of this {type(model).__name__}; its cuts: {', '.join(cuts)}")
+
+
+def cfg_cuts(model: torch.nn.Module) -> list[str]:
+    """Per-step CFG reuse (:func:`vramplan.planner.rehash.cfg_split`), alone and on top of each residual
+    cut of the model (a UNet's feature cuts hold the CFG batch in one call: no second call to skip)."""
+    return [cfg_cut(), *(cfg_cut(c) for c in rehash_cuts(model) if residual_span(c) is not None)]
 
 
 def _nodes(ops: list[Op]) -> list[tuple[str, tuple[str, ...]]]:
@@ -64,11 +76,13 @@ def _nodes(ops: list[Op]) -> list[tuple[str, tuple[str, ...]]]:
 
 def cache_name(cut: str) -> str:
     """The reuse program's input the cache is bound to: the cut itself, or a residual span's residual."""
+    cut = cfg_split(cut)[1]
     return cut if residual_span(cut) is None else f"{cut}:residual"
 
 
 def cache_of(cut: str, kept: dict[str, torch.Tensor]) -> torch.Tensor:
     """What a key step caches from its kept values: the cut, or the span's residual ``end - start``."""
+    cut = cfg_split(cut)[1]
     span = residual_span(cut)
     return kept[cut] if span is None else kept[span[1]] - kept[span[0]]
 
@@ -80,6 +94,9 @@ def _add_residual(ctx, start: torch.Tensor, residual: torch.Tensor) -> torch.Ten
 def reuse_ops(ops: list[Op], result: str, cut: str) -> list[Op]:
     """The ops a reuse call runs: what ``result`` needs given ``cut``, in program order. For a residual
     cut, one op in place of the span's end: ``end = start + residual`` (whole, unsliced)."""
+    cut = cfg_split(cut)[1]
+    if cut is None:  # CFG reuse alone: the first call runs whole
+        return list(ops)
     names = set(reuse_names(_nodes(ops), result, cut))
     out = [op for op in ops if op.output in names]
     span = residual_span(cut)
@@ -96,6 +113,9 @@ def reuse_ops(ops: list[Op], result: str, cut: str) -> list[Op]:
 def reuse_segments(segments: list[Segment], ops: list[Op], cut: str) -> list[Segment]:
     """The plan's segments restricted to ``ops``; refuses a group that runs across ``cut`` (either end
     of a residual span). A residual cut's add op runs as a segment of its own where the span ended."""
+    cut = cfg_split(cut)[1]
+    if cut is None:  # CFG reuse alone: the first call runs whole
+        return list(segments)
     check_groups(((f"starting at {s.ops[0].name}", [op.output for op in s.ops]) for s in segments), cut)
     keep = {id(op) for op in ops}
     out = []
@@ -141,6 +161,9 @@ class RehashHandle(PlanHandle):
     step: int = 0
     call: int = 0  # calls of the model within the current step
     caches: dict[int, torch.Tensor] = field(default_factory=dict)  # per call of a step
+    offsets: dict[int, torch.Tensor] = field(default_factory=dict)  # CFG reuse: call - first call, at key steps
+    first: torch.Tensor | None = None  # CFG reuse: this step's first call's output
+    first_out: object = None  # ... as the model returned it (tuple or output class)
     records: list[StepRecord] = field(default_factory=list)
     _saved_set_timesteps: object = _MISSING
     _saved_step: object = _MISSING
@@ -156,7 +179,7 @@ class RehashHandle(PlanHandle):
     def reset_state(self) -> None:
         """Per-call state (called by the hook registry at and after every pipeline call): the cache
         and the step counter; the records of the last call stay readable."""
-        self.step, self.call, self.caches = 0, 0, {}
+        self.step, self.call, self.caches, self.offsets, self.first = 0, 0, {}, {}, None
 
     def reset(self) -> None:
         """Start a new pipeline call: no cache, step 0, no records."""
@@ -177,7 +200,7 @@ class RehashHandle(PlanHandle):
             else:
                 self.scheduler.step = self._saved_step
             self._saved_step = _MISSING
-        self.caches = {}
+        self.caches, self.offsets, self.first = {}, {}, None
 
     @property
     def key_steps(self) -> list[int]:
@@ -189,9 +212,14 @@ class RehashHandle(PlanHandle):
 
     def _after_step(self) -> None:
         """The scheduler finished a step: the next model call starts the next step."""
-        self.step, self.call = self.step + 1, 0
+        if self.call == 1 and cfg_split(self.rehash.cut)[0]:
+            raise CfgReuseError(
+                "per-step CFG reuse (cut 'cfg...') needs a pipeline that calls the model twice per step (conditional, "
+                "unconditional), but this step made one call (guidance_scale <= 1, or CFG batched into one call). "
+                "Plan a schedule without CFG reuse.")
+        self.step, self.call, self.first = self.step + 1, 0, None
         if self.step >= self.rehash.steps:
-            self.caches = {}  # not held through the decode
+            self.caches, self.offsets = {}, {}  # not held through the decode
 
     def _after_set_timesteps(self) -> None:
         self.reset()
@@ -213,39 +241,73 @@ class RehashHandle(PlanHandle):
                 f"handle.reset() between calls."
             )
         cut = self.rehash.cut
-        kept = frozenset(cut_values(cut))
+        cfg, base = cfg_split(cut)
         slot = self.call
-        key = step in set(self.rehash.key_steps) or slot not in self.caches
+        key_step = step in set(self.rehash.key_steps)
+        if cfg and slot > 0:
+            return self._cfg_call(module, call_next, args, kwargs, step, slot, key_step)
+        key = key_step or (base is not None and slot not in self.caches)
+        kept = frozenset(cut_values(cut)) if key and base is not None else frozenset()
         if key:
             self.caches.pop(slot, None)  # a key step never reads it: one cache held, as the planner counts
-        ops, segments = (self.ops, self.segments) if key else (self.reuse, self.reuse_segs)
-        checkpoint = torch.is_grad_enabled() and _checkpointing(self.model)
+        ops, segments = (self.ops, self.segments) if key or base is None else (self.reuse, self.reuse_segs)
         started = time.perf_counter()
+        out = self._execute(ops, segments, args, kwargs, None if key else self.caches.get(slot), kept)
+        if kept:
+            self.caches[slot] = cache_of(cut, self.program_kept)
+        if cfg:
+            self.first, self.first_out = _output_tensor(out), out
+        _sync(self.caches.get(slot))
+        self.records.append(StepRecord(step, key, time.perf_counter() - started))
+        self._count_call()
+        return out
+
+    def _execute(self, ops, segments, args, kwargs, cache, kept):
+        """One call of the model's program ``ops`` (the reuse program reads ``cache``) on the plan's segments."""
+        checkpoint = torch.is_grad_enabled() and _checkpointing(self.model)
+        cut = self.rehash.cut
         with self.bridged(segments) as around:
             binding = adapter_for(self.model).bind(self.model, *args, **kwargs)
             if self.plan.shape is not None:
                 _check_shape(self.plan, binding.shape)
             env, layouts = binding.env, binding.layouts
-            if not key:
-                env, layouts = ({**env, cache_name(cut): self.caches[slot]},
-                                {**layouts, cache_name(cut): self._cut_layout})
+            if cache is not None:
+                env, layouts = ({**env, cache_name(cut): cache}, {**layouts, cache_name(cut): self._cut_layout})
             program = Program(ops, env, layouts, self.result, binding.finish, binding.globals)
             placement = self.placement(program)
             if placement:  # host values of this call only: a reuse call has fewer ops, the cut is its input
                 placement["host"] = placement["host"] & {op.output for op in ops} - {cut} - kept
-            out = execute(program, segments, keep=kept if key else frozenset(),
-                          around_segment=around, checkpoint=checkpoint, **placement)
-            if key:
-                self.caches[slot] = cache_of(cut, program.kept)
-        _sync(self.caches.get(slot))
+            out = execute(program, segments, keep=kept, around_segment=around, checkpoint=checkpoint, **placement)
+            self.program_kept = program.kept
+        return out
+
+    def _cfg_call(self, module, call_next, args, kwargs, step, slot, key_step):
+        """A later call of a step under CFG reuse: at key steps (or before any offset) the whole program,
+        and its offset from the step's first call is cached; otherwise no model work: the first call's
+        output plus the cached offset."""
+        started = time.perf_counter()
+        if self.first is None:
+            raise CfgReuseError("per-step CFG reuse: a later call of a step came before its first call")
+        if key_step or slot not in self.offsets:
+            self.offsets.pop(slot, None)
+            out = self._execute(self.ops, self.segments, args, kwargs, None, frozenset())
+            self.offsets[slot] = _output_tensor(out) - self.first
+            key = True
+        else:
+            out = _with_tensor(self.first_out, self.first + self.offsets[slot])
+            key = False
+        _sync(self.offsets.get(slot))
         self.records.append(StepRecord(step, key, time.perf_counter() - started))
+        self._count_call()
+        return out
+
+    def _count_call(self) -> None:
         if self._saved_step is _MISSING:  # no scheduler: one call per step
             self.step += 1
             if self.step == self.rehash.steps:
-                self.caches = {}  # not held through the decode
+                self.caches, self.offsets = {}, {}  # not held through the decode
         else:
             self.call += 1
-        return out
 
     @property
     def _cut_layout(self):
@@ -312,6 +374,22 @@ def apply_rehash(target, plan: Plan | RehashPlan, component: ComponentPlan | Non
     return handle
 
 
+def _output_tensor(out) -> torch.Tensor:
+    """The prediction of a model call's output (a tensor, a tuple, or an output class with ``sample``)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.sample if hasattr(out, "sample") else out[0]
+
+
+def _with_tensor(like, tensor: torch.Tensor):
+    """``tensor`` returned the way ``like`` was (tensor, tuple or output class)."""
+    if isinstance(like, torch.Tensor):
+        return tensor
+    if isinstance(like, tuple):
+        return (tensor, *like[1:])
+    return type(like)(sample=tensor)
+
+
 def _sync(t) -> None:
     if isinstance(t, torch.Tensor) and t.device.type == "cuda":
         torch.cuda.synchronize()
@@ -354,7 +432,11 @@ def flop_counter():
 
 def measure_cuts(unet: torch.nn.Module, shape, cuts: list[str]) -> tuple[int, dict[str, int], dict[str, int]]:
     """FLOPs (:func:`flop_counter`) of one full UNet call at ``shape``, of each cut's reuse call, and
-    each cut's bytes: one full call keeping every cut, then one reuse call per cut."""
+    each cut's bytes: one full call keeping every cut, then one reuse call per cut. CFG reuse (``cfg``,
+    ``cfg+<cut>``) is priced per call as the mean of a reuse step's two calls: the first whole (or under
+    its cut), the second no model work; its cache: the offset (one output) plus its cut's."""
+    asked = list(cuts)
+    cuts = list(dict.fromkeys(b for c in asked if (b := cfg_split(c)[1]) is not None))
     adapter = adapter_for(unet)
     ops, result = adapter.ops(unet)
     args = adapter.example_inputs(unet, shape, device=next(unet.parameters()).device)  # where the model is
@@ -364,8 +446,9 @@ def measure_cuts(unet: torch.nn.Module, shape, cuts: list[str]) -> tuple[int, di
         with flop_counter() as counter:
             binding = adapter.bind(unet, *args)
             program = binding.program(ops, result)
-            _, kept = execute_keeping(program, unit_by_unit(ops), {v for c in cuts for v in cut_values(c)})
+            out, kept = execute_keeping(program, unit_by_unit(ops), {v for c in cuts for v in cut_values(c)})
         full = counter.get_total_flops()
+        out = _output_tensor(out)
         for cut in cuts:
             reuse = reuse_ops(ops, result, cut)
             with flop_counter() as counter:
@@ -377,7 +460,12 @@ def measure_cuts(unet: torch.nn.Module, shape, cuts: list[str]) -> tuple[int, di
                 execute(program, unit_by_unit(reuse))
             reuse_flops[cut] = counter.get_total_flops()
             sizes[cut] = kept[last].numel() * kept[last].element_size()
-    return full, reuse_flops, sizes
+    for cut in asked:
+        cfg, base = cfg_split(cut)
+        if cfg:
+            reuse_flops[cut] = (full if base is None else reuse_flops[base]) // 2
+            sizes[cut] = out.numel() * out.element_size() + (0 if base is None else sizes[base])
+    return full, {c: reuse_flops[c] for c in asked}, {c: sizes[c] for c in asked}
 
 
 def with_rehash(
@@ -411,6 +499,8 @@ def with_rehash(
         check_cut(unet, cut)
     cuts = [cut] if cut is not None else rehash_cuts(unet)
     if cal is not None:
+        if cut is None and cal.calls_per_step == 2:  # CFG reuse: only where a step makes two calls
+            cuts += cfg_cuts(unet)
         cuts = [c for c in cuts if c in {e.cut for e in cal.cuts}]
     if comp.groups:
         for c in list(cuts):  # cuts that a group of this plan runs across are not offered
