@@ -228,11 +228,11 @@ def save_preview(folder: Path, steps: int, log) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "profiles" / W.TRAINED_WAN_DIR)
-    parser.add_argument("--vae-steps", type=int, default=400)
+    parser.add_argument("--vae-steps", type=int, default=500)
     parser.add_argument("--dit-steps", type=int, default=3000)
     parser.add_argument("--vae-batch", type=int, default=2, help="clips per VAE step")
     parser.add_argument("--batch", type=int, default=8, help="clips per transformer step")
-    parser.add_argument("--vae-lr", type=float, default=1e-3)
+    parser.add_argument("--vae-lr", type=float, default=1.5e-3)
     parser.add_argument("--dit-lr", type=float, default=5e-4)
     parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--save-every", type=int, default=500, help="transformer steps between checkpoints")

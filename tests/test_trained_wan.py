@@ -41,7 +41,8 @@ def test_the_shipped_weights_are_within_the_size_limit(wan):
 
 def test_the_config_is_what_the_module_says(wan):
     cfg = wan.vae.config
-    assert (cfg.scale_factor_spatial, cfg.scale_factor_temporal) == (wan.vae_scale_factor_spatial, 4)
+    assert (cfg.scale_factor_spatial, cfg.scale_factor_temporal) == (4, 2) == (wan.vae_scale_factor_spatial,
+                                                                          wan.vae_scale_factor_temporal)
     assert len(cfg.latents_mean) == len(cfg.latents_std) == cfg.z_dim == wan.transformer.config.in_channels
     assert all(s > 0 for s in cfg.latents_std) and cfg.latents_std != [1.0] * cfg.z_dim  # set from the data
     assert wan.transformer.config.text_dim == wan.text_encoder.config.d_model
@@ -106,3 +107,29 @@ def test_the_training_script_runs_on_a_tiny_subset(tmp_path):
     assert "vae step     0" in log and "transformer step     1" in log and "saved to" in log
     pipe = W.load_trained_wan(tmp_path)
     assert pipe.vae.config.latents_std != [1.0] * pipe.vae.config.z_dim
+
+
+def test_step_rehash_runs_on_it_and_stays_close_to_the_full_run(wan):
+    from vramplan.runtime.trained import psnr
+
+    plan = W.rehash_plan(wan, keys=2, steps=4)
+    r = plan.rehash
+    assert len(r.key_steps) == 2 and r.key_steps[0] == 0 and r.unet_flops < r.original_unet_flops and "->" in r.cut
+    text = W.prompt(*W.heldout_combinations()[0])
+    full = W.sample(wan, text, seed=0, num_inference_steps=4)
+    rehashed = W.sample_rehash(wan, plan, text, seed=0)
+    assert rehashed.shape == full.shape and not torch.equal(rehashed, full)
+    assert psnr(rehashed, full).mean() > 15  # an approximation of the same clip, not another clip
+    assert torch.equal(W.sample(wan, text, seed=0, num_inference_steps=4), full)  # the hooks are gone
+
+
+def test_side_by_side_gif_and_strip(tmp_path):
+    from PIL import Image
+
+    clips = [W.true_clip("red", "square", "left"), W.true_clip("blue", "circle", "up")]
+    gif = W.side_by_side(clips, tmp_path / "a.gif", scale=2)
+    with Image.open(gif) as im:
+        assert im.n_frames == W.NUM_FRAMES and im.size == (2 * (2 * W.WIDTH + 2), 2 * W.HEIGHT)
+    png = W.strip([clips, clips], tmp_path / "a.png", every=4, scale=1)
+    with Image.open(png) as im:
+        assert im.size == (2 * 5 * W.WIDTH + 3, 2 * W.HEIGHT + 2)
