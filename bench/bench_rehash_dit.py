@@ -111,8 +111,9 @@ class Bench:
                 h.remove()
         return best
 
-    def measure(self, family: str, setting: str, attach, **extra) -> Point:
-        """``attach()`` puts the method on the pipeline and returns what takes it off."""
+    def measure(self, family: str, setting: str, attach, timed: bool = True, **extra) -> Point:
+        """``attach()`` puts the method on the pipeline and returns what takes it off (``timed``: also the
+        CPU time, in separate runs without the counter)."""
         psnrs, ssims, flops = [], [], []
         from vramplan.runtime.trained import ssim
 
@@ -127,7 +128,7 @@ class Bench:
             ssims.append(float(ssim(video, ref).mean()))
             flops.append(f)
         point = Point(family, setting, sum(min(v, 99.0) for v in psnrs) / len(psnrs), sum(ssims) / len(ssims),
-                      sum(flops) / len(flops), self._cpu(attach), **extra)
+                      sum(flops) / len(flops), self._cpu(attach) if timed else math.nan, **extra)
         print(f"{family:<12} {setting:<44} PSNR {point.psnr:6.2f} SSIM {point.ssim:.4f} "
               f"FLOPs x{self.full_flops / point.flops:5.2f} CPU x{self.full_cpu / point.cpu_s:5.2f}"
               + (f" predicted {point.predicted:.1f}" if point.predicted is not None else ""), flush=True)
@@ -214,7 +215,7 @@ class Bench:
         print(f"calibrated {len(self.cal.cuts)} cuts in {self.cal_seconds:.0f} s; {len(self.cands)} candidate "
               f"schedules", flush=True)
 
-    def schedule(self, c, why: str) -> Point:
+    def schedule(self, c, why: str, timed: bool = True) -> Point:
         from vramplan.runtime.compare import schedule_plan
         from vramplan.runtime.rehash import apply_rehash
 
@@ -223,8 +224,33 @@ class Bench:
         def attach():
             return apply_rehash(self.pipe, plan).remove
 
-        return self.measure("vramplan", f"{why}: {len(c.keys)} keys, {short(c.cut)}", attach,
+        return self.measure("vramplan", f"{why}: {len(c.keys)} keys, {short(c.cut)}", attach, timed=timed,
                             predicted=c.psnr, keys=list(c.keys), cut=c.cut)
+
+    def validation(self, per_cut: int = 3, counts=(4, 7, 10)) -> list[Point]:
+        """The predictor against measured PSNR over schedules of every kind: the ``per_cut`` calibrated cuts
+        with the most skipped work among those that the search finds useful (on its frontier), plus CFG
+        reuse alone, each at ``counts`` key steps: uniform, greedy, optimal (the predictor's own) and random."""
+        import random
+
+        from vramplan.planner import rehash as R
+        from vramplan.planner.rehash_search import Candidate, frontier, optimal_by_count
+
+        on_front = list(dict.fromkeys(c.cut for c in frontier(self.cands)))
+        cuts = list(dict.fromkeys([*on_front[:per_cut], *(["cfg"] if "cfg" in self.reuse else [])]))
+        rng, out = random.Random(0), []
+        for cut in cuts:
+            dp = optimal_by_count(self.model, cut, max(counts))
+            for n in counts:
+                for kind, keys in (("uniform", R.uniform_keys(self.steps, keys=n)),
+                                   ("greedy", R.greedy_for_count(self.cal.cut(cut).similarity, n)[0]),
+                                   ("optimal", dp[n]),
+                                   ("random", sorted({0, *rng.sample(range(1, self.steps), n - 1)}))):
+                    cost = len(keys) * self.full_call + (self.steps - len(keys)) * self.reuse[cut]
+                    c = Candidate(cut, tuple(keys), kind, cost, self.model.latent_error(cut, keys),
+                                  self.model.psnr(cut, keys))
+                    out.append(self.schedule(c, f"validation, {kind}", timed=False))
+        return out
 
     def budget(self, flops_per_video: float) -> float:
         """A measured DiT FLOPs per video in the candidates' unit (FLOPs of one call, all steps)."""
@@ -232,8 +258,13 @@ class Bench:
 
 
 def short(cut: str) -> str:
-    start, _, end = cut.partition("->")
-    return f"{start.split('.')[1]}->{end.split('.')[1]}" if end else cut
+    """'cfg+blocks.0.ffn->blocks.6.ffn' -> 'CFG reuse + blocks 0->6'."""
+    from vramplan.planner.rehash import cfg_split, residual_span
+
+    cfg, base = cfg_split(cut)
+    span = residual_span(cut)
+    name = f"blocks {span[0].split('.')[1]}->{span[1].split('.')[1]}" if span else (base or "")
+    return " + ".join(([" CFG reuse".strip()] if cfg else []) + ([name] if name else []))
 
 
 def run(args) -> tuple[str, list[Point], list[Point], Bench]:
@@ -265,10 +296,11 @@ def run(args) -> tuple[str, list[Point], list[Point], Bench]:
         mine(floor, "min_psnr 30")
     except QualityFloorError as err:
         print(f"min_psnr 30: {err}", flush=True)
-    return report(b, theirs, list(ours.values()), matched, args), theirs, list(ours.values()), b
+    checked = b.validation() if args.validate else []
+    return report(b, theirs, list(ours.values()), matched, args, checked), theirs, list(ours.values()), b
 
 
-def report(b: Bench, theirs, ours, matched, args) -> str:
+def report(b: Bench, theirs, ours, matched, args, checked=()) -> str:
     from vramplan.planner.rehash_quality import spearman
 
     steps = b.steps
@@ -316,6 +348,19 @@ def report(b: Bench, theirs, ours, matched, args) -> str:
               + ("met" if best30 and b.full_flops / best30.flops >= 2 else "NOT met") + ").",
               f"- The predictor on vramplan's measured points: Spearman {rho:.2f} over {len(pred)} schedules "
               f"(predicted vs measured PSNR)."]
+    if checked:
+        rho = spearman([p.predicted for p in checked], [p.psnr for p in checked])
+        cuts = list(dict.fromkeys(p.cut for p in checked))
+        lines += ["", f"**The quality predictor on the DiT: Spearman {rho:.3f}** between predicted and measured PSNR "
+                  f"over {len(checked)} schedules ({len(cuts)} cuts: {', '.join(short(c) for c in cuts)}; 3 key counts; "
+                  f"uniform, greedy, optimal, random) (target >= 0.9: {'met' if rho >= 0.9 else 'NOT met'}); within "
+                  "one cut: " + ", ".join(
+                      f"{short(c)} {spearman([p.predicted for p in checked if p.cut == c], [p.psnr for p in checked if p.cut == c]):.2f}"
+                      for c in cuts) + ".", "",
+                  "| cut | keys | kind | DiT FLOPs x fewer | predicted PSNR | measured PSNR |", "|---|---|---|---|---|---|"]
+        for p in checked:
+            lines.append(f"| {short(p.cut)} | {len(p.keys)} | {p.setting.split(', ')[1].split(':')[0]} | "
+                         f"{b.full_flops / p.flops:.2f} | {min(p.predicted, 99):.1f} | {p.psnr:.2f} |")
     if args.plot:
         lines += ["", f"Plot: [{Path(args.plot).name}]({Path(args.plot).name})."]
     return "\n".join(lines + [""])
@@ -354,6 +399,8 @@ def main() -> None:
     parser.add_argument("--untrained", action="store_true", help="the same pipeline with random weights (harness "
                         "check only: no quality claim)")
     parser.add_argument("--quick", action="store_true", help="one setting per diffusers cache")
+    parser.add_argument("--no-validate", dest="validate", action="store_false",
+                        help="skip the predictor's validation (Spearman over 48 schedules)")
     parser.add_argument("--write", help="markdown file to put the section in (its block replaced if present)")
     parser.add_argument("--plot", help="quality vs DiT FLOPs saved, PNG")
     args = parser.parse_args()
@@ -365,7 +412,8 @@ def main() -> None:
     text += (f"\n{machine}; diffusers {__import__('diffusers').__version__}; {time.strftime('%Y-%m-%d', time.gmtime())}, "
              f"{time.perf_counter() - started:.0f} s; command: `python bench/bench_rehash_dit.py --prompts "
              f"{args.prompts} --repeats {args.repeats} --max-gap {args.max_gap}"
-             + (" --untrained" if args.untrained else "") + (" --quick" if args.quick else "") + "`.\n")
+             + (" --untrained" if args.untrained else "") + (" --quick" if args.quick else "")
+             + ("" if args.validate else " --no-validate") + "`.\n")
     print(text, flush=True)
     if args.write:
         from bench_rehash import write_section

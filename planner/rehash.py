@@ -309,6 +309,9 @@ class Calibration(_JsonFile):
         default=None, description="[s]: L2 change of the latent the scheduler's step s makes per unit L2 change of "
         "the noise prediction (its coefficient, measured on the scheduler itself)")
     sigmas: list[float] | None = Field(default=None, description="[s]: the scheduler's noise level at step s")
+    flow_matching: bool | None = Field(
+        default=None, description="sigmas of a flow-matching scheduler (x = (1 - sigma) x0 + sigma noise), not of "
+        "x = x0 + sigma noise")
     latent_rms: float | None = Field(default=None, description="RMS of the full run's final latent (the data's scale)")
     decode_gain: float | None = Field(
         default=None, description="L2 change of the decoded frames (range [-1, 1]) per L2 change of the final latent, "

@@ -51,13 +51,18 @@ class QualityModel:
 
     @staticmethod
     def carry(cal: Calibration) -> list[float]:
-        """Per step, the factor by which an error of the latent after step ``s`` reaches the end."""
+        """Per step, the factor by which an error of the latent after step ``s`` reaches the end. A
+        flow-matching latent ``(1 - sigma) x0 + sigma noise`` is the other's ``x0 + sigma' noise`` scaled by
+        ``1 - sigma`` (``sigma' = sigma / (1 - sigma)``): its scale is ``sqrt(sigma^2 + sd^2 (1 - sigma)^2)``."""
         if cal.sigmas is None or cal.latent_rms is None:
             return [1.0] * cal.steps
         sd2 = cal.latent_rms**2
+
+        def scale(sigma: float) -> float:
+            return math.sqrt(sigma**2 + sd2 * ((1 - sigma) ** 2 if cal.flow_matching else 1.0))
+
         after = [*cal.sigmas[1:], 0.0]  # the noise level the step moves to (the last step's: 0)
-        end = math.sqrt(after[-1] ** 2 + sd2)
-        return [end / math.sqrt(s**2 + sd2) for s in after]
+        return [scale(after[-1]) / scale(s) for s in after]
 
     # -- per reused step ----------------------------------------------------------------------------
     def errors(self, cut: str) -> list[list[float]]:

@@ -251,6 +251,9 @@ class _Probe:
 
     def __init__(self, pipe, seed: int, on_step=None):
         self.pipe, self.gen, self.on_step = pipe, torch.Generator().manual_seed(seed + 7919), on_step
+        config = getattr(pipe.scheduler, "config", {})
+        self.flow = bool("FlowMatch" in type(pipe.scheduler).__name__ or config.get("use_flow_sigmas")
+                         or config.get("prediction_type") == "flow_prediction")
         self.noise_norm: list[float] = []
         self.step_gain: list[float] = []
         self.sigmas: list[float] = []
@@ -280,6 +283,9 @@ class _Probe:
             index = getattr(scheduler, "step_index", None)
             sigmas = getattr(scheduler, "sigmas", None)
             out = step(model_output, timestep, sample, *args, **kwargs)
+            after = getattr(scheduler, "step_index", None)
+            if index is None and after is not None:  # set by the first step (flow-matching Euler)
+                index = after - 1
             delta = self._noise(model_output)
             with torch.random.fork_rng(devices=[]):
                 moved = twin.step(model_output + delta, timestep, sample, *args, **kwargs)
@@ -323,7 +329,7 @@ class _Probe:
         if len(self.noise_norm) == steps:
             out.update(noise_norm=_r(self.noise_norm), step_gain=_r(self.step_gain))
         if len(self.sigmas) == steps:
-            out.update(sigmas=_r(self.sigmas), latent_rms=round(self.latent_rms, 6))
+            out.update(sigmas=_r(self.sigmas), latent_rms=round(self.latent_rms, 6), flow_matching=self.flow)
         frames, latent, values = self.decoded
         if values and latent > 0:
             # decode input = latent / scaling_factor: the gain per unit change of the scheduler's latent

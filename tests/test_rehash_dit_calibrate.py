@@ -99,3 +99,16 @@ def test_a_second_order_scheduler_is_refused_for_a_dit():
     pipe.scheduler = FlowMatchHeunDiscreteScheduler()
     with pytest.raises(SchedulerOrderError, match="first-order scheduler"):
         calibrate(pipe, cuts=CUTS[:1], **_kwargs())
+
+
+def test_flow_matching_noise_levels_carry_errors_as_a_scaled_latent(cal):
+    """x = (1 - s) x0 + s noise: an error after a step at noise level s reaches the end scaled by
+    sd / sqrt(s^2 + sd^2 (1 - s)^2) (sd: the data's RMS), the last step's by 1."""
+    from vramplan.planner.rehash_quality import QualityModel
+
+    flow = cal.model_copy(update={"sigmas": [1.0, 0.75, 0.5, 0.25], "latent_rms": 0.5, "flow_matching": True})
+    after = [0.75, 0.5, 0.25, 0.0]
+    assert QualityModel.carry(flow) == pytest.approx([0.5 / (s * s + 0.25 * (1 - s) ** 2) ** 0.5 for s in after])
+    plain = flow.model_copy(update={"flow_matching": False})
+    assert QualityModel.carry(plain) == pytest.approx([0.5 / (s * s + 0.25) ** 0.5 for s in after])
+    assert cal.flow_matching is True and len(cal.sigmas) == 4  # the tiny Wan's UniPC with flow sigmas

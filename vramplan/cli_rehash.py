@@ -13,6 +13,8 @@ from pathlib import Path
 from .planner.errors import VramplanError
 
 TRAINED = "trained-svd"  # model_name of plans for the shipped trained demo model
+TRAINED_WAN = "trained-tiny-wan"  # ... for the shipped trained tiny Wan (runtime.trained_wan.rehash_plan)
+PROMPTED = ("AnimateDiffPipeline", "WanPipeline")  # pipelines that take a text prompt
 
 
 def register(sub) -> dict:
@@ -54,7 +56,8 @@ def register(sub) -> dict:
 
 def _input_args(p) -> None:
     p.add_argument("--image", help="conditioning image (SVD; default for the trained model: a held-out clip's frame)")
-    p.add_argument("--prompt", help="text prompt (AnimateDiff)")
+    p.add_argument("--prompt", help="text prompt (AnimateDiff, Wan; default for the trained tiny Wan: a held-out "
+                   "prompt)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--allow-download", action="store_true")
 
@@ -89,6 +92,10 @@ def load(plan, allow_download: bool = False):
         from .runtime.trained import trained_svd_pipeline
 
         return trained_svd_pipeline()
+    if plan.model_name == TRAINED_WAN:
+        from .runtime.trained_wan import load_trained_wan
+
+        return load_trained_wan()
     from .runtime.runner import load_pipeline
 
     return load_pipeline(plan, allow_download)
@@ -97,9 +104,14 @@ def load(plan, allow_download: bool = False):
 def call_inputs(plan, args) -> dict:
     """The pipeline's inputs from the command line (image or prompt), with the trained model's defaults."""
     kwargs: dict = {}
-    if plan.pipeline == "AnimateDiffPipeline":
+    if plan.model_name == TRAINED_WAN:  # default: the first held-out prompt, at the model's guidance
+        from .runtime import trained_wan
+
+        return {"prompt": args.prompt or trained_wan.prompt(*trained_wan.heldout_combinations()[0]),
+                "guidance_scale": trained_wan.GUIDANCE_SCALE}
+    if plan.pipeline in PROMPTED:
         if not args.prompt:
-            raise VramplanError("an AnimateDiff plan needs --prompt")
+            raise VramplanError(f"a {plan.pipeline} plan needs --prompt")
         return {"prompt": args.prompt}
     if args.image:
         from .cli import read_image
@@ -197,7 +209,7 @@ def cmd_calibrate(args) -> int:
     pipe = load(plan, args.allow_download)
     if cal is None:
         _progress(pipe, f"calibrating {len(args.cuts) if args.cuts else 'every candidate'} cut(s): one run of the "
-                        f"pipeline, each step also reruns the UNet's tail from up to {args.max_gap} earlier steps "
+                        f"pipeline, each step also reruns the model's tail from up to {args.max_gap} earlier steps "
                         f"per cut")
         cal = calibrate(pipe, plan=plan, num_inference_steps=args.steps, cuts=args.cuts, max_gap=args.max_gap,
                         seed=args.seed, model_name=plan.model_name, **inputs)
@@ -216,9 +228,9 @@ def cmd_calibrate(args) -> int:
             print(json.dumps({"calibration": str(out), "steps": cal.steps, "scheduler": cal.scheduler,
                               "cuts": _cut_rows(cal)}, indent=1))
         return 0
-    from .runtime.calibrate import frontier_rows, plot_frontier, schedule_candidates
+    from .runtime.calibrate import denoiser, frontier_rows, plot_frontier, schedule_candidates
 
-    cands, full = schedule_candidates(pipe.unet, cal)
+    cands, full = schedule_candidates(denoiser(pipe), cal)
     rows = frontier_rows(cands, full, cal.steps)
     plot = plot_frontier(cands, full, cal.steps, args.frontier_plot or out.with_name(out.stem + "-frontier.png"))
     if args.json:

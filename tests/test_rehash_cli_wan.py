@@ -1,0 +1,64 @@
+"""``vramplan calibrate`` on a Wan plan (the trained tiny Wan's, its weights stood in for by the same
+architecture with random weights): residual and CFG-reuse cuts measured, the frontier searched over both."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from vramplan.planner.rehash import Calibration
+
+from vramplan.cli import main
+
+CUT = "blocks.0.ffn->blocks.6.ffn"
+
+
+@pytest.fixture(scope="module")
+def untrained():
+    """The trained tiny Wan's architecture, random weights; its VAE at Wan's own 4x temporal factor (what a
+    plan's header check assumes for a Wan model outside the catalogue)."""
+    from diffusers import AutoencoderKLWan
+    from vramplan.runtime import trained_wan
+
+    pipe = trained_wan.build_pipeline(0)
+    pipe.vae = AutoencoderKLWan(**{**trained_wan.VAE_CONFIG, "temperal_downsample": [True, True],
+                                   "scale_factor_temporal": 4}).eval()
+    pipe.vae_scale_factor_temporal = 4
+    return pipe
+
+
+@pytest.fixture
+def wan(untrained, monkeypatch):
+    from vramplan.runtime import trained_wan
+
+    monkeypatch.setattr(trained_wan, "load_trained_wan", lambda path=None: untrained)
+    return untrained, trained_wan
+
+
+def test_calibrate_a_wan_plan_and_its_frontier(wan, tmp_path, capsys):
+    pipe, trained_wan = wan
+    plan = trained_wan.rehash_plan(pipe, keys=2, steps=3).save(tmp_path / "plan.json")
+    cal = tmp_path / "cal.json"
+    assert main(["calibrate", str(plan), "--steps", "3", "--max-gap", "2", "--cuts", "cfg", CUT, f"cfg+{CUT}",
+                 "-o", str(cal), "--frontier", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    loaded = Calibration.load(cal)
+    assert [c.cut for c in loaded.cuts] == ["cfg", CUT, f"cfg+{CUT}"] and loaded.calls_per_step == 2
+    assert loaded.pipeline == "WanPipeline" and loaded.shape.frames == 5
+    assert len(loaded.sigmas) == 3 and loaded.flow_matching  # FlowMatchEuler's noise levels, probed
+    rows = out["frontier"]
+    assert rows and all(r["cut"] in ("cfg", CUT, f"cfg+{CUT}") for r in rows)
+    # the frontier: cheapest first, each row predicted better than every cheaper one
+    assert [r["flops_fewer"] for r in rows] == sorted((r["flops_fewer"] for r in rows), reverse=True)
+    psnr = [r["predicted_psnr"] for r in rows]
+    assert psnr == sorted(psnr) and len(set(psnr)) == len(psnr)
+
+
+def test_a_wan_plan_needs_a_prompt(wan, tmp_path, capsys):
+    from vramplan.planner.schema import Plan
+
+    pipe, trained_wan = wan
+    plan = trained_wan.rehash_plan(pipe, keys=2, steps=3).model_copy(update={"model_name": "my-wan"})
+    path = Plan.model_validate(plan.model_dump()).save(tmp_path / "plan.json")
+    assert main(["calibrate", str(path), "--steps", "3"]) == 2
+    assert "needs --prompt" in capsys.readouterr().err
