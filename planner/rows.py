@@ -37,6 +37,7 @@ class RowStep:
     pad_end: int | None = None
     up: int = 1
     cost: int = 0  # relative work per output row (a unit that crops after every step: its time model)
+    mem: int = 0  # relative bytes per row it holds (input and output; a unit that crops: its memory model)
 
     @property
     def after(self) -> int:
@@ -65,10 +66,11 @@ class RowStep:
         return self.up > 1 or a % self.stride == 0
 
     def as_list(self) -> list[int]:
-        return [self.kernel, self.stride, self.pad, self.after, self.up, self.cost]
+        out = [self.kernel, self.stride, self.pad, self.after, self.up, self.cost]
+        return [*out, self.mem] if self.mem else out
 
-    def with_cost(self, cost: int) -> RowStep:
-        return RowStep(self.kernel, self.stride, self.pad, self.pad_end, self.up, int(cost))
+    def with_cost(self, cost: int, mem: int = 0) -> RowStep:
+        return RowStep(self.kernel, self.stride, self.pad, self.pad_end, self.up, int(cost), int(mem))
 
 
 CONV3 = RowStep(kernel=3, pad=1)  # a 3x3 convolution, stride 1, padding 1: a halo of one row each side
@@ -133,6 +135,14 @@ class RowMap:
             s, e = self.steps[i].needs(s, e, lens[i])
             out.append((s, e))
         return out[::-1]
+
+    def held_rows(self, s: int, e: int, n_in: int) -> int:
+        """Rows weighted by bytes per row (``mem``) that a unit cropping after every step holds for output
+        rows ``[s, e)`` (the output rows themselves when no step says its bytes)."""
+        if not any(step.mem for step in self.steps):
+            return e - s
+        slabs = self.step_slabs(s, e, n_in)
+        return sum(step.mem * step.out_len(b - a) for step, (a, b) in zip(self.steps, slabs, strict=True))
 
     def cropped_fraction(self, bounds: Sequence[tuple[int, int]], n_in: int) -> float:
         """Work of computing output rows ``bounds`` (slices) step by step, cropping after every step, as
@@ -216,3 +226,27 @@ def plan_segment(
             slab[j] = maps[j].needs(lo, hi, inputs_len[j]) if hi > lo else (0, 0)
         out.append(SliceRows(tuple(need), tuple(slab), tuple(o[i] for o in owns)))
     return out
+
+
+def slice_work(maps: Sequence[RowMap], sl: SliceRows, in_lens: Sequence[int], cropped: Sequence[bool]) -> int:
+    """Rows a slice computes over its units: a unit's input slab, or, for a unit that crops after every
+    step (``cropped``), the sum of its steps' slabs (its high-resolution steps, not its input, set its
+    memory)."""
+    total = 0
+    for j, m in enumerate(maps):
+        a, b = sl.slab[j]
+        if b <= a:
+            continue
+        if cropped[j]:
+            s, e = sl.out[j]
+            total += sum(y - x for x, y in m.step_slabs(s, e, in_lens[j]))
+        else:
+            total += b - a
+    return total
+
+
+def profiled_slice(maps: Sequence[RowMap], slices: Sequence[SliceRows], in_lens: Sequence[int],
+                   cropped: Sequence[bool]) -> int:
+    """Index of the slice the profiler runs for a unit's scratch: the one computing the most rows (a
+    middle slice, with halos on both sides); the cost model reads the profile against the same slice."""
+    return max(range(len(slices)), key=lambda i: slice_work(maps, slices[i], in_lens, cropped))

@@ -16,7 +16,7 @@ The executor (``vramplan.runtime.rows``) runs a rows segment slice by slice on t
 
 from __future__ import annotations
 
-from .rows import RowMap, plan_segment
+from .rows import RowMap, plan_segment, profiled_slice
 
 
 def _maps(model) -> list[RowMap | None]:
@@ -43,25 +43,66 @@ def _frames(model, name: str, unit) -> int:
     return shape[2] if len(shape) == 5 else 1
 
 
+def _cropped(model, j: int) -> bool:
+    return bool(getattr(model.units[j], "rows_cropped", False))
+
+
 def _slab_scratch(model, j: int, rows: int) -> float:
-    """Scratch of unit ``j`` computing from a slab of ``rows`` input rows."""
+    """Scratch of unit ``j`` computing from a slab of ``rows`` input rows; for a unit that crops after
+    every step, ``rows`` are the rows it holds (:meth:`.rows.RowMap.held_rows`: its input slab, clipped
+    at both ends of a low-resolution input, says little about its high-resolution steps): see
+    :func:`_affine`."""
     cache = model.__dict__.setdefault("_rows_scratch", {})
     table = cache.get(j)
     unit = model.units[j]
+    cropped = _cropped(model, j)
     if table is None:
         m, n = _maps(model)[j], in_rows(model, j)
         table = []
         for k, nbytes in sorted(unit.scratch.items()):
             sl = plan_segment([m], [[]], [None], [n], k)
-            biggest = max(b - a for a, b in (s.slab[0] for s in sl))
-            table.append((biggest, nbytes))
-        table.sort()
+            if cropped:  # the slice the profiler ran: its held rows, and whether it has halos on both sides
+                s, e = sl[profiled_slice([m], sl, [n], [True])].out[0]
+                table.append((m.held_rows(s, e, n), nbytes, 0 < s and e < unit.output_shape[-2]))
+            else:
+                table.append((max(b - a for a, b in (s.slab[0] for s in sl)), nbytes))
+        table = sorted(set(table))
         cache[j] = table
+    if cropped:
+        return _affine(table, rows)
     for slab, nbytes in table:  # smallest profiled slab at or above ``rows``
         if slab >= rows:
             return nbytes * rows / slab
     slab, nbytes = table[-1]
     return nbytes * rows / slab
+
+
+def _held(model, j: int, sl, i: int) -> int:
+    """Weighted rows unit ``j`` (position ``i`` of its segment) holds in slice ``sl``."""
+    s, e = sl.out[i]
+    return _maps(model)[j].held_rows(s, e, in_rows(model, j)) if e > s else 0
+
+
+def _affine(table: list[tuple[int, int, bool]], rows: int) -> float:
+    """Bytes of a slice holding ``rows`` (weighted rows) of a unit that crops after every step, from the
+    profiled ``(rows, bytes, middle)`` points. A middle slice (halos on both sides) holds at every step
+    its rows plus a halo, so its bytes are affine in its weighted rows: the line through the two nearest
+    middle points (exact at a profiled slice count; an edge slice, one halo, is priced as a middle one),
+    never above the unsliced run's."""
+    for r, nbytes, _ in table:
+        if r == rows:
+            return nbytes
+    middle = [(r, b) for r, b, mid in table if mid]
+    if len(middle) < 2:
+        r, nbytes = max((r, b) for r, b, _ in table if r >= rows) if any(r >= rows for r, _, _ in table) else \
+            max((r, b) for r, b, _ in table)
+        return nbytes * rows / r
+    i = 1
+    while i < len(middle) - 1 and middle[i][0] < rows:
+        i += 1
+    (r0, b0), (r1, b1) = middle[i - 1], middle[i]
+    whole = max(b for _, b, _ in table)
+    return min(whole, max(0.0, b0 + (b1 - b0) * (rows - r0) / (r1 - r0)))
 
 
 def rows_cost(model, seg, seg_rules, entry: int, host: frozenset[str]):
@@ -97,7 +138,7 @@ def rows_cost(model, seg, seg_rules, entry: int, host: frozenset[str]):
             a, b = sl.slab[i]
             staged = sum(size[v] * (b - a) // max(1, in_lens[i]) // _frames(model, v, units[i])
                          for v in seg_rules.staged(j))
-            scratch = int(_slab_scratch(model, j, b - a))
+            scratch = int(_slab_scratch(model, j, _held(model, j, sl, i) if _cropped(model, j) else b - a))
             transient = held + staged + scratch
             if best is None or live + transient > best[0]:
                 best = (live + transient, live, transient, j)
@@ -114,7 +155,8 @@ def rows_cost(model, seg, seg_rules, entry: int, host: frozenset[str]):
                 held = sum(units[u].output_bytes * made_rows(u, sl) // lens[u] for u in cone[:n]
                            if any(units[u].name in units[v].inputs for v in cone[n:]))
                 a, b = sl.slab[c]
-                transient = held + int(_slab_scratch(model, seg.start + c, b - a))
+                rows = _held(model, seg.start + c, sl, c) if _cropped(model, seg.start + c) else b - a
+                transient = held + int(_slab_scratch(model, seg.start + c, rows))
                 if entry + transient > best[0]:
                     best = (entry + transient, entry, transient, j)
             last = cone[-1]

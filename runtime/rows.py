@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..planner.rows import SliceRows, plan_segment, segment_lengths
+from ..planner.rows import SliceRows, plan_segment, profiled_slice, segment_lengths
 from ..planner.rules import SegmentRules
 from .memory import unit_label
 from .program import SliceCtx, split_bounds
@@ -49,6 +49,7 @@ class RowsSegment:
         maps = [op.rows for op in self.ops]
         self.slices = plan_segment(maps, readers, first, in_lens, seg.k)
         self.lengths = segment_lengths(maps, first, in_lens)  # output rows of each unit
+        self.in_lens = [in_lens[j] if f is None else self.lengths[f] for j, f in enumerate(first)]
         self.length = self.lengths[-1]
 
     def _read(self, name: str, a: int, b: int, local: dict, inside: bool = False) -> torch.Tensor:
@@ -78,8 +79,9 @@ class RowsSegment:
         run, rules, ops = self.run, self.rules, self.ops
         self.shapes = {name: t.shape for name, t in run.env.items()}
         slices = self.slices
-        if first_slice_only:  # profiling: the slice with the largest slabs (halos on both sides)
-            slices = [max(slices, key=lambda sl: sum(b - a for a, b in sl.slab))]
+        if first_slice_only:  # profiling: the slice computing the most rows (halos on both sides)
+            slices = [slices[profiled_slice([op.rows for op in ops], slices, self.in_lens,
+                                            [op.rows_cropped for op in ops])]]
         prepared: dict[str, object] = {}
         for j, op in enumerate(ops):
             if op.prepare is not None:

@@ -42,6 +42,13 @@ def _upsampler(block):
     return up
 
 
+def conv_step(conv, scale: int, frames: int):
+    """A 3x3 conv's row step: work per output row (weights x width x frames, relative) and bytes held
+    per row (its input and output channels x width x frames, relative: the memory model of a cropping unit)."""
+    cin, cout = conv.weight.shape[1], conv.weight.shape[0]
+    return CONV3.with_cost(conv.weight.numel() * scale * frames, (cin + cout) * scale * frames)
+
+
 def _stage_maps(vae) -> list[RowMap]:
     """Row maps of the crop points of the up part, in order: each residual block's conv1 and conv2,
     each upsampler (nearest(-exact) x2 then a 3x3 conv), then the head (conv_out, and unpatchify)."""
@@ -50,14 +57,14 @@ def _stage_maps(vae) -> list[RowMap]:
     for block in vae.decoder.up_blocks:
         for res in block.resnets:
             for conv in (res.conv1, res.conv2):
-                maps.append(RowMap.of(CONV3.with_cost(conv.weight.numel() * scale * frames)))
+                maps.append(RowMap.of(conv_step(conv, scale, frames)))
         up = _upsampler(block)
         if up is not None:
             frames *= 2 if up.mode == "upsample3d" else 1
             scale *= 2
             # a DupUp3D shortcut maps rows the same way
-            maps.append(RowMap.of(UP2.with_cost(1), CONV3.with_cost(up.resample[1].weight.numel() * scale * frames)))
-    head = [CONV3.with_cost(vae.decoder.conv_out.weight.numel() * scale * frames)]
+            maps.append(RowMap.of(UP2.with_cost(1), conv_step(up.resample[1], scale, frames)))
+    head = [conv_step(vae.decoder.conv_out, scale, frames)]
     patch = vae.config.patch_size
     if patch:
         if patch & (patch - 1):

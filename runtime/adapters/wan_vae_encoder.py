@@ -27,10 +27,10 @@ from __future__ import annotations
 import torch
 
 from ...planner.errors import UnsupportedArgumentError, UnsupportedModelError
-from ...planner.rows import CONV3, RowMap, RowStep
+from ...planner.rows import RowMap, RowStep
 from ..program import Op, SliceCtx, UnitSpec
 from .base import CallBinding, example_maker, register
-from .wan_vae import _cached_conv, _Rows
+from .wan_vae import _cached_conv, _Rows, conv_step
 
 DOWN = "encoder.down_blocks"
 MID = "encoder.mid_block"
@@ -71,15 +71,16 @@ def _stage_maps(vae) -> list[RowMap]:
     downs = sum(1 for kind, m in layers if kind == "down" or (kind == "block" and m.downsampler is not None))
     scale, frames = 2**downs, 4  # width and frames per chunk at this level (relative units)
     first = [RowStep(kernel=patch, stride=patch)] if patch > 1 else []
-    maps = [RowMap((*first, CONV3.with_cost(vae.encoder.conv_in.weight.numel() * scale * frames)))]
+    maps = [RowMap((*first, conv_step(vae.encoder.conv_in, scale, frames)))]
 
     def res(block):
         for conv in (block.conv1, block.conv2):
-            maps.append(RowMap.of(CONV3.with_cost(conv.weight.numel() * scale * frames)))
+            maps.append(RowMap.of(conv_step(conv, scale, frames)))
 
     def down(resample):
         nonlocal scale, frames
-        maps.append(RowMap.of(DOWN2.with_cost(resample.resample[1].weight.numel() * scale * frames // 2)))
+        w = resample.resample[1].weight
+        maps.append(RowMap.of(DOWN2.with_cost(w.numel() * scale * frames // 2, (w.shape[0] + w.shape[1]) * scale * frames)))
         scale //= 2
         frames //= 2 if resample.mode == "downsample3d" else 1
 
