@@ -190,7 +190,19 @@ class CostModel:
     @cached_property
     def block_order(self) -> tuple[str, ...]:
         """Blocks in execution order (first use)."""
-        return tuple(dict.fromkeys(u.block for u in self.units))
+        return tuple(dict.fromkeys(self.unit_blocks))
+
+    @cached_property
+    def unit_blocks(self) -> tuple[str, ...]:
+        """Each unit's streaming block: the longest ``block_weights`` name that is the unit's name or a dotted
+        prefix of it within its ``block`` (an adapter's finer streaming units, e.g. ``up_blocks.0.resnets.1``),
+        else its ``block``."""
+        out = []
+        for u in self.units:
+            inside = [b for b in self.profile.block_weights if (u.name == b or u.name.startswith(b + "."))
+                      and (b == u.block or b.startswith(u.block + "."))]
+            out.append(max(inside, key=len) if inside else u.block)
+        return tuple(out)
 
     @cached_property
     def streamable(self) -> tuple[str, ...]:
@@ -212,7 +224,7 @@ class CostModel:
         cache = self.__dict__.setdefault("_touched_cache", {})
         key = (start, stop)
         if key not in cache:
-            blocks = frozenset(u.block for u in self.units[start : stop + 1])
+            blocks = frozenset(self.unit_blocks[start : stop + 1])
             order = {b: i for i, b in enumerate(self.block_order)}
             cache[key] = (blocks, max(order[b] for b in blocks))
         return cache[key]
@@ -252,8 +264,8 @@ class CostModel:
         if streamed in cache:
             return cache[streamed]
         first: dict[str, int] = {}
-        for i, u in enumerate(self.units):
-            first.setdefault(u.block, i)
+        for i, b in enumerate(self.unit_blocks):
+            first.setdefault(b, i)
         clock = [0.0]
         for t in self.unit_seconds:
             clock.append(clock[-1] + t)

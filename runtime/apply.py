@@ -622,7 +622,10 @@ def _check_streamed(plan: ComponentPlan, ops: list[Op]) -> None:
     if not plan.streamed:
         return
     blocks = list(dict.fromkeys(block_of(op.name) for op in ops))
-    unknown = [b for b in plan.streamed if b not in blocks]
+    # or a finer streaming block (an adapter's stream_parts): a module path inside a block, around units
+    inner = {b for b in plan.streamed for op in ops
+             if (op.name == b or op.name.startswith(b + ".")) and b.startswith(block_of(op.name) + ".")}
+    unknown = [b for b in plan.streamed if b not in blocks and b not in inner]
     if unknown:
         raise InvalidPlanError(
             f"the plan streams blocks this model does not have: {_names(unknown)} (its blocks: {_names(blocks, 12)})"

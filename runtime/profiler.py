@@ -9,7 +9,8 @@ to the target GPU's fused kernel:
 3. one trace per slice-count target 2^i, running only the first (largest) slice of every unit
    (``first_slice_only``): each unit's per-slice scratch memory at that k.
 
-Trace 2 also records which units read each parameter and buffer: a block (``block_of``) whose
+Trace 2 also records which units read each parameter and buffer: a block (``block_of``, or the finer
+streaming units an adapter declares: ``stream_parts``, :func:`~.streaming.stream_block_of`) whose
 module's weights are read by units of that block alone may be streamed (``block_weights``).
 
 Every allocation sequence is replayed through the caching-allocator model to get overhead
@@ -49,7 +50,7 @@ from .gather import gathered_bytes
 from .memory import MemoryTracker
 from .opcount import OpCounter
 from .program import Program
-from .streaming import WeightReaders
+from .streaming import WeightReaders, adapter_block
 from .streaming import block_of as block_of  # re-exported: per-block tables import it from here
 
 log = logging.getLogger(__name__)
@@ -174,7 +175,8 @@ def profile(
         )
     bar.close()
     first_entry = _first_entry(ops, args, adapter, model, kernel, result)
-    block_weights = readers.block_weights([op.name for op in ops])
+    stream_block = adapter_block(adapter)  # a unit's streaming block (finer where the adapter declares)
+    block_weights = readers.block_weights([op.name for op in ops], stream_block)
     import diffusers
 
     ref = fingerprint(model, name)
@@ -190,7 +192,8 @@ def profile(
         original_peak_bytes=original.peak_bytes,
         original_block_peaks={b: u.peak_bytes for b, u in original.units.items()},
         block_weights=block_weights,
-        block_gathered=_gathered(dict(model.named_modules(remove_duplicate=False)), ops, block_weights, ids_numel, seen),
+        block_gathered=_gathered(dict(model.named_modules(remove_duplicate=False)), ops, block_weights, ids_numel, seen,
+                                 stream_block),
         allocator=AllocatorProfile(
             method="replay of the traced allocation sequences (first slice of every unit) through "
             "vramplan.planner.allocator; k -> needed/allocated",
@@ -203,12 +206,13 @@ def profile(
     )
 
 
-def _gathered(modules, ops, block_weights: dict[str, int], ids_numel: dict[str, int], seen) -> dict[str, int]:
+def _gathered(modules, ops, block_weights: dict[str, int], ids_numel: dict[str, int], seen,
+              stream_block: Callable[[str], str] = block_of) -> dict[str, int]:
     """Per streamable block of a unit that gathers table rows (``Op.gathers``): the device bytes of the
     rows its ids can select at this shape (the distinct ids, at most; see :mod:`.gather`)."""
     out: dict[str, int] = {}
     for op in ops:
-        block = block_of(op.name)
+        block = stream_block(op.name)
         if not op.gathers or block not in block_weights or block not in modules:
             continue
         n = ids_numel.get(op.gathers)

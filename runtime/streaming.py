@@ -1,7 +1,8 @@
 """Weight streaming: blocks whose weights live in (pinned) host memory and are copied in around use.
 
 A plan's ``streamed`` blocks (module paths such as ``down_blocks.1`` or ``decoder.up_blocks.3``, the
-profiler's :func:`block_of` of their units) keep their parameters and buffers in host memory. Through
+profiler's :func:`block_of` of their units, or finer ones an adapter declares, such as
+``up_blocks.0.resnets.1``: :func:`stream_block_of`) keep their parameters and buffers in host memory. Through
 the executor's ``around_segment``, for every segment of a call:
 
 - at its start, every streamed block the segment touches that is not on the device is copied in;
@@ -61,6 +62,35 @@ def block_of(unit: str) -> str:
     return ".".join(parts[:2]) if len(parts) > 1 and parts[0] in ("decoder", "encoder") else parts[0]
 
 
+def stream_block_of(unit: str, parts: Sequence[str] = ()) -> str:
+    """The streaming block of a unit: its :func:`block_of`, or, when the adapter declares finer
+    streaming units (``stream_parts``, e.g. ``("resnets", "attentions", "motion_modules")``), the numbered
+    child of that block the unit lies in: ``up_blocks.1.attentions.0`` for
+    ``up_blocks.1.attentions.0.transformer_blocks.0``. Always a module path that prefixes the unit's name."""
+    block = block_of(unit)
+    if parts and unit.startswith(block + "."):
+        rest = unit[len(block) + 1 :].split(".")
+        if len(rest) >= 2 and rest[0] in parts and rest[1].isdigit():
+            return f"{block}.{rest[0]}.{rest[1]}"
+    return block
+
+
+def adapter_block(adapter) -> Callable[[str], str]:
+    """``unit -> streaming block`` for the units of ``adapter`` (its ``stream_parts``, if it declares any)."""
+    parts = tuple(getattr(adapter, "stream_parts", ()))
+    return (lambda unit: stream_block_of(unit, parts)) if parts else block_of
+
+
+def owning_block(name: str, blocks) -> str | None:
+    """The block of ``blocks`` (module paths) that ``name`` lies in: the longest one that is ``name`` or a
+    dotted prefix of it; None if none is."""
+    best = None
+    for b in blocks:
+        if (name == b or name.startswith(b + ".")) and (best is None or len(b) > len(best)):
+            best = b
+    return best
+
+
 # ---------------------------------------------------------------------------- which blocks may stream
 def _weights(module: torch.nn.Module):
     """(path, tensor) of every parameter and buffer, shared ones under each of their names."""
@@ -88,15 +118,16 @@ class WeightReaders(TorchDispatchMode):
                     self.readers.setdefault(key, set()).add(current_label().split(":", 1)[0])
         return func(*args, **kwargs)
 
-    def block_weights(self, units: Sequence[str]) -> dict[str, int]:
-        """Per block (:func:`block_of` of ``units``) that is a module of the model: the bytes of its
+    def block_weights(self, units: Sequence[str], block: Callable[[str], str] = block_of) -> dict[str, int]:
+        """Per block (``block`` of ``units``: :func:`block_of`, or an adapter's finer
+        :func:`stream_block_of`) that is a module of the model: the bytes of its
         parameters and buffers, when each of them is owned by modules inside the block only and read
         by units of that block only (never by the call's prologue or another block's unit). A tensor
         also registered outside the block (a tied embedding's ``shared.weight``) is owned when it is the
         same Parameter object: swapping its ``.data`` moves it under every name. Blocks without weights
         are left out."""
         modules = dict(self.model.named_modules(remove_duplicate=False))
-        unit_block = {u: block_of(u) for u in units}
+        unit_block = {u: block(u) for u in units}
         owners: dict[int, set[tuple[str, int]]] = {}
         for path, t in _weights(self.model):
             owners.setdefault(id(t.untyped_storage()), set()).add((path, id(t)))
@@ -135,7 +166,7 @@ def streamable_blocks(model: torch.nn.Module, shape, method: str = "forward") ->
             binding = adapter.bind(twin, *args)
             program = binding.program(ops, result)
             execute(program, unit_by_unit(ops), first_slice_only=True)
-        return readers.block_weights([op.name for op in ops])
+        return readers.block_weights([op.name for op in ops], adapter_block(adapter))
     except Exception as err:  # noqa: BLE001 - a model that cannot be copied or traced on meta
         log.warning("could not trace which units read which weights (%s: %s); streamed blocks are not checked",
                     type(err).__name__, err)
@@ -273,7 +304,10 @@ class WeightStreamer:
         self.check_grad()
         self.offload(device)
         copied = set(self.blocks) - self.gathered  # a gathered table's rows are copied by its unit
-        touched = [{block_of(op.name) for op in seg.ops} & copied for seg in segments]
+        # a unit's block: the streamed module its name lies in (its top-level block, or a finer one
+        # an adapter declares, stream_block_of)
+        owner = [[owning_block(op.name, self.blocks) for op in seg.ops] for seg in segments]
+        touched = [set(names) & copied for names in owner]
         index = {id(seg): i for i, seg in enumerate(segments)}
         first: dict[str, int] = {}
         last: dict[str, int] = {}
@@ -281,7 +315,10 @@ class WeightStreamer:
             for name in names:
                 first.setdefault(name, i)
                 last[name] = i
-        order = sorted(first, key=first.__getitem__)
+        # blocks in the order of their first unit (as the planner's block order): a segment may touch
+        # several, and the next one prefetched is the first used after the segment
+        order = [b for b in dict.fromkeys(b for names in owner for b in names) if b in first]
+        rank = {b: n for n, b in enumerate(order)}
         cuda = device.type == "cuda"
         if cuda and self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream(device)
@@ -289,7 +326,7 @@ class WeightStreamer:
         @contextlib.contextmanager
         def around(seg):
             i = index[id(seg)]
-            for name in sorted(touched[i], key=first.__getitem__):
+            for name in sorted(touched[i], key=rank.__getitem__):
                 self._load(self.blocks[name], device, prefetch=False)
             upcoming = next((n for n in order if first[n] > i), None)  # the next streamed block used
             if upcoming is not None and not self.blocks[upcoming].loaded:

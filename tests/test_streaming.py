@@ -15,7 +15,7 @@ from vramplan.planner.schema import Group
 from vramplan.runtime import apply as apply_mod
 from vramplan.runtime import apply_plan, list_units, streaming, uniform_plan
 from vramplan.runtime.memory import MemoryTracker
-from vramplan.runtime.streaming import WeightStreamer, block_of, streamable_blocks
+from vramplan.runtime.streaming import WeightStreamer, streamable_blocks
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -88,14 +88,15 @@ def test_segments_hold_their_blocks_and_the_next_one(case):
     seen = []
     with apply_plan(model, plan) as handle:
         streamer = handle.streamer
-        order = {b: i for i, b in enumerate(dict.fromkeys(block_of(op.name) for op in handle.ops))}
+        block = streaming.adapter_block(apply_mod.adapter_for(model))  # finer where the adapter declares
+        order = {b: i for i, b in enumerate(dict.fromkeys(block(op.name) for op in handle.ops))}
 
         def check(op_name):
             loaded = {b for b, blk in streamer.blocks.items() if blk.loaded}
             seg = next(s for s in handle.segments if any(op.name == op_name for op in s.ops))
             copied = set(blocks) - streamer.gathered  # a gathered table stays on host (its unit copies rows)
-            touched = {block_of(op.name) for op in seg.ops} & copied
-            last = max(order[block_of(op.name)] for op in seg.ops)
+            touched = {block(op.name) for op in seg.ops} & copied
+            last = max(order[block(op.name)] for op in seg.ops)
             later = [b for b in copied if order[b] > last]
             nxt = {min(later, key=order.__getitem__)} if later else set()
             seen.append(op_name)

@@ -31,6 +31,10 @@ class AnimateDiffUNetAdapter:
     model_classes = ("UNetMotionModel",)
     method = "forward"
     component = "unet"
+    # Streaming units finer than a top-level block (runtime.streaming.stream_block_of): each res block,
+    # spatial transformer, motion module and resampler streams on its own, so the floor is not a whole
+    # up block plus the next one (up_blocks.0 + up_blocks.1: 1.19 GiB at fp16).
+    stream_parts = ("resnets", "attentions", "motion_modules", "upsamplers", "downsamplers")
 
     # ------------------------------------------------------------------ program structure
     def ops(self, unet) -> tuple[list[Op], str]:

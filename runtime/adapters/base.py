@@ -52,6 +52,11 @@ class Adapter(Protocol):
     def example_inputs(self, model: torch.nn.Module, shape, device="cpu", seed: int = 0) -> tuple:
         """Forward arguments of a plan ``shape``: random on real devices, empty on meta."""
 
+    # Optional: ``stream_parts`` (e.g. ``("resnets", "motion_modules")``): numbered children of a top-level
+    # block that stream as blocks of their own (finer than the block: less weight on the GPU at once).
+    # A unit's streaming block is then :func:`~vramplan.runtime.streaming.stream_block_of` of its name; the
+    # profiler lists those in ``block_weights`` and the planner and streamer follow the names.
+
 
 def example_maker(model: torch.nn.Module, device="cpu", seed: int = 0):
     """``make(*size)``: random tensors in the model's dtype on a real device, empty ones on meta."""
