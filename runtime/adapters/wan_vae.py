@@ -182,11 +182,43 @@ class _Rows:
         return t.narrow(-2, lo - start, hi - lo), lo
 
 
+def _up_block(block, walk: _Rows, h: torch.Tensor, have: int, point: int, cache: list, idx: list, first: bool):
+    """One up block on a slab (the stock block's forward, cropped after every convolution): the output,
+    its first row and the next crop point."""
+    block_in, block_have = h, have
+    for res in block.resnets:
+        res_in, res_have = h, have
+        h = _cached_conv(res.conv1, res.nonlinearity(res.norm1(h)), cache, idx)
+        h, have = walk.crop(h, point, have)
+        h = res.dropout(res.nonlinearity(res.norm2(h)))
+        h = _cached_conv(res.conv2, h, cache, idx)
+        h, have = walk.crop(h, point + 1, have)
+        point += 2
+        shortcut = res.conv_shortcut(res_in)
+        h = h + shortcut.narrow(-2, have - res_have, h.shape[-2])
+        del res_in, shortcut
+    up = _upsampler(block)
+    if up is not None:
+        h = up(h, feat_cache=cache, feat_idx=idx)
+        h, have = walk.crop(h, point, have)
+        point += 1
+    if getattr(block, "avg_shortcut", None) is not None:  # Wan 2.2: DupUp3D of the block's input
+        # only the input rows under the output rows kept: DupUp3D copies its input 8-fold (twice)
+        f = block.avg_shortcut.factor_s
+        lo, hi = have // f, -(-(have + h.shape[-2]) // f)
+        shortcut = block.avg_shortcut(block_in.narrow(-2, lo - block_have, hi - lo), first_chunk=first)
+        h = h + shortcut.narrow(-2, have - f * lo, h.shape[-2])
+        del shortcut
+    return h, have, point
+
+
 def _up_slab(vae, stages: list[RowMap], ctx: SliceCtx, x: torch.Tensor) -> torch.Tensor:
     """Output rows ``[ctx.start, ctx.stop)`` of every frame from a slab of the mid block's output:
     latent frames in order through the up blocks (the stock modules, and their forwards' own code
     between them), with this slab's own feature cache, cropped after every convolution to the rows
-    the rest needs."""
+    the rest needs. The blocks after the last temporal upsampler (and the head) take the frames it
+    makes one at a time: a causal conv with its cache gives the same frames from one frame as from a
+    chunk, and the high-resolution part then holds one frame's activations, not four."""
     from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, unpatchify
 
     dec = vae.decoder
@@ -199,46 +231,35 @@ def _up_slab(vae, stages: list[RowMap], ctx: SliceCtx, x: torch.Tensor) -> torch
     cuda = device.type == "cuda" and x.is_pinned()
     cache: list = [None] * (1 + sum(isinstance(m, WanCausalConv3d) for m in dec.up_blocks.modules()))
     later = 2 ** sum(getattr(m, "mode", None) == "upsample3d" for m in dec.up_blocks.modules())
+    blocks = list(dec.up_blocks)
+    split = 1 + max([i for i, blk in enumerate(blocks) if getattr(_upsampler(blk), "mode", "") == "upsample3d"],
+                    default=-1)
     out = None
     frame = 0
     for f in range(t):
         idx = [0]
         # the mid block's output may be in host memory: one latent frame of the slab on the device at a time
         h, have, point = x[:, :, f : f + 1].to(device, copy=True, non_blocking=cuda), a0, 0
-        for block in dec.up_blocks:
-            block_in, block_have = h, have
-            for res in block.resnets:
-                res_in, res_have = h, have
-                h = _cached_conv(res.conv1, res.nonlinearity(res.norm1(h)), cache, idx)
-                h, have = walk.crop(h, point, have)
-                point += 1
-                h = res.dropout(res.nonlinearity(res.norm2(h)))
-                h = _cached_conv(res.conv2, h, cache, idx)
-                h, have = walk.crop(h, point, have)
-                point += 1
-                shortcut = res.conv_shortcut(res_in)
-                h = h + shortcut.narrow(-2, have - res_have, h.shape[-2])
-                del res_in, shortcut
-            up = _upsampler(block)
-            if up is not None:
-                h = up(h, feat_cache=cache, feat_idx=idx)
-                h, have = walk.crop(h, point, have)
-                point += 1
-            if getattr(block, "avg_shortcut", None) is not None:  # Wan 2.2: DupUp3D of the block's input
-                shortcut = block.avg_shortcut(block_in, first_chunk=f == 0)
-                h = h + shortcut.narrow(-2, have - 2 * block_have, h.shape[-2])
-                del shortcut
-            del block_in
-        h = _cached_conv(dec.conv_out, dec.nonlinearity(dec.norm_out(h)), cache, idx)
-        if vae.config.patch_size is not None:
-            h = unpatchify(h, patch_size=vae.config.patch_size)
-        h, have = walk.crop(h, point, have)
-        h = torch.clamp(h, min=-1.0, max=1.0)
-        if out is None:
-            out = h.new_empty(b, h.shape[1], h.shape[2] + later * (t - 1), h.shape[-2], h.shape[-1])
-        out[:, :, frame : frame + h.shape[2]] = h
-        frame += h.shape[2]
+        for block in blocks[:split]:
+            h, have, point = _up_block(block, walk, h, have, point, cache, idx, f == 0)
+        chunk, chunk_have, chunk_point, chunk_idx = h, have, point, idx[0]
         del h
+        for v in range(chunk.shape[2]):
+            idx[0] = chunk_idx
+            h, have, point = chunk[:, :, v : v + 1], chunk_have, chunk_point
+            for block in blocks[split:]:
+                h, have, point = _up_block(block, walk, h, have, point, cache, idx, f == 0)
+            h = _cached_conv(dec.conv_out, dec.nonlinearity(dec.norm_out(h)), cache, idx)
+            if vae.config.patch_size is not None:
+                h = unpatchify(h, patch_size=vae.config.patch_size)
+            h, have = walk.crop(h, point, have)
+            h = torch.clamp(h, min=-1.0, max=1.0)
+            if out is None:
+                out = h.new_empty(b, h.shape[1], 1 + later * (t - 1), h.shape[-2], h.shape[-1])
+            out[:, :, frame : frame + 1] = h
+            frame += 1
+            del h
+        del chunk
     if frame != out.shape[2]:
         raise RuntimeError(f"Wan up blocks made {frame} frames, expected {out.shape[2]}")
     return out
