@@ -5,6 +5,7 @@
 from . import (  # noqa: F401
     animatediff_pipeline,
     animatediff_unet,
+    clip_vision,
     sd_vae,
     svd_pipeline,
     svd_unet,
