@@ -228,16 +228,18 @@ class Bench:
                             predicted=c.psnr, keys=list(c.keys), cut=c.cut)
 
     def validation(self, per_cut: int = 3, counts=(4, 7, 10)) -> list[Point]:
-        """The predictor against measured PSNR over schedules of every kind: the ``per_cut`` calibrated cuts
-        with the most skipped work among those that the search finds useful (on its frontier), plus CFG
-        reuse alone, each at ``counts`` key steps: uniform, greedy, optimal (the predictor's own) and random."""
+        """The predictor against measured PSNR over schedules of every kind: the cheapest ``per_cut - 1``
+        cuts on the search's frontier, the cheapest residual cut without CFG reuse on it, and CFG reuse
+        alone, each at ``counts`` key steps: uniform, greedy, optimal (the predictor's own) and random."""
         import random
 
         from vramplan.planner import rehash as R
+        from vramplan.planner.rehash import cfg_split
         from vramplan.planner.rehash_search import Candidate, frontier, optimal_by_count
 
         on_front = list(dict.fromkeys(c.cut for c in frontier(self.cands)))
-        cuts = list(dict.fromkeys([*on_front[:per_cut], *(["cfg"] if "cfg" in self.reuse else [])]))
+        plain = [c for c in on_front if not cfg_split(c)[0]] or [c for c in self.reuse if not cfg_split(c)[0]]
+        cuts = list(dict.fromkeys([*on_front[:per_cut - 1], *plain[:1], *(["cfg"] if "cfg" in self.reuse else [])]))
         rng, out = random.Random(0), []
         for cut in cuts:
             dp = optimal_by_count(self.model, cut, max(counts))
