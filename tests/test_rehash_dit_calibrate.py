@@ -7,6 +7,7 @@ import pytest
 import torch
 from test_rehash_residual_runtime import _call, _pipe, _plan
 from vramplan.planner.rehash import CalibrationMismatchError, SchedulerOrderError, residual_cut
+from vramplan.planner.rehash_search import QualityFloorError
 from vramplan.planner.schema import RehashPlan
 from vramplan.runtime.calibrate import calibrate
 from vramplan.runtime.rehash import apply_rehash, with_rehash
@@ -90,6 +91,10 @@ def test_the_calibration_plans_a_dit_schedule_and_refuses_another_shape(wan, cal
         with_rehash(plan, wan.transformer, mode="optimal", steps=4, keys=2, calibration=other)
     with pytest.raises(CalibrationMismatchError, match="made for 4 steps"):
         with_rehash(plan, wan.transformer, mode="optimal", steps=5, keys=2, calibration=cal)
+    with pytest.raises(QualityFloorError, match=r"the best reachable is [0-9.]+ dB"):
+        with_rehash(plan, wan.transformer, mode="optimal", steps=4, calibration=cal, min_psnr=400)
+    fewest = with_rehash(plan, wan.transformer, mode="optimal", steps=4, calibration=cal, min_psnr=1).rehash
+    assert fewest.predicted_psnr >= 1 and fewest.unet_flops <= r.unet_flops
 
 
 def test_a_second_order_scheduler_is_refused_for_a_dit():
