@@ -104,6 +104,39 @@ class SegmentCost:
     recompute: tuple[int, ...] = ()  # statistics units whose input is recomputed in a pre-pass
 
 
+class Shared:
+    """What a cost model computes that does not depend on the GPU, shared by every cost model of the same
+    profile and allocator in this process (a fleet plans one profile on many GPU types): the rulebook per
+    placement, each segment's memory and the recipe of its seconds (which units' roofline times and
+    launches, which bytes over memory and the host link, in the order they are added), and floors and
+    minimax peaks of placements. A GPU's seconds replay the recipe with its rates: the same floating-point
+    operations in the same order as computing them afresh, so the numbers are identical."""
+
+    def __init__(self):
+        self.rules_cache: dict[frozenset[str], ProgramRules] = {}
+        self.relevant: dict[tuple[int, int], frozenset[str]] = {}
+        self.touched: dict[tuple[int, int], tuple[frozenset[str], int]] = {}
+        self.memory: dict[tuple, tuple] = {}  # (segment, relevant placement) -> memory and seconds recipe
+        self.tables: dict[tuple, object] = {}  # memory tables and minimax peaks (planner.solve)
+
+
+_SHARED: dict[tuple[str, str], Shared] = {}
+SHARED_KEPT = 16  # profiles (x allocator) whose GPU-independent costs this process keeps
+
+
+def shared_for(profile: ModelProfile, allocator: str) -> Shared:
+    """The :class:`Shared` store of ``profile`` (by content) and ``allocator`` in this process."""
+    key = (profile.model_dump_json(), allocator)
+    found = _SHARED.get(key)
+    if found is None:
+        if len(_SHARED) >= SHARED_KEPT:
+            _SHARED.pop(next(iter(_SHARED)))
+        found = _SHARED[key] = Shared()
+    else:  # most recently used last: evicted last
+        _SHARED[key] = _SHARED.pop(key)
+    return found
+
+
 class CostModel:
     """Segment costs for one profile on one GPU, with the GPU's latency constants (its fitted
     ``GpuProfile.latency``, else the module defaults).
@@ -127,6 +160,7 @@ class CostModel:
         self.launch_seconds = constants.launch_seconds
         self.link_bytes_per_s = gpu.pcie_gbps * 1e9 * constants.link_efficiency * (1.0 if pinned else PAGEABLE_FRACTION)
         self.size = {u.name: u.output_bytes for u in self.units}
+        self.shared = shared_for(profile, allocator)
 
     # -- static structure ----------------------------------------------------------------------
     @cached_property
@@ -137,7 +171,7 @@ class CostModel:
         """The rulebook with ``host`` placed in host memory (memoised per placement)."""
         if not host:
             return self.rules
-        cache = self.__dict__.setdefault("_rules_cache", {})
+        cache = self.shared.rules_cache
         if host not in cache:
             if len(cache) > 512:
                 cache.clear()
@@ -179,7 +213,7 @@ class CostModel:
 
     def relevant(self, seg: Segment) -> frozenset[str]:
         """Values whose placement can change ``seg``'s cost: alive at its start, or made in it."""
-        cache = self.__dict__.setdefault("_relevant_cache", {})
+        cache = self.shared.relevant
         key = (seg.start, seg.stop)
         if key not in cache:
             cache[key] = frozenset(self.rules.made_before(seg.start)) | frozenset(
@@ -221,7 +255,7 @@ class CostModel:
         return sum(self.profile.block_weights.get(b, 0) for b in streamed)
 
     def _touched(self, start: int, stop: int) -> tuple[frozenset[str], int]:
-        cache = self.__dict__.setdefault("_touched_cache", {})
+        cache = self.shared.touched
         key = (start, stop)
         if key not in cache:
             blocks = frozenset(self.unit_blocks[start : stop + 1])
@@ -307,19 +341,84 @@ class CostModel:
         return replace(found, activation_bytes=found.activation_bytes + extra, needed_bytes=found.needed_bytes + extra,
                        streamed_bytes=extra)
 
+    def needed(self, seg: Segment, host: frozenset[str] = EMPTY) -> int:
+        """``cost(seg, host).needed_bytes`` (nothing streamed) without pricing its seconds on this GPU:
+        memory is the same on every GPU (:class:`Shared`)."""
+        rel = host & self.relevant(seg) if host else EMPTY
+        first = self.units[seg.start]
+        if first.axis == "rows" and seg.k > 1 and self.units[seg.stop].axis_length > 1:
+            found = self.shared.memory.get(("rows", seg, rel))
+            return found[0].needed_bytes if found is not None else self.cost(seg, rel).needed_bytes
+        key = (seg, rel)
+        found = self.shared.memory.get(key)
+        if found is None:
+            found = self.shared.memory[key] = self._memory(seg, rel)
+        return found[4]
+
     def _cost(self, seg: Segment, host: frozenset[str] = EMPTY) -> SegmentCost:
+        first = self.units[seg.start]
+        if first.axis == "rows" and seg.k > 1 and self.units[seg.stop].axis_length > 1:  # slabs with halos
+            return self._rows_cost(seg, host)
+        key = (seg, host)
+        found = self.shared.memory.get(key)
+        if found is None:
+            found = self.shared.memory[key] = self._memory(seg, host)
+        act, live, transient, j, needed, recompute, terms, link = found
+        seconds, transfer = self._replay(terms, link)
+        return SegmentCost(act, live, transient, j, needed, seconds, 0, transfer, recompute)
+
+    def _rows_cost(self, seg: Segment, host: frozenset[str]) -> SegmentCost:
+        """A rows group's cost (:mod:`.rows_cost`): its memory and slabs computed once per profile
+        (:class:`Shared`), its seconds on this GPU from the same slabs by the same code."""
+        from . import rows_cost as rc
+
+        rules = self.rules_for(host)
+        seg_rules = rules.segment(seg.start, seg.stop)
+        key = ("rows", seg, host)
+        found = self.shared.memory.get(key)
+        if found is None:
+            cost = rc.rows_cost(self, seg, seg_rules, self._entry(seg, host, rules), host)
+            self.shared.memory[key] = (cost, self._slabs(seg))
+            return cost
+        cost, slices = found
+        units = self.units[seg.start : seg.stop + 1]
+        maps = rc._maps(self)[seg.start : seg.stop + 1]
+        lens = [u.output_shape[-2] or 1 for u in units]
+
+        def made_rows(i: int, sl) -> int:  # as rows_cost's
+            a, b = sl.slab[i]
+            return maps[i].out_len(b - a) if b > a else 0
+
+        seconds, transfer, _ = rc._seconds(self, seg, seg_rules, slices, units, lens, made_rows)
+        return replace(cost, seconds=seconds, transfer_s=transfer)
+
+    def _slabs(self, seg: Segment) -> list:
+        """The slabs :func:`.rows_cost.rows_cost` prices a rows group on (:func:`.rows.plan_segment`)."""
+        from .rows import plan_segment
+        from .rows_cost import _maps, in_rows
+
+        units = self.units[seg.start : seg.stop + 1]
+        pos = {u.name: i for i, u in enumerate(units)}
+        first = [pos.get(u.inputs[0]) for u in units]
+        in_lens = [in_rows(self, seg.start + i) for i in range(len(units))]
+        readers = [[r for r in range(i + 1, len(units)) if u.name in units[r].inputs] for i, u in enumerate(units)]
+        return plan_segment(_maps(self)[seg.start : seg.stop + 1], readers, first, in_lens, seg.k)
+
+    def _entry(self, seg: Segment, host: frozenset[str], rules: ProgramRules) -> int:
+        size = self.size
+        return self.live_in[seg.start] - sum(
+            size[v] for v in host if self.producer[v] < seg.start and rules.alive(v, seg.start)
+        )
+
+    def _memory(self, seg: Segment, host: frozenset[str]) -> tuple:
+        """``(activation, live, transient, peak unit, needed, recompute, seconds recipe, link bytes)`` of a
+        segment that is not a rows group: nothing in it depends on the GPU (:class:`Shared`)."""
         units = self.units[seg.start : seg.stop + 1]
         rules = self.rules_for(host)
         seg_rules = rules.segment(seg.start, seg.stop)
         size = self.size
-        entry = self.live_in[seg.start] - sum(
-            size[v] for v in host if self.producer[v] < seg.start and rules.alive(v, seg.start)
-        )
+        entry = self._entry(seg, host, rules)
         first = units[0]
-        if first.axis == "rows" and seg.k > 1 and units[-1].axis_length > 1:  # slabs with halos
-            from .rows_cost import rows_cost
-
-            return rows_cost(self, seg, seg_rules, entry, host)
         slices = min(seg.k, first.axis_length) if first.axis else 1
         if slices <= 1:
             scratch = first.scratch[seg.k]
@@ -377,10 +476,10 @@ class CostModel:
         return self.units[self.producer[name]].output_shape == self.units[j].output_shape
 
     def _finish(self, act: int, live: int, transient: int, j: int, seg: Segment, slices: int,
-                seg_rules: SegmentRules) -> SegmentCost:
+                seg_rules: SegmentRules) -> tuple:
         factor = self.allocator_factor(seg.k)
-        seconds, transfer, recompute = self._seconds(seg, slices, seg_rules)
-        return SegmentCost(act, live, transient, j, int(act * factor), seconds, 0, transfer, recompute)
+        terms, link, recompute = self._recipe(seg, slices, seg_rules)
+        return act, live, transient, j, int(act * factor), recompute, terms, link
 
     def allocator_factor(self, k: int) -> float:
         if self.allocator == "none":
@@ -397,33 +496,52 @@ class CostModel:
         return self._seconds(seg, slices, self.rules.segment(seg.start, seg.stop))[0]
 
     def _seconds(self, seg: Segment, slices: int, rules: SegmentRules) -> tuple[float, float, tuple[int, ...]]:
-        total = 0.0
+        terms, link, recompute = self._recipe(seg, slices, rules)
+        return (*self._replay(terms, link), recompute)
+
+    def _recipe(self, seg: Segment, slices: int, rules: SegmentRules) -> tuple[tuple, float, tuple[int, ...]]:
+        """A segment's seconds as GPU-independent terms, in the order they add up: ``(unit, slices x
+        kernels, depth)`` for a unit's roofline time and launches, ``(bytes,)`` for memory traffic; and
+        the bytes over the host link (:meth:`_replay` prices them on this GPU)."""
+        terms = []
         link = 0.0  # bytes over the host link
         recompute = []
         size = self.size
         for i in range(seg.start, seg.stop + 1):
             unit = self.units[i]
-            total += self._unit_time(i, slices, seg.depth)
+            terms.append((i, slices * unit.kernels, seg.depth))
             staged = rules.staged(i)
             link += sum(size[v] * (slices if rules.program.reads_whole(i, v) else 1)
                         for v in staged)  # each reading unit stages its own slices (a whole value per slice)
             if slices > 1:
                 if rules.escapes(i):
-                    total += 2 * unit.output_bytes / self.bytes_per_s  # writing slices into the buffer
+                    terms.append((2 * unit.output_bytes,))  # writing slices into the buffer
                 if unit.needs_input_stats:
-                    total += 3 * self._input_bytes(unit) / self.bytes_per_s  # statistics pass
+                    terms.append((3 * self._input_bytes(unit),))  # statistics pass
                     cone = rules.cone(i) if i > seg.start else []
                     if cone:  # the units making its input run once more, slice by slice
                         recompute.append(i)
                         for c in cone:
-                            total += self._unit_time(c, slices, seg.depth)
+                            terms.append((c, slices * self.units[c].kernels, seg.depth))
                             link += sum(size[v] for v in rules.staged(c))
                     elif unit.inputs and unit.inputs[0] in staged:
                         link += size[unit.inputs[0]]  # the statistics pass stages it once more
             if rules.on_host(i):
                 link += unit.output_bytes  # written to host memory once
+        return tuple(terms), link, tuple(recompute)
+
+    def _replay(self, terms: tuple, link: float) -> tuple[float, float]:
+        """(seconds, host-link seconds) of a recipe on this GPU: the roofline and launch time of each unit
+        term (as :meth:`_unit_time`), memory traffic at the bandwidth, the host link not overlapped."""
+        total = 0.0
+        unit_seconds, launch, bandwidth = self.unit_seconds, self.launch_seconds, self.bytes_per_s
+        for t in terms:
+            if len(t) == 3:
+                total += unit_seconds[t[0]] + t[1] * launch / t[2]
+            else:
+                total += t[0] / bandwidth
         transfer = link / self.link_bytes_per_s
-        return total + transfer, transfer, tuple(recompute)
+        return total + transfer, transfer
 
     def _unit_time(self, i: int, slices: int, depth: int) -> float:
         unit = self.units[i]

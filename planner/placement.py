@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from .costs import EMPTY, CostModel, Segment, SegmentCost
 from .errors import InfeasibleError
 from .fmt import human_bytes
-from .solve import Solution, _cbc_available, _present_bytes, minimax, solve
+from .solve import Solution, _cbc_available, _present_bytes, memory_minimax, solve
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def floor(model: CostModel, max_group: int = 8) -> Floor:
     if key in model.__dict__:
         return model.__dict__[key]
     host, streamed = _everything(model)
-    peak, seg, _ = minimax(model.n, _memory_candidates(model, max_group), _adjusted(model, host, streamed))
+    peak, seg, _ = memory_minimax(model, host, streamed, max_group)
     cost = model.cost(seg, host, streamed)
     resident = model.profile.weight_bytes - model.streamed_weight_bytes(streamed)
     found = Floor(peak, model.units[cost.peak_unit].name, seg, cost, host, streamed, resident,
@@ -126,9 +126,8 @@ def trajectory(model: CostModel, max_group: int = 8) -> list[tuple[frozenset[str
     key = ("_trajectory", max_group)
     if key in model.__dict__:
         return model.__dict__[key]
-    candidates = _memory_candidates(model, max_group)
     host, streamed = EMPTY, EMPTY
-    peak, worst, _ = minimax(model.n, candidates, _adjusted(model, host, streamed))
+    peak, worst, _ = memory_minimax(model, host, streamed, max_group)
     states = [(host, streamed, peak)]
     bottom = floor(model, max_group).needed_bytes
     placeable = set(model.placeable)
@@ -158,7 +157,7 @@ def trajectory(model: CostModel, max_group: int = 8) -> list[tuple[frozenset[str
             host = host | name
         else:
             streamed = streamed | {name}
-        peak, worst, _ = minimax(model.n, candidates, _adjusted(model, host, streamed))
+        peak, worst, _ = memory_minimax(model, host, streamed, max_group)
         states.append((host, streamed, peak))
     if peak > bottom:
         states.append((*_everything(model), bottom))
@@ -270,12 +269,11 @@ def _forced_trajectory(model: CostModel, max_group: int, forced: frozenset[str])
     cache = model.__dict__.setdefault("_forced_trajectories", {})
     key = (forced, max_group)
     if key not in cache:
-        candidates = _memory_candidates(model, max_group)
         states = []
         for host, streamed, peak in trajectory(model, max_group):
             if forced - streamed:
                 streamed = streamed | forced
-                peak = minimax(model.n, candidates, _adjusted(model, host, streamed))[0]
+                peak = memory_minimax(model, host, streamed, max_group)[0]
             states.append((host, streamed, peak))
         cache[key] = states
     return cache[key]

@@ -140,7 +140,6 @@ def table(model: CostModel, host: frozenset[str] = EMPTY, streamed: frozenset[st
 
 
 HOST_TABLES_KEPT = 64
-NEAR = 2  # a placement's table is derived from a kept one that differs by at most this many values
 
 
 def _spans(model: CostModel, max_group: int, segs) -> tuple[list[tuple[int, int]], list[int]]:
@@ -155,11 +154,25 @@ def _spans(model: CostModel, max_group: int, segs) -> tuple[list[tuple[int, int]
     return found
 
 
+def _nearest(tables, host: frozenset[str]):
+    """``(table, differing values)`` of the kept ``(placement, table)`` closest to ``host`` (the latest of
+    equals), or None when none is kept. Deriving from any kept table is exact: a segment's cost depends
+    only on the placed values relevant to it; the closest re-costs the fewest segments."""
+    best = None
+    for h, table_ in tables:
+        diff = h ^ host
+        if best is None or len(diff) <= len(best[1]):
+            best = (table_, diff)
+            if not diff:
+                break
+    return best
+
+
 def _host_table(model: CostModel, host: frozenset[str], max_group: int, segs) -> tuple[list[int], list[float]]:
     """Needed bytes and seconds of every candidate with ``host`` placed (nothing streamed), memoised.
 
-    A segment's cost depends only on the placed values relevant to its span, so a placement close to
-    a kept one (the pruning drops one value at a time) copies the kept entries of every segment whose
+    A segment's cost depends only on the placed values relevant to its span, so a placement's table is
+    derived from the kept one of the closest placement (:func:`_nearest`): it copies the entries of every segment whose
     span none of the differing values touches and costs only the others: the same numbers as
     costing every segment, without looking each one up."""
     cache = model.__dict__.setdefault("_host_tables", {})
@@ -167,11 +180,9 @@ def _host_table(model: CostModel, host: frozenset[str], max_group: int, segs) ->
     found = cache.get(key)
     if found is not None:
         return found
-    parent = None
-    for (h, g), table_ in reversed(cache.items()):
-        if g == max_group and len(h ^ host) <= NEAR:
-            parent, diff = table_, h ^ host
-            break
+    parent = _nearest(((h, t) for (h, g), t in cache.items() if g == max_group), host)
+    if parent is not None:
+        parent, diff = parent
     if parent is None:
         base = [model.cost(s, host) for s in segs]  # memoised per (segment, placement relevant to it)
         found = ([c.needed_bytes for c in base], [c.seconds for c in base])
@@ -191,6 +202,107 @@ def _host_table(model: CostModel, host: frozenset[str], max_group: int, segs) ->
 
 
 TABLES_KEPT = 96  # placements whose tables a cost model keeps (~200 KB each for ~3000 candidates)
+
+
+MEMORY_TABLES_KEPT = 128  # placements whose needed-bytes tables a profile's Shared store keeps
+
+
+def _memory_order(model: CostModel, max_group: int) -> list[int]:
+    """Indices of the memory candidates (waves of one slice) in ``model.segments(max_group)``, by start
+    (a stable sort: the order :func:`minimax` visits them)."""
+    key = ("_memory_order", max_group)
+    order = model.__dict__.get(key)
+    if order is None:
+        segs = model.segments(max_group)
+        order = model.__dict__[key] = sorted((i for i, s in enumerate(segs) if s.depth == 1),
+                                             key=lambda i: segs[i].start)
+    return order
+
+
+def memory_table(model: CostModel, host: frozenset[str] = EMPTY, max_group: int = 8) -> list[int]:
+    """Needed bytes (nothing streamed) of the memory candidates (:func:`_memory_order`; 0 at the other
+    indices of ``model.segments(max_group)``) with ``host`` placed: the same on every GPU, so kept in the
+    profile's :class:`~.costs.Shared` store and derived, like :func:`_host_table`, from the kept table of the
+    closest placement (only segments whose span the differing values touch are looked up)."""
+    cache = model.shared.tables
+    cut = getattr(model, "cut", None)  # a rehash cut's cost model has fewer candidates
+    key = ("needed", host, max_group, cut)
+    found = cache.get(key)
+    if found is not None:
+        return found
+    segs = model.segments(max_group)
+    order = _memory_order(model, max_group)
+    parent = _nearest(((k[1], t) for k, t in cache.items()
+                       if k[0] == "needed" and k[2] == max_group and k[3] == cut), host)
+    if parent is not None:
+        parent, diff = parent
+    if parent is None:
+        found = [0] * len(segs)
+        for i in order:
+            found[i] = model.needed(segs[i], host)
+    else:
+        spans, of = _spans(model, max_group, segs)
+        touched = [not diff.isdisjoint(model.relevant(Segment(a, b, 1))) for a, b in spans]
+        found = list(parent)
+        for i in order:
+            if touched[of[i]]:
+                found[i] = model.needed(segs[i], host)
+    tables = [k for k in cache if k[0] == "needed"]
+    if len(tables) >= MEMORY_TABLES_KEPT:
+        cache.pop(tables[0])
+    cache[key] = found
+    return found
+
+
+def memory_minimax(model: CostModel, host: frozenset[str] = EMPTY, streamed: frozenset[str] = EMPTY,
+                   max_group: int = 8) -> tuple[int, Segment, list[Segment]] | None:
+    """:func:`minimax` over the memory candidates (waves of one slice) of ``needed - streamed credit``
+    with ``host`` placed and ``streamed`` blocks streamed: the smallest reachable peak of a placement,
+    what :func:`.placement.trajectory` and :func:`.placement.floor` walk. The same value, segment and
+    path as ``minimax`` with a per-segment function (same order, same comparisons), from tables, and
+    kept per placement in the profile's :class:`~.costs.Shared` store (the same on every GPU)."""
+    cache = model.shared.tables
+    cut = getattr(model, "cut", None)
+    key = ("minimax", host, streamed, max_group, cut)
+    if key in cache:
+        return cache[key]
+    segs = model.segments(max_group)
+    needed = memory_table(model, host, max_group)
+    credit = model.streamed_weight_bytes(streamed)
+    spans, of = _spans(model, max_group, segs)
+    if streamed:
+        present = _present_bytes(model, streamed)
+        extra = [present(a, b) - credit for a, b in spans]
+    else:
+        extra = [-credit] * len(spans)
+    order = _memory_order(model, max_group)
+    n = model.n
+    best: list[tuple | None] = [None] * (n + 1)  # (peak, index of the worst, index of the last)
+    best[0] = (-(2**62), -1, -1)
+    for i in order:
+        s = segs[i]
+        here = best[s.start]
+        if here is None:
+            continue
+        v = needed[i] + extra[of[i]]
+        peak, worst = (v, i) if v >= here[0] else (here[0], here[1])
+        end = best[s.stop + 1]
+        if end is None or peak < end[0]:
+            best[s.stop + 1] = (peak, worst, i)
+    if best[n] is None:
+        found = None
+    else:
+        path, j = [], n
+        while j > 0:
+            seg = segs[best[j][2]]
+            path.append(seg)
+            j = seg.start
+        found = (best[n][0], segs[best[n][1]], path[::-1])
+    minimaxes = [k for k in cache if k[0] == "minimax"]
+    if len(minimaxes) >= 4 * MEMORY_TABLES_KEPT:
+        cache.pop(minimaxes[0])
+    cache[key] = found
+    return found
 
 
 def _present_bytes(model: CostModel, streamed: frozenset[str]):
