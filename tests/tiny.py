@@ -198,6 +198,28 @@ def _wan_vae_case() -> Case:
     return Case(vae, inputs, lambda m, a, kw: m.decode(*a, **kw).sample, "post_quant_conv")
 
 
+TINY_CLIP_VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
+                        image_size=28, patch_size=7, projection_dim=12)
+
+
+def _clip_vision_case(projection: bool) -> Callable[[], Case]:
+    def make() -> Case:
+        from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
+
+        torch.manual_seed(0)
+        cls = CLIPVisionModelWithProjection if projection else CLIPVisionModel
+        model = cls(CLIPVisionConfig(**TINY_CLIP_VISION)).eval()
+
+        def inputs(batch, frames, h, w, seed=1):  # h x (w + frames) patches of 7 pixels (positions interpolated)
+            x = torch.randn(batch, 3, 7 * h, 7 * (w + frames), generator=torch.Generator().manual_seed(seed))
+            return (x,), {"interpolate_pos_encoding": True}, _shape(batch, 1, 7 * h, 7 * (w + frames))
+
+        prefix = "vision_model." if projection else ""
+        return Case(model, inputs, lambda m, a, kw: m(*a, **kw).last_hidden_state, f"{prefix}encoder")
+
+    return make
+
+
 CASES: dict[str, Callable[[], Case]] = {
     "UNetSpatioTemporalConditionModel": _svd_unet_case,
     "AutoencoderKLTemporalDecoder": _svd_vae_case,
@@ -206,6 +228,8 @@ CASES: dict[str, Callable[[], Case]] = {
     "WanTransformer3DModel": _wan_case,
     "AutoencoderKLWan": _wan_vae_case,
     "UMT5EncoderModel": _umt5_case,
+    "CLIPVisionModel": _clip_vision_case(False),
+    "CLIPVisionModelWithProjection": _clip_vision_case(True),
 }
 
 

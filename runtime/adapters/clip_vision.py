@@ -4,11 +4,12 @@ ViT-H/14, 1.2 GiB in bf16; ``CLIPVisionModelWithProjection``: SVD's).
 An image is 257 tokens, so nothing here is sliced: as for the text encoder, the point of the unit
 program is that every transformer layer is a block of its own whose weights the planner may stream
 (prefetched one layer ahead). Units: ``embeddings`` (patch + class + position embeddings and the
-pre-layernorm), ``encoder.layers.N`` (``CLIPEncoderLayer``, as ``CLIPEncoder`` calls them), ``pooled``
-(post-layernorm of the class token, and the visual projection for ``...WithProjection``), ``outputs``
-(what the call returns, packed into one value: the pooled output and every hidden state — returned when
-``output_hidden_states`` is asked for, as Wan's pipeline does to read the penultimate one).
-``CLIPVisionModelWithProjection`` prefixes each name with ``vision_model.``.
+pre-layernorm), ``encoder.layers.N`` (``CLIPEncoderLayer``, as ``CLIPEncoder`` calls them), ``outputs``
+(every hidden state stacked into one value: returned when ``output_hidden_states`` is asked for, as Wan's
+pipeline does to read the penultimate one). The pooled output (post-layernorm of the class token, and the
+visual projection for ``...WithProjection``) is the stock epilogue's, from the last hidden state.
+``CLIPVisionModelWithProjection`` prefixes the module names with ``vision_model.``; ``outputs`` is not a
+module and keeps its name (a block of its own, after the layers).
 """
 
 from __future__ import annotations
@@ -38,44 +39,39 @@ class CLIPVisionAdapter:
         ops: list[Op] = []
 
         def add(name: str, inputs: tuple[str, ...], fn) -> str:
-            ops.append(Op(UnitSpec(prefix + name, None, kind="image"), inputs, prefix + name, fn, "nlc"))
-            return prefix + name
+            ops.append(Op(UnitSpec(name, None, kind="image"), inputs, name, fn, "nlc"))
+            return name
 
         def embed(ctx: SliceCtx, pixels):
             h = vision.embeddings(pixels, interpolate_pos_encoding=ctx.globals["interpolate"])
             return vision.pre_layrnorm(h)
 
-        h = add("embeddings", ("pixel_values",), embed)
+        h = add(prefix + "embeddings", ("pixel_values",), embed)
         states = [h]
         for i, layer in enumerate(vision.encoder.layers):
 
             def run(ctx: SliceCtx, x, layer=layer):
                 return layer(x, None)
 
-            h = add(f"encoder.layers.{i}", (h,), run)
+            h = add(f"{prefix}encoder.layers.{i}", (h,), run)
             states.append(h)
 
-        def pool(ctx: SliceCtx, x):
-            pooled = vision.post_layernorm(x[:, 0, :])
-            return pooled if projection is None else projection(pooled)
+        def pack(ctx: SliceCtx, *hidden):  # one value: the finish splits it again
+            return torch.stack(hidden, dim=1)
 
-        pooled = add("pooled", (h,), pool)
-
-        def pack(ctx: SliceCtx, pooled, *hidden):  # one value: the finish splits it again
-            b = pooled.shape[0]
-            return torch.cat([pooled.reshape(b, -1)] + [s.reshape(b, -1) for s in hidden], dim=1)
-
-        return ops, add("outputs", (pooled, *states), pack)
+        return ops, add("outputs", tuple(states), pack)
 
     def rehash_cuts(self, model) -> list[str]:
         return []
 
     def example_inputs(self, model, shape, device="cpu", seed: int = 0) -> tuple:
         """Pixel values ``[batch, channels, latent_height, latent_width]`` (an image encoder's plan shape:
-        one frame of the image size). The program holds every hidden state whether asked or not (as Wan's
+        one frame of the image size; positions interpolated for another size). The program holds every hidden state whether asked or not (as Wan's
         pipeline calls it: ``output_hidden_states=True``), so one profile serves both calls."""
         make = example_maker(model, device, seed)
-        return (make(shape.batch, model.config.num_channels, shape.latent_height, shape.latent_width),)
+        other = (shape.latent_height, shape.latent_width) != (model.config.image_size,) * 2
+        pixels = make(shape.batch, model.config.num_channels, shape.latent_height, shape.latent_width)
+        return pixels, other  # interpolate_pos_encoding for another image size
 
     def bind(self, model, pixel_values=None, interpolate_pos_encoding=False, output_hidden_states=None,
              return_dict=True, **kwargs) -> CallBinding:
@@ -96,17 +92,16 @@ class CLIPVisionAdapter:
         hidden = bool(output_hidden_states if output_hidden_states is not None
                       else model.config.output_hidden_states)
         b = pixel_values.shape[0]
-        layers = len(vision.encoder.layers)
 
         def finish(out: torch.Tensor):
-            width = out.shape[1]
-            pooled_width = projection.out_features if projection is not None else vision.config.hidden_size
-            c = vision.config.hidden_size
-            tokens = (width - pooled_width) // c // (layers + 1)
-            pooled = out[:, :pooled_width]
-            chunks = out[:, pooled_width:].reshape(b, -1, tokens, c).unbind(1)
+            chunks = out.unbind(1)
             last = chunks[-1]
-            all_states = tuple(chunks) if hidden else None
+            # the stock epilogue: the class token's post-layernorm (and projection), outside the program so
+            # that its weights get gradients only when the pooled output is used, as in the stock forward
+            pooled = vision.post_layernorm(last[:, 0, :])
+            if projection is not None:
+                pooled = projection(pooled)
+            all_states = chunks if hidden else None
             if projection is not None:
                 return CLIPVisionModelOutput(image_embeds=pooled, last_hidden_state=last, hidden_states=all_states)
             return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled, hidden_states=all_states)
