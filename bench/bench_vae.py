@@ -95,13 +95,30 @@ def _wan_config(version: str) -> tuple[dict, tuple[int, int, int]]:
                 patch_size=2, scale_factor_spatial=16, latents_mean=[0.0] * 48, latents_std=[1.0] * 48), (31, 44, 80)
 
 
-VERIFY_MAX_K = 32
+VERIFY_MAX_K = 64
+
+
+def _floor(prof, gpu) -> float:
+    """The smallest activation budget (GiB, to 0.01) the planner finds a plan within (bisection)."""
+    from vramplan.planner.errors import InfeasibleError
+    from vramplan.planner.plan import make_plan
+
+    lo, hi = 0.0, prof.original_peak_bytes / 2**30 + 0.1
+    while hi - lo > 0.01:
+        mid = (lo + hi) / 2
+        try:
+            make_plan(prof, gpu, usable_bytes=int((prof.weight_bytes + mid * 2**30) / 0.98), steps=1)
+            hi = mid
+        except InfeasibleError:
+            lo = mid
+    return hi
 
 
 def meta(budgets: dict) -> list[list[object]]:
     """Wan VAEs on meta tensors: stock peak, the plan within each budget (measured), times."""
     from diffusers import AutoencoderKLWan
     from vramplan.planner.costs import CostModel
+    from vramplan.planner.errors import InfeasibleError
     from vramplan.planner.gpus import find_gpu
     from vramplan.planner.plan import make_plan, segments_of
     from vramplan.planner.schema import SampleShape
@@ -119,7 +136,13 @@ def meta(budgets: dict) -> list[list[object]]:
         prof = cached_profile(vae, shape, "flash", name=f"wan{version}-vae", max_k=128)
         model = CostModel(prof, gpu)
         for gib in gibs:
-            plan = make_plan(prof, gpu, usable_bytes=int((prof.weight_bytes + gib * 2**30) / 0.98), steps=1)
+            try:
+                plan = make_plan(prof, gpu, usable_bytes=int((prof.weight_bytes + gib * 2**30) / 0.98), steps=1)
+            except InfeasibleError:
+                rows.append([f"Wan {version} {dtype}", f"{prof.original_peak_bytes / 2**30:.2f}", f"{gib:g}",
+                             f"refused (floor {_floor(prof, gpu):.2f})", "", "", "", ""])
+                print(rows[-1], flush=True)
+                continue
             comp = plan.components[0]
             k = comp.slices.get("decoder.up_blocks", 1)
             # on CPU a meta run takes minutes per 16 slices: the tightest plans are predicted only
@@ -134,6 +157,7 @@ def meta(budgets: dict) -> list[list[object]]:
                          f"{(plan.prediction.activation_peak_bytes / measured - 1) * 100:+.2f} %" if measured else "",
                          f"k={k}" + (", mid on host" if comp.host else ""),
                          f"{seconds:.2f} / {base:.2f} ({seconds / base:.2f}x)"])
+            print(rows[-1], flush=True)
     return rows
 
 
@@ -141,6 +165,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--meta", action="store_true", help="also the full-size Wan VAEs on meta tensors (minutes)")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--only", choices=["2.1", "2.2"], help="with --meta: one Wan VAE only (print, no write)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     q = quality()
@@ -149,8 +174,12 @@ def main() -> None:
             "stock call on the same inputs (tiny configs, random weights, fp32). PSNR with peak 2 (the [-1, 1] range).",
             "", table(["call", "tiled PSNR", "tiled max diff", "vramplan PSNR", "vramplan max diff", "plan"], q)]
     print(body[-1])
+    budgets = {("2.1", "fp32"): [3.0, 1.5], ("2.1", "bf16"): [1.0], ("2.2", "fp32"): [3.0, 2.5, 2.0]}
+    if args.only:
+        meta({key: gibs for key, gibs in budgets.items() if key[0] == args.only})
+        return
     if args.meta:
-        m = meta({("2.1", "fp32"): [3.0, 1.6], ("2.1", "bf16"): [1.5, 1.0], ("2.2", "fp32"): [3.0, 2.0]})
+        m = meta(budgets)
         body += ["", "Full-size configs on meta tensors: the stock decode's activation peak (traced) and the fastest "
                  "plan within each activation budget, run on meta tensors and measured; predicted time of the plan "
                  "and of the unsliced decode on the RTX 4090 profile (the video itself is part of every peak: "

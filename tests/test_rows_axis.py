@@ -243,3 +243,35 @@ def test_planned_rows_encode_peak_matches_measured():
         assert abs(predicted / report.measured_activation_bytes - 1) < 0.01, (fraction, predicted, report)
         seen.add((len(comp.groups), tuple(sorted(set(comp.slices.values()))), len(comp.recompute)))
     assert len(seen) > 2  # the budgets gave different plans: groups, slice counts, recompute passes
+
+
+def test_profiled_slice_is_a_middle_one_and_held_rows_weigh_steps():
+    """The profiler runs the slice computing the most rows (halos on both sides) for a unit that crops
+    after every step; its held rows weigh each step's slab by its bytes per row (``mem``)."""
+    from vramplan.planner.rows import profiled_slice
+
+    m = RowMap.of(RowStep(kernel=3, pad=1, mem=10), RowStep(up=2), RowStep(kernel=3, pad=1, mem=1))
+    n = 12  # input rows; 24 output rows
+    for k in (3, 4, 7):
+        slices = plan_segment([m], [[]], [None], [n], k)
+        i = profiled_slice([m], slices, [n], [True])
+        s, e = slices[i].out[0]
+        assert 0 < s and e < 24, (k, s, e)  # not an edge slice
+    slabs = m.step_slabs(8, 12, n)
+    assert m.held_rows(8, 12, n) == sum(p.mem * p.out_len(b - a) for p, (a, b) in zip(m.steps, slabs, strict=True))
+    assert RowMap.of(RowStep(kernel=3, pad=1)).held_rows(2, 5, 8) == 3  # no mem: the output rows
+    assert RowStep(kernel=3, pad=1, cost=5).as_list() == [3, 1, 1, 1, 1, 5]  # older profiles' 6 entries kept
+
+
+def test_cropped_scratch_is_affine_between_middle_slices():
+    """Bytes of a cropping unit's slice: exact at a profiled point, on the line through the two nearest
+    middle-slice points elsewhere (edge slices, one halo, are not used for the line), never above the
+    unsliced run's."""
+    from vramplan.planner.rows_cost import _affine
+
+    table = [(1000, 10_000, False), (520, 6_000, False), (280, 3_000, True), (160, 2_000, True), (100, 1_500, True)]
+    assert _affine(table, 280) == 3_000
+    assert _affine(table, 220) == pytest.approx(2_500)
+    assert _affine(table, 130) == pytest.approx(1_750)
+    assert _affine(table, 400) == pytest.approx(4_000)  # beyond the largest middle point: the same line
+    assert _affine(table, 2_000) == 10_000  # capped at the unsliced run's
