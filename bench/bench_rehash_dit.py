@@ -70,7 +70,7 @@ class Bench:
         self.repeats = repeats
         self.full = [self._run(p, i, counted=True) for i, p in enumerate(self.prompts)]
         self.full_flops = sum(f[1] for f in self.full) / len(self.full)
-        self.full_cpu = self._cpu(None)
+        self.full_cpu = self._cpu(None) if repeats else math.nan
 
     def _run(self, prompt: str, seed: int, counted: bool):
         from vramplan.runtime.rehash import flop_counter
@@ -272,9 +272,11 @@ def short(cut: str) -> str:
 def run(args) -> tuple[str, list[Point], list[Point], Bench]:
     from vramplan.planner.rehash_search import QualityFloorError, ranked
 
-    b = Bench(args.untrained, args.prompts, args.repeats)
+    b = Bench(args.untrained, args.prompts, args.repeats if args.part == "compare" else 0)
     print(f"full run: {b.full_flops / 1e9:.2f} GFLOP DiT per video, {b.full_cpu:.2f} CPU s", flush=True)
     b.calibrate(args.max_gap)
+    if args.part == "validate":
+        return validation_report(b, b.validation()), [], [], b
     theirs = b.diffusers_points(args.quick)
     ours: dict[tuple, Point] = {}
 
@@ -298,11 +300,10 @@ def run(args) -> tuple[str, list[Point], list[Point], Bench]:
         mine(floor, "min_psnr 30")
     except QualityFloorError as err:
         print(f"min_psnr 30: {err}", flush=True)
-    checked = b.validation() if args.validate else []
-    return report(b, theirs, list(ours.values()), matched, args, checked), theirs, list(ours.values()), b
+    return report(b, theirs, list(ours.values()), matched, args), theirs, list(ours.values()), b
 
 
-def report(b: Bench, theirs, ours, matched, args, checked=()) -> str:
+def report(b: Bench, theirs, ours, matched, args) -> str:
     from vramplan.planner.rehash_quality import spearman
 
     steps = b.steps
@@ -317,6 +318,14 @@ def report(b: Bench, theirs, ours, matched, args, checked=()) -> str:
              f"residual cuts, gaps up to {b.cal.max_gap}, on the training prompt '{b.calibration_prompt}'), then "
              f"the joint search by predicted PSNR; 'matched' = the planner's best within that diffusers point's "
              f"measured FLOPs.", "",
+             "How each diffusers cache was set up (0.42.1, `pipe.transformer.enable_cache(config)`): FirstBlockCache "
+             "by its threshold; MagCache with `mag_ratios` from its own `calibrate=True` run on the same calibration "
+             "prompt (the conditional branch's printed ratios), retention 0.2; TaylorSeer in lite mode (blocks "
+             "skipped, `proj_out` predicted; its default mode hooks nothing that changes Wan's output), first order, "
+             "fp32 factors; FasterCache with `is_guidance_distilled=True` (its unconditional-branch skip needs CFG "
+             "batched in one call, Wan makes two) and the default timestep range (-1, 681); PAB on self- and "
+             "cross-attention, timesteps (100, 800). Each keeps its state per CFG call where it uses diffusers' cache "
+             "contexts (FirstBlockCache, MagCache, TaylorSeer); FasterCache and PAB count both calls.", "",
              "| method | setting | DiT FLOPs x fewer | DiT CPU x faster | PSNR dB | SSIM | predicted PSNR |",
              "|---|---|---|---|---|---|---|"]
     for p in rows:
@@ -350,10 +359,24 @@ def report(b: Bench, theirs, ours, matched, args, checked=()) -> str:
               + ("met" if best30 and b.full_flops / best30.flops >= 2 else "NOT met") + ").",
               f"- The predictor on vramplan's measured points: Spearman {rho:.2f} over {len(pred)} schedules "
               f"(predicted vs measured PSNR)."]
+    if args.plot:
+        lines += ["", f"Plot: [{Path(args.plot).name}]({Path(args.plot).name})."]
+    return "\n".join(lines + [""])
+
+
+def validation_report(b: Bench, checked) -> str:
+    from vramplan.planner.rehash_quality import spearman
+
+    rho = spearman([p.predicted for p in checked], [p.psnr for p in checked])
+    cuts = list(dict.fromkeys(p.cut for p in checked))
+    lines = [f"### The quality predictor on a DiT ({b.label})", "",
+             f"One calibration ({b.cal_seconds:.0f} s, {len(b.cal.cuts)} cuts, on the training prompt "
+             f"'{b.calibration_prompt}', as in the comparison) "
+             f"predicts each schedule's PSNR against the full run; each is then run on {len(b.prompts)} held-out "
+             f"prompts (the same seeds) and measured (PSNR over the whole video, mean over prompts). DiT FLOPs "
+             f"measured by PyTorch's counter in the runs.", ""]
     if checked:
-        rho = spearman([p.predicted for p in checked], [p.psnr for p in checked])
-        cuts = list(dict.fromkeys(p.cut for p in checked))
-        lines += ["", f"**The quality predictor on the DiT: Spearman {rho:.3f}** between predicted and measured PSNR "
+        lines += [f"**The quality predictor on the DiT: Spearman {rho:.3f}** between predicted and measured PSNR "
                   f"over {len(checked)} schedules ({len(cuts)} cuts: {', '.join(short(c) for c in cuts)}; 3 key counts; "
                   f"uniform, greedy, optimal, random) (target >= 0.9: {'met' if rho >= 0.9 else 'NOT met'}); within "
                   "one cut: " + ", ".join(
@@ -363,8 +386,6 @@ def report(b: Bench, theirs, ours, matched, args, checked=()) -> str:
         for p in checked:
             lines.append(f"| {short(p.cut)} | {len(p.keys)} | {p.setting.split(', ')[1].split(':')[0]} | "
                          f"{b.full_flops / p.flops:.2f} | {min(p.predicted, 99):.1f} | {p.psnr:.2f} |")
-    if args.plot:
-        lines += ["", f"Plot: [{Path(args.plot).name}]({Path(args.plot).name})."]
     return "\n".join(lines + [""])
 
 
@@ -401,26 +422,27 @@ def main() -> None:
     parser.add_argument("--untrained", action="store_true", help="the same pipeline with random weights (harness "
                         "check only: no quality claim)")
     parser.add_argument("--quick", action="store_true", help="one setting per diffusers cache")
-    parser.add_argument("--no-validate", dest="validate", action="store_false",
-                        help="skip the predictor's validation (Spearman over 48 schedules)")
+    parser.add_argument("--part", choices=["compare", "validate"], default="compare",
+                        help="compare: vs diffusers' caches; validate: the predictor's Spearman over 48 schedules")
     parser.add_argument("--write", help="markdown file to put the section in (its block replaced if present)")
     parser.add_argument("--plot", help="quality vs DiT FLOPs saved, PNG")
     args = parser.parse_args()
     started = time.perf_counter()
     text, theirs, ours, b = run(args)
-    if args.plot:
+    if args.plot and args.part == "compare":
         plot(theirs, ours, b.full_flops, args.plot, f"Step Rehash vs diffusers' caches, {b.label}")
     machine = f"Machine: {platform.processor() or platform.machine()}, Python {platform.python_version()}"
     text += (f"\n{machine}; diffusers {__import__('diffusers').__version__}; {time.strftime('%Y-%m-%d', time.gmtime())}, "
-             f"{time.perf_counter() - started:.0f} s; command: `python bench/bench_rehash_dit.py --prompts "
+             f"{time.perf_counter() - started:.0f} s; command: `python bench/bench_rehash_dit.py --part {args.part} "
+             f"--prompts "
              f"{args.prompts} --repeats {args.repeats} --max-gap {args.max_gap}"
              + (" --untrained" if args.untrained else "") + (" --quick" if args.quick else "")
-             + ("" if args.validate else " --no-validate") + "`.\n")
+             + "`.\n")
     print(text, flush=True)
     if args.write:
         from bench_rehash import write_section
 
-        write_section(Path(args.write), text, "dit")
+        write_section(Path(args.write), text, "dit" if args.part == "compare" else "dit-validation")
 
 
 if __name__ == "__main__":
