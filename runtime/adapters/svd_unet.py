@@ -30,6 +30,10 @@ class SVDUNetAdapter:
     model_classes = ("UNetSpatioTemporalConditionModel",)
     method = "forward"
     component = "unet"
+    # Streaming units finer than a top-level block (runtime.streaming.stream_block_of): each spatio-temporal
+    # res block, transformer and resampler streams on its own, so the floor is not a whole up block plus
+    # the next one (up_blocks.0 + up_blocks.1: 1.28 GiB at fp16).
+    stream_parts = ("resnets", "attentions", "upsamplers", "downsamplers")
 
     # ------------------------------------------------------------------ program structure
     def ops(self, unet) -> tuple[list[Op], str]:
