@@ -383,7 +383,7 @@ def gpu_cases(models, gpu, height: int, width: int, budgets: list[str]) -> list[
                 if not hasattr(__import__("diffusers"), cfg["_class_name"]):  # UMT5: built by transformers
                     notes.append(f"{stage.stage}: {cfg['_class_name']} is not built here (not a diffusers model)")
                     continue
-                case = by_stage.setdefault(stage.stage, Case(model, stage.stage, stage.component, cfg["_class_name"],
+                case = by_stage.setdefault(stage.stage, Case(model, stage.stage, stage.plan_name, cfg["_class_name"],
                                                              cfg, profile, []))
                 case.plans.append((label, comp))
         for case in by_stage.values():
@@ -505,7 +505,7 @@ def check_case(case: Case, device: Device, gpu, dtype, warmup: int, repeats: int
 
     planned = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[case.profile.shape.dtype]
     module = materialise(torch, case.cls, case.config, dtype if device.cpu else planned, device.name)
-    adapter = adapter_for(module)
+    adapter = adapter_for(module, case.profile.component)  # a VAE's encode case runs its encode adapter
     ops, result = adapter.ops(module)
     cost = CostModel(case.profile, gpu, "none" if device.cpu else "expandable_segments")
     shape = next((comp.shape for _, comp in case.plans), case.profile.shape)

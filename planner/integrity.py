@@ -113,10 +113,10 @@ def profile_key(plan: Plan) -> tuple[bool, str] | None:
 
 
 def stage_profiles(plan: Plan, profile: PipelineProfile | ModelProfile) -> dict[str, ModelProfile]:
-    """Component name -> the ModelProfile of its sliced stage."""
+    """Component plan name -> the ModelProfile of its sliced stage (a stage's own plan: ``vae_encoder``)."""
     if isinstance(profile, ModelProfile):
         return {profile.component: profile}
-    return {s.component: s.profile for s in profile.stages if s.profile is not None}
+    return {s.plan_name: s.profile for s in profile.stages if s.profile is not None}
 
 
 # -- numbers -----------------------------------------------------------------------------------------
@@ -217,7 +217,7 @@ def _header(plan: Plan, profile) -> Iterator[str]:
     for comp in sliced:
         shape = comp.shape
         where = f"components[{comp.component}].shape"
-        if shape.dtype != dtype:
+        if shape.dtype != dtype and comp.attribute is None:  # a stage's own plan may run upcast (the VAE encode)
             yield f"field '{where}.dtype' is {shape.dtype}, but components[{sliced[0].component}] runs in {dtype}"
         if comp.component in batches and shape.batch not in batches[comp.component]:
             yield (f"field '{where}.batch' is {shape.batch}, but {plan.pipeline} runs its {comp.component} on a batch "
@@ -250,10 +250,9 @@ def _spec_shapes(plan: Plan) -> tuple[dict, bool]:
         spec = pipeline_spec(plan.pipeline)
         known = plan.model_name.lower() in model_catalogue()
         configs = pipeline_source(plan.model_name).configs if known else None
-        by_stage = {stage: component for stage, component, _ in spec.stages}
-        shapes = {by_stage[stage]: spec.stage_shape(stage, plan.height, plan.width, plan.frames, key[0], key[1],
-                                                    configs)
-                  for stage in spec.sliced if stage in by_stage}
+        shapes = {spec.plan_name(stage): spec.stage_shape(stage, plan.height, plan.width, plan.frames, key[0],
+                                                          key[1], configs)
+                  for stage in spec.sliced}
         return shapes, known
     except (VramplanError, KeyError, ValueError):
         return {}, True
@@ -267,9 +266,8 @@ def _batches(plan: Plan) -> dict[str, set[int]]:
         spec = pipeline_spec(plan.pipeline)
     except VramplanError:
         return {}
-    by_stage = {stage: component for stage, component, _ in spec.stages}
-    return {by_stage[stage]: {1, spec.guidance_batch} if batch == "guidance" else {batch}
-            for stage, batch in spec.sliced.items() if stage in by_stage}
+    return {spec.plan_name(stage): {1, spec.guidance_batch} if batch == "guidance" else {batch}
+            for stage, batch in spec.sliced.items()}
 
 
 # -- one component, on its own ------------------------------------------------------------------------
@@ -405,7 +403,7 @@ def recompute(plan: Plan, profile: PipelineProfile) -> Plan:
         if stage.profile is None:
             continue
         model = planner.models[stage.stage]
-        comp = plan.component(stage.component)
+        comp = plan.component(stage.plan_name)
         host, streamed = frozenset(comp.host), frozenset(comp.streamed)
         segments = segments_of(model, comp)
         transfer, exposed = model.streaming_seconds(streamed)
@@ -423,10 +421,24 @@ def recompute(plan: Plan, profile: PipelineProfile) -> Plan:
 def _recomputed(plan: Plan, profile) -> Iterator[str]:
     if not isinstance(profile, PipelineProfile) or plan.prediction is None or plan.target is None:
         return
-    if {c.component for c in plan.components} != {c.component for c in profile.components}:
+    expected = [c.component for c in profile.components]
+    expected += [s.plan_name for s in profile.stages if s.profile is not None and s.plan_name not in expected]
+    names = {c.component for c in plan.components}
+    if names != set(expected):
+        older = [s for s in profile.stages if s.profile is not None and s.plan_component and s.plan_name not in names]
+        if older and names < set(expected):
+            s = older[0]
+            yield (f"field 'components' has no {s.plan_name}: the plan was made before vramplan sliced the "
+                   f"{s.stage} stage of {s.component} (under its own plan, {s.plan_name}), so its prediction no "
+                   f"longer holds")
+            return
         yield (f"field 'components' names {', '.join(c.component for c in plan.components)}, but the pipeline has "
-               f"{', '.join(c.component for c in profile.components)}")
+               f"{', '.join(expected)}")
         return
+    for comp in plan.components:
+        if comp.attribute in names and comp.resident != plan.component(comp.attribute).resident:
+            yield (f"field 'components[{comp.component}].resident' is {comp.resident}, but it runs on "
+                   f"{comp.attribute}, whose residency is {plan.component(comp.attribute).resident}")
     try:
         again = recompute(plan, profile)
     except PlanIntegrityError as err:

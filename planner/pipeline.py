@@ -133,8 +133,10 @@ class PipelinePlanner:
         """Every stage's weights, peak and seconds given the sliced stages' ``solutions`` (None: an unsliced
         stage does not fit within ``cap``). A resident component that streams blocks keeps its other
         weights on the GPU for the whole run (the runtime moves them once)."""
-        credit = {s.component: solutions[s.stage].streamed_weight_bytes for s in self.profile.stages
-                  if s.stage in solutions}
+        credit: dict[str, int] = {}  # per component: every sliced stage's streamed blocks (disjoint blocks)
+        for s in self.profile.stages:
+            if s.stage in solutions:
+                credit[s.component] = credit.get(s.component, 0) + solutions[s.stage].streamed_weight_bytes
         results = []
         for stage in self.profile.stages:
             base = self._base(stage, resident, credit)
@@ -195,7 +197,9 @@ class PipelinePlanner:
         return found
 
     def _factor(self) -> float:
-        unet = next((s.profile for s in self.profile.stages if s.profile is not None), None)
+        """The allocator factor of the unsliced stages: the denoiser's (else the first sliced stage's)."""
+        sliced = [s for s in self.profile.stages if s.profile is not None]
+        unet = next((s.profile for s in sliced if s.per_step), sliced[0].profile if sliced else None)
         if self.allocator == "none" or unet is None:
             return 1.0
         return getattr(unet.allocator, f"original_{self.allocator}")
@@ -250,19 +254,30 @@ class PipelinePlanner:
         """The smallest reachable pipeline peak, and the stage and unit that set it (every value that
         may leave the GPU in host memory, every block streamed; :attr:`floor_reason` says more)."""
         floors = {s.stage: model_floor(self.models[s.stage]) for s in self.profile.stages if s.profile is not None}
-        credit = {s.component: self.models[s.stage].streamed_weight_bytes(f.streamed)
-                  for s in self.profile.stages if (f := floors.get(s.stage)) is not None}
+        streamed = {s.stage: (s.component, self.models[s.stage].streamed_weight_bytes(f.streamed))
+                    for s in self.profile.stages if (f := floors.get(s.stage)) is not None}
+
+        def credit_but(name: str | None) -> dict[str, int]:
+            """Streamed weights per component, of every sliced stage but ``name``."""
+            out: dict[str, int] = {}
+            for st, (c, v) in streamed.items():
+                if st != name:
+                    out[c] = out.get(c, 0) + v
+            return out
+
+        credit = credit_but(None)
         best = None
         for resident in self.residencies():
             worst = None
             for stage in self.profile.stages:
-                # the stage's own component counted whole: a model floor is relative to all its weights
-                base = self._base(stage, resident, {c: v for c, v in credit.items() if c != stage.component})
                 if stage.profile is not None:
+                    # its own component counted whole less the other stages' streamed blocks: a model floor is
+                    # relative to all the model's weights
+                    base = self._base(stage, resident, credit_but(stage.stage))
                     needed, unit = floors[stage.stage].needed_bytes, floors[stage.stage].unit
                 else:
+                    base = self._base(stage, resident, credit)
                     needed, unit = int(stage.activation_bytes * self._factor()), stage.component
-                    base -= credit.get(stage.component, 0)
                 if worst is None or base + needed > worst[0]:
                     worst = (base + needed, stage.stage, unit, resident)
             if best is None or worst[0] < best[0]:
@@ -378,6 +393,11 @@ def _assemble(profile, planner, resident, results, cap, max_latency_s) -> Plan:
         c.component: ComponentPlan(component=c.component, model=c.model, resident=resident[c.component])
         for c in profile.components
     }
+    for stage in profile.stages:  # a stage's own plan (vae_encoder) runs on its attribute, resident with it
+        if stage.profile is not None and stage.plan_name not in components:
+            components[stage.plan_name] = ComponentPlan(
+                component=stage.plan_name, attribute=stage.component, model=stage.profile.model,
+                resident=resident[stage.component])
     stages = []
     transfer = 0.0
     placed_peak = streamed_total = 0
@@ -386,8 +406,8 @@ def _assemble(profile, planner, resident, results, cap, max_latency_s) -> Plan:
         streamed = placed = 0
         if r.solution is not None:
             model = planner.models[stage.stage]
-            comp = components[stage.component]
-            components[stage.component] = comp.model_copy(
+            comp = components[stage.plan_name]
+            components[stage.plan_name] = comp.model_copy(
                 update={"model": stage.profile.model, "shape": stage.profile.shape, **plan_fields(model, r.solution)}
             )
             placed, streamed = planner.stage_host_bytes(r)
@@ -398,7 +418,7 @@ def _assemble(profile, planner, resident, results, cap, max_latency_s) -> Plan:
             placed_peak = max(placed_peak, placed)
             streamed_total += streamed
         stages.append(StagePrediction(
-            stage=stage.stage, component=stage.component, calls=planner.calls(stage),
+            stage=stage.stage, component=stage.plan_name, calls=planner.calls(stage),
             peak_bytes=r.base + r.needed, weight_bytes=r.weights, held_bytes=planner.held_bytes(stage),
             activation_bytes=r.activation, needed_bytes=r.needed,
             original_activation_bytes=stage.activation_bytes, peak_unit=r.peak_unit, seconds=round(r.seconds, 4),

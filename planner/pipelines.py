@@ -29,6 +29,10 @@ class PipelineSpec:
     stages: ClassVar[tuple[tuple[str, str, str], ...]]
     # Stages the planner slices -> the batch of their sample: "guidance" (UNet) or 1 (decoder, per video).
     sliced: ClassVar[dict[str, str | int]] = {"denoise": "guidance", "decode": 1}
+    # A sliced stage whose component already has a plan from another stage (the VAE: decode) gets its own
+    # component plan, named here (stage -> plan name, e.g. "encode_vae" -> "vae_encoder"); the plan runs
+    # on the stage's pipeline attribute and entry method, and shares that attribute's residency.
+    stage_plans: ClassVar[dict[str, str]] = {}
     components: ClassVar[tuple[str, ...]]
     conditioning: ClassVar[str]  # the call argument a run needs: "image" or "prompt"
     # Used when the configs do not say (diffusers derives both from the configs the same way).
@@ -116,20 +120,44 @@ class PipelineSpec:
             args[self.chunk_argument] = plan.frames
         return {k: v for k, v in args.items() if v is not None}
 
+    def plan_name(self, stage: str) -> str:
+        """The component plan ``stage`` runs under: its own (``stage_plans``) or its attribute's."""
+        if stage in self.stage_plans:
+            return self.stage_plans[stage]
+        return next(comp for s, comp, _ in self.stages if s == stage)
+
+    def attribute_of(self, name: str) -> str:
+        """The pipeline attribute a component plan runs on (``vae`` for ``vae_encoder``)."""
+        for stage, plan in self.stage_plans.items():
+            if plan == name:
+                return next(comp for s, comp, _ in self.stages if s == stage)
+        return name
+
     def sliced_components(self) -> list[str]:
-        """Components the planner slices (those a complete plan must give a shape)."""
-        by_stage = {stage: comp for stage, comp, _ in self.stages}
-        return [by_stage[s] for s in self.sliced]
+        """Component plans the planner slices (those a complete plan must give a shape)."""
+        return [self.plan_name(s) for s in self.sliced]
+
+    def plan_components(self) -> tuple[str, ...]:
+        """Every component plan a plan of this pipeline may have: the components and the stages' own plans."""
+        return self.components + tuple(p for p in self.stage_plans.values() if p not in self.components)
 
     def check_plan(self, plan: Plan) -> None:
         """Refuse a plan whose components do not belong to this pipeline (an edited or mixed-up file)."""
         names = {c.component for c in plan.components}
-        foreign = sorted(names - set(self.components))
+        allowed = self.plan_components()
+        foreign = sorted(names - set(allowed))
         if foreign:
             raise PlanMismatchError(
-                f"the plan says {self.pipeline}, whose components are {', '.join(self.components)}, but it has "
+                f"the plan says {self.pipeline}, whose components are {', '.join(allowed)}, but it has "
                 f"{', '.join(foreign)}: it was made for another pipeline or edited. Make a new plan (vramplan plan)."
             )
+        for comp in plan.components:
+            want = self.attribute_of(comp.component)
+            if comp.module_name != want:
+                raise PlanMismatchError(
+                    f"the plan's {comp.component} runs on the pipeline's {comp.module_name!r}, but {self.pipeline} "
+                    f"runs it on {want!r}: the file was edited. Make a new plan (vramplan plan)."
+                )
 
     def missing_components(self, plan: Plan) -> list[str]:
         """Sliced components the plan does not slice (they would run whole, unplanned)."""
@@ -168,8 +196,19 @@ class StableVideoDiffusion(PipelineSpec):
     pipeline = "StableVideoDiffusionPipeline"
     stages = (("encode_image", "image_encoder", "forward"), ("encode_vae", "vae", "encode"),
               ("denoise", "unet", "forward"), ("decode", "vae", "decode"))
+    # The VAE encode of the conditioning image is sliced along rows under its own plan (vae holds the decode's).
+    sliced: ClassVar[dict[str, str | int]] = {"encode_vae": 1, "denoise": "guidance", "decode": 1}
+    stage_plans: ClassVar[dict[str, str]] = {"encode_vae": "vae_encoder"}
     components = ("unet", "vae", "image_encoder")
     conditioning = "image"
+
+    def stage_shape(self, stage, height, width, frames, guidance, dtype, configs=None) -> SampleShape:
+        if stage == "encode_vae":  # one image in pixels; fp16 VAEs with force_upcast encode in fp32
+            vae = (configs or {}).get("vae") or {}
+            upcast = dtype == "fp16" and vae.get("force_upcast", True)
+            return SampleShape(batch=1, frames=1, latent_height=height, latent_width=width,
+                               dtype="fp32" if upcast else dtype)
+        return super().stage_shape(stage, height, width, frames, guidance, dtype, configs)
 
     def default_frames(self, entry, unet_config):
         return super().default_frames(entry, unet_config) or (unet_config or {}).get("num_frames")
@@ -270,6 +309,8 @@ class _Wan(PipelineSpec):
     def stage_shape(self, stage, height, width, frames, guidance, dtype, configs=None) -> SampleShape:
         if stage == "encode_text":  # one prompt of text_tokens tokens per call
             return SampleShape(batch=1, frames=1, latent_height=1, latent_width=self.text_tokens, dtype=dtype)
+        if stage == "encode_vae":  # the conditioning video (the image, then zeros): video frames, pixels
+            return SampleShape(batch=1, frames=frames, latent_height=height, latent_width=width, dtype=dtype)
         f = self.scale_factor(configs)
         latent_frames = (frames - 1) // self.temporal_factor + 1
         return SampleShape(batch=1, frames=latent_frames, latent_height=height // f, latent_width=width // f,
@@ -322,11 +363,15 @@ class WanT2VA14B(_Wan):
 @register
 class WanI2V(_Wan):
     """``WanImageToVideoPipeline`` of Wan 2.1 I2V-14B: the CLIP image encoder (run whole, 1.2 GiB),
-    the VAE encode of the conditioning video (the image then zeros), the transformer, the decode."""
+    the VAE encode of the conditioning video (the image then zeros; rows with halos, its own plan
+    ``vae_encoder``), the transformer, the decode."""
 
     pipeline = "WanImageToVideoPipeline"
     stages = (("encode_text", "text_encoder", "forward"), ("encode_image", "image_encoder", "forward"),
               ("encode_vae", "vae", "encode"), ("denoise", "transformer", "forward"), ("decode", "vae", "decode"))
+    # The VAE encode of the conditioning video is sliced along rows under its own plan (vae holds the decode's).
+    sliced = {"encode_text": 1, "encode_vae": 1, "denoise": 1, "decode": 1}
+    stage_plans = {"encode_vae": "vae_encoder"}
     components = ("transformer", "vae", "text_encoder", "image_encoder")
     conditioning = "image"
 
@@ -340,7 +385,8 @@ class WanI2VA14B(_Wan):
     stages = (("encode_text", "text_encoder", "forward"), ("encode_vae", "vae", "encode"),
               ("denoise", "transformer", "forward"), ("denoise_2", "transformer_2", "forward"),
               ("decode", "vae", "decode"))
-    sliced = {"encode_text": 1, "denoise": 1, "denoise_2": 1, "decode": 1}
+    sliced = {"encode_text": 1, "encode_vae": 1, "denoise": 1, "denoise_2": 1, "decode": 1}
+    stage_plans = {"encode_vae": "vae_encoder"}
     components = ("transformer", "transformer_2", "vae", "text_encoder")
     conditioning = "image"
     boundary_ratio = 0.9

@@ -314,6 +314,14 @@ class StageProfile(_Strict):
     bytes_moved: int = Field(default=0, ge=0)
     held_bytes: int = Field(ge=0, description="tensors of other stages on the GPU meanwhile (latents, embeddings)")
     extra_weight_bytes: int = Field(default=0, ge=0, description="weights added for the stage (a VAE upcast to fp32)")
+    plan_component: str | None = Field(
+        default=None, description="the component plan that slices this stage when it is not the component's own: "
+        "a second sliced entry point of one model (vae_encoder: the VAE's encode, while vae is its decode)")
+
+    @property
+    def plan_name(self) -> str:
+        """The name of the component plan this stage runs under (``plan_component`` or ``component``)."""
+        return self.plan_component or self.component
 
 
 class PipelineProfile(_JsonFile):
@@ -396,6 +404,9 @@ class ComponentPlan(_Strict):
     """
 
     component: str = Field(default="unet", description="pipeline attribute: unet, vae, image_encoder, ...")
+    attribute: str | None = Field(
+        default=None, description="the pipeline attribute this plan runs on when it is not `component`: a stage's "
+        "own plan of a model that has another (vae_encoder runs vae.encode; its residency is the attribute's)")
     model: ModelRef
     shape: SampleShape | None = Field(default=None, description="None for a component that is not sliced")
     slices: dict[str, int] = Field(default_factory=dict, description="unit name -> slice count k (>= 1)")
@@ -439,6 +450,11 @@ class ComponentPlan(_Strict):
     def k(self, unit: str) -> int:
         return self.slices.get(unit, 1)
 
+    @property
+    def module_name(self) -> str:
+        """The pipeline attribute holding the model this plan runs on (``attribute`` or ``component``)."""
+        return self.attribute or self.component
+
     def describe(self) -> str:
         """``unet: svd (UNet..., config ...) with batch 2 x 14 frames ...``; a component that is not sliced says so."""
         shape = f"with {self.shape.describe()}" if self.shape is not None else "(not sliced)"
@@ -449,7 +465,8 @@ class StagePrediction(_Strict):
     """One pipeline stage at its worst moment."""
 
     stage: str
-    component: str
+    component: str = Field(description="the component plan the stage runs under (its pipeline attribute, or the "
+                           "stage's own plan: vae_encoder)")
     calls: int
     peak_bytes: int = Field(description="everything on the GPU at the stage's peak")
     weight_bytes: int = Field(description="weights on the GPU during the stage")

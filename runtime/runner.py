@@ -127,12 +127,14 @@ def run(plan: Plan, pipe=None, *, allow_download: bool = False, progress: bool =
                 rehash = apply_rehash(pipe, plan)
                 stack.callback(rehash.remove)
                 handles[comp.component] = rehash
-            elif comp.shape is not None:
-                handles[comp.component] = apply_plan(getattr(pipe, comp.component), comp)
+            elif comp.shape is not None:  # a stage's own plan (vae_encoder) runs on its attribute (vae)
+                handles[comp.component] = apply_plan(getattr(pipe, comp.module_name), comp)
                 stack.callback(handles[comp.component].remove)
         _placement_notes(plan, device, notes)
         hooks = _residency(pipe, plan, device, stack, notes, offload=device.type == "cuda", handles=handles)
         for stage, component, method in stages:
+            if getattr(pipe, component, None) is None:  # a component this checkpoint lacks: the stage does not run
+                continue
             timer = _StageTimer(stage, component, timings, hooks, device)
             stack.callback(register_hook(getattr(pipe, component), timer, f"vramplan.timer.{stage}", method=method).remove)
         tracker = None if cuda else stack.enter_context(MemoryTracker())
@@ -345,11 +347,12 @@ def _residency(pipe, plan: Plan, device, stack: ExitStack, notes: list[str], off
 
     hooks = {}
     for comp in plan.components:
-        model = getattr(pipe, comp.component, None)
-        if not isinstance(model, torch.nn.Module):
+        model = getattr(pipe, comp.component, None) if comp.attribute is None else None
+        if not isinstance(model, torch.nn.Module):  # a stage's own plan moves with its attribute's model
             continue
-        handle = (handles or {}).get(comp.component)
-        streamer = handle.streamer if handle is not None else None
+        streamers = [h.streamer for c in plan.components if c.module_name == comp.component
+                     and (h := (handles or {}).get(c.component)) is not None and h.streamer is not None]
+        streamer = _Streamers(streamers) if streamers else None
         if getattr(model, "_hf_hook", None) is not None:
             notes.append(f"{comp.component} keeps the accelerate hook it came with (its device is up to that hook)")
             if streamer is not None:
@@ -377,6 +380,18 @@ def _residency(pipe, plan: Plan, device, stack: ExitStack, notes: list[str], off
     if hooks:
         notes.append(f"moved to the GPU only for their stages: {', '.join(hooks)}")
     return hooks
+
+
+class _Streamers:
+    """The streamers of every plan on one model (its decode's and its encode's) as one, for residency."""
+
+    def __init__(self, streamers: list) -> None:
+        self.streamers = streamers
+        self.blocks = {f"{i}:{name}": b for i, s in enumerate(streamers) for name, b in s.blocks.items()}
+
+    def offload(self, compute=None) -> None:
+        for s in self.streamers:
+            s.offload(compute=compute)
 
 
 def move_weights(model: torch.nn.Module, device, skip: set[int]) -> None:

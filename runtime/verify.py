@@ -176,9 +176,9 @@ def _build(plan: Plan, comp: ComponentPlan) -> torch.nn.Module:
         raise PlanMismatchError("the plan names no model to build; pass the model to verify()")
     if plan.pipeline:
         configs = pipeline_source(name).configs
-        if comp.component not in configs:
-            raise PlanMismatchError(f"{name} has no component {comp.component!r} (it has {', '.join(configs)})")
-        model = meta_from_config(configs[comp.component], comp.shape.dtype)
+        if comp.module_name not in configs:  # a stage's own plan (vae_encoder) runs on its attribute (vae)
+            raise PlanMismatchError(f"{name} has no component {comp.module_name!r} (it has {', '.join(configs)})")
+        model = meta_from_config(configs[comp.module_name], comp.shape.dtype)
     else:
         model = meta_unet(name, comp.shape.dtype)
     actual = fingerprint(model)

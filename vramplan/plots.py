@@ -117,7 +117,7 @@ def sliced_stages(plan) -> list[tuple[object, object, object, object]]:
         return []
     gpu = find_gpu(target.gpu)
     return [
-        (stage, plan.component(stage.component), stage.profile, CostModel(stage.profile, gpu, target.allocator))
+        (stage, plan.component(stage.plan_name), stage.profile, CostModel(stage.profile, gpu, target.allocator))
         for stage in profile.stages
         if stage.profile is not None
     ]

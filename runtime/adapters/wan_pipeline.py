@@ -7,8 +7,9 @@ tokens), runs the transformer twice per step (cond, then uncond: batch 1 each; W
 to ``transformer_2`` once the timestep falls below ``boundary_ratio``), decodes the latents with
 ``AutoencoderKLWan`` and post-processes the frames. ``WanImageToVideoPipeline`` adds the CLIP image
 encoder (Wan 2.1) and the VAE encode of the conditioning video (the image, then zeros). The text
-encoder, the transformers and the VAE decode (rows with halos) are sliced stages (their profiles let
-the planner slice, place and stream); the VAE encode and the image encoder are measured whole.
+encoder, the transformers, the VAE encode (under its own plan ``vae_encoder``: ``vae`` holds the
+decode's) and the VAE decode (both rows with halos) are sliced stages (their profiles let the planner
+slice, place and stream); the image encoder is measured whole.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class _WanAdapter(PipelineAdapter):
         out = {}
         if "decode" not in self.sliced:
             out["decode"] = measure_stage(lambda: vae.decode(latents), kernel)
-        if "encode_vae" in {s for s, _, _ in self.stages}:
+        if "encode_vae" in {s for s, _, _ in self.stages} and "encode_vae" not in self.sliced:
             video = torch.empty(1, 3, frames, height, width, device="meta", dtype=vae.dtype)
             out["encode_vae"] = measure_stage(lambda: vae.encode(video).latent_dist.mode(), kernel)
         if "image_encoder" in components:
@@ -71,7 +72,7 @@ class _WanAdapter(PipelineAdapter):
         latent = latent_values * (4 + size + 2 * size + 4)
         embeds = (2 if guidance else 1) * self.text_tokens * text.config.d_model * size
         image_latents = 0
-        if "encode_vae" in whole:  # the condition latents and the mask, concatenated to the input each call
+        if "encode_vae" in whole or "encode_vae" in profiles:  # the condition latents and the mask, concatenated
             image_latents = (components["vae"].config.z_dim + 4) * shape.frames * shape.latent_height \
                 * shape.latent_width * (4 + size)
         frames_px = frames * 3 * height * width
@@ -85,6 +86,11 @@ class _WanAdapter(PipelineAdapter):
                 act, flops, moved = whole[stage]
                 stages.append(StageProfile(stage=stage, component=component, activation_bytes=act, flops=flops,
                                            bytes_moved=moved, held_bytes=embeds + 3 * height * width * 4))
+            elif stage == "encode_vae" and stage in profiles:  # rows with halos, under its own plan
+                p = profiles[stage]
+                stages.append(StageProfile(stage=stage, component=component, plan_component=self.plan_name(stage),
+                                           profile=p, activation_bytes=p.original_peak_bytes,
+                                           held_bytes=embeds + frames_px * size))
             elif stage == "encode_vae":
                 act, flops, moved = whole[stage]
                 stages.append(StageProfile(stage=stage, component=component, activation_bytes=act, flops=flops,
