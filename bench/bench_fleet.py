@@ -1,7 +1,8 @@
 """Fleet capacity ILP: cost of the mixed, packed fleet vs one GPU type for everything; solve time at 20 x 18.
 
     .venv/bin/python bench/bench_fleet.py
-    .venv/bin/python bench/bench_fleet.py --baseline 6dd2c90   # planning time, that commit vs today, side by side
+    .venv/bin/python bench/bench_fleet.py --baseline 281722b   # planning time, that commit vs today, side by side,
+                                                                # and every plan both made compared
 
 The mix: 20 workloads over the shipped models and shapes (SVD, SVD-XT, AnimateDiff at 576x1024 and
 512x512, 20-50 steps), rates from 1 to 60 videos/hour, some with latency bounds. Baselines:
@@ -12,6 +13,7 @@ Prices are the defaults of planner/capacity.py (assumptions). Latencies are unca
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -73,46 +75,74 @@ def timed_fleet() -> dict:
         dict(name=n, model=m, height=h, width=w, steps=s, rate=float(r), p95_latency_s=None if b is None else float(b))
         for n, m, h, w, s, r, b in MIX
     ])
-    t0 = time.perf_counter()
+    t0, cpu = time.perf_counter(), _cpu()
     fleet = plan_fleet(workloads, parse_inventory(None))
+    plans = {}  # every (workload shape, GPU, bound) plan made: (peak, latency) or the error's first words
+    for key, plan in capacity._PLANS.items():
+        key = (*key[:8], key[-1]) if len(key) == 10 else key  # keys gained the host RAM after 281722b
+        name = json.dumps([None if isinstance(k, float) and k != k else k for k in key])
+        pred = getattr(plan, "prediction", None)
+        plans[name] = [pred.peak_bytes, pred.latency_s] if pred is not None else str(plan)[:60]
     return {"code": capacity.__file__, "seconds": round(time.perf_counter() - t0, 1),
+            "cpu_seconds": round(_cpu() - cpu, 1),
             "planning_seconds": round(fleet.solver.planning_seconds, 1), "cost_per_hour": round(fleet.cost_per_hour, 2),
-            "gpus": [f"{a.count} x {a.gpu}" for a in fleet.gpus]}
+            "gpus": [f"{a.count} x {a.gpu}" for a in fleet.gpus], "plans": plans}
 
 
-def side_by_side(baseline: str) -> None:
-    """Today's code and ``baseline`` (a commit), each in a fresh process, one after the other."""
-    import json
+def _cpu() -> float:
+    """CPU seconds of this process and its finished children (the worker processes, CBC)."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def side_by_side(baseline: str, now: str | None = None) -> None:
+    """``baseline`` (a commit, or a folder to put on PYTHONPATH) and today's code (the work tree, or the
+    folder ``now``), each in a fresh process, one after the other; then every plan both made, compared."""
     import os
     import subprocess
 
-    rows = []
-    for label, path in (("before (" + baseline + ")", snapshot(baseline)), ("now (work tree)", None)):
-        env = dict(os.environ, OMP_NUM_THREADS="1")
+    rows, results = [], []
+    before = baseline if Path(baseline).is_dir() else snapshot(baseline)
+    for label, path in ((f"before ({baseline})", before), (f"now ({now or 'work tree'})", now)):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
         if path:
             env["PYTHONPATH"] = path
         done = subprocess.run([sys.executable, __file__, "--time-only"], env=env, capture_output=True, text=True,
                               check=True, cwd="/")
         result = json.loads(done.stdout.strip().splitlines()[-1])
-        rows.append([label, result["seconds"], result["planning_seconds"], result["cost_per_hour"],
-                     ", ".join(result["gpus"])])
+        results.append(result)
+        rows.append([label, result["seconds"], result.get("cpu_seconds", "-"), result["planning_seconds"],
+                     result["cost_per_hour"], ", ".join(result["gpus"])])
         print(rows[-1], flush=True)
-    print(table(["code", "fleet s", "plan_for s", "$/hour", "fleet"], rows))
+    print(table(["code", "fleet s", "CPU s", "plan_for s", "$/hour", "fleet"], rows))
+    old, new = results[0]["plans"], results[1]["plans"]
+    both = sorted(set(old) & set(new))
+    same = [k for k in both if old[k] == new[k]]
+    print(f"plans made by both: {len(both)} (only before: {len(set(old) - set(new))}, only now: "
+          f"{len(set(new) - set(old))}); identical (peak, latency): {len(same)}")
+    for k in both:
+        if old[k] != new[k]:
+            better = (isinstance(old[k], list) and isinstance(new[k], list) and new[k][0] <= old[k][0]
+                      and new[k][1] <= old[k][1])
+            print(f"  {'better' if better else 'DIFFERENT'}: {k}: {old[k]} -> {new[k]}")
 
 
 def main() -> None:
     import argparse
-    import json
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--baseline", metavar="COMMIT", help="time this commit's fleet planning, then today's")
+    parser.add_argument("--baseline", metavar="COMMIT", help="time this commit's fleet planning (or a folder's "
+                        "on PYTHONPATH), then today's, and compare their plans")
+    parser.add_argument("--now", metavar="DIR", help="with --baseline: a folder on PYTHONPATH instead of the work tree")
     parser.add_argument("--time-only", action="store_true", help="print one timing as JSON (for --baseline)")
     args = parser.parse_args()
     if args.time_only:
         print(json.dumps(timed_fleet()))
         return
     if args.baseline:
-        side_by_side(args.baseline)
+        side_by_side(args.baseline, args.now)
         return
     workloads = parse_workloads([
         dict(name=n, model=m, height=h, width=w, steps=s, rate=float(r), p95_latency_s=None if b is None else float(b))

@@ -88,6 +88,10 @@ PRICE_NOTE = ("default $/hour are assumptions (typical 2025 on-demand prices of 
 TIME_SHARING_NOTE = ("jobs packed on one GPU time-share its compute: each packed job's latency is the sum of "
                      "its pattern's solo latencies, and each delivers 3600 / that sum videos per hour")
 QUEUE_NOTE = "queueing delay is not modelled: latencies are the predicted service time of one video"
+HOST_RAM_NOTE = ("jobs packed on one GPU share its machine's pinned host memory: their plans' host memory (placed "
+                 "values, streamed weights) sums within the GPU type's host_ram_gb")
+HOST_RAM_ASSUMED_NOTE = ("host_ram_gb not given for a GPU type: {gb:g} GiB of pinned host memory assumed per machine "
+                         "(a 32 GiB machine, 75 % pinnable); set host_ram_gb in the inventory")
 
 
 class FleetError(VramplanError):
@@ -131,11 +135,14 @@ class GpuOffer(_Strict):
     count: int | None = Field(default=None, strict=True, ge=0, description="available; null: unlimited")
     price_per_hour: float | None = Field(default=None, strict=True, ge=0, allow_inf_nan=False,
                                          description="$/hour; null: the default (an assumption)")
+    host_ram_gb: float | None = Field(default=None, strict=True, gt=0, allow_inf_nan=False,
+                                      description="pinned host memory (GiB) a job's plan may use on a machine with "
+                                                  "this GPU; null: plan_for's assumption (ASSUMED_HOST_RAM_GB)")
     _price_assumed: bool = PrivateAttr(default=False)  # set by parse_inventory when it filled in a default
 
 
-def _offer(gpu: str, count: int | None, price: float, assumed: bool) -> GpuOffer:
-    offer = GpuOffer(gpu=gpu, count=count, price_per_hour=price)
+def _offer(gpu: str, count: int | None, price: float, assumed: bool, host_ram_gb: float | None = None) -> GpuOffer:
+    offer = GpuOffer(gpu=gpu, count=count, price_per_hour=price, host_ram_gb=host_ram_gb)
     offer._price_assumed = assumed
     return offer
 
@@ -233,6 +240,14 @@ class FleetPlan(_Strict):
                         f"{alloc.gpu} packs {names}: their plans' peaks sum to {human_bytes(peaks)}, beyond the "
                         f"{human_bytes(gpu.memory_usable_bytes)} the GPU has. Remove a job from the packing or "
                         f"re-plan the fleet (vramplan fleet)."
+                    )
+                host = sum(j.plan.prediction.host_bytes for j in packing.jobs)
+                limits = [j.plan.target.host_ram_bytes for j in packing.jobs if j.plan.target.host_ram_bytes is not None]
+                if limits and host > min(limits):
+                    raise FleetPlanError(
+                        f"{alloc.gpu} packs {names}: their plans need {human_bytes(host)} of pinned host memory, "
+                        f"beyond the {human_bytes(min(limits))} their host memory budget allows. Remove a job from "
+                        f"the packing or re-plan the fleet (vramplan fleet)."
                     )
                 share = sum(j.num_gpus for j in packing.jobs)
                 if share > 1 + 1e-9:
@@ -455,7 +470,7 @@ def parse_inventory(data: Any | None, source: str = "inventory") -> list[GpuOffe
         price = offer.price_per_hour if offer.price_per_hour is not None else DEFAULT_PRICES.get(name)
         if price is None:
             raise InventoryError(f"{source}: no default price for {name}; give its price_per_hour")
-        offers[name] = _offer(name, offer.count, price, offer.price_per_hour is None)
+        offers[name] = _offer(name, offer.count, price, offer.price_per_hour is None, offer.host_ram_gb)
     return list(offers.values())
 
 
@@ -473,6 +488,8 @@ class Option:
     latency_s: float
     bound_s: float  # the workload's latency bound (inf if none)
     plan: Plan | None = None
+    host_bytes: int = 0  # pinned host memory the plan needs (placed values, streamed weights)
+    host_ram_bytes: int | None = None  # what the GPU type's machine may pin (None: no limit)
 
     @property
     def fraction(self) -> float:
@@ -480,16 +497,17 @@ class Option:
         return math.ceil(self.peak_bytes / self.usable_bytes / FRACTION_STEP - 1e-9) * FRACTION_STEP
 
 
-_PLANS: dict[tuple, Plan | VramplanError] = {}  # (gpu, model, h, w, frames, guidance, dtype, steps, bound)
+# (gpu, model, h, w, frames, guidance, dtype, steps, host RAM GiB or None, latency bound or None)
+_PLANS: dict[tuple, Plan | VramplanError] = {}
 
 
 def _plan_or_error(key: tuple) -> Plan | VramplanError:
     from ..api import plan_for
 
-    gpu, model, height, width, frames, guidance, dtype, steps, max_latency_s = key
+    gpu, model, height, width, frames, guidance, dtype, steps, host_ram_gb, max_latency_s = key
     try:
         return plan_for(gpu=gpu, model=model, height=height, width=width, frames=frames, guidance=guidance,
-                        dtype=dtype, steps=steps, max_latency_s=max_latency_s)
+                        dtype=dtype, steps=steps, max_latency_s=max_latency_s, host_ram_gb=host_ram_gb)
     except VramplanError as err:
         return err
 
@@ -507,9 +525,11 @@ def _bounded_key(key: tuple, bound: float, fastest: Plan, slack: float) -> tuple
 
 def _plan_pairs(tasks: list[tuple[tuple, float, float]]) -> list[tuple[tuple, Plan | VramplanError]]:
     """Plan each ``(fastest key, workload bound, slack)``: the fastest plan and, when it meets the bound,
-    the smallest peak within ``slack`` of it. One call gets the tasks of one (GPU, model shape) and runs
-    them one after another in one process, so that they share the cost models and their memoised
-    searches (:func:`.pipeline.cost_model`) instead of re-solving from scratch."""
+    the smallest peak within ``slack`` of it. One call gets the tasks of one model shape (and attention
+    kernel: one set of stage profiles), GPU by GPU, and runs them one after another in one process, so
+    that they share the cost models and their memoised searches per GPU (:func:`.pipeline.cost_model`)
+    and the GPU-independent memory of every segment across GPUs (:class:`.costs.Shared`) instead of
+    re-solving from scratch."""
     out = []
     for key, bound, slack in tasks:
         fastest = _PLANS[key] if key in _PLANS else _plan_or_error(key)
@@ -571,15 +591,20 @@ def plan_options(workloads: list[Workload], offers: list[GpuOffer], slack: float
     """Options per (workload index, GPU), and why each workload without any option cannot be served."""
     gpus = [find_gpu(o.gpu) for o in offers]
 
-    def key(w: Workload, gpu, bound: float | None) -> tuple:
-        return (gpu.name, w.model.lower(), w.height, w.width, w.frames, w.guidance, w.dtype, w.steps, bound)
+    host_ram = {find_gpu(o.gpu).name: o.host_ram_gb for o in offers}
 
-    groups: dict[tuple, list] = {}  # per (GPU, model shape): plans that share cost models
-    for w in workloads:
-        bound = w.p95_latency_s if w.p95_latency_s is not None else math.inf
-        for g in gpus:
+    def key(w: Workload, gpu, bound: float | None) -> tuple:
+        return (gpu.name, w.model.lower(), w.height, w.width, w.frames, w.guidance, w.dtype, w.steps,
+                host_ram[gpu.name], bound)
+
+    groups: dict[tuple, list] = {}  # per (model shape, attention kernel): plans that share stage profiles
+    for g in gpus:
+        kernel = g.attention_kernel
+        for w in workloads:
+            bound = w.p95_latency_s if w.p95_latency_s is not None else math.inf
             k = key(w, g, None)
-            groups.setdefault(k[:7], []).append((k, bound, slack))
+            shape = (*k[1:7], kernel if w.dtype != "fp32" else "efficient")
+            groups.setdefault(shape, []).append((k, bound, slack))
     _plan_groups(list(groups.values()))
     options: dict[tuple[int, str], Option] = {}
     too_big: dict[int, list[str]] = {}
@@ -607,7 +632,8 @@ def plan_options(workloads: list[Workload], offers: list[GpuOffer], slack: float
             raise WorkloadError(f"workload {workloads[i].name!r}: {plan}")
         usable = find_gpu(name).memory_usable_bytes
         bound = workloads[i].p95_latency_s if workloads[i].p95_latency_s is not None else math.inf
-        options[(i, name)] = Option(i, name, plan.prediction.peak_bytes, usable, plan.prediction.latency_s, bound, plan)
+        options[(i, name)] = Option(i, name, plan.prediction.peak_bytes, usable, plan.prediction.latency_s, bound, plan,
+                                    plan.prediction.host_bytes, plan.target.host_ram_bytes)
     reasons = {}
     for i, w in enumerate(workloads):
         if any(k[0] == i for k in options):
@@ -639,19 +665,25 @@ def enumerate_patterns(options: dict[tuple[int, str], Option], gpus: list[str], 
     for g in gpus:
         items = sorted((o for (_, gg), o in options.items() if gg == g), key=lambda o: o.workload)
 
-        def grow(start: int, slots: list[int], frac: float, cycle: float, bound: float, g=g, items=items) -> None:
+        def grow(start: int, slots: list[int], frac: float, cycle: float, bound: float, host: int, g=g,
+                 items=items) -> None:
             if slots and (len(slots) == 1 or len(set(slots)) > 1):
                 out.append(Pattern(g, tuple(slots), cycle))
             if len(slots) == max_jobs:
                 return
             for j in range(start, len(items)):
                 o = items[j]
-                f, c, b = frac + o.fraction, cycle + o.latency_s, min(bound, o.bound_s)
-                if f <= 1 + 1e-9 and c <= b:
-                    grow(j, slots + [o.workload], f, c, b)
+                f, c, b, h = frac + o.fraction, cycle + o.latency_s, min(bound, o.bound_s), host + o.host_bytes
+                if f <= 1 + 1e-9 and c <= b and _host_fits(h, o):
+                    grow(j, slots + [o.workload], f, c, b, h)
 
-        grow(0, [], 0.0, 0.0, math.inf)
+        grow(0, [], 0.0, 0.0, math.inf, 0)
     return out
+
+
+def _host_fits(host_bytes: int, option: Option) -> bool:
+    """Jobs packed on one GPU share its machine's pinned host memory: their plans' host bytes must fit it."""
+    return option.host_ram_bytes is None or host_bytes <= option.host_ram_bytes
 
 
 def _solver(time_limit: float, gap: float = 1e-9):
@@ -775,7 +807,11 @@ def _assemble(workloads, offers, options, reasons, chosen: dict[Pattern, int], s
             usable_bytes=find_gpu(offer.gpu).memory_usable_bytes, packings=packings,
         ))
     cost = sum(a.count * a.price_per_hour for a in allocations)
-    notes = [TIME_SHARING_NOTE, QUEUE_NOTE]
+    notes = [TIME_SHARING_NOTE, QUEUE_NOTE, HOST_RAM_NOTE]
+    if any(o.host_ram_gb is None for o in offers):
+        from ..api import ASSUMED_HOST_RAM_GB
+
+        notes.append(HOST_RAM_ASSUMED_NOTE.format(gb=ASSUMED_HOST_RAM_GB))
     if any(o._price_assumed for o in offers):
         notes.append(PRICE_NOTE)
     return FleetPlan(
@@ -794,7 +830,9 @@ def brute_force_cost(options: dict[tuple[int, str], Option], rates: dict[int, fl
         for size in range(1, max_jobs + 1):
             for combo in itertools.combinations_with_replacement(items, size):
                 cycle = sum(o.latency_s for o in combo)
-                if sum(o.fraction for o in combo) <= 1 + 1e-9 and all(cycle <= o.bound_s for o in combo):
+                host = sum(o.host_bytes for o in combo)
+                if (sum(o.fraction for o in combo) <= 1 + 1e-9 and all(cycle <= o.bound_s for o in combo)
+                        and all(_host_fits(host, o) for o in combo)):
                     supply = {w: sum(3600.0 / cycle for o in combo if o.workload == w) for w in rates}
                     configs.append((offer.gpu, offer.price_per_hour, supply))
     count = {o.gpu: o.count for o in offers}

@@ -88,6 +88,39 @@ def test_time_sharing_latency_blocks_packing():
     assert all(p.cycle_s == pytest.approx(60.0 * len(p.slots)) for p in packed)
 
 
+def test_packed_jobs_share_the_machines_pinned_host_memory():
+    """Two jobs fit the GPU's memory together, but their plans' pinned host memory does not fit one machine:
+    the pattern is not admissible (and the brute force agrees), so each runs on its own GPU."""
+    def opts(host_gib, limit_gib):
+        return {(w, "g"): Option(w, "g", 4 * GIB, 10 * GIB, 60.0, float("inf"), None, int(host_gib * GIB),
+                                 int(limit_gib * GIB)) for w in (0, 1)}
+
+    offers = [GpuOffer(gpu="g", count=None, price_per_hour=1.0)]
+    rates = {0: 10.0, 1: 10.0}
+    fits, over = opts(10, 24), opts(14, 24)
+    assert {p.slots for p in enumerate_patterns(fits, ["g"], 3)} == {(0,), (1,), (0, 1)}
+    assert {p.slots for p in enumerate_patterns(over, ["g"], 3)} == {(0,), (1,)}
+    chosen, _ = solve_patterns(enumerate_patterns(over, ["g"], 3), rates, offers)
+    assert sum(chosen.values()) == 2
+    assert brute_force_cost(over, rates, offers, max_jobs=3, max_gpus=3) == pytest.approx(2.0)
+    assert brute_force_cost(fits, rates, offers, max_jobs=3, max_gpus=3) == pytest.approx(1.0)
+
+
+def test_inventory_host_ram_reaches_the_plans():
+    offers = parse_inventory([{"gpu": "4090", "count": 1, "price_per_hour": 1.0, "host_ram_gb": 48}])
+    assert offers[0].host_ram_gb == 48
+    with pytest.raises(InventoryError, match="host_ram_gb"):
+        parse_inventory([{"gpu": "4090", "host_ram_gb": -1}])
+    fleet = plan_fleet(parse_workloads([{"name": "sq", "model": "svd", "height": 512, "width": 512, "rate": 2.0}]),
+                       offers)
+    job = fleet.gpus[0].packings[0].jobs[0]
+    assert (job.plan.target.host_ram_bytes, job.plan.target.host_ram_source) == (48 * GIB, "given")
+    assert not any("assumed per machine" in note for note in fleet.assumptions)
+    assumed = plan_fleet(parse_workloads([{"name": "sq", "model": "svd", "height": 512, "width": 512, "rate": 2.0}]),
+                         parse_inventory([{"gpu": "4090", "count": 1, "price_per_hour": 1.0}]))
+    assert any("24 GiB of pinned host memory assumed per machine" in note for note in assumed.assumptions)
+
+
 WORKLOADS = [
     {"name": "hd", "model": "svd", "height": 576, "width": 1024, "rate": 3.0},
     {"name": "sq", "model": "svd", "height": 512, "width": 512, "rate": 2.0},

@@ -184,12 +184,12 @@ def test_fleet_groups_give_the_plans_plan_for_gives():
     from vramplan.planner import capacity
 
     capacity._PLANS.clear()
-    key = ("RTX 4090", "svd", 512, 512, None, True, "fp16", 25, None)
+    key = ("RTX 4090", "svd", 512, 512, None, True, "fp16", 25, None, None)
     done = dict(capacity._plan_pairs([(key, 60.0, 0.05)]))
     assert len(done) == 2  # the workload's fastest plan and its smallest peak within 5 %
     for k, plan in done.items():
         alone = plan_for(gpu=k[0], model=k[1], height=k[2], width=k[3], guidance=k[5], dtype=k[6], steps=k[7],
-                         max_latency_s=k[8])
+                         host_ram_gb=k[8], max_latency_s=k[9])
         assert (plan.prediction.peak_bytes, plan.prediction.latency_s) == (
             alone.prediction.peak_bytes, alone.prediction.latency_s)
 
