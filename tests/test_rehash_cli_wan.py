@@ -35,16 +35,26 @@ def wan(untrained, monkeypatch):
     return untrained, trained_wan
 
 
+def _plan(pipe, name="trained-tiny-wan"):
+    """A plan of the trained tiny Wan's kind at a small shape (5 frames 16x16: 2 x 4 x 4 latents)."""
+    import torch
+    from vramplan.planner.schema import Plan
+    from vramplan.runtime.apply import sample_shape, uniform_component
+
+    comp = uniform_component(pipe.transformer, 1, sample_shape(torch.zeros(1, 8, 2, 4, 4), pipe.transformer))
+    return Plan(pipeline="WanPipeline", model_name=name, height=16, width=16, frames=5, components=[comp])
+
+
 def test_calibrate_a_wan_plan_and_its_frontier(wan, tmp_path, capsys):
     pipe, trained_wan = wan
-    plan = trained_wan.rehash_plan(pipe, keys=2, steps=3).save(tmp_path / "plan.json")
+    plan = _plan(pipe).save(tmp_path / "plan.json")
     cal = tmp_path / "cal.json"
     assert main(["calibrate", str(plan), "--steps", "3", "--max-gap", "2", "--cuts", "cfg", CUT, f"cfg+{CUT}",
                  "-o", str(cal), "--frontier", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     loaded = Calibration.load(cal)
     assert [c.cut for c in loaded.cuts] == ["cfg", CUT, f"cfg+{CUT}"] and loaded.calls_per_step == 2
-    assert loaded.pipeline == "WanPipeline" and loaded.shape.frames == 5
+    assert loaded.pipeline == "WanPipeline" and loaded.shape.frames == 2
     assert len(loaded.sigmas) == 3 and loaded.flow_matching  # FlowMatchEuler's noise levels, probed
     rows = out["frontier"]
     assert rows and all(r["cut"] in ("cfg", CUT, f"cfg+{CUT}") for r in rows)
@@ -55,10 +65,7 @@ def test_calibrate_a_wan_plan_and_its_frontier(wan, tmp_path, capsys):
 
 
 def test_a_wan_plan_needs_a_prompt(wan, tmp_path, capsys):
-    from vramplan.planner.schema import Plan
-
-    pipe, trained_wan = wan
-    plan = trained_wan.rehash_plan(pipe, keys=2, steps=3).model_copy(update={"model_name": "my-wan"})
-    path = Plan.model_validate(plan.model_dump()).save(tmp_path / "plan.json")
+    pipe, _ = wan
+    path = _plan(pipe, "my-wan").save(tmp_path / "plan.json")
     assert main(["calibrate", str(path), "--steps", "3"]) == 2
     assert "needs --prompt" in capsys.readouterr().err
