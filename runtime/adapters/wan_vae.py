@@ -148,14 +148,58 @@ class WanVAEDecoderAdapter:
 
 def _cached_conv(conv, x: torch.Tensor, cache: list, idx: list) -> torch.Tensor:
     """A causal conv with the stock decode's feature cache: the last two input frames (one new frame
-    after a single-frame chunk: the previous cache's last frame and it)."""
+    after a single-frame chunk: the previous cache's last frame and it). The conv runs as
+    :func:`causal_conv` (no copies of the cached and new frames), and the new cache is taken after it."""
     i = idx[0]
+    prev = cache[i]
+    out = causal_conv(conv, x, prev)
     keep = x[:, :, -CACHE_T:].clone()
-    if keep.shape[2] < 2 and cache[i] is not None:
-        keep = torch.cat([cache[i][:, :, -1:].to(keep.device), keep], dim=2)
-    out = conv(x, cache[i])
+    if keep.shape[2] < 2 and prev is not None:
+        keep = torch.cat([prev[:, :, -1:].to(keep.device), keep], dim=2)
     cache[i] = keep
     idx[0] += 1
+    return out
+
+
+def causal_conv(conv, x: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
+    """``WanCausalConv3d.forward(x, prev)``: the stock call concatenates the cached frames and the new
+    ones, pads them in time and space (two copies of every frame), then convolves; here each output
+    frame is the sum over the kernel's temporal taps of a 2-D convolution of one input frame (the
+    same sum, zero frames skipped), written into the output — equal up to float summation order
+    (fp32; half types take the stock call)."""
+    import torch.nn.functional as F
+
+    kt, kh, kw = conv.kernel_size
+    pw, ph, pt = conv._padding[0], conv._padding[2], conv._padding[4]
+    if (conv.stride != (1, 1, 1) or conv.dilation != (1, 1, 1) or conv.groups != 1 or kt != pt + 1
+            or x.dtype != torch.float32):
+        # not a stride-1 causal conv, or a half type (the sum of rounded per-tap results would round
+        # more often than one convolution): the stock call
+        return conv(x, prev)
+    frames = [None] * pt
+    if prev is not None:
+        prev = prev.to(x.device)
+        n = min(prev.shape[2], pt)
+        frames[pt - n :] = [prev[:, :, j] for j in range(prev.shape[2] - n, prev.shape[2])]
+    frames += [x[:, :, j] for j in range(x.shape[2])]
+    out = None
+    for t in range(x.shape[2]):
+        acc = None
+        for tap in range(kt):
+            f = frames[t + tap]
+            if f is None:
+                continue
+            y = F.conv2d(f, conv.weight[:, :, tap], None, padding=(ph, pw))
+            acc = y if acc is None else acc.add_(y)
+            del y
+        if acc is None:  # only zero frames (cannot happen: the newest frame is always there)
+            raise RuntimeError("causal conv over zero frames only")
+        if conv.bias is not None:
+            acc.add_(conv.bias.view(1, -1, 1, 1))
+        if out is None:
+            out = acc.new_empty(acc.shape[0], acc.shape[1], x.shape[2], acc.shape[-2], acc.shape[-1])
+        out[:, :, t] = acc
+        del acc
     return out
 
 
@@ -182,6 +226,46 @@ class _Rows:
         return t.narrow(-2, lo - start, hi - lo), lo
 
 
+RESAMPLE_ROWS = 16  # upsampled rows per piece of a resample (nearest x2 then a 3x3 conv)
+
+
+def _upsample(up, x: torch.Tensor, cache: list, idx: list) -> torch.Tensor:
+    """``WanResample.forward`` (upsample2d/3d): its own code for the temporal conv and the cache, then
+    its spatial ``resample`` (nearest x2, 3x3 conv) one frame and :data:`RESAMPLE_ROWS` rows at a time
+    (the stock call upsamples every frame of the chunk at once: 4x the chunk's bytes)."""
+    b, c, t, h, w = x.shape
+    if up.mode == "upsample3d":
+        i = idx[0]
+        if cache[i] is None:
+            cache[i] = "Rep"
+            idx[0] += 1
+        else:
+            cache_x = x[:, :, -CACHE_T:, :, :].clone()
+            rep = isinstance(cache[i], str)
+            if cache_x.shape[2] < 2 and not rep:
+                cache_x = torch.cat([cache[i][:, :, -1, :, :].unsqueeze(2).to(cache_x.device), cache_x], dim=2)
+            if cache_x.shape[2] < 2 and rep:
+                cache_x = torch.cat([torch.zeros_like(cache_x).to(cache_x.device), cache_x], dim=2)
+            x = up.time_conv(x) if rep else up.time_conv(x, cache[i])
+            cache[i] = cache_x
+            idx[0] += 1
+            x = x.reshape(b, 2, c, t, h, w)
+            x = torch.stack((x[:, 0, :, :, :, :], x[:, 1, :, :, :, :]), 3)
+            x = x.reshape(b, c, t * 2, h, w)
+    out = None
+    for v in range(x.shape[2]):
+        for r0 in range(0, 2 * h, RESAMPLE_ROWS):
+            r1 = min(2 * h, r0 + RESAMPLE_ROWS)
+            a, e = max(0, (r0 - 1) // 2), min(h, (r1 + 2) // 2)  # input rows under upsampled rows r0-1 .. r1
+            y = up.resample(x[:, :, v, a:e])
+            y = y.narrow(-2, r0 - 2 * a, r1 - r0)
+            if out is None:
+                out = y.new_empty(b, y.shape[1], x.shape[2], 2 * h, y.shape[-1])
+            out[:, :, v, r0:r1] = y
+            del y
+    return out
+
+
 def _up_block(block, walk: _Rows, h: torch.Tensor, have: int, point: int, cache: list, idx: list, first: bool):
     """One up block on a slab (the stock block's forward, cropped after every convolution): the output,
     its first row and the next crop point."""
@@ -199,7 +283,7 @@ def _up_block(block, walk: _Rows, h: torch.Tensor, have: int, point: int, cache:
         del res_in, shortcut
     up = _upsampler(block)
     if up is not None:
-        h = up(h, feat_cache=cache, feat_idx=idx)
+        h = _upsample(up, h, cache, idx)
         h, have = walk.crop(h, point, have)
         point += 1
     if getattr(block, "avg_shortcut", None) is not None:  # Wan 2.2: DupUp3D of the block's input
