@@ -63,6 +63,12 @@ def main() -> None:
     print(f"\nvideo written to {side_by_side(result, out / 'trained-original-vs-rehash.gif')} "
           f"(left: original, right: sliced + Step Rehash)")
 
+    print("\n== 3. the small trained text-to-video Wan (WanPipeline, CPU, fp32): true vs generated vs rehash ==\n")
+    from vramplan.runtime import trained_wan
+
+    gif = trained_wan.demo(out)
+    print(f"\nvideo written to {gif} (left: the true clip, middle: generated, right: Step Rehash)")
+
 
 if __name__ == "__main__":
     main()
