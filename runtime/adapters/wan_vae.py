@@ -229,10 +229,11 @@ class _Rows:
 RESAMPLE_ROWS = 16  # upsampled rows per piece of a resample (nearest x2 then a 3x3 conv)
 
 
-def _upsample(up, x: torch.Tensor, cache: list, idx: list) -> torch.Tensor:
-    """``WanResample.forward`` (upsample2d/3d): its own code for the temporal conv and the cache, then
-    its spatial ``resample`` (nearest x2, 3x3 conv) one frame and :data:`RESAMPLE_ROWS` rows at a time
-    (the stock call upsamples every frame of the chunk at once: 4x the chunk's bytes)."""
+def _upsample(up, x: torch.Tensor, cache: list, idx: list, start: int, stop: int) -> torch.Tensor:
+    """``WanResample.forward`` (upsample2d/3d) for upsampled rows ``[start, stop)`` of the slab ``x``:
+    its own code for the temporal conv and the cache, then its spatial ``resample`` (nearest x2, 3x3
+    conv) one frame and :data:`RESAMPLE_ROWS` rows at a time (the stock call upsamples every row of
+    every frame of the chunk at once: 4x the chunk's bytes)."""
     b, c, t, h, w = x.shape
     if up.mode == "upsample3d":
         i = idx[0]
@@ -252,16 +253,18 @@ def _upsample(up, x: torch.Tensor, cache: list, idx: list) -> torch.Tensor:
             x = x.reshape(b, 2, c, t, h, w)
             x = torch.stack((x[:, 0, :, :, :, :], x[:, 1, :, :, :, :]), 3)
             x = x.reshape(b, c, t * 2, h, w)
+    if not 0 <= start < stop <= 2 * h:
+        raise RuntimeError(f"Wan upsampler: rows [{start}, {stop}) of a slab of {2 * h} upsampled rows")
     out = None
     for v in range(x.shape[2]):
-        for r0 in range(0, 2 * h, RESAMPLE_ROWS):
-            r1 = min(2 * h, r0 + RESAMPLE_ROWS)
+        for r0 in range(start, stop, RESAMPLE_ROWS):
+            r1 = min(stop, r0 + RESAMPLE_ROWS)
             a, e = max(0, (r0 - 1) // 2), min(h, (r1 + 2) // 2)  # input rows under upsampled rows r0-1 .. r1
             y = up.resample(x[:, :, v, a:e])
             y = y.narrow(-2, r0 - 2 * a, r1 - r0)
             if out is None:
-                out = y.new_empty(b, y.shape[1], x.shape[2], 2 * h, y.shape[-1])
-            out[:, :, v, r0:r1] = y
+                out = y.new_empty(b, y.shape[1], x.shape[2], stop - start, y.shape[-1])
+            out[:, :, v, r0 - start : r1 - start] = y
             del y
     return out
 
@@ -282,17 +285,26 @@ def _up_block(block, walk: _Rows, h: torch.Tensor, have: int, point: int, cache:
         h = h + shortcut.narrow(-2, have - res_have, h.shape[-2])
         del res_in, shortcut
     up = _upsampler(block)
-    if up is not None:
-        h = _upsample(up, h, cache, idx)
-        h, have = walk.crop(h, point, have)
+    if up is not None:  # only the upsampled rows the rest needs (its output's first row is 2 * have)
+        lo, hi = walk.need[point + 1]
+        h = _upsample(up, h, cache, idx, lo - 2 * have, hi - 2 * have)
+        have = lo
         point += 1
     if getattr(block, "avg_shortcut", None) is not None:  # Wan 2.2: DupUp3D of the block's input
         # only the input rows under the output rows kept: DupUp3D copies its input 8-fold (twice)
+        # and one input frame at a time, added into the upsampler's (fresh) output
         f = block.avg_shortcut.factor_s
         lo, hi = have // f, -(-(have + h.shape[-2]) // f)
-        shortcut = block.avg_shortcut(block_in.narrow(-2, lo - block_have, hi - lo), first_chunk=first)
-        h = h + shortcut.narrow(-2, have - f * lo, h.shape[-2])
-        del shortcut
+        src = block_in.narrow(-2, lo - block_have, hi - lo)
+        done = 0
+        for v in range(src.shape[2]):
+            shortcut = block.avg_shortcut(src[:, :, v : v + 1], first_chunk=first)
+            n = shortcut.shape[2]
+            h[:, :, done : done + n].add_(shortcut.narrow(-2, have - f * lo, h.shape[-2]))
+            done += n
+            del shortcut
+        if done != h.shape[2]:
+            raise RuntimeError(f"Wan up block shortcut: {done} frames for {h.shape[2]}")
     return h, have, point
 
 
