@@ -430,6 +430,7 @@ def main() -> None:
                         help="compare: vs diffusers' caches; validate: the predictor's Spearman over 48 schedules")
     parser.add_argument("--write", help="markdown file to put the section in (its block replaced if present)")
     parser.add_argument("--plot", help="quality vs DiT FLOPs saved, PNG")
+    parser.add_argument("--text-out", help="also write the section's markdown to this file")
     args = parser.parse_args()
     started = time.perf_counter()
     text, theirs, ours, b = run(args)
@@ -443,6 +444,8 @@ def main() -> None:
              + (" --untrained" if args.untrained else "") + (" --quick" if args.quick else "")
              + "`.\n")
     print(text, flush=True)
+    if args.text_out:
+        Path(args.text_out).write_text(text)
     if args.write:
         from bench_rehash import write_section
 
