@@ -525,9 +525,17 @@ def with_rehash(
         predicted_psnr=None if best.psnr is None else round(min(best.psnr, 200.0), 3), schedule=best.name,
         threshold=None if thr is None or math.isinf(thr) else round(thr, 6),
         original_unet_flops=steps * full, unet_flops=n * full + (steps - n) * reuse[c],
-        cache_bytes=sizes[c], calibration=ref,
+        cache_bytes=_held_bytes(c, sizes[c], cal), calibration=ref,
     )
     return plan.model_copy(update={"rehash": rehash})
+
+
+def _held_bytes(cut: str, size: int, cal) -> int:
+    """Bytes the cache holds through denoising: one per model call of a step (Wan's CFG: two), as the
+    calibration counted the calls; CFG reuse holds its cut's once (first call) and one offset per later call
+    (``size`` already counts one of each). Without a calibration the calls per step are unknown: one."""
+    calls = (cal.calls_per_step or 1) if cal is not None else 1
+    return size if cfg_split(cut)[0] else size * calls
 
 
 def split_groups_at(component: ComponentPlan, cuts) -> ComponentPlan:

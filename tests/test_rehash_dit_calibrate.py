@@ -86,6 +86,7 @@ def test_the_calibration_plans_a_dit_schedule_and_refuses_another_shape(wan, cal
     r = with_rehash(plan, wan.transformer, mode="optimal", steps=4, keys=2, calibration=cal).rehash
     assert r.quality == "calibrated" and r.cut in CUTS and len(r.key_steps) <= 2
     assert r.predicted_psnr is not None and r.unet_flops < r.original_unet_flops
+    assert r.cache_bytes == 2 * 12 * 24 * 4  # a residual (12 tokens x 24 channels, fp32) per CFG call
     other = cal.model_copy(update={"shape": cal.shape.model_copy(update={"latent_height": 8})})
     with pytest.raises(CalibrationMismatchError, match="Calibrate at the plan's shape"):
         with_rehash(plan, wan.transformer, mode="optimal", steps=4, keys=2, calibration=other)
