@@ -125,8 +125,12 @@ class PipelinePlanner:
         if results is None:
             return None
         if self.host_ram_bytes is not None and self.host_total(results) > self.host_ram_bytes:
-            self.host_bound = True
-            return None
+            from .host_budget import within_host
+
+            results = within_host(self, resident, solutions, cap)  # give back pinned memory before the residency
+            if results is None:
+                self.host_bound = True
+                return None
         return results
 
     def results(self, resident: dict[str, bool], solutions: dict[str, Solution], cap: int) -> list[_StageResult] | None:

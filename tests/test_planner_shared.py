@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 
 import pytest
-
 from vramplan.planner import costs
 from vramplan.planner.costs import EMPTY, CostModel
 from vramplan.planner.gpus import find_gpu
