@@ -161,11 +161,55 @@ def meta(budgets: dict) -> list[list[object]]:
     return rows
 
 
+def meta_encode(version: str, dtype: str, video: tuple[int, int, int], gibs: list[float]) -> list[list[object]]:
+    """A Wan VAE *encode* on meta tensors: the stock peak, plans within each budget (run and measured)."""
+    from diffusers import AutoencoderKLWan
+    from vramplan.planner.costs import CostModel
+    from vramplan.planner.errors import InfeasibleError
+    from vramplan.planner.gpus import find_gpu
+    from vramplan.planner.plan import make_plan, segments_of
+    from vramplan.planner.schema import SampleShape
+    from vramplan.runtime.profiler import cached_profile
+    from vramplan.runtime.verify import verify
+
+    gpu = find_gpu("RTX 4090").model_copy(update={"cuda_context_bytes": 0})
+    cfg, _ = _wan_config(version)
+    with torch.device("meta"):
+        vae = AutoencoderKLWan(**cfg).to({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
+    t, h, w = video
+    shape = SampleShape(batch=1, frames=t, latent_height=h, latent_width=w, dtype=dtype)
+    prof = cached_profile(vae, shape, "flash", name=f"wan{version}-vae", component="vae_encoder", max_k=32)
+    model = CostModel(prof, gpu)
+    rows = []
+    for gib in gibs:
+        label = f"Wan {version} encode {dtype} {h}x{w}x{t}"
+        try:
+            plan = make_plan(prof, gpu, usable_bytes=int((prof.weight_bytes + gib * 2**30) / 0.98), steps=1)
+        except InfeasibleError:
+            rows.append([label, f"{prof.original_peak_bytes / 2**30:.2f}", f"{gib:g}",
+                         f"refused (floor {_floor(prof, gpu):.2f})", "", "", "", ""])
+            print(rows[-1], flush=True)
+            continue
+        comp = plan.components[0]
+        measured = verify(plan, vae).measured_activation_bytes
+        whole = comp.model_copy(update={"slices": {}, "groups": [], "host": []})
+        seconds = sum(model.cost(s, frozenset(comp.host)).seconds for s in segments_of(model, comp))
+        base = sum(model.cost(s).seconds for s in segments_of(model, whole))
+        rows.append([label, f"{prof.original_peak_bytes / 2**30:.2f}", f"{gib:g}",
+                     f"{plan.prediction.activation_peak_bytes / 2**30:.3f}", f"{measured / 2**30:.3f}",
+                     f"{(plan.prediction.activation_peak_bytes / measured - 1) * 100:+.2f} %",
+                     f"k={comp.slices.get('encoder.down_blocks', 1)}" + (", down on host" if comp.host else ""),
+                     f"{seconds:.2f} / {base:.2f} ({seconds / base:.2f}x)"])
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--meta", action="store_true", help="also the full-size Wan VAEs on meta tensors (minutes)")
     parser.add_argument("--no-write", action="store_true")
-    parser.add_argument("--only", choices=["2.1", "2.2"], help="with --meta: one Wan VAE only (print, no write)")
+    parser.add_argument("--only", choices=["2.1", "2.2", "encode"],
+                        help="one part of --meta only (printed, not written): a Wan VAE's decode, or the 2.1 encode")
     args = parser.parse_args()
     torch.set_num_threads(1)
     q = quality()
@@ -175,6 +219,10 @@ def main() -> None:
             "", table(["call", "tiled PSNR", "tiled max diff", "vramplan PSNR", "vramplan max diff", "plan"], q)]
     print(body[-1])
     budgets = {("2.1", "fp32"): [3.0, 1.5], ("2.1", "bf16"): [1.0], ("2.2", "fp32"): [3.0, 2.5, 2.0]}
+    encode = ("2.1", "fp32", (81, 720, 1280), [4.0, 2.0, 1.5])
+    if args.only == "encode":
+        meta_encode(*encode)
+        return
     if args.only:
         meta({key: gibs for key, gibs in budgets.items() if key[0] == args.only})
         return
