@@ -35,6 +35,30 @@ def _steps(model, solution: Solution, budget: int, keep: frozenset[str]):
         yield solve(model, budget, None, "dp", host=solution.host, streamed=solution.streamed - {b}, explain=False)
 
 
+def model_within_host(model, solution: Solution, budget: int, host_ram_bytes: int,
+                      max_latency_s: float | None = None, max_steps: int = 256) -> Solution | None:
+    """One model's ``solution`` changed step by step (as :func:`within_host`) until its pinned host memory
+    fits ``host_ram_bytes``, within the GPU ``budget`` and ``max_latency_s`` per call; None if it cannot."""
+    current = solution
+    for _ in range(max_steps):
+        have = sum(stage_host(model, current))
+        if have <= host_ram_bytes:
+            return current
+        best = None
+        for trial in _steps(model, current, budget, frozenset()):
+            if trial is None or (max_latency_s is not None and trial.latency_s > max_latency_s):
+                continue
+            saved = have - sum(stage_host(model, trial))
+            if saved > 0:
+                score = (max(0.0, trial.latency_s - current.latency_s) / saved, -saved)
+                if best is None or score < best[0]:
+                    best = (score, trial)
+        if best is None:
+            return None
+        current = best[1]
+    return None
+
+
 def within_host(planner, resident: dict[str, bool], solutions: dict[str, Solution], cap: int,
                 max_steps: int = 256):
     """``planner.results`` for ``solutions`` changed to fit ``planner.host_ram_bytes`` (see the module

@@ -59,10 +59,13 @@ def make_plan(
     allocator: str = "expandable_segments",
     method: str = "auto",
     pinned: bool = True,
+    host_ram_bytes: int | None = None,
 ) -> Plan:
     """Plan one model (``profile``) for ``gpu``: fastest within memory, or smallest peak within
     ``max_latency_s`` (for ``steps`` calls). Whole pipelines: :func:`.pipeline.plan_pipeline`.
-    ``pinned=False``: host-link copies at the pageable rate (pinned memory unavailable)."""
+    ``pinned=False``: host-link copies at the pageable rate (pinned memory unavailable).
+    ``host_ram_bytes``: pinned host memory the plan may use (placed values, streamed weights); a plan
+    needing more gives it back step by step (:func:`.host_budget.model_within_host`), else is refused."""
     usable = usable_bytes if usable_bytes is not None else gpu.memory_usable_bytes
     margin = int(usable * MARGIN_FRACTION)
     base = gpu.cuda_context_bytes + profile.weight_bytes + margin
@@ -76,6 +79,20 @@ def make_plan(
         solution = search(model, budget, per_call, method=method)
     except InfeasibleError as err:
         raise _explain(err, profile, gpu, usable, base, model) from None
+    if host_ram_bytes is not None:
+        from .host_budget import model_within_host, stage_host
+
+        need = sum(stage_host(model, solution))
+        fitted = model_within_host(model, solution, budget, host_ram_bytes, per_call)
+        if fitted is None:
+            err = InfeasibleError(
+                f"{profile.model.name} fits {gpu.name} ({human_bytes(usable)} usable) only with {human_bytes(need)} "
+                f"of pinned host memory (placed values, streamed weights), beyond the host memory budget of "
+                f"{human_bytes(host_ram_bytes)}. Give more host memory, a GPU with more memory, or a smaller shape."
+            )
+            err.part, err.host_bytes, err.host_ram_bytes = "pinned host memory", need, host_ram_bytes
+            raise err
+        solution = fitted
 
     peak_cost = max(solution.costs, key=lambda c: c.needed_bytes)
     needed = peak_cost.needed_bytes
@@ -112,6 +129,9 @@ def make_plan(
             allocator=allocator,
             attention_kernel=profile.attention_kernel,
             steps=steps,
+            pinned=pinned,
+            host_ram_bytes=host_ram_bytes,
+            host_ram_source="given" if host_ram_bytes is not None else None,
         ),
         prediction=prediction,
         solver=SolverInfo(

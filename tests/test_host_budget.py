@@ -61,3 +61,28 @@ def test_a_plan_needing_more_pinned_memory_than_any_fitting_one_is_refused_namin
     with pytest.raises(InfeasibleError, match="pinned host memory") as err:
         plan_for(gpu="RTX 4090", model="svd", height=512, width=512, vram_gb=2.5, host_ram_gb=0.25)
     assert err.value.part == "pinned host memory"
+
+
+def test_make_plan_keeps_within_the_host_budget():
+    import pytest
+    from vramplan.planner.errors import InfeasibleError
+    from vramplan.planner.plan import make_plan
+
+    profile = shipped_pipeline_profile("svd", 512, 512, 14, True, "fp16", "flash")
+    unet = next(s.profile for s in profile.stages if s.per_step)
+    gpu = find_gpu("RTX 4090")
+    usable = int(unet.weight_bytes * 0.8 + gpu.cuda_context_bytes)
+    free = make_plan(unet, gpu, usable_bytes=usable)
+    need = free.prediction.host_bytes
+    assert need > 0
+    roomy = make_plan(unet, gpu, usable_bytes=usable, host_ram_bytes=2 * need)
+    assert roomy.prediction == free.prediction and roomy.target.host_ram_bytes == 2 * need
+    try:
+        tighter = make_plan(unet, gpu, usable_bytes=usable, host_ram_bytes=need - 1)
+    except InfeasibleError as err:
+        assert err.part == "pinned host memory"
+    else:
+        assert tighter.prediction.host_bytes < need and tighter.prediction.peak_bytes <= usable
+    with pytest.raises(InfeasibleError, match="pinned host memory") as err:
+        make_plan(unet, gpu, usable_bytes=int(unet.weight_bytes * 0.6), host_ram_bytes=GIB // 8)
+    assert err.value.part == "pinned host memory"
