@@ -67,8 +67,8 @@ def snapshot(commit: str) -> str:
     return str(pkg)
 
 
-def timed_fleet() -> dict:
-    """Plan the 20 x 18 mix once in this process's vramplan; seconds (wall, and planning within it)."""
+def timed_fleet(gpus: list[str] | None = None) -> dict:
+    """Plan the 20 x 18 mix (or 20 x ``gpus``) once in this process's vramplan; seconds (wall, CPU, planning)."""
     import vramplan.planner.capacity as capacity
 
     workloads = parse_workloads([
@@ -76,7 +76,8 @@ def timed_fleet() -> dict:
         for n, m, h, w, s, r, b in MIX
     ])
     t0, cpu = time.perf_counter(), _cpu()
-    fleet = plan_fleet(workloads, parse_inventory(None))
+    offers = [o for o in parse_inventory(None) if gpus is None or o.gpu in gpus]
+    fleet = plan_fleet(workloads, offers)
     plans = {}  # every (workload shape, GPU, bound) plan made: (peak, latency) or the error's first words
     for key, plan in capacity._PLANS.items():
         key = (*key[:8], key[-1]) if len(key) == 10 else key  # keys gained the host RAM after 281722b
@@ -97,7 +98,7 @@ def _cpu() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def side_by_side(baseline: str, now: str | None = None) -> None:
+def side_by_side(baseline: str, now: str | None = None, gpus: str | None = None) -> None:
     """``baseline`` (a commit, or a folder to put on PYTHONPATH) and today's code (the work tree, or the
     folder ``now``), each in a fresh process, one after the other; then every plan both made, compared."""
     import os
@@ -109,8 +110,8 @@ def side_by_side(baseline: str, now: str | None = None) -> None:
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
         if path:
             env["PYTHONPATH"] = path
-        done = subprocess.run([sys.executable, __file__, "--time-only"], env=env, capture_output=True, text=True,
-                              check=True, cwd="/")
+        done = subprocess.run([sys.executable, __file__, "--time-only", *(["--gpus", gpus] if gpus else [])], env=env,
+                              capture_output=True, text=True, check=True, cwd="/")
         result = json.loads(done.stdout.strip().splitlines()[-1])
         results.append(result)
         rows.append([label, result["seconds"], result.get("cpu_seconds", "-"), result["planning_seconds"],
@@ -137,12 +138,13 @@ def main() -> None:
                         "on PYTHONPATH), then today's, and compare their plans")
     parser.add_argument("--now", metavar="DIR", help="with --baseline: a folder on PYTHONPATH instead of the work tree")
     parser.add_argument("--time-only", action="store_true", help="print one timing as JSON (for --baseline)")
+    parser.add_argument("--gpus", metavar="A,B", help="with --baseline: only these GPU types (default: all 18)")
     args = parser.parse_args()
     if args.time_only:
-        print(json.dumps(timed_fleet()))
+        print(json.dumps(timed_fleet(args.gpus.split(",") if args.gpus else None)))
         return
     if args.baseline:
-        side_by_side(args.baseline, args.now)
+        side_by_side(args.baseline, args.now, args.gpus)
         return
     workloads = parse_workloads([
         dict(name=n, model=m, height=h, width=w, steps=s, rate=float(r), p95_latency_s=None if b is None else float(b))

@@ -1,32 +1,41 @@
-"""Planning speed of ``plan_for`` on the shipped SVD / SVD-XT / AnimateDiff profiles (issue 18, part 3).
+"""Planning speed of ``plan_for`` on the shipped SVD / SVD-XT / AnimateDiff profiles and a Wan 14B profile
+(issue 18, part 3; issue 15).
 
-Every such profile on its kernel's GPUs (efficient: RTX 2080 Ti; flash: RTX 4090 and RTX 3050 Laptop):
-the fastest plan, then ``max_latency_s`` at 1.2x and 1.02x its latency, in one process (as a user's
-``plan`` after ``plan``), each timed (CPU seconds of this process, and wall). Prints one row per
-plan and the slowest of each kind. Target: every plan under 2 s.
+Every SVD / SVD-XT / AnimateDiff profile on its kernel's GPUs (efficient: RTX 2080 Ti; flash: RTX 4090 and
+RTX 3050 Laptop): the fastest plan, then ``max_latency_s`` at 1.2x and 1.02x its latency, in one process (as
+a user's ``plan`` after ``plan``), each timed (CPU seconds of this process, and wall); then Wan 2.1 T2V-14B
+at 720x1280x81 on the RTX 4060 Laptop (bf16, the shipped profile, no torch). Prints one row per plan and
+the slowest of each kind. Targets: every plan under 2 s, the Wan plan under 1 s.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_plan_speed.py
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_plan_speed.py --baseline 281722b   # that commit, then today's,
+                                                                                     # side by side, plans compared
 """
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 
-from vramplan.planner.plan import shipped_profiles
-
-from vramplan import plan_for
-
 GPUS = {"efficient": ["RTX 2080 Ti"], "flash": ["RTX 4090", "RTX 3050 Laptop"]}
+WAN = dict(gpu="RTX 4060 Laptop", model="wan2.1-t2v-14b", height=720, width=1280, frames=81, dtype="bf16",
+           host_ram_gb=64.0)  # the plan needs ~28 GiB of pinned host memory: more than the 24 GiB assumed
 
 
 def timed(**kwargs):
+    from vramplan import plan_for
+
     cpu, wall = time.process_time(), time.perf_counter()
     plan = plan_for(**kwargs)
     return plan, time.process_time() - cpu, time.perf_counter() - wall
 
 
-def main() -> None:
-    slowest: dict[str, tuple[float, float, str]] = {}
+def measure() -> list[dict]:
+    """Every plan of the module docstring: what, kind, CPU s, wall s, peak bytes, latency s."""
+    from vramplan.planner.plan import shipped_profiles
+
+    rows = []
     for name in shipped_profiles():
         stem = name.removesuffix(".pipeline.json")
         if stem.startswith("wan"):
@@ -43,13 +52,70 @@ def main() -> None:
             for factor in (1.2, 1.02):
                 runs.append((f"{factor}x", *timed(**shape, max_latency_s=fastest.prediction.latency_s * factor)))
             for label, plan, cpu, wall in runs:
-                what = f"{model} {h}x{w} {gpu} {label}"
-                print(f"{what:48s} cpu {cpu:6.2f} s  wall {wall:6.2f} s  peak {plan.prediction.peak_bytes / 2**30:.3f} GiB"
-                      f"  latency {plan.prediction.latency_s:.3f} s", flush=True)
-                if cpu > slowest.get(label, (0.0,))[0]:
-                    slowest[label] = (cpu, wall, what)
-    for label, (cpu, wall, what) in slowest.items():
-        print(f"slowest {label}: {what}: cpu {cpu:.2f} s, wall {wall:.2f} s")
+                rows.append(dict(what=f"{model} {h}x{w} {gpu}", kind=label, cpu=cpu, wall=wall,
+                                 peak=plan.prediction.peak_bytes, latency=plan.prediction.latency_s))
+                print(f"{rows[-1]['what'] + ' ' + label:48s} cpu {cpu:6.2f} s  wall {wall:6.2f} s  "
+                      f"peak {plan.prediction.peak_bytes / 2**30:.3f} GiB  latency {plan.prediction.latency_s:.3f} s",
+                      file=sys.stderr, flush=True)
+    plan, cpu, wall = timed(**WAN)
+    rows.append(dict(what="wan2.1-t2v-14b 720x1280 RTX 4060 Laptop", kind="wan 14B", cpu=cpu, wall=wall,
+                     peak=plan.prediction.peak_bytes, latency=plan.prediction.latency_s))
+    return rows
+
+
+def slowest(rows: list[dict]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for r in rows:
+        if r["cpu"] > out.get(r["kind"], {"cpu": -1.0})["cpu"]:
+            out[r["kind"]] = r
+    return out
+
+
+def side_by_side(baseline: str, now: str | None = None) -> None:
+    """``baseline`` (a commit, or a folder to put on PYTHONPATH) and today's code (the work tree, or the folder
+    ``now``), each in a fresh process, one after the other; the slowest plans and every plan compared."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_fleet import snapshot
+
+    path = baseline if Path(baseline).is_dir() else snapshot(baseline)
+    results = []
+    for label, pythonpath in ((f"before ({baseline})", path), (f"now ({now or 'work tree'})", now)):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
+        if pythonpath:
+            env["PYTHONPATH"] = pythonpath
+        done = subprocess.run([sys.executable, __file__, "--json"], env=env, capture_output=True, text=True,
+                              check=True, cwd="/")
+        results.append((label, json.loads(done.stdout.strip().splitlines()[-1])))
+    (old_label, old), (new_label, new) = results
+    print(f"{'slowest':10s} {old_label:>28s} {new_label:>28s}   (CPU s / wall s)")
+    a, b = slowest(old), slowest(new)
+    for kind in a:
+        print(f"{kind:10s} {a[kind]['cpu']:12.2f} / {a[kind]['wall']:6.2f} s {b[kind]['cpu']:16.2f} / "
+              f"{b[kind]['wall']:6.2f} s   ({a[kind]['what']} | {b[kind]['what']})")
+    print(f"CPU s in all: {sum(r['cpu'] for r in old):.1f} -> {sum(r['cpu'] for r in new):.1f}")
+    same = sum((x["peak"], x["latency"]) == (y["peak"], y["latency"]) for x, y in zip(old, new, strict=True))
+    print(f"plans with the same (peak, latency): {same} of {len(old)}")
+    for x, y in zip(old, new, strict=True):
+        if (x["peak"], x["latency"]) != (y["peak"], y["latency"]):
+            better = y["peak"] <= x["peak"] and y["latency"] <= x["latency"]
+            print(f"  {'better' if better else 'DIFFERENT'}: {x['what']} {x['kind']}: "
+                  f"{x['peak']} B / {x['latency']} s -> {y['peak']} B / {y['latency']} s")
+
+
+def main() -> None:
+    if "--json" in sys.argv:
+        print(json.dumps(measure()))
+        return
+    if "--baseline" in sys.argv:
+        now = sys.argv[sys.argv.index("--now") + 1] if "--now" in sys.argv else None
+        side_by_side(sys.argv[sys.argv.index("--baseline") + 1], now)
+        return
+    for kind, r in slowest(measure()).items():
+        print(f"slowest {kind}: {r['what']}: cpu {r['cpu']:.2f} s, wall {r['wall']:.2f} s")
 
 
 if __name__ == "__main__":
