@@ -350,7 +350,7 @@ def make_streamer(model: torch.nn.Module, plan: ComponentPlan, method: str = "fo
     checking that each block's weights are read by that block's units only (a meta trace). ``gathered``:
     blocks whose tables their unit gathers rows of (``Op.gathers``), left in host memory."""
     modules = dict(model.named_modules(remove_duplicate=False))
-    streamable = streamable_blocks(model, plan.shape or config_shape(model), method)
+    streamable = streamable_blocks(model, plan.shape or config_shape(model), method, top_level=True)
     if streamable is not None:
         shared = [b for b in plan.streamed if b not in streamable and b in modules]
         if shared:

@@ -149,9 +149,12 @@ class WeightReaders(TorchDispatchMode):
         return out
 
 
-def streamable_blocks(model: torch.nn.Module, shape, method: str = "forward") -> dict[str, int] | None:
+def streamable_blocks(model: torch.nn.Module, shape, method: str = "forward",
+                      top_level: bool = False) -> dict[str, int] | None:
     """:meth:`WeightReaders.block_weights` of ``model`` at ``shape``, traced once on a meta copy (no
-    data, nobody's hooks); None when the model cannot be traced so."""
+    data, nobody's hooks); None when the model cannot be traced so. The blocks are the adapter's streaming
+    blocks (finer than top-level ones where it declares ``stream_parts``); ``top_level``: the top-level
+    blocks that can stream as well (a plan made from a profile of before the finer blocks still runs)."""
     from .adapters.base import adapter_for
     from .apply import _TORCH_DTYPES, _meta_twin
     from .executor import execute, unit_by_unit
@@ -166,7 +169,9 @@ def streamable_blocks(model: torch.nn.Module, shape, method: str = "forward") ->
             binding = adapter.bind(twin, *args)
             program = binding.program(ops, result)
             execute(program, unit_by_unit(ops), first_slice_only=True)
-        return readers.block_weights([op.name for op in ops], adapter_block(adapter))
+        names = [op.name for op in ops]
+        fine = readers.block_weights(names, adapter_block(adapter))
+        return {**readers.block_weights(names), **fine} if top_level else fine
     except Exception as err:  # noqa: BLE001 - a model that cannot be copied or traced on meta
         log.warning("could not trace which units read which weights (%s: %s); streamed blocks are not checked",
                     type(err).__name__, err)

@@ -79,3 +79,19 @@ def test_every_fine_block_streamed_is_exact(motion, k):
     assert torch.equal(got, planned)
     widest = max(len({owning_block(op.name, blocks) for op in seg.ops}) for seg in handle.segments)
     assert 0 < max(most) <= widest + 1 < len(blocks)
+
+
+def test_a_plan_streaming_top_level_blocks_still_runs(motion):
+    """A plan made from a profile of before the finer blocks (streaming whole up blocks) runs, exactly."""
+    args, kwargs, shape = motion.inputs(1, 3, 5, 4, seed=7)
+    model = motion.model
+    coarse = streamable_blocks(model, shape, top_level=True)
+    assert "up_blocks.0" in coarse and "up_blocks.0.resnets.0" in coarse
+    plan = uniform_plan(model, 2, shape, group=True)
+    with torch.no_grad(), apply_plan(model, plan):
+        planned = motion.output(model, args, kwargs)
+    plan.components[0].streamed = ["down_blocks.1", "up_blocks.0", "up_blocks.1"]
+    with torch.no_grad(), apply_plan(model, plan) as handle:
+        got = motion.output(model, args, kwargs)
+        assert set(handle.streamer.blocks) == {"down_blocks.1", "up_blocks.0", "up_blocks.1"}
+    assert torch.equal(got, planned)
