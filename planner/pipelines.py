@@ -196,13 +196,17 @@ class StableVideoDiffusion(PipelineSpec):
     pipeline = "StableVideoDiffusionPipeline"
     stages = (("encode_image", "image_encoder", "forward"), ("encode_vae", "vae", "encode"),
               ("denoise", "unet", "forward"), ("decode", "vae", "decode"))
-    # The VAE encode of the conditioning image is sliced along rows under its own plan (vae holds the decode's).
-    sliced: ClassVar[dict[str, str | int]] = {"encode_vae": 1, "denoise": "guidance", "decode": 1}
+    # The CLIP image encoder is a planned stage (its layers stream; 257 tokens are not sliced); the VAE encode
+    # of the conditioning image is sliced along rows under its own plan (vae holds the decode's).
+    sliced: ClassVar[dict[str, str | int]] = {"encode_image": 1, "encode_vae": 1, "denoise": "guidance", "decode": 1}
     stage_plans: ClassVar[dict[str, str]] = {"encode_vae": "vae_encoder"}
     components = ("unet", "vae", "image_encoder")
     conditioning = "image"
 
     def stage_shape(self, stage, height, width, frames, guidance, dtype, configs=None) -> SampleShape:
+        if stage == "encode_image":  # one image resized to the encoder's input size, pixels
+            side = int(((configs or {}).get("image_encoder") or {}).get("image_size") or 224)
+            return SampleShape(batch=1, frames=1, latent_height=side, latent_width=side, dtype=dtype)
         if stage == "encode_vae":  # one image in pixels; fp16 VAEs with force_upcast encode in fp32
             vae = (configs or {}).get("vae") or {}
             upcast = dtype == "fp16" and vae.get("force_upcast", True)

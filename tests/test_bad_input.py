@@ -149,7 +149,12 @@ def test_auto_without_nvml_installed(monkeypatch):
 # ---------------------------------------------------------------------------- plan files
 @pytest.fixture(scope="module")
 def svd_plan() -> Plan:
-    return plan_for(gpu="2080Ti", height=512, width=512, vram_gb=5)
+    """SVD at 512x512, its image encoder made unsliced (as a stage that runs whole: every SVD stage is planned)."""
+    plan = plan_for(gpu="2080Ti", height=512, width=512, vram_gb=5)
+    whole = plan.component("image_encoder").model_copy(
+        update={"shape": None, "slices": {}, "groups": [], "host": [], "streamed": [], "recompute": []})
+    return plan.model_copy(update={"components": [whole if c.component == "image_encoder" else c
+                                                  for c in plan.components]})
 
 
 def _write(tmp_path, name, data: bytes):

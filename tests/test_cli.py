@@ -163,7 +163,7 @@ def test_plan_table_shows_recompute_host_streamed_and_depth(plans):
 
     from vramplan.cli import placement_summary
 
-    comp = Plan.load(plans["svd"]).components[0]
+    comp = next(c for c in Plan.load(plans["svd"]).components if c.groups)  # a grouped component
     for group in comp.groups:
         group.depth = 1
     plain = comp.model_copy(update={"recompute": [], "host": [], "streamed": []})
@@ -232,7 +232,7 @@ def test_verify_fails_on_a_missing_component_and_on_a_bad_prediction(plans, tmp_
     assert main(["verify", str(edited)]) == 1
     captured = capsys.readouterr()
     assert "FAILED" in captured.err
-    assert "field 'components' names unet, image_encoder, but the pipeline has unet, vae" in captured.err
+    assert "field 'components' names unet, image_encoder, vae_encoder, but the pipeline has unet, vae" in captured.err
     from vramplan.planner.schema import Plan
     from vramplan.runtime.verify import VerifyReport, failures
 

@@ -35,6 +35,13 @@ def comp(data, name):
     return next(c for c in data["components"] if c["component"] == name)
 
 
+def _unsliced(data, name):
+    """The component made unsliced (no shape, nothing planned), as a stage that runs whole."""
+    c = comp(data, name)
+    c.update(shape=None, slices={}, groups=[], recompute=[], host=[], streamed=[])
+    return c
+
+
 def stage(data, name):
     return next(s for s in data["stages"] if s["stage"] == name)
 
@@ -192,14 +199,14 @@ LAPTOP_CASES = {
     "host value never leaves": (lambda d: comp(d, "vae")["host"].append(_inside_value(d)),
                                 r"'components\[vae\]\.host' names .*, which no later segment reads"),
     "host dropped": (lambda d: comp(d, "vae")["host"].pop(), r"profile gives"),
-    "host on an unsliced component": (lambda d: comp(d, "image_encoder")["host"].append("x"),
+    "host on an unsliced component": (lambda d: _unsliced(d, "image_encoder")["host"].append("x"),
                                       r"'components\[image_encoder\]\.host' is set, but the component is not sliced"),
     # -- streaming and residency --------------------------------------------------------------------
     "resident while streaming": (lambda d: comp(d, "unet").__setitem__("resident", True), r"profile gives"),
     "streamed block duplicated": (_append("unet", "streamed", lambda d: comp(d, "unet")["streamed"][0]),
                                   r"'components\[unet\]\.streamed' lists .* more than once"),
     "streamed block unknown": (_append("unet", "streamed", "down_blocks.7"), r"'down_blocks\.7', not a block"),
-    "streamed on an unsliced component": (lambda d: comp(d, "image_encoder")["streamed"].append("vision_model"),
+    "streamed on an unsliced component": (lambda d: _unsliced(d, "image_encoder")["streamed"].append("vision_model"),
                                           r"'components\[image_encoder\]\.streamed' is set, but the component is not sliced"),
     "streamed block dropped": (lambda d: comp(d, "unet")["streamed"].pop(), r"profile gives"),
     "resident flipped": (lambda d: comp(d, "image_encoder").__setitem__("resident", True), r"profile gives"),

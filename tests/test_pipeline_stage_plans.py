@@ -25,7 +25,7 @@ def test_the_spec_names_the_encode_plan_and_its_attribute():
     spec = pipeline_spec("StableVideoDiffusionPipeline")
     assert spec.plan_name("encode_vae") == "vae_encoder" and spec.plan_name("decode") == "vae"
     assert spec.attribute_of("vae_encoder") == "vae" and spec.attribute_of("unet") == "unet"
-    assert set(spec.sliced_components()) == {"vae_encoder", "unet", "vae"}
+    assert set(spec.sliced_components()) == {"image_encoder", "vae_encoder", "unet", "vae"}
     # one image in pixels; an fp16 VAE with force_upcast encodes in fp32, as the pipeline does
     shape = spec.stage_shape("encode_vae", 576, 1024, 14, True, "fp16", {"vae": {"force_upcast": True}})
     assert shape == SampleShape(batch=1, frames=1, latent_height=576, latent_width=1024, dtype="fp32")
@@ -106,7 +106,12 @@ def _plan_with_encode(pipe, k: int, dtype: str) -> Plan:
     plan = uniform_pipeline_plan(pipe, 2, SIZE, SIZE, FRAMES)
     enc = uniform_component(pipe.vae, k, SampleShape(batch=1, frames=1, latent_height=SIZE, latent_width=SIZE,
                                                      dtype=dtype), component="vae_encoder")
-    return plan.model_copy(update={"components": [*plan.components, enc.model_copy(update={"attribute": "vae"})]})
+    # the CLIP image encoder planned too: nothing sliced (257 tokens), its second layer streamed
+    clip = uniform_component(pipe.image_encoder, 1, SampleShape(batch=1, frames=1, latent_height=224, latent_width=224,
+                                                                dtype="fp32"))
+    clip = clip.model_copy(update={"streamed": ["vision_model.encoder.layers.1"]})
+    return plan.model_copy(update={"components": [*plan.components, enc.model_copy(update={"attribute": "vae"}),
+                                                  clip]})
 
 
 def _call(pipe, image, plan=None):
@@ -127,7 +132,8 @@ def test_run_slices_the_encode_exactly_and_leaves_no_hook(pipe, image):
     frames, report = _call(pipe, image, _plan_with_encode(pipe, 4, "fp32"))
     torch.testing.assert_close(frames, expected, rtol=1e-5, atol=1e-5)
     by_stage = {s.stage: s for s in report.stages}
-    assert by_stage["encode_vae"].calls == 1
+    assert by_stage["encode_vae"].calls == 1 and by_stage["encode_image"].calls == 1
+    assert any(n.startswith("image_encoder: 1 blocks streamed") for n in report.notes)
     assert by_stage["encode_vae"].peak_bytes < {s.stage: s for s in whole.stages}["encode_vae"].peak_bytes
     assert not [name for name in hooks_on(pipe.vae) if name.startswith("vramplan")]
 

@@ -417,5 +417,7 @@ def test_floor_names_weights_when_they_cannot_be_streamed():
     with pytest.raises(InfeasibleError, match=r"set by the denoise stage .* the largest part is weights that cannot "
                                               r"be streamed"):
         plan_pipeline(fixed, find_gpu("2080Ti"), usable_bytes=2**31, method="dp")
-    with pytest.raises(InfeasibleError, match=r"the largest part is streamed weights present"):
+    # streamed finely (a res block, transformer or motion module at a time), the UNet no longer sets the
+    # floor: the VAE decode's one-frame slices do
+    with pytest.raises(InfeasibleError, match=r"set by the decode stage .* the largest part is slices and scratch"):
         plan_pipeline(profile, find_gpu("2080Ti"), usable_bytes=2**30, method="dp")

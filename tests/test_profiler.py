@@ -108,7 +108,7 @@ def test_full_size_svd_pipeline_plan_verifies_within_5_percent():
 
     plan = plan_for(gpu="2080Ti", model="svd", height=512, width=512, vram_gb=5.0)
     reports = verify_all(plan)
-    assert {r.component for r in reports} == {"unet", "vae", "vae_encoder", "encode_image (image_encoder)"}
+    assert {r.component for r in reports} == {"unet", "vae", "vae_encoder", "image_encoder"}
     for report in reports:
         assert abs(report.error) < 0.05, report
 

@@ -5,9 +5,10 @@ profiles, loading. The torch-free facts (stages, shapes, call arguments) are
 ``StableVideoDiffusionPipeline.__call__`` runs: the CLIP image encoder on the conditioning image,
 the VAE encoder on it (upcast to fp32 when ``force_upcast``), the UNet once per step (CFG: batch
 2), the temporal VAE decoder on all frames (``decode_chunk_size=num_frames``: exact), and a
-post-processing of the frames. The VAE encode (rows with halos, under its own plan ``vae_encoder``:
-``vae`` holds the decode's), the UNet and the decoder are sliced by plans; the image encoder is
-measured whole. Everything is traced on meta tensors of the full-size components.
+post-processing of the frames. Every model stage is planned: the image encoder (through the CLIP
+adapter: its layers stream, nothing is sliced), the VAE encode (rows with halos, under its own plan
+``vae_encoder``: ``vae`` holds the decode's), the UNet and the decoder. Everything is traced on meta
+tensors of the full-size components.
 
 The encode's blocks are not offered for streaming when the pipeline upcasts the VAE: it converts
 the whole VAE in place (``vae.to(float32)``) around the encode, which a streamed block's host copy
@@ -23,7 +24,7 @@ import torch
 from ...planner.pipelines import StableVideoDiffusion, register
 from ...planner.schema import ModelProfile, StageProfile
 from ..fake import weight_bytes
-from .base import PipelineAdapter, measure_stage, quiet_diffusers
+from .base import PipelineAdapter, quiet_diffusers
 
 _BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 # Slice counts the pipeline's encode is planned with, at most: rows segments are priced slice by slice, so
@@ -35,12 +36,8 @@ ENCODE_MAX_K = 16
 @register
 class StableVideoDiffusionAdapter(PipelineAdapter, StableVideoDiffusion):
     def measure_whole_stages(self, components: dict, height: int, width: int, dtype: str, kernel: str) -> dict:
-        """Activation peak, FLOPs and bytes of the stage that runs unsliced: the image encoder."""
-        encoder = components["image_encoder"]
-        dtype_ = next(encoder.parameters()).dtype
-        side = encoder.config.image_size
-        pixels = torch.empty(1, 3, side, side, device="meta", dtype=dtype_)
-        return {"encode_image": measure_stage(lambda: encoder(pixels), kernel)}
+        """Activation peak, FLOPs and bytes of the stages that run unsliced: none (every stage is planned)."""
+        return {}
 
     @contextlib.contextmanager
     def stage_dtype(self, components: dict, stage: str, dtype: str):
@@ -76,8 +73,9 @@ class StableVideoDiffusionAdapter(PipelineAdapter, StableVideoDiffusion):
         embeds = batch * encoder.config.projection_dim * size
         frames_px = frames * 3 * height * width
         return [
-            StageProfile(stage="encode_image", component="image_encoder", activation_bytes=whole["encode_image"][0],
-                         flops=whole["encode_image"][1], bytes_moved=whole["encode_image"][2], held_bytes=image),
+            # The CLIP image encoder through its adapter: one unit and streamable block per layer.
+            StageProfile(stage="encode_image", component="image_encoder", profile=profiles["encode_image"],
+                         activation_bytes=profiles["encode_image"].original_peak_bytes, held_bytes=image),
             # The encode's own plan (vae holds the decode's).
             StageProfile(stage="encode_vae", component="vae", plan_component="vae_encoder", profile=enc_profile,
                          activation_bytes=enc_profile.original_peak_bytes, held_bytes=noised + embeds,
