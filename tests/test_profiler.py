@@ -114,17 +114,23 @@ def test_full_size_svd_pipeline_plan_verifies_within_5_percent():
 
 
 def test_block_weights_are_the_blocks_own_parameters(meta_tiny, tiny_profile):
-    """Every listed block is a unit block and a module; its bytes are its parameters and buffers; the
-    sum stays within the model's weights."""
+    """Every listed block is a unit's streaming block (its table block, or the finer child the SVD adapter
+    declares: ``stream_parts``) and a module; its bytes are its parameters and buffers; the sum stays
+    within the model's weights."""
+    from vramplan.runtime.adapters.base import adapter_for
     from vramplan.runtime.fake import weight_bytes
+    from vramplan.runtime.streaming import adapter_block
 
     modules = dict(meta_tiny.named_modules())
-    blocks = {u.block for u in tiny_profile.units}
+    block = adapter_block(adapter_for(meta_tiny))
+    blocks = {block(u.name) for u in tiny_profile.units}
+    assert all(block(u.name).startswith(u.block) for u in tiny_profile.units)  # inside its table block
     assert tiny_profile.block_weights and set(tiny_profile.block_weights) <= blocks
-    for block, nbytes in tiny_profile.block_weights.items():
-        assert nbytes == weight_bytes(modules[block]) > 0
+    for name, nbytes in tiny_profile.block_weights.items():
+        assert nbytes == weight_bytes(modules[name]) > 0
     assert sum(tiny_profile.block_weights.values()) <= tiny_profile.weight_bytes
-    assert {"down_blocks.0", "mid_block", "up_blocks.1"} <= set(tiny_profile.block_weights)
+    assert {"down_blocks.0.resnets.0", "mid_block.resnets.0", "up_blocks.1.attentions.0"} <= set(
+        tiny_profile.block_weights)
 
 
 def test_block_weights_leave_out_a_block_read_elsewhere(meta_tiny):
