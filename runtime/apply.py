@@ -41,7 +41,7 @@ from .hooks import (
     stateful_hooks,
 )
 from .program import Op, Program, UnitSpec
-from .streaming import WeightStreamer, block_of, streamable_blocks
+from .streaming import WeightStreamer, block_of, owning_block, streamable_blocks
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,8 @@ class PlanHandle(Hook, _Link):
         """The plan's weight streamer (None without streamed blocks); made on first use, which checks
         the blocks (a meta trace of which units read which weights) and moves their weights to host."""
         if self._streamer is None and self.plan.streamed:
-            gathered = {block_of(op.name) for seg in self.segments for op in seg.ops if op.gathers}
+            gathered = {owning_block(op.name, self.plan.streamed) for seg in self.segments for op in seg.ops
+                        if op.gathers}  # the streamed block each gathering unit lies in
             self._streamer = make_streamer(self.model, self.plan, self.method, gathered)
         return self._streamer
 
