@@ -199,7 +199,7 @@ def test_hand_edited_fleet_plan_packed_beyond_memory(tmp_path):
     fleet = plan_fleet(parse_workloads(WORKLOADS), parse_inventory([{"gpu": "A10G", "count": 4}]))
     data = json.loads(fleet.model_dump_json())
     packing = data["gpus"][0]["packings"][0]
-    while len(packing["jobs"]) < 8:  # the same job again and again on one GPU
+    while len(packing["jobs"]) < 24:  # the same job again and again on one GPU
         packing["jobs"].append(dict(packing["jobs"][0], num_gpus=0.01))
     path = tmp_path / "edited.json"
     path.write_text(json.dumps(data))
