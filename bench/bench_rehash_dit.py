@@ -62,7 +62,13 @@ class Bench:
         torch.set_num_threads(1)
         self.tw = tw
         self.pipe = tw.build_pipeline(0) if untrained else tw.load_trained_wan()
-        self.label = "UNTRAINED tiny Wan (random weights: not a quality claim)" if untrained else "trained tiny Wan"
+        if untrained:
+            self.label = "UNTRAINED tiny Wan (random weights: not a quality claim)"
+        else:
+            import hashlib
+
+            weights = tw.trained_wan_dir() / "transformer" / "diffusion_pytorch_model.safetensors"
+            self.label = f"trained tiny Wan, transformer weights sha256 {hashlib.sha256(weights.read_bytes()).hexdigest()[:12]}"
         self.call = dict(height=tw.HEIGHT, width=tw.WIDTH, num_frames=tw.NUM_FRAMES,
                          num_inference_steps=tw.NUM_INFERENCE_STEPS, guidance_scale=tw.GUIDANCE_SCALE)
         self.steps = tw.NUM_INFERENCE_STEPS
