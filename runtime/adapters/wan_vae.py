@@ -182,20 +182,21 @@ def causal_conv(conv, x: torch.Tensor, prev: torch.Tensor | None) -> torch.Tenso
         n = min(prev.shape[2], pt)
         frames[pt - n :] = [prev[:, :, j] for j in range(prev.shape[2] - n, prev.shape[2])]
     frames += [x[:, :, j] for j in range(x.shape[2])]
-    out = None
+    out = None  # one frame: the sum itself; more: a preallocated output, a frame at a time
     for t in range(x.shape[2]):
         acc = None
         for tap in range(kt):
             f = frames[t + tap]
             if f is None:
                 continue
-            y = F.conv2d(f, conv.weight[:, :, tap], None, padding=(ph, pw))
-            acc = y if acc is None else acc.add_(y)
-            del y
+            if acc is None:  # the first tap carries the bias
+                acc = F.conv2d(f, conv.weight[:, :, tap], conv.bias, padding=(ph, pw))
+            else:
+                acc.add_(F.conv2d(f, conv.weight[:, :, tap], None, padding=(ph, pw)))
         if acc is None:  # only zero frames (cannot happen: the newest frame is always there)
             raise RuntimeError("causal conv over zero frames only")
-        if conv.bias is not None:
-            acc.add_(conv.bias.view(1, -1, 1, 1))
+        if x.shape[2] == 1:
+            return acc.unsqueeze(2)
         if out is None:
             out = acc.new_empty(acc.shape[0], acc.shape[1], x.shape[2], acc.shape[-2], acc.shape[-1])
         out[:, :, t] = acc
@@ -226,7 +227,7 @@ class _Rows:
         return t.narrow(-2, lo - start, hi - lo), lo
 
 
-RESAMPLE_ROWS = 16  # upsampled rows per piece of a resample (nearest x2 then a 3x3 conv)
+RESAMPLE_ROWS = 64  # upsampled rows per piece of a resample (nearest x2 then a 3x3 conv): few pieces unsliced
 
 
 def _upsample(up, x: torch.Tensor, cache: list, idx: list, start: int, stop: int) -> torch.Tensor:
