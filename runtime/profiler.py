@@ -57,7 +57,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_K = 256
 # Part of every cache key: bump when what the profiler measures changes, so old entries are not served.
-PROFILER_VERSION = 5  # 3: block_weights; 4: rows units (row maps), VAE encode profiles; 5: block_gathered
+# 6: finer streaming blocks (stream_parts), pipeline stages with their own plan (SVD's and Wan I2V's VAE encode,
+# SVD's CLIP image encoder): cached pipeline profiles made before would plan those stages whole
+PROFILER_VERSION = 6  # 3: block_weights; 4: rows units (row maps), VAE encode profiles; 5: block_gathered
 
 
 def slice_counts(length: int, max_k: int = DEFAULT_MAX_K) -> list[int]:
