@@ -98,7 +98,8 @@ def render(color, shape: str, direction, frames: int = NUM_FRAMES, size: int = H
     cx = size / 2 + dx * travel * scale * t + (offset * scale if dx == 0 else 0.0)
     cy = size / 2 + dy * travel * scale * t + (offset * scale if dy == 0 else 0.0)
     angle = torch.zeros(frames)[:, None, None]
-    dist = _distance(shape, xs - cx[:, None, None], ys - cy[:, None, None], radius * scale, angle)
+    kind = "disc" if shape == "circle" else shape  # clips.py's name for a circle
+    dist = _distance(kind, xs - cx[:, None, None], ys - cy[:, None, None], radius * scale, angle)
     alpha = (0.5 - dist).clamp(0, 1).unsqueeze(1)  # one pixel of antialiasing
     video = torch.tensor(background, dtype=torch.float32)[None, :, None, None].expand(frames, 3, size, size)
     video = video * (1 - alpha) + rgb[None, :, None, None] * alpha

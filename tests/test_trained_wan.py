@@ -133,3 +133,10 @@ def test_side_by_side_gif_and_strip(tmp_path):
     png = W.strip([clips, clips], tmp_path / "a.png", every=4, scale=1)
     with Image.open(png) as im:
         assert im.size == (2 * 5 * W.WIDTH + 3, 2 * W.HEIGHT + 2)
+
+
+def test_each_shape_word_draws_its_own_shape():
+    clips = {s: W.true_clip("red", s, "left")[0, 0] > 0.5 for s in W.SHAPES}
+    area = {s: m.sum().item() for s, m in clips.items()}
+    assert area["triangle"] < area["square"] < area["circle"]  # radius 7: 81, 100 and 144 pixels
+    assert not torch.equal(clips["circle"], clips["triangle"])
