@@ -13,7 +13,7 @@ Then it saves the pipeline (safetensors) and samples every held-out prompt (colo
 combinations never trained on) with the stock pipeline call, measuring PSNR to the true clip against a still
 copy of the generated clip's own first frame.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/train_tiny_wan.py            # full run (~40 min)
+    OMP_NUM_THREADS=1 .venv/bin/python bench/train_tiny_wan.py            # full run (~60 min on a shared 2-core box)
     OMP_NUM_THREADS=1 .venv/bin/python bench/train_tiny_wan.py --eval-only
 """
 

@@ -1,7 +1,7 @@
 """The small trained text-to-video Wan shipped in ``vramplan/profiles/trained_wan``.
 
 A real diffusers ``WanPipeline``: a tiny ``WanTransformer3DModel``, a tiny ``AutoencoderKLWan`` (4x spatial,
-4x temporal), a tiny frozen random-init ``UMT5EncoderModel`` with a word-level tokenizer built here (nothing can
+2x temporal), a tiny frozen random-init ``UMT5EncoderModel`` with a word-level tokenizer built here (nothing can
 be downloaded), and the first-order ``FlowMatchEulerDiscreteScheduler`` (valid for Step Rehash's reuse).
 ``bench/train_tiny_wan.py`` trains it on procedural clips whose prompt names everything in them: "a red square
 moving left" is one shape crossing most of the frame. Some colour x shape x direction combinations are held
@@ -173,7 +173,7 @@ def check_files(folder: Path) -> None:
     if missing:
         raise InputFileError(
             f"the trained tiny Wan is incomplete in {folder}: missing {', '.join(missing)}. Reinstall vramplan, "
-            "or retrain it with `python bench/train_tiny_wan.py` (about 40 minutes on one CPU core).")
+            "or retrain it with `python bench/train_tiny_wan.py` (about an hour on one CPU core).")
 
 
 def load_trained_wan(path: str | Path | None = None):
