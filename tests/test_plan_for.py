@@ -14,18 +14,17 @@ from vramplan import InfeasibleError, UnknownGPUError, VramplanError, plan_for
 from vramplan.cli import main
 
 
-def test_plan_for_is_fast_and_imports_no_torch():
+def test_plan_for_imports_no_torch():
+    """Its speed is a benchmark (bench/bench_plan_speed.py), not a timed assert."""
     code = (
-        "import sys, time\n"
+        "import sys\n"
         "sys.modules['torch'] = None  # any import of torch now fails\n"
-        "t = time.perf_counter()\n"
         "from vramplan import plan_for\n"
         "plan = plan_for(gpu='2080Ti', model='svd', height=576, width=1024)\n"
-        "print(time.perf_counter() - t, plan.prediction.peak_bytes, plan.solver.status)\n"
+        "print(plan.prediction.peak_bytes, plan.solver.status)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    seconds, peak, status = float(out[0]), int(out[1]), out[2]
-    assert seconds < 2.0
+    peak, status = int(out[0]), out[1]
     assert status == "Optimal"
     assert peak < 10.76 * 2**30
 
