@@ -155,7 +155,11 @@ def test_a_run_whose_streamed_weights_cannot_be_pinned_is_repriced(tiny, cache, 
     assert "unet: pinned host memory could not be allocated" in notes and "streamed weights used pageable" in notes
     slow, fast = _unet_model(plan, pinned=False), model
     comp = streamed.component("unet")
-    extra = slow.streaming_seconds(frozenset(comp.streamed))[1] - fast.streaming_seconds(frozenset(comp.streamed))[1]
+    # the stall the slower copies expose, once per UNet call (2 steps)
+    calls = next(s.calls for s in streamed.stages if s.component == "unet")
+    assert calls == 2
+    per_call = slow.streaming_seconds(frozenset(comp.streamed))[1] - fast.streaming_seconds(frozenset(comp.streamed))[1]
+    extra = calls * per_call
     assert report.predicted_pageable_latency_s == pytest.approx(streamed.prediction.latency_s + extra, abs=1e-4)
     assert extra > 0 and report.predicted_pageable_latency_s > report.predicted_latency_s
     assert "at the pageable rate" in notes
