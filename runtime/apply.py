@@ -665,13 +665,25 @@ def uniform_pipeline_plan(pipe, k: int, height: int, width: int, num_frames: int
     """A plan for a video pipeline (SVD, AnimateDiff) slicing its UNet and VAE decoder ``k`` ways,
     grouped, at this size: the UNet sees ``num_frames`` latents per video (x2 with CFG), the decoder
     all frames of one video at once."""
+    from ..planner.pipelines import pipeline_spec
+
     scale = pipe.vae_scale_factor
     dtype = dtype_name(pipe.unet.dtype)
     size = dict(frames=num_frames, latent_height=height // scale, latent_width=width // scale, dtype=dtype)
-    return Plan(
-        pipeline=type(pipe).__name__, height=height, width=width, frames=num_frames,
-        components=[
-            uniform_component(pipe.unet, k, SampleShape(batch=2 if guidance else 1, **size)),
-            uniform_component(pipe.vae, k, SampleShape(batch=1, **size)),
-        ],
-    )
+    components = [
+        uniform_component(pipe.unet, k, SampleShape(batch=2 if guidance else 1, **size)),
+        uniform_component(pipe.vae, k, SampleShape(batch=1, **size)),
+    ]
+    # the pipeline's other planned stages (SVD: the CLIP image encoder, the VAE encode under its own plan)
+    spec = pipeline_spec(type(pipe).__name__)
+    configs = {name: dict(getattr(m.config, "to_dict", lambda c=m.config: c)()) for name in spec.components
+               if (m := getattr(pipe, name, None)) is not None}
+    for stage, _, _ in spec.stages:
+        name = spec.plan_name(stage)
+        if stage not in spec.sliced or stage in ("denoise", "decode"):
+            continue
+        attribute = spec.attribute_of(name)
+        shape = spec.stage_shape(stage, height, width, num_frames, guidance, dtype, configs)
+        comp = uniform_component(getattr(pipe, attribute), k, shape, component=name if name != attribute else None)
+        components.append(comp.model_copy(update={"attribute": attribute if name != attribute else None}))
+    return Plan(pipeline=type(pipe).__name__, height=height, width=width, frames=num_frames, components=components)

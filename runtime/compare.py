@@ -152,7 +152,7 @@ def _timed(pipe, plan: Plan | None, seed: int, kwargs: dict, timer: _UNetTimer |
             if plan.rehash is not None and comp.component == "unet":
                 stack.callback(apply_rehash(pipe, plan).remove)
             elif comp.shape is not None:
-                stack.callback(apply_plan(getattr(pipe, comp.component), comp).remove)
+                stack.callback(apply_plan(getattr(pipe, comp.module_name), comp).remove)
         stack.callback(register_hook(pipe.unet, timer, "vramplan.compare.timer").remove)
         started = time.perf_counter()
         pipe(generator=torch.Generator().manual_seed(seed), **kwargs)

@@ -110,8 +110,9 @@ def _plan_with_encode(pipe, k: int, dtype: str) -> Plan:
     clip = uniform_component(pipe.image_encoder, 1, SampleShape(batch=1, frames=1, latent_height=224, latent_width=224,
                                                                 dtype="fp32"))
     clip = clip.model_copy(update={"streamed": ["vision_model.encoder.layers.1"]})
-    return plan.model_copy(update={"components": [*plan.components, enc.model_copy(update={"attribute": "vae"}),
-                                                  clip]})
+    mine = {"vae_encoder": enc.model_copy(update={"attribute": "vae"}), "image_encoder": clip}
+    assert {"vae_encoder", "image_encoder"} <= {c.component for c in plan.components}  # uniform plans have them too
+    return plan.model_copy(update={"components": [mine.get(c.component, c) for c in plan.components]})
 
 
 def _call(pipe, image, plan=None):

@@ -168,7 +168,7 @@ def test_offload_hooks_of_run_leave_the_users_submodule_hooks(pipe):
         notes = []
         with ExitStack() as stack:
             hooks = _residency(pipe, plan, torch.device("cpu"), stack, notes, offload=True)
-            assert set(hooks) == {"unet", "vae"} and hasattr(pipe.unet, "_hf_hook")
+            assert set(hooks) == {"unet", "vae", "image_encoder"} and hasattr(pipe.unet, "_hf_hook")
         assert not hasattr(pipe.unet, "_hf_hook") and not hasattr(pipe.vae, "_hf_hook")
         assert hasattr(pipe.unet.conv_in, "_hf_hook")  # the user's
     finally:
@@ -306,8 +306,8 @@ def test_streamed_blocks_and_host_placement_run_exactly_and_say_host_is_device(p
     expected = run(plan, generator=torch.Generator().manual_seed(0), **kw).frames
     weights = {n: (p.data_ptr(), p.detach().clone()) for n, p in pipe.unet.named_parameters()}
     for comp in plan.components:
-        model = getattr(pipe, comp.component)
-        comp.streamed = list(streamable_blocks(model, comp.shape, adapter_for(model).method))[::2]
+        model = getattr(pipe, comp.module_name)
+        comp.streamed = list(streamable_blocks(model, comp.shape, adapter_for(model, comp.component).method))[::2]
         if comp.component == "unet":
             ops, _ = adapter_for(model).ops(model)
             comp.host = [ops[0].output]  # conv_in's output: read by the next segment

@@ -577,9 +577,9 @@ def _trained_meta_models(plan) -> dict:
     pipe = load(plan)
     models = {}
     for comp in plan.components:
-        module = getattr(pipe, comp.component)
-        models[comp.component] = meta_from_config({**module.config, "_class_name": type(module).__name__},
-                                                  comp.shape.dtype)
+        module = getattr(pipe, comp.module_name)  # a stage's own plan (vae_encoder) runs on its attribute (vae)
+        config = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)  # transformers
+        models[comp.component] = meta_from_config({**config, "_class_name": type(module).__name__}, comp.shape.dtype)
     return models
 
 
