@@ -47,7 +47,7 @@ def test_paper_settings_fit_the_laptop_gpu(model):
 
 def test_below_the_floor_names_the_laptop_gpu():
     with pytest.raises(InfeasibleError, match="RTX 3050 Laptop"):
-        plan_for(gpu="3050 laptop", model="svd-xt", height=576, width=1024, vram_gb=1.5)
+        plan_for(gpu="3050 laptop", model="svd-xt", height=576, width=1024, vram_gb=1.0)
 
 
 def test_cli_lists_it(capsys):
