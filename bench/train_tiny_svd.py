@@ -25,34 +25,16 @@ import time
 from pathlib import Path
 
 import torch
+from training import Log, lr_at  # bench/ is the script's folder
 from vramplan.runtime import trained as T
 from vramplan.runtime.clips import heldout_clip, to_pil, train_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class Log:
-    def __init__(self, path: Path, append: bool):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = path.open("a" if append else "w")
-        self.start = time.time()
-
-    def __call__(self, message: str) -> None:
-        line = f"[{time.time() - self.start:7.1f}s] {message}"
-        print(line, flush=True)
-        self.file.write(line + "\n")
-        self.file.flush()
-
-
 def quantize(frames: torch.Tensor) -> torch.Tensor:
     """What the pipeline sees of a frame passed as a uint8 PIL image."""
     return ((frames.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
-
-
-def lr_at(step: int, steps: int, peak: float, warmup: int = 100) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * (0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
 
 
 def train_vae(pipe, args, log, deadline: float) -> None:
@@ -65,7 +47,7 @@ def train_vae(pipe, args, log, deadline: float) -> None:
             log(f"vae: wall-clock guard hit, stopped early after {step} steps")
             break
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.vae_steps, args.vae_lr, warmup=50)
+            group["lr"] = lr_at(step, args.vae_steps, args.vae_lr, warmup=50, floor=0.2)
         x = train_batch(step * B, B, F, T.HEIGHT).flatten(0, 1)
         # Deterministic: the pipeline only ever encodes with .mode(); sampling the posterior (std 1 at
         # init) would bury the signal and slow training several-fold. A little noise keeps the decoder
@@ -146,7 +128,7 @@ def train_unet(pipe, args, log, deadline: float) -> None:
             log(f"unet: wall-clock guard hit, stopped early after {step} steps")
             break
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.unet_steps, args.unet_lr)
+            group["lr"] = lr_at(step, args.unet_steps, args.unet_lr, floor=0.2)
         clips = train_batch(10**7 + step * args.batch, args.batch, T.NUM_FRAMES, T.HEIGHT)
         loss = unet_loss(pipe, clips, gen, T.CFG_DROPOUT)
         opt.zero_grad(set_to_none=True)

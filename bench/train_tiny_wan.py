@@ -20,35 +20,16 @@ copy of the generated clip's own first frame.
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import time
 from pathlib import Path
 
 import torch
+from training import Log, lr_at  # bench/ is the script's folder
 from vramplan.runtime import trained_wan as W
 from vramplan.runtime.trained import psnr
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class Log:
-    def __init__(self, path: Path, append: bool):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = path.open("a" if append else "w")
-        self.start = time.time()
-
-    def __call__(self, message: str) -> None:
-        line = f"[{time.time() - self.start:7.1f}s] {message}"
-        print(line, flush=True)
-        self.file.write(line + "\n")
-        self.file.flush()
-
-
-def lr_at(step: int, steps: int, peak: float, warmup: int = 100) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
 
 
 def videos(clips: torch.Tensor) -> torch.Tensor:
