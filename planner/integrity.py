@@ -243,7 +243,9 @@ def _header(plan: Plan, profile) -> Iterator[str]:
 def _spec_shapes(plan: Plan) -> tuple[dict, bool]:
     """(component -> the sample shape its pipeline gives the plan's header, exact). Exact for a catalogue
     model (its configs give the VAE scale); for a model named by a path or an id, whose files a plan
-    should not make us read, only the frame count is known (``exact`` False)."""
+    should not make us read, only the frame count is known (``exact`` False): from the configs shipped
+    with vramplan for a trained demo model (the trained tiny Wan's VAE is 2x temporal), else from the
+    pipeline's own default factor."""
     from ..profiles import model_catalogue
     from .pipelines import pipeline_source, pipeline_spec
 
@@ -253,13 +255,35 @@ def _spec_shapes(plan: Plan) -> tuple[dict, bool]:
     try:
         spec = pipeline_spec(plan.pipeline)
         known = plan.model_name.lower() in model_catalogue()
-        configs = pipeline_source(plan.model_name).configs if known else None
+        configs = pipeline_source(plan.model_name).configs if known else shipped_configs(plan.model_name)
         shapes = {spec.plan_name(stage): spec.stage_shape(stage, plan.height, plan.width, plan.frames, key[0],
                                                           key[1], configs)
                   for stage in spec.sliced}
         return shapes, known
-    except (VramplanError, KeyError, ValueError):
+    except (VramplanError, KeyError, ValueError, OSError):
         return {}, True
+
+
+# Trained demo models shipped with vramplan: plan model_name -> their folder in vramplan.profiles.
+SHIPPED_MODELS = {"trained-tiny-wan": "trained_wan"}
+
+
+def shipped_configs(name: str) -> dict[str, dict] | None:
+    """The component configs of a trained model shipped with vramplan (None for any other name): read
+    from the package's own files, never from a path a plan names."""
+    import json
+    from importlib import resources
+
+    folder = SHIPPED_MODELS.get(name.lower())
+    if folder is None:
+        return None
+    root = resources.files("vramplan.profiles").joinpath(folder)
+    configs = {}
+    for part in root.iterdir():
+        config = part.joinpath("config.json")
+        if part.is_dir() and config.is_file():
+            configs[part.name] = json.loads(config.read_text())
+    return configs
 
 
 def _batches(plan: Plan) -> dict[str, set[int]]:

@@ -316,7 +316,8 @@ class _Wan(PipelineSpec):
         if stage == "encode_vae":  # the conditioning video (the image, then zeros): video frames, pixels
             return SampleShape(batch=1, frames=frames, latent_height=height, latent_width=width, dtype=dtype)
         f = self.scale_factor(configs)
-        latent_frames = (frames - 1) // self.temporal_factor + 1
+        temporal = int(((configs or {}).get("vae") or {}).get("scale_factor_temporal") or self.temporal_factor)
+        latent_frames = (frames - 1) // temporal + 1
         return SampleShape(batch=1, frames=latent_frames, latent_height=height // f, latent_width=width // f,
                            dtype=dtype)
 

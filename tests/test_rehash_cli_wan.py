@@ -15,16 +15,11 @@ CUT = "blocks.0.ffn->blocks.6.ffn"
 
 @pytest.fixture(scope="module")
 def untrained():
-    """The trained tiny Wan's architecture, random weights; its VAE at Wan's own 4x temporal factor (what a
-    plan's header check assumes for a Wan model outside the catalogue)."""
-    from diffusers import AutoencoderKLWan
+    """The trained tiny Wan's architecture (its VAE 2x temporal, as the plan's header check reads from the
+    shipped configs), random weights."""
     from vramplan.runtime import trained_wan
 
-    pipe = trained_wan.build_pipeline(0)
-    pipe.vae = AutoencoderKLWan(**{**trained_wan.VAE_CONFIG, "temperal_downsample": [True, True],
-                                   "scale_factor_temporal": 4}).eval()
-    pipe.vae_scale_factor_temporal = 4
-    return pipe
+    return trained_wan.build_pipeline(0)
 
 
 @pytest.fixture
@@ -35,13 +30,13 @@ def wan(untrained, monkeypatch):
     return untrained, trained_wan
 
 
-def _plan(pipe, name="trained-tiny-wan"):
-    """A plan of the trained tiny Wan's kind at a small shape (5 frames 16x16: 2 x 4 x 4 latents)."""
+def _plan(pipe, name="trained-tiny-wan", latent_frames=3):
+    """A plan of the trained tiny Wan's kind at a small shape (5 frames 16x16: 3 x 4 x 4 latents)."""
     import torch
     from vramplan.planner.schema import Plan
     from vramplan.runtime.apply import sample_shape, uniform_component
 
-    comp = uniform_component(pipe.transformer, 1, sample_shape(torch.zeros(1, 8, 2, 4, 4), pipe.transformer))
+    comp = uniform_component(pipe.transformer, 1, sample_shape(torch.zeros(1, 8, latent_frames, 4, 4), pipe.transformer))
     return Plan(pipeline="WanPipeline", model_name=name, height=16, width=16, frames=5, components=[comp])
 
 
@@ -54,7 +49,7 @@ def test_calibrate_a_wan_plan_and_its_frontier(wan, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     loaded = Calibration.load(cal)
     assert [c.cut for c in loaded.cuts] == ["cfg", CUT, f"cfg+{CUT}"] and loaded.calls_per_step == 2
-    assert loaded.pipeline == "WanPipeline" and loaded.shape.frames == 2
+    assert loaded.pipeline == "WanPipeline" and loaded.shape.frames == 3
     assert len(loaded.sigmas) == 3 and loaded.flow_matching  # FlowMatchEuler's noise levels, probed
     rows = out["frontier"]
     assert rows and all(r["cut"] in ("cfg", CUT, f"cfg+{CUT}") for r in rows)
@@ -66,6 +61,6 @@ def test_calibrate_a_wan_plan_and_its_frontier(wan, tmp_path, capsys):
 
 def test_a_wan_plan_needs_a_prompt(wan, tmp_path, capsys):
     pipe, _ = wan
-    path = _plan(pipe, "my-wan").save(tmp_path / "plan.json")
+    path = _plan(pipe, "my-wan", 2).save(tmp_path / "plan.json")  # a Wan not shipped: 4x, as Wan's
     assert main(["calibrate", str(path), "--steps", "3"]) == 2
     assert "needs --prompt" in capsys.readouterr().err
