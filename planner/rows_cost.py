@@ -4,7 +4,8 @@ The executor (``vramplan.runtime.rows``) runs a rows segment slice by slice on t
 :func:`.rows.plan_segment` gives; this prices the same plan:
 
 - memory, per slice and unit: values alive at the segment's start, the full buffers of escaping
-  outputs (device-placed; all of them after the first slice), the pieces of earlier units a later
+  outputs (device-placed; in the first slice only earlier units', as the executor allocates a
+  buffer at its first write; all of them after), the pieces of earlier units a later
   unit of the slice still reads (each as many rows as its slab produced: the halo included), host
   inputs staged for the slab, and the unit's own scratch for its slab — the profiled scratch of
   the unit sliced alone (``UnitProfile.scratch``), scaled by slab rows from the nearest profiled
@@ -132,7 +133,9 @@ def rows_cost(model, seg, seg_rules, entry: int, host: frozenset[str]):
             j = seg.start + i
             if sl.out[i][1] <= sl.out[i][0]:
                 continue
-            live = entry + (sum(buffer) if n else sum(buffer[: i + 1]))
+            # The executor allocates an escaping output's full buffer at its first write, after the unit's
+            # first slice is computed: during that slice only earlier units' buffers are alive.
+            live = entry + (sum(buffer) if n else sum(buffer[:i]))
             held = sum(units[h - seg.start].output_bytes * made_rows(h - seg.start, sl) // lens[h - seg.start]
                        for h in seg_rules.held_at(j))
             a, b = sl.slab[i]
@@ -142,6 +145,12 @@ def rows_cost(model, seg, seg_rules, entry: int, host: frozenset[str]):
             transient = held + staged + scratch
             if best is None or live + transient > best[0]:
                 best = (live + transient, live, transient, j)
+            if not n and buffer[i]:  # that first write: the new buffer and the slice's piece, both alive
+                s, e = sl.out[i]
+                piece = units[i].output_bytes * ((e - s) if _cropped(model, j) else made_rows(i, sl)) // lens[i]
+                live = entry + sum(buffer[: i + 1])
+                if live + held + piece > best[0]:
+                    best = (live + held + piece, live, held + piece, j)
     # Statistics passes run before the slice loop (no buffers yet): a recomputed input's cone, slice by
     # slice, holding the cone's slabs its later units read, then the input's own rows (and their copy
     # for the grouped moments).
