@@ -9,7 +9,6 @@ merged statistics. The result equals the unsliced GroupNorm up to float rounding
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Iterable
 
@@ -29,8 +28,18 @@ def merged_moments(
     pieces = iter(pieces)
     ahead = [p for p in (next(pieces, None), next(pieces, None)) if p is not None]
     whole = len(ahead) == 1  # one piece: the whole value (an unsliced unit)
-    for piece in itertools.chain(ahead, pieces):
+    ahead.reverse()
+
+    def stream():  # the looked-ahead pieces are let go as they are used
+        while ahead:
+            yield ahead.pop()
+        yield from pieces
+
+    for piece in stream():
         x = piece.float()
+        # A recomputed piece (a recompute pass) is not held while the next one is made: the pass holds
+        # one slice's statistics input (``x``) and the cone's slice, as the cost model prices it.
+        del piece
         n = 1
         for d in reduce_dims:
             n *= x.shape[d]
