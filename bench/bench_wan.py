@@ -6,6 +6,7 @@ end-to-end times next to the prediction for the same card and settings.
     .venv/bin/python bench/bench_wan.py            # tables (torch-free: the planner only)
     .venv/bin/python bench/bench_wan.py --verify   # + run each target plan on meta tensors of the
                                                    #   full-size models and compare (minutes, needs torch)
+    .venv/bin/python bench/bench_wan.py --verify --components vae,vae_encoder   # only those components
 
 Prints markdown tables for docs/benchmarks.md. Latency is the cost model's prediction with the
 uncalibrated default constants (planner/costs.py) unless the GPU profile has fitted ones.
@@ -66,7 +67,17 @@ def _floor(model, h, w, f) -> str:
     return "-"
 
 
-def targets(verify: bool) -> None:
+def _verify(plan, components: list[str] | None) -> list:
+    """Every sliced component of ``plan`` (or only ``components``: the VAE decode and encode take seconds
+    where the DiT takes minutes) run on meta tensors of the full-size model."""
+    from vramplan.runtime.verify import _build, _run, verify_all
+
+    if not components:
+        return verify_all(plan)
+    return [_run(plan, c, _build(plan, c)) for c in plan.components if c.component in components]
+
+
+def targets(verify: bool, components: list[str] | None = None) -> None:
     print("| model | size | budget | peak | floor (what sets it) | latency | all-resident | ratio | pinned host |"
           + (" verify (meta) |" if verify else ""))
     print("|---|---|---|---|---|---|---|---|---|" + ("---|" if verify else ""))
@@ -86,12 +97,12 @@ def targets(verify: bool) -> None:
         row = (f"| {model} | {size} | {budget} GiB | {human_bytes(p.peak_bytes)} | {low} | {p.latency_s:.0f} s | "
                f"{full.prediction.latency_s:.0f} s | {ratio:.3f} | {human_bytes(p.host_bytes)} |")
         if verify:
-            from vramplan.runtime.verify import verify_all
-
             started = time.perf_counter()
-            reports = verify_all(plan)
+            reports = _verify(plan, components)
             worst = max(abs(r.error or 0) for r in reports)
-            row += f" max error {worst:.2%} ({time.perf_counter() - started:.0f} s) |"
+            each = ", ".join(f"{r.component} {r.measured_activation_bytes / GiB:.4f} GiB {r.error:+.2%}"
+                             for r in reports if r.error is not None)
+            row += f" max error {worst:.2%} ({each}; {time.perf_counter() - started:.0f} s) |"
         print(row)
 
 
@@ -114,9 +125,11 @@ def published() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--verify", action="store_true", help="verify each target plan on meta tensors")
+    parser.add_argument("--components", help="with --verify: only these components (comma-separated, e.g. "
+                        "vae,vae_encoder)")
     args = parser.parse_args()
     print(f"machine: {platform.machine()} {platform.system()}, python {platform.python_version()}\n")
-    targets(args.verify)
+    targets(args.verify, args.components.split(",") if args.components else None)
     print()
     published()
 
