@@ -350,9 +350,12 @@ def prune(model: CostModel, solution: Solution, budget_bytes: int, max_latency_s
     host = crossing(model, solution.segments, solution.host)
     if host != solution.host:
         solution = solve(model, budget_bytes, max_latency_s, "dp", max_group, host=host, streamed=solution.streamed)
-    order = sorted(solution.host, key=lambda v: -model.size[v])
+    # largest first; ties in program order, never in set order (which follows the hash seed)
+    position = {b: i for i, b in enumerate(model.block_order)}
+    order = sorted(solution.host, key=lambda v: (-model.size[v], model.producer[v], v))
     order = [("host", v) for v in order] + [
-        ("streamed", b) for b in sorted(solution.streamed - keep, key=lambda b: -model.profile.block_weights.get(b, 0))
+        ("streamed", b) for b in sorted(solution.streamed - keep,
+                                        key=lambda b: (-model.profile.block_weights.get(b, 0), position.get(b, -1), b))
     ]
     for kind, name in order:
         host, streamed = solution.host, solution.streamed
