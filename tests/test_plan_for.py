@@ -207,3 +207,17 @@ def test_fleet_capacity_refuses_bf16_on_gpus_without_it():
     rows = {r.gpu: r for r in capacity(model="svd", dtype="bf16", gpus=["2080Ti", "RTX 4090"])}
     assert not rows["RTX 2080 Ti"].fits and "no bf16" in rows["RTX 2080 Ti"].note
     assert rows["RTX 4090"].fits
+
+
+def test_dtype_defaults_to_the_models_own():
+    """No dtype named: the Wan models plan in bf16 (their shipped profiles, no torch), the others in fp16."""
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None\n"
+        "from vramplan import plan_for\n"
+        "p = plan_for(gpu='RTX 4090', model='wan2.1-t2v-1.3b', height=480, width=832, frames=81, vram_gb=6)\n"
+        "q = plan_for(gpu='2080Ti', model='svd', height=576, width=1024)\n"
+        "print(p.components[0].shape.dtype, q.components[0].shape.dtype)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["bf16", "fp16"]

@@ -32,7 +32,7 @@ def plan_for(
     width: int = 1024,
     frames: int | None = None,
     guidance: bool = True,
-    dtype: str = "fp16",
+    dtype: str | None = None,
     steps: int = 25,
     vram_gb: float | None = None,
     max_latency_s: float | None = None,
@@ -54,6 +54,7 @@ def plan_for(
     ``vram_gb``: plan for this much memory in all instead of the GPU's usable memory.
     ``max_latency_s``: minimise peak memory subject to this latency for the whole run
     (default: minimise latency within memory). ``guidance`` doubles the UNet batch (CFG).
+    ``dtype``: "fp16", "bf16" or "fp32"; default the model's own (the Wan models' bf16, else fp16).
     ``rehash``: Step Rehash schedule, "off" | "uniform" | "greedy" | "optimal" (the last two need a
     ``calibration``: a Calibration or its JSON file); ``keys``: how many steps run the whole UNet.
     ``min_psnr`` (with a calibration): the fastest schedule predicted to keep the video within this
@@ -64,6 +65,7 @@ def plan_for(
     needing more is not chosen). Default: with ``gpu="auto"`` 75% of this machine's RAM, else an
     assumption (:data:`ASSUMED_HOST_RAM_GB`), recorded in the plan's target and printed with it.
     """
+    dtype = default_dtype(model) if dtype is None else dtype
     _check_choice("dtype", dtype, DTYPES)
     _check_choice("allocator", allocator, ALLOCATORS)
     _check_choice("method", method, METHODS)
@@ -188,6 +190,15 @@ def check_latent_size(shape: SampleShape, height: int, width: int, frames: int) 
             f"for (one 320-channel fp16 feature map of it alone is {human_bytes(positions * 320 * 2)}): no GPU holds "
             f"it. Use fewer frames or a smaller resolution."
         )
+
+
+def default_dtype(model: str) -> str:
+    """The dtype a model's weights are published in (its catalogue entry's ``dtype``), else fp16: what
+    a plan is made for when none is named."""
+    from .profiles import model_catalogue
+
+    entry = model_catalogue().get(model.lower()) if isinstance(model, str) else None
+    return (entry or {}).get("dtype", "fp16")
 
 
 def video_frames(model: str, frames: int | None) -> int:

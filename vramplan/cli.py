@@ -166,6 +166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:  # transformers' advisories (install torchvision, ...) are not the user's business here
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
+        if getattr(args, "dtype", "") is None and hasattr(args, "model"):  # --dtype not given: the model's own
+            from .api import default_dtype
+
+            args.dtype = default_dtype(args.model)
         check_number("--threads", args.threads, integer=True, minimum=1, allow_none=True)
         threads = set_threads(args)
         code = commands[args.command](args)
@@ -211,7 +215,8 @@ def _shape_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--frames", type=int, help="default: the model's")
     p.add_argument("--no-guidance", action="store_true", help="no classifier-free guidance (UNet batch 1)")
-    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"],
+                   help="default: the model's own (bf16 for the Wan models, else fp16)")
 
 
 def cmd_plan(args) -> int:
