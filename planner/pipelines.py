@@ -367,18 +367,25 @@ class WanT2VA14B(_Wan):
 
 @register
 class WanI2V(_Wan):
-    """``WanImageToVideoPipeline`` of Wan 2.1 I2V-14B: the CLIP image encoder (run whole, 1.2 GiB),
-    the VAE encode of the conditioning video (the image then zeros; rows with halos, its own plan
+    """``WanImageToVideoPipeline`` of Wan 2.1 I2V-14B: the CLIP image encoder (1.2 GiB; a planned stage
+    through the CLIP vision adapter, as SVD's: its layers stream, 257 tokens are not sliced), the VAE
+    encode of the conditioning video (the image then zeros; rows with halos, its own plan
     ``vae_encoder``), the transformer, the decode."""
 
     pipeline = "WanImageToVideoPipeline"
     stages = (("encode_text", "text_encoder", "forward"), ("encode_image", "image_encoder", "forward"),
               ("encode_vae", "vae", "encode"), ("denoise", "transformer", "forward"), ("decode", "vae", "decode"))
     # The VAE encode of the conditioning video is sliced along rows under its own plan (vae holds the decode's).
-    sliced = {"encode_text": 1, "encode_vae": 1, "denoise": 1, "decode": 1}
+    sliced = {"encode_text": 1, "encode_image": 1, "encode_vae": 1, "denoise": 1, "decode": 1}
     stage_plans = {"encode_vae": "vae_encoder"}
     components = ("transformer", "vae", "text_encoder", "image_encoder")
     conditioning = "image"
+
+    def stage_shape(self, stage, height, width, frames, guidance, dtype, configs=None) -> SampleShape:
+        if stage == "encode_image":  # one image resized to the encoder's input size (the CLIP processor's), pixels
+            side = int(((configs or {}).get("image_encoder") or {}).get("image_size") or 224)
+            return SampleShape(batch=1, frames=1, latent_height=side, latent_width=side, dtype=dtype)
+        return super().stage_shape(stage, height, width, frames, guidance, dtype, configs)
 
 
 @register

@@ -9,7 +9,9 @@ to ``transformer_2`` once the timestep falls below ``boundary_ratio``), decodes 
 encoder (Wan 2.1) and the VAE encode of the conditioning video (the image, then zeros). The text
 encoder, the transformers, the VAE encode (under its own plan ``vae_encoder``: ``vae`` holds the
 decode's) and the VAE decode (both rows with halos) are sliced stages (their profiles let the planner
-slice, place and stream); the image encoder is measured whole.
+slice, place and stream); so is Wan 2.1's CLIP image encoder (the CLIP vision adapter, one streamable
+block per layer; the stock ``encode_image`` asks for ``output_hidden_states`` and reads the
+penultimate one, which the adapter's program returns).
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ class _WanAdapter(PipelineAdapter):
     # -- measuring -----------------------------------------------------------------------------
     def measure_whole_stages(self, components: dict, height: int, width: int, dtype: str, kernel: str,
                              frames: int = 81) -> dict:
-        """For I2V the CLIP image encoder and the VAE encode of the conditioning video (and the VAE decode
-        when it is not a sliced stage), on meta tensors."""
+        """The stages a spec does not slice (none of the shipped specs: the CLIP image encoder, the VAE
+        encode of the conditioning video, the VAE decode are all planned), on meta tensors."""
         vae = components["vae"]
         configs = {"vae": dict(vae.config)}
         f = self.scale_factor(configs)
@@ -52,7 +54,7 @@ class _WanAdapter(PipelineAdapter):
         if "encode_vae" in {s for s, _, _ in self.stages} and "encode_vae" not in self.sliced:
             video = torch.empty(1, 3, frames, height, width, device="meta", dtype=vae.dtype)
             out["encode_vae"] = measure_stage(lambda: vae.encode(video).latent_dist.mode(), kernel)
-        if "image_encoder" in components:
+        if "image_encoder" in components and "encode_image" not in self.sliced:
             encoder = components["image_encoder"]
             side = encoder.config.image_size
             pixels = torch.empty(1, 3, side, side, device="meta", dtype=next(encoder.parameters()).dtype)
@@ -82,6 +84,11 @@ class _WanAdapter(PipelineAdapter):
                 p = profiles[stage]
                 stages.append(StageProfile(stage=stage, component=component, profile=p,
                                            activation_bytes=p.original_peak_bytes, held_bytes=embeds))
+            elif stage == "encode_image" and stage in profiles:  # the CLIP vision adapter: layers stream
+                p = profiles[stage]
+                stages.append(StageProfile(stage=stage, component=component, profile=p,
+                                           activation_bytes=p.original_peak_bytes,
+                                           held_bytes=embeds + 3 * height * width * 4))
             elif stage == "encode_image":
                 act, flops, moved = whole[stage]
                 stages.append(StageProfile(stage=stage, component=component, activation_bytes=act, flops=flops,
