@@ -1,0 +1,110 @@
+"""Wan 2.1 I2V's CLIP image encoder is a planned stage (``encode_image`` through the CLIP vision adapter, as
+SVD's): its layers stream, the stock ``encode_image`` (``output_hidden_states=True``, ``hidden_states[-2]``)
+runs exactly under the plan, and a plan without it is flagged. Wan 2.2 I2V-A14B has no image encoder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from vramplan.planner.pipelines import pipeline_spec
+from vramplan.planner.schema import SampleShape
+
+from vramplan import plan_for
+
+
+def test_the_2_1_spec_plans_the_image_encoder_and_the_2_2_spec_has_none():
+    spec = pipeline_spec("WanImageToVideoPipeline")
+    assert "image_encoder" in spec.sliced_components()
+    # one image at the encoder's input size, pixels, in the pipeline's dtype
+    assert spec.stage_shape("encode_image", 720, 1280, 81, True, "bf16", {"image_encoder": {"image_size": 224}}) \
+        == SampleShape(batch=1, frames=1, latent_height=224, latent_width=224, dtype="bf16")
+    a14b = pipeline_spec("WanImageToVideoPipeline:A14B")
+    assert "image_encoder" not in a14b.sliced_components()
+    assert "encode_image" not in {s for s, _, _ in a14b.stages}
+
+
+def test_the_shipped_720p_plan_has_the_image_encoder_and_a_plan_without_it_is_flagged():
+    from vramplan.planner.integrity import problems
+    from vramplan.runtime.verify import missing_components
+
+    plan = plan_for(gpu="RTX 4090", model="wan2.1-i2v-14b", height=720, width=1280, frames=81, vram_gb=6,
+                    host_ram_gb=256)
+    clip = plan.component("image_encoder")
+    assert clip.shape == SampleShape(batch=1, frames=1, latent_height=224, latent_width=224, dtype="bf16")
+    stage = next(s for s in plan.stages if s.stage == "encode_image")
+    assert stage.peak_unit is not None  # priced unit by unit, not as a whole stage
+    assert plan.prediction.peak_bytes <= 6 * 2**30 and problems(plan) == []
+    bad = plan.model_copy(update={"components": [c for c in plan.components if c.component != "image_encoder"]})
+    assert missing_components(bad) == ["image_encoder"]
+    assert any("image_encoder" in p for p in problems(bad))
+
+
+# ---------------------------------------------------------------------- a tiny Wan 2.1 I2V pipeline, run
+def _tiny_i2v_with_clip():
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline
+    from tiny import TINY_CLIP_VISION, tiny_umt5, tiny_wan
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True]).eval()
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        num_train_timesteps=1000, flow_shift=3.0)
+    torch.manual_seed(2)
+    encoder = CLIPVisionModel(CLIPVisionConfig(**TINY_CLIP_VISION)).eval()  # 28x28 pixels: 16 patches + class
+    side = TINY_CLIP_VISION["image_size"]
+    processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    # the image embeddings (the penultimate hidden state, hidden_size wide) enter the DiT's added K/V
+    transformer = tiny_wan(seed=1, in_channels=36, out_channels=16, image_dim=TINY_CLIP_VISION["hidden_size"],
+                           added_kv_proj_dim=24)
+    return WanImageToVideoPipeline(tokenizer=None, text_encoder=tiny_umt5(), vae=vae, scheduler=scheduler,
+                                   image_processor=processor, image_encoder=encoder, transformer=transformer)
+
+
+def _call():
+    g = torch.Generator().manual_seed(0)
+    image = Image.fromarray((np.random.default_rng(0).random((32, 48, 3)) * 255).astype("uint8"))
+    return dict(image=image, prompt_embeds=torch.randn(1, 512, 16, generator=g),
+                negative_prompt_embeds=torch.randn(1, 512, 16, generator=g), height=32, width=48, num_frames=5,
+                num_inference_steps=2, guidance_scale=4.0, output_type="pt")
+
+
+@pytest.mark.parametrize("streamed", [["encoder.layers.1"], ["encoder.layers.0", "encoder.layers.2"]])
+def test_a_planned_2_1_i2v_run_with_the_clip_layers_streamed_equals_the_stock_pipeline(streamed):
+    from vramplan.planner.schema import Plan
+    from vramplan.runtime import run
+    from vramplan.runtime.apply import sample_shape, uniform_component
+    from vramplan.runtime.hooks import hooks_on
+
+    pipe = _tiny_i2v_with_clip()
+    with torch.no_grad():
+        expected = pipe(**_call(), generator=torch.Generator().manual_seed(3)).frames
+    spec = pipeline_spec("WanImageToVideoPipeline")
+    configs = {"image_encoder": pipe.image_encoder.config.to_dict()}
+    clip = uniform_component(pipe.image_encoder, 1, spec.stage_shape("encode_image", 32, 48, 5, True, "fp32", configs))
+    latents = torch.zeros(1, 16, 2, 4, 6)
+    enc = uniform_component(pipe.vae, 4, sample_shape(torch.zeros(1, 3, 5, 32, 48), pipe.vae), component="vae_encoder")
+    plan = Plan(pipeline="WanImageToVideoPipeline", model_name="tiny-wan-i2v", height=32, width=48, frames=5,
+                components=[uniform_component(pipe.transformer, 2, sample_shape(latents, pipe.transformer)),
+                            uniform_component(pipe.vae, 3, sample_shape(latents, pipe.vae)),
+                            enc.model_copy(update={"attribute": "vae"}),
+                            clip.model_copy(update={"streamed": streamed})])
+    result = run(plan, pipe=pipe, progress=False, **_call(), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(result.frames, expected, rtol=1e-5, atol=1e-5)
+    calls = {s.stage: s.calls for s in result.report.stages}
+    assert calls["encode_image"] == 1 and calls["encode_vae"] == 1
+    assert any(n.startswith(f"image_encoder: {len(streamed)} blocks streamed") for n in result.report.notes)
+    assert not [name for name in hooks_on(pipe.image_encoder) if name.startswith("vramplan")]
+
+
+def test_the_image_embeddings_matter_in_the_tiny_pipeline():
+    """The exactness above is not vacuous: another image encoder changes the frames."""
+    pipe = _tiny_i2v_with_clip()
+    with torch.no_grad():
+        before = pipe(**_call(), generator=torch.Generator().manual_seed(3)).frames
+        for p in pipe.image_encoder.encoder.layers[-2].parameters():  # feeds hidden_states[-2]
+            p.add_(0.5)
+        after = pipe(**_call(), generator=torch.Generator().manual_seed(3)).frames
+    assert (before - after).abs().max() > 1e-4
