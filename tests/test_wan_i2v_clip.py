@@ -42,10 +42,18 @@ def test_the_shipped_720p_plan_has_the_image_encoder_and_a_plan_without_it_is_fl
 
 
 # ---------------------------------------------------------------------- a tiny Wan 2.1 I2V pipeline, run
-def _tiny_i2v_with_clip():
+def _tiny_i2v_with_clip(projection: bool = False):
+    """``projection``: the checkpoints' class (diffusers' Wan conversion script saves a
+    ``CLIPVisionModelWithProjection``, module names under ``vision_model.``); else the pipeline's annotated
+    ``CLIPVisionModel``. Wan reads the penultimate hidden state either way, not the projection."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline
     from tiny import TINY_CLIP_VISION, tiny_umt5, tiny_wan
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        CLIPVisionModelWithProjection,
+    )
 
     torch.manual_seed(0)
     vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
@@ -53,7 +61,8 @@ def _tiny_i2v_with_clip():
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         num_train_timesteps=1000, flow_shift=3.0)
     torch.manual_seed(2)
-    encoder = CLIPVisionModel(CLIPVisionConfig(**TINY_CLIP_VISION)).eval()  # 28x28 pixels: 16 patches + class
+    cls = CLIPVisionModelWithProjection if projection else CLIPVisionModel
+    encoder = cls(CLIPVisionConfig(**TINY_CLIP_VISION)).eval()  # 28x28 pixels: 16 patches + class
     side = TINY_CLIP_VISION["image_size"]
     processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
     # the image embeddings (the penultimate hidden state, hidden_size wide) enter the DiT's added K/V
@@ -71,14 +80,16 @@ def _call():
                 num_inference_steps=2, guidance_scale=4.0, output_type="pt")
 
 
-@pytest.mark.parametrize("streamed", [["encoder.layers.1"], ["encoder.layers.0", "encoder.layers.2"]])
-def test_a_planned_2_1_i2v_run_with_the_clip_layers_streamed_equals_the_stock_pipeline(streamed):
+@pytest.mark.parametrize(("projection", "streamed"), [
+    (False, ["encoder.layers.1"]), (False, ["encoder.layers.0", "encoder.layers.2"]),
+    (True, ["vision_model.encoder.layers.1"])])
+def test_a_planned_2_1_i2v_run_with_the_clip_layers_streamed_equals_the_stock_pipeline(projection, streamed):
     from vramplan.planner.schema import Plan
     from vramplan.runtime import run
     from vramplan.runtime.apply import sample_shape, uniform_component
     from vramplan.runtime.hooks import hooks_on
 
-    pipe = _tiny_i2v_with_clip()
+    pipe = _tiny_i2v_with_clip(projection)
     with torch.no_grad():
         expected = pipe(**_call(), generator=torch.Generator().manual_seed(3)).frames
     spec = pipeline_spec("WanImageToVideoPipeline")
