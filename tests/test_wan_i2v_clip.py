@@ -36,6 +36,17 @@ def test_the_shipped_720p_plan_has_the_image_encoder_and_a_plan_without_it_is_fl
     stage = next(s for s in plan.stages if s.stage == "encode_image")
     assert stage.peak_unit is not None  # priced unit by unit, not as a whole stage
     assert plan.prediction.peak_bytes <= 6 * 2**30 and problems(plan) == []
+    # both shipped profiles: one streamable block per ViT-H layer (at 6 GiB the planner needs none streamed)
+    from importlib import resources
+
+    from vramplan.planner.schema import PipelineProfile
+
+    for size in ("480x832", "720x1280"):
+        name = f"wan2.1-i2v-14b-{size}-f81-cfg-bf16-flash.pipeline.json"
+        prof = PipelineProfile.model_validate_json(resources.files("vramplan.profiles").joinpath("models", name)
+                                                   .read_text())
+        encode = next(s for s in prof.stages if s.stage == "encode_image").profile
+        assert set(encode.block_weights) == {f"vision_model.encoder.layers.{i}" for i in range(32)}
     bad = plan.model_copy(update={"components": [c for c in plan.components if c.component != "image_encoder"]})
     assert missing_components(bad) == ["image_encoder"]
     assert any("image_encoder" in p for p in problems(bad))
