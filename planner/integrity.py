@@ -215,6 +215,7 @@ def _header(plan: Plan, profile) -> Iterator[str]:
     dtype = sliced[0].shape.dtype
     batches = _batches(plan)
     header = f"{plan.frames} x {plan.height}x{plan.width}"
+    not_latent = _not_latent(plan)
     for comp in sliced:
         shape = comp.shape
         where = f"components[{comp.component}].shape"
@@ -234,10 +235,22 @@ def _header(plan: Plan, profile) -> Iterator[str]:
         known = given.get(comp.component)  # a stage whose sample is in pixels (an encoder's) is not a VAE scale away
         if known is not None and (known.latent_height, known.latent_width) == (shape.latent_height, shape.latent_width):
             continue
+        if comp.component in not_latent:  # an encoder of a model whose configs a plan does not make us read
+            continue
         h, w = plan.height / shape.latent_height, plan.width / shape.latent_width
         if h != w or h != int(h) or int(h) & (int(h) - 1):
             yield (f"field '{where}' has latents {shape.latent_height}x{shape.latent_width}, which no VAE scale "
                    f"factor maps to the plan's {plan.height}x{plan.width} pixels (height and width swapped?)")
+
+
+def _not_latent(plan: Plan) -> set[str]:
+    """Component plans of ``plan``'s pipeline whose sample is tokens or pixels, not latents."""
+    from .pipelines import pipeline_spec
+
+    try:
+        return pipeline_spec(plan.pipeline).pixel_or_token_plans() if plan.pipeline else set()
+    except (VramplanError, KeyError, ValueError):
+        return set()
 
 
 def _spec_shapes(plan: Plan) -> tuple[dict, bool]:

@@ -126,6 +126,14 @@ class PipelineSpec:
             return self.stage_plans[stage]
         return next(comp for s, comp, _ in self.stages if s == stage)
 
+    # Stages whose sample is a latent (pixels / the VAE's scale); the encoders' are tokens or pixels.
+    latent_stages: ClassVar[frozenset[str]] = frozenset({"denoise", "denoise_2", "decode"})
+
+    def pixel_or_token_plans(self) -> set[str]:
+        """Component plans whose sample is not a latent: no VAE scale relates it to the video's size."""
+        return {self.plan_name(s) for s, _, _ in self.stages if s not in self.latent_stages} - {
+            self.plan_name(s) for s, _, _ in self.stages if s in self.latent_stages}
+
     def attribute_of(self, name: str) -> str:
         """The pipeline attribute a component plan runs on (``vae`` for ``vae_encoder``)."""
         for stage, plan in self.stage_plans.items():

@@ -166,10 +166,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:  # transformers' advisories (install torchvision, ...) are not the user's business here
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
-        if getattr(args, "dtype", "") is None and hasattr(args, "model"):  # --dtype not given: the model's own
-            from .api import default_dtype
-
-            args.dtype = default_dtype(args.model)
         check_number("--threads", args.threads, integer=True, minimum=1, allow_none=True)
         threads = set_threads(args)
         code = commands[args.command](args)
@@ -419,6 +415,10 @@ def cmd_profile(args) -> int:
         _print_json(args, {"regenerated": paths})
         return 0
     guidance = not args.no_guidance
+    if args.dtype is None:  # not given: the model's own
+        from .api import default_dtype
+
+        args.dtype = default_dtype(args.model)
     shape = sample_shape_for(args.model, args.height, args.width, args.frames, guidance, args.dtype)
     if args.output:
         from .runtime.models import meta_unet

@@ -124,6 +124,9 @@ def _fleet_single(args) -> int:
 
     count = len(args.gpus) if args.gpus else len(all_gpus())
     print(f"planning {args.model} for {count} GPU types ...", file=sys.stderr, flush=True)
+    from .api import default_dtype
+
+    args.dtype = args.dtype or default_dtype(args.model)
     rows = capacity(model=args.model, height=args.height, width=args.width, frames=args.frames, steps=args.steps,
                     guidance=not args.no_guidance, dtype=args.dtype, videos_per_hour=args.rate, gpus=args.gpus)
     if args.json:
