@@ -270,21 +270,25 @@ def _upsample(up, x: torch.Tensor, cache: list, idx: list, start: int, stop: int
     return out
 
 
+def cropped_residual(res, walk: _Rows, h: torch.Tensor, have: int, point: int, cache: list, idx: list):
+    """A Wan residual block on a slab (the stock forward, cropped after each conv, the shortcut on the
+    kept rows): the output, its first row and the next crop point."""
+    res_in, res_have = h, have
+    h = _cached_conv(res.conv1, res.nonlinearity(res.norm1(h)), cache, idx)
+    h, have = walk.crop(h, point, have)
+    h = res.dropout(res.nonlinearity(res.norm2(h)))
+    h = _cached_conv(res.conv2, h, cache, idx)
+    h, have = walk.crop(h, point + 1, have)
+    shortcut = res.conv_shortcut(res_in)
+    return h + shortcut.narrow(-2, have - res_have, h.shape[-2]), have, point + 2
+
+
 def _up_block(block, walk: _Rows, h: torch.Tensor, have: int, point: int, cache: list, idx: list, first: bool):
     """One up block on a slab (the stock block's forward, cropped after every convolution): the output,
     its first row and the next crop point."""
     block_in, block_have = h, have
     for res in block.resnets:
-        res_in, res_have = h, have
-        h = _cached_conv(res.conv1, res.nonlinearity(res.norm1(h)), cache, idx)
-        h, have = walk.crop(h, point, have)
-        h = res.dropout(res.nonlinearity(res.norm2(h)))
-        h = _cached_conv(res.conv2, h, cache, idx)
-        h, have = walk.crop(h, point + 1, have)
-        point += 2
-        shortcut = res.conv_shortcut(res_in)
-        h = h + shortcut.narrow(-2, have - res_have, h.shape[-2])
-        del res_in, shortcut
+        h, have, point = cropped_residual(res, walk, h, have, point, cache, idx)
     up = _upsampler(block)
     if up is not None:  # only the upsampled rows the rest needs (its output's first row is 2 * have)
         lo, hi = walk.need[point + 1]

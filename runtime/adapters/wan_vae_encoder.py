@@ -30,7 +30,7 @@ from ...planner.errors import UnsupportedArgumentError, UnsupportedModelError
 from ...planner.rows import RowMap, RowStep
 from ..program import Op, SliceCtx, UnitSpec
 from .base import CallBinding, example_maker, register
-from .wan_vae import _cached_conv, _Rows, conv_step
+from .wan_vae import _cached_conv, _Rows, conv_step, cropped_residual
 
 DOWN = "encoder.down_blocks"
 MID = "encoder.mid_block"
@@ -238,14 +238,7 @@ def _down_slab(vae, stages: list[RowMap], ctx: SliceCtx, x: torch.Tensor) -> tor
     idx = [0]  # the stock cache index, reset per chunk
 
     def res(block, h, have, point):
-        res_in, res_have = h, have
-        h = _cached_conv(block.conv1, block.nonlinearity(block.norm1(h)), cache, idx)
-        h, have = walk.crop(h, point, have)
-        h = block.dropout(block.nonlinearity(block.norm2(h)))
-        h = _cached_conv(block.conv2, h, cache, idx)
-        h, have = walk.crop(h, point + 1, have)
-        shortcut = block.conv_shortcut(res_in)
-        return h + shortcut.narrow(-2, have - res_have, h.shape[-2]), have, point + 2
+        return cropped_residual(block, walk, h, have, point, cache, idx)
 
     def down(resample, h, have, point):
         h = resample(h, feat_cache=cache, feat_idx=idx)
