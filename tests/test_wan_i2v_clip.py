@@ -4,10 +4,9 @@ runs exactly under the plan, and a plan without it is flagged. Wan 2.2 I2V-A14B 
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from tiny import tiny_wan_i2v, tiny_wan_i2v_call
 from vramplan.planner.pipelines import pipeline_spec
 from vramplan.planner.schema import SampleShape
 
@@ -53,44 +52,6 @@ def test_the_shipped_720p_plan_has_the_image_encoder_and_a_plan_without_it_is_fl
 
 
 # ---------------------------------------------------------------------- a tiny Wan 2.1 I2V pipeline, run
-def _tiny_i2v_with_clip(projection: bool = False):
-    """``projection``: the checkpoints' class (diffusers' Wan conversion script saves a
-    ``CLIPVisionModelWithProjection``, module names under ``vision_model.``); else the pipeline's annotated
-    ``CLIPVisionModel``. Wan reads the penultimate hidden state either way, not the projection."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline
-    from tiny import TINY_CLIP_VISION, tiny_umt5, tiny_wan
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        CLIPVisionModel,
-        CLIPVisionModelWithProjection,
-    )
-
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True]).eval()
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                        num_train_timesteps=1000, flow_shift=3.0)
-    torch.manual_seed(2)
-    cls = CLIPVisionModelWithProjection if projection else CLIPVisionModel
-    encoder = cls(CLIPVisionConfig(**TINY_CLIP_VISION)).eval()  # 28x28 pixels: 16 patches + class
-    side = TINY_CLIP_VISION["image_size"]
-    processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
-    # the image embeddings (the penultimate hidden state, hidden_size wide) enter the DiT's added K/V
-    transformer = tiny_wan(seed=1, in_channels=36, out_channels=16, image_dim=TINY_CLIP_VISION["hidden_size"],
-                           added_kv_proj_dim=24)
-    return WanImageToVideoPipeline(tokenizer=None, text_encoder=tiny_umt5(), vae=vae, scheduler=scheduler,
-                                   image_processor=processor, image_encoder=encoder, transformer=transformer)
-
-
-def _call():
-    g = torch.Generator().manual_seed(0)
-    image = Image.fromarray((np.random.default_rng(0).random((32, 48, 3)) * 255).astype("uint8"))
-    return dict(image=image, prompt_embeds=torch.randn(1, 512, 16, generator=g),
-                negative_prompt_embeds=torch.randn(1, 512, 16, generator=g), height=32, width=48, num_frames=5,
-                num_inference_steps=2, guidance_scale=4.0, output_type="pt")
-
-
 @pytest.mark.parametrize(("projection", "streamed"), [
     (False, ["encoder.layers.1"]), (False, ["encoder.layers.0", "encoder.layers.2"]),
     (True, ["vision_model.encoder.layers.1"])])
@@ -100,9 +61,9 @@ def test_a_planned_2_1_i2v_run_with_the_clip_layers_streamed_equals_the_stock_pi
     from vramplan.runtime.apply import sample_shape, uniform_component
     from vramplan.runtime.hooks import hooks_on
 
-    pipe = _tiny_i2v_with_clip(projection)
+    pipe = tiny_wan_i2v("projection" if projection else "plain")
     with torch.no_grad():
-        expected = pipe(**_call(), generator=torch.Generator().manual_seed(3)).frames
+        expected = pipe(**tiny_wan_i2v_call(), generator=torch.Generator().manual_seed(3)).frames
     spec = pipeline_spec("WanImageToVideoPipeline")
     configs = {"image_encoder": pipe.image_encoder.config.to_dict()}
     clip = uniform_component(pipe.image_encoder, 1, spec.stage_shape("encode_image", 32, 48, 5, True, "fp32", configs))
@@ -113,7 +74,7 @@ def test_a_planned_2_1_i2v_run_with_the_clip_layers_streamed_equals_the_stock_pi
                             uniform_component(pipe.vae, 3, sample_shape(latents, pipe.vae)),
                             enc.model_copy(update={"attribute": "vae"}),
                             clip.model_copy(update={"streamed": streamed})])
-    result = run(plan, pipe=pipe, progress=False, **_call(), generator=torch.Generator().manual_seed(3))
+    result = run(plan, pipe=pipe, progress=False, **tiny_wan_i2v_call(), generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(result.frames, expected, rtol=1e-5, atol=1e-5)
     calls = {s.stage: s.calls for s in result.report.stages}
     assert calls["encode_image"] == 1 and calls["encode_vae"] == 1
@@ -123,10 +84,10 @@ def test_a_planned_2_1_i2v_run_with_the_clip_layers_streamed_equals_the_stock_pi
 
 def test_the_image_embeddings_matter_in_the_tiny_pipeline():
     """The exactness above is not vacuous: another image encoder changes the frames."""
-    pipe = _tiny_i2v_with_clip()
+    pipe = tiny_wan_i2v("plain")
     with torch.no_grad():
-        before = pipe(**_call(), generator=torch.Generator().manual_seed(3)).frames
+        before = pipe(**tiny_wan_i2v_call(), generator=torch.Generator().manual_seed(3)).frames
         for p in pipe.image_encoder.encoder.layers[-2].parameters():  # feeds hidden_states[-2]
             p.add_(0.5)
-        after = pipe(**_call(), generator=torch.Generator().manual_seed(3)).frames
+        after = pipe(**tiny_wan_i2v_call(), generator=torch.Generator().manual_seed(3)).frames
     assert (before - after).abs().max() > 1e-4

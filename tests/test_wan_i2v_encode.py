@@ -4,10 +4,9 @@ profiles, and run exactly inside the stock ``WanImageToVideoPipeline`` call."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from tiny import tiny_wan_i2v, tiny_wan_i2v_call
 from vramplan.planner.pipelines import pipeline_spec
 from vramplan.planner.schema import SampleShape
 
@@ -36,36 +35,14 @@ def test_i2v_a14b_plans_within_6_gib_with_the_encode_sliced():
 
 
 # ---------------------------------------------------------------------- a tiny I2V pipeline, run
-def _tiny_i2v():
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline
-    from tiny import tiny_umt5, tiny_wan
-
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True]).eval()
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                        num_train_timesteps=1000, flow_shift=3.0)
-    # latents (16) + the mask (4) + the condition latents (16); no image encoder (as Wan 2.2 I2V)
-    return WanImageToVideoPipeline(tokenizer=None, text_encoder=tiny_umt5(), vae=vae, scheduler=scheduler,
-                                   transformer=tiny_wan(seed=1, in_channels=36, out_channels=16))
-
-
-def _call():
-    g = torch.Generator().manual_seed(0)
-    image = Image.fromarray((np.random.default_rng(0).random((32, 48, 3)) * 255).astype("uint8"))
-    return dict(image=image, prompt_embeds=torch.randn(1, 512, 16, generator=g),
-                negative_prompt_embeds=torch.randn(1, 512, 16, generator=g), height=32, width=48, num_frames=5,
-                num_inference_steps=2, guidance_scale=4.0, output_type="pt")
-
-
 def test_a_planned_i2v_run_with_the_encode_sliced_equals_the_stock_pipeline():
     from vramplan.planner.schema import Plan
     from vramplan.runtime import run
     from vramplan.runtime.apply import sample_shape, uniform_component
 
-    pipe = _tiny_i2v()
+    pipe = tiny_wan_i2v()
     with torch.no_grad():
-        expected = pipe(**_call(), generator=torch.Generator().manual_seed(3)).frames
+        expected = pipe(**tiny_wan_i2v_call(), generator=torch.Generator().manual_seed(3)).frames
     latents = torch.zeros(1, 16, 2, 4, 6)
     video = torch.zeros(1, 3, 5, 32, 48)
     enc = uniform_component(pipe.vae, 4, sample_shape(video, pipe.vae), component="vae_encoder")
@@ -73,6 +50,6 @@ def test_a_planned_i2v_run_with_the_encode_sliced_equals_the_stock_pipeline():
                 components=[uniform_component(pipe.transformer, 2, sample_shape(latents, pipe.transformer)),
                             uniform_component(pipe.vae, 3, sample_shape(latents, pipe.vae)),
                             enc.model_copy(update={"attribute": "vae"})])
-    result = run(plan, pipe=pipe, progress=False, **_call(), generator=torch.Generator().manual_seed(3))
+    result = run(plan, pipe=pipe, progress=False, **tiny_wan_i2v_call(), generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(result.frames, expected, rtol=1e-5, atol=1e-5)
     assert {s.stage: s.calls for s in result.report.stages}["encode_vae"] == 1

@@ -254,3 +254,47 @@ def assert_gradients_equal(got: list[torch.Tensor], expected: list[torch.Tensor]
     scale = max(g.abs().max().item() for g in expected)
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * scale)
+
+
+def tiny_wan_i2v(clip: str | None = None):
+    """A tiny ``WanImageToVideoPipeline``: latents (16) + mask (4) + condition latents (16) into the DiT.
+    ``clip`` None: no image encoder (as Wan 2.2 I2V); "plain" / "projection": a tiny ``CLIPVisionModel``
+    / ``...WithProjection`` whose penultimate hidden state enters the DiT's added K/V (as Wan 2.1 I2V)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True]).eval()
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        num_train_timesteps=1000, flow_shift=3.0)
+    if clip is None:
+        return WanImageToVideoPipeline(tokenizer=None, text_encoder=tiny_umt5(), vae=vae, scheduler=scheduler,
+                                       transformer=tiny_wan(seed=1, in_channels=36, out_channels=16))
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        CLIPVisionModelWithProjection,
+    )
+
+    torch.manual_seed(2)
+    cls = CLIPVisionModelWithProjection if clip == "projection" else CLIPVisionModel
+    encoder = cls(CLIPVisionConfig(**TINY_CLIP_VISION)).eval()  # 28x28 pixels: 16 patches + class
+    side = TINY_CLIP_VISION["image_size"]
+    processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    transformer = tiny_wan(seed=1, in_channels=36, out_channels=16, image_dim=TINY_CLIP_VISION["hidden_size"],
+                           added_kv_proj_dim=24)
+    return WanImageToVideoPipeline(tokenizer=None, text_encoder=tiny_umt5(), vae=vae, scheduler=scheduler,
+                                   image_processor=processor, image_encoder=encoder, transformer=transformer)
+
+
+def tiny_wan_i2v_call() -> dict:
+    """The arguments of a tiny I2V call: a random 48x32 image, random prompt embeddings, 5 frames, 2 steps."""
+    import numpy as np
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    image = Image.fromarray((np.random.default_rng(0).random((32, 48, 3)) * 255).astype("uint8"))
+    return dict(image=image, prompt_embeds=torch.randn(1, 512, 16, generator=g),
+                negative_prompt_embeds=torch.randn(1, 512, 16, generator=g), height=32, width=48, num_frames=5,
+                num_inference_steps=2, guidance_scale=4.0, output_type="pt")
