@@ -35,28 +35,45 @@ def _steps(model, solution: Solution, budget: int, keep: frozenset[str]):
         yield solve(model, budget, None, "dp", host=solution.host, streamed=solution.streamed - {b}, explain=False)
 
 
+def _give_back(models: dict, solutions: dict[str, Solution], budgets: dict[str, int], keeps: dict,
+               weights: dict[str, int], host_ram_bytes: int, max_latency_s: float | None = None,
+               max_steps: int = 256) -> dict[str, Solution] | None:
+    """``solutions`` (name -> a stage's or model's plan) changed one step at a time, the step that costs
+    the least time (per call x ``weights``: the calls of a run) per pinned byte saved, until
+    :func:`run_host` fits ``host_ram_bytes``; each within its GPU budget (and ``max_latency_s`` per
+    call). None when no sequence of steps gets there."""
+    solutions = dict(solutions)
+    parts = {n: stage_host(models[n], solutions[n]) for n in solutions}
+    for _ in range(max_steps):
+        total = run_host(parts)
+        if total <= host_ram_bytes:
+            return solutions
+        best = None
+        for name, current in solutions.items():
+            for trial in _steps(models[name], current, budgets[name], keeps[name]):
+                if trial is None or (max_latency_s is not None and trial.latency_s > max_latency_s):
+                    continue
+                part = stage_host(models[name], trial)
+                saved = total - run_host({**parts, name: part})
+                if saved <= 0:
+                    continue
+                score = (max(0.0, trial.latency_s - current.latency_s) * weights[name] / saved, -saved)
+                if best is None or score < best[0]:
+                    best = (score, name, trial, part)
+        if best is None:
+            return None
+        _, name, trial, part = best
+        solutions[name], parts[name] = trial, part
+    return None
+
+
 def model_within_host(model, solution: Solution, budget: int, host_ram_bytes: int,
                       max_latency_s: float | None = None, max_steps: int = 256) -> Solution | None:
     """One model's ``solution`` changed step by step (as :func:`within_host`) until its pinned host memory
     fits ``host_ram_bytes``, within the GPU ``budget`` and ``max_latency_s`` per call; None if it cannot."""
-    current = solution
-    for _ in range(max_steps):
-        have = sum(stage_host(model, current))
-        if have <= host_ram_bytes:
-            return current
-        best = None
-        for trial in _steps(model, current, budget, frozenset()):
-            if trial is None or (max_latency_s is not None and trial.latency_s > max_latency_s):
-                continue
-            saved = have - sum(stage_host(model, trial))
-            if saved > 0:
-                score = (max(0.0, trial.latency_s - current.latency_s) / saved, -saved)
-                if best is None or score < best[0]:
-                    best = (score, trial)
-        if best is None:
-            return None
-        current = best[1]
-    return None
+    found = _give_back({"m": model}, {"m": solution}, {"m": budget}, {"m": frozenset()}, {"m": 1},
+                       host_ram_bytes, max_latency_s, max_steps)
+    return None if found is None else found["m"]
 
 
 def within_host(planner, resident: dict[str, bool], solutions: dict[str, Solution], cap: int,
@@ -83,27 +100,10 @@ def within_host(planner, resident: dict[str, bool], solutions: dict[str, Solutio
     memo[key] = None
     kept = dict(solutions)  # the cache keys above hold these objects' ids
     memo[("ids", key)] = kept
-    parts = {name: stage_host(planner.models[name], solutions[name]) for name in stages}
-    for _ in range(max_steps):
-        if run_host(parts) <= planner.host_ram_bytes:
-            memo[key] = {n: solutions[n] for n in stages}
-            return planner.results(resident, solutions, cap)
-        best = None
-        total = run_host(parts)
-        for name in stages:
-            model, current = planner.models[name], solutions[name]
-            for trial in _steps(model, current, budgets[name], keeps[name]):
-                if trial is None:
-                    continue
-                part = stage_host(model, trial)
-                saved = total - run_host({**parts, name: part})
-                if saved <= 0:
-                    continue
-                score = (max(0.0, trial.latency_s - current.latency_s) * planner.calls(stages[name]) / saved, -saved)
-                if best is None or score < best[0]:
-                    best = (score, name, trial, part)
-        if best is None:
-            return None
-        _, name, trial, part = best
-        solutions[name], parts[name] = trial, part
-    return None
+    found = _give_back(planner.models, {n: solutions[n] for n in stages}, budgets, keeps,
+                       {n: planner.calls(stages[n]) for n in stages}, planner.host_ram_bytes, max_steps=max_steps)
+    if found is None:
+        return None
+    memo[key] = found
+    solutions.update(found)
+    return planner.results(resident, solutions, cap)
