@@ -90,16 +90,21 @@ def trained_dir() -> Path:
     return Path(str(resources.files("vramplan.profiles").joinpath(TRAINED_DIR)))
 
 
+def require_files(folder: Path, needed: list[Path], what: str, retrain: str) -> None:
+    """InputFileError naming every file of a shipped trained model that is missing, and how to get it back."""
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        raise InputFileError(f"{what} is incomplete in {folder}: missing {', '.join(missing)}. Reinstall vramplan, "
+                             f"or retrain it with {retrain}.")
+
+
 def _check_files(folder: Path) -> None:
     needed = [folder / "model_index.json"] + [folder / c / "config.json" for c in COMPONENTS]
     needed += [folder / "vae" / "diffusion_pytorch_model.safetensors",
                folder / "unet" / "diffusion_pytorch_model.safetensors",
                folder / "image_encoder" / "model.safetensors"]
-    missing = [str(p) for p in needed if not p.is_file()]
-    if missing:
-        raise InputFileError(
-            f"the trained model is incomplete in {folder}: missing {', '.join(missing)}. Reinstall vramplan, or "
-            "retrain it with `python bench/train_tiny_svd.py` (about 30 minutes on 2 CPU cores).")
+    require_files(folder, needed, "the trained model",
+                  "`python bench/train_tiny_svd.py` (about 30 minutes on 2 CPU cores)")
 
 
 def trained_svd_pipeline(folder: str | Path | None = None):

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ..planner.errors import InputFileError
 from .clips import _distance
+from .trained import require_files
 
 HEIGHT = WIDTH = 32
 NUM_FRAMES = 17  # 4n+1 as Wan needs: the first frame alone, then 8 latent frames of 2 frames each
@@ -169,11 +169,8 @@ def check_files(folder: Path) -> None:
     needed += [folder / c / "config.json" for c in COMPONENTS]
     needed += [folder / c / "diffusion_pytorch_model.safetensors" for c in ("transformer", "vae")]
     needed += [folder / "text_encoder" / "model.safetensors"]
-    missing = [str(p) for p in needed if not p.is_file()]
-    if missing:
-        raise InputFileError(
-            f"the trained tiny Wan is incomplete in {folder}: missing {', '.join(missing)}. Reinstall vramplan, "
-            "or retrain it with `python bench/train_tiny_wan.py` (about an hour on one CPU core).")
+    require_files(folder, needed, "the trained tiny Wan",
+                  "`python bench/train_tiny_wan.py` (about an hour on one CPU core)")
 
 
 def load_trained_wan(path: str | Path | None = None):
