@@ -1,7 +1,9 @@
 """Conformance: every registered model adapter passes the same checks.
 
-Parametrised from the adapter registry (``supported_classes``); each class needs a tiny case in
-``tests/tiny.py`` (``CASES``), so a new adapter fails here until it has one. The checks: exact
+Parametrised from the adapter registry: every registered adapter, as (model class, component) — a
+class with two adapters (a VAE's decode, ``vae``, and encode, ``vae_encoder``) runs twice. A class's
+default adapter (the first registered) has its tiny case in ``tests/tiny.py`` (``CASES``), any other in
+``tests/encode_cases.py`` (``ENCODE_CASES``), so a new adapter fails here until it has one. The checks: exact
 fp32 forward on random plans, fp16/bf16 within the dtype's own noise, backward gradients equal,
 the caller's inputs unchanged, hooks on bypassed containers fire (or the plan refuses them by
 name), a second plan refused, and the model restored after an exception and after removal in
@@ -11,26 +13,55 @@ any order.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import pytest
 import torch
+from encode_cases import ENCODE_CASES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from plans import random_plans
-from tiny import CASES, assert_gradients_equal, gradients
+from tiny import CASES, Case, assert_gradients_equal, gradients
 from vramplan.planner.errors import VramplanError
 from vramplan.runtime import apply_plan, fingerprint, list_units, uniform_plan
 from vramplan.runtime.adapters import adapter_for, supported_classes
+from vramplan.runtime.adapters.base import _ADAPTERS
 from vramplan.runtime.memory import current_label
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture(scope="module", params=supported_classes())
+def registered() -> list[tuple[str, str, bool]]:
+    """(model class, component, whether it is the class's default adapter) of every registered adapter."""
+    pairs, seen = [], set()
+    for adapter in _ADAPTERS:
+        for cls in adapter.model_classes:
+            pairs.append((cls, adapter.component, cls not in seen))
+            seen.add(cls)
+    return pairs
+
+
+@dataclass
+class Adapted(Case):
+    """A tiny case and the component that picks its adapter (``adapter_for(model, component)``)."""
+
+    component: str = ""
+
+
+def _factory(cls: str, component: str, default: bool):
+    return CASES.get(cls) if default else ENCODE_CASES.get((cls, component))
+
+
+@pytest.fixture(scope="module", params=registered(), ids=lambda p: p[0] if p[2] else f"{p[0]}-{p[1]}")
 def case(request):
-    if request.param not in CASES:
-        pytest.fail(f"adapter for {request.param} has no tiny case: add one to tests/tiny.py CASES")
-    return CASES[request.param]()
+    cls, component, default = request.param
+    make = _factory(cls, component, default)
+    if make is None:
+        where = "tests/tiny.py CASES" if default else f"tests/encode_cases.py ENCODE_CASES[({cls!r}, {component!r})]"
+        pytest.fail(f"adapter {component!r} of {cls} has no tiny case: add one to {where}")
+    base = make()
+    assert adapter_for(base.model, component).component == component
+    return Adapted(base.model, base.inputs, base.output, base.container, component)
 
 
 def _out(case, args, kwargs, model=None):
@@ -39,7 +70,7 @@ def _out(case, args, kwargs, model=None):
 
 
 def _method(case) -> str:
-    return getattr(adapter_for(case.model), "method", "forward")
+    return getattr(adapter_for(case.model, case.component), "method", "forward")
 
 
 def _plain(model, name: str) -> bool:
@@ -58,6 +89,9 @@ def _assert_restored(case, args, kwargs, expected):
 
 def test_every_adapter_has_a_case():
     assert set(supported_classes()) <= set(CASES)
+    assert all(_factory(*pair) is not None for pair in registered())
+    second = {(cls, comp) for cls, comp, default in registered() if not default}
+    assert ("AutoencoderKLWan", "vae_encoder") in second  # a class's second adapter is enumerated too
 
 
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -66,7 +100,8 @@ def test_every_adapter_has_a_case():
 def test_random_plans_are_exact_in_fp32(case, data, batch, frames, h, w):
     args, kwargs, shape = case.inputs(batch, frames, h, w, seed=frames * 100 + h * 10 + w)
     model = case.model
-    plan = data.draw(random_plans(list_units(model), fingerprint(model), shape, max_k=8))
+    plan = data.draw(random_plans(list_units(model, case.component), fingerprint(model), shape, max_k=8,
+                                  component=case.component))
     expected = _out(case, args, kwargs)
     with apply_plan(model, plan):
         got = _out(case, args, kwargs)
@@ -83,7 +118,7 @@ def test_low_precision_plans_stay_within_the_dtypes_noise(case, dtype):
     low_args = tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() and a.dim() else a for a in args)
     original = _out(case, low_args, kwargs, model=low)
     low_shape = shape.model_copy(update={"dtype": {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]})
-    with apply_plan(low, uniform_plan(low, 3, low_shape)):
+    with apply_plan(low, uniform_plan(low, 3, low_shape, component=case.component)):
         planned = _out(case, low_args, kwargs, model=low)
     assert planned.dtype == original.dtype == dtype
     own = (original.float() - reference).abs().max().item()
@@ -97,7 +132,7 @@ def test_backward_gradients_equal_the_original(case, k):
     args, kwargs, shape = case.inputs(2, 3, 5, 4)
     model = case.model
     expected = gradients(case, args, kwargs, lambda a: case.output(model, a, kwargs))
-    with apply_plan(model, uniform_plan(model, k, shape, group=k == 3)):
+    with apply_plan(model, uniform_plan(model, k, shape, group=k == 3, component=case.component)):
         got = gradients(case, args, kwargs, lambda a: case.output(model, a, kwargs))
     assert_gradients_equal(got, expected)
 
@@ -107,7 +142,7 @@ def test_callers_inputs_are_unchanged(case):
     before = [a.clone() if torch.is_tensor(a) else a for a in args]
     model = case.model
     for k in (2, 3):
-        with apply_plan(model, uniform_plan(model, k, shape)):
+        with apply_plan(model, uniform_plan(model, k, shape, component=case.component)):
             _out(case, args, kwargs)
             with torch.inference_mode():
                 case.output(model, args, kwargs)
@@ -132,7 +167,7 @@ def test_hooks_on_bypassed_containers_fire_or_are_refused(case):
         without = list(calls)
         calls.clear()
         try:
-            plan = apply_plan(model, uniform_plan(model, 2, shape))
+            plan = apply_plan(model, uniform_plan(model, 2, shape, component=case.component))
         except VramplanError as err:
             assert case.container in str(err)
             return
@@ -149,10 +184,10 @@ def test_a_second_plan_is_refused(case):
     args, kwargs, shape = case.inputs(1, 3, 4, 4)
     model = case.model
     expected = _out(case, args, kwargs)
-    first = apply_plan(model, uniform_plan(model, 2, shape))
+    first = apply_plan(model, uniform_plan(model, 2, shape, component=case.component))
     try:
         with pytest.raises(VramplanError):
-            apply_plan(model, uniform_plan(model, 3, shape))
+            apply_plan(model, uniform_plan(model, 3, shape, component=case.component))
         torch.testing.assert_close(_out(case, args, kwargs), expected, **TOL)  # the first plan still works
     finally:
         first.remove()
@@ -171,7 +206,7 @@ def test_state_is_restored_after_an_exception_inside_the_planned_forward(case):
     def fail(*_):
         raise RuntimeError("boom inside a unit")
 
-    with apply_plan(model, uniform_plan(model, 2, shape)):
+    with apply_plan(model, uniform_plan(model, 2, shape, component=case.component)):
         broken = leaf.register_forward_pre_hook(fail)
         with pytest.raises(RuntimeError, match="boom"):
             _out(case, args, kwargs)
@@ -199,7 +234,7 @@ def test_removal_in_any_order_restores_the_model(case, order):
     args, kwargs, shape = case.inputs(1, 3, 4, 4)
     model = case.model
     expected = _out(case, args, kwargs)
-    plan = apply_plan(model, uniform_plan(model, 2, shape))
+    plan = apply_plan(model, uniform_plan(model, 2, shape, component=case.component))
     hook = Count()
     add_hook_to_module(model, hook)
     try:
