@@ -123,46 +123,77 @@ def floor(model: CostModel, max_group: int = 8) -> Floor:
 
 def trajectory(model: CostModel, max_group: int = 8) -> list[tuple[frozenset[str], frozenset[str], int]]:
     """Greedy states ``(host, streamed, floor)`` from nothing to everything, floors decreasing."""
+    walk = _walk(model, max_group)
+    while walk.step():
+        pass
+    return list(walk.states)
+
+
+def _walk(model: CostModel, max_group: int) -> _Walk:
     key = ("_trajectory", max_group)
-    if key in model.__dict__:
-        return model.__dict__[key]
-    host, streamed = EMPTY, EMPTY
-    peak, worst, _ = memory_minimax(model, host, streamed, max_group)
-    states = [(host, streamed, peak)]
-    bottom = floor(model, max_group).needed_bytes
-    placeable = set(model.placeable)
-    readers: dict[str, int] = {}
-    for u in model.units:
-        for name in set(u.inputs):
-            readers[name] = readers.get(name, 0) + 1
-    while peak > bottom:
-        here = _adjusted(model, host, streamed)(worst)
-        _, exposed = model.streaming_seconds(streamed)
+    if key not in model.__dict__:
+        model.__dict__[key] = _Walk(model, max_group)
+    return model.__dict__[key]
+
+
+class _Walk:
+    """The trajectory of :func:`trajectory`, walked only as far as asked (memoised on the cost model): a
+    search needs the states up to the first that fits its budget, and each greedy step costs a minimax
+    over the placement's candidates (most of a first plan of a 14B DiT when walked to the end)."""
+
+    def __init__(self, model: CostModel, max_group: int):
+        self.model, self.max_group = model, max_group
+        self.host, self.streamed = EMPTY, EMPTY
+        self.peak, self.worst, _ = memory_minimax(model, EMPTY, EMPTY, max_group)
+        self.states = [(EMPTY, EMPTY, self.peak)]
+        self.bottom = floor(model, max_group).needed_bytes
+        self.placeable = set(model.placeable)
+        self.readers: dict[str, int] = {}
+        for u in model.units:
+            for name in set(u.inputs):
+                self.readers[name] = self.readers.get(name, 0) + 1
+        self.done = False
+
+    def state(self, i: int):
+        """The ``i``-th state, walking on as far as needed; None past the last."""
+        while i >= len(self.states) and self.step():
+            pass
+        return self.states[i] if i < len(self.states) else None
+
+    def step(self) -> bool:
+        """One greedy step (a new state); False when the walk had already ended."""
+        if self.done:
+            return False
+        model, host, streamed, worst = self.model, self.host, self.streamed, self.worst
         best = None
-        for group in _host_options(model, worst, host, placeable):
-            gain = here - _adjusted(model, host | group, streamed)(worst)
-            seconds = sum(model.size[v] * (1 + readers.get(v, 1)) for v in group) / model.link_bytes_per_s
-            best = _better(best, gain, seconds, ("host", group))
-        for b in model.streamable:
-            if b in streamed:
-                continue
-            grown = streamed | {b}
-            gain = here - _adjusted(model, host, grown)(worst)
-            seconds = max(0.0, model.streaming_seconds(grown)[1] - exposed)
-            best = _better(best, gain, seconds, ("streamed", b))
+        if self.peak > self.bottom:
+            here = _adjusted(model, host, streamed)(worst)
+            _, exposed = model.streaming_seconds(streamed)
+            for group in _host_options(model, worst, host, self.placeable):
+                gain = here - _adjusted(model, host | group, streamed)(worst)
+                seconds = sum(model.size[v] * (1 + self.readers.get(v, 1)) for v in group) / model.link_bytes_per_s
+                best = _better(best, gain, seconds, ("host", group))
+            for b in model.streamable:
+                if b in streamed:
+                    continue
+                grown = streamed | {b}
+                gain = here - _adjusted(model, host, grown)(worst)
+                seconds = max(0.0, model.streaming_seconds(grown)[1] - exposed)
+                best = _better(best, gain, seconds, ("streamed", b))
         if best is None:
-            break
+            self.done = True
+            if self.peak > self.bottom:
+                self.states.append((*_everything(model), self.bottom))
+                return True
+            return False
         kind, name = best[2]
         if kind == "host":
-            host = host | name
+            self.host = host | name
         else:
-            streamed = streamed | {name}
-        peak, worst, _ = memory_minimax(model, host, streamed, max_group)
-        states.append((host, streamed, peak))
-    if peak > bottom:
-        states.append((*_everything(model), bottom))
-    model.__dict__[key] = states
-    return states
+            self.streamed = streamed | {name}
+        self.peak, self.worst, _ = memory_minimax(model, self.host, self.streamed, self.max_group)
+        self.states.append((self.host, self.streamed, self.peak))
+        return True
 
 
 def _host_options(model: CostModel, seg: Segment, host: frozenset[str], placeable: set[str]) -> list[frozenset[str]]:
@@ -219,8 +250,7 @@ def search(
         raise _infeasible(model, bottom, budget_bytes) from None
     if not (model.placeable or model.streamable):
         raise plain
-    states = _forced_trajectory(model, max_group, forced)
-    host, streamed, _ = next((s for s in states if s[2] <= budget_bytes), states[-1])
+    host, streamed, _ = _first_fitting(model, max_group, forced, budget_bytes)
     solution = solve(model, budget_bytes, max_latency_s, "dp", max_group, host=host, streamed=streamed)
     solution = prune(model, solution, budget_bytes, max_latency_s, max_group, keep=forced)
     if more_streaming:
@@ -262,21 +292,26 @@ def _faster_streaming(model: CostModel, solution: Solution, budget_bytes: int, m
     return trial if trial.latency_s < solution.latency_s * (1 - MORE_STREAMING_GAIN) else solution
 
 
-def _forced_trajectory(model: CostModel, max_group: int, forced: frozenset[str]):
-    """:func:`trajectory` with the ``forced`` blocks streamed in every state (memoised per forced set)."""
-    if not forced:
-        return trajectory(model, max_group)
-    cache = model.__dict__.setdefault("_forced_trajectories", {})
-    key = (forced, max_group)
-    if key not in cache:
-        states = []
-        for host, streamed, peak in trajectory(model, max_group):
+def _first_fitting(model: CostModel, max_group: int, forced: frozenset[str], budget_bytes: int):
+    """The first state of :func:`trajectory` whose floor fits ``budget_bytes`` (else the last), with the
+    ``forced`` blocks streamed in every state (its floor recomputed; memoised per forced set), walking
+    the trajectory no further than that state."""
+    walk = _walk(model, max_group)
+    states = model.__dict__.setdefault("_forced_trajectories", {}).setdefault((forced, max_group), [])
+    i = 0
+    while True:
+        if i == len(states):
+            base = walk.state(i)
+            if base is None:
+                return states[-1]
+            host, streamed, peak = base
             if forced - streamed:
                 streamed = streamed | forced
                 peak = memory_minimax(model, host, streamed, max_group)[0]
             states.append((host, streamed, peak))
-        cache[key] = states
-    return cache[key]
+        if states[i][2] <= budget_bytes:
+            return states[i]
+        i += 1
 
 
 def forced_streaming(model: CostModel, min_bytes: int) -> frozenset[str]:

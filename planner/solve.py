@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .costs import EMPTY, CostModel, Segment, SegmentCost
@@ -39,20 +40,53 @@ class Solution:
     streamed_weight_bytes: int = 0  # weights off the device (the budget grows by as much)
     stream_transfer_s: float = 0.0  # per call: copying the streamed blocks in...
     stream_exposed_s: float = 0.0  # ...and the part of it not hidden behind compute
+    # the path's needed bytes and seconds from the solve's table (the same numbers as ``costs``'), so that a
+    # trial only compared by latency never builds its segments' costs; None: read ``costs``
+    path: tuple[list[int], list[float]] | None = None
 
     @property
     def needed_bytes(self) -> int:
-        return max(c.needed_bytes for c in self.costs)
+        return max(self.path[0]) if self.path is not None else max(c.needed_bytes for c in self.costs)
 
     @property
     def latency_s(self) -> float:
         """Per call: the segments (host-link time of placed values included) + exposed weight streaming."""
-        return sum(c.seconds for c in self.costs) + self.stream_exposed_s
+        seconds = self.path[1] if self.path is not None else [c.seconds for c in self.costs]
+        return sum(seconds) + self.stream_exposed_s
 
     @property
     def transfer_s(self) -> float:
         """Per call: host-link seconds not hidden behind compute."""
         return sum(c.transfer_s for c in self.costs) + self.stream_exposed_s
+
+
+class _Costs(Sequence):
+    """A solution's segment costs, built on first use (most of the placement search's trials are only
+    compared by latency, which the solve's table already has)."""
+
+    def __init__(self, model: CostModel, segments: list[Segment], host: frozenset[str], streamed: frozenset[str]):
+        self._args, self._costs = (model, segments, host, streamed), None
+
+    def _built(self) -> list[SegmentCost]:
+        if self._costs is None:
+            model, segments, host, streamed = self._args
+            self._costs = [model.cost(s, host, streamed) for s in segments]
+        return self._costs
+
+    def __getitem__(self, i):
+        return self._built()[i]
+
+    def __len__(self) -> int:
+        return len(self._args[1])
+
+    def __iter__(self):
+        return iter(self._built())
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other)
+
+    def __reduce__(self):  # pickled (a worker process's result) as the plain list, without the cost model
+        return list, (list(self),)
 
 
 def solve(
@@ -109,10 +143,21 @@ def solve(
             f"no plan meets max_latency_s={max_latency_s:g}: the fastest plan within the budget takes "
             f"{best:.3f} s per UNet call. Raise the latency limit or give more memory."
         )
+    where = _positions(model, max_group)
+    at = [where[s] for s in chosen]
     return Solution(
-        chosen, [model.cost(s, host, streamed) for s in chosen], name, status, gap, time.perf_counter() - started,
-        len(segs), host, streamed, credit, transfer, exposed,
+        chosen, _Costs(model, chosen, host, streamed), name, status, gap, time.perf_counter() - started,
+        len(segs), host, streamed, credit, transfer, exposed, ([needed[i] for i in at], [seconds[i] for i in at]),
     )
+
+
+def _positions(model: CostModel, max_group: int) -> dict[Segment, int]:
+    """Each candidate's index in ``model.segments(max_group)`` (memoised)."""
+    key = ("_solve_positions", max_group)
+    found = model.__dict__.get(key)
+    if found is None:
+        found = model.__dict__[key] = {s: i for i, s in enumerate(model.segments(max_group))}
+    return found
 
 
 def table(model: CostModel, host: frozenset[str] = EMPTY, streamed: frozenset[str] = EMPTY, max_group: int = 8
