@@ -412,10 +412,10 @@ def _against_profile(comp: ComponentPlan, profile: ModelProfile) -> Iterator[str
 
 
 def _rehash_cut(plan: Plan, unet: ModelProfile) -> Iterator[str]:
-    from .rehash import candidate_cuts, profile_nodes, valid_cuts
+    from .rehash import candidate_cuts, offered_cut, profile_nodes, valid_cuts
 
     cuts = valid_cuts(profile_nodes(unet.units), unet.result, candidate_cuts(unet.units))
-    if plan.rehash.cut not in cuts:
+    if not offered_cut(plan.rehash.cut, cuts):  # a cut, or per-step CFG reuse over one
         shown = ", ".join(cuts[:4]) + (f" and {len(cuts) - 4} more" if len(cuts) > 4 else "")
         yield f"field 'rehash.cut' is {plan.rehash.cut!r}, not one of the model's Step Rehash cuts ({shown})"
 

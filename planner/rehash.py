@@ -178,7 +178,9 @@ def stream_points(nodes: Sequence[tuple[str, Sequence[str]]]) -> list[str]:
     return out
 
 
-RESIDUAL_FIRST = (1, 2, 4, 8)  # blocks run before the span (DBCache's F)
+# Blocks run before the span (DBCache's F; 0, listed last: every block from the first, MagCache's and
+# TeaCache's shape, whose reuse step runs only the prologue and the head).
+RESIDUAL_FIRST = (1, 2, 4, 8, 0)
 RESIDUAL_LAST = (0, 1, 2, 4, 8)  # blocks run after it (DBCache's B)
 
 
@@ -186,11 +188,16 @@ def residual_candidates(nodes: Sequence[tuple[str, Sequence[str]]], kinds: dict[
                         block_end: str = "ffn") -> list[str]:
     """Candidate residual cuts: the block ends (stream points of kind ``block_end``) ``b_0 .. b_{n-1}``;
     first-F blocks run, then the span ``b_{F-1} .. b_{n-1-B}`` is cached as a residual, then the last B
-    blocks (F in :data:`RESIDUAL_FIRST`, B in :data:`RESIDUAL_LAST`, at least one block in the span)."""
-    ends = [n for n in stream_points(nodes) if kinds.get(n) == block_end]
+    blocks (F in :data:`RESIDUAL_FIRST`, B in :data:`RESIDUAL_LAST`, at least one block in the span).
+    F = 0: the span starts at the first stream point, the prologue's output (a DiT's patch embedding)."""
+    points = stream_points(nodes)
+    ends = [n for n in points if kinds.get(n) == block_end]
     n = len(ends)
-    return [residual_cut(ends[f - 1], ends[n - 1 - b])
-            for f in RESIDUAL_FIRST for b in RESIDUAL_LAST if n - 1 - b > f - 1]
+    starts = {f: ends[f - 1] for f in RESIDUAL_FIRST if 0 < f <= n}
+    if ends and points[0] != ends[0]:
+        starts[0] = points[0]
+    return [residual_cut(starts[f], ends[n - 1 - b])
+            for f in RESIDUAL_FIRST if f in starts for b in RESIDUAL_LAST if n - 1 - b > f - 1]
 
 
 def reads_inputs(nodes: Sequence[tuple[str, Sequence[str]]], names: Iterable[str], cut: str) -> bool:
@@ -254,7 +261,12 @@ def cut_indices(names: Sequence[str], cut: str) -> list[int]:
 
 
 def cut_bytes(model: CostModel, cut: str) -> int:
-    """Bytes of the cache: the cut's value, or a residual span's residual (its end's size)."""
+    """Bytes of the cache: the cut's value, or a residual span's residual (its end's size); per-step CFG
+    reuse: one call's output (the offset) plus its base cut's cache (the first call's)."""
+    cfg, base = cfg_split(cut)
+    if cfg:
+        out = model.units[model.index[model.profile.result]].output_bytes
+        return out + (0 if base is None else cut_bytes(model, base))
     return model.units[model.index[cut_values(cut)[-1]]].output_bytes
 
 
@@ -450,7 +462,17 @@ def reuse_indices(model: CostModel, cut: str) -> list[int]:
     return [model.index[n] for n in names]
 
 
+CFG_CALLS = 2  # per-step CFG reuse: a step calls the model twice (conditional, unconditional)
+
+
 def reuse_flops(model: CostModel, cut: str) -> int:
+    """FLOPs of one reuse call at ``cut``. Per-step CFG reuse is priced per call as the mean of a reuse
+    step's two calls (the first whole or under its base cut, the second no model work), as the runtime's
+    ``measure_cuts`` counts it."""
+    cfg, base = cfg_split(cut)
+    if cfg:
+        first = sum(u.flops for u in model.units) if base is None else reuse_flops(model, base)
+        return first // CFG_CALLS
     return sum(model.units[i].flops for i in reuse_indices(model, cut))
 
 
@@ -474,7 +496,11 @@ def _split_at(segments: Sequence[Segment], cut_ats: Iterable[int]) -> list[Segme
 
 def reuse_segments(model: CostModel, segments: Sequence[Segment], cut: str) -> list[Segment]:
     """The plan's segments restricted to the reuse program: each run of consecutive reuse units of a
-    segment, with its slice count and depth (as the runtime's ``reuse_segments`` keeps them)."""
+    segment, with its slice count and depth (as the runtime's ``reuse_segments`` keeps them). Per-step CFG
+    reuse: the first call's (all of them, or its base cut's)."""
+    cfg, base = cfg_split(cut)
+    if cfg:
+        return list(segments) if base is None else reuse_segments(model, segments, base)
     keep = set(reuse_indices(model, cut))
     out = []
     for seg in segments:
@@ -496,6 +522,11 @@ def reuse_streaming_seconds(model: CostModel, cut: str, streamed: frozenset[str]
     :meth:`.costs.CostModel.streaming_seconds`)."""
     if not streamed:
         return 0.0, 0.0
+    cfg, base = cfg_split(cut)
+    if cfg:  # the first call's, shared by the step's two calls
+        whole = model.streaming_seconds(frozenset(streamed)) if base is None else \
+            reuse_streaming_seconds(model, base, streamed)
+        return whole[0] / CFG_CALLS, whole[1] / CFG_CALLS
     cache = model.__dict__.setdefault("_reuse_models", {})
     if cut not in cache:
         units = [model.units[i] for i in reuse_indices(model, cut)]
@@ -511,7 +542,10 @@ def reuse_seconds(model: CostModel, segments: Sequence[Segment], cut: str, host:
     program touches that its compute does not hide."""
     host, streamed = frozenset(host), frozenset(streamed)
     runs = reuse_segments(model, segments, cut)
-    return sum(model.cost(s, host, streamed).seconds for s in runs) + reuse_streaming_seconds(model, cut, streamed)[1]
+    compute = sum(model.cost(s, host, streamed).seconds for s in runs)
+    if cfg_split(cut)[0]:  # per call: the mean of the step's two calls
+        compute /= CFG_CALLS
+    return compute + reuse_streaming_seconds(model, cut, streamed)[1]
 
 
 class CutCostModel(CostModel):
@@ -553,8 +587,10 @@ class StageRehash:
         and exposed weight streaming of ``keys`` full calls and of the rest, reuse calls."""
         host, streamed = frozenset(solution.host), frozenset(solution.streamed)
         runs = reuse_segments(model, solution.segments, self.cut)
-        reuse = (sum(model.cost(s, host, streamed).transfer_s for s in runs)
-                 + reuse_streaming_seconds(model, self.cut, streamed)[1])
+        copies = sum(model.cost(s, host, streamed).transfer_s for s in runs)
+        if cfg_split(self.cut)[0]:  # per call: the mean of the step's two calls
+            copies /= CFG_CALLS
+        reuse = copies + reuse_streaming_seconds(model, self.cut, streamed)[1]
         return self.keys * solution.transfer_s + (self.steps - self.keys) * reuse
 
 
@@ -707,10 +743,15 @@ def plan_rehash(
     other = base.prediction.latency_s - steps * full
     nodes = profile_nodes(model.units)
     cuts = valid_cuts(nodes, unet.result, candidate_cuts(model.units))
+    offered = cuts + (cfg_cuts(cuts) if calls_per_step(profile, stage, steps) == CFG_CALLS else [])
     if cut is not None:
-        if cut not in cuts:
-            raise RehashCutError(f"{cut!r} is not a rehash cut of this model; its cuts: {', '.join(cuts)}")
+        if cut not in offered:
+            why = (" (per-step CFG reuse needs a pipeline that calls the model twice per step)"
+                   if cfg_split(cut)[0] else "")
+            raise RehashCutError(f"{cut!r} is not a rehash cut of this model{why}; its cuts: {', '.join(offered)}")
         cuts = [cut]
+    elif calibration is not None and calibration.calls_per_step == CFG_CALLS:
+        cuts = offered  # per-step CFG reuse: searched where the calibration measured two calls per step
     if calibration is not None:
         measured = {c.cut for c in calibration.cuts}
         cuts = [c for c in cuts if c in measured]
@@ -742,6 +783,33 @@ def plan_rehash(
             continue
         return _attach(plan, stage, unet, gpu, allocator, mode, option, steps, calibration, calibration_ref, pinned)
     raise last_error
+
+
+def cfg_cuts(cuts: Iterable[str]) -> list[str]:
+    """Per-step CFG reuse options over a model's cuts: alone, and on top of each residual cut (a UNet's
+    feature cuts hold the CFG batch in one call: no second call to skip). The runtime's ``cfg_cuts``."""
+    return [cfg_cut(), *(cfg_cut(c) for c in cuts if residual_span(c) is not None)]
+
+
+def offered_cut(cut: str, cuts: Sequence[str]) -> bool:
+    """Whether ``cut`` is one of ``cuts`` (a model's valid cuts) or per-step CFG reuse over one of them."""
+    cfg, base = cfg_split(cut)
+    if not cfg:
+        return cut in cuts
+    return base is None or (base in cuts and residual_span(base) is not None)
+
+
+def calls_per_step(profile, stage, steps: int) -> int:
+    """Model calls per denoising step of ``stage`` as the pipeline makes them (Wan's CFG: 2; a UNet's CFG
+    batch: 1); 1 for a pipeline the planner has no spec of."""
+    from .errors import UnsupportedModelError
+    from .pipelines import pipeline_spec
+
+    try:
+        spec = pipeline_spec(profile.pipeline)
+    except UnsupportedModelError:
+        return 1
+    return max(1, spec.stage_calls(stage.stage, True, steps, profile.guidance) // steps)
 
 
 def schedule_for(mode, steps, allowed, cal, threshold) -> tuple[list[int], float | None]:

@@ -123,7 +123,8 @@ def run(plan: Plan, pipe=None, *, allow_download: bool = False, progress: bool =
         pipe.set_progress_bar_config(**{**pipe._progress_bar_config, "disable": not progress})
         handles: dict[str, PlanHandle] = {}
         for comp in plan.components:
-            if plan.rehash is not None and comp.component == "unet":  # slices the UNet too (if it has a shape)
+            # the denoiser's (a UNet, or a DiT: Wan's transformer) slices it too (if it has a shape)
+            if plan.rehash is not None and comp.component in ("unet", "transformer"):
                 rehash = apply_rehash(pipe, plan)
                 stack.callback(rehash.remove)
                 handles[comp.component] = rehash
