@@ -126,3 +126,38 @@ def test_with_rehash_counts_the_residual_cuts_flops_and_cache():
     assert r.cut in rehash_cuts(pipe.transformer) and r.key_steps == [0, 3]
     assert r.unet_flops < r.original_unet_flops
     assert r.cache_bytes == 1 * 12 * 24 * 4  # one block output: 12 tokens x 24 channels, fp32
+
+
+def test_a_span_of_every_block_runs_no_block_at_reuse_steps():
+    """F = 0 (MagCache's shape): the span starts at the patch embedding; a reuse call runs no block, and its
+    output is the stock forward's with the last block's output replaced by the tokens + the cached residual."""
+    pipe = _pipe()
+    model = pipe.transformer
+    cut = residual_cut("patch_embedding", "blocks.3.ffn")
+    assert cut in rehash_cuts(model)
+    calls, hook = _calls(model)
+    ran = []
+    counters = [b.ffn.register_forward_hook(lambda m, a, o: ran.append(1)) for b in model.blocks]
+    with torch.no_grad():
+        handle = apply_rehash(pipe, _plan(pipe, 1, cut))
+        try:
+            pipe(**_call())
+        finally:
+            handle.remove()
+        hook.remove()
+        for c in counters:
+            c.remove()
+        assert len(ran) == 2 * 4  # two key steps of four blocks, none at the reuse steps
+        seen = {}
+        pre = model.blocks[0].register_forward_pre_hook(lambda m, a: seen.__setitem__("tokens", a[0]))
+        end = model.blocks[3].register_forward_hook(lambda m, a, o: seen.__setitem__("end", o))
+        model(*calls[0][0], **calls[0][1])  # key step 0: its residual
+        residual = seen["end"] - seen["tokens"]
+        end.remove()
+        end = model.blocks[3].register_forward_hook(lambda m, a, o: seen["tokens"] + residual)
+        try:
+            expected = model(*calls[1][0], **calls[1][1])[0]
+        finally:
+            pre.remove()
+            end.remove()
+        torch.testing.assert_close(calls[1][2], expected, rtol=1e-5, atol=1e-5)
