@@ -36,9 +36,10 @@ from ..planner.rehash import (
 from ..planner.schema import ComponentPlan, Plan, RehashPlan
 from .adapters.base import adapter_for
 from .apply import PlanHandle, _check_shape, _checkpointing, build_segments, component_for, fingerprint
-from .executor import Segment, execute, unit_by_unit
+from .executor import Segment, compute_device, execute, unit_by_unit
 from .hooks import PLAN_HOOK, _original_method, get_hook, register_hook
 from .program import Op, Program, UnitSpec
+from .straight import Straight, straight_ok
 
 _MISSING = object()
 
@@ -167,6 +168,10 @@ class RehashHandle(PlanHandle):
     records: list[StepRecord] = field(default_factory=list)
     _saved_set_timesteps: object = _MISSING
     _saved_step: object = _MISSING
+    straight: bool = True  # unsliced calls run straight (runtime/straight.py); False: always the executor
+    _straights: dict = field(default_factory=dict)
+    _hooks_checked: bool = False
+    _keys: frozenset | None = None  # the schedule's key steps, as a set (looked up at every call)
 
     @property
     def cache(self) -> torch.Tensor | None:
@@ -243,7 +248,9 @@ class RehashHandle(PlanHandle):
         cut = self.rehash.cut
         cfg, base = cfg_split(cut)
         slot = self.call
-        key_step = step in set(self.rehash.key_steps)
+        if self._keys is None:
+            self._keys = frozenset(self.rehash.key_steps)
+        key_step = step in self._keys
         if cfg and slot > 0:
             return self._cfg_call(module, call_next, args, kwargs, step, slot, key_step)
         key = key_step or (base is not None and slot not in self.caches)
@@ -277,9 +284,29 @@ class RehashHandle(PlanHandle):
             placement = self.placement(program)
             if placement:  # host values of this call only: a reuse call has fewer ops, the cut is its input
                 placement["host"] = placement["host"] & {op.output for op in ops} - {cut} - kept
-            out = execute(program, segments, keep=kept, around_segment=around, checkpoint=checkpoint, **placement)
+            if self.straight and around is None and straight_ok(segments, compute_device(program), checkpoint,
+                                                                **placement):
+                out = self._straight(ops, segments, kept).run(program)  # what execute() does, less bookkeeping
+            else:
+                out = execute(program, segments, keep=kept, around_segment=around, checkpoint=checkpoint,
+                              **placement)
             self.program_kept = program.kept
         return out
+
+    def _straight(self, ops, segments, kept) -> Straight:
+        """The key or reuse program's straight run (its drops computed once, reused at every call)."""
+        key = (id(segments), kept)
+        if key not in self._straights:
+            self._straights[key] = Straight(segments, self.result, kept)
+        return self._straights[key]
+
+    def check_hooks(self):
+        """The plan hook's check of others' hooks, once per pipeline call (at its first model call) rather than
+        at every call: a rehash run calls the model twice per step, and its reuse calls are short."""
+        if self._hooks_checked and (self.step or self.call):
+            return self._bridges
+        self._hooks_checked = True
+        return super().check_hooks()
 
     def _cfg_call(self, module, call_next, args, kwargs, step, slot, key_step):
         """A later call of a step under CFG reuse: at key steps (or before any offset) the whole program,

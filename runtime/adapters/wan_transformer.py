@@ -148,7 +148,7 @@ class WanTransformerAdapter:
                 "vramplan's planned WanTransformer3DModel forward does not apply a LoRA scale passed in "
                 "attention_kwargs['scale']; fuse the LoRA with that scale (pipe.fuse_lora(lora_scale=...))."
             )
-        if any(getattr(m, "fused_projections", False) for m in model.modules()):
+        if any(getattr(m, "fused_projections", False) for b in model.blocks for m in (b.attn1, b.attn2)):
             raise UnsupportedArgumentError(
                 "vramplan's planned WanTransformer3DModel forward runs the unfused q/k/v projections; call "
                 "unfuse_qkv_projections() on the transformer first."
