@@ -271,18 +271,28 @@ def short(cut: str) -> str:
 
     cfg, base = cfg_split(cut)
     span = residual_span(cut)
-    name = f"blocks {span[0].split('.')[1]}->{span[1].split('.')[1]}" if span else (base or "")
+    name = f"blocks {_block(span[0])}->{_block(span[1])}" if span else (base or "")
     return " + ".join(([" CFG reuse".strip()] if cfg else []) + ([name] if name else []))
+
+
+def _block(value: str) -> str:
+    """'blocks.6.ffn' -> '6'; a value before the first block (the patch embedding) -> 'embedding'."""
+    parts = value.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "blocks" else "embedding"
 
 
 def run(args) -> tuple[str, list[Point], list[Point], Bench]:
     from vramplan.planner.rehash_search import QualityFloorError, ranked
 
     b = Bench(args.untrained, args.prompts, args.repeats if args.part == "compare" else 0)
+    if args.part == "overhead":
+        b.full_cpu = math.nan  # timed side by side with the schedules instead
     print(f"full run: {b.full_flops / 1e9:.2f} GFLOP DiT per video, {b.full_cpu:.2f} CPU s", flush=True)
     b.calibrate(args.max_gap)
     if args.part == "validate":
         return validation_report(b, b.validation()), [], [], b
+    if args.part == "overhead":
+        return overhead(b, args.repeats), [], [], b
     theirs = b.diffusers_points(args.quick)
     ours: dict[tuple, Point] = {}
 
@@ -370,6 +380,90 @@ def report(b: Bench, theirs, ours, matched, args) -> str:
     return "\n".join(lines + [""])
 
 
+def overhead(b: Bench, rounds: int, fewer=(1.5, 2.0, 3.0, 4.0)) -> str:
+    """Where reuse steps' time goes, side by side in one run: per DiT call (a real call of the pipeline,
+    CPU seconds of this thread, the least over ``rounds`` interleaved rounds) the stock forward, a key call and
+    a reuse call under the rehash handle, through the executor and run straight; per video, the planner's
+    schedule at each of ``fewer`` x fewer FLOPs, its FLOPs ratio (measured) against its CPU ratio either way."""
+    from vramplan.planner.rehash_search import ranked
+    from vramplan.runtime.compare import schedule_plan
+    from vramplan.runtime.rehash import apply_rehash
+
+    pipe, dit = b.pipe, b.pipe.transformer
+    chosen = [(f, ranked(b.cands, b.steps * b.full_call / f)[0]) for f in fewer]
+    cut = chosen[-1][1].cut
+    base = cut.split("+", 1)[1] if cut.startswith("cfg+") else cut
+    seen: dict = {}
+    hook = dit.register_forward_pre_hook(lambda m, a, k: seen.setdefault("call", (a, k)), with_kwargs=True)
+    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+        pipe(prompt=b.prompts[0], generator=torch.Generator().manual_seed(0), output_type="latent", **b.call)
+    hook.remove()
+    args, kwargs = seen["call"]
+
+    def per_call(keys, straight):
+        handle = apply_rehash(dit, schedule_plan(base, keys, 10**4)) if keys is not None else None
+        if handle is not None:
+            handle.straight = straight
+        try:
+            with torch.no_grad():
+                dit(*args, **kwargs)  # the key call: its cache
+                start = time.thread_time()
+                for _ in range(20):
+                    dit(*args, **kwargs)
+                return (time.thread_time() - start) / 20
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    calls = {"stock forward": (None, True), "key call, executor": (list(range(10**4)), False),
+             "key call, straight": (list(range(10**4)), True), "reuse call, executor": ([0], False),
+             "reuse call, straight": ([0], True)}
+    call_s = {name: min(per_call(*v) for _ in range(rounds)) for name, v in calls.items()}
+
+    def attach(c, straight):
+        def on():
+            handle = apply_rehash(pipe, schedule_plan(c.cut, c.keys, b.steps))
+            handle.straight = straight
+            return handle.remove
+        return on
+
+    flops = {f: b.measure("vramplan", f"{f}x fewer: {len(c.keys)} keys, {short(c.cut)}", attach(c, True),
+                          timed=False).flops for f, c in chosen}
+    saved_repeats, b.repeats = b.repeats, 1
+    best: dict = {}
+    try:
+        for _ in range(rounds):  # interleaved: the full run and every variant once per round
+            for key, on in [("full", None), *[((f, s), attach(c, s)) for f, c in chosen for s in (False, True)]]:
+                best[key] = min(best.get(key, math.inf), b._cpu(on))
+    finally:
+        b.repeats = saved_repeats
+    reuse_share = b.reuse[base] / b.full_call
+    lines = [f"### Reuse steps at their FLOPs? ({b.label})", "",
+             f"Where a reuse step's time goes, side by side in one run (CPU seconds of one thread, the least of "
+             f"{rounds} interleaved rounds; CPU, fp32). Per DiT call (a real call of the pipeline, 20 calls each), "
+             f"the rehash handle's calls through the executor (`handle.straight = False`) and run straight "
+             f"(`runtime/straight.py`, the default for an unsliced plan); the reuse call at `{short(base)}` "
+             f"(FLOPs: {reuse_share:.3f} of a full call).", "",
+             "| DiT call | ms | x the stock forward |", "|---|---|---|"]
+    for name, sec in call_s.items():
+        lines.append(f"| {name} | {sec * 1e3:.2f} | {sec / call_s['stock forward']:.3f} |")
+    lines += ["", f"Per video ({len(b.prompts)} held-out prompts, the DiT's CPU seconds per video; full run "
+              f"{best['full']:.3f} s): the planner's schedule at each FLOPs saving; the target is a CPU speed-up "
+              f"within 1.1x of the FLOPs ratio (FLOPs ratio / CPU ratio <= 1.1).", "",
+              "| schedule | DiT FLOPs x fewer | CPU x faster, executor | FLOPs/CPU, executor | CPU x faster, straight "
+              "| FLOPs/CPU, straight |", "|---|---|---|---|---|---|"]
+    worst = 0.0
+    for f, c in chosen:
+        fr = b.full_flops / flops[f]
+        ex, st = best["full"] / best[(f, False)], best["full"] / best[(f, True)]
+        worst = max(worst, fr / st)
+        lines.append(f"| {len(c.keys)} keys, {short(c.cut)} | {fr:.2f} | {ex:.2f} | {fr / ex:.2f} | {st:.2f} | "
+                     f"{fr / st:.2f} |")
+    lines += ["", f"- Straight run: FLOPs ratio / CPU ratio at most **{worst:.2f}** over these schedules (target <= 1.1: "
+              f"{'met' if worst <= 1.1 else 'NOT met'})."]
+    return "\n".join(lines + [""])
+
+
 def validation_report(b: Bench, checked) -> str:
     from vramplan.planner.rehash_quality import spearman
 
@@ -432,8 +526,9 @@ def main() -> None:
     parser.add_argument("--untrained", action="store_true", help="the same pipeline with random weights (harness "
                         "check only: no quality claim)")
     parser.add_argument("--quick", action="store_true", help="one setting per diffusers cache")
-    parser.add_argument("--part", choices=["compare", "validate"], default="compare",
-                        help="compare: vs diffusers' caches; validate: the predictor's Spearman over 48 schedules")
+    parser.add_argument("--part", choices=["compare", "validate", "overhead"], default="compare",
+                        help="compare: vs diffusers' caches; validate: the predictor's Spearman over 48 schedules; "
+                        "overhead: reuse steps' CPU time against their FLOPs, the executor and the straight run")
     parser.add_argument("--write", help="markdown file to put the section in (its block replaced if present)")
     parser.add_argument("--plot", help="quality vs DiT FLOPs saved, PNG")
     parser.add_argument("--text-out", help="also write the section's markdown to this file")
@@ -455,7 +550,8 @@ def main() -> None:
     if args.write:
         from bench_rehash import write_section
 
-        write_section(Path(args.write), text, "dit" if args.part == "compare" else "dit-validation")
+        write_section(Path(args.write), text, {"compare": "dit", "validate": "dit-validation"}.get(args.part,
+                                                                                                  f"dit-{args.part}"))
 
 
 if __name__ == "__main__":
