@@ -59,7 +59,8 @@ DEFAULT_MAX_K = 256
 # Part of every cache key: bump when what the profiler measures changes, so old entries are not served.
 # 6: finer streaming blocks (stream_parts), pipeline stages with their own plan (SVD's and Wan I2V's VAE encode,
 # SVD's CLIP image encoder): cached pipeline profiles made before would plan those stages whole
-PROFILER_VERSION = 6  # 3: block_weights; 4: rows units (row maps), VAE encode profiles; 5: block_gathered
+# 7: the Wan VAE decode as one rows unit per up block (cached profiles name a unit it no longer has)
+PROFILER_VERSION = 7  # 3: block_weights; 4: rows units (row maps), VAE encode profiles; 5: block_gathered
 
 
 def slice_counts(length: int, max_k: int = DEFAULT_MAX_K) -> list[int]:

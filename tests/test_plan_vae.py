@@ -96,7 +96,7 @@ def test_wan_decode_plan_is_exact():
     assert whole.components[0].shape.frames == 2
     plan = vramplan.plan_vae(vae, z.shape, vram_gb=_budget(vae, 0.5, whole.prediction.original_activation_peak_bytes),
                              gpu=GPU)
-    assert plan.components[0].slices.get("decoder.up_blocks", 1) > 1
+    assert max(plan.components[0].slices.values(), default=1) > 1  # an up block sliced
     with apply_plan(vae, plan), torch.no_grad():
         out = vae.decode(z).sample
     torch.testing.assert_close(out, ref, **TOL)

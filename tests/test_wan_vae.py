@@ -1,5 +1,6 @@
-"""The Wan VAE decode (``AutoencoderKLWan``, 2.1 and 2.2 decoders) under plans: rows outer, latent
-frames inner, each slice with its own causal cache — equal to the stock ``vae.decode``."""
+"""The Wan VAE decode (``AutoencoderKLWan``, 2.1 and 2.2 decoders) under plans: one rows unit per up
+block (each its own partition, or a group sharing one), rows outer, frames inner, each slice with its
+own causal cache; values between segments in host memory or not — equal to the stock ``vae.decode``."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from plans import random_plans
 from tiny import tiny_wan_vae
 from vramplan.planner.errors import PlanMismatchError, UnsupportedArgumentError
 from vramplan.planner.schema import ComponentPlan
@@ -28,29 +30,49 @@ def _decode(vae, z):
 def test_units_and_shape():
     vae = VAES["2.1"]
     units = list_units(vae)
-    assert [(u.name, u.axis) for u in units] == [("decoder.mid_block", None), ("decoder.up_blocks", "rows")]
+    ups = [f"decoder.up_blocks.{i}" for i in range(len(vae.decoder.up_blocks))]
+    assert [(u.name, u.axis) for u in units] == [("decoder.mid_block", None)] + [(n, "rows") for n in ups]
     shape = sample_shape(_z(vae, 2, 5, 6, 4), vae)  # Wan latents are [B, C, T, h, w]
     assert (shape.batch, shape.frames, shape.latent_height, shape.latent_width) == (2, 5, 6, 4)
     # a uniform plan slices rows where frames cannot be sliced
-    assert uniform_plan(vae, 3, shape).components[0].slices == {"decoder.up_blocks": 3}
+    assert uniform_plan(vae, 3, shape).components[0].slices == dict.fromkeys(ups, 3)
 
 
-@settings(max_examples=5, deadline=None)
-@given(st.sampled_from(["2.1", "2.2"]), st.integers(1, 4), st.integers(3, 9), st.integers(2, 7), st.integers(1, 12),
-       st.booleans())
-def test_random_plans_equal_the_stock_decode(version, t, h, w, k, host):
+@st.composite
+def _plans(draw, vae, shape):
+    """Random plans over the decode's units (slice counts per unit, groups or not) with a random set of
+    the values crossing a segment boundary placed in host memory."""
+    units = list_units(vae)
+    comp = draw(random_plans(units, fingerprint(vae), shape, max_k=12, component="vae")).components[0]
+    group = {n: i for i, g in enumerate(comp.groups) for n in g.units}
+    cross = [a.name for a, b in zip(units, units[1:], strict=False)
+             if a.name not in group or group[a.name] != group.get(b.name)]
+    host = [n for n in cross if draw(st.booleans())]
+    return comp.model_copy(update={"host": host})
+
+
+@settings(max_examples=6, deadline=None)
+@given(st.sampled_from(["2.1", "2.2"]), st.integers(1, 4), st.integers(3, 9), st.integers(2, 7), st.data())
+def test_random_plans_equal_the_stock_decode(version, t, h, w, data):
     """Latent frames 1..4 (the first frame's special case, the temporal upsampling), heights and widths
-    that do not divide, k that does not divide the rows, the mid block's output on host or not."""
+    that do not divide, k that does not divide the rows, each up block with its own slice count or a
+    group sharing one, values between segments on host or not."""
     vae = VAES[version]
     z = _z(vae, 1, t, h, w, seed=t * 100 + h * 10 + w)
     ref = _decode(vae, z)
-    shape = sample_shape(z, vae)
-    comp = uniform_plan(vae, k, shape).components[0]
-    if host:
-        comp = comp.model_copy(update={"host": ["decoder.mid_block"]})
+    comp = data.draw(_plans(vae, sample_shape(z, vae)))
     with apply_plan(vae, comp):
         out = _decode(vae, z)
     torch.testing.assert_close(out, ref, **TOL)
+
+
+def test_uniform_plan_with_the_mid_output_on_host():
+    vae = VAES["2.2"]
+    z = _z(vae, 1, 3, 5, 4, seed=7)
+    ref = _decode(vae, z)
+    comp = uniform_plan(vae, 5, sample_shape(z, vae)).components[0].model_copy(update={"host": ["decoder.mid_block"]})
+    with apply_plan(vae, comp):
+        torch.testing.assert_close(_decode(vae, z), ref, **TOL)
 
 
 @pytest.mark.parametrize("k", [24, 100])

@@ -4,16 +4,19 @@ The stock decode runs one latent frame at a time through the whole decoder with 
 cache (the last two input frames of every causal conv) and grows its output by ``torch.cat``:
 at 720p that cache and the output are most of its memory. Everything in the decoder is local in
 space (3x3 causal convs, per-position RMS norms, nearest upsampling, pixel shuffles) except the mid
-block's attention over a frame's tokens, so the decode is split in two units:
+block's attention over a frame's tokens, so the decode is split into:
 
 - ``decoder.mid_block`` (unsliced, latent resolution, small): ``post_quant_conv``, ``conv_in`` and
   the mid block, frame by frame with their own cache, written into one ``[B, C, T, h, w]`` value (a
   value between segments: the plan may place it in host memory);
-- ``decoder.up_blocks`` (rows): the up blocks, ``norm_out``, ``conv_out`` (and Wan 2.2's unpatchify,
-  and the clamp) on a slab of rows: **rows outer, frames inner** — each slice runs every latent
-  frame in order through the stock modules with a feature cache of its own rows (alive during that
-  slice only), cropping to the rows the next stage needs after each up block, and writes its frames
-  into its own output, whose rows the executor writes into the preallocated video.
+- ``decoder.up_blocks.<i>``, one rows unit per up block (the last one with ``norm_out``,
+  ``conv_out``, Wan 2.2's unpatchify and the clamp): **rows outer, frames inner** — each slice runs
+  its input's frames in order through the stock modules with a feature cache of its own rows (alive
+  during that slice only), cropping to the rows the next stage needs after each convolution, and
+  returns its rows of every output frame. Each level has its own slice count (a low-resolution block
+  needs few slices: one partition for every level recomputed and cached the low-resolution halo in
+  every slice), or levels share one in a rows group; a value between segments (all frames of a
+  level) may live in host memory, copied in one frame at a time (``Op.stage_inside``).
 
 Each stock module sees exactly what it sees in the stock decode, restricted to a slab whose halo
 covers its convolutions (:mod:`vramplan.planner.rows`): the result equals ``vae.decode``.
@@ -23,6 +26,8 @@ Plan shape: latents ``[B, C, T, h, w]`` (``sample_layout = "bcthw"``): ``frames`
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ...planner.errors import UnsupportedArgumentError, UnsupportedModelError
@@ -31,6 +36,7 @@ from ..program import Op, SliceCtx, UnitSpec
 from .base import CallBinding, example_maker, register
 
 MID = "decoder.mid_block"
+UNIT_STARTS = (1, 2, 3)  # the up blocks starting a unit after the first (each its own partition)
 
 
 def _upsampler(block):
@@ -49,12 +55,14 @@ def conv_step(conv, scale: int, frames: int):
     return CONV3.with_cost(conv.weight.numel() * scale * frames, (cin + cout) * scale * frames)
 
 
-def _stage_maps(vae) -> list[RowMap]:
-    """Row maps of the crop points of the up part, in order: each residual block's conv1 and conv2,
-    each upsampler (nearest(-exact) x2 then a 3x3 conv), then the head (conv_out, and unpatchify)."""
-    maps = []
+def _stage_maps(vae) -> list[list[RowMap]]:
+    """Row maps of the crop points of the up part, per up block, in order: each residual block's conv1
+    and conv2, the upsampler (nearest(-exact) x2 then a 3x3 conv); the last block's list ends with the
+    head (conv_out, and unpatchify)."""
+    out = []
     scale = frames = 1  # width and frames per latent frame at this level, relative to the first up block's
     for block in vae.decoder.up_blocks:
+        maps = []
         for res in block.resnets:
             for conv in (res.conv1, res.conv2):
                 maps.append(RowMap.of(conv_step(conv, scale, frames)))
@@ -64,14 +72,15 @@ def _stage_maps(vae) -> list[RowMap]:
             scale *= 2
             # a DupUp3D shortcut maps rows the same way
             maps.append(RowMap.of(UP2.with_cost(1), conv_step(up.resample[1], scale, frames)))
+        out.append(maps)
     head = [conv_step(vae.decoder.conv_out, scale, frames)]
     patch = vae.config.patch_size
     if patch:
         if patch & (patch - 1):
             raise UnsupportedModelError(f"patch_size={patch}: only powers of two have a row map")
         head += [UP2.with_cost(1)] * (patch.bit_length() - 1)
-    maps.append(RowMap(tuple(head)))
-    return maps
+    out[-1].append(RowMap(tuple(head)))
+    return out
 
 
 class WanVAEDecoderAdapter:
@@ -83,8 +92,7 @@ class WanVAEDecoderAdapter:
 
     def ops(self, vae) -> tuple[list[Op], str]:
         dec = vae.decoder
-        stages = _stage_maps(vae)
-        whole = RowMap(tuple(s for m in stages for s in m.steps))
+        levels = _stage_maps(vae)
 
         def mid(ctx: SliceCtx, z):
             b, _, t, h, w = z.shape
@@ -106,16 +114,21 @@ class WanVAEDecoderAdapter:
                 del x
             return out
 
-        def up(ctx: SliceCtx, x):
-            return _up_slab(vae, stages, ctx, x)
+        mid_spec = UnitSpec(MID, None, kind="attention")
+        ops = [Op(mid_spec, ("z",), mid_spec.name, mid)]
+        prev = mid_spec.name
+        cuts = [c for c in UNIT_STARTS if 0 < c < len(levels)]
+        for lo, hi in zip([0, *cuts], [*cuts, len(levels)], strict=True):
+            spec = UnitSpec(f"decoder.up_blocks.{lo}", "rows", kind="conv")
+            stages = [m for lv in levels[lo:hi] for m in lv]
+            whole = RowMap(tuple(s for m in stages for s in m.steps))
 
-        mid_spec = UnitSpec("decoder.mid_block", None, kind="attention")
-        up_spec = UnitSpec("decoder.up_blocks", "rows", kind="conv")
-        ops = [
-            Op(mid_spec, ("z",), mid_spec.name, mid),
-            Op(up_spec, (mid_spec.name,), up_spec.name, up, rows=whole, rows_cropped=True, stage_inside=True),
-        ]
-        return ops, up_spec.name
+            def up(ctx: SliceCtx, x, lo=lo, hi=hi, stages=stages):
+                return _blocks_slab(vae, lo, hi, stages, ctx, x)
+
+            ops.append(Op(spec, (prev,), spec.name, up, rows=whole, rows_cropped=True, stage_inside=True))
+            prev = spec.name
+        return ops, prev
 
     def bind(self, vae, z: torch.Tensor, return_dict: bool = True) -> CallBinding:
         from diffusers.models.autoencoders.vae import DecoderOutput
@@ -313,56 +326,62 @@ def _up_block(block, walk: _Rows, h: torch.Tensor, have: int, point: int, cache:
     return h, have, point
 
 
-def _up_slab(vae, stages: list[RowMap], ctx: SliceCtx, x: torch.Tensor) -> torch.Tensor:
-    """Output rows ``[ctx.start, ctx.stop)`` of every frame from a slab of the mid block's output:
-    latent frames in order through the up blocks (the stock modules, and their forwards' own code
-    between them), with this slab's own feature cache, cropped after every convolution to the rows
-    the rest needs. The blocks after the last temporal upsampler (and the head) take the frames it
-    makes one at a time: a causal conv with its cache gives the same frames from one frame as from a
-    chunk, and the high-resolution part then holds one frame's activations, not four."""
-    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, unpatchify
+def _blocks_slab(vae, lo: int, hi: int, stages: list[RowMap], ctx: SliceCtx, x: torch.Tensor) -> torch.Tensor:
+    """Output rows ``[ctx.start, ctx.stop)`` of every frame of up blocks ``lo .. hi - 1`` (the last
+    block: and the head) from a slab of their input: the input's frames in order, one at a time,
+    through the stock blocks' modules (and their forwards' own code between them) with this slab's own
+    feature cache, cropped after every convolution to the rows the rest needs; the frames a temporal
+    upsampler makes go on one at a time. One frame at a time equals the stock chunks (one latent
+    frame's frames at once): a causal conv with its cache gives the same frames from one frame as from
+    a chunk, and a temporal upsampler's first call (one frame: latent frame 0) is the stock first one."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 
     dec = vae.decoder
-    walk = _Rows(stages, ctx.shapes[MID][-2], ctx.start, ctx.stop)
+    blocks = list(dec.up_blocks)
+    last = hi == len(blocks)
+    n_in = ctx.length // math.prod(step.up for m in stages for step in m.steps)  # 3x3 convs keep the rows
+    walk = _Rows(stages, n_in, ctx.start, ctx.stop)
     a0, b0 = walk.need[0]
     if x.shape[-2] != b0 - a0:
-        raise RuntimeError(f"Wan up blocks: a slab of {x.shape[-2]} rows, expected rows {walk.need[0]}")
+        raise RuntimeError(f"Wan up blocks {lo}..{hi - 1}: a slab of {x.shape[-2]} rows, expected rows {walk.need[0]}")
     b, _, t, _, _ = x.shape
     device = ctx.globals["device"]
     cuda = device.type == "cuda" and x.is_pinned()
-    cache: list = [None] * (1 + sum(isinstance(m, WanCausalConv3d) for m in dec.up_blocks.modules()))
-    later = 2 ** sum(getattr(m, "mode", None) == "upsample3d" for m in dec.up_blocks.modules())
-    blocks = list(dec.up_blocks)
-    split = 1 + max([i for i, blk in enumerate(blocks) if getattr(_upsampler(blk), "mode", "") == "upsample3d"],
-                    default=-1)
+    # per block: its first crop point and its causal cache (conv1, conv2 per residual block; time_conv)
+    points, caches, p = [], [], 0
+    for blk in blocks[lo:hi]:
+        points.append(p)
+        caches.append([None] * (2 * len(blk.resnets) + 1))
+        p += 2 * len(blk.resnets) + (_upsampler(blk) is not None)
+    head: list = [None]  # conv_out's cache
+    later = 2 ** sum(getattr(_upsampler(blk), "mode", "") == "upsample3d" for blk in blocks[lo:hi])
     out = None
     frame = 0
-    for f in range(t):
-        idx = [0]
-        # the mid block's output may be in host memory: one latent frame of the slab on the device at a time
-        h, have, point = x[:, :, f : f + 1].to(device, copy=True, non_blocking=cuda), a0, 0
-        for block in blocks[:split]:
-            h, have, point = _up_block(block, walk, h, have, point, cache, idx, f == 0)
-        chunk, chunk_have, chunk_point, chunk_idx = h, have, point, idx[0]
-        del h
-        for v in range(chunk.shape[2]):
-            idx[0] = chunk_idx
-            h, have, point = chunk[:, :, v : v + 1], chunk_have, chunk_point
-            for block in blocks[split:]:
-                h, have, point = _up_block(block, walk, h, have, point, cache, idx, f == 0)
-            h = _cached_conv(dec.conv_out, dec.nonlinearity(dec.norm_out(h)), cache, idx)
+
+    def run(j: int, h: torch.Tensor, have: int, first: bool):
+        """Frame ``h`` (rows from ``have``) through blocks ``lo + j ..`` and the head, into ``out``."""
+        nonlocal out, frame
+        if j < hi - lo:
+            h, have, _ = _up_block(blocks[lo + j], walk, h, have, points[j], caches[j], [0], first)
+            for v in range(h.shape[2]):  # a temporal upsampler's frames, one at a time
+                run(j + 1, h[:, :, v : v + 1], have, first)
+            return
+        if last:
+            h = _cached_conv(dec.conv_out, dec.nonlinearity(dec.norm_out(h)), head, [0])
             if vae.config.patch_size is not None:
                 h = unpatchify(h, patch_size=vae.config.patch_size)
-            h, have = walk.crop(h, point, have)
+            h, have = walk.crop(h, len(stages) - 1, have)
             h = torch.clamp(h, min=-1.0, max=1.0)
-            if out is None:
-                out = h.new_empty(b, h.shape[1], 1 + later * (t - 1), h.shape[-2], h.shape[-1])
-            out[:, :, frame : frame + 1] = h
-            frame += 1
-            del h
-        del chunk
+        if out is None:
+            out = h.new_empty(b, h.shape[1], 1 + later * (t - 1), h.shape[-2], h.shape[-1])
+        out[:, :, frame : frame + 1] = h
+        frame += 1
+
+    for f in range(t):
+        # the input may be in host memory: one frame of the slab on the device at a time
+        run(0, x[:, :, f : f + 1].to(device, copy=True, non_blocking=cuda), a0, f == 0)
     if frame != out.shape[2]:
-        raise RuntimeError(f"Wan up blocks made {frame} frames, expected {out.shape[2]}")
+        raise RuntimeError(f"Wan up blocks {lo}..{hi - 1} made {frame} frames, expected {out.shape[2]}")
     return out
 
 
