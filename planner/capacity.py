@@ -529,14 +529,18 @@ def _plan_pairs(tasks: list[tuple[tuple, float, float]]) -> list[tuple[tuple, Pl
     them one after another in one process, so that they share the cost models and their memoised
     searches (:func:`.pipeline.cost_model`), and a worker keeps the GPU-independent memory of every
     segment (:class:`.costs.Shared`) for the next GPU type of the same shape, instead of re-solving."""
-    out = []
+    done: dict[tuple, Plan | VramplanError] = {}  # workloads of one shape often share a key (steps, bound)
+
+    def plan(key: tuple) -> Plan | VramplanError:
+        if key not in done:
+            done[key] = _PLANS[key] if key in _PLANS else _plan_or_error(key)
+        return done[key]
+
     for key, bound, slack in tasks:
-        fastest = _PLANS[key] if key in _PLANS else _plan_or_error(key)
-        out.append((key, fastest))
+        fastest = plan(key)
         if isinstance(fastest, Plan) and fastest.prediction.latency_s <= bound:
-            bounded = _bounded_key(key, bound, fastest, slack)
-            out.append((bounded, _PLANS[bounded] if bounded in _PLANS else _plan_or_error(bounded)))
-    return out
+            plan(_bounded_key(key, bound, fastest, slack))
+    return list(done.items())
 
 
 PARALLEL_MIN_PLANS = 24  # fewer plans than this are made in this process (a worker starts in ~1 s)

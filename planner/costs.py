@@ -348,7 +348,7 @@ class CostModel:
         first = self.units[seg.start]
         if first.axis == "rows" and seg.k > 1 and self.units[seg.stop].axis_length > 1:
             found = self.shared.memory.get(("rows", seg, rel))
-            return found[0].needed_bytes if found is not None else self.cost(seg, rel).needed_bytes
+            return found[0][4] if found is not None else self.cost(seg, rel).needed_bytes
         key = (seg, rel)
         found = self.shared.memory.get(key)
         if found is None:
@@ -368,41 +368,19 @@ class CostModel:
         return SegmentCost(act, live, transient, j, needed, seconds, 0, transfer, recompute)
 
     def _rows_cost(self, seg: Segment, host: frozenset[str]) -> SegmentCost:
-        """A rows group's cost (:mod:`.rows_cost`): its memory and slabs computed once per profile
-        (:class:`Shared`), its seconds on this GPU from the same slabs by the same code."""
+        """A rows group's cost (:mod:`.rows_cost`): its memory and the recipe of its seconds computed once
+        per profile (:class:`Shared`), its seconds replayed at this GPU's rates."""
         from . import rows_cost as rc
 
-        rules = self.rules_for(host)
-        seg_rules = rules.segment(seg.start, seg.stop)
         key = ("rows", seg, host)
         found = self.shared.memory.get(key)
         if found is None:
-            cost = rc.rows_cost(self, seg, seg_rules, self._entry(seg, host, rules), host)
-            self.shared.memory[key] = (cost, self._slabs(seg))
-            return cost
-        cost, slices = found
-        units = self.units[seg.start : seg.stop + 1]
-        maps = rc._maps(self)[seg.start : seg.stop + 1]
-        lens = [u.output_shape[-2] or 1 for u in units]
-
-        def made_rows(i: int, sl) -> int:  # as rows_cost's
-            a, b = sl.slab[i]
-            return maps[i].out_len(b - a) if b > a else 0
-
-        seconds, transfer, _ = rc._seconds(self, seg, seg_rules, slices, units, lens, made_rows)
-        return replace(cost, seconds=seconds, transfer_s=transfer)
-
-    def _slabs(self, seg: Segment) -> list:
-        """The slabs :func:`.rows_cost.rows_cost` prices a rows group on (:func:`.rows.plan_segment`)."""
-        from .rows import plan_segment
-        from .rows_cost import _maps, in_rows
-
-        units = self.units[seg.start : seg.stop + 1]
-        pos = {u.name: i for i, u in enumerate(units)}
-        first = [pos.get(u.inputs[0]) for u in units]
-        in_lens = [in_rows(self, seg.start + i) for i in range(len(units))]
-        readers = [[r for r in range(i + 1, len(units)) if u.name in units[r].inputs] for i, u in enumerate(units)]
-        return plan_segment(_maps(self)[seg.start : seg.stop + 1], readers, first, in_lens, seg.k)
+            rules = self.rules_for(host)
+            found = rc.rows_memory(self, seg, rules.segment(seg.start, seg.stop), self._entry(seg, host, rules))
+            self.shared.memory[key] = found
+        memory, terms, link, recompute = found
+        seconds, transfer = rc.replay(self, terms, link)
+        return SegmentCost(*memory, seconds, 0, transfer, recompute)
 
     def _entry(self, seg: Segment, host: frozenset[str], rules: ProgramRules) -> int:
         size = self.size

@@ -110,6 +110,14 @@ def rows_cost(model, seg, seg_rules, entry: int, host: frozenset[str]):
     """The :class:`~.costs.SegmentCost` of a rows segment of ``k`` > 1 slices."""
     from .costs import SegmentCost
 
+    memory, terms, link, recompute = rows_memory(model, seg, seg_rules, entry)
+    seconds, transfer = replay(model, terms, link)
+    return SegmentCost(*memory, seconds, 0, transfer, recompute)
+
+
+def rows_memory(model, seg, seg_rules, entry: int) -> tuple[tuple[int, int, int, int, int], tuple, float, tuple]:
+    """What of a rows segment's cost does not depend on the GPU: ``(activation, live, transient, peak
+    unit, needed)`` and the :func:`recipe` of its seconds ``(terms, link bytes, recompute)``."""
     units = model.units[seg.start : seg.stop + 1]
     maps = _maps(model)[seg.start : seg.stop + 1]
     pos = {u.name: i for i, u in enumerate(units)}
@@ -127,8 +135,18 @@ def rows_cost(model, seg, seg_rules, entry: int, host: frozenset[str]):
         a, b = sl.slab[i]
         return maps[i].out_len(b - a) if b > a else 0
 
+    sigs = [_signature(model, seg, maps, sl) for sl in slices]
+    held_at = [[h - seg.start for h in seg_rules.held_at(seg.start + i)] for i in range(len(units))]
+    staged_at = [[(size[v], _frames(model, v, units[i])) for v in seg_rules.staged(seg.start + i)]
+                 for i in range(len(units))]
+    cropped = [_cropped(model, seg.start + i) for i in range(len(units))]
     best = None
+    seen = set()
     for n, sl in enumerate(slices):
+        if n:  # a later slice with the rows of an earlier later one (most interior slices): the same states
+            if sigs[n] in seen:
+                continue
+            seen.add(sigs[n])
         for i in range(len(units)):
             j = seg.start + i
             if sl.out[i][1] <= sl.out[i][0]:
@@ -136,12 +154,10 @@ def rows_cost(model, seg, seg_rules, entry: int, host: frozenset[str]):
             # The executor allocates an escaping output's full buffer at its first write, after the unit's
             # first slice is computed: during that slice only earlier units' buffers are alive.
             live = entry + (sum(buffer) if n else sum(buffer[:i]))
-            held = sum(units[h - seg.start].output_bytes * made_rows(h - seg.start, sl) // lens[h - seg.start]
-                       for h in seg_rules.held_at(j))
+            held = sum(units[h].output_bytes * made_rows(h, sl) // lens[h] for h in held_at[i])
             a, b = sl.slab[i]
-            staged = sum(size[v] * (b - a) // max(1, in_lens[i]) // _frames(model, v, units[i])
-                         for v in seg_rules.staged(j))
-            scratch = int(_slab_scratch(model, j, _held(model, j, sl, i) if _cropped(model, j) else b - a))
+            staged = sum(nbytes * (b - a) // max(1, in_lens[i]) // frames for nbytes, frames in staged_at[i])
+            scratch = int(_slab_scratch(model, j, _held(model, j, sl, i) if cropped[i] else b - a))
             transient = held + staged + scratch
             if best is None or live + transient > best[0]:
                 best = (live + transient, live, transient, j)
@@ -157,7 +173,11 @@ def rows_cost(model, seg, seg_rules, entry: int, host: frozenset[str]):
     for i, unit in enumerate(units):
         j = seg.start + i
         cone = [c - seg.start for c in seg_rules.cone(j)] if unit.needs_input_stats and i else []
-        for sl in slices if cone else ():
+        seen = set()
+        for m, sl in enumerate(slices if cone else ()):
+            if sigs[m] in seen:  # the rows of an earlier slice: the same states
+                continue
+            seen.add(sigs[m])
             for n, c in enumerate(cone):
                 if sl.out[c][1] <= sl.out[c][0]:
                     continue
@@ -174,13 +194,29 @@ def rows_cost(model, seg, seg_rules, entry: int, host: frozenset[str]):
             if entry + transient > best[0]:
                 best = (entry + transient, entry, transient, j)
     act, live, transient, peak = best
-    seconds, transfer, recompute = _seconds(model, seg, seg_rules, slices, units, lens, made_rows)
-    factor = model.allocator_factor(seg.k)
-    return SegmentCost(act, live, transient, peak, int(act * factor), seconds, 0, transfer, recompute)
+    terms, link, recompute = recipe(model, seg, seg_rules, slices, units, lens, made_rows)
+    return (act, live, transient, peak, int(act * model.allocator_factor(seg.k))), terms, link, recompute
 
 
-def _seconds(model, seg, rules, slices, units, lens, made_rows):
-    total = link = 0.0
+def _signature(model, seg, maps, sl) -> tuple:
+    """What the memory of a slice depends on, per unit of the segment: its output, slab and own rows
+    (counts, not positions), and for a unit that crops after every step the rows it holds (clipped at
+    the input's ends: positions matter there). Two slices with one signature reach the same states."""
+    out = []
+    for i, ((s, e), (a, b), (o, p)) in enumerate(zip(sl.out, sl.slab, sl.own, strict=True)):
+        j = seg.start + i
+        held = maps[i].held_rows(s, e, in_rows(model, j)) if e > s and _cropped(model, j) else 0
+        out.append((e - s, b - a, p - o, held))
+    return tuple(out)
+
+
+def recipe(model, seg, rules, slices, units, lens, made_rows) -> tuple[tuple, float, tuple[int, ...]]:
+    """A rows segment's seconds as GPU-independent terms in the order they add up: ``(unit, work,
+    launches)`` for a unit's roofline time scaled by the rows it computes over all slices (the halo's
+    recompute) and its launches, ``(bytes,)`` for memory traffic; and the bytes over the host link.
+    :func:`replay` prices them on a GPU (the fleet computes this once per profile, see ``costs.Shared``)."""
+    link = 0.0
+    terms = []
     recompute = []
     size = model.size
     k = len(slices)
@@ -194,28 +230,40 @@ def _seconds(model, seg, rules, slices, units, lens, made_rows):
         else:
             work.append(sum(made_rows(i, sl) for sl in slices) / lens[i])
 
-    def unit_time(i: int) -> float:
-        j = seg.start + i
-        return model.unit_seconds[j] * work[i] + k * units[i].kernels * model.launch_seconds
+    def unit_term(i: int) -> tuple:
+        return (seg.start + i, work[i], k * units[i].kernels)
 
     for i, unit in enumerate(units):
         j = seg.start + i
-        total += unit_time(i)
+        terms.append(unit_term(i))
         staged = rules.staged(j)
         link += sum(size[v] for v in staged)
         if rules.escapes(j):
-            total += 2 * unit.output_bytes / model.bytes_per_s
+            terms.append((2 * unit.output_bytes,))
         if unit.needs_input_stats:
-            total += 3 * model._input_bytes(unit) / model.bytes_per_s
+            terms.append((3 * model._input_bytes(unit),))
             cone = rules.cone(j) if j > seg.start else []
             if cone:
                 recompute.append(j)
                 for c in cone:
-                    total += unit_time(c - seg.start)
+                    terms.append(unit_term(c - seg.start))
                     link += sum(size[v] for v in rules.staged(c))
             elif unit.inputs and unit.inputs[0] in staged:
                 link += size[unit.inputs[0]]
         if rules.on_host(j):
             link += unit.output_bytes
+    return tuple(terms), link, tuple(recompute)
+
+
+def replay(model, terms: tuple, link: float) -> tuple[float, float]:
+    """(seconds, host-link seconds) of a :func:`recipe` at ``model``'s GPU rates: the same floating-point
+    operations in the same order as pricing the segment afresh."""
+    total = 0.0
+    unit_seconds, launch, bandwidth = model.unit_seconds, model.launch_seconds, model.bytes_per_s
+    for t in terms:
+        if len(t) == 3:
+            total += unit_seconds[t[0]] * t[1] + t[2] * launch
+        else:
+            total += t[0] / bandwidth
     transfer = link / model.link_bytes_per_s
-    return total + transfer, transfer, tuple(recompute)
+    return total + transfer, transfer
