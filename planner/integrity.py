@@ -436,7 +436,7 @@ def recompute(plan: Plan, profile: PipelineProfile) -> Plan:
     if plan.rehash is not None:
         from .rehash import StageRehash
 
-        rehash = StageRehash(plan.rehash.cut, len(plan.rehash.key_steps), plan.rehash.steps)
+        rehash = StageRehash.of(plan.rehash, profile)  # with the pipeline's model calls per step
     planner = PipelinePlanner(profile, gpu, target.usable_bytes, target.steps, target.allocator, rehash,
                               target.pinned)
     solutions = {}
@@ -513,7 +513,7 @@ def _compare(stated: dict, computed: dict, where: str) -> Iterator[str]:
 def _rehash_numbers(plan: Plan, profile: PipelineProfile) -> Iterator[str]:
     from .gpus import find_gpu
     from .plan import component_seconds, segments_of
-    from .rehash import CutCostModel, cut_bytes, reuse_flops, reuse_seconds
+    from .rehash import CutCostModel, calls_per_step, held_bytes, reuse_flops, reuse_seconds
 
     stage = next(s for s in profile.stages if s.per_step and s.profile is not None)
     r, target = plan.rehash, plan.target
@@ -523,11 +523,12 @@ def _rehash_numbers(plan: Plan, profile: PipelineProfile) -> Iterator[str]:
     reuse = reuse_seconds(model, segments_of(model, comp), r.cut, comp.host, comp.streamed)
     flops = sum(u.flops for u in model.units)
     n = len(r.key_steps)
+    calls = calls_per_step(profile, stage, r.steps)  # Wan's CFG: two calls per step, each its own cache
     computed = {
         "original_unet_flops": r.steps * flops,
         "unet_flops": n * flops + (r.steps - n) * reuse_flops(model, r.cut),
-        "key_call_s": full, "reuse_call_s": reuse, "latency_saved_s": (r.steps - n) * (full - reuse),
-        "cache_bytes": cut_bytes(model, r.cut),
+        "key_call_s": full, "reuse_call_s": reuse, "latency_saved_s": calls * (r.steps - n) * (full - reuse),
+        "cache_bytes": held_bytes(model, r.cut, calls),
     }
     stated = {k: getattr(r, k) for k in computed if getattr(r, k) is not None}
     yield from _compare(stated, computed, "rehash")

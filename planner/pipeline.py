@@ -509,9 +509,10 @@ def stage_seconds(plan: Plan, pred: StagePrediction, model: CostModel) -> float:
     from .rehash import reuse_seconds
 
     comp = plan.component(pred.component)
-    if plan.rehash is not None and comp.component == "unet" and pred.calls == plan.rehash.steps:
+    steps = plan.rehash.steps if plan.rehash is not None else 0
+    if steps and comp.component in ("unet", "transformer") and pred.calls % steps == 0:  # per call of a step
         keys = len(plan.rehash.key_steps)
         reuse = reuse_seconds(model, segments_of(model, comp), plan.rehash.cut, comp.host, comp.streamed)
-        return keys * component_seconds(model, comp) + (plan.rehash.steps - keys) * reuse
+        return pred.calls // steps * (keys * component_seconds(model, comp) + (steps - keys) * reuse)
     return pred.calls * component_seconds(model, comp)
 

@@ -256,6 +256,12 @@ def cut_values(cut: str) -> tuple[str, ...]:
     return (base,) if span is None else span
 
 
+def held_bytes(model: CostModel, cut: str, calls: int = 1) -> int:
+    """Bytes the cache holds through denoising: one per model call of a step (Wan's CFG: two), as the
+    runtime keeps them; per-step CFG reuse holds its base cut's once (the first call's) and one offset."""
+    return cut_bytes(model, cut) * (1 if cfg_split(cut)[0] else calls)
+
+
 def cut_indices(names: Sequence[str], cut: str) -> list[int]:
     return [cut_index(names, c) for c in cut_values(cut)]
 
@@ -568,19 +574,20 @@ class StageRehash:
     cut: str
     keys: int
     steps: int
+    calls: int = 1  # model calls per step, each with its own cache (Wan's CFG: 2)
 
     def constrain(self, model: CostModel) -> CostModel:
         return CutCostModel(model.profile, model.gpu, model.allocator, self.cut, pinned=model.pinned)
 
     def cache_bytes(self, model: CostModel) -> int:
-        return cut_bytes(model, self.cut)
+        return held_bytes(model, self.cut, self.calls)
 
     def seconds(self, model: CostModel, solution) -> float:
         """The denoising stage: ``keys`` full calls and the rest reuse calls, each with the solution's
         placement and streamed blocks (the reuse calls' own weight copies)."""
         full = solution.latency_s
         reuse = reuse_seconds(model, solution.segments, self.cut, solution.host, solution.streamed)
-        return self.keys * full + (self.steps - self.keys) * reuse
+        return self.calls * (self.keys * full + (self.steps - self.keys) * reuse)
 
     def transfer_s(self, model: CostModel, solution) -> float:
         """Host-link seconds of the denoising stage not hidden behind compute: placed values' copies
@@ -591,7 +598,13 @@ class StageRehash:
         if cfg_split(self.cut)[0]:  # per call: the mean of the step's two calls
             copies /= CFG_CALLS
         reuse = copies + reuse_streaming_seconds(model, self.cut, streamed)[1]
-        return self.keys * solution.transfer_s + (self.steps - self.keys) * reuse
+        return self.calls * (self.keys * solution.transfer_s + (self.steps - self.keys) * reuse)
+
+    @classmethod
+    def of(cls, rehash, profile) -> StageRehash:
+        """The stage pricing of a plan's ``rehash`` section on its pipeline ``profile``."""
+        stage = next(s for s in profile.stages if s.per_step and s.profile is not None)
+        return cls(rehash.cut, len(rehash.key_steps), rehash.steps, calls_per_step(profile, stage, rehash.steps))
 
 
 # ---------------------------------------------------------------------------------- planning
@@ -740,10 +753,11 @@ def plan_rehash(
     comp = base.component(stage.component)
     segments = segments_of(model, comp)
     full = component_seconds(model, comp)
-    other = base.prediction.latency_s - steps * full
+    calls = calls_per_step(profile, stage, steps)  # Wan's CFG: two DiT calls per step, each priced
+    other = base.prediction.latency_s - calls * steps * full
     nodes = profile_nodes(model.units)
     cuts = valid_cuts(nodes, unet.result, candidate_cuts(model.units))
-    offered = cuts + (cfg_cuts(cuts) if calls_per_step(profile, stage, steps) == CFG_CALLS else [])
+    offered = cuts + (cfg_cuts(cuts) if calls == CFG_CALLS else [])
     if cut is not None:
         if cut not in offered:
             why = (" (per-step CFG reuse needs a pipeline that calls the model twice per step)"
@@ -757,7 +771,7 @@ def plan_rehash(
         cuts = [c for c in cuts if c in measured]
     reuse_at = {c: reuse_seconds(model, _split_at(segments, [model.index[v] for v in cut_values(c)]), c,
                                  comp.host, comp.streamed) for c in cuts}
-    budget = None if max_latency_s is None else max_latency_s - other
+    budget = None if max_latency_s is None else (max_latency_s - other) / calls  # per call of a step
     options = rank_cuts(reuse_at, full, steps, mode, keys, budget, calibration, threshold, min_psnr)
     if not options:
         if max_latency_s is None:
@@ -772,7 +786,7 @@ def plan_rehash(
         )
     last_error = None
     for option in options[:8]:
-        choice = StageRehash(option.cut, len(option.keys), steps)
+        choice = StageRehash(option.cut, len(option.keys), steps, calls)
         try:
             plan = plan_pipeline(
                 profile, gpu, usable_bytes=usable_bytes, steps=steps, max_latency_s=max_latency_s,
@@ -781,7 +795,8 @@ def plan_rehash(
         except InfeasibleError as err:  # the cut-respecting slicing is slower than estimated
             last_error = err
             continue
-        return _attach(plan, stage, unet, gpu, allocator, mode, option, steps, calibration, calibration_ref, pinned)
+        return _attach(plan, stage, unet, gpu, allocator, mode, option, steps, calibration, calibration_ref, pinned,
+                       calls)
     raise last_error
 
 
@@ -827,7 +842,8 @@ def schedule_for(mode, steps, allowed, cal, threshold) -> tuple[list[int], float
     return optimal_keys(cal.error, allowed)[0], None
 
 
-def _attach(plan, stage, unet, gpu, allocator, mode, option, steps, calibration, calibration_ref, pinned=True):
+def _attach(plan, stage, unet, gpu, allocator, mode, option, steps, calibration, calibration_ref, pinned=True,
+            calls: int = 1):
     from .schema import RehashPlan
 
     model = CutCostModel(unet, gpu, allocator, option.cut, pinned=pinned)
@@ -845,8 +861,8 @@ def _attach(plan, stage, unet, gpu, allocator, mode, option, steps, calibration,
         original_unet_flops=steps * flops,
         unet_flops=n * flops + (steps - n) * reuse_flops(model, option.cut),
         key_call_s=round(full, 6), reuse_call_s=round(reuse, 6),
-        latency_saved_s=round((steps - n) * (full - reuse), 4),
-        cache_bytes=cut_bytes(model, option.cut),
+        latency_saved_s=round(calls * (steps - n) * (full - reuse), 4),
+        cache_bytes=held_bytes(model, option.cut, calls),
         calibration=(calibration_ref or calibration.reference()) if calibration is not None else None,
     )
     return plan.model_copy(update={"rehash": rehash})

@@ -108,3 +108,25 @@ def test_cfg_reuse_only_where_a_step_makes_two_calls(wan):
     svd = shipped_pipeline_profile("svd", 576, 1024, 14, True, "fp16", "flash")
     with pytest.raises(RehashCutError, match="twice per step"):
         plan_rehash(svd, find_gpu("4090"), mode="uniform", keys=13, steps=25, cut="cfg")
+
+
+def test_a_wan_plan_prices_both_calls_of_a_step(wan):
+    """Wan's CFG calls the DiT twice per step: the denoising stage, the latency budget, the time saved and the
+    held caches count both calls (every step key = the plain plan's latency)."""
+    from vramplan.planner.pipeline import plan_pipeline
+
+    gpu = find_gpu(GPU)
+    plain = plan_pipeline(wan, gpu, steps=25)
+    every = plan_rehash(wan, gpu, mode="uniform", keys=25, steps=25, cut=CUT)
+    assert every.prediction.latency_s == pytest.approx(plain.prediction.latency_s, rel=0.01)
+    plan = plan_rehash(wan, gpu, mode="uniform", keys=13, steps=25, cut=CUT)
+    r = plan.rehash
+    denoise = next(s for s in plan.stages if s.stage == "denoise")
+    assert denoise.calls == 50 and denoise.seconds == pytest.approx(2 * (13 * r.key_call_s + 12 * r.reuse_call_s),
+                                                                    rel=1e-3)
+    assert r.latency_saved_s == pytest.approx(2 * 12 * (r.key_call_s - r.reuse_call_s), rel=1e-3)
+    assert r.cache_bytes == 2 * cut_bytes(CostModel(_dit(wan), gpu), CUT)
+    assert problems(plan, wan) == []
+    target = 0.7 * plain.prediction.latency_s
+    fast = plan_rehash(wan, gpu, mode="uniform", steps=25, max_latency_s=target)
+    assert fast.prediction.latency_s <= target and len(fast.rehash.key_steps) < 25
