@@ -9,8 +9,11 @@
       (cut, keys, key steps) against DeepCache's uniform schedule at the same UNet FLOPs.
 (iii) Reuse steps at their FLOPs: denoising wall clock of rehash schedules against the stock pipeline,
       side by side in one process, against their FLOPs ratio.
+(iv)  DeepCache's published skip branches on the trained model: its uniform schedule (every N-th step)
+      at each branch and interval against the planner's schedule at the same UNet FLOPs, PSNR/SSIM vs
+      the full run on held-out clips; the >= 1.6x at >= 40 dB target.
 
-    python bench/bench_rehash.py [--part i|ii|iii|all] [--gpu "RTX 4090"] [--write docs/benchmarks.md]
+    python bench/bench_rehash.py [--part i|ii|iii|iv|all] [--gpu "RTX 4090"] [--write docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ CUTS_II = ("up_blocks.0.attentions.1.proj_out", "up_blocks.1.resnets.0.temporal_
            "up_blocks.1.attentions.1.proj_out", "up_blocks.2.resnets.0.temporal_res_block.norm2")
 
 
-def _trained_setup(max_gap: int):
+def _trained_setup(max_gap: int, calibrate_too: bool = True):
     import torch
     from vramplan.runtime import trained
     from vramplan.runtime.calibrate import calibrate
@@ -87,6 +90,8 @@ def _trained_setup(max_gap: int):
     call = dict(height=trained.HEIGHT, width=trained.WIDTH, num_frames=trained.NUM_FRAMES,
                 decode_chunk_size=trained.NUM_FRAMES, num_inference_steps=trained.NUM_INFERENCE_STEPS,
                 **trained_kwargs())
+    if not calibrate_too:
+        return pipe, call, None, None
     started = time.perf_counter()
     cal = calibrate(pipe, max_gap=max_gap, seed=0, image=trained.heldout_example(0)[1], **call)
     return pipe, call, cal, time.perf_counter() - started
@@ -250,6 +255,184 @@ def part_iii(repeats: int = 5) -> str:
     return "\n".join(out + [""])
 
 
+# DeepCache (Ma et al. 2023, github.com/horseee/DeepCache): a reuse step keeps the shallow path of one skip
+# branch (conv_in, the down modules up to the one whose residual that branch carries, the up layers from the
+# one reading it) and replaces the rest by the feature cached at the last full step. Per published setting:
+# the skip connection r it keeps (index into the down path's residuals, conv_in's = 0; the paper's code
+# counts branches from r = 1, "ignoring the first skip branch", the plug-and-play helper from r = 0), what
+# it was published as, the vramplan cut that is the same cache on the trained tiny SVD (2 layers per up
+# block), and the op our reuse program runs that DeepCache's does not (None: the same ops).
+DEEPCACHE = (
+    (0, "plug-and-play helper, `cache_branch_id=0` (README, diffusers' DeepCache page; interval 3)",
+     "up_blocks.2.resnets.0.temporal_res_block.norm2", None),
+    (1, "paper's code, branch 0 (the skip after down block 0's first layer): SVD-XT (`cache_branch=0`, N=3), SD 1.5 "
+        "(`cache_layer_id=0, cache_block_id=0`: N=2 uniform on COCO; N=5 non-uniform in its demo, not run here)",
+     "up_blocks.1.attentions.1.proj_out", "up_blocks.1.upsamplers.0"),
+    (2, "paper's code, branch 1 (no published run; between the two)", "up_blocks.1.attentions.0.proj_out", None),
+    (3, "paper's code, branch 2: DDPM on CIFAR-10 / LSUN (`--branch 2`, N=5)", "up_blocks.0.attentions.1.proj_out",
+     "up_blocks.0.upsamplers.0"),
+)
+INTERVALS = (2, 3, 5, 10)
+
+
+def _module_flops(unet, shape, name: str) -> int:
+    """FLOPs of the submodule ``name`` in one stock forward of ``unet`` at ``shape`` (PyTorch's counter)."""
+    import torch
+    from vramplan.runtime.adapters import adapter_for
+    from vramplan.runtime.rehash import flop_counter
+
+    args = adapter_for(unet).example_inputs(unet, shape)
+    with torch.no_grad(), flop_counter() as counter:
+        unet(*args)
+    return sum(counter.get_flop_counts()[f"{type(unet).__name__}.{name}"].values())
+
+
+def _reuse_modules(unet, cut: str) -> str:
+    """The reuse program of ``cut``, by module (from the unit program's dependency walk)."""
+    from vramplan.planner.rehash import reuse_names
+    from vramplan.runtime.adapters import adapter_for
+
+    ops, result = adapter_for(unet).ops(unet)
+    out: list[str] = []
+    for name in reuse_names([(op.output, op.inputs) for op in ops], result, cut):
+        parts = name.split(".")
+        short = ".".join(parts[:4]) if parts[0] in ("down_blocks", "up_blocks") else parts[0]
+        short = "head" if short == "conv_norm_out" else short
+        if short not in out:
+            out.append(short)
+    return ", ".join(out)
+
+
+def part_iv(examples=(1, 2), max_gap: int = 4, plot: str | None = None, calibration: str | None = None) -> str:
+    """DeepCache's published skip branches and uniform schedule on the trained SVD, against the planner's
+    schedule (joint search, ``with_rehash``) at the same UNet FLOPs, measured on held-out clips."""
+    from vramplan.planner import rehash as R
+    from vramplan.runtime import trained
+    from vramplan.runtime.compare import rehash_video, schedule_plan
+    from vramplan.runtime.rehash import measure_cuts, with_rehash
+
+    from vramplan.cli_rehash import trained_plan
+
+    if calibration and Path(calibration).exists():
+        pipe, call, _, _ = _trained_setup(0, calibrate_too=False)
+        cal, cal_seconds = R.Calibration.load(calibration), None
+    else:
+        pipe, call, cal, cal_seconds = _trained_setup(max_gap)
+        if calibration:
+            cal.save(calibration)
+    steps = cal.steps
+    base = trained_plan(pipe, rehash="off")
+    shape = base.component("unet").shape
+    cuts = [cut for _, _, cut, _ in DEEPCACHE]
+    full, reuse, _ = measure_cuts(pipe.unet, shape, cuts)
+    extra = {cut: (_module_flops(pipe.unet, shape, op) if op else 0) for _, _, cut, op in DEEPCACHE}
+    images = {i: trained.heldout_example(i)[1] for i in examples}
+    originals = {i: rehash_video(pipe, None, seed=i, image=images[i], **call) for i in examples}
+    measured: dict[tuple[str, tuple[int, ...]], tuple[float, float]] = {}
+
+    def measure(cut, keys):
+        if (cut, tuple(keys)) not in measured:
+            plan = schedule_plan(cut, keys, steps)
+            videos = {i: rehash_video(pipe, plan, seed=i, image=images[i], **call) for i in examples}
+            measured[(cut, tuple(keys))] = tuple(
+                sum(float(f(videos[i], originals[i]).mean()) for i in examples) / len(examples)
+                for f in (trained.psnr, trained.ssim))
+        return measured[(cut, tuple(keys))]
+
+    rows = []
+    for r, _, cut, _ in DEEPCACHE:
+        for n in INTERVALS:
+            keys = R.uniform_keys(steps, interval=n)
+            cost = len(keys) * full + (steps - len(keys)) * (reuse[cut] - extra[cut])
+            dc = measure(cut, keys)
+            planned = with_rehash(base, pipe.unet, mode="optimal", steps=steps, calibration=cal,
+                                  max_unet_flops=int(cost)).rehash
+            ours = measure(planned.cut, planned.key_steps)
+            rows.append(dict(r=r, cut=cut, n=n, keys=keys, fewer=steps * full / cost, dc=dc, plan=planned,
+                             fewer_ours=planned.original_unet_flops / planned.unet_flops, ours=ours))
+            print(f"r={r} N={n:>2} {steps * full / cost:.2f}x DeepCache {dc[0]:6.2f} dB | ours {planned.cut[-32:]} "
+                  f"{len(planned.key_steps)} keys {rows[-1]['fewer_ours']:.2f}x {ours[0]:6.2f} dB", flush=True)
+    target = with_rehash(base, pipe.unet, mode="optimal", steps=steps, calibration=cal,
+                         max_unet_flops=int(steps * full / TARGET)).rehash
+    target_q = measure(target.cut, target.key_steps)
+    if plot:
+        _plot_iv(rows, (target.original_unet_flops / target.unet_flops, target_q), plot)
+
+    wins = sum(row["ours"][0] >= row["dc"][0] for row in rows)
+    margins = [row["ours"][0] - row["dc"][0] for row in rows]
+    at_target = [row for row in rows if row["fewer_ours"] >= TARGET]
+    best = max(at_target, key=lambda row: row["ours"][0], default=None)
+    target_fewer = target.original_unet_flops / target.unet_flops
+    met = target_fewer >= TARGET and target_q[0] >= 40.0
+    out = [f"### (iv) DeepCache's published branches on the trained SVD (CPU, fp32, {steps} steps, "
+           f"{trained.NUM_FRAMES} x {trained.HEIGHT}x{trained.WIDTH}, CFG)", "",
+           "DeepCache (Ma et al. 2023) keeps the shallow path of one skip branch at reuse steps and runs the whole "
+           "UNet every N-th step from step 0 (its uniform schedule). Each published branch is mapped to the skip "
+           "connection it keeps (index r into the down path's residuals, conv_in's = 0) and so to the feature it "
+           "caches on the trained UNet; the table says which vramplan cut that is and which modules its reuse step "
+           "runs (the unit program's dependency walk). The mapping is by what a branch keeps, not by DeepCache's index "
+           "arithmetic, which assumes SD/SVD's three layers per up block (`up_cache_module_idx = 1 - module`; the "
+           "trained UNet has two). Where DeepCache caches an upsampler's output (r = 1, 3), "
+           "vramplan has no cut there (its cuts are temporal res-block halves and transformers), so the nearest cut "
+           "is the upsampler's input: the reuse step recomputes the upsampler from the cached value, the same "
+           "output as DeepCache's, and DeepCache's FLOPs below are ours less the upsampler's (counted).", "",
+           "| r | published as | cut on the trained SVD | its reuse step runs | reuse / full FLOPs (DeepCache's) |",
+           "|---|---|---|---|---|"]
+    for r, what, cut, op in DEEPCACHE:
+        note = f"; DeepCache skips `{op}`" if op else ""
+        out.append(f"| {r} | {what} | `{cut}`{note} | {_reuse_modules(pipe.unet, cut)} | "
+                   f"{reuse[cut] / full:.3f} ({(reuse[cut] - extra[cut]) / full:.3f}) |")
+    cal_note = (f"one calibration ({cal_seconds:.0f} s, every cut, gaps up to {max_gap}, held-out clip 0, seed 0)"
+                if cal_seconds is not None else f"a saved calibration (every cut, gaps up to {cal.max_gap}, clip 0)")
+    out += ["", f"Every row: DeepCache's uniform schedule (every N-th step key, at its branch) and vramplan's planned "
+            f"schedule (`with_rehash(mode='optimal', max_unet_flops=` DeepCache's FLOPs `)`: cut, key count and key "
+            f"steps searched jointly from {cal_note}), each run on held-out clips {', '.join(map(str, examples))} "
+            "(seed = clip) against the full run with the same seed; PSNR over the video, SSIM per frame, averaged.", "",
+            "| r | N | DeepCache: UNet FLOPs x fewer | PSNR | SSIM | vramplan's plan | x fewer | PSNR | SSIM | ΔPSNR |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        p = row["plan"]
+        out.append(f"| {row['r']} | {row['n']} | {row['fewer']:.2f} | {row['dc'][0]:.2f} | {row['dc'][1]:.4f} | "
+                   f"`{p.cut}`, {len(p.key_steps)} keys, {p.schedule} | {row['fewer_ours']:.2f} | "
+                   f"{row['ours'][0]:.2f} | {row['ours'][1]:.4f} | {row['ours'][0] - row['dc'][0]:+.2f} |")
+    out += ["", f"**vramplan >= DeepCache at the same UNet FLOPs: {wins} of {len(rows)} matched points** "
+            f"(PSNR margin {min(margins):+.2f} to {max(margins):+.2f} dB; target: every point, "
+            f"{'met' if wins == len(rows) else 'NOT met'}).", "",
+            f"**>= {TARGET}x fewer UNet FLOPs at >= 40 dB:** the plan at {TARGET}x (`max_unet_flops` = full / {TARGET}) "
+            f"is `{target.cut}`, {len(target.key_steps)} keys ({target.schedule}), {target_fewer:.2f}x fewer, "
+            f"measured {target_q[0]:.2f} dB, SSIM {target_q[1]:.4f} (target {'met' if met else 'NOT met'})"
+            + (f"; among the matched points at >= {TARGET}x the best measures {best['ours'][0]:.2f} dB at "
+               f"{best['fewer_ours']:.2f}x." if best else ".")]
+    if plot:
+        out += ["", f"Plot: [{Path(plot).name}]({Path(plot).name})."]
+    return "\n".join(out + [""])
+
+
+def _plot_iv(rows, target, path: str) -> None:
+    """Measured PSNR and SSIM against UNet FLOPs saved: DeepCache per branch, vramplan's plans."""
+    from vramplan.plots import _pyplot
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.4))
+    for ax, q, label in ((axes[0], 0, "PSNR vs the full run (dB)"), (axes[1], 1, "SSIM vs the full run")):
+        for r, _, _, _ in DEEPCACHE:
+            pts = sorted((row["fewer"], row["dc"][q]) for row in rows if row["r"] == r)
+            ax.plot([a for a, _ in pts], [b for _, b in pts], marker="s", ms=5, lw=1, alpha=0.8,
+                    label=f"DeepCache, branch r={r} (N={', '.join(map(str, INTERVALS))})")
+        pts = sorted({(row["fewer_ours"], row["ours"][q]) for row in rows})
+        ax.plot([a for a, _ in pts], [b for _, b in pts], "ko", ms=7, label="vramplan, planned at the same FLOPs")
+        ax.plot([target[0]], [target[1][q]], "r*", ms=13, label=f"vramplan, planned at {TARGET}x")
+        ax.set_xlabel("UNet FLOPs: x fewer than the full run")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].axhline(40.0, color="grey", ls=":", lw=1)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("trained tiny SVD: DeepCache's published branches vs vramplan's planned schedules", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_section(path: Path, text: str, part: str) -> None:
     """Put ``text`` in the part's own block of the Step Rehash section (replaced if present)."""
     begin, end = f"<!-- rehash-{part}:begin -->", f"<!-- rehash-{part}:end -->"
@@ -266,7 +449,7 @@ def write_section(path: Path, text: str, part: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--part", choices=["i", "ii", "iii", "all"], default="all")
+    parser.add_argument("--part", choices=["i", "ii", "iii", "iv", "all"], default="all")
     parser.add_argument("--gpu", default="RTX 4090")
     parser.add_argument("--examples", type=int, default=2, help="(ii): held-out clips each schedule is measured on")
     parser.add_argument("--write", help="markdown file to put the parts in (each part's block replaced if present)")
@@ -274,12 +457,17 @@ def main() -> None:
     parser.add_argument("--frontier-plot", help="(ii): also draw the searched schedules and their frontier (PNG)")
     parser.add_argument("--max-gap", type=int, default=4, help="(ii): reuse distances the calibration measures")
     parser.add_argument("--repeats", type=int, default=5, help="(iii): timed runs per configuration")
+    parser.add_argument("--deepcache-plot", help="(iv): also draw quality vs UNet FLOPs saved (PNG)")
+    parser.add_argument("--calibration", help="(iv): a calibration JSON of the trained model to reuse (made and "
+                        "saved there if absent)")
     args = parser.parse_args()
     machine = f"Machine: {platform.processor() or platform.machine()}, Python {platform.python_version()}"
     runs = {"i": lambda: part_i(args.gpu),
             "ii": lambda: part_ii(examples=tuple(range(1, args.examples + 1)), plot=args.plot,
                                   max_gap=args.max_gap, frontier_plot=args.frontier_plot),
-            "iii": lambda: part_iii(args.repeats)}
+            "iii": lambda: part_iii(args.repeats),
+            "iv": lambda: part_iv(examples=tuple(range(1, args.examples + 1)), max_gap=args.max_gap,
+                                  plot=args.deepcache_plot, calibration=args.calibration)}
     for part, fn in runs.items():
         if args.part not in (part, "all"):
             continue
@@ -288,7 +476,8 @@ def main() -> None:
         text += (f"\n{machine}; {time.strftime('%Y-%m-%d', time.gmtime())}, {time.perf_counter() - started:.0f} s; "
                  f"command: `python bench/bench_rehash.py --part {part}"
                  + {"i": f" --gpu '{args.gpu}'", "ii": f" --examples {args.examples} --max-gap {args.max_gap}",
-                    "iii": f" --repeats {args.repeats}"}[part] + "`.\n")
+                    "iii": f" --repeats {args.repeats}",
+                    "iv": f" --examples {args.examples} --max-gap {args.max_gap}"}[part] + "`.\n")
         print(text, flush=True)
         if args.write:
             write_section(Path(args.write), text, part)
