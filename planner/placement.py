@@ -21,12 +21,26 @@ block adds its bytes to the budget and the streamed blocks present to each segme
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .costs import EMPTY, CostModel, Segment, SegmentCost
 from .errors import InfeasibleError
 from .fmt import human_bytes
-from .solve import Solution, _cbc_available, _present_bytes, memory_minimax, solve
+from .solve import (
+    Solution,
+    _bounds,
+    _cbc_available,
+    _Costs,
+    _positions,
+    _present_bytes,
+    _spans,
+    both_ways,
+    covering,
+    memory_minimax,
+    solve,
+    table,
+)
 
 
 @dataclass(frozen=True)
@@ -392,6 +406,7 @@ def prune(model: CostModel, solution: Solution, budget_bytes: int, max_latency_s
         ("streamed", b) for b in sorted(solution.streamed - keep,
                                         key=lambda b: (-model.profile.block_weights.get(b, 0), position.get(b, -1), b))
     ]
+    start = None  # what _without_block reads of the solution the trials start from
     for kind, name in order:
         host, streamed = solution.host, solution.streamed
         if kind == "host":
@@ -400,16 +415,109 @@ def prune(model: CostModel, solution: Solution, budget_bytes: int, max_latency_s
             host = host - {name}
         else:
             streamed = streamed - {name}
-        try:
-            trial = solve(model, budget_bytes, max_latency_s, "dp", max_group, host=host, streamed=streamed,
-                          explain=False)
-        except InfeasibleError:  # memory fits; the latency limit does not
-            continue
+        trial = _RESOLVE
+        if kind == "streamed" and max_latency_s is None and solution.method == "exact dynamic programming":
+            if start is None or start.solution is not solution:
+                start = _From(model, solution, budget_bytes, max_group)
+            trial = _without_block(model, start, name, budget_bytes, max_group)
+        if trial is _RESOLVE:
+            try:
+                trial = solve(model, budget_bytes, max_latency_s, "dp", max_group, host=host, streamed=streamed,
+                              explain=False)
+            except InfeasibleError:  # memory fits; the latency limit does not
+                continue
         if trial is None:
             continue
         if trial.latency_s <= solution.latency_s * (1 + 1e-9):
             solution = trial
     return solution
+
+
+_RESOLVE = object()  # _without_block cannot tell: solve
+
+
+class _From:
+    """What :func:`_without_block` reads of the solution a pruning's trials start from, computed once."""
+
+    def __init__(self, model: CostModel, solution: Solution, budget_bytes: int, max_group: int):
+        self.solution = solution
+        _, self.needed, self.seconds = table(model, solution.host, solution.streamed, max_group)
+        self.to, self.after = both_ways(model, self.needed, budget_bytes + solution.streamed_weight_bytes,
+                                        self.seconds, max_group)
+        where = _positions(model, max_group)
+        self.at = [where[s] for s in solution.segments]
+        # next_at[i]: position of the first streamed block at or after position i that is prefetched (None: none)
+        order, gathered = model.block_order, model.profile.block_gathered
+        self.next_at: list[int | None] = [None] * (len(order) + 1)
+        for i in range(len(order) - 1, -1, -1):
+            copied = order[i] in solution.streamed and order[i] not in gathered
+            self.next_at[i] = i if copied else self.next_at[i + 1]
+
+
+def _without_block(model: CostModel, start: _From, block: str, budget_bytes: int, max_group: int):
+    """What :func:`prune`'s re-solve would give for ``start.solution`` (the fastest path at its placement
+    and ``budget_bytes``) with ``block`` no longer streamed, where it can be had without a pass over every
+    candidate; :data:`_RESOLVE` where it cannot, None where that re-solve would be rejected.
+
+    Un-streaming a block takes its weights from the budget and its presence from the segments that touch or
+    prefetch it (at most as many bytes: a gathered table's rows are within its weights), so no candidate
+    gains room: the candidates that fit are a subset of the solution's. If its path still fits, the
+    shortest path is that path (the same seconds, summed in the same order). If not, every path holds a
+    candidate covering the first unit of each segment of the path that no longer fits; ``start.to`` and
+    ``start.after`` (the fewest seconds to and from each unit among the solution's candidates) bound the
+    fastest such path from below, and when that bound plus the exposed streaming already misses the
+    pruning's tolerance the trial is rejected unsolved."""
+    solution = start.solution
+    streamed = solution.streamed - {block}
+    credit = model.streamed_weight_bytes(streamed)
+    cap = budget_bytes + credit
+    spans, of = _spans(model, max_group, model.segments(max_group))
+    starts, ends = _bounds(model, max_group)
+    weights = model.present_weights
+    position = model.block_order.index(block)
+    gathered = block in model.profile.block_gathered
+    after_block = start.next_at[position + 1]
+    # prefetched instead of ``block`` by the segments that prefetch it: the next streamed block after it
+    swap = weights.get(block, 0) - (weights.get(model.block_order[after_block], 0) if after_block is not None else 0)
+    less: dict[int, int] = {}  # per span: the bytes present no longer
+
+    def needed(i: int) -> int:
+        o = of[i]
+        d = less.get(o)
+        if d is None:
+            touched, last = model._touched(*spans[o])
+            if block in touched:
+                d = weights.get(block, 0)
+            elif not gathered and start.next_at[last + 1] == position:
+                d = swap
+            else:
+                d = 0
+            less[o] = d
+        return start.needed[i] - d
+
+    at, seconds, to, after = start.at, start.seconds, start.to, start.after
+    path_needed = [needed(i) for i in at]
+    transfer, exposed = model.streaming_seconds(streamed)
+    if all(b <= cap for b in path_needed):
+        return Solution(solution.segments, _Costs(model, solution.segments, solution.host, streamed),
+                        solution.method, solution.status, solution.gap, 0.0, solution.candidates, solution.host,
+                        streamed, credit, transfer, exposed, (path_needed, [seconds[i] for i in at]))
+    # 1e-12: the bound's sums are associated differently from a solve's (and a solve's ties allow 1e-15)
+    limit = (solution.latency_s * (1 + 1e-9) - exposed) / (1 - 1e-12)
+    cover = covering(model, max_group)
+    for i, b in zip(at, path_needed, strict=True):
+        if b <= cap:
+            continue
+        here = math.inf
+        for j in cover[starts[i]]:
+            v = to[starts[j]] + seconds[j] + after[ends[j]]
+            if v < here and needed(j) <= cap:
+                here = v
+                if here <= limit:
+                    break
+        if here > limit:
+            return None
+    return _RESOLVE
 
 
 def _infeasible(model: CostModel, bottom: Floor, budget_bytes: int) -> InfeasibleError:

@@ -13,7 +13,9 @@ for ``min_peak`` a binary search over the candidate peaks). Both report the solv
 
 from __future__ import annotations
 
+import bisect
 import logging
+import math
 import time
 import warnings
 from collections.abc import Sequence
@@ -114,9 +116,19 @@ def solve(
     credit = model.streamed_weight_bytes(streamed)
     transfer, exposed = model.streaming_seconds(streamed)
     cap = budget_bytes + credit
-    fitting = [i for i, b in enumerate(needed) if b <= cap]
-    fastest = _shortest(segs, fitting, seconds, model.n)
+    memo = None
+    if max_latency_s is None and method == "dp":  # the placement search's trials: memoised per set of fitting segments
+        memo = model.__dict__.setdefault("_solve_memo", {})
+        mkey = (host, streamed, max_group, _rank(model, host, streamed, max_group, needed, cap))
+        if mkey in memo:
+            found = memo[mkey]
+            if found is None and explain:
+                raise _infeasible(model, segs, needed, cap, host)
+            return found
+    fastest = _fastest(model, max_group, needed, cap, seconds)
     if fastest is None:
+        if memo is not None:
+            _remember(memo, mkey, None)
         if not explain:
             return None
         raise _infeasible(model, segs, needed, cap, host)
@@ -126,14 +138,20 @@ def solve(
         method = "ilp" if _cbc_available() else "dp"
         if method == "dp":
             log.warning("PuLP's CBC solver is not available: using the exact dynamic-programming solver")
+    at = None
     if limit is not None and limit <= 0:
         chosen, status, gap, name = None, "Infeasible", None, method
     elif method == "ilp":
+        fitting = [i for i, b in enumerate(needed) if b <= cap]
         chosen, status, gap = _ilp([segs[i] for i in fitting], {segs[i]: (needed[i], seconds[i]) for i in fitting},
                                    model.n, limit)
         name = "ILP (PuLP/CBC)"
     elif method == "dp":
-        chosen, status, gap = _dp(segs, fitting, needed, seconds, model.n, limit, fastest)
+        if limit is None:
+            chosen, status, gap, at = fastest[1], "Optimal", 0.0, fastest[2]
+        else:
+            fitting = [i for i, b in enumerate(needed) if b <= cap]
+            chosen, status, gap = _dp(segs, fitting, needed, seconds, model.n, limit, fastest[:2])
         name = "exact dynamic programming"
     else:
         raise ValueError(f"unknown method {method!r}: 'auto', 'ilp' or 'dp'")
@@ -143,12 +161,114 @@ def solve(
             f"no plan meets max_latency_s={max_latency_s:g}: the fastest plan within the budget takes "
             f"{best:.3f} s per UNet call. Raise the latency limit or give more memory."
         )
-    where = _positions(model, max_group)
-    at = [where[s] for s in chosen]
-    return Solution(
+    if at is None:
+        where = _positions(model, max_group)
+        at = [where[s] for s in chosen]
+    solution = Solution(
         chosen, _Costs(model, chosen, host, streamed), name, status, gap, time.perf_counter() - started,
         len(segs), host, streamed, credit, transfer, exposed, ([needed[i] for i in at], [seconds[i] for i in at]),
     )
+    if memo is not None:
+        _remember(memo, mkey, solution)
+    return solution
+
+
+SOLVES_KEPT = 8192  # memoised trial solves per cost model (a solution holds its path, not its costs, until asked)
+
+
+def _remember(memo: dict, key, found) -> None:
+    if len(memo) >= SOLVES_KEPT:
+        memo.pop(next(iter(memo)))
+    memo[key] = found
+
+
+def _rank(model: CostModel, host, streamed, max_group: int, needed: list[int], cap: int) -> int:
+    """How many distinct needed bytes of the table are within ``cap``: two caps of the same rank let the same
+    segments fit, so a solve's answer is the same (memoised sorted values per table)."""
+    cache = model.__dict__.setdefault("_solve_sorted", {})
+    key = (host, streamed, max_group)
+    values = cache.get(key)
+    if values is None:
+        if len(cache) >= TABLES_KEPT:
+            cache.pop(next(iter(cache)))
+        values = cache[key] = sorted(set(needed))
+    return bisect.bisect_right(values, cap)
+
+
+def _bounds(model: CostModel, max_group: int) -> tuple[list[int], list[int]]:
+    """Each candidate's first unit and one past its last (memoised): what a shortest path reads."""
+    key = ("_solve_bounds", max_group)
+    found = model.__dict__.get(key)
+    if found is None:
+        segs = model.segments(max_group)
+        found = model.__dict__[key] = ([s.start for s in segs], [s.stop + 1 for s in segs])
+    return found
+
+
+def _fastest(model: CostModel, max_group: int, needed: list[int], cap: int, seconds: list[float]):
+    """``(seconds, path, indices)`` of the fastest path through the candidates within ``cap``, or None: the
+    same path and seconds as :func:`_shortest` over the fitting candidates, in one pass over the table."""
+    segs = model.segments(max_group)
+    starts, ends = _bounds(model, max_group)
+    n = model.n
+    inf = math.inf
+    value = [inf] * (n + 1)
+    last = [-1] * (n + 1)
+    value[0] = 0.0
+    for i, b in enumerate(needed):
+        if b > cap:
+            continue
+        here = value[starts[i]]
+        if here == inf:
+            continue
+        v = here + seconds[i]
+        j = ends[i]
+        if v < value[j] - 1e-15:
+            value[j], last[j] = v, i
+    if value[n] == inf:
+        return None
+    at, j = [], n
+    while j > 0:
+        i = last[j]
+        at.append(i)
+        j = starts[i]
+    at.reverse()
+    return value[n], [segs[i] for i in at], at
+
+
+def covering(model: CostModel, max_group: int) -> list[list[int]]:
+    """For each unit, the candidates (indices into ``model.segments(max_group)``) whose span holds it: every
+    path has exactly one of them (memoised)."""
+    key = ("_solve_covering", max_group)
+    found = model.__dict__.get(key)
+    if found is None:
+        found = [[] for _ in range(model.n)]
+        for i, s in enumerate(model.segments(max_group)):
+            for u in range(s.start, s.stop + 1):
+                found[u].append(i)
+        model.__dict__[key] = found
+    return found
+
+
+def both_ways(model: CostModel, needed: list[int], cap: int, seconds: list[float], max_group: int = 8
+              ) -> tuple[list[float], list[float]]:
+    """``(to, after)``: the fewest seconds from the first unit to each unit and from each unit past the last,
+    through the candidates within ``cap`` (inf where none reaches): any path through a candidate ``i`` takes
+    at least ``to[start] + seconds[i] + after[stop + 1]``, also among fewer candidates."""
+    starts, ends = _bounds(model, max_group)
+    n, inf = model.n, math.inf
+    to, after = [inf] * (n + 1), [inf] * (n + 1)
+    to[0], after[n] = 0.0, 0.0
+    fitting = [i for i, b in enumerate(needed) if b <= cap]
+    for i in fitting:  # by start
+        v = to[starts[i]] + seconds[i]
+        if v < to[ends[i]]:
+            to[ends[i]] = v
+    for i in reversed(fitting):  # a candidate's end is after its start: every later start is done
+        v = after[ends[i]] + seconds[i]
+        if v < after[starts[i]]:
+            after[starts[i]] = v
+    return to, after
 
 
 def _positions(model: CostModel, max_group: int) -> dict[Segment, int]:
@@ -177,9 +297,11 @@ def table(model: CostModel, host: frozenset[str] = EMPTY, streamed: frozenset[st
         cache.pop(next(iter(cache)))
     segs = model.segments(max_group)
     needed, seconds = _host_table(model, host, max_group, segs)
-    if streamed:
+    if streamed:  # per span (a few hundred), then per candidate (thousands)
         present = _present_bytes(model, streamed)
-        needed = [b + present(s.start, s.stop) for b, s in zip(needed, segs, strict=True)]
+        spans, of = _spans(model, max_group, segs)
+        extra = [present(a, b) for a, b in spans]
+        needed = [b + extra[o] for b, o in zip(needed, of, strict=True)]
     found = cache[key] = (segs, needed, seconds)
     return found
 
