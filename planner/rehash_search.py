@@ -8,6 +8,10 @@ is priced (UNet work of all steps, in seconds or FLOPs: ``keys`` full calls plus
 at its cut) and rated (:class:`~.rehash_quality.QualityModel`). The planner takes the best predicted
 quality within the work budget, or, given a quality floor, the least work that reaches it; the
 Pareto frontier over all candidates is what ``vramplan calibrate --frontier`` shows.
+
+A "cut" here is any reuse option with a price: a UNet feature cut, a DiT residual cut, or per-step CFG
+reuse (``cfg``, ``cfg+<residual cut>``, priced per model call as the mean of a reuse step's two calls),
+offered where the calibration measured two calls per step (``plan_rehash``, ``with_rehash``).
 """
 
 from __future__ import annotations
