@@ -38,6 +38,19 @@ def test_units_and_shape():
     assert uniform_plan(vae, 3, shape).components[0].slices == dict.fromkeys(ups, 3)
 
 
+def test_units_cut_before_an_upsampler_without_shortcut():
+    """Wan 2.1: the value between up units is a block's residual output, before its upsampler makes it
+    4-8x larger; Wan 2.2 adds a shortcut of the block's input to the upsampler's output, so its
+    upsampler stays with its block."""
+    from vramplan.runtime.adapters.wan_vae import _units
+
+    kinds = {v: [[(i, kind) for i, kind, _ in parts] for parts in _units(vae)] for v, vae in VAES.items()}
+    assert kinds["2.1"] == [[(0, "res")], [(0, "up"), (1, "res")], [(1, "up"), (2, "res")],
+                            [(2, "up"), (3, "res"), (3, "head")]]
+    assert kinds["2.2"] == [[(0, "res"), (0, "up")], [(1, "res"), (1, "up")], [(2, "res"), (2, "up")],
+                            [(3, "res"), (3, "head")]]
+
+
 @st.composite
 def _plans(draw, vae, shape):
     """Random plans over the decode's units (slice counts per unit, groups or not) with a random set of

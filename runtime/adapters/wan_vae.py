@@ -36,7 +36,6 @@ from ..program import Op, SliceCtx, UnitSpec
 from .base import CallBinding, example_maker, register
 
 MID = "decoder.mid_block"
-UNIT_STARTS = (1, 2, 3)  # the up blocks starting a unit after the first (each its own partition)
 
 
 def _upsampler(block):
@@ -55,32 +54,50 @@ def conv_step(conv, scale: int, frames: int):
     return CONV3.with_cost(conv.weight.numel() * scale * frames, (cin + cout) * scale * frames)
 
 
-def _stage_maps(vae) -> list[list[RowMap]]:
-    """Row maps of the crop points of the up part, per up block, in order: each residual block's conv1
-    and conv2, the upsampler (nearest(-exact) x2 then a 3x3 conv); the last block's list ends with the
-    head (conv_out, and unpatchify)."""
-    out = []
+def _parts(vae) -> list[tuple[int, str, list[RowMap]]]:
+    """The up part in order, as ``(block, kind, row maps of its crop points)``: each up block's residual
+    blocks (``"res"``: conv1, conv2 each), its upsampler (``"up"``: nearest(-exact) x2 then a 3x3 conv;
+    Wan 2.2's ``DupUp3D`` shortcut maps rows the same way), then the head (``"head"``: conv_out, and
+    unpatchify)."""
+    parts = []
     scale = frames = 1  # width and frames per latent frame at this level, relative to the first up block's
-    for block in vae.decoder.up_blocks:
-        maps = []
-        for res in block.resnets:
-            for conv in (res.conv1, res.conv2):
-                maps.append(RowMap.of(conv_step(conv, scale, frames)))
+    for i, block in enumerate(vae.decoder.up_blocks):
+        parts.append((i, "res", [RowMap.of(conv_step(conv, scale, frames))
+                                 for res in block.resnets for conv in (res.conv1, res.conv2)]))
         up = _upsampler(block)
         if up is not None:
             frames *= 2 if up.mode == "upsample3d" else 1
             scale *= 2
-            # a DupUp3D shortcut maps rows the same way
-            maps.append(RowMap.of(UP2.with_cost(1), conv_step(up.resample[1], scale, frames)))
-        out.append(maps)
+            parts.append((i, "up", [RowMap.of(UP2.with_cost(1), conv_step(up.resample[1], scale, frames))]))
     head = [conv_step(vae.decoder.conv_out, scale, frames)]
     patch = vae.config.patch_size
     if patch:
         if patch & (patch - 1):
             raise UnsupportedModelError(f"patch_size={patch}: only powers of two have a row map")
         head += [UP2.with_cost(1)] * (patch.bit_length() - 1)
-    out[-1].append(RowMap(tuple(head)))
-    return out
+    parts.append((len(vae.decoder.up_blocks) - 1, "head", [RowMap(tuple(head))]))
+    return parts
+
+
+def _units(vae) -> list[list[tuple[int, str, list[RowMap]]]]:
+    """The parts of each up unit. A unit starts at each up block's residual blocks, or just before the
+    previous block's upsampler when that block has no shortcut around it (Wan 2.1): the value between
+    units is then the residual blocks' output, before the upsampler makes it 4 (2-D) or 8 (3-D) times
+    larger. Wan 2.2's blocks add a ``DupUp3D`` of the block's input to the upsampler's output, so the
+    upsampler stays with its block."""
+    blocks = vae.decoder.up_blocks
+
+    def cut_before_up(i: int) -> bool:
+        return i + 1 < len(blocks) and getattr(blocks[i], "avg_shortcut", None) is None
+
+    units: list[list] = []
+    for part in _parts(vae):
+        i, kind, _ = part
+        if not units or (kind == "up" and cut_before_up(i)) or (kind == "res" and i and not (
+                _upsampler(blocks[i - 1]) is not None and cut_before_up(i - 1))):
+            units.append([])
+        units[-1].append(part)
+    return units
 
 
 class WanVAEDecoderAdapter:
@@ -92,7 +109,6 @@ class WanVAEDecoderAdapter:
 
     def ops(self, vae) -> tuple[list[Op], str]:
         dec = vae.decoder
-        levels = _stage_maps(vae)
 
         def mid(ctx: SliceCtx, z):
             b, _, t, h, w = z.shape
@@ -117,14 +133,13 @@ class WanVAEDecoderAdapter:
         mid_spec = UnitSpec(MID, None, kind="attention")
         ops = [Op(mid_spec, ("z",), mid_spec.name, mid)]
         prev = mid_spec.name
-        cuts = [c for c in UNIT_STARTS if 0 < c < len(levels)]
-        for lo, hi in zip([0, *cuts], [*cuts, len(levels)], strict=True):
-            spec = UnitSpec(f"decoder.up_blocks.{lo}", "rows", kind="conv")
-            stages = [m for lv in levels[lo:hi] for m in lv]
-            whole = RowMap(tuple(s for m in stages for s in m.steps))
+        for parts in _units(vae):
+            block = next(i for i, kind, _ in parts if kind == "res")
+            spec = UnitSpec(f"decoder.up_blocks.{block}", "rows", kind="conv")
+            whole = RowMap(tuple(step for _, _, maps in parts for m in maps for step in m.steps))
 
-            def up(ctx: SliceCtx, x, lo=lo, hi=hi, stages=stages):
-                return _blocks_slab(vae, lo, hi, stages, ctx, x)
+            def up(ctx: SliceCtx, x, parts=parts):
+                return _parts_slab(vae, parts, ctx, x)
 
             ops.append(Op(spec, (prev,), spec.name, up, rows=whole, rows_cropped=True, stage_inside=True))
             prev = spec.name
@@ -296,21 +311,18 @@ def cropped_residual(res, walk: _Rows, h: torch.Tensor, have: int, point: int, c
     return h + shortcut.narrow(-2, have - res_have, h.shape[-2]), have, point + 2
 
 
-def _up_block(block, walk: _Rows, h: torch.Tensor, have: int, point: int, cache: list, idx: list, first: bool):
-    """One up block on a slab (the stock block's forward, cropped after every convolution): the output,
-    its first row and the next crop point."""
-    block_in, block_have = h, have
-    for res in block.resnets:
-        h, have, point = cropped_residual(res, walk, h, have, point, cache, idx)
-    up = _upsampler(block)
-    if up is not None:  # only the upsampled rows the rest needs (its output's first row is 2 * have)
-        lo, hi = walk.need[point + 1]
-        h = _upsample(up, h, cache, idx, lo - 2 * have, hi - 2 * have)
-        have = lo
-        point += 1
+def _upsample_part(block, walk: _Rows, h: torch.Tensor, have: int, point: int, cache: list, first: bool,
+                   block_in: tuple[torch.Tensor, int] | None):
+    """A block's upsampler on a slab, only the upsampled rows the rest needs (its output's first row is
+    ``2 * have``), and Wan 2.2's ``DupUp3D`` shortcut of the block's input ``block_in`` (a slab and its
+    first row): the output and its first row."""
+    lo, hi = walk.need[point + 1]
+    h = _upsample(_upsampler(block), h, cache, [0], lo - 2 * have, hi - 2 * have)
+    have = lo
     if getattr(block, "avg_shortcut", None) is not None:  # Wan 2.2: DupUp3D of the block's input
         # only the input rows under the output rows kept: DupUp3D copies its input 8-fold (twice)
         # and one input frame at a time, added into the upsampler's (fresh) output
+        block_in, block_have = block_in
         f = block.avg_shortcut.factor_s
         lo, hi = have // f, -(-(have + h.shape[-2]) // f)
         src = block_in.narrow(-2, lo - block_have, hi - lo)
@@ -323,54 +335,62 @@ def _up_block(block, walk: _Rows, h: torch.Tensor, have: int, point: int, cache:
             del shortcut
         if done != h.shape[2]:
             raise RuntimeError(f"Wan up block shortcut: {done} frames for {h.shape[2]}")
-    return h, have, point
+    return h, have
 
 
-def _blocks_slab(vae, lo: int, hi: int, stages: list[RowMap], ctx: SliceCtx, x: torch.Tensor) -> torch.Tensor:
-    """Output rows ``[ctx.start, ctx.stop)`` of every frame of up blocks ``lo .. hi - 1`` (the last
-    block: and the head) from a slab of their input: the input's frames in order, one at a time,
-    through the stock blocks' modules (and their forwards' own code between them) with this slab's own
-    feature cache, cropped after every convolution to the rows the rest needs; the frames a temporal
-    upsampler makes go on one at a time. One frame at a time equals the stock chunks (one latent
-    frame's frames at once): a causal conv with its cache gives the same frames from one frame as from
-    a chunk, and a temporal upsampler's first call (one frame: latent frame 0) is the stock first one."""
+def _parts_slab(vae, parts: list[tuple[int, str, list[RowMap]]], ctx: SliceCtx, x: torch.Tensor) -> torch.Tensor:
+    """Output rows ``[ctx.start, ctx.stop)`` of every frame of a unit's parts (:func:`_units`) from a slab
+    of their input: the input's frames in order, one at a time, through the stock modules (and their
+    forwards' own code between them) with this slab's own feature cache, cropped after every
+    convolution to the rows the rest needs; the frames a temporal upsampler makes go on one at a time.
+    One frame at a time equals the stock chunks (one latent frame's frames at once): a causal conv with
+    its cache gives the same frames from one frame as from a chunk, and a temporal upsampler's first
+    call (one frame: latent frame 0) is the stock first one."""
     from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 
     dec = vae.decoder
     blocks = list(dec.up_blocks)
-    last = hi == len(blocks)
+    stages = [m for _, _, maps in parts for m in maps]
     n_in = ctx.length // math.prod(step.up for m in stages for step in m.steps)  # 3x3 convs keep the rows
     walk = _Rows(stages, n_in, ctx.start, ctx.stop)
     a0, b0 = walk.need[0]
+    name = f"Wan up parts {[(i, kind) for i, kind, _ in parts]}"
     if x.shape[-2] != b0 - a0:
-        raise RuntimeError(f"Wan up blocks {lo}..{hi - 1}: a slab of {x.shape[-2]} rows, expected rows {walk.need[0]}")
+        raise RuntimeError(f"{name}: a slab of {x.shape[-2]} rows, expected rows {walk.need[0]}")
     b, _, t, _, _ = x.shape
     device = ctx.globals["device"]
     cuda = device.type == "cuda" and x.is_pinned()
-    # per block: its first crop point and its causal cache (conv1, conv2 per residual block; time_conv)
-    points, caches, p = [], [], 0
-    for blk in blocks[lo:hi]:
+    points, p = [], 0  # each part's first crop point
+    for _, _, maps in parts:
         points.append(p)
-        caches.append([None] * (2 * len(blk.resnets) + 1))
-        p += 2 * len(blk.resnets) + (_upsampler(blk) is not None)
-    head: list = [None]  # conv_out's cache
-    later = 2 ** sum(getattr(_upsampler(blk), "mode", "") == "upsample3d" for blk in blocks[lo:hi])
+        p += len(maps)
+    caches = [[None] * max(1, len(maps)) for _, _, maps in parts]  # each part's causal cache
+    later = 2 ** sum(kind == "up" and _upsampler(blocks[i]).mode == "upsample3d" for i, kind, _ in parts)
     out = None
     frame = 0
 
-    def run(j: int, h: torch.Tensor, have: int, first: bool):
-        """Frame ``h`` (rows from ``have``) through blocks ``lo + j ..`` and the head, into ``out``."""
+    def run(j: int, h: torch.Tensor, have: int, first: bool, block_in=None):
+        """Frame ``h`` (rows from ``have``) through parts ``j ..``, into ``out``."""
         nonlocal out, frame
-        if j < hi - lo:
-            h, have, _ = _up_block(blocks[lo + j], walk, h, have, points[j], caches[j], [0], first)
-            for v in range(h.shape[2]):  # a temporal upsampler's frames, one at a time
-                run(j + 1, h[:, :, v : v + 1], have, first)
-            return
-        if last:
-            h = _cached_conv(dec.conv_out, dec.nonlinearity(dec.norm_out(h)), head, [0])
+        if j < len(parts):
+            i, kind, _ = parts[j]
+            if kind == "res":
+                # Wan 2.2: the block's input, for the shortcut around it (else not held)
+                start = (h, have) if getattr(blocks[i], "avg_shortcut", None) is not None else None
+                point, idx = points[j], [0]
+                for res in blocks[i].resnets:
+                    h, have, point = cropped_residual(res, walk, h, have, point, caches[j], idx)
+                run(j + 1, h, have, first, start)
+                return
+            if kind == "up":
+                h, have = _upsample_part(blocks[i], walk, h, have, points[j], caches[j], first, block_in)
+                for v in range(h.shape[2]):  # a temporal upsampler's frames, one at a time
+                    run(j + 1, h[:, :, v : v + 1], have, first)
+                return
+            h = _cached_conv(dec.conv_out, dec.nonlinearity(dec.norm_out(h)), caches[j], [0])
             if vae.config.patch_size is not None:
                 h = unpatchify(h, patch_size=vae.config.patch_size)
-            h, have = walk.crop(h, len(stages) - 1, have)
+            h, have = walk.crop(h, points[j], have)
             h = torch.clamp(h, min=-1.0, max=1.0)
         if out is None:
             out = h.new_empty(b, h.shape[1], 1 + later * (t - 1), h.shape[-2], h.shape[-1])
@@ -381,7 +401,7 @@ def _blocks_slab(vae, lo: int, hi: int, stages: list[RowMap], ctx: SliceCtx, x: 
         # the input may be in host memory: one frame of the slab on the device at a time
         run(0, x[:, :, f : f + 1].to(device, copy=True, non_blocking=cuda), a0, f == 0)
     if frame != out.shape[2]:
-        raise RuntimeError(f"Wan up blocks {lo}..{hi - 1} made {frame} frames, expected {out.shape[2]}")
+        raise RuntimeError(f"{name} made {frame} frames, expected {out.shape[2]}")
     return out
 
 
