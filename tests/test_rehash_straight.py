@@ -103,3 +103,24 @@ def test_the_rehash_handle_runs_straight_unsliced_and_through_the_executor_slice
         assert len(executed) == (0 if k == 1 else 2)
     for a, b in zip(outs[1], outs[2], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_others_hooks_are_checked_once_per_pipeline_call(monkeypatch):
+    """The plan hook checks others' hooks at a pipeline call's first model call, not at its later ones (a
+    rehash run calls the model twice per step); the next pipeline call checks again."""
+    from test_rehash_residual_runtime import _call, _pipe, _plan
+    from vramplan.runtime import apply
+    from vramplan.runtime.rehash import apply_rehash
+
+    pipe = _pipe()
+    scans = []
+    real = apply.hooked_modules
+    monkeypatch.setattr(apply, "hooked_modules", lambda *a: scans.append(1) or real(*a))
+    handle = apply_rehash(pipe, _plan(pipe, 1))
+    try:
+        with torch.no_grad():
+            for expected in (2, 3):  # apply_rehash's own check, then one per pipeline call of 8 model calls
+                pipe(**_call(4.0))
+                assert len(handle.records) == 8 and len(scans) == expected
+    finally:
+        handle.remove()
