@@ -366,7 +366,12 @@ def report(b: Bench, theirs, ours, matched, args) -> str:
     theirs30 = max((p for p in theirs if p.psnr >= 30), key=lambda p: b.full_flops / p.flops, default=None)
     pred = [p for p in ours if p.predicted is not None]
     rho = spearman([p.predicted for p in pred], [p.psnr for p in pred]) if len(pred) > 2 else float("nan")
-    lines += ["", f"- Matched points where vramplan's PSNR >= the diffusers cache's: **{wins} of {len(matched)}**.",
+    losses = [(p, q) for p, q in matched if q is None or q.psnr < p.psnr]
+    lines += ["", f"- Matched points where vramplan's PSNR >= the diffusers cache's: **{wins} of {len(matched)}**"
+              + (". Where it loses: " + "; ".join(
+                  f"{p.family}, {p.setting} at {b.full_flops / p.flops:.2f}x ({p.psnr:.2f} dB; vramplan "
+                  + (f"{q.psnr:.2f} dB at {b.full_flops / q.flops:.2f}x)" if q else "has none within its FLOPs)")
+                  for p, q in losses) if losses else "") + ".",
               "- Most DiT FLOPs saved at >= 30 dB: vramplan "
               + (f"**{b.full_flops / best30.flops:.2f}x** ({best30.setting}, {best30.psnr:.1f} dB)" if best30 else
                  "none of its points") + "; diffusers' caches "
