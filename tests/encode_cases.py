@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from tiny import Case, _shape, tiny_wan_vae
+from tiny import CASES, Case, _shape, tiny_wan_vae
 from vramplan.runtime.tiny import TINY_SD_VAE, TINY_VAE, randomize_norms
 
 
@@ -64,4 +64,7 @@ ENCODE_CASES: dict[tuple[str, str], Callable[[], Case]] = {
     ("AutoencoderKL", "vae_encoder"): _image_vae_case("AutoencoderKL", TINY_SD_VAE, 5),
     ("AutoencoderKLTemporalDecoder", "vae_encoder"): _image_vae_case("AutoencoderKLTemporalDecoder", TINY_VAE, 6),
     ("AutoencoderKLWan", "vae_encoder"): _wan_vae_encode_case,
+    # the decodes' rows lowering (sd_vae.py, svd_vae.py: component vae_rows), on the default decodes' cases
+    ("AutoencoderKL", "vae_rows"): CASES["AutoencoderKL"],
+    ("AutoencoderKLTemporalDecoder", "vae_rows"): CASES["AutoencoderKLTemporalDecoder"],
 }

@@ -260,3 +260,20 @@ def test_removal_in_any_order_restores_the_model(case, order):
             model.__dict__.pop(name, None)
     assert not left, f"left on the model after removal: {left}"
     assert same
+
+
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), frames=st.integers(1, 3), h=st.integers(3, 7), w=st.integers(3, 6))
+def test_rows_groups_with_recomputed_statistics_are_exact(case, data, frames, h, w):
+    """An adapter with rows units: random plans whose groups also hold units that need statistics over their
+    input (GroupNorm over a whole frame: recomputed slice by slice), k up to twice the sample's rows."""
+    ops, _ = adapter_for(case.model, case.component).ops(case.model)
+    if not any(op.spec.axis == "rows" for op in ops):
+        pytest.skip("no rows units")
+    args, kwargs, shape = case.inputs(1, frames, h, w, seed=frames * 100 + h * 10 + w)
+    first = {op.name: op.inputs[0] for op in ops}
+    plan = data.draw(random_plans([op.spec for op in ops], fingerprint(case.model), shape, max_k=2 * h + 2,
+                                  recompute=first, component=case.component))
+    expected = _out(case, args, kwargs)
+    with apply_plan(case.model, plan):
+        torch.testing.assert_close(_out(case, args, kwargs), expected, **TOL)

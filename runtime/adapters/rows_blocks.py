@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 
 from ...planner.rows import CONV3, RowMap, RowStep
 from ..norm import merged_moments, normalize_groups
@@ -30,7 +31,11 @@ def row_stats(norm: torch.nn.GroupNorm):
     column, merged from the own rows ``[..., C, rows, W]`` of each slice (any leading dims: the
     first is the sample, the ones between C and the rows are reduced too, as a 5-D GroupNorm does)."""
 
+    dtype = getattr(norm, "dtype", None) if isinstance(norm, _CastNorm) else None
+
     def prepare(ctx: SliceCtx, pieces: Iterable[torch.Tensor]):
+        if dtype is not None:
+            pieces = (p.to(dtype) for p in pieces)
         return streamed_moments(pieces, norm.num_groups)
 
     return prepare
@@ -45,7 +50,11 @@ def streamed_moments(pieces: Iterable[torch.Tensor], groups: int) -> tuple[torch
         piece = next(it, None)
         if piece is None:
             break
-        part = merged_moments([piece.reshape(piece.shape[0], groups, -1)], reduce_dims=(2,))
+        # fp32 and contiguous (one copy at most): a view of the full value and a recomputed piece take the
+        # same reduction kernel (bitwise the same statistics for a split plan and its recompute group)
+        x = piece.float().contiguous()
+        part = merged_moments([x.reshape(x.shape[0], groups, -1)], reduce_dims=(2,))
+        del x
         n = piece[0, 0].numel() * (piece.shape[1] // groups)
         del piece
         state = _merge(state, part, n)
@@ -65,12 +74,35 @@ def _merge(state, part, n: int):
     return mean + delta * (n / total), m2 + var_i * n + delta.square() * (count * n / total), total
 
 
+class _CastNorm:
+    """A GroupNorm's ``num_groups`` for :func:`row_stats`, whose pieces are cast first (to match a unit
+    that casts its input before normalising)."""
+
+    def __init__(self, norm: torch.nn.GroupNorm, dtype: torch.dtype):
+        self.num_groups, self.dtype = norm.num_groups, dtype
+
+
 def group_norm(norm: torch.nn.GroupNorm, x: torch.Tensor, stats) -> torch.Tensor:
     """``norm(x)`` with the statistics of the whole value (``stats``), or x's own when unsliced."""
     if stats is None:
         return norm(x)
     mean, var = stats
-    return normalize_groups(x, mean, var, norm.num_groups, norm.eps, norm.weight, norm.bias)
+    params = [t for t in (x, mean, var, norm.weight, norm.bias) if t is not None]
+    if x.dtype == torch.float32 or (torch.is_grad_enabled() and any(t.requires_grad for t in params)):
+        return normalize_groups(x, mean, var, norm.num_groups, norm.eps, norm.weight, norm.bias)
+    # A half-precision slab without autograd: one pass, as an inference batch norm over the [1, N*C, ...] view
+    # with the per-(sample, channel) statistics (fp32 math inside, the result in x's dtype), where
+    # normalize_groups would make an fp32 copy of the slab (twice its bytes) first.
+    n, c = x.shape[:2]
+    per_channel = c // norm.num_groups
+
+    def expand(t: torch.Tensor) -> torch.Tensor:
+        return t.float().repeat_interleave(per_channel, dim=1).reshape(n * c)
+
+    weight = norm.weight.float().repeat(n) if norm.weight is not None else None
+    bias = norm.bias.float().repeat(n) if norm.bias is not None else None
+    out = F.batch_norm(x.reshape(1, n * c, *x.shape[2:]), expand(mean), expand(var), weight, bias, False, 0.0, norm.eps)
+    return out.reshape(x.shape)
 
 
 def conv_map(conv: torch.nn.Conv2d) -> RowStep:
@@ -81,16 +113,23 @@ def conv_map(conv: torch.nn.Conv2d) -> RowStep:
     return RowStep(kernel=k, stride=s, pad=p)
 
 
-def resnet2d(add, prefix: str, block, h: str) -> str:
-    """``ResnetBlock2D`` without time embedding (a VAE's): ``norm1`` and ``norm2`` units."""
+def resnet2d(add, prefix: str, block, h: str, cast_to: torch.dtype | None = None) -> str:
+    """``ResnetBlock2D`` without time embedding (a VAE's): ``norm1`` and ``norm2`` units. ``cast_to``: the
+    block input is first cast to it (SVD's temporal decoder casts the mid block's output to its up
+    blocks' dtype); both units cast their slab of it, so the statistics see the cast values."""
     if block.upsample is not None or block.downsample is not None or block.time_emb_proj is not None:
         raise ValueError(f"{prefix}: resnets that resample or take a time embedding have no rows lowering")
     c1, c2 = RowMap.of(conv_map(block.conv1)), RowMap.of(conv_map(block.conv2))
+    stats1 = block.norm1 if cast_to is None else _CastNorm(block.norm1, cast_to)
 
     def first(ctx: SliceCtx, x):
+        if cast_to is not None:
+            x = x.to(cast_to)
         return block.conv1(block.nonlinearity(group_norm(block.norm1, x, ctx.prepared)))
 
     def second(ctx: SliceCtx, t, x):
+        if cast_to is not None:
+            x = x.to(cast_to)
         t = block.nonlinearity(group_norm(block.norm2, t, ctx.prepared))
         t = block.conv2(block.dropout(t))
         if block.conv_shortcut is not None:
@@ -98,7 +137,7 @@ def resnet2d(add, prefix: str, block, h: str) -> str:
         # x is read over conv2's slab: crop both to the rows conv2 returns (same for stride-1 convs).
         return (x + t) / block.output_scale_factor
 
-    t = add(rows_op(f"{prefix}.norm1", (h,), first, c1, "resnet", block.norm1))
+    t = add(rows_op(f"{prefix}.norm1", (h,), first, c1, "resnet", stats1))
     return add(rows_op(f"{prefix}.norm2", (t, h), second, c2, "resnet", block.norm2))
 
 
@@ -132,3 +171,4 @@ def head(add, name: str, norm, act, conv, h: str, after=None) -> str:
 
 
 __all__ = ["CONV3", "conv_map", "downsample2d", "group_norm", "head", "resnet2d", "row_stats", "rows_op", "upsample2d"]
+
