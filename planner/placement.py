@@ -416,6 +416,8 @@ def prune(model: CostModel, solution: Solution, budget_bytes: int, max_latency_s
         else:
             streamed = streamed - {name}
         trial = _RESOLVE
+        if kind == "host" and _no_room(model, solution, host, budget_bytes, max_group):
+            continue  # the re-solve would find no plan
         if kind == "streamed" and max_latency_s is None and solution.method == "exact dynamic programming":
             if start is None or start.solution is not solution:
                 start = _From(model, solution, budget_bytes, max_group)
@@ -434,6 +436,31 @@ def prune(model: CostModel, solution: Solution, budget_bytes: int, max_latency_s
 
 
 _RESOLVE = object()  # _without_block cannot tell: solve
+
+ROOM_CHECKS = 2  # units _no_room looks at
+
+
+def _no_room(model: CostModel, solution: Solution, host: frozenset[str], budget_bytes: int, max_group: int) -> bool:
+    """True when, with ``host`` placed instead of ``solution.host`` (one value fewer), some unit has no
+    candidate within the budget: no plan fits, which is what a re-solve would find after costing every
+    segment the change touches (at tight budgets most of the pruning's un-placements). Only the candidates
+    covering a unit of the tightest path segments the change touches are costed (the same memoised costs a
+    re-solve reads); False when those do not decide it."""
+    dropped = solution.host - host
+    cap = budget_bytes + solution.streamed_weight_bytes
+    present = _present_bytes(model, solution.streamed) if solution.streamed else (lambda a, b: 0)
+    segs = model.segments(max_group)
+    path_needed = solution.path[0] if solution.path is not None else [c.needed_bytes for c in solution.costs]
+    touched = sorted(((b, seg) for seg, b in zip(solution.segments, path_needed, strict=True)
+                      if not dropped.isdisjoint(model.relevant(seg))), key=lambda t: (-t[0], t[1].start))
+    _, now, _ = table(model, solution.host, solution.streamed, max_group)
+    cover = covering(model, max_group)
+    for _, seg in touched[:ROOM_CHECKS]:
+        candidates = sorted(cover[seg.start], key=now.__getitem__)  # the likeliest to fit first
+        if all(model.cost(segs[j], host).needed_bytes + present(segs[j].start, segs[j].stop) > cap
+               for j in candidates):
+            return True
+    return False
 
 
 class _From:

@@ -1,6 +1,7 @@
 """The pruning's trials that drop a streamed block are decided without a re-solve where that is exact
 (planner.placement._without_block): the path kept when it still fits, a lower bound that rejects the
-trial otherwise. Checked against the re-solve it stands for, trial by trial, and whole prunings and
+trial otherwise; an un-placement that leaves some unit without a fitting candidate is rejected unsolved
+(planner.placement._no_room). Checked against the re-solve it stands for, trial by trial, and whole prunings and
 searches against the one-solve-per-trial pruning they replace, on shipped profiles (fine UNet blocks;
 Wan's UMT5 with its gathered embedding table). No torch."""
 
@@ -12,7 +13,7 @@ import pytest
 from vramplan.planner import placement
 from vramplan.planner.costs import CostModel
 from vramplan.planner.gpus import find_gpu
-from vramplan.planner.placement import _RESOLVE, _From, _without_block, floor, prune, search
+from vramplan.planner.placement import _RESOLVE, _From, _no_room, _without_block, floor, prune, search
 from vramplan.planner.plan import shipped_pipeline_profile
 from vramplan.planner.solve import solve, table
 
@@ -112,3 +113,18 @@ def test_prune_from_everything_streamed_is_the_one_solve_per_trial_prune(unet, m
     assert fast.streamed < everything
     assert (fast.host, fast.streamed, fast.segments, fast.latency_s) == (
         slow.host, slow.streamed, slow.segments, slow.latency_s)
+
+
+def test_no_room_only_where_the_re_solve_finds_nothing(unet):
+    seen = {"no room": 0, "solved": 0}
+    for budget in [floor(unet).needed_bytes + i * 2**24 for i in range(1, 4)]:
+        host, streamed, _ = placement._first_fitting(unet, 8, frozenset(), budget)  # the search's first state
+        solution = solve(unet, budget, None, "dp", host=host, streamed=streamed)
+        for v in sorted(solution.host):
+            ref = solve(unet, budget, None, "dp", host=solution.host - {v}, streamed=streamed, explain=False)
+            if _no_room(unet, solution, solution.host - {v}, budget, 8):
+                seen["no room"] += 1
+                assert ref is None
+            else:
+                seen["solved"] += 1
+    assert seen["no room"] and seen["solved"], seen
