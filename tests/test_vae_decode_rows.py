@@ -210,3 +210,11 @@ def test_remove_restores_decode():
     assert "decode" not in vae.__dict__
     with torch.no_grad():
         assert torch.equal(_decode(vae, z, 3), before)
+
+
+def test_attention_up_blocks_run_per_image():
+    """``AttnUpDecoderBlock2D``: its attentions are frames units between the rows units."""
+    vae = _sd(seed=2, up_block_types=("AttnUpDecoderBlock2D", "UpDecoderBlock2D"))
+    axes = {u.name: u.axis for u in list_units(vae, ROWS)}
+    assert axes["decoder.up_blocks.0.attentions.1"] == "frames" and axes["decoder.up_blocks.0.resnets.1.norm2"] == "rows"
+    _exact(vae, uniform_plan(vae, 3, _shape(2, 5, 6), component=ROWS), _z(2, 5, 6, seed=13), 2)
