@@ -124,11 +124,22 @@ def main(argv=None) -> None:
     print()
     print(t2)
     if args.write:
-        body = (f"SD/SVD VAE decode along rows (`component=\"vae_rows\"`) in the whole pipelines, 576x1024 fp16, RTX "
-                f"2080 Ti profile (efficient attention, 24 GiB assumed host memory), rows slice counts up to "
-                f"{args.max_k}; `python bench/bench_vae_rows.py --verify --write` ({machine()}).\n\n{t1}\n\n{t2}\n")
+        body = (
+            "### The SD/SVD VAE decoders along rows (`vae_rows`) in the whole pipelines\n\n"
+            f"`python bench/bench_vae_rows.py --verify` ({machine()}): the shipped 576x1024 fp16 profile's decode stage "
+            f"re-profiled on meta tensors under the rows lowering (`component=\"vae_rows\"`, rows slice counts up to "
+            f"{args.max_k}) and spliced in, every other stage as shipped; both planned on the RTX 2080 Ti profile "
+            "(efficient attention, 24 GiB assumed host memory, as `vramplan plan --gpu 2080Ti`). Floors: the smallest "
+            "`--vram-gb` in 0.01 steps that plans, and what the refusal 0.01 GiB below names; the rows floor plan's "
+            "decode runs on meta tensors under the rows adapter (measured = predicted).\n\n" + t1 + "\n\n"
+            "Predicted latency (25 steps) of the fastest plan at each budget, the whole pipeline and its decode "
+            "stage:\n\n" + t2 + "\n\n"
+            "Rows lower every floor (now set by other stages) but cost time wherever one frame fits: the slab holds "
+            "every frame at once, each GroupNorm needs a statistics pass (a recompute pass inside a group), and halos "
+            "add rows, where a frames slice needs none of these. A unit has one axis, so the shipped pipelines keep "
+            "the frames decode; the rows lowering is there for single images and for the planner to choose per unit "
+            "once it can (not built).\n")
         write_section("vae_rows", body)
-
 
 if __name__ == "__main__":
     main()
