@@ -35,7 +35,15 @@ from ..planner.rehash import (
 )
 from ..planner.schema import ComponentPlan, Plan, RehashPlan
 from .adapters.base import adapter_for
-from .apply import PlanHandle, _check_shape, _checkpointing, build_segments, component_for, fingerprint
+from .apply import (
+    PlanHandle,
+    _check_shape,
+    _checkpointing,
+    build_segments,
+    component_for,
+    fingerprint,
+    sample_shape,
+)
 from .executor import Segment, compute_device, execute, unit_by_unit
 from .hooks import PLAN_HOOK, _original_method, get_hook, register_hook
 from .program import Op, Program, UnitSpec
@@ -168,10 +176,13 @@ class RehashHandle(PlanHandle):
     records: list[StepRecord] = field(default_factory=list)
     _saved_set_timesteps: object = _MISSING
     _saved_step: object = _MISSING
-    straight: bool = True  # unsliced calls run straight (runtime/straight.py); False: always the executor
+    # unsliced calls skip the executor: key calls run the stock forward (where the adapter shows the cut values
+    # there: stock_values), others run straight (runtime/straight.py); False: always the executor
+    straight: bool = True
     _straights: dict = field(default_factory=dict)
     _hooks_checked: bool = False
     _keys: frozenset | None = None  # the schedule's key steps, as a set (looked up at every call)
+    _stock_map: dict | None = None  # the adapter's stock_values
 
     @property
     def cache(self) -> torch.Tensor | None:
@@ -259,7 +270,11 @@ class RehashHandle(PlanHandle):
             self.caches.pop(slot, None)  # a key step never reads it: one cache held, as the planner counts
         ops, segments = (self.ops, self.segments) if key or base is None else (self.reuse, self.reuse_segs)
         started = time.perf_counter()
-        out = self._execute(ops, segments, args, kwargs, None if key else self.caches.get(slot), kept)
+        stock = self._stock_values(kept, args, kwargs) if key else None
+        if stock is not None:
+            out = self._stock_call(call_next, args, kwargs, stock)
+        else:
+            out = self._execute(ops, segments, args, kwargs, None if key else self.caches.get(slot), kept)
         if kept:
             self.caches[slot] = cache_of(cut, self.program_kept)
         if cfg:
@@ -293,6 +308,54 @@ class RehashHandle(PlanHandle):
             self.program_kept = program.kept
         return out
 
+    def _stock_values(self, kept: frozenset, args, kwargs) -> dict | None:
+        """Where a key call's ``kept`` values appear in the stock forward (the adapter's ``stock_values``:
+        value -> (module path, 'input' | 'output'); an adapter without it never runs stock), if the call may
+        run the stock forward: the plan changes nothing about how the model runs (one slice per segment,
+        nothing placed, streamed or bridged), so the stock forward computes what the plan's program does
+        (exact by the executor's contract, at the stock forward's speed); else None (the plan's program)."""
+        if not self.straight or self.plan.host or self.plan.streamed:
+            return None
+        if self._stock_map is None:
+            self._stock_map = getattr(adapter_for(self.model), "stock_values", lambda _m: None)(self.model) or {}
+        if not self._stock_map or not kept <= self._stock_map.keys():
+            return None
+        checkpoint = torch.is_grad_enabled() and _checkpointing(self.model)
+        param = next(self.model.parameters(), None)
+        if param is None or not straight_ok(self.segments, param.device, checkpoint) or self.check_hooks():
+            return None
+        if self.plan.shape is not None:  # the plan's shape check, from the sample (the executor's reads the binding)
+            if args:
+                sample = args[0]
+            else:  # the adapter's bind names the sample: its first parameter after the model
+                import inspect
+
+                sample = kwargs[list(inspect.signature(adapter_for(self.model).bind).parameters)[1]]
+            got = sample_shape(sample, self.model)
+            _check_shape(self.plan, {**got.model_dump(), "dtype": sample.dtype})
+        return {v: self._stock_map[v] for v in kept}
+
+    def _stock_call(self, call_next, args, kwargs, where: dict):
+        """The stock forward; the values of ``where`` read off its modules' inputs or outputs."""
+        seen: dict[str, torch.Tensor] = {}
+        hooks = []
+        for value, (path, side) in where.items():
+            module = self.model.get_submodule(path)
+            if side == "input":
+                hooks.append(module.register_forward_pre_hook(
+                    lambda m, a, k, v=value: seen.__setitem__(v, a[0] if a else next(iter(k.values()))),
+                    with_kwargs=True))
+            else:
+                hooks.append(module.register_forward_hook(
+                    lambda m, a, o, v=value: seen.__setitem__(v, o if isinstance(o, torch.Tensor) else o[0])))
+        try:
+            out = call_next(*args, **kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+        self.program_kept = seen
+        return out
+
     def _straight(self, ops, segments, kept) -> Straight:
         """The key or reuse program's straight run (its drops computed once, reused at every call)."""
         key = (id(segments), kept)
@@ -317,7 +380,10 @@ class RehashHandle(PlanHandle):
             raise CfgReuseError("per-step CFG reuse: a later call of a step came before its first call")
         if key_step or slot not in self.offsets:
             self.offsets.pop(slot, None)
-            out = self._execute(self.ops, self.segments, args, kwargs, None, frozenset())
+            if self._stock_values(frozenset(), args, kwargs) is not None:
+                out = call_next(*args, **kwargs)
+            else:
+                out = self._execute(self.ops, self.segments, args, kwargs, None, frozenset())
             self.offsets[slot] = _output_tensor(out) - self.first
             key = True
         else:

@@ -124,3 +124,47 @@ def test_others_hooks_are_checked_once_per_pipeline_call(monkeypatch):
                 assert len(handle.records) == 8 and len(scans) == expected
     finally:
         handle.remove()
+
+
+def test_unsliced_key_steps_run_the_stock_forward_and_cache_its_residual(monkeypatch):
+    """An unsliced plan's key calls are the stock forward (its blocks' own forwards run), the span's ends read
+    off it (the adapter's stock_values); reuse calls run the reuse program (no block forward); sliced: the plan."""
+    from test_rehash_residual_runtime import _call, _pipe, _plan
+    from vramplan.runtime.rehash import apply_rehash
+
+    pipe = _pipe()
+    model = pipe.transformer
+    block_class = type(model.blocks[0])
+    real_forward = block_class.forward
+    ran = []  # (block, output) of every block forward, in order
+
+    def forward(self, hidden_states, *a, **k):
+        out = real_forward(self, hidden_states, *a, **k)
+        ran.append((self, hidden_states, out))
+        return out
+
+    monkeypatch.setattr(block_class, "forward", forward)  # the class's: not a hook on a module of the plan
+    for k, key_calls in ((1, 2 * 2), (3, 0)):  # two key steps x two CFG calls, or none under slicing
+        ran.clear()
+        handle = apply_rehash(pipe, _plan(pipe, k))
+        cached = []
+        if k == 1:
+            real = handle._stock_call
+
+            def spy(*a, real=real, handle=handle):
+                out = real(*a)
+                cached.append(handle.program_kept["blocks.2.ffn"] - handle.program_kept["blocks.0.ffn"])
+                return out
+
+            handle._stock_call = spy
+        try:
+            with torch.no_grad():
+                pipe(**_call(4.0))
+        finally:
+            handle.remove()
+        assert len(ran) == key_calls * 4 and handle.key_steps == [0, 2]
+        # each call's cache: the stock forward's block 2 output minus its block 0 output (a cache per CFG call)
+        calls = [ran[i:i + 4] for i in range(0, len(ran), 4)]
+        assert len(cached) == len(calls) == (4 if k == 1 else 0)
+        for got, blocks in zip(cached, calls, strict=True):
+            assert torch.equal(got, blocks[2][2] - blocks[0][2])

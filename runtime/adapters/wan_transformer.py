@@ -120,6 +120,13 @@ class WanTransformerAdapter:
         ops, _ = self.ops(model)
         return residual_candidates([(op.output, op.inputs) for op in ops], {op.output: op.spec.kind for op in ops})
 
+    def stock_values(self, model) -> dict[str, tuple[str, str]]:
+        """Values of the program the stock forward shows at a module: the patch embedding's tokens are the
+        first block's input, each block's ``ffn`` its output (Step Rehash's key steps read a residual span's
+        ends off the stock forward)."""
+        out = {f"blocks.{i}.ffn": (f"blocks.{i}", "output") for i in range(len(model.blocks))}
+        return {"patch_embedding": ("blocks.0", "input"), **out} if len(model.blocks) else out
+
     def example_inputs(self, model, shape, device="cpu", seed: int = 0) -> tuple:
         """``hidden_states [B, C, T, H, W]``, a timestep, 512 text embeddings (plus 257 CLIP image
         embeddings for an image-conditioned model). A 48-channel model (Wan 2.2 TI2V-5B, the one on the
