@@ -27,6 +27,8 @@ nothing else holds, no autograd watching) hold for every buffer the rulebook off
 
 from __future__ import annotations
 
+import bisect
+import copy
 import math
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -161,6 +163,11 @@ class CostModel:
         self.link_bytes_per_s = gpu.pcie_gbps * 1e9 * constants.link_efficiency * (1.0 if pinned else PAGEABLE_FRACTION)
         self.size = {u.name: u.output_bytes for u in self.units}
         self.shared = shared_for(profile, allocator)
+        self._costs: dict[tuple, SegmentCost] = {}  # (segment, relevant placement) -> its cost on this GPU
+        # a segment's recipe terms do not depend on the placement (only its host-link bytes do): their sum
+        # on this GPU, per segment (and ("rows", segment)), is replayed once
+        self._term_seconds: dict = {}
+        self._segment_lists: dict[int, list[Segment]] = {}
 
     # -- static structure ----------------------------------------------------------------------
     @cached_property
@@ -172,11 +179,14 @@ class CostModel:
         if not host:
             return self.rules
         cache = self.shared.rules_cache
-        if host not in cache:
-            if len(cache) > 512:
+        found = cache.get(host)
+        if found is None:
+            if len(cache) > 4096:
                 cache.clear()
-            cache[host] = self.rules.with_host(host)
-        return cache[host]
+            # ``rules.with_host(host)`` without re-deriving producers and last uses (placement changes neither)
+            found = cache[host] = copy.copy(self.rules)
+            object.__setattr__(found, "host", host)
+        return found
 
     @property
     def producer(self) -> dict[str, int]:
@@ -269,10 +279,8 @@ class CostModel:
         unit copies its rows, so the next block copied in is the one after it)."""
         if not streamed:
             return []
-        touched, last = self._touched(seg.start, seg.stop)
-        out = [b for b in self.block_order if b in touched and b in streamed]
-        gathered = self.profile.block_gathered
-        nxt = next((b for b in self.block_order[last + 1 :] if b in streamed and b not in gathered), None)
+        out = [b for b in self._touched_in_order(seg.start, seg.stop) if b in streamed]
+        nxt = self._next_streamed(streamed, self._touched(seg.start, seg.stop)[1])
         if nxt is not None:
             out.append(nxt)
         return out
@@ -280,6 +288,31 @@ class CostModel:
     def present_bytes(self, seg: Segment, streamed: frozenset[str]) -> int:
         weights = self.present_weights
         return sum(weights.get(b, 0) for b in self.present_blocks(seg, streamed))
+
+    def _touched_in_order(self, start: int, stop: int) -> tuple[str, ...]:
+        """The blocks units ``start..stop`` touch, in block order (:meth:`_touched`'s set, ordered)."""
+        cache = self.__dict__.setdefault("_touched_order", {})
+        found = cache.get((start, stop))
+        if found is None:
+            touched = self._touched(start, stop)[0]
+            found = cache[(start, stop)] = tuple(b for b in self.block_order if b in touched)
+        return found
+
+    def _next_streamed(self, streamed: frozenset[str], last: int) -> str | None:
+        """The first streamed block after block index ``last`` that is prefetched (not a gathered table)."""
+        cache = self.__dict__.setdefault("_streamed_positions", {})
+        positions = cache.get(streamed)
+        if positions is None:
+            if len(cache) > 4096:
+                cache.clear()
+            order, gathered = self._block_index, self.profile.block_gathered
+            positions = cache[streamed] = sorted(order[b] for b in streamed if b in order and b not in gathered)
+        i = bisect.bisect_right(positions, last)
+        return self.block_order[positions[i]] if i < len(positions) else None
+
+    @cached_property
+    def _block_index(self) -> dict[str, int]:
+        return {b: i for i, b in enumerate(self.block_order)}
 
     @cached_property
     def unit_seconds(self) -> list[float]:
@@ -328,11 +361,10 @@ class CostModel:
         """Memory and latency of ``seg`` with values ``host`` placed in host memory and blocks
         ``streamed`` (memoised: a segment's cost never depends on the budget)."""
         rel = host & self.relevant(seg) if host else EMPTY
-        cache = self.__dict__.setdefault("_costs", {})
         key = (seg, rel)
-        found = cache.get(key)
+        found = self._costs.get(key)
         if found is None:
-            found = cache[key] = self._cost(seg, rel)
+            found = self._costs[key] = self._cost(seg, rel)
         if not streamed:
             return found
         extra = self.present_bytes(seg, streamed)
@@ -364,8 +396,11 @@ class CostModel:
         if found is None:
             found = self.shared.memory[key] = self._memory(seg, host)
         act, live, transient, j, needed, recompute, terms, link = found
-        seconds, transfer = self._replay(terms, link)
-        return SegmentCost(act, live, transient, j, needed, seconds, 0, transfer, recompute)
+        total = self._term_seconds.get(seg)
+        if total is None:
+            total = self._term_seconds[seg] = self._replay(terms, 0.0)[0]
+        transfer = link / self.link_bytes_per_s  # as self._replay(terms, link), the terms summed once
+        return SegmentCost(act, live, transient, j, needed, total + transfer, 0, transfer, recompute)
 
     def _rows_cost(self, seg: Segment, host: frozenset[str]) -> SegmentCost:
         """A rows group's cost (:mod:`.rows_cost`): its memory and the recipe of its seconds computed once
@@ -379,8 +414,11 @@ class CostModel:
             found = rc.rows_memory(self, seg, rules.segment(seg.start, seg.stop), self._entry(seg, host, rules))
             self.shared.memory[key] = found
         memory, terms, link, recompute = found
-        seconds, transfer = rc.replay(self, terms, link)
-        return SegmentCost(*memory, seconds, 0, transfer, recompute)
+        total = self._term_seconds.get(("rows", seg))
+        if total is None:
+            total = self._term_seconds[("rows", seg)] = rc.replay(self, terms, 0.0)[0]
+        transfer = link / self.link_bytes_per_s  # as rc.replay(self, terms, link), the terms summed once
+        return SegmentCost(*memory, total + transfer, 0, transfer, recompute)
 
     def _entry(self, seg: Segment, host: frozenset[str], rules: ProgramRules) -> int:
         size = self.size
@@ -536,9 +574,9 @@ class CostModel:
         depth 2 and 4 for groups of at least 4 slices. A statistics unit may sit inside a group: its
         statistics come from the full input when that is made before the group, else from a
         recompute pass."""
-        key = ("_segments", max_group)
-        if key in self.__dict__:
-            return self.__dict__[key]
+        found = self._segment_lists.get(max_group)
+        if found is not None:
+            return found
         out = []
         for a, unit in enumerate(self.units):
             if unit.axis is None:
@@ -558,5 +596,5 @@ class CostModel:
                         if b > a and k >= MIN_DEPTH_K and unit.axis != "rows":
                             out += [Segment(a, b, k, d) for d in DEPTHS if d <= k]
                 b += 1
-        self.__dict__[key] = out
+        self._segment_lists[max_group] = out
         return out
