@@ -218,3 +218,30 @@ def test_attention_up_blocks_run_per_image():
     axes = {u.name: u.axis for u in list_units(vae, ROWS)}
     assert axes["decoder.up_blocks.0.attentions.1"] == "frames" and axes["decoder.up_blocks.0.resnets.1.norm2"] == "rows"
     _exact(vae, uniform_plan(vae, 3, _shape(2, 5, 6), component=ROWS), _z(2, 5, 6, seed=13), 2)
+
+
+def test_planned_rows_decode_peaks_match_measured():
+    """The cost model prices the rows decode (upsampler groups, recompute passes, frames attention between
+    rows units): plans at shrinking budgets, run on meta tensors, peak where predicted within 1%."""
+    from diffusers import AutoencoderKL
+    from vramplan.planner.gpus import find_gpu
+    from vramplan.planner.plan import make_plan
+    from vramplan.runtime.profiler import profile
+    from vramplan.runtime.verify import verify
+
+    with torch.device("meta"):
+        vae = AutoencoderKL(**{**TINY_SD_VAE, "block_out_channels": (16, 32, 32), "layers_per_block": 2,
+                               "down_block_types": ("DownEncoderBlock2D",) * 3,
+                               "up_block_types": ("UpDecoderBlock2D",) * 3})
+    prof = profile(vae, _shape(2, 16, 12), "flash", component=ROWS, max_k=8)
+    gpu = find_gpu("2080Ti").model_copy(update={"cuda_context_bytes": 0})
+    seen = set()
+    for fraction in (0.5, 0.25):
+        plan = make_plan(prof, gpu, usable_bytes=int((prof.weight_bytes + prof.original_peak_bytes * fraction) / 0.98),
+                         steps=1)
+        comp = plan.components[0]
+        report = verify(plan, vae)
+        predicted = plan.prediction.activation_peak_bytes
+        assert abs(predicted / report.measured_activation_bytes - 1) < 0.01, (fraction, predicted, report)
+        seen.add((len(comp.groups), tuple(sorted(set(comp.slices.values()))), len(comp.recompute)))
+    assert len(seen) == 2, seen
