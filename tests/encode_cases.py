@@ -1,4 +1,5 @@
-"""Tiny conformance cases of the adapters that are a class's *second* adapter: the VAE encodes.
+"""Tiny conformance cases of the adapters that are a class's *second* adapter: the VAE encodes (and the
+SD/SVD decoders' rows lowering, ``vae_rows``, on the default decodes' cases).
 
 ``tests/tiny.py`` ``CASES`` holds one case per model class (its default adapter, the first registered:
 a VAE's decode). A class with another adapter, told apart by ``adapter_for(model, component)``, has its
