@@ -10,6 +10,7 @@ the slowest of each kind. Targets: every plan under 2 s, the Wan plan under 1 s.
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_plan_speed.py
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_plan_speed.py --baseline 281722b   # that commit, then today's,
                                                                                      # side by side, plans compared
+    (``--now <folder>``: a second frozen copy instead of the work tree; ``--rows``: every plan's CPU s side by side)
 """
 
 from __future__ import annotations
@@ -97,6 +98,13 @@ def side_by_side(baseline: str, now: str | None = None) -> None:
         print(f"{kind:10s} {a[kind]['cpu']:12.2f} / {a[kind]['wall']:6.2f} s {b[kind]['cpu']:16.2f} / "
               f"{b[kind]['wall']:6.2f} s   ({a[kind]['what']} | {b[kind]['what']})")
     print(f"CPU s in all: {sum(r['cpu'] for r in old):.1f} -> {sum(r['cpu'] for r in new):.1f}")
+    for limit in (2.0, 1.0):
+        print(f"plans over {limit:g} CPU s: {sum(r['cpu'] > limit for r in old)} -> {sum(r['cpu'] > limit for r in new)} "
+              f"of {len(new)}")
+    if "--rows" in sys.argv:
+        for x, y in zip(old, new, strict=True):
+            same = "same plan" if (x["peak"], x["latency"]) == (y["peak"], y["latency"]) else "plan differs"
+            print(f"  {x['what'] + ' ' + x['kind']:48s} {x['cpu']:6.2f} -> {y['cpu']:6.2f} CPU s  {same}")
     same = sum((x["peak"], x["latency"]) == (y["peak"], y["latency"]) for x, y in zip(old, new, strict=True))
     print(f"plans with the same (peak, latency): {same} of {len(old)}")
     for x, y in zip(old, new, strict=True):
