@@ -1,0 +1,129 @@
+"""Fleet planning speed-ups give the numbers the plain computation gives: rows groups priced once per slice
+shape, a segment's terms summed once per GPU, present blocks found by position, a fleet group's keys
+planned once, and worker processes giving the plans this process gives."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from vramplan.planner import capacity
+from vramplan.planner import rows_cost as rc
+from vramplan.planner.costs import CostModel
+from vramplan.planner.gpus import find_gpu
+from vramplan.planner.plan import shipped_pipeline_profile
+
+
+def _stage(model: str, h: int, w: int, frames: int, dtype: str, stage: str):
+    profile = shipped_pipeline_profile(model, h, w, frames, True, dtype, "flash")
+    return next(s.profile for s in profile.stages if s.stage == stage)
+
+
+def _rows_segments(m: CostModel):
+    return [s for s in m.segments() if m.units[s.start].axis == "rows" and s.k > 1 and m.units[s.stop].axis_length > 1]
+
+
+@pytest.mark.parametrize("model,h,w,frames,dtype,stage", [
+    ("svd", 576, 1024, 14, "fp16", "encode_vae"),  # statistics units with recompute cones
+    ("wan2.1-t2v-1.3b", 480, 832, 81, "bf16", "decode"),  # a unit that crops after every step
+])
+def test_rows_memory_skipping_repeated_slices_equals_every_slice(model, h, w, frames, dtype, stage, monkeypatch):
+    m = CostModel(_stage(model, h, w, frames, dtype, stage), find_gpu("RTX 4090"))
+    rng = random.Random(0)
+    cases = []
+    segments = _rows_segments(m)
+    for seg in rng.sample(segments, min(len(segments), 24)):
+        rel = sorted(m.relevant(seg))
+        for host in [frozenset()] + ([frozenset(rng.sample(rel, rng.randint(1, len(rel))))] if rel else []):
+            rules = m.rules_for(host)
+            cases.append((seg, rules.segment(seg.start, seg.stop), m._entry(seg, host, rules)))
+    assert cases
+    fast = [rc.rows_memory(m, *c) for c in cases]
+    counter = iter(range(10**9))
+    monkeypatch.setattr(rc, "_signature", lambda *a: next(counter))  # every slice distinct: none skipped
+    assert [rc.rows_memory(m, *c) for c in cases] == fast
+
+
+def test_rows_segments_skip_slices():
+    """The skipping does something: most slices of a many-slice rows group share their rows."""
+    m = CostModel(_stage("svd", 576, 1024, 14, "fp16", "encode_vae"), find_gpu("RTX 4090"))
+    seg = max(_rows_segments(m), key=lambda s: s.k)
+    units = m.units[seg.start : seg.stop + 1]
+    pos = {u.name: i for i, u in enumerate(units)}
+    from vramplan.planner.rows import plan_segment
+
+    slices = plan_segment(rc._maps(m)[seg.start : seg.stop + 1],
+                          [[r for r in range(i + 1, len(units)) if u.name in units[r].inputs] for i, u in enumerate(units)],
+                          [pos.get(u.inputs[0]) for u in units], [rc.in_rows(m, seg.start + i) for i in range(len(units))],
+                          seg.k)
+    sigs = {rc._signature(m, seg, rc._maps(m)[seg.start : seg.stop + 1], sl) for sl in slices}
+    assert len(slices) >= 8 and len(sigs) <= len(slices) // 2
+
+
+def test_segment_seconds_summed_once_equal_a_fresh_replay():
+    """A segment's terms are summed once per GPU and reused for every placement: the same seconds as
+    replaying its recipe with that placement's host-link bytes."""
+    profile = _stage("svd", 576, 1024, 14, "fp16", "encode_vae")
+    rng = random.Random(1)
+    for gpu in ("RTX 4090", "T4"):
+        m = CostModel(profile, find_gpu(gpu))
+        for seg in rng.sample(m.segments(), 120):
+            rel = sorted(m.relevant(seg))
+            for host in [frozenset()] + [frozenset(rng.sample(rel, rng.randint(1, len(rel)))) for _ in range(2) if rel]:
+                cost = m.cost(seg, host)
+                rel_host = host & m.relevant(seg)
+                if m.units[seg.start].axis == "rows" and seg.k > 1 and m.units[seg.stop].axis_length > 1:
+                    _, terms, link, _ = m.shared.memory[("rows", seg, rel_host)]
+                    expected = rc.replay(m, terms, link)
+                else:
+                    found = m.shared.memory[(seg, rel_host)]
+                    expected = m._replay(found[6], found[7])
+                assert (cost.seconds, cost.transfer_s) == expected
+
+
+def test_present_blocks_are_those_a_scan_of_every_block_finds():
+    m = CostModel(_stage("svd", 576, 1024, 14, "fp16", "denoise"), find_gpu("RTX 4090"))
+    blocks = list(m.streamable)
+    gathered = m.profile.block_gathered
+    rng = random.Random(2)
+    for _ in range(30):
+        streamed = frozenset(rng.sample(blocks, rng.randint(1, len(blocks))))
+        for seg in rng.sample(m.segments(), 40):
+            touched, last = m._touched(seg.start, seg.stop)
+            scan = [b for b in m.block_order if b in touched and b in streamed]
+            scan += [b for b in m.block_order[last + 1 :] if b in streamed and b not in gathered][:1]
+            assert m.present_blocks(seg, streamed) == scan
+
+
+def _summary(plans: dict) -> dict:
+    """Each plan as JSON without its solver's timing."""
+    return {k: p.model_copy(update={"solver": p.solver.model_copy(update={"solve_seconds": 0.0})}).model_dump_json()
+            for k, p in plans.items()}
+
+
+def test_a_fleet_group_plans_each_key_once(monkeypatch):
+    """Workloads of one shape and steps share their fastest plan (here no bounded plan: the bound is below
+    it): it is made once, and equals the plan made alone."""
+    capacity._PLANS.clear()
+    calls = []
+    plan_or_error = capacity._plan_or_error
+    monkeypatch.setattr(capacity, "_plan_or_error", lambda key: calls.append(key) or plan_or_error(key))
+    key = ("RTX 4090", "svd", 512, 512, None, True, "fp16", 25, None, None)
+    done = dict(capacity._plan_pairs([(key, 1.0, 0.05), (key, 2.0, 0.05)]))
+    assert calls == [key] and list(done) == [key]
+    alone = plan_or_error(key)
+    assert _summary(done) == _summary({key: alone})
+
+
+def test_worker_processes_give_the_plans_this_process_gives(monkeypatch):
+    groups = [[(("RTX 4090", "svd", 512, 512, None, True, "fp16", steps, None, None), 1.0, 0.05)]
+              for steps in (20, 25)]
+    capacity._PLANS.clear()
+    monkeypatch.setattr(capacity, "PARALLEL_MIN_PLANS", 0)
+    monkeypatch.setattr(capacity.os, "cpu_count", lambda: 2)
+    capacity._plan_groups(groups)
+    pooled = _summary(capacity._PLANS)
+    capacity._PLANS.clear()
+    monkeypatch.setattr(capacity, "PARALLEL_MIN_PLANS", 10**9)
+    capacity._plan_groups(groups)
+    assert len(capacity._PLANS) == 2 and pooled == _summary(capacity._PLANS)
