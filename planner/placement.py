@@ -14,6 +14,7 @@ fits today is unchanged):
 2. **Solve** at the first state of the trajectory whose floor fits the budget.
 3. **Prune**: placed values that cross no boundary of the solution are dropped; then each remaining
    choice (most host-link time first) is dropped when the plan without it still fits and is no slower.
+   Most of these trials are decided without a re-solve, exactly (:func:`_without_block`, :func:`_no_room`).
 
 Budgets here, as in :func:`.solve.solve`, count every weight of the model as resident: streaming a
 block adds its bytes to the budget and the streamed blocks present to each segment.
