@@ -266,12 +266,12 @@ class CostModel:
 
     def _touched(self, start: int, stop: int) -> tuple[frozenset[str], int]:
         cache = self.shared.touched
-        key = (start, stop)
-        if key not in cache:
+        found = cache.get((start, stop))
+        if found is None:
             blocks = frozenset(self.unit_blocks[start : stop + 1])
-            order = {b: i for i, b in enumerate(self.block_order)}
-            cache[key] = (blocks, max(order[b] for b in blocks))
-        return cache[key]
+            order = self._block_index
+            found = cache[(start, stop)] = (blocks, max(order[b] for b in blocks))
+        return found
 
     def present_blocks(self, seg: Segment, streamed: frozenset[str]) -> list[str]:
         """Streamed blocks on the device while ``seg`` runs: those it touches, and the next streamed
@@ -330,14 +330,10 @@ class CostModel:
         cache = self.__dict__.setdefault("_streaming_cache", {})
         if streamed in cache:
             return cache[streamed]
-        first: dict[str, int] = {}
-        for i, b in enumerate(self.unit_blocks):
-            first.setdefault(b, i)
-        clock = [0.0]
-        for t in self.unit_seconds:
-            clock.append(clock[-1] + t)
+        first, clock = self._block_clock
         weights = self.present_weights
-        blocks = [b for b in self.block_order if b in streamed]
+        index = self._block_index
+        blocks = sorted((b for b in streamed if b in index), key=index.__getitem__)  # in block order
         stall = copy_free = total = 0.0
         gathered = self.profile.block_gathered
         for b in [b for b in blocks if b in gathered]:  # copied by their unit, on the compute stream: exposed
@@ -355,6 +351,17 @@ class CostModel:
                 stall += copy_free - need
         cache[streamed] = (total, stall)
         return cache[streamed]
+
+    @cached_property
+    def _block_clock(self) -> tuple[dict[str, int], list[float]]:
+        """Each block's first unit, and the compute clock at each unit's start (:meth:`streaming_seconds`)."""
+        first: dict[str, int] = {}
+        for i, b in enumerate(self.unit_blocks):
+            first.setdefault(b, i)
+        clock = [0.0]
+        for t in self.unit_seconds:
+            clock.append(clock[-1] + t)
+        return first, clock
 
     # -- one segment -----------------------------------------------------------------------------
     def cost(self, seg: Segment, host: frozenset[str] = EMPTY, streamed: frozenset[str] = EMPTY) -> SegmentCost:
