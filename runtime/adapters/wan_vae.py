@@ -346,10 +346,7 @@ def _parts_slab(vae, parts: list[tuple[int, str, list[RowMap]]], ctx: SliceCtx, 
     One frame at a time equals the stock chunks (one latent frame's frames at once): a causal conv with
     its cache gives the same frames from one frame as from a chunk, and a temporal upsampler's first
     call (one frame: latent frame 0) is the stock first one."""
-    from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
-
-    dec = vae.decoder
-    blocks = list(dec.up_blocks)
+    blocks = list(vae.decoder.up_blocks)
     stages = [m for _, _, maps in parts for m in maps]
     n_in = ctx.length // math.prod(step.up for m in stages for step in m.steps)  # 3x3 convs keep the rows
     walk = _Rows(stages, n_in, ctx.start, ctx.stop)
@@ -357,52 +354,72 @@ def _parts_slab(vae, parts: list[tuple[int, str, list[RowMap]]], ctx: SliceCtx, 
     name = f"Wan up parts {[(i, kind) for i, kind, _ in parts]}"
     if x.shape[-2] != b0 - a0:
         raise RuntimeError(f"{name}: a slab of {x.shape[-2]} rows, expected rows {walk.need[0]}")
-    b, _, t, _, _ = x.shape
+    t = x.shape[2]
     device = ctx.globals["device"]
     cuda = device.type == "cuda" and x.is_pinned()
-    points, p = [], 0  # each part's first crop point
-    for _, _, maps in parts:
-        points.append(p)
-        p += len(maps)
-    caches = [[None] * max(1, len(maps)) for _, _, maps in parts]  # each part's causal cache
-    later = 2 ** sum(kind == "up" and _upsampler(blocks[i]).mode == "upsample3d" for i, kind, _ in parts)
-    out = None
-    frame = 0
-
-    def run(j: int, h: torch.Tensor, have: int, first: bool, block_in=None):
-        """Frame ``h`` (rows from ``have``) through parts ``j ..``, into ``out``."""
-        nonlocal out, frame
-        if j < len(parts):
-            i, kind, _ = parts[j]
-            if kind == "res":
-                # Wan 2.2: the block's input, for the shortcut around it (else not held)
-                start = (h, have) if getattr(blocks[i], "avg_shortcut", None) is not None else None
-                point, idx = points[j], [0]
-                for res in blocks[i].resnets:
-                    h, have, point = cropped_residual(res, walk, h, have, point, caches[j], idx)
-                run(j + 1, h, have, first, start)
-                return
-            if kind == "up":
-                h, have = _upsample_part(blocks[i], walk, h, have, points[j], caches[j], first, block_in)
-                for v in range(h.shape[2]):  # a temporal upsampler's frames, one at a time
-                    run(j + 1, h[:, :, v : v + 1], have, first)
-                return
-            h = _cached_conv(dec.conv_out, dec.nonlinearity(dec.norm_out(h)), caches[j], [0])
-            if vae.config.patch_size is not None:
-                h = unpatchify(h, patch_size=vae.config.patch_size)
-            h, have = walk.crop(h, points[j], have)
-            h = torch.clamp(h, min=-1.0, max=1.0)
-        if out is None:
-            out = h.new_empty(b, h.shape[1], 1 + later * (t - 1), h.shape[-2], h.shape[-1])
-        out[:, :, frame : frame + 1] = h
-        frame += 1
-
+    walker = _PartsWalk(vae, parts, walk, 1 + later_frames(blocks, parts) * (t - 1))
     for f in range(t):
         # the input may be in host memory: one frame of the slab on the device at a time
-        run(0, x[:, :, f : f + 1].to(device, copy=True, non_blocking=cuda), a0, f == 0)
+        walker.run(0, x[:, :, f : f + 1].to(device, copy=True, non_blocking=cuda), a0, f == 0)
+    out, frame = walker.out, walker.frame
+    del walker
     if frame != out.shape[2]:
         raise RuntimeError(f"{name} made {frame} frames, expected {out.shape[2]}")
     return out
+
+
+def later_frames(blocks, parts) -> int:
+    """Frames per input frame after the first that a unit's temporal upsamplers make."""
+    return 2 ** sum(kind == "up" and _upsampler(blocks[i]).mode == "upsample3d" for i, kind, _ in parts)
+
+
+class _PartsWalk:
+    """One slice's walk of a unit's parts, frame by frame, writing its frames into ``out`` (a method,
+    not a recursive closure: a closure that calls itself is a reference cycle, and would keep the
+    slice's causal cache and output alive until the garbage collector runs)."""
+
+    def __init__(self, vae, parts, walk: _Rows, frames: int):
+        self.vae, self.parts, self.walk, self.frames = vae, parts, walk, frames
+        self.blocks = list(vae.decoder.up_blocks)
+        self.points, p = [], 0  # each part's first crop point
+        for _, _, maps in parts:
+            self.points.append(p)
+            p += len(maps)
+        self.caches = [[None] * max(1, len(maps)) for _, _, maps in parts]  # each part's causal cache
+        self.out = None
+        self.frame = 0
+
+    def run(self, j: int, h: torch.Tensor, have: int, first: bool, block_in=None) -> None:
+        """Frame ``h`` (rows from ``have``) through parts ``j ..``, into ``out``."""
+        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+        walk, dec = self.walk, self.vae.decoder
+        if j < len(self.parts):
+            i, kind, _ = self.parts[j]
+            block = self.blocks[i]
+            if kind == "res":
+                # Wan 2.2: the block's input, for the shortcut around it (else not held)
+                start = (h, have) if getattr(block, "avg_shortcut", None) is not None else None
+                point, idx = self.points[j], [0]
+                for res in block.resnets:
+                    h, have, point = cropped_residual(res, walk, h, have, point, self.caches[j], idx)
+                self.run(j + 1, h, have, first, start)
+                return
+            if kind == "up":
+                h, have = _upsample_part(block, walk, h, have, self.points[j], self.caches[j], first, block_in)
+                del block_in
+                for v in range(h.shape[2]):  # a temporal upsampler's frames, one at a time
+                    self.run(j + 1, h[:, :, v : v + 1], have, first)
+                return
+            h = _cached_conv(dec.conv_out, dec.nonlinearity(dec.norm_out(h)), self.caches[j], [0])
+            if self.vae.config.patch_size is not None:
+                h = unpatchify(h, patch_size=self.vae.config.patch_size)
+            h, have = walk.crop(h, self.points[j], have)
+            h = torch.clamp(h, min=-1.0, max=1.0)
+        if self.out is None:
+            self.out = h.new_empty(h.shape[0], h.shape[1], self.frames, h.shape[-2], h.shape[-1])
+        self.out[:, :, self.frame : self.frame + 1] = h
+        self.frame += 1
 
 
 register(WanVAEDecoderAdapter())
