@@ -106,8 +106,8 @@ def as_planned(profile: PipelineProfile, plan: Plan) -> PipelineProfile:
 
 
 def plan_problems(plan: Plan) -> list[str]:
-    """A plan's stages against its pipeline's plan names: each stage under its own plan or one of the
-    alternatives its pipeline lists, and a stage with alternatives sliced under one of them only."""
+    """A plan's stages with alternatives against its pipeline's plan names: each under its own plan or one
+    of the alternatives its pipeline lists, and sliced under one of them only."""
     from .errors import VramplanError
     from .pipelines import pipeline_spec
 
@@ -118,9 +118,8 @@ def plan_problems(plan: Plan) -> list[str]:
     if spec is None:
         return []
     out = []
-    stages = {s for s, _, _ in spec.stages}
-    for i, pred in enumerate(plan.stages):
-        allowed = spec.plan_names(pred.stage) if pred.stage in stages else ()
+    for i, pred in enumerate(plan.stages):  # (a stage without alternatives: the recomputation checks it)
+        allowed = spec.plan_names(pred.stage) if pred.stage in spec.stage_alternatives else ()
         if allowed and pred.component not in allowed:
             out.append(f"field 'stages[{i}].component' is {pred.component!r}, but {plan.pipeline} runs its "
                        f"{pred.stage} stage under {' or '.join(repr(a) for a in allowed)}")

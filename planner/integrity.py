@@ -27,6 +27,7 @@ import math
 import re
 from collections.abc import Iterator
 
+from .alternatives import as_planned, plan_problems
 from .errors import PlanIntegrityError, VramplanError
 from .schema import ComponentPlan, ModelProfile, PipelineProfile, Plan
 
@@ -56,10 +57,13 @@ def problems(plan: Plan, profile: PipelineProfile | ModelProfile | None = None, 
     out += list(_self_consistent(plan))
     for comp in plan.components:
         out += list(_component(comp))
+    out += plan_problems(plan)  # each stage under a plan its pipeline lists (its own or an alternative)
     if out:  # recomputing an absurd plan would only add noise (or fail)
         return out
     if profile is None and find_profile:
         profile = shipped_profile(plan)
+    if isinstance(profile, PipelineProfile):  # each stage with alternatives under the plan this one took
+        profile = as_planned(profile, plan)
     out += list(_header(plan, profile))
     if profile is None or out:
         return out
@@ -269,9 +273,8 @@ def _spec_shapes(plan: Plan) -> tuple[dict, bool]:
         spec = pipeline_spec(plan.pipeline)
         known = plan.model_name.lower() in model_catalogue()
         configs = pipeline_source(plan.model_name).configs if known else shipped_configs(plan.model_name)
-        shapes = {spec.plan_name(stage): spec.stage_shape(stage, plan.height, plan.width, plan.frames, key[0],
-                                                          key[1], configs)
-                  for stage in spec.sliced}
+        shapes = {name: spec.stage_shape(stage, plan.height, plan.width, plan.frames, key[0], key[1], configs)
+                  for stage in spec.sliced for name in spec.plan_names(stage)}
         return shapes, known
     except (VramplanError, KeyError, ValueError, OSError):
         return {}, True
@@ -307,8 +310,8 @@ def _batches(plan: Plan) -> dict[str, set[int]]:
         spec = pipeline_spec(plan.pipeline)
     except VramplanError:
         return {}
-    return {spec.plan_name(stage): {1, spec.guidance_batch} if batch == "guidance" else {batch}
-            for stage, batch in spec.sliced.items()}
+    return {name: {1, spec.guidance_batch} if batch == "guidance" else {batch}
+            for stage, batch in spec.sliced.items() for name in spec.plan_names(stage)}
 
 
 # -- one component, on its own ------------------------------------------------------------------------

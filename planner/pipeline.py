@@ -328,7 +328,15 @@ def plan_pipeline(
     ``rehash``: a Step Rehash schedule to price in (:class:`.rehash.StageRehash`). ``pinned=False``:
     host memory cannot be pinned here, so placed values and streamed weights move at the pageable rate.
     ``host_ram_bytes``: pinned host memory the plan may use (None: no limit); a plan needing more is
-    not chosen."""
+    not chosen. A stage profiled under alternative plans (``profile.alternatives``) runs under whichever
+    plans best (:mod:`.alternatives`)."""
+    if profile.alternatives:
+        from .alternatives import plan_alternatives
+
+        return plan_alternatives(
+            plan_pipeline, profile, gpu, usable_bytes=usable_bytes, steps=steps, max_latency_s=max_latency_s,
+            allocator=allocator, method=method, rehash=rehash, pinned=pinned, host_ram_bytes=host_ram_bytes,
+            host_ram_source=host_ram_source)
     usable = usable_bytes if usable_bytes is not None else gpu.memory_usable_bytes
     planner = PipelinePlanner(profile, gpu, usable, steps, allocator, rehash, pinned, host_ram_bytes)
     planner.host_ram_source = host_ram_source if host_ram_bytes is not None else None

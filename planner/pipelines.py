@@ -33,6 +33,11 @@ class PipelineSpec:
     # component plan, named here (stage -> plan name, e.g. "encode_vae" -> "vae_encoder"); the plan runs
     # on the stage's pipeline attribute and entry method, and shares that attribute's residency.
     stage_plans: ClassVar[dict[str, str]] = {}
+    # Other component plans a sliced stage may run under (stage -> plan names, e.g. the decode along rows,
+    # "decode" -> ("vae_rows",)): each a second adapter of the stage's model on its attribute and entry
+    # method. A profile may carry the stage profiled under them; the planner takes per stage whichever
+    # plans fastest within the budget (planner/alternatives.py), and the plan names the one taken.
+    stage_alternatives: ClassVar[dict[str, tuple[str, ...]]] = {}
     components: ClassVar[tuple[str, ...]]
     conditioning: ClassVar[str]  # the call argument a run needs: "image" or "prompt"
     # Used when the configs do not say (diffusers derives both from the configs the same way).
@@ -126,18 +131,25 @@ class PipelineSpec:
             return self.stage_plans[stage]
         return next(comp for s, comp, _ in self.stages if s == stage)
 
+    def plan_names(self, stage: str) -> tuple[str, ...]:
+        """Every component plan ``stage`` may run under: its own (:meth:`plan_name`), then its alternatives."""
+        return (self.plan_name(stage),) + tuple(self.stage_alternatives.get(stage, ()))
+
     # Stages whose sample is a latent (pixels / the VAE's scale); the encoders' are tokens or pixels.
     latent_stages: ClassVar[frozenset[str]] = frozenset({"denoise", "denoise_2", "decode"})
 
     def pixel_or_token_plans(self) -> set[str]:
         """Component plans whose sample is not a latent: no VAE scale relates it to the video's size."""
-        return {self.plan_name(s) for s, _, _ in self.stages if s not in self.latent_stages} - {
-            self.plan_name(s) for s, _, _ in self.stages if s in self.latent_stages}
+        return {p for s, _, _ in self.stages if s not in self.latent_stages for p in self.plan_names(s)} - {
+            p for s, _, _ in self.stages if s in self.latent_stages for p in self.plan_names(s)}
 
     def attribute_of(self, name: str) -> str:
         """The pipeline attribute a component plan runs on (``vae`` for ``vae_encoder``)."""
         for stage, plan in self.stage_plans.items():
             if plan == name:
+                return next(comp for s, comp, _ in self.stages if s == stage)
+        for stage, plans in self.stage_alternatives.items():
+            if name in plans:
                 return next(comp for s, comp, _ in self.stages if s == stage)
         return name
 
@@ -147,7 +159,8 @@ class PipelineSpec:
 
     def plan_components(self) -> tuple[str, ...]:
         """Every component plan a plan of this pipeline may have: the components and the stages' own plans."""
-        return self.components + tuple(p for p in self.stage_plans.values() if p not in self.components)
+        own = [*self.stage_plans.values(), *(p for plans in self.stage_alternatives.values() for p in plans)]
+        return self.components + tuple(dict.fromkeys(p for p in own if p not in self.components))
 
     def check_plan(self, plan: Plan) -> None:
         """Refuse a plan whose components do not belong to this pipeline (an edited or mixed-up file)."""
@@ -168,9 +181,10 @@ class PipelineSpec:
                 )
 
     def missing_components(self, plan: Plan) -> list[str]:
-        """Sliced components the plan does not slice (they would run whole, unplanned)."""
+        """Sliced components the plan does not slice (they would run whole, unplanned); a stage sliced under
+        one of its alternatives (``stage_alternatives``) is not missing."""
         have = {c.component for c in plan.components if c.shape is not None}
-        return [c for c in self.sliced_components() if c not in have]
+        return [self.plan_name(s) for s in self.sliced if not have.intersection(self.plan_names(s))]
 
 
 _SPECS: dict[str, type[PipelineSpec]] = {}
@@ -208,6 +222,8 @@ class StableVideoDiffusion(PipelineSpec):
     # of the conditioning image is sliced along rows under its own plan (vae holds the decode's).
     sliced: ClassVar[dict[str, str | int]] = {"encode_image": 1, "encode_vae": 1, "denoise": "guidance", "decode": 1}
     stage_plans: ClassVar[dict[str, str]] = {"encode_vae": "vae_encoder"}
+    # The temporal decoder along rows (runtime/adapters/svd_vae.py): a lower floor, slower where a frame fits.
+    stage_alternatives: ClassVar[dict[str, tuple[str, ...]]] = {"decode": ("vae_rows",)}
     components = ("unet", "vae", "image_encoder")
     conditioning = "image"
 
@@ -233,6 +249,8 @@ class AnimateDiff(PipelineSpec):
 
     pipeline = "AnimateDiffPipeline"
     stages = (("encode_text", "text_encoder", "forward"), ("denoise", "unet", "forward"), ("decode", "vae", "decode"))
+    # The SD decoder along rows (runtime/adapters/sd_vae.py): a lower floor, slower where a frame fits.
+    stage_alternatives: ClassVar[dict[str, tuple[str, ...]]] = {"decode": ("vae_rows",)}
     components = ("unet", "vae", "text_encoder")
     conditioning = "prompt"
 

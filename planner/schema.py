@@ -338,6 +338,9 @@ class PipelineProfile(_JsonFile):
     attention_kernel: Literal["flash", "efficient", "cpu_flash", "math"]
     components: list[ComponentProfile] = Field(min_length=1)
     stages: list[StageProfile] = Field(min_length=1)
+    alternatives: list[StageProfile] = Field(
+        default_factory=list, description="a stage profiled under another component plan its pipeline lists "
+        "(stage_alternatives: the decode as vae_rows); the planner takes per stage whichever plans fastest")
     versions: dict[str, str] = Field(default_factory=dict)
 
 

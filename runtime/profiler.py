@@ -404,10 +404,14 @@ def pipeline_profile(model: str, height: int, width: int, frames: int, guidance:
     bar.close()
     stages = adapter.stage_profiles(components, height, width, frames, guidance, dtype, whole, profiles)
     refs = {component: profiles[stage].model for stage, component, _ in adapter.stages if stage in profiles}
+    from .alternatives import alternative_stages
+
+    # each stage under the other plans its pipeline lists (the decode along rows: vae_rows)
+    alternatives = alternative_stages(adapter, components, stages, kernel, source.name, progress, max_k)
     return PipelineProfile(
         model_name=source.name, pipeline=adapter.pipeline, height=height, width=width, frames=frames,
         guidance=guidance, dtype=dtype, attention_kernel=kernel,
-        components=component_profiles(components, source.name, refs), stages=stages,
+        components=component_profiles(components, source.name, refs), stages=stages, alternatives=alternatives,
         versions=next(iter(profiles.values())).versions,
     )
 

@@ -180,7 +180,7 @@ PLAN_FILE_CASES = [
     ("SVD plan claiming AnimateDiffPipeline",
      lambda p, plan: _write(p, "claim.json", plan.to_json().replace("StableVideoDiffusionPipeline",
                                                                     "AnimateDiffPipeline").encode()),
-     "the plan says AnimateDiffPipeline, whose components are unet, vae, text_encoder, but it has image_encoder"),
+     "the plan says AnimateDiffPipeline, whose components are unet, vae, text_encoder, vae_rows, but it has image_encoder"),
     ("unknown pipeline", lambda p, plan: _write(p, "unknown.json", plan.to_json().replace(
         "StableVideoDiffusionPipeline", "CogVideoXPipeline").encode()),
      "vramplan does not know the pipeline 'CogVideoXPipeline'"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .planner.alternatives import as_planned
 from .planner.errors import VramplanError
 
 GIB = 2**30
@@ -116,6 +117,7 @@ def sliced_stages(plan) -> list[tuple[object, object, object, object]]:
     except (VramplanError, KeyError, StopIteration):
         return []
     gpu = find_gpu(target.gpu)
+    profile = as_planned(profile, plan)  # each stage with alternatives under the plan this one took
     return [
         (stage, plan.component(stage.plan_name), stage.profile, CostModel(stage.profile, gpu, target.allocator))
         for stage in profile.stages
