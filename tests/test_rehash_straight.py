@@ -151,7 +151,7 @@ def test_unsliced_key_steps_run_the_stock_forward_and_cache_its_residual(monkeyp
         if k == 1:
             real = handle._stock_call
 
-            def spy(*a, real=real, handle=handle):
+            def spy(*a, real=real, handle=handle, cached=cached):
                 out = real(*a)
                 cached.append(handle.program_kept["blocks.2.ffn"] - handle.program_kept["blocks.0.ffn"])
                 return out
