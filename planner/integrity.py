@@ -342,6 +342,9 @@ def _against_profile(comp: ComponentPlan, profile: ModelProfile) -> Iterator[str
                f"{comp.component} is {profile.model.describe()}")
         return
     units = {u.name: (i, u) for i, u in enumerate(profile.units)}
+    # a rows group's slice counts are its last unit's, whose output rows it splits (CostModel.ks)
+    ks = {u: units[g.units[-1]][1].scratch for g in comp.groups if g.axis == "rows" and g.units[-1] in units
+          for u in g.units}
     for name, k in comp.slices.items():
         if name not in units:
             yield f"field '{where}.slices' names {name!r}, which is not a unit of {comp.component}"
@@ -352,9 +355,10 @@ def _against_profile(comp: ComponentPlan, profile: ModelProfile) -> Iterator[str
         elif unit.axis is not None and k > max(unit.axis_length, 1):
             yield (f"field '{where}.slices.{name}' is {k}: more slices than the {unit.axis_length} "
                    f"{unit.axis} of its axis")
-        elif unit.axis is not None and k not in unit.scratch:
+        elif unit.axis is not None and k not in ks.get(name, unit.scratch):
             yield (f"field '{where}.slices.{name}' is {k}, a slice count the profile did not measure (it has "
-                   f"{', '.join(map(str, sorted(unit.scratch)[:8]))}, ...): its memory cannot be predicted")
+                   f"{', '.join(map(str, sorted(ks.get(name, unit.scratch))[:8]))}, ...): its memory cannot be "
+                   f"predicted")
     in_group: dict[str, int] = {}
     derived: list[str] = []
     for gi, g in enumerate(comp.groups):

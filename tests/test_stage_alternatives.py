@@ -144,3 +144,24 @@ def test_integrity_refuses_an_alternative_the_pipeline_does_not_list(handmade):
     wan_like = both.model_copy(update={"pipeline": "WanPipeline"})
     with pytest.raises(PlanMismatchError, match="does not list"):
         variants(wan_like)
+
+
+def test_a_rows_group_takes_its_last_units_slice_counts():
+    """A rows group's k splits its last unit's output rows (the cost model's ks): a norm of 144 rows before an
+    upsampler to 288 has k = 32 measured only at the upsampler (AnimateDiff 576x1024's rows decode)."""
+    from vramplan.planner.integrity import _against_profile
+    from vramplan.planner.schema import ComponentPlan, Group
+
+    rows = shipped_pipeline_profile("animatediff", 576, 1024, 16, True, "fp16", "efficient").alternatives[0].profile
+    norm, up = "decoder.up_blocks.1.resnets.2.norm2", "decoder.up_blocks.1.upsamplers.0"
+    scratch = {u.name: u.scratch for u in rows.units}
+    assert 32 not in scratch[norm] and 32 in scratch[up] and 29 in scratch[norm] and 29 not in scratch[up]
+
+    def found(k, group=True):
+        comp = ComponentPlan(component="vae_rows", attribute="vae", model=rows.model, shape=rows.shape,
+                             slices={norm: k, up: k}, groups=[Group(units=[norm, up], axis="rows", k=k)] if group else [])
+        return [p for p in _against_profile(comp, rows) if "did not measure" in p]
+
+    assert found(32) == []
+    assert found(29) and found(29)[0].startswith(f"field 'components[vae_rows].slices.{norm}' is 29")
+    assert found(32, group=False)  # alone, each unit's own
