@@ -383,8 +383,9 @@ def gpu_cases(models, gpu, height: int, width: int, budgets: list[str]) -> list[
                 if not hasattr(__import__("diffusers"), cfg["_class_name"]):  # UMT5: built by transformers
                     notes.append(f"{stage.stage}: {cfg['_class_name']} is not built here (not a diffusers model)")
                     continue
-                case = by_stage.setdefault(stage.stage, Case(model, stage.stage, stage.plan_name, cfg["_class_name"],
-                                                             cfg, profile, []))
+                # a stage under another plan at another budget (the decode along rows at the floor) is its own case
+                case = by_stage.setdefault(f"{stage.stage}:{stage.plan_name}", Case(
+                    model, stage.stage, stage.plan_name, cfg["_class_name"], cfg, profile, []))
                 case.plans.append((label, comp))
         for case in by_stage.values():
             case.notes += notes
@@ -407,8 +408,16 @@ def _floor_gib(model: str, gpu, height: int, width: int) -> float:
     try:
         plan_for(gpu=gpu.name, model=model, vram_gb=0.5, **size)
     except InfeasibleError as err:
-        return err.min_peak_bytes / GIB * 1.02 + 0.02  # + the 2% margin the plan keeps
-    return 0.5
+        vram = err.min_peak_bytes / GIB * 1.02 + 0.02  # + the 2% margin the plan keeps
+    else:
+        return 0.5
+    for _ in range(32):  # the stated floor is a bound (SVD's with the decode along rows: 0.79 GiB, 0.91 plans)
+        try:
+            plan_for(gpu=gpu.name, model=model, vram_gb=vram, **size)
+            return vram
+        except InfeasibleError:
+            vram += 0.01
+    return vram
 
 
 SMOKE = {  # model -> [(stage, class, tiny config name in runtime/tiny.py, batch, frames)]
