@@ -428,10 +428,19 @@ class CostModel:
         return SegmentCost(*memory, total + transfer, 0, transfer, recompute)
 
     def _entry(self, seg: Segment, host: frozenset[str], rules: ProgramRules) -> int:
+        """Bytes on the device when ``seg`` starts: ``live_in`` less the placed values made before it and
+        alive then (the values of ``made_before``; placement changes neither producers nor last uses)."""
+        if not host:
+            return self.live_in[seg.start]
         size = self.size
-        return self.live_in[seg.start] - sum(
-            size[v] for v in host if self.producer[v] < seg.start and rules.alive(v, seg.start)
-        )
+        return self.live_in[seg.start] - sum(size[v] for v in host & self._made_before_set(seg.start))
+
+    def _made_before_set(self, start: int) -> frozenset[str]:
+        cache = self.__dict__.setdefault("_made_before", {})
+        found = cache.get(start)
+        if found is None:
+            found = cache[start] = frozenset(self.rules.made_before(start))
+        return found
 
     def _memory(self, seg: Segment, host: frozenset[str]) -> tuple:
         """``(activation, live, transient, peak unit, needed, recompute, seconds recipe, link bytes)`` of a
