@@ -3,7 +3,6 @@ pipeline's ``vae``) runs end to end and equals the stock pipeline's output (tiny
 
 from __future__ import annotations
 
-import pytest
 import torch
 from vramplan.planner.schema import ComponentPlan, Plan
 from vramplan.runtime import uniform_pipeline_plan
@@ -47,17 +46,18 @@ def test_svd_with_the_rows_decode_equals_the_stock_pipeline(image):
 def test_animatediff_with_the_rows_decode_equals_the_stock_pipeline():
     g = torch.Generator().manual_seed(0)
     embeds = dict(prompt_embeds=torch.randn(1, 7, 16, generator=g), negative_prompt_embeds=torch.randn(1, 7, 16, generator=g))
-    result = _assert_runs_as_stock(tiny_animatediff_pipeline(), num_inference_steps=2, **embeds)
-    assert result.report.stages[2].stage == "decode"
-
-
-@pytest.mark.parametrize("name", ["vae", "vae_rows"])
-def test_a_plan_with_the_decode_under_neither_is_missing_it(name):
     pipe = tiny_animatediff_pipeline()
-    plan = rows_decode_plan(pipe)
-    keep = [c for c in plan.components if c.component != name]
-    if name == "vae_rows":  # vae unsliced, no rows plan: the decode would run whole
-        plan = plan.model_copy(update={"components": keep})
-        assert missing_components(plan) == ["vae"]
-    else:
-        assert missing_components(plan) == []
+    result = _assert_runs_as_stock(pipe, num_inference_steps=2, **embeds)
+    assert result.report.stages[2].stage == "decode"
+    # the decode really ran along rows: it needs less than the decode unsliced (the uniform plan at k = 1)
+    whole = run(uniform_pipeline_plan(pipe, 1, SIZE, SIZE, FRAMES), pipe=pipe, num_inference_steps=2, output_type="pt",
+                generator=torch.Generator().manual_seed(0), progress=False, **embeds)
+    assert result.report.stages[2].peak_bytes < whole.report.stages[2].peak_bytes
+
+
+def test_a_decode_sliced_under_neither_plan_is_missing():
+    plan = rows_decode_plan(tiny_animatediff_pipeline())
+    assert missing_components(plan) == []
+    # vae unsliced and no rows plan: the decode would run whole
+    plan = plan.model_copy(update={"components": [c for c in plan.components if c.component != "vae_rows"]})
+    assert missing_components(plan) == ["vae"]
