@@ -136,17 +136,17 @@ def test_bad_input_is_refused():
 def test_more_slices_hold_less_on_meta():
     """A slice's causal cache and output die with it: on meta tensors the measured peak of separate
     up segments falls as k grows (a slice walk that kept itself alive in a reference cycle grew it:
-    4 -> 16 slices, 10.7 -> 14.1 MB)."""
+    at 12x10 latents, 4 -> 16 slices, 10.7 -> 14.1 MB)."""
     from diffusers import AutoencoderKLWan
     from tiny import TINY_WAN_VAE
     from vramplan.runtime.verify import verify
 
     vae = VAES["2.1"]
-    shape = sample_shape(_z(vae, 1, 4, 12, 10), vae)
+    shape = sample_shape(_z(vae, 1, 2, 8, 6), vae)
     with torch.device("meta"):
         meta = AutoencoderKLWan(**TINY_WAN_VAE)
     peaks = []
-    for k in (4, 16):
+    for k in (2, 8):
         comp = uniform_plan(vae, k, shape).components[0].model_copy(update={"groups": []})
         peaks.append(verify(comp, meta).measured_activation_bytes)
     assert peaks[1] < peaks[0]
