@@ -354,7 +354,7 @@ def host_bytes(model: CostModel, host: frozenset[str], segments=None) -> int:
 
     A host value's buffer appears in the segment that makes it and is released after the segment of
     its last reader; a host output that takes over a dying host input's buffer (the rulebook's
-    :meth:`~.rules.SegmentRules.buffers`, sliced segments only) allocates nothing. The peak is at the
+    :meth:`~.rules.SegmentRules.buffers`, sliced segments, not along rows) allocates nothing. The peak is at the
     end of some segment: what is alive at its start plus the buffers it makes. ``segments``: the
     plan's path (None: every unit alone, unsliced: no reuse, an upper bound)."""
     if not host:
@@ -369,12 +369,13 @@ def host_bytes(model: CostModel, host: frozenset[str], segments=None) -> int:
         alive = sum(size[v] for v in host if model.producer[v] < seg.start and rules.alive(v, seg.start))
         seg_rules = rules.segment(seg.start, seg.stop)
         first = model.units[seg.start]
-        sliced = first.axis is not None and min(seg.k, first.axis_length) > 1
-        if sliced:
+        # along rows a slab's halo still reads its input's rows: outputs never take over an input's buffer
+        takeover = first.axis not in (None, "rows") and min(seg.k, first.axis_length) > 1
+        if takeover:
             kinds = seg_rules.buffers(model._same_shape)
             made = sum(model.units[j].output_bytes for j, kind in zip(range(seg.start, seg.stop + 1), kinds, strict=True)
                        if kind == "host")
-        else:  # unsliced: each escaping host output is copied whole into a new host buffer
+        else:  # unsliced or rows: each escaping host output gets a new host buffer
             made = sum(model.units[j].output_bytes for j in range(seg.start, seg.stop + 1) if seg_rules.on_host(j))
         peak = max(peak, alive + made)
     return peak

@@ -47,7 +47,7 @@ def laptop():
 
 
 @st.composite
-def placed_plans(draw, prof):
+def placed_plans(draw, prof, component: str = "vae"):
     """Random groups (with their recompute) and a random set of the values that cross segments."""
     units = prof.units
     slices, groups, recompute, i = {}, [], [], 0
@@ -78,7 +78,7 @@ def placed_plans(draw, prof):
                     recompute.append(v.name)
                 made.add(v.name)
         i += size
-    comp = ComponentPlan(component="vae", model=prof.model, shape=prof.shape, slices=slices, groups=groups,
+    comp = ComponentPlan(component=component, model=prof.model, shape=prof.shape, slices=slices, groups=groups,
                          recompute=recompute)
     model = CostModel(prof, find_gpu("RTX 4090"), "none")
     segs = segments_of(model, comp)
