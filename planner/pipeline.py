@@ -413,10 +413,12 @@ def _host_infeasible(profile, gpu, usable: int, planner: PipelinePlanner) -> Inf
     found = free.best(usable, None)
     need = free.host_total(free.evaluate(found[1], usable)) if found is not None else None
     needs = f"needs {human_bytes(need)} of pinned host memory" if need is not None else "needs more pinned host memory"
+    source = planner.host_ram_source or "given"
+    source = "" if source == "given" else " (assumed for a named GPU)" if source.startswith("assumed") else f" ({source})"
     err = InfeasibleError(
         f"{profile.model_name} {profile.frames} x {profile.height}x{profile.width} fits {gpu.name} "
         f"({human_bytes(usable)} usable) only by keeping values and weights in host memory: the plan {needs}, "
-        f"beyond the host memory budget of {human_bytes(planner.host_ram_bytes)}. Give more host memory "
+        f"beyond the host memory budget of {human_bytes(planner.host_ram_bytes)}{source}. Give more host memory "
         f"(host_ram_gb= / --host-ram-gb), a GPU with more memory, a smaller resolution or fewer frames."
     )
     err.part, err.host_bytes, err.host_ram_bytes = "pinned host memory", need, planner.host_ram_bytes

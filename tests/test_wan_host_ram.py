@@ -36,4 +36,4 @@ def test_the_issues_laptop_call_answers_without_torch_plainly():
     assert (got["error"], got["part"]) == ("InfeasibleError", "pinned host memory")
     message = got["message"]
     assert "\n" not in message
-    assert "pinned host memory" in message and "host_ram_gb=" in message and "24.00 GiB" in message
+    assert "pinned host memory" in message and "host_ram_gb=" in message and "24.00 GiB (assumed for a named GPU)" in message
