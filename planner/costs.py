@@ -417,8 +417,18 @@ class CostModel:
         key = ("rows", seg, host)
         found = self.shared.memory.get(key)
         if found is None:
-            rules = self.rules_for(host)
-            found = rc.rows_memory(self, seg, rules.segment(seg.start, seg.stop), self._entry(seg, host, rules))
+            core = host & self._core(seg)
+            if len(core) < len(host):  # the others only lower the entry: shift the core placement's states
+                if ("rows", seg, core) not in self.shared.memory:
+                    self._rows_cost(seg, core)
+                memory, terms, link, recompute = self.shared.memory[("rows", seg, core)]
+                act, live, transient, j, _ = memory
+                d = self._placed_before(host - core)
+                memory = (act - d, live - d, transient, j, int((act - d) * self.allocator_factor(seg.k)))
+                found = (memory, terms, link, recompute)
+            else:
+                rules = self.rules_for(host)
+                found = rc.rows_memory(self, seg, rules.segment(seg.start, seg.stop), self._entry(seg, host, rules))
             self.shared.memory[key] = found
         memory, terms, link, recompute = found
         total = self._term_seconds.get(("rows", seg))
@@ -442,9 +452,39 @@ class CostModel:
             found = cache[start] = frozenset(self.rules.made_before(start))
         return found
 
+    def _core(self, seg: Segment) -> frozenset[str]:
+        """Of :meth:`relevant`, the values whose placement changes more than ``seg``'s entry bytes: those
+        its units read from before it, and their outputs. A placed value alive at its start that none of
+        its units reads only lowers every state by its size (the same peak state, the same recipe)."""
+        cache = self.__dict__.setdefault("_cores", {})
+        key = (seg.start, seg.stop)
+        found = cache.get(key)
+        if found is None:
+            units = self.units[seg.start : seg.stop + 1]
+            producer = self.producer
+            found = cache[key] = frozenset(
+                v for u in units for v in u.inputs if producer.get(v, seg.start) < seg.start
+            ) | frozenset(u.name for u in units)
+        return found
+
+    def _placed_before(self, names: frozenset[str]) -> int:
+        """Bytes of placed values ``names`` (made before a segment, alive at its start, not read by it)."""
+        size = self.size
+        return sum(size[v] for v in names)
+
     def _memory(self, seg: Segment, host: frozenset[str]) -> tuple:
         """``(activation, live, transient, peak unit, needed, recompute, seconds recipe, link bytes)`` of a
         segment that is not a rows group: nothing in it depends on the GPU (:class:`Shared`)."""
+        if host:
+            core = host & self._core(seg)
+            if len(core) < len(host):  # the others only lower the entry: shift the core placement's states
+                base = self.shared.memory.get((seg, core))
+                if base is None:
+                    base = self.shared.memory[(seg, core)] = self._memory(seg, core)
+                act, live, transient, j, _, recompute, terms, link = base
+                d = self._placed_before(host - core)
+                return (act - d, live - d, transient, j, int((act - d) * self.allocator_factor(seg.k)), recompute,
+                        terms, link)
         units = self.units[seg.start : seg.stop + 1]
         rules = self.rules_for(host)
         seg_rules = rules.segment(seg.start, seg.stop)

@@ -127,3 +127,32 @@ def test_worker_processes_give_the_plans_this_process_gives(monkeypatch):
     monkeypatch.setattr(capacity, "PARALLEL_MIN_PLANS", 10**9)
     capacity._plan_groups(groups)
     assert len(capacity._PLANS) == 2 and pooled == _summary(capacity._PLANS)
+
+
+def test_placed_values_a_segment_does_not_read_only_shift_its_states(monkeypatch):
+    """A segment's memory with placed values it never reads (a UNet's skip connections) is its core
+    placement's, every state lower by their bytes: the same as computing it with every placed value."""
+    from vramplan.planner import costs as costs_module
+
+    rng = random.Random(3)
+    profile = _stage("svd", 512, 512, 14, "fp16", "denoise")
+    cases = []
+    for gpu in ("RTX 4090", "T4"):
+        m = CostModel(profile, find_gpu(gpu))
+        for seg in rng.sample(m.segments(), 150):
+            extra = sorted(m.relevant(seg) - m._core(seg))
+            if extra:
+                core = sorted(m._core(seg) & m.relevant(seg))
+                host = rng.sample(extra, rng.randint(1, len(extra))) + rng.sample(core, rng.randint(0, len(core)))
+                cases.append((profile, gpu, seg, frozenset(host)))
+    assert len(cases) > 50
+    costs_module._SHARED.clear()
+    shifted = _costs(cases)
+    costs_module._SHARED.clear()
+    monkeypatch.setattr(CostModel, "_core", lambda self, seg: self.relevant(seg))  # no shift: every value
+    assert _costs(cases) == shifted
+    costs_module._SHARED.clear()
+
+
+def _costs(cases):
+    return [CostModel(p, find_gpu(g)).cost(seg, host) for p, g, seg, host in cases]
