@@ -154,7 +154,9 @@ def rows_memory(model, seg, seg_rules, entry: int) -> tuple[tuple[int, int, int,
             # The executor allocates an escaping output's full buffer at its first write, after the unit's
             # first slice is computed: during that slice only earlier units' buffers are alive.
             live = entry + (sum(buffer) if n else sum(buffer[:i]))
-            held = sum(units[h].output_bytes * made_rows(h, sl) // lens[h] for h in held_at[i])
+            # a cropping unit holds only the rows its readers need (its slice's own), not its whole slab
+            held = sum(units[h].output_bytes * ((sl.out[h][1] - sl.out[h][0]) if cropped[h] else made_rows(h, sl))
+                       // lens[h] for h in held_at[i])
             a, b = sl.slab[i]
             staged = sum(nbytes * (b - a) // max(1, in_lens[i]) // frames for nbytes, frames in staged_at[i])
             scratch = int(_slab_scratch(model, j, _held(model, j, sl, i) if cropped[i] else b - a))
