@@ -30,6 +30,15 @@ def vae_case():
 
 
 @pytest.fixture(scope="module")
+def meta_vae(vae_case):
+    """The tiny SVD VAE's configuration built on meta (fp32): what ``verify`` runs plans on."""
+    from vramplan.runtime.models import meta_from_config
+
+    model = vae_case.model
+    return meta_from_config({**model.config, "_class_name": type(model).__name__}, "fp32")
+
+
+@pytest.fixture(scope="module")
 def unet_case():
     from tiny import CASES
 

@@ -26,14 +26,6 @@ SHAPE = SampleShape(batch=1, frames=3, latent_height=6, latent_width=5, dtype="f
 
 
 @pytest.fixture(scope="module")
-def meta_vae(vae_case):
-    from vramplan.runtime.models import meta_from_config
-
-    model = vae_case.model
-    return meta_from_config({**model.config, "_class_name": type(model).__name__}, "fp32")
-
-
-@pytest.fixture(scope="module")
 def vae_profile(meta_vae):
     from vramplan.runtime.profiler import profile
 

@@ -71,12 +71,7 @@ class SDVAEDecoderAdapter:
             h = add(f"decoder.mid_block.resnets.{j + 1}", (h,), lambda ctx, x, m=res: m(x, None), "resnet")
 
         for i, block in enumerate(dec.up_blocks):
-            kind = type(block).__name__
-            if kind not in _UP_BLOCKS:
-                raise UnsupportedModelError(
-                    f"AutoencoderKL decoder up block {i} is a {kind}; vramplan supports {', '.join(_UP_BLOCKS)}."
-                )
-            attentions = getattr(block, "attentions", None)
+            attentions = _up_block_attentions(block, i)
             for j, res in enumerate(block.resnets):
                 prefix = f"decoder.up_blocks.{i}"
                 h = add(f"{prefix}.resnets.{j}", (h,), lambda ctx, x, m=res: m(x, temb=None), "resnet")
@@ -141,6 +136,16 @@ class SDVAERowsDecoderAdapter(SDVAEDecoderAdapter):
         return _rows_ops(vae)
 
 
+def _up_block_attentions(block, i: int):
+    """An up block's attentions (None for an ``UpDecoderBlock2D``); refuses a block vramplan does not lower."""
+    kind = type(block).__name__
+    if kind not in _UP_BLOCKS:
+        raise UnsupportedModelError(
+            f"AutoencoderKL decoder up block {i} is a {kind}; vramplan supports {', '.join(_UP_BLOCKS)}."
+        )
+    return getattr(block, "attentions", None)
+
+
 def _rows_ops(vae) -> tuple[list[Op], str]:
     """The rows lowering (:class:`SDVAERowsDecoderAdapter`)."""
     dec = vae.decoder
@@ -168,12 +173,7 @@ def _rows_ops(vae) -> tuple[list[Op], str]:
         h = resnet2d(add, f"decoder.mid_block.resnets.{j + 1}", res, h)
 
     for i, block in enumerate(dec.up_blocks):
-        kind = type(block).__name__
-        if kind not in _UP_BLOCKS:
-            raise UnsupportedModelError(
-                f"AutoencoderKL decoder up block {i} is a {kind}; vramplan supports {', '.join(_UP_BLOCKS)}."
-            )
-        attentions = getattr(block, "attentions", None)
+        attentions = _up_block_attentions(block, i)
         for j, res in enumerate(block.resnets):
             prefix = f"decoder.up_blocks.{i}"
             h = resnet2d(add, f"{prefix}.resnets.{j}", res, h)
