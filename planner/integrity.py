@@ -73,7 +73,7 @@ def problems(plan: Plan, profile: PipelineProfile | ModelProfile | None = None, 
             out += list(_against_profile(comp, profiles[comp.component]))
     step = next((s.component for s in getattr(profile, "stages", ()) if s.per_step and s.profile is not None), "unet")
     if plan.rehash is not None and step in profiles:
-        out += list(_rehash_cut(plan, profiles[step]))
+        out += list(_rehash_cut(plan, profiles[step], profile))
     if out:
         return out
     return list(_recomputed(plan, profile))
@@ -418,13 +418,18 @@ def _against_profile(comp: ComponentPlan, profile: ModelProfile) -> Iterator[str
                 if b in blocks else f"field '{where}.streamed' names {b!r}, {known}"
 
 
-def _rehash_cut(plan: Plan, unet: ModelProfile) -> Iterator[str]:
-    from .rehash import candidate_cuts, offered_cut, profile_nodes, valid_cuts
+def _rehash_cut(plan: Plan, unet: ModelProfile, profile) -> Iterator[str]:
+    from .rehash import calls_per_step, candidate_cuts, cfg_split, offered_cut, profile_nodes, valid_cuts
 
     cuts = valid_cuts(profile_nodes(unet.units), unet.result, candidate_cuts(unet.units))
     if not offered_cut(plan.rehash.cut, cuts):  # a cut, or per-step CFG reuse over one
         shown = ", ".join(cuts[:4]) + (f" and {len(cuts) - 4} more" if len(cuts) > 4 else "")
         yield f"field 'rehash.cut' is {plan.rehash.cut!r}, not one of the model's Step Rehash cuts ({shown})"
+    elif cfg_split(plan.rehash.cut)[0] and isinstance(profile, PipelineProfile):
+        stage = next(s for s in profile.stages if s.per_step and s.profile is not None)
+        if calls_per_step(profile, stage, plan.rehash.steps) < 2:
+            yield (f"field 'rehash.cut' is {plan.rehash.cut!r}: per-step CFG reuse needs two model calls per step, "
+                   f"and {profile.pipeline} makes one (its guidance, if any, is one batched call)")
 
 
 # -- the prediction, recomputed ------------------------------------------------------------------------

@@ -251,6 +251,7 @@ REHASH_CASES = {
     "cut that does not exist": (_cut_case("up_blocks.9.nothing"), r"'rehash\.cut' is 'up_blocks\.9\.nothing', not one"),
     "cut in the down path": (_cut_case("down_blocks.1.attentions.0.proj_out"), r"'rehash\.cut' is 'down_blocks"),
     "cut at conv_in": (_cut_case("conv_in"), r"'rehash\.cut' is 'conv_in'"),
+    "CFG reuse on a batched-guidance UNet": (_cut_case("cfg"), r"'rehash\.cut' is 'cfg': per-step CFG reuse needs two"),
     "rehash steps 1e9": (lambda d: d["rehash"].__setitem__("steps", 10**9), r"'rehash\.steps' is 1000000000"),
     "rehash steps not the target's": (lambda d: d["rehash"].update(steps=40), r"'rehash\.steps' is 40, but"),
     "flops claimed lower": (lambda d: d["rehash"].__setitem__("unet_flops", d["rehash"]["unet_flops"] // 4),
