@@ -530,21 +530,22 @@ def repriced_latency(plan: Plan, profile: PipelineProfile, gpu, *, pinned: bool)
         comp = plan.component(pred.component)
         if comp.shape != stage.profile.shape or comp.model.config_hash != stage.profile.model.config_hash:
             raise ValueError(f"the {pred.stage} profile found is for another model or shape")
-        was, now = (stage_seconds(plan, pred, CostModel(stage.profile, gpu, plan.target.allocator, pinned=flag))
-                    for flag in (True, pinned))
+        was, now = (stage_seconds(plan, pred, CostModel(stage.profile, gpu, plan.target.allocator, pinned=flag),
+                                  stage.per_step) for flag in (True, pinned))
         extra += now - was
     return round(plan.prediction.latency_s + extra, 4)
 
 
-def stage_seconds(plan: Plan, pred: StagePrediction, model: CostModel) -> float:
+def stage_seconds(plan: Plan, pred: StagePrediction, model: CostModel, per_step: bool) -> float:
     """Predicted seconds of every call of a sliced stage under ``plan`` (its host copies at ``model``'s
-    rate; moving a non-resident component is not included). A Step Rehash stage: key and reuse calls."""
+    rate; moving a non-resident component is not included). A Step Rehash stage (``per_step``, the
+    denoiser's): key and reuse calls."""
     from .plan import component_seconds, segments_of
     from .rehash import reuse_seconds
 
     comp = plan.component(pred.component)
     steps = plan.rehash.steps if plan.rehash is not None else 0
-    if steps and comp.component in ("unet", "transformer") and pred.calls % steps == 0:  # per call of a step
+    if steps and per_step and pred.calls % steps == 0:  # per call of a step
         keys = len(plan.rehash.key_steps)
         reuse = reuse_seconds(model, segments_of(model, comp), plan.rehash.cut, comp.host, comp.streamed)
         return pred.calls // steps * (keys * component_seconds(model, comp) + (steps - keys) * reuse)

@@ -426,12 +426,18 @@ class _AfterSchedulerMethod:
         return _original_method, (self.handle.scheduler, self.name)
 
 
+def denoiser_attribute(pipe) -> str | None:
+    """The pipeline attribute a rehash schedule runs on: its UNet, or its DiT (Wan's ``transformer``)."""
+    return next((name for name in ("unet", "transformer") if getattr(pipe, name, None) is not None), None)
+
+
 def apply_rehash(target, plan: Plan | RehashPlan, component: ComponentPlan | None = None) -> RehashHandle:
     """Run ``target``'s UNet under a rehash schedule (and its slicing, if ``plan`` has any) until
     ``remove()``. ``target``: a pipeline (its ``unet``; the cache resets whenever the pipeline sets
     its timesteps) or a UNet (call ``reset()`` between pipeline calls). The handle is the UNet's plan
     hook: a second plan on the UNet is refused, and so is a rehash on a UNet already under a plan."""
-    unet = getattr(target, "unet", None) or getattr(target, "transformer", None) or target
+    name = denoiser_attribute(target)
+    unet = getattr(target, name) if name is not None else target
     scheduler = getattr(target, "scheduler", None) if unet is not target else None
     if isinstance(plan, Plan):
         if plan.rehash is None:

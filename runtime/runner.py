@@ -32,7 +32,7 @@ from .apply import HOST_EQUALS_DEVICE, PlanHandle, apply_plan
 from .executor import watching_pinning
 from .hooks import Hook, register_hook, reset_state
 from .memory import MemoryTracker, unit_label
-from .rehash import apply_rehash, check_rehash_call
+from .rehash import apply_rehash, check_rehash_call, denoiser_attribute
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def run(plan: Plan, pipe=None, *, allow_download: bool = False, progress: bool =
         handles: dict[str, PlanHandle] = {}
         for comp in plan.components:
             # the denoiser's (a UNet, or a DiT: Wan's transformer) slices it too (if it has a shape)
-            if plan.rehash is not None and comp.component in ("unet", "transformer"):
+            if plan.rehash is not None and comp.component == denoiser_attribute(pipe):
                 rehash = apply_rehash(pipe, plan)
                 stack.callback(rehash.remove)
                 handles[comp.component] = rehash

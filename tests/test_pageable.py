@@ -210,7 +210,7 @@ def test_repricing_agrees_with_the_planners_pageable_pricing(rehash):
             of_model = {s.stage for s in profile.stages if s.component == stage.component}
             streamed = sum(s.streamed_bytes for s in plan.stages if s.stage in of_model)
             moved = 0.0 if comp.resident else 2 * (weights[stage.component] - streamed) / (gpu.pcie_gbps * 1e9)
-            assert stage_seconds(plan, pred, model) + moved == pytest.approx(pred.seconds, abs=2e-4), stage.stage
+            assert stage_seconds(plan, pred, model, stage.per_step) + moved == pytest.approx(pred.seconds, abs=2e-4), stage.stage
         if pinned:
             seconds, note = pageable_latency(plan)
             assert seconds > plan.prediction.latency_s and note.startswith(f"predicted {seconds:.2f} s at the pageable")
