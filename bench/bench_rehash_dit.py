@@ -225,12 +225,13 @@ class Bench:
         from vramplan.runtime.compare import schedule_plan
         from vramplan.runtime.rehash import apply_rehash
 
-        plan = schedule_plan(c.cut, c.keys, self.steps)
+        plan = schedule_plan(c.cut, c.keys, self.steps, half_steps=c.halves)
 
         def attach():
             return apply_rehash(self.pipe, plan).remove
 
-        return self.measure("vramplan", f"{why}: {len(c.keys)} keys, {short(c.cut)}", attach, timed=timed,
+        halves = f" + {len(c.halves)} half" if c.halves else ""
+        return self.measure("vramplan", f"{why}: {len(c.keys)} keys{halves}, {short(c.cut)}", attach, timed=timed,
                             predicted=c.psnr, keys=list(c.keys), cut=c.cut)
 
     def validation(self, per_cut: int = 3, counts=(4, 7, 10)) -> list[Point]:

@@ -419,12 +419,27 @@ def _against_profile(comp: ComponentPlan, profile: ModelProfile) -> Iterator[str
 
 
 def _rehash_cut(plan: Plan, unet: ModelProfile, profile) -> Iterator[str]:
-    from .rehash import calls_per_step, candidate_cuts, cfg_split, offered_cut, profile_nodes, valid_cuts
+    from .rehash import (
+        calls_per_step,
+        candidate_cuts,
+        cfg_split,
+        expert_firsts,
+        offered_cut,
+        profile_nodes,
+        valid_cuts,
+    )
 
     cuts = valid_cuts(profile_nodes(unet.units), unet.result, candidate_cuts(unet.units))
     if not offered_cut(plan.rehash.cut, cuts):  # a cut, or per-step CFG reuse over one
         shown = ", ".join(cuts[:4]) + (f" and {len(cuts) - 4} more" if len(cuts) > 4 else "")
         yield f"field 'rehash.cut' is {plan.rehash.cut!r}, not one of the model's Step Rehash cuts ({shown})"
+    elif isinstance(profile, PipelineProfile) and (
+            missing := sorted(set(expert_firsts(profile, plan.rehash.steps)) - set(plan.rehash.key_steps))):
+        yield (f"field 'rehash.key_steps' lacks step {missing[0]}, where {profile.pipeline}'s second expert takes over: "
+               f"its first step is a key step (a cache of the other expert cannot be reused)")
+    elif plan.rehash.half_steps and not (cfg_split(plan.rehash.cut)[0] and cfg_split(plan.rehash.cut)[1]):
+        yield (f"field 'rehash.half_steps' is {plan.rehash.half_steps}, but half steps (one CFG call reused) need "
+               f"per-step CFG reuse over a cut ('cfg+<cut>'), not {plan.rehash.cut!r}")
     elif cfg_split(plan.rehash.cut)[0] and isinstance(profile, PipelineProfile):
         stage = next(s for s in profile.stages if s.per_step and s.profile is not None)
         if calls_per_step(profile, stage, plan.rehash.steps) < 2:
@@ -524,23 +539,11 @@ def _compare(stated: dict, computed: dict, where: str) -> Iterator[str]:
 
 def _rehash_numbers(plan: Plan, profile: PipelineProfile) -> Iterator[str]:
     from .gpus import find_gpu
-    from .plan import component_seconds, segments_of
-    from .rehash import CutCostModel, calls_per_step, held_bytes, reuse_flops, reuse_seconds
+    from .rehash import rehash_numbers
 
-    stage = next(s for s in profile.stages if s.per_step and s.profile is not None)
     r, target = plan.rehash, plan.target
-    model = CutCostModel(stage.profile, find_gpu(target.gpu), target.allocator, r.cut, pinned=target.pinned)
-    comp = plan.component(stage.component)
-    full = component_seconds(model, comp)
-    reuse = reuse_seconds(model, segments_of(model, comp), r.cut, comp.host, comp.streamed)
-    flops = sum(u.flops for u in model.units)
-    n = len(r.key_steps)
-    calls = calls_per_step(profile, stage, r.steps)  # Wan's CFG: two calls per step, each its own cache
-    computed = {
-        "original_unet_flops": r.steps * flops,
-        "unet_flops": n * flops + (r.steps - n) * reuse_flops(model, r.cut),
-        "key_call_s": full, "reuse_call_s": reuse, "latency_saved_s": calls * (r.steps - n) * (full - reuse),
-        "cache_bytes": held_bytes(model, r.cut, calls),
-    }
+    # per per-step stage (Wan 2.2's experts: their own steps), each model call of a step priced and cached
+    computed = rehash_numbers(profile, plan, find_gpu(target.gpu), target.allocator, target.pinned, r.cut,
+                              r.key_steps, r.half_steps, r.steps)
     stated = {k: getattr(r, k) for k in computed if getattr(r, k) is not None}
     yield from _compare(stated, computed, "rehash")

@@ -90,7 +90,7 @@ class PipelinePlanner:
         self.rehash = rehash
         for s in profile.stages:
             if rehash is not None and s.per_step and s.profile is not None:
-                self.models[s.stage] = rehash.constrain(self.models[s.stage])
+                self.models[s.stage] = rehash.constrain(self.models[s.stage], s.stage)  # its part of the schedule
 
     def calls(self, stage) -> int:
         """Calls of ``stage`` in a run: the pipeline says (Wan: two batch-1 forwards per step under CFG,

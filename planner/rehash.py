@@ -568,43 +568,101 @@ class CutCostModel(CostModel):
 
 @dataclass
 class StageRehash:
-    """A chosen schedule as the pipeline planner prices it: ``keys`` full calls, the rest reuse
-    calls; the cached cut is held through the whole denoising stage."""
+    """A chosen schedule as the pipeline planner prices it: ``keys`` full calls, ``halves`` half steps (CFG
+    reuse over a cut: the first call whole, the second reused) and the rest reuse calls; the cached cut is
+    held through the whole denoising stage. A pipeline with several per-step stages (Wan 2.2's two experts)
+    prices each stage for the steps it runs: ``parts`` (stage, keys, halves, steps) per stage."""
 
     cut: str
     keys: int
     steps: int
     calls: int = 1  # model calls per step, each with its own cache (Wan's CFG: 2)
+    halves: int = 0
+    parts: tuple[tuple[str, int, int, int], ...] = ()
 
-    def constrain(self, model: CostModel) -> CostModel:
-        return CutCostModel(model.profile, model.gpu, model.allocator, self.cut, pinned=model.pinned)
+    def constrain(self, model: CostModel, stage: str | None = None) -> CostModel:
+        out = CutCostModel(model.profile, model.gpu, model.allocator, self.cut, pinned=model.pinned)
+        out.rehash_stage = stage  # which part of the schedule the stage runs
+        return out
+
+    def part(self, model: CostModel) -> tuple[int, int, int]:
+        """(keys, halves, steps) of the stage ``model`` prices (as :meth:`constrain` tagged it)."""
+        stage = getattr(model, "rehash_stage", None)
+        for name, keys, halves, steps in self.parts:
+            if name == stage:
+                return keys, halves, steps
+        return self.keys, self.halves, self.steps
 
     def cache_bytes(self, model: CostModel) -> int:
         return held_bytes(model, self.cut, self.calls)
 
     def seconds(self, model: CostModel, solution) -> float:
-        """The denoising stage: ``keys`` full calls and the rest reuse calls, each with the solution's
-        placement and streamed blocks (the reuse calls' own weight copies)."""
+        """The denoising stage: ``keys`` full calls, half steps and the rest reuse calls, each with the
+        solution's placement and streamed blocks (the reuse calls' own weight copies)."""
+        keys, halves, steps = self.part(model)
         full = solution.latency_s
         reuse = reuse_seconds(model, solution.segments, self.cut, solution.host, solution.streamed)
-        return self.calls * (self.keys * full + (self.steps - self.keys) * reuse)
+        half = reuse_seconds(model, solution.segments, cfg_cut(), solution.host, solution.streamed) if halves else 0.0
+        return self.calls * (keys * full + halves * half + (steps - keys - halves) * reuse)
 
     def transfer_s(self, model: CostModel, solution) -> float:
         """Host-link seconds of the denoising stage not hidden behind compute: placed values' copies
         and exposed weight streaming of ``keys`` full calls and of the rest, reuse calls."""
+        keys, halves, steps = self.part(model)
         host, streamed = frozenset(solution.host), frozenset(solution.streamed)
-        runs = reuse_segments(model, solution.segments, self.cut)
-        copies = sum(model.cost(s, host, streamed).transfer_s for s in runs)
-        if cfg_split(self.cut)[0]:  # per call: the mean of the step's two calls
-            copies /= CFG_CALLS
-        reuse = copies + reuse_streaming_seconds(model, self.cut, streamed)[1]
-        return self.calls * (self.keys * solution.transfer_s + (self.steps - self.keys) * reuse)
+
+        def per_call(cut: str) -> float:
+            runs = reuse_segments(model, solution.segments, cut)
+            copies = sum(model.cost(s, host, streamed).transfer_s for s in runs)
+            if cfg_split(cut)[0]:  # per call: the mean of the step's two calls
+                copies /= CFG_CALLS
+            return copies + reuse_streaming_seconds(model, cut, streamed)[1]
+
+        half = per_call(cfg_cut()) if halves else 0.0
+        return self.calls * (keys * solution.transfer_s + halves * half + (steps - keys - halves) * per_call(self.cut))
 
     @classmethod
-    def of(cls, rehash, profile) -> StageRehash:
-        """The stage pricing of a plan's ``rehash`` section on its pipeline ``profile``."""
-        stage = next(s for s in profile.stages if s.per_step and s.profile is not None)
-        return cls(rehash.cut, len(rehash.key_steps), rehash.steps, calls_per_step(profile, stage, rehash.steps))
+    def of(cls, rehash, profile, steps: int | None = None) -> StageRehash:
+        """The stage pricing of a plan's ``rehash`` section (or a search's option: ``cut``, ``keys``,
+        ``halves``, and ``steps``) on its pipeline ``profile``."""
+        steps = rehash.steps if steps is None else steps
+        parts = expert_parts(profile, steps)
+        keys = set(getattr(rehash, "key_steps", None) or rehash.keys)
+        halves = set(getattr(rehash, "half_steps", None) or getattr(rehash, "halves", ()))
+        calls = max(1, parts[0][3]) if parts else 1
+        return cls(rehash.cut, len(keys), steps, calls, len(halves),
+                   tuple((name, len(keys & set(r)), len(halves & set(r)), len(r)) for name, r, _, _ in parts)
+                   if len(parts) > 1 else ())
+
+
+def expert_parts(profile, steps: int) -> list[tuple[str, range, object, int]]:
+    """Per per-step stage of ``profile``: (stage name, the steps it runs, the stage, model calls per step of
+    its own). One stage runs every step; Wan 2.2's two experts split them at the boundary: ``transformer``
+    the high-noise steps, ``transformer_2`` the rest (:func:`.pipelines.expert_steps`)."""
+    from .errors import UnsupportedModelError
+    from .pipelines import pipeline_spec
+
+    stages = [s for s in profile.stages if s.per_step and s.profile is not None]
+    try:
+        spec = pipeline_spec(profile.pipeline)
+    except UnsupportedModelError:
+        return [(s.stage, range(steps), s, 1) for s in stages]
+    if len(stages) == 1:
+        return [(stages[0].stage, range(steps), stages[0],
+                 max(1, spec.stage_calls(stages[0].stage, True, steps, profile.guidance) // steps))]
+    cfg = 2 if profile.guidance else 1  # the experts: two calls per step of their own under CFG
+    out, first = [], 0
+    for s in stages:
+        own = spec.stage_calls(s.stage, True, steps, profile.guidance) // cfg
+        out.append((s.stage, range(first, first + own), s, cfg))
+        first += own
+    return out
+
+
+def expert_firsts(profile, steps: int) -> list[int]:
+    """The first step of each per-step stage after the first (Wan 2.2's low-noise expert): a key step of any
+    schedule, as a residual or offset of the other expert's cannot be reused there."""
+    return [r.start for _, r, _, _ in expert_parts(profile, steps)[1:] if len(r)]
 
 
 # ---------------------------------------------------------------------------------- planning
@@ -621,6 +679,7 @@ class _Option:
     cost: float  # the schedule's UNet work: predicted seconds (planner) or FLOPs (runtime)
     psnr: float | None = None  # predicted PSNR against the full run (calibrated)
     name: str | None = None  # the schedule, named honestly
+    halves: tuple[int, ...] = ()  # half steps (CFG reuse over a cut: only the second call reused)
 
 
 # with a calibration, the schedule families each mode searches (cut and key count searched jointly)
@@ -629,7 +688,7 @@ MODE_KINDS = {"uniform": ("uniform",), "greedy": ("greedy",), "optimal": ("optim
 
 def rank_cuts(reuse_at: dict[str, float], full: float, steps: int, mode: Mode, keys: int | None,
               budget: float | None, calibration: Calibration | None, threshold: float | None,
-              min_psnr: float | None = None) -> list[_Option]:
+              min_psnr: float | None = None, firsts: Sequence[int] = ()) -> list[_Option]:
     """Schedules of ``mode`` within ``budget`` (UNet work of all steps, in the unit of ``full`` and
     ``reuse_at``: seconds or FLOPs) and at most ``keys`` key steps, best first. ``keys`` without a budget
     means the work of ``keys`` key steps at the cheapest cut: a shallower cut (less error, less saved)
@@ -637,11 +696,12 @@ def rank_cuts(reuse_at: dict[str, float], full: float, steps: int, mode: Mode, k
 
     With a calibration, cut, key count and key steps are searched jointly (:mod:`.rehash_search`): the
     best predicted quality first, or with ``min_psnr`` the least work predicted to reach it. Without one,
-    per cut the schedule of ``mode`` with as many key steps as allowed, most key steps first."""
+    per cut the schedule of ``mode`` with as many key steps as allowed, most key steps first. ``firsts``: steps
+    every schedule has as key steps (where Wan 2.2's second expert takes over: :func:`expert_firsts`)."""
     if budget is None and keys is not None and reuse_at:
         budget = keys * full + (steps - keys) * min(reuse_at.values())
     if calibration is not None:
-        return _searched(reuse_at, full, steps, mode, keys, budget, calibration, threshold, min_psnr)
+        return _searched(reuse_at, full, steps, mode, keys, budget, calibration, threshold, min_psnr, firsts)
     if min_psnr is not None:
         raise CalibrationRequiredError("min_psnr needs a calibration (the quality predictor); vramplan calibrate")
     options = []
@@ -658,6 +718,12 @@ def rank_cuts(reuse_at: dict[str, float], full: float, steps: int, mode: Mode, k
             key_steps, thr = schedule_for(mode, steps, allowed, cal, threshold)
         except InvalidPlanError:  # no schedule within the calibrated gaps at this cut
             continue
+        if firsts and mode == "uniform":  # fewer evenly spaced keys, so that the forced ones fit the count
+            key_steps = next((k for c in range(len(key_steps), 0, -1)
+                              if len(k := sorted({*uniform_keys(steps, keys=c), *firsts})) <= (allowed or steps)),
+                             None)
+            if key_steps is None:
+                continue
         error = schedule_error(cal.error, key_steps) if cal is not None else None
         n = len(key_steps)
         options.append(_Option(c, key_steps, error, thr, n * full + (steps - n) * reuse,
@@ -675,7 +741,7 @@ def schedule_name(kind: str, keys, threshold: float | None = None) -> str:
     return name(kind, keys, threshold)
 
 
-def _searched(reuse_at, full, steps, mode, keys, budget, calibration, threshold, min_psnr) -> list[_Option]:
+def _searched(reuse_at, full, steps, mode, keys, budget, calibration, threshold, min_psnr, firsts=()) -> list[_Option]:
     from .rehash_quality import QualityModel
     from .rehash_search import candidates, ranked
 
@@ -689,7 +755,8 @@ def _searched(reuse_at, full, steps, mode, keys, budget, calibration, threshold,
             raise InvalidArgumentError("rehash='optimal' needs a latency or FLOPs limit, keys, or min_psnr")
     model = QualityModel(calibration)
     cands = candidates(model, reuse_at, full, kinds=MODE_KINDS[mode], max_keys=keys, threshold=threshold)
-    return [_Option(c.cut, list(c.keys), c.error, c.threshold, c.cost, c.psnr, c.name)
+    cands = [c for c in cands if set(firsts) <= set(c.keys)]  # a schedule keys every expert's first step
+    return [_Option(c.cut, list(c.keys), c.error, c.threshold, c.cost, c.psnr, c.name, c.halves)
             for c in ranked(cands, budget, min_psnr)]
 
 
@@ -772,7 +839,8 @@ def plan_rehash(
     reuse_at = {c: reuse_seconds(model, _split_at(segments, [model.index[v] for v in cut_values(c)]), c,
                                  comp.host, comp.streamed) for c in cuts}
     budget = None if max_latency_s is None else (max_latency_s - other) / calls  # per call of a step
-    options = rank_cuts(reuse_at, full, steps, mode, keys, budget, calibration, threshold, min_psnr)
+    options = rank_cuts(reuse_at, full, steps, mode, keys, budget, calibration, threshold, min_psnr,
+                        expert_firsts(profile, steps))
     if not options:
         if max_latency_s is None:
             raise InvalidPlanError(
@@ -786,7 +854,7 @@ def plan_rehash(
         )
     last_error = None
     for option in options[:8]:
-        choice = StageRehash(option.cut, len(option.keys), steps, calls)
+        choice = StageRehash.of(option, profile, steps)
         try:
             plan = plan_pipeline(
                 profile, gpu, usable_bytes=usable_bytes, steps=steps, max_latency_s=max_latency_s,
@@ -796,7 +864,7 @@ def plan_rehash(
             last_error = err
             continue
         return _attach(plan, stage, unet, gpu, allocator, mode, option, steps, calibration, calibration_ref, pinned,
-                       calls)
+                       profile)
     raise last_error
 
 
@@ -815,16 +883,9 @@ def offered_cut(cut: str, cuts: Sequence[str]) -> bool:
 
 
 def calls_per_step(profile, stage, steps: int) -> int:
-    """Model calls per denoising step of ``stage`` as the pipeline makes them (Wan's CFG: 2; a UNet's CFG
-    batch: 1); 1 for a pipeline the planner has no spec of."""
-    from .errors import UnsupportedModelError
-    from .pipelines import pipeline_spec
-
-    try:
-        spec = pipeline_spec(profile.pipeline)
-    except UnsupportedModelError:
-        return 1
-    return max(1, spec.stage_calls(stage.stage, True, steps, profile.guidance) // steps)
+    """Model calls per denoising step of ``stage`` as the pipeline makes them (Wan's CFG: 2, each expert of
+    Wan 2.2 at its own steps; a UNet's CFG batch: 1); 1 for a pipeline the planner has no spec of."""
+    return next((calls for name, _, _, calls in expert_parts(profile, steps) if name == stage.stage), 1)
 
 
 def schedule_for(mode, steps, allowed, cal, threshold) -> tuple[list[int], float | None]:
@@ -843,29 +904,43 @@ def schedule_for(mode, steps, allowed, cal, threshold) -> tuple[list[int], float
 
 
 def _attach(plan, stage, unet, gpu, allocator, mode, option, steps, calibration, calibration_ref, pinned=True,
-            calls: int = 1):
+            profile=None):
     from .schema import RehashPlan
 
-    model = CutCostModel(unet, gpu, allocator, option.cut, pinned=pinned)
-    comp = plan.component(stage.component)
-    full = component_seconds(model, comp)
-    reuse = reuse_seconds(model, segments_of(model, comp), option.cut, comp.host, comp.streamed)
-    flops = sum(u.flops for u in model.units)
-    n = len(option.keys)
+    numbers = rehash_numbers(profile, plan, gpu, allocator, pinned, option.cut, option.keys, option.halves, steps)
     rehash = RehashPlan(
-        mode=mode, cut=option.cut, steps=steps, key_steps=option.keys,
+        mode=mode, cut=option.cut, steps=steps, key_steps=option.keys, half_steps=list(option.halves),
         quality="calibrated" if calibration is not None else "uncalibrated",
         predicted_error=None if option.error is None else round(option.error, 6),
         predicted_psnr=_psnr(option.psnr), schedule=option.name,
         threshold=None if option.threshold is None or math.isinf(option.threshold) else round(option.threshold, 6),
-        original_unet_flops=steps * flops,
-        unet_flops=n * flops + (steps - n) * reuse_flops(model, option.cut),
-        key_call_s=round(full, 6), reuse_call_s=round(reuse, 6),
-        latency_saved_s=round(calls * (steps - n) * (full - reuse), 4),
-        cache_bytes=held_bytes(model, option.cut, calls),
+        **{k: round(v, 6 if k.endswith("call_s") else 4) if isinstance(v, float) else v for k, v in numbers.items()},
         calibration=(calibration_ref or calibration.reference()) if calibration is not None else None,
     )
     return plan.model_copy(update={"rehash": rehash})
+
+
+def rehash_numbers(profile, plan, gpu, allocator: str, pinned: bool, cut: str, keys, halves, steps: int) -> dict:
+    """A schedule's numbers as a plan states them (the integrity check recomputes them here too): FLOPs of
+    one call per step, the first per-step stage's key and reuse call, and the seconds saved and the cache
+    held over every per-step stage, each for the steps it runs (Wan 2.2's experts) and its model calls."""
+    keys, halves = set(keys), set(halves)
+    out = {"original_unet_flops": 0, "unet_flops": 0, "latency_saved_s": 0.0}
+    for i, (_, own, stage, calls) in enumerate(expert_parts(profile, steps)):
+        model = CutCostModel(stage.profile, gpu, allocator, cut, pinned=pinned)
+        comp = plan.component(stage.component)
+        segs = segments_of(model, comp)
+        full = component_seconds(model, comp)
+        reuse = reuse_seconds(model, segs, cut, comp.host, comp.streamed)
+        n, h = len(keys & set(own)), len(halves & set(own))
+        half = reuse_seconds(model, segs, cfg_cut(), comp.host, comp.streamed) if h else full
+        flops = sum(u.flops for u in model.units)
+        out["original_unet_flops"] += len(own) * flops
+        out["unet_flops"] += n * flops + h * reuse_flops(model, cfg_cut()) + (len(own) - n - h) * reuse_flops(model, cut)
+        out["latency_saved_s"] += calls * ((len(own) - n - h) * (full - reuse) + h * (full - half))
+        if i == 0:
+            out.update(key_call_s=full, reuse_call_s=reuse, cache_bytes=held_bytes(model, cut, calls))
+    return out
 
 
 def _psnr(value: float | None) -> float | None:

@@ -23,7 +23,7 @@ correlation over schedules of every kind; ``docs/benchmarks.md``).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -105,30 +105,49 @@ class QualityModel:
         return my - beta * mx, beta
 
     # -- schedules ----------------------------------------------------------------------------------
-    def arc(self, cut: str, a: int, b: int) -> float:
-        """The final latent's error from reusing key ``a``'s feature on steps ``a+1 .. b-1``."""
+    def arc(self, cut: str, a: int, b: int, halves: Collection[int] = ()) -> float:
+        """The final latent's error from reusing key ``a``'s feature on steps ``a+1 .. b-1``; on ``halves``
+        (under CFG reuse ``cfg+<cut>``: the first call whole, the second from key ``a``'s offset) the error of
+        CFG reuse alone from the same key (:func:`half_cut`)."""
         e = self.errors(cut)[a]
-        return sum(self.weight[s] * e[s] for s in range(a + 1, b))
+        h = self.errors(half_cut(cut))[a] if halves else e
+        return sum(self.weight[s] * (h[s] if s in halves else e[s]) for s in range(a + 1, b))
 
     def arc_cost(self, cut: str, a: int, b: int) -> float:
         """What the optimal schedule sums over its arcs (additive: an exact DP over arcs)."""
         return self.arc(cut, a, b)
 
-    def latent_error(self, cut: str, keys: Sequence[int]) -> float:
-        """Predicted L2 error of the final latent (relative-error units without scheduler measurements)."""
+    def latent_error(self, cut: str, keys: Sequence[int], halves: Collection[int] = ()) -> float:
+        """Predicted L2 error of the final latent (relative-error units without scheduler measurements);
+        ``halves``: reused steps that reuse one CFG call only (see :meth:`arc`)."""
         bounds = [*sorted(keys), self.cal.steps]
+        halves = frozenset(halves)
+        if halves:
+            return sum(self.arc(cut, a, b, halves) for a, b in zip(bounds, bounds[1:], strict=False))
         return sum(self.arc_cost(cut, a, b) for a, b in zip(bounds, bounds[1:], strict=False))
 
-    def psnr(self, cut: str, keys: Sequence[int]) -> float | None:
+    def psnr(self, cut: str, keys: Sequence[int], halves: Collection[int] = ()) -> float | None:
         """Predicted PSNR (dB, frames in [-1, 1], against the full run); inf for every step key; None
         without the calibration's scheduler and decoder measurements."""
         if not self.measured or self.cal.decode_gain is None or not self.cal.frame_values:
             return None
-        err = self.latent_error(cut, keys) * self.cal.decode_gain
+        err = self.latent_error(cut, keys, halves) * self.cal.decode_gain
         if err <= 0:
             return math.inf
         mse = err**2 / self.cal.frame_values
         return 10 * math.log10(PEAK_TO_PEAK**2 / mse)
+
+
+def half_cut(cut: str) -> str:
+    """What a *half* step of ``cut`` runs: a schedule of CFG reuse over a cut (``cfg+<cut>``) may, at some
+    reused steps, run the step's first call whole and reuse only the second (``cfg`` alone, from the same
+    key step's offset): one model call of the step saved instead of nearly two, at CFG reuse's error."""
+    from .rehash import cfg_cut, cfg_split
+
+    cfg, base = cfg_split(cut)
+    if not cfg or base is None:
+        raise ValueError(f"half steps need per-step CFG reuse over a cut ('cfg+<cut>'), not {cut!r}")
+    return cfg_cut()
 
 
 def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:

@@ -20,9 +20,11 @@ import math
 from dataclasses import dataclass
 
 from .errors import InfeasibleError
-from .rehash_quality import QualityModel
+from .rehash import cfg_cut, cfg_split
+from .rehash_quality import QualityModel, half_cut
 
 KINDS = ("uniform", "greedy", "optimal")
+MAX_HALVES = 4  # half steps per schedule the search considers (each costs one model call more than a reuse step)
 
 
 class QualityFloorError(InfeasibleError):
@@ -40,10 +42,11 @@ class Candidate:
     error: float  # predicted L2 error of the final latent (finite)
     psnr: float | None  # predicted PSNR against the full run, dB (None: the calibration cannot say)
     threshold: float | None = None  # greedy: the similarity threshold
+    halves: tuple[int, ...] = ()  # reused steps that reuse one CFG call only (``cfg+<cut>``; see half_cut)
 
     @property
     def name(self) -> str:
-        return schedule_name(self.kind, self.keys, self.threshold)
+        return schedule_name(self.kind, self.keys, self.threshold, self.halves)
 
     @property
     def quality(self) -> float:
@@ -51,8 +54,12 @@ class Candidate:
         return self.psnr if self.psnr is not None else -self.error
 
 
-def schedule_name(kind: str, keys, threshold: float | None = None) -> str:
+def schedule_name(kind: str, keys, threshold: float | None = None, halves=()) -> str:
     """An honest name: 'DeepCache's schedule' only for key steps every N-th step from step 0."""
+    if halves:
+        n = len(halves)
+        return (f"{schedule_name(kind, keys, threshold)}; {n} reused step{'s' if n > 1 else ''} run{'' if n > 1 else 's'}"
+                f" the first CFG call whole and reuse{'' if n > 1 else 's'} the second only")
     keys = list(keys)
     n = len(keys)
     if kind == "uniform":
@@ -75,10 +82,13 @@ def _nth(k: int) -> str:
 
 
 def candidates(model: QualityModel, reuse_at: dict[str, float], full: float, *,
-               kinds=KINDS, max_keys: int | None = None, threshold: float | None = None) -> list[Candidate]:
+               kinds=KINDS, max_keys: int | None = None, threshold: float | None = None,
+               max_halves: int = MAX_HALVES) -> list[Candidate]:
     """Every schedule of ``kinds`` at every cut of ``reuse_at`` (the cost of one reuse call there; ``full``:
     one full call) with at most ``max_keys`` key steps and at least one reused step; duplicates (same cut and keys) kept once, the
-    first kind of ``kinds`` naming them. ``threshold`` fixes the greedy schedule's threshold."""
+    first kind of ``kinds`` naming them. ``threshold`` fixes the greedy schedule's threshold. With ``optimal``,
+    CFG reuse over a cut also gets schedules with up to ``max_halves`` *half* steps (one CFG call reused, the
+    other run whole; :func:`~.rehash_quality.half_cut`), priced at CFG reuse alone's price."""
     from .rehash import greedy_keys, uniform_keys
 
     steps = model.cal.steps
@@ -103,7 +113,82 @@ def candidates(model: QualityModel, reuse_at: dict[str, float], full: float, *,
             n = len(keys)
             seen[k] = Candidate(cut, tuple(keys), kind, n * full + (steps - n) * reuse,
                                 model.latent_error(cut, keys), model.psnr(cut, keys), t)
+        half = _half_price(model, cut, reuse_at)
+        if "optimal" in kinds and half is not None and half > reuse:
+            for (n, h), (keys, halves) in optimal_with_halves(model, cut, top, max_halves).items():
+                cost = n * full + h * half + (steps - n - h) * reuse
+                seen[(cut, tuple(keys), tuple(halves))] = Candidate(
+                    cut, tuple(keys), "optimal", cost, model.latent_error(cut, keys, halves),
+                    model.psnr(cut, keys, halves), None, tuple(halves))
     return list(seen.values())
+
+
+def _half_price(model: QualityModel, cut: str, reuse_at: dict[str, float]) -> float | None:
+    """The price of a half step of ``cut`` (CFG reuse alone's, per call), where the schedule may have them:
+    CFG reuse over a cut, with CFG reuse alone priced and calibrated."""
+    cfg, base = cfg_split(cut)
+    half = cfg_cut()
+    if not cfg or base is None or half not in reuse_at or half not in {c.cut for c in model.cal.cuts}:
+        return None
+    return reuse_at[half]
+
+
+def optimal_with_halves(model: QualityModel, cut: str, top: int, max_halves: int = MAX_HALVES
+                        ) -> dict[tuple[int, int], tuple[list[int], list[int]]]:
+    """For each (key count 1..``top``, half steps 1..``max_halves``), the key steps (step 0 key) and half
+    steps minimising the predicted error (:meth:`QualityModel.latent_error`). Exact: the error adds over arcs
+    "key a, next key b", and within an arc with ``h`` half steps the best are the ``h`` reused steps whose
+    error drops most (each step's error depends only on the arc's key), so one DP over (keys, halves)."""
+    n = model.cal.steps
+    full, half = model.errors(cut), model.errors(half_cut(cut))
+    w = model.weight
+    # arc[a][b][h]: error of the arc a -> b with its h best half steps, and those steps
+    arc: list[list[list[tuple[float, tuple[int, ...]]]]] = [[[] for _ in range(n + 1)] for _ in range(n)]
+    for a in range(n):
+        for b in range(a + 1, n + 1):
+            inner = range(a + 1, b)
+            base = sum(w[s] * full[a][s] for s in inner)
+            gains = sorted(((w[s] * (full[a][s] - half[a][s]), s) for s in inner), reverse=True)
+            row, err, taken = [(base, ())], base, ()
+            for g, s in gains[:max_halves]:
+                err, taken = err - g, (*taken, s)
+                row.append((err, taken))
+            arc[a][b] = row
+    inf = math.inf
+    H = max_halves
+    # best[j][h][b]: steps < b covered with j keys (the last at b) and h half steps
+    best = [[[inf] * n for _ in range(H + 1)] for _ in range(top + 1)]
+    back: dict[tuple[int, int, int], tuple[int, int]] = {}
+    best[1][0][0] = 0.0
+    for j in range(1, top):
+        for h0 in range(H + 1):
+            for a in range(n):
+                here = best[j][h0][a]
+                if here == inf:
+                    continue
+                for b in range(a + 1, n):
+                    for dh, (err, _) in enumerate(arc[a][b][:H - h0 + 1]):
+                        cost = here + err
+                        if cost < best[j + 1][h0 + dh][b]:
+                            best[j + 1][h0 + dh][b], back[(j + 1, h0 + dh, b)] = cost, (a, dh)
+    out = {}
+    for j in range(1, top + 1):
+        for h in range(1, H + 1):
+            ends = [(best[j][h0][a] + arc[a][n][h - h0][0], a, h0) for a in range(n) for h0 in range(h + 1)
+                    if best[j][h0][a] < inf and h - h0 < len(arc[a][n])]
+            if not ends:
+                continue
+            _, a, h0 = min(ends)
+            keys, halves = [a], list(arc[a][n][h - h0][1])
+            jj, hh = j, h0
+            while jj > 1:
+                prev, dh = back[(jj, hh, a)]
+                halves += arc[prev][a][dh][1]
+                a, jj, hh = prev, jj - 1, hh - dh
+                keys.append(a)
+            if j + h <= n:
+                out[(j, h)] = (sorted(keys), sorted(halves))
+    return out
 
 
 def _greedy(similarity, top: int, threshold: float | None, greedy_keys):

@@ -512,11 +512,17 @@ class RehashPlan(_Strict):
     latency_saved_s: float | None = Field(default=None, description="predicted; None for plans made without a profile")
     cache_bytes: int = Field(description="the cached cut (whole CFG batch), held through the denoising stage")
     calibration: str | None = Field(default=None, description="the calibration used: file and sha256 prefix")
+    half_steps: list[int] = Field(
+        default_factory=list, description="reused steps of per-step CFG reuse over a cut ('cfg+<cut>') that run the "
+        "first call whole and reuse only the second (the last key step's offset); they refresh no cache")
 
     @model_validator(mode="after")
     def _keys(self) -> RehashPlan:
         if self.key_steps != sorted(set(self.key_steps)) or self.key_steps[0] != 0 or self.key_steps[-1] >= self.steps:
             raise ValueError(f"key_steps must be increasing, start at 0 and lie below steps={self.steps}")
+        if self.half_steps and (self.half_steps != sorted(set(self.half_steps)) or self.half_steps[-1] >= self.steps
+                                or set(self.half_steps) & set(self.key_steps)):
+            raise ValueError(f"half_steps must be increasing, below steps={self.steps} and not key steps")
         return self
 
     @property

@@ -182,10 +182,10 @@ def side_by_side(result: Comparison, path: str | Path, fps: int = 7, scale: int 
     return save_video(video, path, fps=fps)
 
 
-def schedule_plan(cut: str, key_steps, steps: int, mode: str = "optimal") -> RehashPlan:
+def schedule_plan(cut: str, key_steps, steps: int, mode: str = "optimal", half_steps=()) -> RehashPlan:
     """A bare rehash schedule (no slicing, no prediction) to run with :func:`rehash_video`."""
     return RehashPlan(mode=mode, cut=cut, steps=steps, key_steps=list(key_steps), quality="calibrated",
-                      original_unet_flops=1, unet_flops=1, cache_bytes=0)
+                      original_unet_flops=1, unet_flops=1, cache_bytes=0, half_steps=list(half_steps))
 
 
 def rehash_video(pipe, rehash: RehashPlan | None, *, seed: int = 0, **call_kwargs) -> torch.Tensor:

@@ -174,6 +174,8 @@ class RehashHandle(PlanHandle):
     first: torch.Tensor | None = None  # CFG reuse: this step's first call's output
     first_out: object = None  # ... as the model returned it (tuple or output class)
     records: list[StepRecord] = field(default_factory=list)
+    experts: dict = field(default_factory=dict)  # Wan 2.2: transformer_2's handle (its part of the schedule)
+    pipe: object = None  # given for a second expert's handle: where it takes over is checked against the keys
     _saved_set_timesteps: object = _MISSING
     _saved_step: object = _MISSING
     # unsliced calls skip the executor: key calls run the stock forward (where the adapter shows the cut values
@@ -182,6 +184,7 @@ class RehashHandle(PlanHandle):
     _straights: dict = field(default_factory=dict)
     _hooks_checked: bool = False
     _keys: frozenset | None = None  # the schedule's key steps, as a set (looked up at every call)
+    _halves: frozenset = frozenset()  # its half steps (CFG reuse over a cut: only the second call reused)
     _stock_map: dict | None = None  # the adapter's stock_values
 
     @property
@@ -203,6 +206,8 @@ class RehashHandle(PlanHandle):
         self.records = []
 
     def remove(self) -> None:
+        for expert in reversed(list(self.experts.values())):  # wrapped the scheduler after this one
+            expert.remove()  # (kept: its records stay readable)
         super().remove()
         if self.scheduler is not None and self._saved_set_timesteps is not _MISSING:
             if self._saved_set_timesteps is None:
@@ -219,12 +224,17 @@ class RehashHandle(PlanHandle):
         self.caches, self.offsets, self.first = {}, {}, None
 
     @property
+    def all_records(self) -> list[StepRecord]:
+        """The calls of the last pipeline call, of this model and of a second expert's."""
+        return sorted([*self.records, *(r for e in self.experts.values() for r in e.records)], key=lambda r: r.step)
+
+    @property
     def key_steps(self) -> list[int]:
-        return sorted({r.step for r in self.records if r.key})
+        return sorted({r.step for r in self.all_records if r.key})
 
     @property
     def reused_steps(self) -> list[int]:
-        return sorted({r.step for r in self.records if not r.key})
+        return sorted({r.step for r in self.all_records if not r.key})
 
     def _after_step(self) -> None:
         """The scheduler finished a step: the next model call starts the next step."""
@@ -233,6 +243,8 @@ class RehashHandle(PlanHandle):
                 "per-step CFG reuse (cut 'cfg...') needs a pipeline that calls the model twice per step (conditional, "
                 "unconditional), but this step made one call (guidance_scale <= 1, or CFG batched into one call). "
                 "Plan a schedule without CFG reuse.")
+        if self.call == 0:  # the other expert ran this step: this one's caches are of no use any more
+            self.caches, self.offsets = {}, {}
         self.step, self.call, self.first = self.step + 1, 0, None
         if self.step >= self.rehash.steps:
             self.caches, self.offsets = {}, {}  # not held through the decode
@@ -246,6 +258,13 @@ class RehashHandle(PlanHandle):
                 f"the pipeline runs {n} denoising steps, but the plan's rehash schedule is for "
                 f"{self.rehash.steps}. Call it with num_inference_steps={self.rehash.steps} or plan for {n} steps."
             )
+        first = expert_first_step(self.pipe, self.scheduler) if self.pipe is not None else None
+        if first is not None and first not in self.rehash.key_steps:
+            raise RehashStepsError(
+                f"{type(self.pipe).__name__} switches to its second expert ({EXPERT}) at step {first}, but the "
+                f"schedule's key steps {self.rehash.key_steps} do not include it: an expert's first step runs whole "
+                f"(the other expert's cache cannot be reused). Plan with the pipeline's profile (plan_for keys it) or "
+                f"add step {first} to key_steps.")
 
     def wrap(self, module, call_next, args, kwargs):
         step = self.step
@@ -261,20 +280,24 @@ class RehashHandle(PlanHandle):
         slot = self.call
         if self._keys is None:
             self._keys = frozenset(self.rehash.key_steps)
+            self._halves = frozenset(self.rehash.half_steps)
         key_step = step in self._keys
         if cfg and slot > 0:
             return self._cfg_call(module, call_next, args, kwargs, step, slot, key_step)
-        key = key_step or (base is not None and slot not in self.caches)
+        # a half step (CFG reuse over a cut): the first call runs whole and refreshes nothing, the second is reused
+        half = step in self._halves
+        key = key_step or (base is not None and not half and slot not in self.caches)
+        whole = key or half
         kept = frozenset(cut_values(cut)) if key and base is not None else frozenset()
         if key:
             self.caches.pop(slot, None)  # a key step never reads it: one cache held, as the planner counts
-        ops, segments = (self.ops, self.segments) if key or base is None else (self.reuse, self.reuse_segs)
+        ops, segments = (self.ops, self.segments) if whole or base is None else (self.reuse, self.reuse_segs)
         started = time.perf_counter()
-        stock = self._stock_values(kept, args, kwargs) if key else None
+        stock = self._stock_values(kept, args, kwargs) if whole else None
         if stock is not None:
             out = self._stock_call(call_next, args, kwargs, stock)
         else:
-            out = self._execute(ops, segments, args, kwargs, None if key else self.caches.get(slot), kept)
+            out = self._execute(ops, segments, args, kwargs, None if whole else self.caches.get(slot), kept)
         if kept:
             self.caches[slot] = cache_of(cut, self.program_kept)
         if cfg:
@@ -435,7 +458,12 @@ def apply_rehash(target, plan: Plan | RehashPlan, component: ComponentPlan | Non
     """Run ``target``'s UNet under a rehash schedule (and its slicing, if ``plan`` has any) until
     ``remove()``. ``target``: a pipeline (its ``unet``; the cache resets whenever the pipeline sets
     its timesteps) or a UNet (call ``reset()`` between pipeline calls). The handle is the UNet's plan
-    hook: a second plan on the UNet is refused, and so is a rehash on a UNet already under a plan."""
+    hook: a second plan on the UNet is refused, and so is a rehash on a UNet already under a plan.
+
+    A pipeline with a second expert (Wan 2.2's ``transformer_2``, the low-noise steps) runs its steps under
+    the same schedule with a handle of its own (``handle.experts``; removed with the handle): each expert
+    keeps its own caches, and the expert's first step must be a key step of the schedule (refused at the
+    pipeline call otherwise: a residual or offset of the other expert cannot be reused)."""
     name = denoiser_attribute(target)
     unet = getattr(target, name) if name is not None else target
     scheduler = getattr(target, "scheduler", None) if unet is not target else None
@@ -446,6 +474,25 @@ def apply_rehash(target, plan: Plan | RehashPlan, component: ComponentPlan | Non
         component = component_for(unet, plan)
     else:
         rehash = plan
+    check_halves(rehash)
+    handle = _attach(unet, rehash, component, scheduler)
+    second = getattr(target, EXPERT, None) if unet is not target and name == "transformer" else None
+    if second is not None:
+        own = next((c for c in plan.components if c.component == EXPERT), None) if isinstance(plan, Plan) else None
+        try:
+            expert = _attach(second, rehash, component_for(second, own or plan) if isinstance(plan, Plan) else None,
+                             scheduler, pipe=target)
+        except BaseException:
+            handle.remove()
+            raise
+        handle.experts[EXPERT] = expert
+    return handle
+
+
+EXPERT = "transformer_2"  # Wan 2.2's low-noise expert
+
+
+def _attach(unet, rehash: RehashPlan, component: ComponentPlan | None, scheduler, pipe=None) -> RehashHandle:
     if get_hook(unet, PLAN_HOOK) is not None:
         raise PlanConflictError(
             f"{type(unet).__name__} already runs under a plan; remove that handle first "
@@ -462,7 +509,8 @@ def apply_rehash(target, plan: Plan | RehashPlan, component: ComponentPlan | Non
         segments, unsliced = unit_by_unit(ops), {}
     reuse = reuse_ops(ops, result, rehash.cut)
     handle = RehashHandle(unet, component, ops, result, segments, unsliced, method="forward", rehash=rehash,
-                          reuse=reuse, reuse_segs=reuse_segments(segments, reuse, rehash.cut), scheduler=scheduler)
+                          reuse=reuse, reuse_segs=reuse_segments(segments, reuse, rehash.cut), scheduler=scheduler,
+                          pipe=pipe)
     handle.check_hooks()
     register_hook(unet, handle, PLAN_HOOK, method="forward", innermost=True)
     if scheduler is not None:
@@ -471,6 +519,26 @@ def apply_rehash(target, plan: Plan | RehashPlan, component: ComponentPlan | Non
         handle._saved_step = scheduler.__dict__.get("step")
         scheduler.step = _AfterSchedulerMethod(handle, "step", handle._after_step)
     return handle
+
+
+def expert_first_step(pipe, scheduler) -> int | None:
+    """The step where ``pipe``'s second expert takes over (Wan 2.2: the first timestep below
+    ``boundary_ratio`` x the scheduler's training timesteps), None when it runs no step or every step."""
+    ratio = getattr(getattr(pipe, "config", None), "boundary_ratio", None)
+    if ratio is None:
+        return None
+    boundary = ratio * scheduler.config.num_train_timesteps
+    high = sum(1 for t in scheduler.timesteps if float(t) >= boundary)
+    return high if 0 < high < len(scheduler.timesteps) else None
+
+
+def check_halves(rehash: RehashPlan) -> None:
+    """Half steps (one CFG call reused, the other run whole) exist only under CFG reuse over a cut."""
+    cfg, base = cfg_split(rehash.cut)
+    if rehash.half_steps and (not cfg or base is None):
+        raise RehashCutError(
+            f"the schedule has half steps {rehash.half_steps}, but its cut {rehash.cut!r} is not per-step CFG reuse "
+            f"over a cut ('cfg+<cut>'): only there does a step's first call run whole while the second is reused")
 
 
 def _output_tensor(out) -> torch.Tensor:
@@ -616,14 +684,15 @@ def with_rehash(
         )
     best = options[0]
     c, key_steps, error, thr = best.cut, best.keys, best.error, best.threshold
-    n = len(key_steps)
+    n, h = len(key_steps), len(best.halves)
     rehash = RehashPlan(
-        mode=mode, cut=c, steps=steps, key_steps=key_steps,
+        mode=mode, cut=c, steps=steps, key_steps=key_steps, half_steps=list(best.halves),
         quality="calibrated" if cal is not None else "uncalibrated",
         predicted_error=None if error is None else round(error, 6),
         predicted_psnr=None if best.psnr is None else round(min(best.psnr, 200.0), 3), schedule=best.name,
         threshold=None if thr is None or math.isinf(thr) else round(thr, 6),
-        original_unet_flops=steps * full, unet_flops=n * full + (steps - n) * reuse[c],
+        original_unet_flops=steps * full,
+        unet_flops=n * full + h * reuse.get(cfg_cut(), 0) + (steps - n - h) * reuse[c],
         cache_bytes=_held_bytes(c, sizes[c], cal), calibration=ref,
     )
     return plan.model_copy(update={"rehash": rehash})

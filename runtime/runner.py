@@ -128,6 +128,9 @@ def run(plan: Plan, pipe=None, *, allow_download: bool = False, progress: bool =
                 rehash = apply_rehash(pipe, plan)
                 stack.callback(rehash.remove)
                 handles[comp.component] = rehash
+                handles.update(rehash.experts)  # Wan 2.2's transformer_2: its part of the schedule, its slicing
+            elif comp.component in handles:
+                continue
             elif comp.shape is not None:  # a stage's own plan (vae_encoder) runs on its attribute (vae)
                 handles[comp.component] = apply_plan(getattr(pipe, comp.module_name), comp)
                 stack.callback(handles[comp.component].remove)
@@ -192,7 +195,7 @@ def run(plan: Plan, pipe=None, *, allow_download: bool = False, progress: bool =
     )
     if rehash is not None:
         report.key_steps, report.reused_steps = rehash.key_steps, rehash.reused_steps
-        report.unet_call_seconds = [round(r.seconds, 4) for r in rehash.records]
+        report.unet_call_seconds = [round(r.seconds, 4) for r in rehash.all_records]
     if plan.prediction is not None:
         report.predicted_peak_bytes = plan.prediction.peak_bytes
         report.predicted_activation_bytes = plan.prediction.activation_peak_bytes
