@@ -36,14 +36,6 @@ def in_rows(model, j: int) -> int:
     return model.profile.shape.latent_height
 
 
-def _frames(model, name: str, unit) -> int:
-    """Pieces a unit stages a host input's slab in: its frames (dim 2) when it stages them itself."""
-    if not getattr(unit, "stage_inside", False):
-        return 1
-    shape = model.units[model.producer[name]].output_shape
-    return shape[2] if len(shape) == 5 else 1
-
-
 def _cropped(model, j: int) -> bool:
     return bool(getattr(model.units[j], "rows_cropped", False))
 
@@ -137,7 +129,9 @@ def rows_memory(model, seg, seg_rules, entry: int) -> tuple[tuple[int, int, int,
 
     sigs = [_signature(model, seg, maps, sl) for sl in slices]
     held_at = [[h - seg.start for h in seg_rules.held_at(seg.start + i)] for i in range(len(units))]
-    staged_at = [[(size[v], _frames(model, v, units[i])) for v in seg_rules.staged(seg.start + i)]
+    # A unit that stages its input itself (``stage_inside``: the Wan decode's up levels) copies each frame
+    # of its slab to the device whether that input is on host or not: the copy is in its profiled scratch.
+    staged_at = [[] if getattr(units[i], "stage_inside", False) else [size[v] for v in seg_rules.staged(seg.start + i)]
                  for i in range(len(units))]
     cropped = [_cropped(model, seg.start + i) for i in range(len(units))]
     best = None
@@ -158,7 +152,7 @@ def rows_memory(model, seg, seg_rules, entry: int) -> tuple[tuple[int, int, int,
             held = sum(units[h].output_bytes * ((sl.out[h][1] - sl.out[h][0]) if cropped[h] else made_rows(h, sl))
                        // lens[h] for h in held_at[i])
             a, b = sl.slab[i]
-            staged = sum(nbytes * (b - a) // max(1, in_lens[i]) // frames for nbytes, frames in staged_at[i])
+            staged = sum(nbytes * (b - a) // max(1, in_lens[i]) for nbytes in staged_at[i])
             scratch = int(_slab_scratch(model, j, _held(model, j, sl, i) if cropped[i] else b - a))
             transient = held + staged + scratch
             if best is None or live + transient > best[0]:
