@@ -191,6 +191,30 @@ def evaluate(folder: Path, args, log) -> dict:
     return results
 
 
+def shape_check(folder: Path, args, log) -> int:
+    """Does each held-out prompt's generation show the shape it names? PSNR of the generation (guidance 5, seed
+    = prompt index, as :func:`evaluate`) to the VAE's reconstruction of the prompt's clip drawn with each shape
+    (as blurred as the generation can be: against the sharp clips a blur is nearest to the smallest shape);
+    the nearest should be the named one. Returns how many of the held-out prompts pass."""
+    pipe = W.load_trained_wan(folder)
+
+    def recon(clip):
+        with torch.no_grad():
+            z = pipe.vae.encode(videos(clip[None])).latent_dist.mode()
+            return pipe.vae.decode(z).sample[0].transpose(0, 1).clamp(-1, 1)
+
+    passed, lines = 0, []
+    for i, (c, s, d) in enumerate(W.heldout_combinations()):
+        video = W.sample(pipe, W.prompt(c, s, d), seed=i, num_inference_steps=args.eval_steps)
+        scores = {shape: psnr(video, recon(W.render(c, shape, d))).mean().item() for shape in W.SHAPES}
+        nearest = max(scores, key=scores.get)
+        passed += nearest == s
+        lines.append(f"{s}->{nearest} (" + " ".join(f"{v:.2f}" for v in scores.values()) + ")")
+    log(f"shapes [guidance {W.GUIDANCE_SCALE}]: {passed} of {len(lines)} held-out generations are nearest to "
+        f"their named shape's clip (PSNR to the VAE's reconstruction of the clip drawn as {' / '.join(W.SHAPES)}): " + "; ".join(lines))
+    return passed
+
+
 def save_preview(folder: Path, steps: int, log) -> None:
     """A PNG: rows of (true clip | generated | generated under a uniform Step Rehash schedule, half the steps
     key steps) for held-out prompts, every other frame."""
@@ -221,11 +245,15 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-steps", type=int, default=W.NUM_INFERENCE_STEPS)
     parser.add_argument("--eval-only", action="store_true")
     parser.add_argument("--no-eval", action="store_true")
+    parser.add_argument("--shapes-only", action="store_true", help="only the shape check (appends to the log)")
     parser.add_argument("--combos", type=int, default=None, help="only the first N training prompts (a smoke test)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    log = Log(args.out / "train_log.txt", append=args.eval_only)
+    log = Log(args.out / "train_log.txt", append=args.eval_only or args.shapes_only)
+    if args.shapes_only:
+        shape_check(args.out, args, log)
+        return
     if not args.eval_only:
         log(f"train_tiny_wan: {vars(args)}; torch {torch.__version__}, threads {torch.get_num_threads()}")
         start = time.time()
@@ -243,6 +271,7 @@ def main(argv=None) -> None:
         log(f"saved to {args.out} ({total / 2**20:.2f} MiB of safetensors)")
     if not args.no_eval:
         evaluate(args.out, args, log)
+        shape_check(args.out, args, log)
         save_preview(args.out, args.eval_steps, log)
 
 
