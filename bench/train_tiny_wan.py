@@ -191,27 +191,33 @@ def evaluate(folder: Path, args, log) -> dict:
     return results
 
 
-def shape_check(folder: Path, args, log) -> int:
-    """Does each held-out prompt's generation show the shape it names? PSNR of the generation (guidance 5, seed
-    = prompt index, as :func:`evaluate`) to the VAE's reconstruction of the prompt's clip drawn with each shape
-    (as blurred as the generation can be: against the sharp clips a blur is nearest to the smallest shape);
-    the nearest should be the named one. Returns how many of the held-out prompts pass."""
-    pipe = W.load_trained_wan(folder)
+def shape_scores(pipe, combo: tuple[str, str, str], seed: int, steps: int) -> dict[str, float]:
+    """PSNR of the prompt's generation (guidance 5) to the VAE's reconstruction of its clip drawn with each
+    shape: as blurred as a generation can be (against the sharp clips a blur is nearest to the smallest shape)."""
+    c, s, d = combo
 
     def recon(clip):
         with torch.no_grad():
             z = pipe.vae.encode(videos(clip[None])).latent_dist.mode()
             return pipe.vae.decode(z).sample[0].transpose(0, 1).clamp(-1, 1)
 
+    video = W.sample(pipe, W.prompt(c, s, d), seed=seed, num_inference_steps=steps)
+    return {shape: psnr(video, recon(W.render(c, shape, d))).mean().item() for shape in W.SHAPES}
+
+
+def shape_check(folder: Path, args, log) -> int:
+    """Does each held-out prompt's generation (seed = prompt index, as :func:`evaluate`) show the shape it
+    names, i.e. is it nearest to the named shape's clip? Returns how many of the held-out prompts pass."""
+    pipe = W.load_trained_wan(folder)
     passed, lines = 0, []
-    for i, (c, s, d) in enumerate(W.heldout_combinations()):
-        video = W.sample(pipe, W.prompt(c, s, d), seed=i, num_inference_steps=args.eval_steps)
-        scores = {shape: psnr(video, recon(W.render(c, shape, d))).mean().item() for shape in W.SHAPES}
+    for i, combo in enumerate(W.heldout_combinations()):
+        scores = shape_scores(pipe, combo, i, args.eval_steps)
         nearest = max(scores, key=scores.get)
-        passed += nearest == s
-        lines.append(f"{s}->{nearest} (" + " ".join(f"{v:.2f}" for v in scores.values()) + ")")
+        passed += nearest == combo[1]
+        lines.append(f"{combo[1]}->{nearest} (" + " ".join(f"{v:.2f}" for v in scores.values()) + ")")
     log(f"shapes [guidance {W.GUIDANCE_SCALE}]: {passed} of {len(lines)} held-out generations are nearest to "
-        f"their named shape's clip (PSNR to the VAE's reconstruction of the clip drawn as {' / '.join(W.SHAPES)}): " + "; ".join(lines))
+        f"their named shape's clip (PSNR to the VAE's reconstruction of the clip drawn as {' / '.join(W.SHAPES)}): "
+        + "; ".join(lines))
     return passed
 
 
