@@ -567,7 +567,32 @@ def _variable(prob, name: str, **kwargs):
 
 
 def _ilp(segments, costs, n, max_latency_s):
-    """``costs``: segment -> (needed bytes, seconds)."""
+    """``costs``: segment -> (needed bytes, seconds). The ``min_latency`` problem goes to CBC without a
+    PuLP model (:mod:`.ilp_mps`: the same file, the same answer); ``min_peak`` through PuLP."""
+    if max_latency_s is None and FAST_MPS and any(c[1] != 0 for c in costs.values()):
+        from .ilp_mps import solve_min_latency  # (an empty objective: PuLP adds a dummy variable)
+
+        chosen, status = solve_min_latency(segments, {s: c[1] for s, c in costs.items()}, n,
+                                           _cbc(msg=False, gapRel=0.0, timeLimit=60))
+        return (chosen, status, 0.0) if chosen is not None else (None, status, None)
+    prob, y = _pulp_problem(segments, costs, n, max_latency_s)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        prob.solve(_cbc(msg=False, gapRel=0.0, timeLimit=60))
+    import pulp
+
+    status = pulp.LpStatus[prob.status]
+    if status != "Optimal":
+        return None, status, None
+    chosen = sorted((s for s, var in y.items() if var.value() > 0.5), key=lambda s: s.start)
+    return chosen, status, 0.0
+
+
+FAST_MPS = True  # False: every ILP through PuLP (tests compare the two)
+
+
+def _pulp_problem(segments, costs, n, max_latency_s):
+    """The PuLP model of :func:`_ilp` and its binaries per segment."""
     import pulp
 
     objective = "min_peak" if max_latency_s is not None else "min_latency"
@@ -593,14 +618,7 @@ def _ilp(segments, costs, n, max_latency_s):
         prob += latency <= max_latency_s
         # Ties in peak are broken towards lower latency (a term far smaller than any peak step).
         prob += peak + 1e-9 * latency
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        prob.solve(_cbc(msg=False, gapRel=0.0, timeLimit=60))
-    status = pulp.LpStatus[prob.status]
-    if status != "Optimal":
-        return None, status, None
-    chosen = sorted((s for s, var in y.items() if var.value() > 0.5), key=lambda s: s.start)
-    return chosen, status, 0.0
+    return prob, y
 
 
 def min_needed(model: CostModel, max_group: int = 8) -> tuple[int, str]:

@@ -156,3 +156,53 @@ def test_placed_values_a_segment_does_not_read_only_shift_its_states(monkeypatch
 
 def _costs(cases):
     return [CostModel(p, find_gpu(g)).cost(seg, host) for p, g, seg, host in cases]
+
+
+def test_fastest_path_ilp_writes_the_file_pulp_writes():
+    """The min-latency ILP bypasses PuLP's model (planner/ilp_mps.py): the MPS text must be PuLP's, byte for
+    byte (variables sorted by PuLP's names, zero objective terms left out, duplicate segments once)."""
+    import os
+    import tempfile
+
+    from vramplan.planner import solve as S
+    from vramplan.planner.costs import Segment
+    from vramplan.planner.ilp_mps import mps_min_latency
+
+    rng = random.Random(1)
+    for t in range(40):
+        n = rng.randint(1, 12)
+        segs = [Segment(a, b, k, rng.choice((1, 2))) for a in range(n) for b in range(a, min(n, a + 4))
+                for k in (1, 2, 4, 16) if rng.random() < 0.5]
+        segs += segs[:2]  # a duplicate: one variable
+        if t % 2:
+            rng.shuffle(segs)
+        costs = {s: (rng.randint(0, 99), rng.choice((0.0, rng.random(), rng.random() * 1e-5, rng.random() * 1e3)))
+                 for s in segs}
+        if not any(c[1] for c in costs.values()):
+            continue  # (PuLP adds a dummy variable; _ilp sends that case through PuLP)
+        prob, _ = S._pulp_problem(segs, costs, n, None)
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "p.mps")
+            prob.writeMPS(path, rename=1)
+            with open(path) as f:
+                expected = f.read()
+        assert mps_min_latency(segs, {s: c[1] for s, c in costs.items()}, n)[0] == expected
+
+
+def test_fastest_path_ilp_without_pulp_chooses_what_pulp_chooses(monkeypatch):
+    """Every CBC solve of a fastest plan on a shipped profile gives the same segments both ways."""
+    from vramplan.planner import solve as S
+
+    if not S._cbc_available():
+        pytest.skip("CBC is not available")
+    m = CostModel(_stage("svd", 512, 512, 14, "fp16", "denoise"), find_gpu("RTX 3060 12GB"))
+    segs, needed, seconds = S.table(m)
+    problems = []
+    for cap in sorted(set(needed))[:: max(1, len(set(needed)) // 3)][1:]:
+        fitting = [i for i, b in enumerate(needed) if b <= cap]
+        problems.append(([segs[i] for i in fitting], {segs[i]: (needed[i], seconds[i]) for i in fitting}, m.n, None))
+    problems.append(([segs[0]], {segs[0]: (needed[0], seconds[0])}, m.n, None))  # no path: infeasible both ways
+    fast = [S._ilp(*p) for p in problems]
+    monkeypatch.setattr(S, "FAST_MPS", False)
+    assert fast == [S._ilp(*p) for p in problems]
+    assert any(f[0] is not None for f in fast) and fast[-1][0] is None
