@@ -963,7 +963,7 @@ def rehash_summary(plan) -> str:
     return "\n".join([
         f"rehash           {r.mode}: {len(r.key_steps)} of {r.steps} steps key, cut {r.cut}"
         + (f"; {r.schedule}" if r.schedule else ""),
-        f"                 key steps {r.key_steps}",
+        f"                 key steps {r.key_steps}" + (f"; half steps {r.half_steps}" if r.half_steps else ""),
         f"                 denoiser FLOPs {_flops(r.unet_flops)} per video ({ratio:.2f}x fewer); "
         + (f"{r.latency_saved_s:.2f} s saved; " if r.latency_saved_s is not None else "")
         + f"cache {r.cache_bytes / 2**20:.1f} MiB; {quality}",

@@ -453,7 +453,8 @@ def frontier_rows(cands, full: float, steps: int) -> list[dict]:
     """The Pareto frontier (predicted PSNR vs UNet FLOPs) as rows for a table or JSON."""
     from ..planner.rehash_search import frontier
 
-    return [dict(cut=c.cut, key_steps=list(c.keys), keys=len(c.keys), schedule=c.name, kind=c.kind,
+    return [dict(cut=c.cut, key_steps=list(c.keys), keys=len(c.keys), half_steps=list(c.halves), schedule=c.name,
+                 kind=c.kind,
                  flops_fewer=round(steps * full / c.cost, 4), unet_flops=int(c.cost),
                  predicted_psnr=None if c.psnr is None else round(min(c.psnr, 200.0), 2),
                  predicted_error=round(c.error, 6))
