@@ -69,11 +69,20 @@ def plan_alternatives(plan_fn, profile: PipelineProfile, gpu, **kwargs) -> Plan:
     stages' plans: the fastest feasible plan (under ``max_latency_s``: the smallest peak, then the
     fastest); the default first on a tie. When none fits, the refusal of the choice that comes closest:
     one that fits the GPU but not the host memory budget, else the smallest reachable peak."""
+    from .pipeline import CannotWin
+
     latency_bound = kwargs.get("max_latency_s") is not None
     best, errors = None, []
     for i, (_, variant) in enumerate(variants(profile)):
+        wanted = {}
+        if best is not None:  # only a plan that can win: ties go to the earlier choice
+            p = best[1].prediction
+            # a latency over this rounds (to 0.1 ms, as plans state it) above the best's
+            wanted = {"peak_at_most": p.peak_bytes} if latency_bound else {"beat_latency_s": p.latency_s + 1e-4}
         try:
-            plan = plan_fn(variant, gpu, **kwargs)
+            plan = plan_fn(variant, gpu, **kwargs, **wanted)
+        except CannotWin:
+            continue
         except InfeasibleError as err:
             errors.append((i, err))
             continue

@@ -23,6 +23,7 @@ import itertools
 import math
 from dataclasses import dataclass
 
+from .bounds import SLACK, seconds_bound, unbounded
 from .costs import CostModel, roofline_seconds
 from .errors import InfeasibleError
 from .fmt import human_bytes
@@ -53,6 +54,8 @@ class _StageResult:
     peak_unit: str | None
 
 
+SLOW = object()  # PipelinePlanner.evaluate: this residency cannot meet the latency asked for
+
 _MODELS: dict[tuple, CostModel] = {}
 MODELS_KEPT = 8
 
@@ -79,6 +82,7 @@ class PipelinePlanner:
         # Pinned host memory the plan may use (placed values + streamed weights); None: no limit.
         self.host_ram_bytes = host_ram_bytes
         self.host_bound = False  # set when a residency fitted the GPU but not the host budget
+        self.outrun = False  # set when a residency was skipped as slower than a latency asked for
         self.host_ram_source: str | None = None  # for the plan's target: 'given', 'this machine', 'assumed'
         self.margin = int(usable * MARGIN_FRACTION)
         self.weights = {c.component: c.weight_bytes for c in profile.components}
@@ -104,25 +108,44 @@ class PipelinePlanner:
             return self.steps if stage.per_step else 1
         return spec.stage_calls(stage.stage, stage.per_step, self.steps, self.profile.guidance)
 
-    def evaluate(self, resident: dict[str, bool], cap: int, method: str = "dp") -> list[_StageResult] | None:
+    def evaluate(self, resident: dict[str, bool], cap: int, method: str = "dp",
+                 latency_cap: float | None = None) -> list[_StageResult] | None:
         """Every stage within ``cap`` bytes, fastest, for this residency; None if one cannot fit.
 
         Sliced stages first (placement and streaming chosen within what is left with every other
-        component's weights whole), then every stage's weights less the blocks streamed."""
+        component's weights whole), then every stage's weights less the blocks streamed.
+        ``latency_cap``: a run slower than this is not wanted: before each stage's search, the seconds
+        of the stages searched so far plus a lower bound on the others' (:mod:`.bounds`) are checked
+        against it, and :data:`SLOW` is returned instead of searching on (``self.outrun`` set)."""
         solutions: dict[str, Solution] = {}
         limit = min(cap, self.usable)
+        budgets = {}
         for stage in self.profile.stages:
             if stage.profile is None:
                 continue
-            budget = limit - self._base(stage, resident, {})
             # the component's unsliced stages (SVD's VAE encode) fit only if enough of its weights stream
             need = max((int(other.activation_bytes * self._factor()) + self._base(other, resident, {}) - limit
                         for other in self.profile.stages
                         if other.component == stage.component and other.profile is None), default=0)
+            budgets[stage.stage] = (limit - self._base(stage, resident, {}), need)
+        bound = self._bounds(budgets, latency_cap) if latency_cap is not None else None
+        for stage in self.profile.stages:
+            if stage.profile is None:
+                continue
+            budget, need = budgets[stage.stage]
+            if bound is not None:
+                total = sum(bound.values())
+                if total == math.inf:
+                    return None  # some stage has no plan within its budget: its search would say so
+                if total * (1 - SLACK) > latency_cap:
+                    self.outrun = True
+                    return SLOW
             try:
                 solutions[stage.stage] = self._search(stage, budget, method, need)
             except InfeasibleError:
                 return None
+            if bound is not None:  # its own seconds now (host memory given back later only adds)
+                bound[stage.stage] = self._stage_seconds(stage, solutions[stage.stage])
         results = self.results(resident, solutions, cap)
         if results is None:
             return None
@@ -153,9 +176,7 @@ class PipelinePlanner:
             if stage.profile is not None:
                 sol = solutions[stage.stage]
                 worst = max(sol.costs, key=lambda c: c.needed_bytes)
-                seconds = sol.latency_s * self.calls(stage) + transfer
-                if self.rehash is not None and stage.per_step:
-                    seconds = self.rehash.seconds(self.models[stage.stage], sol) + transfer
+                seconds = self._stage_seconds(stage, sol) + transfer
                 activation = max(c.activation_bytes for c in sol.costs)
                 unit = self.models[stage.stage].units[worst.peak_unit].name
                 results.append(_StageResult(stage, weights, base, sol, worst.needed_bytes, activation, seconds, unit))
@@ -167,6 +188,32 @@ class PipelinePlanner:
                 seconds = seconds * self.calls(stage) + transfer
                 results.append(_StageResult(stage, weights, base, None, needed, stage.activation_bytes, seconds, None))
         return results
+
+    def _stage_seconds(self, stage, sol: Solution) -> float:
+        """Seconds of every call of a sliced stage under ``sol`` (moving its component not included)."""
+        if self.rehash is not None and stage.per_step:
+            return self.rehash.seconds(self.models[stage.stage], sol)
+        return sol.latency_s * self.calls(stage)
+
+    def _bounds(self, budgets: dict[str, tuple[int, int]], latency_cap: float) -> dict[str, float]:
+        """Per stage, a lower bound on its seconds in the run: an unsliced stage's own, a sliced stage's
+        fastest with memory for everything (:func:`.bounds.unbounded`), or, where those do not exceed
+        ``latency_cap``, at its budget (:func:`.bounds.seconds_bound`; inf where nothing fits). 0 for a
+        Step Rehash stage (priced otherwise). Moving a non-resident component only adds."""
+        out, sliced = {}, []
+        for stage in self.profile.stages:
+            if stage.profile is None:
+                seconds = roofline_seconds(stage.flops, stage.bytes_moved, self.gpu, self.profile.dtype)
+                out[stage.stage] = seconds * self.calls(stage)
+            elif self.rehash is not None and stage.per_step:
+                out[stage.stage] = 0.0
+            else:
+                out[stage.stage] = unbounded(self.models[stage.stage]) * self.calls(stage)
+                sliced.append(stage)
+        if sum(out.values()) * (1 - SLACK) <= latency_cap:
+            for stage in sliced:
+                out[stage.stage] = seconds_bound(self.models[stage.stage], budgets[stage.stage][0]) * self.calls(stage)
+        return out
 
     def stage_host_bytes(self, r: _StageResult) -> tuple[int, int]:
         """(placed, streamed): pinned host memory of a stage's placed values at most at once, and of its
@@ -223,19 +270,26 @@ class PipelinePlanner:
         for choice in itertools.product([True, False], repeat=len(names)):
             yield dict(zip(names, choice, strict=True))
 
-    def best(self, cap: int, max_latency_s: float | None):
+    def best(self, cap: int, max_latency_s: float | None, beat_s: float | None = None):
         """The fastest residency within ``cap`` (and ``max_latency_s``): ``((latency, peak), resident)``.
 
         A bisection over ``cap`` skips what it cannot use: a residency that did not fit a larger cap,
-        and one whose fastest plan (at the full memory) is already slower than the limit."""
+        and one whose fastest plan (at the full memory) is already slower than the limit. A residency
+        whose stages' lower bounds miss the limit is not searched further (:meth:`evaluate`). ``beat_s``:
+        only a plan at most this slow is wanted (another stage alternative's); a residency that cannot
+        be is skipped the same way (``self.outrun`` says one was), and one slower may still be returned."""
         best = None
         seen = self.__dict__.setdefault("_residency_seen", {})  # residency -> (largest cap it missed, fastest s)
+        wanted = [x for x in (max_latency_s, beat_s) if x is not None]
+        latency_cap = min(wanted) if wanted else None
         for resident in self.residencies():
             rkey = tuple(resident.values())
             missed, fastest = seen.get(rkey, (-1, 0.0))
             if cap <= missed or (max_latency_s is not None and fastest > max_latency_s):
                 continue
-            results = self.evaluate(resident, cap)
+            results = self.evaluate(resident, cap, latency_cap=latency_cap)
+            if results is SLOW:
+                continue
             if results is None:
                 seen[rkey] = (max(missed, cap), fastest if cap < self.usable else math.inf)
                 continue
@@ -256,9 +310,13 @@ class PipelinePlanner:
             held += self.rehash.cache_bytes(self.models[stage.stage])
         return held
 
-    def floor(self) -> tuple[int, str, str]:
+    def floor(self, lower: bool = False) -> tuple[int, str, str]:
         """The smallest reachable pipeline peak, and the stage and unit that set it (every value that
-        may leave the GPU in host memory, every block streamed; :attr:`floor_reason` says more)."""
+        may leave the GPU in host memory, every block streamed; :attr:`floor_reason` says more).
+
+        ``lower``: a lower bound of it instead, where a sliced stage is credited with the blocks other stages
+        of its component stream (its search is not): where ``max_latency_s``'s bisection over the peak
+        starts, as it always has (its 1 MiB steps, hence its plans, stay where they were)."""
         floors = {s.stage: model_floor(self.models[s.stage]) for s in self.profile.stages if s.profile is not None}
         streamed = {s.stage: (s.component, self.models[s.stage].streamed_weight_bytes(f.streamed))
                     for s in self.profile.stages if (f := floors.get(s.stage)) is not None}
@@ -277,9 +335,10 @@ class PipelinePlanner:
             worst = None
             for stage in self.profile.stages:
                 if stage.profile is not None:
-                    # its own component counted whole less the other stages' streamed blocks: a model floor is
-                    # relative to all the model's weights
-                    base = self._base(stage, resident, credit_but(stage.stage))
+                    # every weight counted whole, as :meth:`evaluate` gives its search the budget (a model floor is
+                    # relative to all the model's weights): another stage's streamed blocks of the same component
+                    # are not credited to it (SVD's VAE encode, whose search counts the VAE whole)
+                    base = self._base(stage, resident, credit_but(stage.stage) if lower else {})
                     needed, unit = floors[stage.stage].needed_bytes, floors[stage.stage].unit
                 else:
                     base = self._base(stage, resident, credit)
@@ -289,6 +348,9 @@ class PipelinePlanner:
             if best is None or worst[0] < best[0]:
                 best = worst
         total, stage_name, unit, resident = best
+        if stage_name in streamed:  # weights on the GPU at a sliced stage's floor: its own streamed blocks off
+            component, own = streamed[stage_name]
+            credit = {component: own}
         self.floor_reason = self._reason(stage_name, resident, credit, floors.get(stage_name))
         return total, stage_name, unit
 
@@ -347,13 +409,17 @@ def plan_pipeline(
     pinned: bool = True,
     host_ram_bytes: int | None = None,
     host_ram_source: str = "given",
+    beat_latency_s: float | None = None,
+    peak_at_most: int | None = None,
 ) -> Plan:
     """The fastest run within the GPU's memory, or (given ``max_latency_s``) the smallest peak within it.
     ``rehash``: a Step Rehash schedule to price in (:class:`.rehash.StageRehash`). ``pinned=False``:
     host memory cannot be pinned here, so placed values and streamed weights move at the pageable rate.
     ``host_ram_bytes``: pinned host memory the plan may use (None: no limit); a plan needing more is
     not chosen. A stage profiled under alternative plans (``profile.alternatives``) runs under whichever
-    plans best (:mod:`.alternatives`)."""
+    plans best (:mod:`.alternatives`), which asks each alternative only for a plan that can beat the best
+    so far: ``beat_latency_s`` (fastest plans: at most this slow) or ``peak_at_most`` (under
+    ``max_latency_s``: a peak of at most these bytes); :class:`CannotWin` when there is none."""
     if profile.alternatives:
         from .alternatives import plan_alternatives
 
@@ -364,29 +430,24 @@ def plan_pipeline(
     usable = usable_bytes if usable_bytes is not None else gpu.memory_usable_bytes
     planner = PipelinePlanner(profile, gpu, usable, steps, allocator, rehash, pinned, host_ram_bytes)
     planner.host_ram_source = host_ram_source if host_ram_bytes is not None else None
-    found = planner.best(usable, None)
-    if found is None and planner.host_bound:
-        raise _host_infeasible(profile, gpu, usable, planner)
-    if found is None:
-        floor, stage, unit = planner.floor()
-        err = InfeasibleError(
-            f"{profile.model_name} {profile.frames} x {profile.height}x{profile.width} cannot fit {gpu.name} "
-            f"({human_bytes(usable)} usable): the smallest reachable peak is {human_bytes(floor)}, set by the "
-            f"{stage} stage ({unit}), with every other component's weights off the GPU, every value that may leave "
-            f"the GPU in host memory and every block's weights streamed: {planner.floor_reason}. Use a GPU with at "
-            f"least {human_bytes(floor)}, a smaller resolution or fewer frames."
-        )
-        err.min_peak_bytes, err.stage, err.unit, err.reason = floor, stage, unit, planner.floor_reason
-        err.part = planner.floor_part  # what sets it: "CUDA context", "weights that cannot be streamed", ...
-        raise err
+    if peak_at_most is not None and max_latency_s is not None:  # the fastest plan is not needed: only a peak
+        found = None                                             # below another alternative's can win
+        if planner.floor(lower=True)[0] > peak_at_most:
+            raise CannotWin  # no plan's peak is below this (a plan states its peak with every streamed block off)
+    else:
+        found = planner.best(usable, None, beat_latency_s)
+        if found is None and planner.outrun and beat_latency_s is not None:
+            raise CannotWin
+        if found is None:
+            raise _refusal(profile, gpu, usable, planner)
     cap = usable
     if max_latency_s is not None:
-        if found[0][0] > max_latency_s:
+        if found is not None and found[0][0] > max_latency_s:
             raise InfeasibleError(
                 f"no plan meets max_latency_s={max_latency_s:g}: the fastest plan within memory takes "
                 f"{found[0][0]:.2f} s. Raise the latency limit or give more memory."
             )
-        lo, hi = planner.floor()[0], usable
+        lo, hi = planner.floor(lower=True)[0], usable
         at_floor = planner.best(lo, max_latency_s)
         if at_floor is not None:  # a loose limit: the smallest reachable peak meets it
             hi = lo
@@ -396,15 +457,56 @@ def plan_pipeline(
                 hi = lo + 2**20
         while hi - lo > 2**20:  # 1 MiB resolution on the peak
             mid = (lo + hi) // 2
-            if planner.best(mid, max_latency_s) is not None:
+            # only a peak below another alternative's can win: above it, take the step a plan found there
+            # would take, unsearched (the same steps as searching it, wherever a plan is found above it)
+            if (peak_at_most is not None and mid > peak_at_most) or planner.best(mid, max_latency_s) is not None:
                 hi = mid
             else:
                 lo = mid
         cap = hi
         found = planner.best(cap, max_latency_s)
+        if found is None:  # (only below another alternative's peak: nothing found there)
+            raise CannotWin
     resident = found[1]
     results = planner.evaluate(resident, cap, method=method)
     return _assemble(profile, planner, resident, results, cap, max_latency_s)
+
+
+def min_usable(floor: int, margin: int) -> int:
+    """The smallest usable memory whose plan fits ``floor`` (a peak that holds ``margin``, the margin of the
+    budget it was found at): the margin is a fraction of the usable memory, so it grows with it."""
+    rest = floor - margin
+    need = math.ceil(rest / (1 - MARGIN_FRACTION))
+    while need - int(need * MARGIN_FRACTION) < rest:
+        need += 1
+    while need > 0 and (need - 1) - int((need - 1) * MARGIN_FRACTION) >= rest:
+        need -= 1
+    return need
+
+
+def _refusal(profile, gpu, usable: int, planner: PipelinePlanner) -> InfeasibleError:
+    """No residency fits: the pinned host memory budget, or the floor (the smallest reachable peak, what
+    sets it, and the smallest usable memory that plans)."""
+    if planner.host_bound:
+        return _host_infeasible(profile, gpu, usable, planner)
+    floor, stage, unit = planner.floor()
+    need = min_usable(floor, planner.margin)
+    err = InfeasibleError(
+        f"{profile.model_name} {profile.frames} x {profile.height}x{profile.width} cannot fit {gpu.name} "
+        f"({human_bytes(usable)} usable): the smallest reachable peak is {human_bytes(floor)}, set by the "
+        f"{stage} stage ({unit}), with every other component's weights off the GPU, every value that may leave "
+        f"the GPU in host memory and every block's weights streamed: {planner.floor_reason}. Use a GPU with at "
+        f"least {human_bytes(need)} usable (the margin grows with it), a smaller resolution or fewer frames."
+    )
+    err.min_peak_bytes, err.stage, err.unit, err.reason = floor, stage, unit, planner.floor_reason
+    err.min_usable_bytes = need  # the smallest usable memory that plans
+    err.part = planner.floor_part  # what sets it: "CUDA context", "weights that cannot be streamed", ...
+    return err
+
+
+class CannotWin(Exception):
+    """:func:`plan_pipeline` asked for a plan that beats another (``beat_latency_s``, ``peak_at_most``) has
+    none: its lower bounds (the floor, :mod:`.bounds`) or its search below the other's peak say so."""
 
 
 def _host_infeasible(profile, gpu, usable: int, planner: PipelinePlanner) -> InfeasibleError:
