@@ -141,6 +141,10 @@ def solve(
     at = None
     if limit is not None and limit <= 0:
         chosen, status, gap, name = None, "Infeasible", None, method
+    elif method == "ilp" and limit is None and UNIQUE_SKIPS_CBC and _unique(model, max_group, needed, cap, seconds,
+                                                                          fastest):
+        chosen, status, gap, at = fastest[1], "Optimal", 0.0, fastest[2]
+        name = UNIQUE_METHOD
     elif method == "ilp":
         fitting = [i for i, b in enumerate(needed) if b <= cap]
         chosen, status, gap = _ilp([segs[i] for i in fitting], {segs[i]: (needed[i], seconds[i]) for i in fitting},
@@ -171,6 +175,29 @@ def solve(
     if memo is not None:
         _remember(memo, mkey, solution)
     return solution
+
+
+# The fastest-path ILP has one optimum when every other path is slower by more than this (relative): CBC's
+# tolerances are far tighter (and the flow LP's vertices are paths), so its answer is the DP's path.
+UNIQUE_MARGIN = 1e-6
+UNIQUE_SKIPS_CBC = True  # False: CBC solves every fastest-path ILP (tests compare the two)
+UNIQUE_METHOD = "exact dynamic programming (the ILP's unique optimum)"
+
+
+def _unique(model: CostModel, max_group: int, needed: list[int], cap: int, seconds: list[float], fastest) -> bool:
+    """True when the fastest path within ``cap`` (``fastest``: :func:`_fastest`'s) beats every other path
+    by more than :data:`UNIQUE_MARGIN`: the ILP's only optimum, so CBC would return that path. Every other
+    path holds a candidate off it; the fastest through candidate ``i`` takes ``to[start] + seconds[i] +
+    after[stop + 1]`` (:func:`both_ways`). Exact ties (two groupings of the same seconds) go to CBC, which
+    picks among them its own way."""
+    best, on = fastest[0], set(fastest[2])
+    to, after = both_ways(model, needed, cap, seconds, max_group)
+    starts, ends = _bounds(model, max_group)
+    limit = best * (1 + UNIQUE_MARGIN) + 1e-12
+    for i, b in enumerate(needed):
+        if b <= cap and i not in on and to[starts[i]] + seconds[i] + after[ends[i]] <= limit:
+            return False
+    return True
 
 
 SOLVES_KEPT = 8192  # memoised trial solves per cost model (a solution holds its path, not its costs, until asked)

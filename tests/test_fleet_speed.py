@@ -206,3 +206,66 @@ def test_fastest_path_ilp_without_pulp_chooses_what_pulp_chooses(monkeypatch):
     monkeypatch.setattr(S, "FAST_MPS", False)
     assert fast == [S._ilp(*p) for p in problems]
     assert any(f[0] is not None for f in fast) and fast[-1][0] is None
+
+
+def test_a_unique_fastest_path_is_what_cbc_returns(monkeypatch):
+    """A fastest-path ILP whose optimum beats every other path by more than UNIQUE_MARGIN is answered by the
+    DP's path without CBC: at caps over a shipped table, each such solve gives the segments CBC gives; the
+    others (exact ties) still go to CBC. The second-best bound is checked against brute force below."""
+    from vramplan.planner import solve as S
+
+    if not S._cbc_available():
+        pytest.skip("CBC is not available")
+    m = CostModel(_stage("svd", 512, 512, 14, "fp16", "denoise"), find_gpu("RTX 3060 12GB"))
+    _, needed, _ = S.table(m)
+    low, top = S.memory_minimax(m, frozenset(), frozenset(), 8)[0], max(needed)
+    caps = [int(low + q * (top - low)) for q in (0, 0.01, 0.03, 0.1, 0.3, 1)]
+    skipped = [S.solve(m, cap, None, "ilp") for cap in caps]
+    monkeypatch.setattr(S, "UNIQUE_SKIPS_CBC", False)
+    solved = [S.solve(m, cap, None, "ilp") for cap in caps]
+    assert any(a.method == S.UNIQUE_METHOD for a in skipped)
+    for a, b in zip(skipped, solved, strict=True):
+        assert a.segments == b.segments and a.latency_s == b.latency_s
+        assert a.method == (S.UNIQUE_METHOD if a.method != b.method else b.method)
+
+
+def test_unique_fastest_path_against_brute_force():
+    """_unique on handmade tables: True exactly when every other tiling of the units is slower by more than
+    the margin (all paths enumerated)."""
+    from vramplan.planner import solve as S
+    from vramplan.planner.costs import Segment
+
+    class Table:  # what _fastest / both_ways / _bounds read of a cost model
+        def __init__(self, n, segs):
+            self.n, self._segs, self.__dict__["_x"] = n, segs, None
+
+        def segments(self, max_group=8):
+            return self._segs
+
+    rng = random.Random(3)
+    checked = 0
+    for _ in range(200):
+        n = rng.randint(1, 6)
+        segs = sorted({Segment(a, b, k) for a in range(n) for b in range(a, n) for k in (1, 2) if rng.random() < 0.6},
+                      key=lambda s: (s.start, s.stop, s.k))
+        seconds = [rng.choice((1.0, 2.0, 0.5, 1.5)) for _ in segs]
+        needed = [rng.randint(0, 3) for _ in segs]
+        m = Table(n, segs)
+        cap = 2
+        fastest = S._fastest(m, 8, needed, cap, seconds)
+        if fastest is None:
+            continue
+
+        totals = sorted(_tilings(0, n, segs, seconds, needed, cap))
+        unique = len(totals) == 1 or totals[1] > totals[0] * (1 + S.UNIQUE_MARGIN) + 1e-12
+        assert S._unique(m, 8, needed, cap, seconds, fastest) == unique
+        checked += 1
+    assert checked > 50
+
+
+def _tilings(at, n, segs, seconds, needed, cap) -> list[float]:
+    """Seconds of every tiling of units ``at``..``n - 1`` by fitting candidates (brute force)."""
+    if at == n:
+        return [0.0]
+    return [seconds[i] + rest for i, s in enumerate(segs) if s.start == at and needed[i] <= cap
+            for rest in _tilings(s.stop + 1, n, segs, seconds, needed, cap)]
