@@ -39,41 +39,55 @@ class _Relaxed:
         present = _present_bytes(model, streamed) if streamed else (lambda a, b: 0)
         spans, of = _spans(model, max_group, segs)
         extra = [present(a, b) - credit for a, b in spans]
-        _, plain, _ = table(model, EMPTY, EMPTY, max_group)
         placeable = frozenset(model.placeable)
         size, rate = model.size, model.link_bytes_per_s
-        need, link_need, link = [], [], []
+        need, link_need, link, per_byte = [], [], [], []
         for i, s in enumerate(segs):
-            twin = i if s.depth == 1 else index[Segment(s.start, s.stop, s.k)]
-            need.append(mem[twin] + extra[of[i]])
             # without a placed value the segment reads or writes (its core): the others placed only lower its
             # entry, at no host-link time; with one, at least that value crosses the host link once
             core = model._core(s) & placeable
             c = model.cost(s, EMPTY)
             d = sum(size[v] for v in (model.relevant(s) & placeable) - core)
+            factor = max(1.0, model.allocator_factor(s.k))
             link_need.append(int((c.activation_bytes - d) * model.allocator_factor(s.k)) + extra[of[i]])
             link.append(min((size[v] for v in core), default=math.inf) / rate)
+            per_byte.append(1 / (factor * rate))
+            # everything placed is not always the least (a unit reading a dying input whole stages it in full):
+            # placing a value lowers a state by at most its bytes (x the allocator factor)
+            twin = i if s.depth == 1 else index[Segment(s.start, s.stop, s.k)]
+            least = math.floor(link_need[-1] - sum(size[v] for v in core) * factor) - len(core) - 1
+            need.append(min(mem[twin] + extra[of[i]], least))
         self.need, self.seconds, self.link_need, self.link = need, seconds, link_need, link
-        self.levels = sorted(set(need))
+        self.per_byte = per_byte
+        self.levels = sorted(set(need) | set(link_need))  # (between two, a solve's answer is the same)
         self.starts, self.ends = _bounds(model, max_group)
         self.n = model.n
         self.memo: dict[int, float] = {}
 
     def at(self, budget: int) -> float:
+        """The bound at every budget from the last level at most ``budget`` to the next (memoised): the
+        candidates within the one, host-link time charged for what is over the other (no more than over
+        ``budget``)."""
         rank = bisect.bisect_right(self.levels, budget)
         found = self.memo.get(rank)
         if found is None:
-            found = self.memo[rank] = self._shortest(self.levels[rank - 1] if rank else -math.inf)
+            levels = self.levels
+            found = self.memo[rank] = self._shortest(levels[rank - 1] if rank else -math.inf,
+                                                     levels[rank] if rank < len(levels) else math.inf)
         return found
 
-    def _shortest(self, cap) -> float:
+    def _shortest(self, cap, above) -> float:
         value = [math.inf] * (self.n + 1)
         value[0] = 0.0
         starts, ends, seconds, link_need, link = self.starts, self.ends, self.seconds, self.link_need, self.link
+        per_byte = self.per_byte
         for i, b in enumerate(self.need):  # candidates by start: every start is final when read
             if b > cap:
                 continue
-            v = value[starts[i]] + (seconds[i] if link_need[i] <= cap else seconds[i] + link[i])
+            over = link_need[i] - above
+            # placing a value lowers a state by at most its bytes (x the allocator factor): the values placed
+            # must add up to what is over, and each crosses the host link
+            v = value[starts[i]] + (seconds[i] if over <= 0 else seconds[i] + max(link[i], (over - 1) * per_byte[i]))
             if v < value[ends[i]]:
                 value[ends[i]] = v
         return value[self.n]
