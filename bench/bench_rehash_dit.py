@@ -294,6 +294,8 @@ def run(args) -> tuple[str, list[Point], list[Point], Bench]:
         return validation_report(b, b.validation()), [], [], b
     if args.part == "overhead":
         return overhead(b, args.repeats), [], [], b
+    if args.part == "steps":
+        return steps_report(b), [], [], b
     theirs = b.diffusers_points(args.quick)
     ours: dict[tuple, Point] = {}
 
@@ -496,6 +498,56 @@ def validation_report(b: Bench, checked) -> str:
     return "\n".join(lines + [""])
 
 
+def steps_report(b: Bench, cut: str = "cfg+patch_embedding->blocks.7.ffn") -> str:
+    """Where the predictor misranks: every step but one key, the one reused step (at ``cut``, the cheapest
+    CFG-reuse cut) and, at a few steps, the same step as a half step; measured vs predicted PSNR per step.
+    An error at one step only: what the predictor's per-step weight (scheduler coefficient, carry) gets wrong."""
+    from vramplan.planner.rehash_quality import spearman
+    from vramplan.planner.rehash_search import Candidate
+
+    if cut not in b.reuse:
+        cut = next(c for c in b.reuse if c.startswith("cfg+"))
+    rows = []
+    for s, half in [*((s, False) for s in range(1, b.steps)), *((s, True) for s in (2, 9, 16, b.steps - 1))]:
+        keys = tuple(k for k in range(b.steps) if k != s)
+        halves = (s,) if half else ()
+        cost = len(keys) * b.full_call + (b.reuse["cfg"] if half else b.reuse[cut])
+        c = Candidate(cut, keys, "hand", cost, b.model.latent_error(cut, keys, halves), b.model.psnr(cut, keys, halves),
+                      None, halves)
+        rows.append((s, half, b.schedule(c, f"step {s}{' half' if half else ''}", timed=False)))
+    reused = [(s, p) for s, h, p in rows if not h]
+    rho = spearman([p.predicted for _, p in reused], [p.psnr for _, p in reused])
+    # schedules within FirstBlockCache's 1.19x, picked by hand from the rows above (so: on these prompts): what
+    # a predictor that ranked steps as measured could have chosen
+    hand = []
+    for c, reuse, halves in HAND:
+        keys = tuple(k for k in range(b.steps) if k not in reuse and k not in halves)
+        cand = Candidate(c, keys, "hand", 0.0, b.model.latent_error(c, keys, halves), b.model.psnr(c, keys, halves),
+                         None, halves)
+        hand.append((reuse, halves, b.schedule(cand, "by hand", timed=False)))
+    lines = [f"### One reused step at a time ({b.label})", "",
+             f"Every step key but one, which reuses ({short(cut)}) or is a half step (the first CFG call whole, the "
+             f"second from the offset); {len(b.prompts)} held-out prompts, calibration as in the comparison. Measured "
+             f"minus predicted PSNR per step shows what the predictor's per-step weight gets wrong. Spearman over the "
+             f"{len(reused)} one-step schedules: {rho:.2f}.", "",
+             "| step | kind | predicted PSNR | measured PSNR | measured - predicted |", "|---|---|---|---|---|"]
+    for s, half, p in rows:
+        lines.append(f"| {s} | {'half' if half else 'reused'} | {p.predicted:.1f} | {p.psnr:.2f} | "
+                     f"{p.psnr - p.predicted:+.1f} |")
+    lines += ["", "Schedules picked by hand from this table (on the held-out prompts: not a planner's choice):", "",
+              "| schedule | reused steps | half steps | DiT FLOPs x fewer | predicted PSNR | measured PSNR |",
+              "|---|---|---|---|---|---|"]
+    for reuse, halves, p in hand:
+        lines.append(f"| {p.setting.split(': ', 1)[1]} | {', '.join(map(str, reuse))} | "
+                     f"{', '.join(map(str, halves)) or '-'} | {b.full_flops / p.flops:.2f} | {p.predicted:.1f} | "
+                     f"{p.psnr:.2f} |")
+    return "\n".join(lines + [""])
+
+
+HAND = [("cfg+patch_embedding->blocks.7.ffn", (5, 7, 11), (9,)), ("cfg+blocks.0.ffn->blocks.5.ffn", (5, 7, 9, 11), ()),
+        ("cfg+patch_embedding->blocks.7.ffn", (3, 5, 7, 9), ())]
+
+
 def plot(theirs, ours, full_flops, full_cpu, path, title) -> None:
     """PSNR against the DiT FLOPs saved (measured) and against the DiT CPU-time speed-up, per method."""
     import matplotlib
@@ -533,9 +585,10 @@ def main() -> None:
     parser.add_argument("--untrained", action="store_true", help="the same pipeline with random weights (harness "
                         "check only: no quality claim)")
     parser.add_argument("--quick", action="store_true", help="one setting per diffusers cache")
-    parser.add_argument("--part", choices=["compare", "validate", "overhead"], default="compare",
+    parser.add_argument("--part", choices=["compare", "validate", "overhead", "steps"], default="compare",
                         help="compare: vs diffusers' caches; validate: the predictor's Spearman over 48 schedules; "
-                        "overhead: reuse steps' CPU time against their FLOPs, the executor and the straight run")
+                        "overhead: reuse steps' CPU time against their FLOPs, the executor and the straight run; "
+                        "steps: one reused (or half) step at a time, measured vs predicted")
     parser.add_argument("--write", help="markdown file to put the section in (its block replaced if present)")
     parser.add_argument("--plot", help="quality vs DiT FLOPs saved, PNG")
     parser.add_argument("--text-out", help="also write the section's markdown to this file")
