@@ -380,6 +380,18 @@ class CostModel:
         return replace(found, activation_bytes=found.activation_bytes + extra, needed_bytes=found.needed_bytes + extra,
                        streamed_bytes=extra)
 
+    def term_seconds(self, seg: Segment) -> float:
+        """``seg``'s seconds without host-link time: its recipe's terms summed at this GPU's rates, the same
+        for every placement (``cost(seg, host).seconds`` adds the placed values' link time to it), so a
+        lower bound of its seconds under any placement (:func:`.placement._slower_unplaced`)."""
+        first = self.units[seg.start]
+        key = ("rows", seg) if first.axis == "rows" and seg.k > 1 and self.units[seg.stop].axis_length > 1 else seg
+        found = self._term_seconds.get(key)
+        if found is None:
+            self.cost(seg)
+            found = self._term_seconds[key]
+        return found
+
     def needed(self, seg: Segment, host: frozenset[str] = EMPTY) -> int:
         """``cost(seg, host).needed_bytes`` (nothing streamed) without pricing its seconds on this GPU:
         memory is the same on every GPU (:class:`Shared`)."""

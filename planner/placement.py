@@ -33,6 +33,7 @@ from .solve import (
     _bounds,
     _cbc_available,
     _Costs,
+    _fastest,
     _positions,
     _present_bytes,
     _spans,
@@ -420,6 +421,8 @@ def prune(model: CostModel, solution: Solution, budget_bytes: int, max_latency_s
         trial = _RESOLVE
         if kind == "host" and _no_room(model, solution, host, budget_bytes, max_group):
             continue  # the re-solve would find no plan
+        if kind == "host" and max_latency_s is None and _slower_unplaced(model, solution, host, budget_bytes, max_group):
+            continue  # the re-solve would find no plan as fast
         if kind == "streamed" and max_latency_s is None and solution.method == "exact dynamic programming":
             if start is None or start.solution is not solution:
                 start = _From(model, solution, budget_bytes, max_group)
@@ -438,6 +441,50 @@ def prune(model: CostModel, solution: Solution, budget_bytes: int, max_latency_s
 
 
 _RESOLVE = object()  # _without_block cannot tell: solve
+
+LAZY_UNPLACE = True  # False: every un-placement the room check leaves is re-solved (tests compare the two)
+
+
+def _slower_unplaced(model: CostModel, solution: Solution, host: frozenset[str], budget_bytes: int,
+                     max_group: int) -> bool:
+    """True when the re-solve of :func:`prune`'s trial ``host`` (``solution.host`` less one value; the fastest
+    plan) would be slower than the pruning accepts or find no plan, decided while costing few of the
+    candidates whose span the dropped value touches (a re-solve costs all of them: most of a rows
+    stage's pruning). Un-placing a value changes only those candidates; their seconds are never below
+    their terms' sum (:meth:`.costs.CostModel.term_seconds`: the placement adds only host-link time), and
+    their memory is unknown until costed. A shortest path with every unknown candidate at that bound and
+    fitting is a lower bound on the re-solve's; the unknown candidates on it are costed exactly (the
+    same memoised costs the re-solve reads) and the path found again, until it misses the pruning's
+    tolerance (True) or holds known candidates only: then the re-solve decides (False)."""
+    if not LAZY_UNPLACE or (host, solution.streamed, max_group) in model.__dict__.get("_solve_tables", {}):
+        return False  # (a kept table: the re-solve is cheap)
+    segs, needed, seconds = table(model, solution.host, solution.streamed, max_group)
+    dropped = solution.host - host
+    spans, of = _spans(model, max_group, segs)
+    touched = {o for o, (a, b) in enumerate(spans) if not dropped.isdisjoint(model.relevant(Segment(a, b, 1)))}
+    unknown = {i for i, o in enumerate(of) if o in touched}
+    if not unknown:
+        return False
+    needed, seconds = list(needed), list(seconds)
+    for i in unknown:
+        needed[i], seconds[i] = -(1 << 62), model.term_seconds(segs[i])
+    cap = budget_bytes + solution.streamed_weight_bytes
+    present = _present_bytes(model, solution.streamed) if solution.streamed else None
+    # the pruning accepts a trial at most this slow; 1e-12: the DP's per-unit tie tolerance (1e-15) summed
+    limit = solution.latency_s * (1 + 1e-9) - solution.stream_exposed_s + 1e-12
+    while True:
+        found = _fastest(model, max_group, needed, cap, seconds)
+        if found is None or found[0] > limit:
+            return True
+        open_ = [i for i in found[2] if i in unknown]
+        if not open_:
+            return False
+        for i in open_:
+            s = segs[i]
+            c = model.cost(s, host)
+            needed[i] = c.needed_bytes + (present(s.start, s.stop) if present else 0)
+            seconds[i] = c.seconds
+            unknown.discard(i)
 
 ROOM_CHECKS = 2  # units _no_room looks at
 

@@ -269,3 +269,62 @@ def _tilings(at, n, segs, seconds, needed, cap) -> list[float]:
         return [0.0]
     return [seconds[i] + rest for i, s in enumerate(segs) if s.start == at and needed[i] <= cap
             for rest in _tilings(s.stop + 1, n, segs, seconds, needed, cap)]
+
+
+def _decode_rows():
+    """AnimateDiff 576x1024's rows decode (the stage alternative) on the 2080 Ti profile: a rows stage
+    whose pruning un-places many values."""
+    from vramplan.planner.alternatives import variants
+
+    profile = shipped_pipeline_profile("animatediff", 576, 1024, 16, True, "fp16", "efficient")
+    stage = next(s for s in variants(profile)[1][1].stages if s.stage == "decode")
+    return CostModel(stage.profile, find_gpu("RTX 2080 Ti"))
+
+
+def test_an_unplacement_rejected_unsolved_is_one_the_re_solve_rejects():
+    """_slower_unplaced (the pruning's un-placements decided while costing few candidates) says True only
+    where the re-solve finds no plan or a slower one than the pruning accepts; and term_seconds bounds
+    every candidate's seconds under the placements tried. Random placements on a rows decode and a UNet."""
+    from vramplan.planner import placement as P
+    from vramplan.planner.solve import solve
+
+    rng = random.Random(5)
+    rejected = 0
+    for m in (_decode_rows(), CostModel(_stage("svd", 512, 512, 14, "fp16", "denoise"), find_gpu("RTX 3060 12GB"))):
+        low, high = P.floor(m).needed_bytes, max(capacity_table(m))
+        for budget in (low + (high - low) // 30,):
+            for _ in range(2):
+                host = frozenset(rng.sample(m.placeable, min(len(m.placeable), rng.randint(4, 12))))
+                solution = solve(m, budget, None, "dp", host=host, streamed=frozenset(m.streamable), explain=False)
+                if solution is None:
+                    continue
+                for v in rng.sample(sorted(host), min(3, len(host))):
+                    trial = host - {v}
+                    says = P._slower_unplaced(m, solution, trial, budget, 8)
+                    ref = solve(m, budget, None, "dp", host=trial, streamed=solution.streamed, explain=False)
+                    slower = ref is None or ref.latency_s > solution.latency_s * (1 + 1e-9)
+                    assert not says or slower
+                    rejected += says
+                    for s in rng.sample(m.segments(), 10):
+                        assert m.cost(s, trial).seconds >= m.term_seconds(s)
+    assert rejected
+
+
+def capacity_table(m: CostModel) -> list[int]:
+    from vramplan.planner.solve import table
+
+    return table(m)[1]
+
+
+def test_a_pruning_with_unplacements_rejected_unsolved_is_the_plain_pruning(monkeypatch):
+    """The rows decode's whole search at a tight budget (a pruning from 34 placed values), with and without
+    the lazy un-placements: the same solution."""
+    from vramplan.planner import placement as P
+
+    m = _decode_rows()
+    budget = P.floor(m).needed_bytes + 2**24
+    lazy = P.search(m, budget, method="dp", more_streaming=False)
+    monkeypatch.setattr(P, "LAZY_UNPLACE", False)
+    plain = P.search(_decode_rows(), budget, method="dp", more_streaming=False)
+    assert (lazy.segments, lazy.host, lazy.streamed, lazy.latency_s) == (plain.segments, plain.host, plain.streamed,
+                                                                        plain.latency_s)
