@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -116,34 +115,6 @@ def _floor(prof, gpu) -> float:
     return hi
 
 
-@contextmanager
-def _values_on_host_tried():
-    """``make_plan`` as if the planner also tried every value that may leave the GPU in host memory and
-    kept that plan when faster. Not the planner's policy: ``placement.search`` places values only when
-    the plan without does not fit, so where a rows group of the up levels fits it groups them (each
-    slice then holds its intermediate levels for every frame)."""
-    import vramplan.planner.plan as planning
-    from vramplan.planner.errors import InfeasibleError
-    from vramplan.planner.solve import solve
-
-    search = planning.search
-
-    def tried(model, budget, per_call, method="auto"):
-        best = search(model, budget, per_call, method=method)
-        try:
-            trial = solve(model, budget, per_call, "dp", host=frozenset(model.placeable), streamed=best.streamed,
-                          explain=False)
-        except InfeasibleError:
-            trial = None
-        return trial if trial is not None and trial.latency_s < best.latency_s else best
-
-    planning.search = tried
-    try:
-        yield
-    finally:
-        planning.search = search
-
-
 def _describe(comp, prof) -> tuple[str, str]:
     """The plan's slice counts per up block (``1`` unsliced; ``[..]`` a rows group sharing one) and the
     values it places in host memory (GiB)."""
@@ -158,11 +129,38 @@ def _describe(comp, prof) -> tuple[str, str]:
     return "k=" + "/".join(ks) + stream, f"{host / 2**30:.1f}" if host else "0"
 
 
+def where_time_goes(model, comp, segments) -> dict[str, float]:
+    """Seconds of a plan by kind, from each segment's priced recipe (the cost model's own terms):
+    ``compute`` each unit's roofline time once, ``halo`` the rows computed again by overlapping slabs,
+    ``launches`` kernel launches, ``memory`` writes into output buffers and statistics passes, ``host``
+    the host-link copies of placed values."""
+    out = dict.fromkeys(("compute", "halo", "launches", "memory", "host"), 0.0)
+    host = frozenset(comp.host)
+    for seg in segments:
+        cost = model.cost(seg, host)
+        rel = host & model.relevant(seg)
+        rows = model.units[seg.start].axis == "rows" and seg.k > 1 and model.units[seg.stop].axis_length > 1
+        found = model.shared.memory.get(("rows", seg, rel) if rows else (seg, rel))
+        terms = found[1] if rows else found[6]
+        for t in terms:
+            if len(t) == 1:
+                out["memory"] += t[0] / model.bytes_per_s
+            elif rows:  # (unit, work over its rows, launches)
+                out["compute"] += model.unit_seconds[t[0]]
+                out["halo"] += model.unit_seconds[t[0]] * (t[1] - 1)
+                out["launches"] += t[2] * model.launch_seconds
+            else:  # (unit, launches, depth)
+                out["compute"] += model.unit_seconds[t[0]]
+                out["launches"] += t[1] * model.launch_seconds / t[2]
+        out["host"] += cost.transfer_s
+    return out
+
+
 def meta(budgets: dict, verify_max_k: int = VERIFY_MAX_K) -> list[list[object]]:
-    """Wan VAEs on meta tensors: stock peak, the plan within each budget (measured), times. Budgets are
-    (activation GiB, host GiB or None: unlimited, run on meta or predicted only, every value on host
-    tried); the VAE's weights stay resident (not streamed), so the activation budget is the plan's
-    bound."""
+    """Wan VAEs on meta tensors: stock peak, the plan within each budget (measured), times and where
+    the plan's time goes (:func:`where_time_goes`). Budgets are (activation GiB, host GiB or None:
+    unlimited, run on meta or predicted only); the VAE's weights stay resident (not streamed), so the
+    activation budget is the plan's bound."""
     from diffusers import AutoencoderKLWan
     from vramplan.planner.costs import CostModel
     from vramplan.planner.errors import InfeasibleError
@@ -185,16 +183,15 @@ def meta(budgets: dict, verify_max_k: int = VERIFY_MAX_K) -> list[list[object]]:
         model = CostModel(prof, gpu)
         out = prof.units[-1].output_shape
         label = f"Wan {version} {dtype} {out[-2]}x{out[-1]}x{out[2]}"
-        for gib, host_gib, check, tried in budget:
+        for gib, host_gib, check in budget:
             host_bytes = None if host_gib is None else int(host_gib * 2**30)
             try:
-                with _values_on_host_tried() if tried else nullcontext():
-                    plan = make_plan(resident, gpu, usable_bytes=int((prof.weight_bytes + gib * 2**30) / 0.98),
-                                     steps=1, host_ram_bytes=host_bytes)
+                plan = make_plan(resident, gpu, usable_bytes=int((prof.weight_bytes + gib * 2**30) / 0.98),
+                                 steps=1, host_ram_bytes=host_bytes)
             except InfeasibleError:
                 why = f"floor {_floor(resident, gpu):.2f}" if host_gib is None else "host memory"
                 rows.append([label, f"{prof.original_peak_bytes / 2**30:.2f}", f"{gib:g}",
-                             "any" if host_gib is None else f"{host_gib:g}", f"refused ({why})", "", "", "", "", ""])
+                             "any" if host_gib is None else f"{host_gib:g}", f"refused ({why})", "", "", "", "", "", ""])
                 print(rows[-1], flush=True)
                 continue
             comp = plan.components[0]
@@ -205,12 +202,16 @@ def meta(budgets: dict, verify_max_k: int = VERIFY_MAX_K) -> list[list[object]]:
             seconds = sum(model.cost(s, frozenset(comp.host)).seconds for s in segments_of(model, comp))
             base = sum(model.cost(s).seconds for s in segments_of(model, whole))
             plan_text, host_used = _describe(comp, prof)
-            rows.append([label + (" (values on host tried)" if tried else ""), f"{prof.original_peak_bytes / 2**30:.2f}",
+            parts = where_time_goes(model, comp, segments_of(model, comp))
+            over = " + ".join(f"{name} {parts[name]:.2f}" for name in ("halo", "launches", "host", "memory")
+                              if parts[name] >= 0.005)
+            rows.append([label, f"{prof.original_peak_bytes / 2**30:.2f}",
                          f"{gib:g}", "any" if host_gib is None else f"{host_gib:g}",
                          f"{plan.prediction.activation_peak_bytes / 2**30:.3f}",
                          f"{measured / 2**30:.3f}" if measured else "not run",
                          f"{(plan.prediction.activation_peak_bytes / measured - 1) * 100:+.2f} %" if measured else "",
-                         plan_text, host_used, f"{seconds:.2f} / {base:.2f} ({seconds / base:.2f}x)"])
+                         plan_text, host_used, f"{seconds:.2f} / {base:.2f} ({seconds / base:.2f}x)",
+                         f"compute {parts['compute']:.2f} + {over}"])
             print(rows[-1], flush=True)
     return rows
 
@@ -273,15 +274,10 @@ def main() -> None:
             "", table(["call", "tiled PSNR", "tiled max diff", "vramplan PSNR", "vramplan max diff", "plan"], q)]
     print(body[-1])
     # (activation GiB, host GiB: None unlimited, run on meta): the issue's targets run; a meta run of all
-    # frames takes tens of minutes on this CPU for the others
-    # (activation GiB, host GiB: None unlimited, run on meta, values on host tried: see
-    # _values_on_host_tried): the issue's targets run; a meta run of all frames takes tens of minutes
-    # on this CPU for the others
-    budgets = {("2.1", "fp32"): [(3.0, None, False, False), (3.0, None, False, True), (1.5, None, True, False),
-                                 (1.5, 16.0, False, False)],
-               ("2.1", "bf16"): [(1.0, None, False, False), (1.0, None, True, True)],
-               ("2.2", "fp32"): [(3.0, None, False, False), (3.0, None, False, True), (2.0, None, False, False),
-                                 (2.0, 32.0, False, False)]}
+    # frames takes 5-10 minutes per plan on this CPU for the others
+    budgets = {("2.1", "fp32"): [(3.0, None, False), (1.5, None, True), (1.5, 16.0, False)],
+               ("2.1", "bf16"): [(1.0, None, True)],
+               ("2.2", "fp32"): [(3.0, None, False), (2.0, None, False), (2.0, 32.0, False)]}
     encode = ("2.1", "fp32", (81, 720, 1280), [4.0, 2.0, 1.5])
     if args.only == "encode":
         meta_encode(*encode)
@@ -297,7 +293,8 @@ def main() -> None:
                  "unsliced decode on the RTX 4090 profile (the video itself is part of every peak: 720x1280x81 "
                  "fp32 is 0.83 GiB). Plan: slice counts of up blocks 0/1/2/3 ([..]: a rows group sharing one).",
                  "", table(["decode", "stock GiB", "budget GiB", "host budget GiB", "predicted GiB", "measured GiB",
-                            "error", "plan", "host GiB used", "predicted s (plan / unsliced)"], m)]
+                            "error", "plan", "host GiB used", "predicted s (plan / unsliced)",
+                            "plan's s by kind"], m)]
         print(body[-1])
     if not args.no_write:
         print("wrote", write_section("vae", "\n".join(body)))

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from .costs import EMPTY, CostModel, Segment, SegmentCost
 from .errors import InfeasibleError
+from .faster_placement import faster_placement
 from .fmt import human_bytes
 from .solve import (
     Solution,
@@ -253,10 +254,12 @@ def search(
     the same component needs the room): the largest blocks are streamed first, and kept.
     ``more_streaming``: once streaming is needed, also try streaming more blocks than the budget needs
     when their copies hide behind compute and the memory they free makes the slicing faster
-    (:func:`_faster_streaming`; more pinned host memory). A plan that fits without is unchanged."""
+    (:func:`_faster_streaming`; more pinned host memory). Then, in both cases, also try placing more values
+    when that makes a sliced plan faster (:func:`.faster_placement.faster_placement`)."""
     forced = forced_streaming(model, min_streamed_bytes)
     try:
-        return solve(model, budget_bytes, max_latency_s, method, max_group, streamed=forced)
+        fits = solve(model, budget_bytes, max_latency_s, method, max_group, streamed=forced)
+        return faster_placement(model, fits, budget_bytes, max_latency_s, method, max_group)
     except InfeasibleError as err:
         if not hasattr(err, "min_needed_bytes"):  # memory fits; the latency limit does not
             raise
@@ -271,6 +274,7 @@ def search(
     solution = prune(model, solution, budget_bytes, max_latency_s, max_group, keep=forced)
     if more_streaming:
         solution = _faster_streaming(model, solution, budget_bytes, max_latency_s, max_group, forced)
+    solution = faster_placement(model, solution, budget_bytes, max_latency_s, "dp", max_group)
     if method == "ilp" or (method == "auto" and _cbc_available()):
         solution = solve(model, budget_bytes, max_latency_s, "ilp", max_group,
                          host=solution.host, streamed=solution.streamed)
