@@ -116,3 +116,34 @@ def test_the_planner_chooses_half_steps_and_prices_them(wan):
     edited = plan.model_copy(update={"rehash": r.model_copy(update={"cut": WAN_CUT})})
     assert any("rehash.half_steps" in p for p in problems(edited, wan))
     assert math.isfinite(r.predicted_psnr)
+
+
+def test_with_rehash_plans_half_steps_and_counts_their_flops():
+    """The runtime's planner (FLOPs counted by PyTorch on the model), on a calibration where CFG reuse alone is
+    nearly exact one step after a key and far off later, and the cut on top of it is fair: within 2.5 calls' and
+    a reuse call's FLOPs of 4 steps, 2 keys, a half step and a reuse step (CFG reuse alone cannot: 1 key)."""
+    from vramplan.runtime.calibrate import calibrate
+    from vramplan.runtime.rehash import measure_cuts, with_rehash
+
+    pipe = _pipe()
+    kwargs = {k: v for k, v in _call(4.0).items() if k not in ("generator", "output_type")}
+    cal = calibrate(pipe, cuts=["cfg", cfg_cut(CUT)], max_gap=3, seed=3, **kwargs)
+    for entry in cal.cuts:
+        entry.error = [[None if e is None else (1.0 if entry.cut != "cfg" else 1e-6 if s - a == 1 else 10.0)
+                        for s, e in enumerate(row)] for a, row in enumerate(entry.error)]
+    full, reuse, _ = measure_cuts(pipe.transformer, cal.shape, ["cfg", cfg_cut(CUT)])
+    plan = _bare_plan(pipe)
+    planned = with_rehash(plan, pipe.transformer, mode="optimal", steps=4, calibration=cal,
+                          max_unet_flops=2 * full + reuse["cfg"] + reuse[cfg_cut(CUT)])
+    r = planned.rehash
+    assert r.cut == cfg_cut(CUT) and len(r.key_steps) == 2 and len(r.half_steps) == 1, r
+    assert r.unet_flops == 2 * full + full // 2 + reuse[cfg_cut(CUT)]
+    assert "reuses the second only" in r.schedule
+
+
+def _bare_plan(pipe):
+    from vramplan.planner.schema import Plan
+    from vramplan.runtime.apply import sample_shape, uniform_component
+
+    comp = uniform_component(pipe.transformer, 1, sample_shape(torch.zeros(1, 16, 2, 4, 6), pipe.transformer))
+    return Plan(pipeline="WanPipeline", model_name="tiny-wan", height=32, width=48, frames=5, components=[comp])
