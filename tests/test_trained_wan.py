@@ -140,3 +140,17 @@ def test_each_shape_word_draws_its_own_shape():
     area = {s: m.sum().item() for s, m in clips.items()}
     assert area["triangle"] < area["square"] < area["circle"]  # radius 7: 81, 100 and 144 pixels
     assert not torch.equal(clips["circle"], clips["triangle"])
+
+
+def test_a_held_out_circle_prompt_generates_a_disc(wan):
+    """The shipped weights were retrained after render() drew 'circle' as a triangle: a circle prompt never
+    trained on gives the clip nearest to the disc's (not the triangle's; the old weights gave a triangle)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import train_tiny_wan
+
+    index, combo = next((i, k) for i, k in enumerate(W.heldout_combinations()) if k[1] == "circle")
+    scores = train_tiny_wan.shape_scores(wan, combo, seed=index, steps=W.NUM_INFERENCE_STEPS)
+    assert max(scores, key=scores.get) == "circle", scores
