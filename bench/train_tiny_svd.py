@@ -129,7 +129,7 @@ def train_unet(pipe, args, log, deadline: float) -> None:
             break
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.unet_steps, args.unet_lr, floor=0.2)
-        clips = train_batch(10**7 + step * args.batch, args.batch, T.NUM_FRAMES, T.HEIGHT)
+        clips = train_batch(10**7 + args.clip_offset + step * args.batch, args.batch, T.NUM_FRAMES, T.HEIGHT)
         loss = unet_loss(pipe, clips, gen, T.CFG_DROPOUT)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -208,25 +208,31 @@ def main() -> None:
     parser.add_argument("--eval-steps", type=int, default=T.NUM_INFERENCE_STEPS)
     parser.add_argument("--eval-only", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--init", type=Path, default=None,
+                        help="continue from a trained folder: its VAE kept as is, the UNet trained further")
+    parser.add_argument("--clip-offset", type=int, default=0, help="first training clip index (past those seen)")
+    parser.add_argument("--no-eval", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     log = Log(args.out / "train_log.txt", append=args.eval_only)
     if not args.eval_only:
         log(f"train_tiny_svd: {vars(args)}; torch {torch.__version__}, threads {torch.get_num_threads()}")
         start = time.time()
-        pipe = T.build_pipeline(seed=0)
+        pipe = T.build_pipeline(seed=0) if args.init is None else T.trained_svd_pipeline(args.init)
         sizes = {n: sum(p.numel() for p in getattr(pipe, n).parameters()) for n in T.COMPONENTS}
         log(f"parameters: {sizes}")
         pipe.image_encoder.requires_grad_(False)
-        train_vae(pipe, args, log, start + args.max_minutes * 60 * 0.25)
+        if args.init is None:
+            train_vae(pipe, args, log, start + args.max_minutes * 60 * 0.25)
         pipe.vae.requires_grad_(False)
         train_unet(pipe, args, log, start + args.max_minutes * 60)
         log(f"training took {(time.time() - start) / 60:.1f} min")
         pipe.save_pretrained(str(args.out), safe_serialization=True)
         total = sum(p.stat().st_size for p in args.out.rglob("*.safetensors"))
         log(f"saved to {args.out} ({total / 2**20:.2f} MiB of safetensors)")
-    evaluate(args.out, args, log)
-    save_preview(args.out)
+    if not args.no_eval:
+        evaluate(args.out, args, log)
+        save_preview(args.out)
 
 
 if __name__ == "__main__":
