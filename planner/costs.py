@@ -506,7 +506,9 @@ class CostModel:
         slices = min(seg.k, first.axis_length) if first.axis else 1
         if slices <= 1:
             scratch = first.scratch[seg.k]
-            staged = sum(size[v] for v in seg_rules.staged(seg.start))  # whole host inputs, during the call
+            # whole host inputs, during the call; a unit that stages its input itself (``stage_inside``: the Wan
+            # VAE decode's up levels, run by the rows executor) copies a frame at a time, in its profiled scratch
+            staged = 0 if first.stage_inside else sum(size[v] for v in seg_rules.staged(seg.start))
             act = entry + scratch + staged
             return self._finish(act, entry, scratch + staged, seg.start, seg, 1, seg_rules)
 

@@ -403,7 +403,12 @@ def test_pageable_fallback_predicts_a_slower_plan():
     assert pageable.prediction.latency_s > pinned.prediction.latency_s
 
 
-def test_search_ilp_equals_dp():
+def test_search_ilp_equals_dp(monkeypatch):
+    """CBC on every final solve (``UNIQUE_SKIPS_CBC`` off: a unique optimum is otherwise the DP's own path,
+    planner/solve.py) gives the DP's placement and latency."""
+    from vramplan.planner import solve as S
+
+    monkeypatch.setattr(S, "UNIQUE_SKIPS_CBC", False)
     m = model()
     for budget in (450 * MIB, 250 * MIB, 0):
         dp, ilp = search(m, budget, method="dp"), search(m, budget, method="ilp")
