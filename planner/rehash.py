@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .costs import EMPTY, CostModel, Segment
 from .errors import (
@@ -302,6 +302,25 @@ class CutCalibration(_Strict):
     )
 
 
+MAX_MEASURED = 512  # schedules one calibration may store as measured (vramplan calibrate --refine)
+MAX_PSNR = 200.0  # a measured PSNR is stored capped here (an identical video is infinite)
+
+
+class MeasuredSchedule(_Strict):
+    """A schedule the calibration ran (``vramplan calibrate --refine``): its PSNR against the full run on the
+    calibration's own call (prompt or image, seed), measured; the planner prefers it over the prediction."""
+
+    cut: str
+    key_steps: list[int] = Field(min_length=1)
+    half_steps: list[int] = Field(default_factory=list)
+    psnr: float = Field(ge=0.0, le=MAX_PSNR, description="measured PSNR of the video vs the full run, dB (capped)")
+    predicted_psnr: float | None = Field(default=None, description="what the predictor said before measuring, dB")
+
+    @property
+    def key(self) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
+        return self.cut, tuple(self.key_steps), tuple(self.half_steps)
+
+
 class Calibration(_JsonFile):
     """Measured step-to-step similarity and reuse error per candidate cut, for one model, shape and
     step count (one full trajectory of the user's pipeline)."""
@@ -335,6 +354,27 @@ class Calibration(_JsonFile):
         default=None, description="L2 change of the decoded frames (range [-1, 1]) per L2 change of the final latent, "
         "measured on a small random perturbation of the full run's final latent")
     frame_values: int | None = Field(default=None, ge=1, description="values of the decoded video (for the MSE)")
+    measured: list[MeasuredSchedule] = Field(
+        default_factory=list, max_length=MAX_MEASURED,
+        description="schedules run on the calibration's call and measured (vramplan calibrate --refine)")
+
+    @model_validator(mode="after")
+    def _measured_schedules(self) -> Calibration:
+        cuts = {c.cut for c in self.cuts}
+        seen = set()
+        for m in self.measured:
+            keys, halves = m.key_steps, m.half_steps
+            where = f"measured schedule {m.cut!r} {keys}"
+            if m.cut not in cuts:
+                raise ValueError(f"{where}: the calibration has no cut {m.cut!r}")
+            if keys != sorted(set(keys)) or keys[0] != 0 or keys[-1] >= self.steps:
+                raise ValueError(f"{where}: key_steps must be increasing, start at 0 and lie below steps={self.steps}")
+            if halves and (halves != sorted(set(halves)) or halves[-1] >= self.steps or set(halves) & set(keys)):
+                raise ValueError(f"{where}: half_steps must be increasing, below steps={self.steps} and not key steps")
+            if m.key in seen:
+                raise ValueError(f"{where}: measured twice")
+            seen.add(m.key)
+        return self
 
     def cut(self, name: str) -> CutCalibration:
         for c in self.cuts:
@@ -680,6 +720,7 @@ class _Option:
     psnr: float | None = None  # predicted PSNR against the full run (calibrated)
     name: str | None = None  # the schedule, named honestly
     halves: tuple[int, ...] = ()  # half steps (CFG reuse over a cut: only the second call reused)
+    measured: float | None = None  # the PSNR the calibration measured for it (then ``psnr`` is the prediction)
 
 
 # with a calibration, the schedule families each mode searches (cut and key count searched jointly)
@@ -756,7 +797,8 @@ def _searched(reuse_at, full, steps, mode, keys, budget, calibration, threshold,
     model = QualityModel(calibration)
     cands = candidates(model, reuse_at, full, kinds=MODE_KINDS[mode], max_keys=keys, threshold=threshold)
     cands = [c for c in cands if set(firsts) <= set(c.keys)]  # a schedule keys every expert's first step
-    return [_Option(c.cut, list(c.keys), c.error, c.threshold, c.cost, c.psnr, c.name, c.halves)
+    return [_Option(c.cut, list(c.keys), c.error, c.threshold, c.cost, c.predicted if c.measured else c.psnr,
+                    c.name, c.halves, c.psnr if c.measured else None)
             for c in ranked(cands, budget, min_psnr)]
 
 
@@ -912,7 +954,7 @@ def _attach(plan, stage, unet, gpu, allocator, mode, option, steps, calibration,
         mode=mode, cut=option.cut, steps=steps, key_steps=option.keys, half_steps=list(option.halves),
         quality="calibrated" if calibration is not None else "uncalibrated",
         predicted_error=None if option.error is None else round(option.error, 6),
-        predicted_psnr=_psnr(option.psnr), schedule=option.name,
+        predicted_psnr=_psnr(option.psnr), schedule=option.name, measured_psnr=_psnr(option.measured),
         threshold=None if option.threshold is None or math.isinf(option.threshold) else round(option.threshold, 6),
         **{k: round(v, 6 if k.endswith("call_s") else 4) if isinstance(v, float) else v for k, v in numbers.items()},
         calibration=(calibration_ref or calibration.reference()) if calibration is not None else None,
@@ -956,6 +998,9 @@ def rehash_summary(plan) -> str:
     ratio = r.original_unet_flops / max(1, r.unet_flops)
     if r.quality != "calibrated":
         quality = "uncalibrated (run vramplan calibrate for greedy/optimal schedules)"
+    elif r.measured_psnr is not None:
+        quality = (f"calibrated, measured {r.measured_psnr:.1f} dB PSNR vs the full run on the calibration's call"
+                   + (f" (predicted {r.predicted_psnr:.1f})" if r.predicted_psnr is not None else ""))
     elif r.predicted_psnr is not None:
         quality = f"calibrated, predicted {r.predicted_psnr:.1f} dB PSNR vs the full run"
     else:

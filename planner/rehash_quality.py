@@ -48,6 +48,12 @@ class QualityModel:
         self.weight = [w * c for w, c in zip(weight, self.carry(cal), strict=True)]
         self._fits: dict[str, tuple[float, float]] = {}
         self._errors: dict[str, list[list[float]]] = {}
+        self._ran = {m.key: m.psnr for m in getattr(cal, "measured", ())}
+
+    def measured_psnr(self, cut: str, keys: Sequence[int], halves: Collection[int] = ()) -> float | None:
+        """The PSNR the calibration *measured* for this schedule on its own call (``calibrate --refine``), or
+        None where it did not run it: measured, then predicted."""
+        return self._ran.get((cut, tuple(sorted(keys)), tuple(sorted(halves))))
 
     @staticmethod
     def carry(cal: Calibration) -> list[float]:

@@ -43,6 +43,12 @@ class Candidate:
     psnr: float | None  # predicted PSNR against the full run, dB (None: the calibration cannot say)
     threshold: float | None = None  # greedy: the similarity threshold
     halves: tuple[int, ...] = ()  # reused steps that reuse one CFG call only (``cfg+<cut>``; see half_cut)
+    predicted: float | None = None  # the predictor's PSNR where ``psnr`` was measured (``measured``)
+    measured: bool = False  # ``psnr`` was measured by the calibration (calibrate --refine), not predicted
+
+    @property
+    def source(self) -> str:
+        return "measured" if self.measured else "predicted"
 
     @property
     def name(self) -> str:
@@ -111,16 +117,36 @@ def candidates(model: QualityModel, reuse_at: dict[str, float], full: float, *,
             if k in seen:
                 continue
             n = len(keys)
-            seen[k] = Candidate(cut, tuple(keys), kind, n * full + (steps - n) * reuse,
-                                model.latent_error(cut, keys), model.psnr(cut, keys), t)
+            seen[k] = rated(model, Candidate(cut, tuple(keys), kind, n * full + (steps - n) * reuse,
+                                             model.latent_error(cut, keys), model.psnr(cut, keys), t))
         half = _half_price(model, cut, reuse_at)
         if "optimal" in kinds and half is not None and half > reuse:
             for (n, h), (keys, halves) in optimal_with_halves(model, cut, top, max_halves).items():
                 cost = n * full + h * half + (steps - n - h) * reuse
-                seen[(cut, tuple(keys), tuple(halves))] = Candidate(
+                seen[(cut, tuple(keys), tuple(halves))] = rated(model, Candidate(
                     cut, tuple(keys), "optimal", cost, model.latent_error(cut, keys, halves),
-                    model.psnr(cut, keys, halves), None, tuple(halves))
+                    model.psnr(cut, keys, halves), None, tuple(halves)))
     return list(seen.values())
+
+
+def rated(model: QualityModel, c: Candidate) -> Candidate:
+    """``c`` with the PSNR the calibration measured for it, where it ran it (``calibrate --refine``): measured,
+    then predicted. The prediction stays in ``predicted``."""
+    from dataclasses import replace
+
+    got = model.measured_psnr(c.cut, c.keys, c.halves)
+    return c if got is None else replace(c, psnr=got, predicted=c.psnr, measured=True)
+
+
+def refinement(cands: list[Candidate], top: int) -> list[Candidate]:
+    """What ``calibrate --refine top`` runs: at each FLOPs level of the predicted frontier (each frontier
+    schedule's cost as the budget), the ``top`` schedules the planner would rank best there; each once,
+    cheapest level first."""
+    out: dict[tuple, Candidate] = {}
+    for level in frontier(cands):
+        for c in ranked(cands, level.cost)[:top]:
+            out.setdefault((c.cut, c.keys, c.halves), c)
+    return list(out.values())
 
 
 def _half_price(model: QualityModel, cut: str, reuse_at: dict[str, float]) -> float | None:

@@ -500,6 +500,10 @@ class RehashPlan(_Strict):
     predicted_psnr: float | None = Field(
         default=None, description="calibrated: the quality predictor's PSNR of the video against the full run, dB"
     )
+    measured_psnr: float | None = Field(
+        default=None, ge=0.0, le=200.0, description="the calibration ran this schedule on its own call (calibrate "
+        "--refine): the measured PSNR vs the full run, dB, which the planner ranked it by instead of the prediction"
+    )
     schedule: str | None = Field(
         default=None, description="what the key steps are, named honestly (e.g. 'uniform, every 2nd step "
         "(DeepCache's schedule)' only where it is DeepCache's computation)"

@@ -14,6 +14,7 @@ several per step (Wan).
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -83,15 +84,11 @@ def calibrate(
     if plan is not None:
         comp = component_for(unet, plan)
         slices = dict(comp.slices)
-        for key, value in (("height", plan.height), ("width", plan.width), ("num_frames", plan.frames)):
-            if value is not None:
-                call_kwargs.setdefault(key, value)
+        _plan_call(pipe, plan, call_kwargs)
         if num_inference_steps is None and plan.rehash is not None:
             num_inference_steps = plan.rehash.steps
         elif num_inference_steps is None and plan.target is not None:
             num_inference_steps = plan.target.steps
-        if plan.frames and getattr(pipe, "unet", None) is not None:
-            call_kwargs.setdefault("decode_chunk_size", plan.frames)
     if num_inference_steps is None:
         raise PlanMismatchError("calibrate needs num_inference_steps (or a plan with steps)")
     adapter = adapter_for(unet)
@@ -217,6 +214,16 @@ def calibrate(
         cuts=[CutCalibration(cut=c, similarity=_round(sim[c]), error=_round(err[c])) for c in asked],
         **probe.fields(n),
     )
+
+
+def _plan_call(pipe, plan: Plan, call_kwargs: dict) -> dict:
+    """The pipeline call's size from ``plan`` where ``call_kwargs`` does not give it (what calibrate runs)."""
+    for key, value in (("height", plan.height), ("width", plan.width), ("num_frames", plan.frames)):
+        if value is not None:
+            call_kwargs.setdefault(key, value)
+    if plan.frames and getattr(pipe, "unet", None) is not None:
+        call_kwargs.setdefault("decode_chunk_size", plan.frames)
+    return call_kwargs
 
 
 def _combiner(pipe, outs: list[torch.Tensor], model_output: torch.Tensor):
@@ -449,14 +456,54 @@ def check_calibration(unet: torch.nn.Module, cal: Calibration) -> None:
             f"Calibrate this model (vramplan calibrate).")
 
 
+def refine(pipe, cal: Calibration, top: int, *, seed: int | None = None, plan: Plan | None = None,
+           **call_kwargs) -> Calibration:
+    """Measured, then predicted: run the ``top`` schedules the planner would rank best at each FLOPs level of
+    the predicted frontier (:func:`~vramplan.planner.rehash_search.refinement`) on the calibration's call
+    (``call_kwargs``: the same prompt or image and size, or ``plan``'s size; ``seed``: the calibration's), measure each
+    video's PSNR against the full run's, and return ``cal`` with them in ``measured`` (where it measured a
+    schedule the planner ranks it by the measurement). Schedules already measured are not rerun."""
+    from ..planner.rehash import MAX_MEASURED, MAX_PSNR, MeasuredSchedule
+    from ..planner.rehash_search import refinement
+    from .compare import rehash_video, schedule_plan
+
+    if not 1 <= top <= 16:
+        raise UnsupportedArgumentError(f"refine={top}: measure 1..16 schedules per FLOPs level")
+    unet = denoiser(pipe)
+    cands, _ = schedule_candidates(unet, cal)
+    todo = [c for c in refinement(cands, top) if not c.measured][:MAX_MEASURED - len(cal.measured)]
+    seed = (cal.seed or 0) if seed is None else seed
+    if plan is not None:
+        _plan_call(pipe, plan, call_kwargs)
+    call_kwargs = {"num_inference_steps": cal.steps, **call_kwargs}
+    if not todo:
+        return cal
+    full = rehash_video(pipe, None, seed=seed, **call_kwargs)
+    measured = list(cal.measured)
+    for c in todo:
+        video = rehash_video(pipe, schedule_plan(c.cut, c.keys, cal.steps, half_steps=c.halves), seed=seed,
+                             **call_kwargs)
+        mse = float((video.double() - full.double()).square().mean())
+        psnr = MAX_PSNR if mse <= 0 else min(MAX_PSNR, 10 * math.log10(4.0 / mse))
+        measured.append(MeasuredSchedule(cut=c.cut, key_steps=list(c.keys), half_steps=list(c.halves),
+                                         psnr=round(psnr, 4),
+                                         predicted_psnr=None if c.psnr is None else round(min(c.psnr, MAX_PSNR), 4)))
+        log.info("refine: %s %d keys %s measured %.2f dB (predicted %s)", c.cut, len(c.keys), list(c.halves),
+                 psnr, c.psnr)
+    return Calibration.model_validate({**cal.model_dump(), "measured": [m.model_dump() for m in measured]})
+
+
 def frontier_rows(cands, full: float, steps: int) -> list[dict]:
-    """The Pareto frontier (predicted PSNR vs UNet FLOPs) as rows for a table or JSON."""
+    """The Pareto frontier (PSNR vs UNet FLOPs: measured where the calibration ran the schedule, else
+    predicted) as rows for a table or JSON."""
     from ..planner.rehash_search import frontier
 
     return [dict(cut=c.cut, key_steps=list(c.keys), keys=len(c.keys), half_steps=list(c.halves), schedule=c.name,
                  kind=c.kind,
                  flops_fewer=round(steps * full / c.cost, 4), unet_flops=int(c.cost),
-                 predicted_psnr=None if c.psnr is None else round(min(c.psnr, 200.0), 2),
+                 psnr=None if c.psnr is None else round(min(c.psnr, 200.0), 2), psnr_source=c.source,
+                 predicted_psnr=(None if (p := c.predicted if c.measured else c.psnr) is None
+                                 else round(min(p, 200.0), 2)),
                  predicted_error=round(c.error, 6))
             for c in frontier(cands)]
 

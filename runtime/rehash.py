@@ -690,6 +690,7 @@ def with_rehash(
         quality="calibrated" if cal is not None else "uncalibrated",
         predicted_error=None if error is None else round(error, 6),
         predicted_psnr=None if best.psnr is None else round(min(best.psnr, 200.0), 3), schedule=best.name,
+        measured_psnr=None if best.measured is None else round(min(best.measured, 200.0), 3),
         threshold=None if thr is None or math.isinf(thr) else round(thr, 6),
         original_unet_flops=steps * full,
         unet_flops=n * full + h * reuse.get(cfg_cut(), 0) + (steps - n - h) * reuse[c],

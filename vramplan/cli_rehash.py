@@ -30,6 +30,9 @@ def register(sub) -> dict:
     p.add_argument("--frontier", action="store_true", help="also print the Pareto frontier of schedules (cut, key "
                    "steps) by predicted PSNR vs UNet FLOPs, and plot it (--frontier-plot)")
     p.add_argument("--frontier-plot", help="frontier PNG (default: the JSON's name with -frontier.png)")
+    p.add_argument("--refine", type=int, metavar="N", help="measured, then predicted: at each FLOPs level of the "
+                   "predicted frontier run the N best-predicted schedules on the calibration's own call, store "
+                   "their measured PSNR in the calibration; the planner ranks those by the measurement (1..16)")
     p.add_argument("--from", dest="existing", metavar="CALIBRATION",
                    help="use this calibration JSON instead of measuring one (with --frontier)")
     p.add_argument("--json", action="store_true", help="print the result as JSON (with --frontier: the frontier)")
@@ -204,6 +207,11 @@ def cmd_calibrate(args) -> int:
                     (args.frontier_plot, "frontier plot file"))
     if (args.existing or args.frontier_plot) and not args.frontier:
         raise VramplanError("--from and --frontier-plot go with --frontier")
+    check_number("--refine", args.refine, integer=True, minimum=1, allow_none=True)
+    if args.refine is not None and args.existing:
+        raise VramplanError("--refine runs schedules on the calibration's own call: calibrate with it (not --from)")
+    if args.refine is not None and args.refine > 16:
+        raise VramplanError(f"--refine {args.refine}: measure at most 16 schedules per FLOPs level")
     cal = Calibration.load(args.existing) if args.existing else None  # a bad file fails before the model loads
     inputs = call_inputs(plan, args) if cal is None else {}
     pipe = load(plan, args.allow_download)
@@ -213,11 +221,19 @@ def cmd_calibrate(args) -> int:
                         f"per cut")
         cal = calibrate(pipe, plan=plan, num_inference_steps=args.steps, cuts=args.cuts, max_gap=args.max_gap,
                         seed=args.seed, model_name=plan.model_name, **inputs)
+        if args.refine:
+            from .runtime.calibrate import refine
+
+            print(f"refining: running the {args.refine} best-predicted schedules at each FLOPs level of the "
+                  f"frontier on the same call ...", file=sys.stderr, flush=True)
+            cal = refine(pipe, cal, args.refine, plan=plan, **inputs)
         out = Path(args.output) if args.output else default_path(cal, plan.model_name)
         cal.save(out)
         plot = plot_calibration(cal, args.plot or out.with_suffix(".png"))
         if not args.json:
             print(f"calibrated {len(cal.cuts)} cuts over {cal.steps} steps ({cal.scheduler}); wrote {out} and {plot}")
+            if cal.measured:
+                print(f"measured {len(cal.measured)} schedules on the calibration's call (--refine {args.refine})")
             for row in _cut_rows(cal):
                 print(f"  {row['cut']:<55} adjacent similarity {row['adjacent_similarity_min']:.4f}.."
                       f"{row['adjacent_similarity_max']:.4f}, reuse error (gap 1) {row['reuse_error_gap1_mean']:.4f} mean")
@@ -236,12 +252,14 @@ def cmd_calibrate(args) -> int:
     if args.json:
         print(json.dumps({"calibration": str(out), "frontier": rows, "plot": str(plot)}, indent=1))
         return 0
-    print(f"Pareto frontier of {len(cands)} schedules (cut, key steps) by predicted PSNR vs the full run:")
-    print(f"  {'FLOPs':>7} {'PSNR':>7} {'keys':>4}  {'cut':<48} schedule")
+    print(f"Pareto frontier of {len(cands)} schedules (cut, key steps) by PSNR vs the full run (measured on the "
+          f"calibration's call where --refine ran the schedule, else predicted):")
+    print(f"  {'FLOPs':>7} {'PSNR':>7} {'':<9} {'keys':>4}  {'cut':<48} schedule")
     for r in rows:
-        p = r["predicted_psnr"]
+        p = r["psnr"]
         psnr = "-" if p is None else "exact" if p >= 200 else f"{p:.1f}"
-        print(f"  {r['flops_fewer']:>6.2f}x {psnr:>7} {r['keys']:>4}  {r['cut']:<48} {r['schedule']}")
+        print(f"  {r['flops_fewer']:>6.2f}x {psnr:>7} {r['psnr_source']:<9} {r['keys']:>4}  {r['cut']:<48} "
+              f"{r['schedule']}")
     print(f"wrote {plot}")
     return 0
 
