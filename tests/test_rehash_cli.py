@@ -12,11 +12,18 @@ def test_trained_plan_calibrate_compare(weights, tmp_path, capsys):
     assert main(["trained-plan", "--steps", "3", "--keys", "2", "-o", str(plan)]) == 0
     assert json.loads(plan.read_text())["rehash"]["key_steps"] == [0, 2]
     capsys.readouterr()
-    assert main(["calibrate", str(plan), "--max-gap", "2", "-o", str(cal)]) == 0
-    err = capsys.readouterr().err
+    assert main(["calibrate", str(plan), "--refine", "17", "-o", str(cal)]) == 2  # refused before any run
+    assert "at most 16" in capsys.readouterr().err
+    assert main(["calibrate", str(plan), "--frontier", "--refine", "1", "--from", str(plan)]) == 2
+    assert "not --from" in capsys.readouterr().err
+    assert main(["calibrate", str(plan), "--max-gap", "2", "--refine", "1", "-o", str(cal)]) == 0
+    captured = capsys.readouterr()
+    err = captured.err
     assert "calibrating every candidate cut(s)" in err and "3/3" in err  # what it does, and the step bar
     data = json.loads(cal.read_text())
     assert data["steps"] == 3 and data["max_gap"] == 2 and cal.with_suffix(".png").exists()
+    # measured, then predicted: the best-predicted schedule of each FLOPs level ran on the calibration's call
+    assert data["measured"] and f"measured {len(data['measured'])} schedules" in captured.out
     assert main(["trained-plan", "--steps", "3", "--rehash", "optimal", "--keys", "2", "--calibration", str(cal),
                  "-o", str(optimal)]) == 0
     assert json.loads(optimal.read_text())["rehash"]["quality"] == "calibrated"
@@ -26,15 +33,15 @@ def test_trained_plan_calibrate_compare(weights, tmp_path, capsys):
     assert main(["calibrate", str(plan), "--frontier", "--from", str(cal), "--frontier-plot", str(front),
                  "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["frontier"]
-    assert rows and front.stat().st_size > 1000
+    assert rows and front.stat().st_size > 1000 and {r["psnr_source"] for r in rows} == {"measured"}
     for cheaper, dearer in zip(rows, rows[1:], strict=False):
-        assert cheaper["flops_fewer"] > dearer["flops_fewer"] and cheaper["predicted_psnr"] < dearer["predicted_psnr"]
-    floor = rows[len(rows) // 2]["predicted_psnr"]
+        assert cheaper["flops_fewer"] > dearer["flops_fewer"] and cheaper["psnr"] < dearer["psnr"]
+    floor = rows[len(rows) // 2]["psnr"]
     floored = tmp_path / "floor.json"
     assert main(["trained-plan", "--steps", "3", "--rehash", "optimal", "--calibration", str(cal), "--min-psnr",
                  str(floor), "-o", str(floored)]) == 0
     r = json.loads(floored.read_text())["rehash"]
-    assert r["predicted_psnr"] >= floor - 0.01 and r["schedule"]
+    assert r["measured_psnr"] >= floor - 0.01 and r["predicted_psnr"] is not None and r["schedule"]
     capsys.readouterr()
     assert main(["trained-plan", "--steps", "3", "--rehash", "optimal", "--calibration", str(cal), "--min-psnr",
                  "900", "-o", str(floored)]) == 2
