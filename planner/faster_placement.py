@@ -41,10 +41,12 @@ def candidates(model: CostModel, solution: Solution) -> frozenset[str]:
 
 
 def faster_placement(model: CostModel, solution: Solution, budget_bytes: int, max_latency_s: float | None,
-                     method: str, max_group: int) -> Solution:
+                     method: str, max_group: int, min_gain_s: float = 0.0) -> Solution:
     """``solution``, or a faster one with more values in host memory (see the module docstring), solved
     again by ``method`` ('ilp', or 'auto' with CBC available: the ILP, as the placement search ends)
-    when it changed. The streamed blocks stay as they are."""
+    when it changed. The streamed blocks stay as they are. ``min_gain_s``: the least saving per call worth
+    the pinned memory besides :data:`MORE_PLACEMENT_GAIN` of the call (a pipeline asks for a share of the
+    whole run, so a stage that is a sliver of it does not pin gigabytes for a second)."""
     from .placement import _unbounded_seconds
 
     if max_latency_s is not None:
@@ -52,21 +54,23 @@ def faster_placement(model: CostModel, solution: Solution, budget_bytes: int, ma
     more = candidates(model, solution)
     if not more:
         return solution
-    if solution.latency_s * (1 - MORE_PLACEMENT_GAIN) <= _unbounded_seconds(model, max_group):
+
+    def pays(seconds: float) -> bool:
+        return seconds < min(solution.latency_s * (1 - MORE_PLACEMENT_GAIN), solution.latency_s - min_gain_s)
+
+    if not pays(_unbounded_seconds(model, max_group)):
         return solution  # no plan is faster than with memory for everything: the gain cannot pay
     try:
         trial = solve(model, budget_bytes, None, "dp", max_group, host=solution.host | more,
                       streamed=solution.streamed, explain=False)
     except InfeasibleError:
         return solution
-    if trial is None or trial.latency_s >= solution.latency_s * (1 - MORE_PLACEMENT_GAIN):
+    if trial is None or not pays(trial.latency_s):
         return solution
     host = _needed_on_path(model, trial, budget_bytes)
     if host != trial.host:
         trial = solve(model, budget_bytes, None, "dp", max_group, host=host, streamed=trial.streamed, explain=False)
-    if trial is None:
-        return solution
-    if trial.latency_s >= solution.latency_s * (1 - MORE_PLACEMENT_GAIN):
+    if trial is None or not pays(trial.latency_s):
         return solution
     if method == "ilp" or (method == "auto" and _cbc_available()):
         trial = solve(model, budget_bytes, None, "ilp", max_group, host=trial.host, streamed=trial.streamed)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from .bounds import SLACK, seconds_bound, unbounded
 from .costs import CostModel, roofline_seconds
 from .errors import InfeasibleError
+from .faster_placement import MORE_PLACEMENT_GAIN
 from .fmt import human_bytes
 from .placement import floor as model_floor
 from .placement import host_bytes, search
@@ -195,21 +196,30 @@ class PipelinePlanner:
             return self.rehash.seconds(self.models[stage.stage], sol)
         return sol.latency_s * self.calls(stage)
 
+    def _unbounded_bounds(self) -> dict[str, float]:
+        """Per stage, a lower bound on its seconds in the run at any budget: an unsliced stage's own, a sliced
+        stage's fastest with memory for everything (:func:`.bounds.unbounded`); 0 for a Step Rehash stage
+        (priced otherwise). Moving a non-resident component only adds. Memoised."""
+        if "_unbounded_stage_seconds" not in self.__dict__:
+            out = {}
+            for stage in self.profile.stages:
+                if stage.profile is None:
+                    seconds = roofline_seconds(stage.flops, stage.bytes_moved, self.gpu, self.profile.dtype)
+                    out[stage.stage] = seconds * self.calls(stage)
+                elif self.rehash is not None and stage.per_step:
+                    out[stage.stage] = 0.0
+                else:
+                    out[stage.stage] = unbounded(self.models[stage.stage]) * self.calls(stage)
+            self.__dict__["_unbounded_stage_seconds"] = out
+        return self.__dict__["_unbounded_stage_seconds"]
+
     def _bounds(self, budgets: dict[str, tuple[int, int]], latency_cap: float) -> dict[str, float]:
-        """Per stage, a lower bound on its seconds in the run: an unsliced stage's own, a sliced stage's
-        fastest with memory for everything (:func:`.bounds.unbounded`), or, where those do not exceed
-        ``latency_cap``, at its budget (:func:`.bounds.seconds_bound`; inf where nothing fits). 0 for a
-        Step Rehash stage (priced otherwise). Moving a non-resident component only adds."""
-        out, sliced = {}, []
-        for stage in self.profile.stages:
-            if stage.profile is None:
-                seconds = roofline_seconds(stage.flops, stage.bytes_moved, self.gpu, self.profile.dtype)
-                out[stage.stage] = seconds * self.calls(stage)
-            elif self.rehash is not None and stage.per_step:
-                out[stage.stage] = 0.0
-            else:
-                out[stage.stage] = unbounded(self.models[stage.stage]) * self.calls(stage)
-                sliced.append(stage)
+        """Per stage, a lower bound on its seconds in the run: :meth:`_unbounded_bounds`, or, where those do
+        not exceed ``latency_cap``, a sliced stage's at its budget (:func:`.bounds.seconds_bound`; inf where
+        nothing fits)."""
+        out = dict(self._unbounded_bounds())
+        sliced = [s for s in self.profile.stages
+                  if s.profile is not None and not (self.rehash is not None and s.per_step)]
         if sum(out.values()) * (1 - SLACK) <= latency_cap:
             for stage in sliced:
                 out[stage.stage] = seconds_bound(self.models[stage.stage], budgets[stage.stage][0]) * self.calls(stage)
@@ -238,10 +248,13 @@ class PipelinePlanner:
         at least ``streamed_bytes`` of them, memoised on the stage's cost model (shared by every plan of
         the same profile on the same GPU in this process, see :func:`cost_model`)."""
         cache = self.models[stage.stage].__dict__.setdefault("_searches", {})
-        key = (budget, method, max(0, streamed_bytes))
+        # placing values beyond the budget's need must save a share of the whole run, not of this stage's call
+        gain = MORE_PLACEMENT_GAIN * sum(self._unbounded_bounds().values()) / max(1, self.calls(stage))
+        key = (budget, method, max(0, streamed_bytes), gain)
         if key not in cache:
             try:
-                cache[key] = search(self.models[stage.stage], budget, method=method, min_streamed_bytes=streamed_bytes)
+                cache[key] = search(self.models[stage.stage], budget, method=method, min_streamed_bytes=streamed_bytes,
+                                    min_placement_gain_s=gain)
             except InfeasibleError as err:
                 cache[key] = err
         found = cache[key]

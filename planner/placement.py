@@ -244,6 +244,7 @@ def search(
     max_group: int = 8,
     min_streamed_bytes: int = 0,
     more_streaming: bool = True,
+    min_placement_gain_s: float = 0.0,
 ) -> Solution:
     """The best plan within ``budget_bytes`` (every weight counted resident), placing values and
     streaming blocks only when the plan with neither does not fit. Raises :class:`InfeasibleError`
@@ -255,11 +256,12 @@ def search(
     ``more_streaming``: once streaming is needed, also try streaming more blocks than the budget needs
     when their copies hide behind compute and the memory they free makes the slicing faster
     (:func:`_faster_streaming`; more pinned host memory). Then, in both cases, also try placing more values
-    when that makes a sliced plan faster (:func:`.faster_placement.faster_placement`)."""
+    when that makes a sliced plan faster (:func:`.faster_placement.faster_placement`), by at least
+    ``min_placement_gain_s`` seconds per call (a pipeline asks for a share of the whole run)."""
     forced = forced_streaming(model, min_streamed_bytes)
     try:
         fits = solve(model, budget_bytes, max_latency_s, method, max_group, streamed=forced)
-        return faster_placement(model, fits, budget_bytes, max_latency_s, method, max_group)
+        return faster_placement(model, fits, budget_bytes, max_latency_s, method, max_group, min_placement_gain_s)
     except InfeasibleError as err:
         if not hasattr(err, "min_needed_bytes"):  # memory fits; the latency limit does not
             raise
@@ -274,7 +276,7 @@ def search(
     solution = prune(model, solution, budget_bytes, max_latency_s, max_group, keep=forced)
     if more_streaming:
         solution = _faster_streaming(model, solution, budget_bytes, max_latency_s, max_group, forced)
-    solution = faster_placement(model, solution, budget_bytes, max_latency_s, "dp", max_group)
+    solution = faster_placement(model, solution, budget_bytes, max_latency_s, "dp", max_group, min_placement_gain_s)
     if method == "ilp" or (method == "auto" and _cbc_available()):
         solution = solve(model, budget_bytes, max_latency_s, "ilp", max_group,
                          host=solution.host, streamed=solution.streamed)

@@ -81,3 +81,18 @@ def test_unchanged_unsliced_or_with_a_latency_limit():
     # a latency limit asks for the smallest peak within it: the pass is not for that search
     limited = search(m, budget, max_latency_s=plain.latency_s * 2, method="dp")
     assert limited.host == frozenset()
+
+
+def test_a_pipeline_pins_values_only_for_a_share_of_the_whole_run(monkeypatch):
+    """The decode of a 14B 720p run is a sliver of it: placing its values on host saves well under 1 % of the
+    run, so the pipeline does not pin gigabytes for it (a stage's own 1 % is not enough)."""
+    import vramplan.planner.pipeline as pipeline
+    from vramplan import plan_for
+
+    call = dict(gpu="RTX 4090", model="wan2.1-t2v-14b", height=720, width=1280, frames=81, dtype="bf16",
+                vram_gb=6, host_ram_gb=128)
+    shared = plan_for(**call).prediction
+    monkeypatch.setattr(pipeline, "MORE_PLACEMENT_GAIN", 0.0)
+    eager = plan_for(**call).prediction  # the stage's own 1 % only
+    assert eager.host_bytes > shared.host_bytes  # the pass pins more where a stage's share is all it asks
+    assert shared.latency_s - eager.latency_s < 0.01 * shared.latency_s
