@@ -29,7 +29,9 @@ def case(request):
     return meta, shape, profile(meta, shape, "cpu_flash", name="tiny", max_k=4)
 
 
-@pytest.mark.parametrize("ks", [(1, 2, 4, 4), (2, 4, 2, 2), (4, 4, 4, 4)])
+# (2, 2, 2, 1): the last (largest) level unsliced with its input on host holds no whole staged input either
+# (planner/costs.py, the unsliced branch of ``_memory``, d2bcb47: 6.11 MB predicted, 5.01 measured before)
+@pytest.mark.parametrize("ks", [(1, 2, 4, 4), (2, 4, 2, 2), (4, 4, 4, 4), (2, 2, 2, 1)])
 def test_levels_with_host_inputs_are_predicted(case, ks):
     meta, shape, prof = case
     ups = [u.name for u in prof.units if u.name.startswith("decoder.up_blocks")]
