@@ -48,6 +48,7 @@ class Point:
     predicted: float | None = None
     keys: list[int] = field(default_factory=list)
     cut: str | None = None
+    cal_measured: float | None = None  # PSNR the calibration measured for it on its own prompt (--refine)
 
 
 def video_psnr(video: torch.Tensor, ref: torch.Tensor) -> float:
@@ -204,16 +205,25 @@ class Bench:
     def calibration_prompt(self) -> str:
         return self.tw.prompt(*self.tw.train_combinations()[0])
 
-    def calibrate(self, max_gap: int):
+    def calibrate(self, max_gap: int, refine: int = 0):
         from vramplan.planner.rehash_quality import QualityModel
         from vramplan.planner.rehash_search import candidates
         from vramplan.runtime.calibrate import calibrate
+        from vramplan.runtime.calibrate import refine as refined
         from vramplan.runtime.rehash import measure_cuts
 
         started = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):
             self.cal = calibrate(self.pipe, prompt=self.calibration_prompt, max_gap=max_gap, seed=100, **self.call)
         self.cal_seconds = time.perf_counter() - started
+        self.refine, self.refine_seconds = refine, 0.0
+        if refine:  # measured, then predicted: on the calibration prompt and seed, never the evaluated ones
+            started = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.cal = refined(self.pipe, self.cal, refine, prompt=self.calibration_prompt, **self.call)
+            self.refine_seconds = time.perf_counter() - started
+            print(f"refined: {len(self.cal.measured)} schedules measured on the calibration prompt in "
+                  f"{self.refine_seconds:.0f} s", flush=True)
         self.model = QualityModel(self.cal)
         self.full_call, self.reuse, _ = measure_cuts(self.pipe.transformer, self.cal.shape,
                                                       [c.cut for c in self.cal.cuts])
@@ -232,7 +242,8 @@ class Bench:
 
         halves = f" + {len(c.halves)} half" if c.halves else ""
         return self.measure("vramplan", f"{why}: {len(c.keys)} keys{halves}, {short(c.cut)}", attach, timed=timed,
-                            predicted=c.psnr, keys=list(c.keys), cut=c.cut)
+                            predicted=c.psnr if c.predicted is None else c.predicted, keys=list(c.keys), cut=c.cut,
+                            cal_measured=c.psnr if c.measured else None)
 
     def validation(self, per_cut: int = 3, counts=(4, 7, 10)) -> list[Point]:
         """The predictor against measured PSNR over schedules of every kind: the cheapest ``per_cut - 1``
@@ -289,7 +300,7 @@ def run(args) -> tuple[str, list[Point], list[Point], Bench]:
     if args.part == "overhead":
         b.full_cpu = math.nan  # timed side by side with the schedules instead
     print(f"full run: {b.full_flops / 1e9:.2f} GFLOP DiT per video, {b.full_cpu:.2f} CPU s", flush=True)
-    b.calibrate(args.max_gap)
+    b.calibrate(args.max_gap, args.refine if args.part == "compare" else 0)
     if args.part == "validate":
         return validation_report(b, b.validation()), [], [], b
     if args.part == "overhead":
@@ -300,13 +311,17 @@ def run(args) -> tuple[str, list[Point], list[Point], Bench]:
     ours: dict[tuple, Point] = {}
 
     def mine(c, why):
-        key = (c.cut, c.keys)
+        key = (c.cut, c.keys, c.halves)
         if key not in ours:
             ours[key] = b.schedule(c, why)
         return ours[key]
 
     matched = []
     for p in theirs:
+        if p.flops >= b.full_flops:  # saves nothing: within its FLOPs the best is the full run itself
+            matched.append((p, Point("vramplan", "the full run (every step key; nothing to save)", 99.0, 1.0,
+                                     b.full_flops, b.full_cpu)))
+            continue
         best = ranked(b.cands, b.budget(p.flops))
         matched.append((p, mine(best[0], "matched") if best else None))
     for fewer in (1.5, 2.0, 2.5, 3.0, 4.0):
@@ -334,9 +349,13 @@ def report(b: Bench, theirs, ours, matched, args) -> str:
              f"PSNR/SSIM against the full run with the same prompt and seed (PSNR over the whole video, frames in "
              f"[-1, 1]). Full run: {b.full_flops / 1e9:.2f} GFLOP of DiT per video (measured, PyTorch's counter), "
              f"{b.full_cpu:.2f} DiT CPU s. vramplan: one calibration ({b.cal_seconds:.0f} s, {len(b.cal.cuts)} "
-             f"residual cuts, gaps up to {b.cal.max_gap}, on the training prompt '{b.calibration_prompt}'), then "
-             f"the joint search by predicted PSNR; 'matched' = the planner's best within that diffusers point's "
-             f"measured FLOPs.", "",
+             f"residual cuts, gaps up to {b.cal.max_gap}, on the training prompt '{b.calibration_prompt}')"
+             + (f", refined (`calibrate --refine {b.refine}`: the {b.refine} best-predicted schedules at each FLOPs "
+                f"level of the predicted frontier run on that same prompt and seed, {len(b.cal.measured)} schedules, "
+                f"{b.refine_seconds:.0f} s; the search ranks those by the measurement)" if b.refine else "")
+             + ", then the joint search by PSNR (measured on the calibration prompt where refined, else predicted); "
+             "'matched' = the planner's best within that diffusers point's measured FLOPs (a point that saves no "
+             "FLOPs is matched by the full run).", "",
              "How each diffusers cache was set up (0.42.1, `pipe.transformer.enable_cache(config)`): FirstBlockCache "
              "by its threshold; MagCache with `mag_ratios` from its own `calibrate=True` run on the same calibration "
              "prompt (the conditional branch's printed ratios), retention 0.2; TaylorSeer in lite mode (blocks "
@@ -345,12 +364,14 @@ def report(b: Bench, theirs, ours, matched, args) -> str:
              "batched in one call, Wan makes two) and the default timestep range (-1, 681); PAB on self- and "
              "cross-attention, timesteps (100, 800). Each keeps its state per CFG call where it uses diffusers' cache "
              "contexts (FirstBlockCache, MagCache, TaylorSeer); FasterCache and PAB count both calls.", "",
-             "| method | setting | DiT FLOPs x fewer | DiT CPU x faster | PSNR dB | SSIM | predicted PSNR |",
-             "|---|---|---|---|---|---|---|"]
+             "| method | setting | DiT FLOPs x fewer | DiT CPU x faster | PSNR dB | SSIM | predicted PSNR | measured "
+             "on the calibration prompt |",
+             "|---|---|---|---|---|---|---|---|"]
     for p in rows:
         lines.append(f"| {p.family} | {p.setting} | {b.full_flops / p.flops:.2f} | {b.full_cpu / p.cpu_s:.2f} | "
                      f"{p.psnr:.2f} | {p.ssim:.4f} | "
-                     + (f"{min(p.predicted, 99):.1f}" if p.predicted is not None else "") + " |")
+                     + (f"{min(p.predicted, 99):.1f}" if p.predicted is not None else "") + " | "
+                     + (f"{min(p.cal_measured, 99):.1f}" if p.cal_measured is not None else "") + " |")
     lines += ["", "At each diffusers point's measured DiT FLOPs, the planner's schedule (same FLOPs or fewer):", "",
               "| diffusers point | its x fewer | its PSNR | vramplan's schedule | x fewer | PSNR | >= ? |",
               "|---|---|---|---|---|---|---|"]
@@ -581,6 +602,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=3, help="held-out prompts each method runs on")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per method (the least counts)")
     parser.add_argument("--max-gap", type=int, default=4, help="reuse distances the calibration measures")
+    parser.add_argument("--refine", type=int, default=3, help="compare: the calibration's refinement (measured, "
+                        "then predicted): the best-predicted schedules run per FLOPs level on the calibration "
+                        "prompt (0: the predictor alone)")
     parser.add_argument("--untrained", action="store_true", help="the same pipeline with random weights (harness "
                         "check only: no quality claim)")
     parser.add_argument("--quick", action="store_true", help="one setting per diffusers cache")
@@ -601,6 +625,7 @@ def main() -> None:
              f"{time.perf_counter() - started:.0f} s; command: `python bench/bench_rehash_dit.py --part {args.part} "
              f"--prompts "
              f"{args.prompts} --repeats {args.repeats} --max-gap {args.max_gap}"
+             + (f" --refine {args.refine}" if args.part == "compare" else "")
              + (" --untrained" if args.untrained else "") + (" --quick" if args.quick else "")
              + "`.\n")
     print(text, flush=True)

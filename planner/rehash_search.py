@@ -43,7 +43,7 @@ class Candidate:
     psnr: float | None  # predicted PSNR against the full run, dB (None: the calibration cannot say)
     threshold: float | None = None  # greedy: the similarity threshold
     halves: tuple[int, ...] = ()  # reused steps that reuse one CFG call only (``cfg+<cut>``; see half_cut)
-    predicted: float | None = None  # the predictor's PSNR where ``psnr`` was measured (``measured``)
+    predicted: float | None = None  # the raw prediction where ``psnr`` was measured or corrected by a measurement
     measured: bool = False  # ``psnr`` was measured by the calibration (calibrate --refine), not predicted
 
     @property
@@ -126,7 +126,30 @@ def candidates(model: QualityModel, reuse_at: dict[str, float], full: float, *,
                 seen[(cut, tuple(keys), tuple(halves))] = rated(model, Candidate(
                     cut, tuple(keys), "optimal", cost, model.latent_error(cut, keys, halves),
                     model.psnr(cut, keys, halves), None, tuple(halves)))
-    return list(seen.values())
+    return corrected(list(seen.values()))
+
+
+def corrected(cands: list[Candidate]) -> list[Candidate]:
+    """Where the calibration measured some schedules, every other schedule's predicted PSNR moved by the
+    measured-minus-predicted of the measured one nearest in cost (``predicted`` keeps the raw prediction):
+    the predictor is off by a few dB that drift with the saving, so a raw prediction would outrank a
+    measured schedule whenever the predictor runs high there (few key steps) and lose to one where it runs
+    low, whatever the schedules' own merit."""
+    from dataclasses import replace
+
+    anchors = [(math.log(c.cost), c.psnr - c.predicted) for c in cands
+               if c.measured and c.predicted is not None and c.cost > 0 and math.isfinite(c.predicted)]
+    if not anchors:
+        return cands
+    out = []
+    for c in cands:
+        if c.measured or c.psnr is None or not math.isfinite(c.psnr) or c.cost <= 0:
+            out.append(c)
+            continue
+        here = math.log(c.cost)
+        shift = min(anchors, key=lambda a: (abs(a[0] - here), -a[0]))[1]
+        out.append(replace(c, psnr=c.psnr + shift, predicted=c.psnr))
+    return out
 
 
 def rated(model: QualityModel, c: Candidate) -> Candidate:

