@@ -107,90 +107,127 @@ def rows_cost(model, seg, seg_rules, entry: int, host: frozenset[str]):
     return SegmentCost(*memory, seconds, 0, transfer, recompute)
 
 
+class _Geometry:
+    """What of a rows segment's memory depends only on its units and ``k``, not on the placement: the
+    slices' rows (:func:`.rows.plan_segment`), their signatures, and per slice and unit the rows and bytes
+    :func:`rows_memory` reads (computed once per ``(start, stop, k)`` and profile; a placement trial
+    re-costs a segment many times)."""
+
+    def __init__(self, model, seg):
+        units = self.units = model.units[seg.start : seg.stop + 1]
+        maps = _maps(model)[seg.start : seg.stop + 1]
+        pos = {u.name: i for i, u in enumerate(units)}
+        first = [pos.get(u.inputs[0]) for u in units]
+        in_lens = self.in_lens = [in_rows(model, seg.start + i) for i in range(len(units))]
+        readers = [[r for r in range(i + 1, len(units)) if u.name in units[r].inputs] for i, u in enumerate(units)]
+        slices = self.slices = plan_segment(maps, readers, first, in_lens, seg.k)
+        lens = self.lens = [u.output_shape[-2] or 1 for u in units]
+        cropped = self.cropped = [_cropped(model, seg.start + i) for i in range(len(units))]
+        made = self.made = [[maps[i].out_len(b - a) if b > a else 0 for i, (a, b) in enumerate(sl.slab)]
+                            for sl in slices]
+        self.width = [[b - a for a, b in sl.slab] for sl in slices]
+        self.active = [[e > s for s, e in sl.out] for sl in slices]
+        # bytes of unit h's rows a later unit of the slice reads: its own rows if it crops, else its slab's
+        self.held = [[u.output_bytes * ((sl.out[h][1] - sl.out[h][0]) if cropped[h] else made[n][h]) // lens[h]
+                      for h, u in enumerate(units)] for n, sl in enumerate(slices)]
+        self.made_bytes = [[u.output_bytes * made[n][h] // lens[h] for h, u in enumerate(units)]
+                           for n in range(len(slices))]
+        self.own_bytes = [[u.output_bytes * (made[n][h] + sl.own[h][1] - sl.own[h][0]) // lens[h]
+                           for h, u in enumerate(units)] for n, sl in enumerate(slices)]
+        self.scratch = [[int(_slab_scratch(model, seg.start + i,
+                                           _held(model, seg.start + i, sl, i) if cropped[i] else self.width[n][i]))
+                         if self.active[n][i] else 0 for i in range(len(units))] for n, sl in enumerate(slices)]
+        sigs = [_signature(model, seg, maps, sl) for sl in slices]
+        seen: set = set()  # the slice loop: the first slice, then later slices of a new signature
+        self.loop = [n for n, sig in enumerate(sigs) if not n or (sig not in seen and not seen.add(sig))]
+        seen = set()  # the statistics passes: every slice of a new signature
+        self.stats_loop = [n for n, sig in enumerate(sigs) if sig not in seen and not seen.add(sig)]
+        self.made_rows = lambda i, sl: _made_rows(maps, i, sl)
+        self.work = _work(model, seg, slices, units, lens, self.made_rows)
+
+
+def _made_rows(maps, i: int, sl) -> int:
+    """Rows unit ``i`` produces on its slab (the halo included) before it is cropped."""
+    a, b = sl.slab[i]
+    return maps[i].out_len(b - a) if b > a else 0
+
+
+def _geometry(model, seg) -> _Geometry:
+    """The :class:`_Geometry` of ``seg``, kept with the profile's GPU-independent costs (``costs.Shared``)
+    when the model has them, else on the model."""
+    owner = getattr(model, "shared", None) or model
+    cache = owner.__dict__.setdefault("_rows_geometry", {})
+    key = (seg.start, seg.stop, seg.k)
+    found = cache.get(key)
+    if found is None:
+        found = cache[key] = _Geometry(model, seg)
+    return found
+
+
 def rows_memory(model, seg, seg_rules, entry: int) -> tuple[tuple[int, int, int, int, int], tuple, float, tuple]:
     """What of a rows segment's cost does not depend on the GPU: ``(activation, live, transient, peak
-    unit, needed)`` and the :func:`recipe` of its seconds ``(terms, link bytes, recompute)``."""
-    units = model.units[seg.start : seg.stop + 1]
-    maps = _maps(model)[seg.start : seg.stop + 1]
-    pos = {u.name: i for i, u in enumerate(units)}
-    first = [pos.get(u.inputs[0]) for u in units]
-    in_lens = [in_rows(model, seg.start + i) for i in range(len(units))]
-    readers = [[r for r in range(i + 1, len(units)) if u.name in units[r].inputs] for i, u in enumerate(units)]
-    slices = plan_segment(maps, readers, first, in_lens, seg.k)
+    unit, needed)`` and the :func:`recipe` of its seconds ``(terms, link bytes, recompute)``. The
+    placement (``seg_rules``, ``entry``) only picks which of the precomputed :class:`_Geometry` bytes add
+    up; the sums are of integers, so their order does not change them."""
+    g = _geometry(model, seg)
+    units, in_lens = g.units, g.in_lens
     size = model.size
-    lens = [u.output_shape[-2] or 1 for u in units]
+    count = len(units)
     kinds = seg_rules.buffers(lambda j, name: False)  # rows never write over an input (halos are read later)
     buffer = [u.output_bytes if kind == "new" else 0 for u, kind in zip(units, kinds, strict=True)]
-
-    def made_rows(i: int, sl) -> int:
-        """Rows unit ``i`` produces on its slab (the halo included) before it is cropped."""
-        a, b = sl.slab[i]
-        return maps[i].out_len(b - a) if b > a else 0
-
-    sigs = [_signature(model, seg, maps, sl) for sl in slices]
-    held_at = [[h - seg.start for h in seg_rules.held_at(seg.start + i)] for i in range(len(units))]
+    held_at = [[h - seg.start for h in seg_rules.held_at(seg.start + i)] for i in range(count)]
     # A unit that stages its input itself (``stage_inside``: the Wan decode's up levels) copies each frame
     # of its slab to the device whether that input is on host or not: the copy is in its profiled scratch.
     staged_at = [[] if getattr(units[i], "stage_inside", False) else [size[v] for v in seg_rules.staged(seg.start + i)]
-                 for i in range(len(units))]
-    cropped = [_cropped(model, seg.start + i) for i in range(len(units))]
+                 for i in range(count)]
+    before = [0]  # buffers of the units before each one
+    for nbytes in buffer:
+        before.append(before[-1] + nbytes)
+    all_buffers = before[-1]
     best = None
-    seen = set()
-    for n, sl in enumerate(slices):
-        if n:  # a later slice with the rows of an earlier later one (most interior slices): the same states
-            if sigs[n] in seen:
-                continue
-            seen.add(sigs[n])
-        for i in range(len(units)):
-            j = seg.start + i
-            if sl.out[i][1] <= sl.out[i][0]:
+    for n in g.loop:
+        active, width, scratch, pieces = g.active[n], g.width[n], g.scratch[n], g.held[n]
+        for i in range(count):
+            if not active[i]:
                 continue
             # The executor allocates an escaping output's full buffer at its first write, after the unit's
             # first slice is computed: during that slice only earlier units' buffers are alive.
-            live = entry + (sum(buffer) if n else sum(buffer[:i]))
+            live = entry + (all_buffers if n else before[i])
             # a cropping unit holds only the rows its readers need (its slice's own), not its whole slab
-            held = sum(units[h].output_bytes * ((sl.out[h][1] - sl.out[h][0]) if cropped[h] else made_rows(h, sl))
-                       // lens[h] for h in held_at[i])
-            a, b = sl.slab[i]
-            staged = sum(nbytes * (b - a) // max(1, in_lens[i]) for nbytes in staged_at[i])
-            scratch = int(_slab_scratch(model, j, _held(model, j, sl, i) if cropped[i] else b - a))
-            transient = held + staged + scratch
+            held = sum(pieces[h] for h in held_at[i])
+            staged = sum(nbytes * width[i] // max(1, in_lens[i]) for nbytes in staged_at[i]) if staged_at[i] else 0
+            transient = held + staged + scratch[i]
             if best is None or live + transient > best[0]:
-                best = (live + transient, live, transient, j)
+                best = (live + transient, live, transient, seg.start + i)
             if not n and buffer[i]:  # that first write: the new buffer and the slice's piece, both alive
-                s, e = sl.out[i]
-                piece = units[i].output_bytes * ((e - s) if _cropped(model, j) else made_rows(i, sl)) // lens[i]
-                live = entry + sum(buffer[: i + 1])
-                if live + held + piece > best[0]:
-                    best = (live + held + piece, live, held + piece, j)
+                live = entry + before[i + 1]
+                if live + held + pieces[i] > best[0]:
+                    best = (live + held + pieces[i], live, held + pieces[i], seg.start + i)
     # Statistics passes run before the slice loop (no buffers yet): a recomputed input's cone, slice by
     # slice, holding the cone's slabs its later units read, then the input's own rows (and their copy
     # for the grouped moments).
     for i, unit in enumerate(units):
         j = seg.start + i
         cone = [c - seg.start for c in seg_rules.cone(j)] if unit.needs_input_stats and i else []
-        seen = set()
-        for m, sl in enumerate(slices if cone else ()):
-            if sigs[m] in seen:  # the rows of an earlier slice: the same states
-                continue
-            seen.add(sigs[m])
+        if not cone:
+            continue
+        # the cone's units whose output a later unit of the cone reads, per position in the cone
+        read = [[u for u in cone[:n] if any(units[u].name in units[v].inputs for v in cone[n:])]
+                for n in range(len(cone))]
+        last = cone[-1]
+        for m in g.stats_loop:
+            active, scratch, made_bytes = g.active[m], g.scratch[m], g.made_bytes[m]
             for n, c in enumerate(cone):
-                if sl.out[c][1] <= sl.out[c][0]:
+                if not active[c]:
                     continue
-                held = sum(units[u].output_bytes * made_rows(u, sl) // lens[u] for u in cone[:n]
-                           if any(units[u].name in units[v].inputs for v in cone[n:]))
-                a, b = sl.slab[c]
-                rows = _held(model, seg.start + c, sl, c) if _cropped(model, seg.start + c) else b - a
-                transient = held + int(_slab_scratch(model, seg.start + c, rows))
+                transient = sum(made_bytes[u] for u in read[n]) + scratch[c]
                 if entry + transient > best[0]:
                     best = (entry + transient, entry, transient, j)
-            last = cone[-1]
-            own = sl.own[last][1] - sl.own[last][0]
-            transient = units[last].output_bytes * (made_rows(last, sl) + own) // lens[last]
+            transient = g.own_bytes[m][last]
             if entry + transient > best[0]:
                 best = (entry + transient, entry, transient, j)
     act, live, transient, peak = best
-    terms, link, recompute = recipe(model, seg, seg_rules, slices, units, lens, made_rows)
+    terms, link, recompute = recipe(model, seg, seg_rules, g.slices, units, g.lens, g.made_rows, g.work)
     return (act, live, transient, peak, int(act * model.allocator_factor(seg.k))), terms, link, recompute
 
 
@@ -206,18 +243,10 @@ def _signature(model, seg, maps, sl) -> tuple:
     return tuple(out)
 
 
-def recipe(model, seg, rules, slices, units, lens, made_rows) -> tuple[tuple, float, tuple[int, ...]]:
-    """A rows segment's seconds as GPU-independent terms in the order they add up: ``(unit, work,
-    launches)`` for a unit's roofline time scaled by the rows it computes over all slices (the halo's
-    recompute) and its launches, ``(bytes,)`` for memory traffic; and the bytes over the host link.
-    :func:`replay` prices them on a GPU (the fleet computes this once per profile, see ``costs.Shared``)."""
-    link = 0.0
-    terms = []
-    recompute = []
-    size = model.size
-    k = len(slices)
+def _work(model, seg, slices, units, lens, made_rows) -> list[float]:
+    """Each unit's work over all slices as a fraction of its unsliced work (the halo's recompute)."""
     maps = _maps(model)
-    work = []  # each unit's work over all slices as a fraction of its unsliced work (the halo's recompute)
+    work = []
     for i, unit in enumerate(units):
         j = seg.start + i
         if getattr(unit, "rows_cropped", False):
@@ -225,6 +254,22 @@ def recipe(model, seg, rules, slices, units, lens, made_rows) -> tuple[tuple, fl
                                                  in_rows(model, j)))
         else:
             work.append(sum(made_rows(i, sl) for sl in slices) / lens[i])
+    return work
+
+
+def recipe(model, seg, rules, slices, units, lens, made_rows, work=None) -> tuple[tuple, float, tuple[int, ...]]:
+    """A rows segment's seconds as GPU-independent terms in the order they add up: ``(unit, work,
+    launches)`` for a unit's roofline time scaled by the rows it computes over all slices (the halo's
+    recompute) and its launches, ``(bytes,)`` for memory traffic; and the bytes over the host link.
+    :func:`replay` prices them on a GPU (the fleet computes this once per profile, see ``costs.Shared``).
+    ``work``: :func:`_work`, when already known."""
+    link = 0.0
+    terms = []
+    recompute = []
+    size = model.size
+    k = len(slices)
+    if work is None:
+        work = _work(model, seg, slices, units, lens, made_rows)
 
     def unit_term(i: int) -> tuple:
         return (seg.start + i, work[i], k * units[i].kernels)
