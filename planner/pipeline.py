@@ -283,19 +283,29 @@ class PipelinePlanner:
         for choice in itertools.product([True, False], repeat=len(names)):
             yield dict(zip(names, choice, strict=True))
 
-    def best(self, cap: int, max_latency_s: float | None, beat_s: float | None = None):
+    def best(self, cap: int, max_latency_s: float | None, beat_s: float | None = None, first: bool = False):
         """The fastest residency within ``cap`` (and ``max_latency_s``): ``((latency, peak), resident)``.
 
         A bisection over ``cap`` skips what it cannot use: a residency that did not fit a larger cap,
         and one whose fastest plan (at the full memory) is already slower than the limit. A residency
         whose stages' lower bounds miss the limit is not searched further (:meth:`evaluate`). ``beat_s``:
         only a plan at most this slow is wanted (another stage alternative's); a residency that cannot
-        be is skipped the same way (``self.outrun`` says one was), and one slower may still be returned."""
+        be is skipped the same way (``self.outrun`` says one was), and one slower may still be returned.
+
+        ``first``: only whether any residency qualifies is wanted (a bisection probe): the first one found
+        is returned (the last probe's first, tried first). The residencies it did not reach are owed this
+        cap: whether the exhaustive probes would have skipped them later (missed here) is settled only when
+        one of them would be chosen (:meth:`_settle`), so every probe answers, and every plan is, as with
+        exhaustive probes."""
         best = None
         seen = self.__dict__.setdefault("_residency_seen", {})  # residency -> (largest cap it missed, fastest s)
         wanted = [x for x in (max_latency_s, beat_s) if x is not None]
         latency_cap = min(wanted) if wanted else None
-        for resident in self.residencies():
+        order = list(self.residencies())
+        hit = self.__dict__.get("_first_hit")
+        if first and hit is not None:
+            order.sort(key=lambda r: tuple(r.values()) != hit)
+        for i, resident in enumerate(order):
             rkey = tuple(resident.values())
             missed, fastest = seen.get(rkey, (-1, 0.0))
             if cap <= missed or (max_latency_s is not None and fastest > max_latency_s):
@@ -311,10 +321,35 @@ class PipelinePlanner:
                 seen[rkey] = (missed, latency)
             if max_latency_s is not None and latency > max_latency_s:
                 continue
+            if self._settle(rkey, cap, latency_cap):
+                continue  # the exhaustive probes would have skipped it: it missed an owed larger cap
             key = (latency, self.peak(results))
+            if first:
+                owed = self.__dict__.setdefault("_residency_owed", {})
+                for rest in order[i + 1:]:
+                    owed.setdefault(tuple(rest.values()), []).append((cap, latency_cap))
+                self.__dict__["_first_hit"] = rkey
+                return key, resident
             if best is None or key < best[0]:
                 best = (key, resident)
         return best
+
+    def _settle(self, rkey, cap: int, latency_cap) -> bool:
+        """Replay, in order, the probes owed by residency ``rkey`` (:meth:`best` ``first``) as the exhaustive
+        probes ran them: each evaluates it unless a cap it missed is at least the probe's, and records a miss.
+        True when it is now skipped at ``cap`` (a cap it missed is at least ``cap``)."""
+        owed = self.__dict__.get("_residency_owed", {}).pop(rkey, [])
+        if not owed:
+            return False
+        seen = self.__dict__["_residency_seen"]
+        resident = dict(zip(self.weights, rkey, strict=True))
+        for q, q_latency_cap in owed:
+            missed, fastest = seen.get(rkey, (-1, 0.0))
+            if q <= missed:
+                continue
+            if self.evaluate(resident, q, latency_cap=q_latency_cap) is None:
+                seen[rkey] = (max(missed, q), fastest)  # (owed caps are below the usable memory)
+        return cap <= seen.get(rkey, (-1, 0.0))[0]
 
     def held_bytes(self, stage) -> int:
         """Tensors the stage holds from others; Step Rehash's cached cut through every denoising call."""
@@ -468,21 +503,30 @@ def plan_pipeline(
             near = planner.best(lo + 2**20, max_latency_s)
             if near is not None and near[0][0] < at_floor[0][0]:
                 hi = lo + 2**20
-        while hi - lo > 2**20:  # 1 MiB resolution on the peak
-            mid = (lo + hi) // 2
-            # only a peak below another alternative's can win: above it, take the step a plan found there
-            # would take, unsearched (the same steps as searching it, wherever a plan is found above it)
-            if (peak_at_most is not None and mid > peak_at_most) or planner.best(mid, max_latency_s) is not None:
-                hi = mid
-            else:
-                lo = mid
-        cap = hi
+        cap = bisect_peak(planner, lo, hi, max_latency_s, peak_at_most)
         found = planner.best(cap, max_latency_s)
         if found is None:  # (only below another alternative's peak: nothing found there)
             raise CannotWin
     resident = found[1]
     results = planner.evaluate(resident, cap, method=method)
     return _assemble(profile, planner, resident, results, cap, max_latency_s)
+
+
+def bisect_peak(planner: PipelinePlanner, lo: int, hi: int, max_latency_s: float, peak_at_most: int | None = None,
+                first: bool = True) -> int:
+    """The smallest cap in ``(lo, hi]`` (1 MiB resolution) at which a residency meets ``max_latency_s``, by
+    bisection (``hi`` meets it). Each probe asks only whether one does (``first``, :meth:`PipelinePlanner.best`:
+    the same answers as the exhaustive probes, ``first=False``, stopping at the first residency that does)."""
+    while hi - lo > 2**20:  # 1 MiB resolution on the peak
+        mid = (lo + hi) // 2
+        # only a peak below another alternative's can win: above it, take the step a plan found there
+        # would take, unsearched (the same steps as searching it, wherever a plan is found above it)
+        if (peak_at_most is not None and mid > peak_at_most) or \
+                planner.best(mid, max_latency_s, first=first) is not None:
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
 def min_usable(floor: int, margin: int) -> int:
