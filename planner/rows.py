@@ -96,13 +96,24 @@ class RowMap:
         return [s.as_list() for s in self.steps]
 
     def lengths(self, n_in: int) -> list[int]:
-        out = [n_in]
-        for step in self.steps:
-            out.append(step.out_len(out[-1]))
-        return out
+        return list(self._lens(n_in))
+
+    def _lens(self, n_in: int) -> tuple[int, ...]:
+        """Rows before every step and after the last, for ``n_in`` input rows; memoised per map (the cost
+        model asks for the same few lengths hundreds of thousands of times while planning)."""
+        cache = self.__dict__.get("_lens_cache")
+        if cache is None:
+            cache = self.__dict__["_lens_cache"] = {}  # not a field: equality and hashing ignore it
+        found = cache.get(n_in)
+        if found is None:
+            out = [n_in]
+            for step in self.steps:
+                out.append(step.out_len(out[-1]))
+            found = cache[n_in] = tuple(out)
+        return found
 
     def out_len(self, n_in: int) -> int:
-        return self.lengths(n_in)[-1]
+        return self._lens(n_in)[-1]
 
     def start(self, a: int) -> int:
         for step in self.steps:
@@ -119,7 +130,7 @@ class RowMap:
     def needs(self, s: int, e: int, n_in: int) -> tuple[int, int]:
         """The input slab ``[a, b)`` from which output rows ``[s, e)`` are computed exactly: every
         step's halo, and ``a`` lowered until every strided step's slab starts on its grid."""
-        lens = self.lengths(n_in)
+        lens = self._lens(n_in)
         for i in range(len(self.steps) - 1, -1, -1):
             s, e = self.steps[i].needs(s, e, lens[i])
         while s > 0 and not self._aligned(s):
@@ -129,7 +140,7 @@ class RowMap:
     def step_slabs(self, s: int, e: int, n_in: int) -> list[tuple[int, int]]:
         """Input rows of every step for output rows ``[s, e)``, when each step keeps only the rows the
         next one reads (a unit that crops after every step): ``[(a_0, b_0), ...]`` in step order."""
-        lens = self.lengths(n_in)
+        lens = self._lens(n_in)
         out = []
         for i in range(len(self.steps) - 1, -1, -1):
             s, e = self.steps[i].needs(s, e, lens[i])
@@ -147,7 +158,7 @@ class RowMap:
     def cropped_fraction(self, bounds: Sequence[tuple[int, int]], n_in: int) -> float:
         """Work of computing output rows ``bounds`` (slices) step by step, cropping after every step, as
         a fraction of the unsliced work (steps weighted by their ``cost``, equal when none is given)."""
-        lens = self.lengths(n_in)
+        lens = self._lens(n_in)
         weights = [s.cost or 1 for s in self.steps]
         whole = sum(w * lens[i + 1] for i, w in enumerate(weights))
         done = 0
