@@ -205,6 +205,8 @@ class Bench:
     def calibration_prompt(self) -> str:
         return self.tw.prompt(*self.tw.train_combinations()[0])
 
+    refine_prompts = 1  # training prompts the refinement measures on (the first is the calibration's)
+
     def calibrate(self, max_gap: int, refine: int = 0):
         from vramplan.planner.rehash_quality import QualityModel
         from vramplan.planner.rehash_search import candidates
@@ -220,7 +222,11 @@ class Bench:
         if refine:  # measured, then predicted: on the calibration prompt and seed, never the evaluated ones
             started = time.perf_counter()
             with contextlib.redirect_stdout(io.StringIO()):
-                self.cal = refined(self.pipe, self.cal, refine, prompt=self.calibration_prompt, **self.call)
+                train = self.tw.train_combinations()  # evenly spread, from the calibration prompt on
+                prompts = [self.tw.prompt(*k) for k in train[::max(1, len(train) // self.refine_prompts)]]
+                prompts = prompts[:self.refine_prompts]
+                self.cal = refined(self.pipe, self.cal, refine, variants=[{"prompt": p} for p in prompts],
+                                   **self.call)
             self.refine_seconds = time.perf_counter() - started
             print(f"refined: {len(self.cal.measured)} schedules measured on the calibration prompt in "
                   f"{self.refine_seconds:.0f} s", flush=True)
@@ -300,6 +306,7 @@ def run(args) -> tuple[str, list[Point], list[Point], Bench]:
     if args.part == "overhead":
         b.full_cpu = math.nan  # timed side by side with the schedules instead
     print(f"full run: {b.full_flops / 1e9:.2f} GFLOP DiT per video, {b.full_cpu:.2f} CPU s", flush=True)
+    b.refine_prompts = args.refine_prompts
     b.calibrate(args.max_gap, args.refine if args.part == "compare" else 0)
     if args.part == "validate":
         return validation_report(b, b.validation()), [], [], b
@@ -351,7 +358,8 @@ def report(b: Bench, theirs, ours, matched, args) -> str:
              f"{b.full_cpu:.2f} DiT CPU s. vramplan: one calibration ({b.cal_seconds:.0f} s, {len(b.cal.cuts)} "
              f"residual cuts, gaps up to {b.cal.max_gap}, on the training prompt '{b.calibration_prompt}')"
              + (f", refined (`calibrate --refine {b.refine}`: the {b.refine} best-predicted schedules at each FLOPs "
-                f"level of the predicted frontier run on that same prompt and seed, {len(b.cal.measured)} schedules, "
+                f"level of the predicted frontier run on that same seed and {b.refine_prompts} training prompt(s) spread "
+                f"from the calibration's on, {len(b.cal.measured)} schedules, "
                 f"{b.refine_seconds:.0f} s; the search ranks those by the measurement)" if b.refine else "")
              + ", then the joint search by PSNR (measured on the calibration prompt where refined, else predicted); "
              "'matched' = the planner's best within that diffusers point's measured FLOPs (a point that saves no "
@@ -605,6 +613,8 @@ def main() -> None:
     parser.add_argument("--refine", type=int, default=3, help="compare: the calibration's refinement (measured, "
                         "then predicted): the best-predicted schedules run per FLOPs level on the calibration "
                         "prompt (0: the predictor alone)")
+    parser.add_argument("--refine-prompts", type=int, default=1, help="training prompts the refinement measures "
+                        "on, the PSNR averaged (the first: the calibration prompt; never a held-out one)")
     parser.add_argument("--untrained", action="store_true", help="the same pipeline with random weights (harness "
                         "check only: no quality claim)")
     parser.add_argument("--quick", action="store_true", help="one setting per diffusers cache")
@@ -626,6 +636,7 @@ def main() -> None:
              f"--prompts "
              f"{args.prompts} --repeats {args.repeats} --max-gap {args.max_gap}"
              + (f" --refine {args.refine}" if args.part == "compare" else "")
+             + (f" --refine-prompts {args.refine_prompts}" if args.refine_prompts != 1 else "")
              + (" --untrained" if args.untrained else "") + (" --quick" if args.quick else "")
              + "`.\n")
     print(text, flush=True)

@@ -457,12 +457,14 @@ def check_calibration(unet: torch.nn.Module, cal: Calibration) -> None:
 
 
 def refine(pipe, cal: Calibration, top: int, *, seed: int | None = None, plan: Plan | None = None,
-           **call_kwargs) -> Calibration:
+           variants: list[dict] | None = None, **call_kwargs) -> Calibration:
     """Measured, then predicted: run the ``top`` schedules the planner would rank best at each FLOPs level of
     the predicted frontier (:func:`~vramplan.planner.rehash_search.refinement`) on the calibration's call
     (``call_kwargs``: the same prompt or image and size, or ``plan``'s size; ``seed``: the calibration's), measure each
     video's PSNR against the full run's, and return ``cal`` with them in ``measured`` (where it measured a
-    schedule the planner ranks it by the measurement). Schedules already measured are not rerun."""
+    schedule the planner ranks it by the measurement). Schedules already measured are not rerun.
+    ``variants``: several calls (each a dict over ``call_kwargs``, e.g. other prompts), the PSNR the mean over
+    them, each against its own full run."""
     from ..planner.rehash import MAX_MEASURED, MAX_PSNR, MeasuredSchedule
     from ..planner.rehash_search import refinement
     from .compare import rehash_video, schedule_plan
@@ -478,13 +480,16 @@ def refine(pipe, cal: Calibration, top: int, *, seed: int | None = None, plan: P
     call_kwargs = {"num_inference_steps": cal.steps, **call_kwargs}
     if not todo:
         return cal
-    full = rehash_video(pipe, None, seed=seed, **call_kwargs)
+    calls = [{**call_kwargs, **v} for v in variants] if variants else [call_kwargs]
+    fulls = [rehash_video(pipe, None, seed=seed, **kw) for kw in calls]
     measured = list(cal.measured)
     for c in todo:
-        video = rehash_video(pipe, schedule_plan(c.cut, c.keys, cal.steps, half_steps=c.halves), seed=seed,
-                             **call_kwargs)
-        mse = float((video.double() - full.double()).square().mean())
-        psnr = MAX_PSNR if mse <= 0 else min(MAX_PSNR, 10 * math.log10(4.0 / mse))
+        plan_c = schedule_plan(c.cut, c.keys, cal.steps, half_steps=c.halves)
+        each = []
+        for kw, full in zip(calls, fulls, strict=True):
+            mse = float((rehash_video(pipe, plan_c, seed=seed, **kw).double() - full.double()).square().mean())
+            each.append(MAX_PSNR if mse <= 0 else min(MAX_PSNR, 10 * math.log10(4.0 / mse)))
+        psnr = sum(each) / len(each)
         measured.append(MeasuredSchedule(cut=c.cut, key_steps=list(c.keys), half_steps=list(c.halves),
                                          psnr=round(psnr, 4),
                                          predicted_psnr=None if c.psnr is None else round(min(c.psnr, MAX_PSNR), 4)))
