@@ -8,6 +8,7 @@ import json
 import math
 
 import pytest
+import torch
 from test_rehash_dit_calibrate import CUTS, _kwargs
 from test_rehash_residual_runtime import _pipe, _plan
 from vramplan.planner.errors import PlanFormatError, UnsupportedArgumentError
@@ -120,3 +121,18 @@ def test_a_bad_measured_schedule_is_refused_on_load(cal, tmp_path):
         Calibration.load(path)
     with pytest.raises(UnsupportedArgumentError, match="1..16"):
         refine(None, cal, 0)
+
+
+def test_refine_over_several_calls_averages_their_psnr(wan, cal):
+    """``variants``: each call against its own full run, the stored PSNR the mean."""
+    g = torch.Generator().manual_seed(9)
+    other = {"prompt_embeds": torch.randn(1, 512, 16, generator=g)}
+    got = refine(wan, cal, 1, variants=[{}, other], **_kwargs())
+    m = got.measured[0]
+    kw = {**_kwargs(), "num_inference_steps": cal.steps}
+    each = []
+    for v in ({}, other):
+        full = rehash_video(wan, None, seed=3, **{**kw, **v})
+        video = rehash_video(wan, schedule_plan(m.cut, m.key_steps, cal.steps), seed=3, **{**kw, **v})
+        each.append(min(200.0, 10 * math.log10(4 / float((video.double() - full.double()).square().mean()))))
+    assert each[0] != pytest.approx(each[1], abs=1e-3) and m.psnr == pytest.approx(sum(each) / 2, abs=1e-3)
