@@ -111,39 +111,43 @@ class _Geometry:
     """What of a rows segment's memory depends only on its units and ``k``, not on the placement: the
     slices' rows (:func:`.rows.plan_segment`), their signatures, and per slice and unit the rows and bytes
     :func:`rows_memory` reads (computed once per ``(start, stop, k)`` and profile; a placement trial
-    re-costs a segment many times)."""
+    re-costs a segment many times). Kept in tuples of integers, which the garbage collector stops
+    tracking: a process that planned many shapes holds thousands of these."""
+
+    __slots__ = ("units", "in_lens", "slices", "lens", "width", "active", "held", "made_bytes", "own_bytes",
+                 "scratch", "loop", "stats_loop", "made_rows", "work")
 
     def __init__(self, model, seg):
-        units = self.units = model.units[seg.start : seg.stop + 1]
+        units = self.units = tuple(model.units[seg.start : seg.stop + 1])
         maps = _maps(model)[seg.start : seg.stop + 1]
         pos = {u.name: i for i, u in enumerate(units)}
         first = [pos.get(u.inputs[0]) for u in units]
-        in_lens = self.in_lens = [in_rows(model, seg.start + i) for i in range(len(units))]
+        in_lens = self.in_lens = tuple(in_rows(model, seg.start + i) for i in range(len(units)))
         readers = [[r for r in range(i + 1, len(units)) if u.name in units[r].inputs] for i, u in enumerate(units)]
-        slices = self.slices = plan_segment(maps, readers, first, in_lens, seg.k)
-        lens = self.lens = [u.output_shape[-2] or 1 for u in units]
-        cropped = self.cropped = [_cropped(model, seg.start + i) for i in range(len(units))]
-        made = self.made = [[maps[i].out_len(b - a) if b > a else 0 for i, (a, b) in enumerate(sl.slab)]
-                            for sl in slices]
-        self.width = [[b - a for a, b in sl.slab] for sl in slices]
-        self.active = [[e > s for s, e in sl.out] for sl in slices]
+        slices = self.slices = tuple(plan_segment(maps, readers, first, in_lens, seg.k))
+        lens = self.lens = tuple(u.output_shape[-2] or 1 for u in units)
+        cropped = [_cropped(model, seg.start + i) for i in range(len(units))]
+        made = [[maps[i].out_len(b - a) if b > a else 0 for i, (a, b) in enumerate(sl.slab)] for sl in slices]
+        self.width = tuple(tuple(b - a for a, b in sl.slab) for sl in slices)
+        self.active = tuple(tuple(e > s for s, e in sl.out) for sl in slices)
         # bytes of unit h's rows a later unit of the slice reads: its own rows if it crops, else its slab's
-        self.held = [[u.output_bytes * ((sl.out[h][1] - sl.out[h][0]) if cropped[h] else made[n][h]) // lens[h]
-                      for h, u in enumerate(units)] for n, sl in enumerate(slices)]
-        self.made_bytes = [[u.output_bytes * made[n][h] // lens[h] for h, u in enumerate(units)]
-                           for n in range(len(slices))]
-        self.own_bytes = [[u.output_bytes * (made[n][h] + sl.own[h][1] - sl.own[h][0]) // lens[h]
-                           for h, u in enumerate(units)] for n, sl in enumerate(slices)]
-        self.scratch = [[int(_slab_scratch(model, seg.start + i,
-                                           _held(model, seg.start + i, sl, i) if cropped[i] else self.width[n][i]))
-                         if self.active[n][i] else 0 for i in range(len(units))] for n, sl in enumerate(slices)]
+        self.held = tuple(tuple(u.output_bytes * ((sl.out[h][1] - sl.out[h][0]) if cropped[h] else made[n][h])
+                                // lens[h] for h, u in enumerate(units)) for n, sl in enumerate(slices))
+        self.made_bytes = tuple(tuple(u.output_bytes * made[n][h] // lens[h] for h, u in enumerate(units))
+                                for n in range(len(slices)))
+        self.own_bytes = tuple(tuple(u.output_bytes * (made[n][h] + sl.own[h][1] - sl.own[h][0]) // lens[h]
+                                     for h, u in enumerate(units)) for n, sl in enumerate(slices))
+        self.scratch = tuple(tuple(int(_slab_scratch(model, seg.start + i, _held(model, seg.start + i, sl, i)
+                                                     if cropped[i] else self.width[n][i]))
+                                   if self.active[n][i] else 0 for i in range(len(units)))
+                             for n, sl in enumerate(slices))
         sigs = [_signature(model, seg, maps, sl) for sl in slices]
         seen: set = set()  # the slice loop: the first slice, then later slices of a new signature
-        self.loop = [n for n, sig in enumerate(sigs) if not n or (sig not in seen and not seen.add(sig))]
+        self.loop = tuple(n for n, sig in enumerate(sigs) if not n or (sig not in seen and not seen.add(sig)))
         seen = set()  # the statistics passes: every slice of a new signature
-        self.stats_loop = [n for n, sig in enumerate(sigs) if sig not in seen and not seen.add(sig)]
+        self.stats_loop = tuple(n for n, sig in enumerate(sigs) if sig not in seen and not seen.add(sig))
         self.made_rows = lambda i, sl: _made_rows(maps, i, sl)
-        self.work = _work(model, seg, slices, units, lens, self.made_rows)
+        self.work = tuple(_work(model, seg, slices, units, lens, self.made_rows))
 
 
 def _made_rows(maps, i: int, sl) -> int:
