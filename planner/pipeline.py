@@ -283,7 +283,8 @@ class PipelinePlanner:
         for choice in itertools.product([True, False], repeat=len(names)):
             yield dict(zip(names, choice, strict=True))
 
-    def best(self, cap: int, max_latency_s: float | None, beat_s: float | None = None, first: bool = False):
+    def best(self, cap: int, max_latency_s: float | None, beat_s: float | None = None, first: bool = False,
+             last: bool = False):
         """The fastest residency within ``cap`` (and ``max_latency_s``): ``((latency, peak), resident)``.
 
         A bisection over ``cap`` skips what it cannot use: a residency that did not fit a larger cap,
@@ -296,21 +297,29 @@ class PipelinePlanner:
         is returned (the last probe's first, tried first). The residencies it did not reach are owed this
         cap: whether the exhaustive probes would have skipped them later (missed here) is settled only when
         one of them would be chosen (:meth:`_settle`), so every probe answers, and every plan is, as with
-        exhaustive probes."""
+        exhaustive probes.
+
+        ``last``: no probe follows (the skip state is not needed after it): the last probe's residency is
+        evaluated first, and each other stops once its bound is slower than the fastest so far (it cannot
+        win: the same residency chosen, ties to the first in order as without it)."""
         best = None
         seen = self.__dict__.setdefault("_residency_seen", {})  # residency -> (largest cap it missed, fastest s)
         wanted = [x for x in (max_latency_s, beat_s) if x is not None]
         latency_cap = min(wanted) if wanted else None
         order = list(self.residencies())
         hit = self.__dict__.get("_first_hit")
-        if first and hit is not None:
+        if (first or last) and hit is not None:
             order.sort(key=lambda r: tuple(r.values()) != hit)
+        rank = {tuple(r.values()): i for i, r in enumerate(self.residencies())}
         for i, resident in enumerate(order):
             rkey = tuple(resident.values())
             missed, fastest = seen.get(rkey, (-1, 0.0))
             if cap <= missed or (max_latency_s is not None and fastest > max_latency_s):
                 continue
-            results = self.evaluate(resident, cap, latency_cap=latency_cap)
+            cap_s = latency_cap
+            if last and best is not None:
+                cap_s = best[0][0] if cap_s is None else min(cap_s, best[0][0])
+            results = self.evaluate(resident, cap, latency_cap=cap_s)
             if results is SLOW:
                 continue
             if results is None:
@@ -330,9 +339,9 @@ class PipelinePlanner:
                     owed.setdefault(tuple(rest.values()), []).append((cap, latency_cap))
                 self.__dict__["_first_hit"] = rkey
                 return key, resident
-            if best is None or key < best[0]:
-                best = (key, resident)
-        return best
+            if best is None or (*key, rank[rkey]) < (*best[0], best[2]):
+                best = (key, resident, rank[rkey])
+        return None if best is None else best[:2]
 
     def _settle(self, rkey, cap: int, latency_cap) -> bool:
         """Replay, in order, the probes owed by residency ``rkey`` (:meth:`best` ``first``) as the exhaustive
@@ -504,7 +513,7 @@ def plan_pipeline(
             if near is not None and near[0][0] < at_floor[0][0]:
                 hi = lo + 2**20
         cap = bisect_peak(planner, lo, hi, max_latency_s, peak_at_most)
-        found = planner.best(cap, max_latency_s)
+        found = planner.best(cap, max_latency_s, last=True)
         if found is None:  # (only below another alternative's peak: nothing found there)
             raise CannotWin
     resident = found[1]

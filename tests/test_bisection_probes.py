@@ -1,15 +1,13 @@
-"""``max_latency_s``'s bisection probes ask only whether some residency meets the limit (``best(first=True)``):
-they must answer, and the plan must be, exactly as with exhaustive probes (``first=False``), also where a
-residency's fit is not monotone in the cap (the skip state of the residencies a probe did not reach is
-settled lazily, :meth:`PipelinePlanner._settle`)."""
+"""``max_latency_s``'s bisection probes ask only whether some residency meets the limit (``best(first=True)``),
+and its final cap stops residencies slower than the fastest so far (``best(last=True)``): they must answer,
+and the plan must be, exactly as with exhaustive probes, also where a residency's fit is not monotone in the
+cap (the skip state of the residencies a probe did not reach is settled lazily, ``PipelinePlanner._settle``)."""
 
 from __future__ import annotations
 
-import functools
 import random
 
 import pytest
-from vramplan.planner import pipeline as pipeline_mod
 from vramplan.planner.gpus import find_gpu
 from vramplan.planner.pipeline import SLOW, PipelinePlanner, bisect_peak, plan_pipeline
 from vramplan.planner.plan import shipped_pipeline_profile
@@ -61,7 +59,7 @@ def test_first_found_probes_bisect_exactly_as_exhaustive_probes(noise):
             limit = 6.0
             top = planner.best(planner.usable, limit)  # as plan_pipeline: the full memory first (fastest s recorded)
             cap = bisect_peak(planner, 0, planner.usable, limit, first=first) if top is not None else None
-            answers.append((top, cap, planner.best(cap, limit) if cap is not None else None))
+            answers.append((top, cap, planner.best(cap, limit, last=first) if cap is not None else None))
         assert answers[0] == answers[1], seed
 
 
@@ -87,7 +85,9 @@ def test_bounded_plans_of_shipped_profiles_are_those_of_exhaustive_probes(model,
     prof = shipped_pipeline_profile(model, h, w, frames, True, "fp16", card.attention_kernel)
     limit = plan_pipeline(prof, card).prediction.latency_s * factor
     fast = plan_pipeline(prof, card, max_latency_s=limit)
-    monkeypatch.setattr(pipeline_mod, "bisect_peak", functools.partial(bisect_peak, first=False))
+    exhaustive = PipelinePlanner.best  # every probe and the final cap over every residency, as before
+    monkeypatch.setattr(PipelinePlanner, "best", lambda self, cap, limit, beat_s=None, first=False, last=False:
+                        exhaustive(self, cap, limit, beat_s))
     slow = plan_pipeline(prof, card, max_latency_s=limit)
     assert (fast.prediction.peak_bytes, fast.prediction.latency_s) == (slow.prediction.peak_bytes,
                                                                         slow.prediction.latency_s)
