@@ -145,3 +145,20 @@ def test_geometry_is_kept_per_segment_and_shared_across_gpus():
     rules = a.rules_for(frozenset())
     rc.rows_memory(a, seg, rules.segment(seg.start, seg.stop), a._entry(seg, frozenset(), rules))
     assert rc._geometry(b, seg) is rc._geometry(a, seg)
+
+
+def test_skipping_repeated_slices_equals_every_slice(monkeypatch):
+    """The geometry skips slices whose signature an earlier one had; with every slice distinct (a fresh
+    geometry) the numbers are the same (test_fleet_speed checks this of the reference; the geometry is
+    kept, so it is dropped here before the second pass)."""
+    m = CostModel(_stage("svd", 576, 1024, 14, "fp16", "encode_vae"), find_gpu("RTX 4090"))
+    segments = [s for s in m.segments() if m.units[s.start].axis == "rows" and s.k > 1][:12]
+    rules = m.rules_for(frozenset())
+    cases = [(seg, rules.segment(seg.start, seg.stop), m._entry(seg, frozenset(), rules)) for seg in segments]
+    fast = [rc.rows_memory(m, *c) for c in cases]
+    assert any(len(rc._geometry(m, seg).loop) < len(rc._geometry(m, seg).slices) for seg in segments)
+    m.shared.__dict__.pop("_rows_geometry")
+    counter = iter(range(10**9))
+    monkeypatch.setattr(rc, "_signature", lambda *a: next(counter))  # every slice distinct: none skipped
+    assert [rc.rows_memory(m, *c) for c in cases] == fast
+    assert all(len(rc._geometry(m, seg).loop) == len(rc._geometry(m, seg).slices) for seg in segments)
