@@ -41,7 +41,9 @@ def test_rows_memory_skipping_repeated_slices_equals_every_slice(model, h, w, fr
     fast = [rc.rows_memory(m, *c) for c in cases]
     counter = iter(range(10**9))
     monkeypatch.setattr(rc, "_signature", lambda *a: next(counter))  # every slice distinct: none skipped
+    m.shared.__dict__.pop("_rows_geometry", None)  # the geometry (slices, signatures) is built again under it
     assert [rc.rows_memory(m, *c) for c in cases] == fast
+    assert next(counter) > 0  # the slices were signed again (not read from a cached geometry)
 
 
 def test_rows_segments_skip_slices():
