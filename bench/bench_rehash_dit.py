@@ -228,7 +228,7 @@ class Bench:
                 self.cal = refined(self.pipe, self.cal, refine, variants=[{"prompt": p} for p in prompts],
                                    **self.call)
             self.refine_seconds = time.perf_counter() - started
-            print(f"refined: {len(self.cal.measured)} schedules measured on the calibration prompt in "
+            print(f"refined: {len(self.cal.measured)} schedules measured on {self.refine_prompts} training prompt(s) in "
                   f"{self.refine_seconds:.0f} s", flush=True)
         self.model = QualityModel(self.cal)
         self.full_call, self.reuse, _ = measure_cuts(self.pipe.transformer, self.cal.shape,
