@@ -87,6 +87,7 @@ def test_a_pipeline_pins_values_only_for_a_share_of_the_whole_run(monkeypatch):
     """The decode of a 14B 720p run is a sliver of it: placing its values on host saves well under 1 % of the
     run, so the pipeline does not pin gigabytes for it (a stage's own 1 % is not enough)."""
     import vramplan.planner.pipeline as pipeline
+
     from vramplan import plan_for
 
     call = dict(gpu="RTX 4090", model="wan2.1-t2v-14b", height=720, width=1280, frames=81, dtype="bf16",
