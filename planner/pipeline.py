@@ -143,7 +143,8 @@ class PipelinePlanner:
                     return SLOW
             try:
                 solutions[stage.stage] = self._search(stage, budget, method, need)
-            except InfeasibleError:
+            except InfeasibleError as err:
+                err.with_traceback(None)  # the memoised error: its frames would hold this planner (a cycle)
                 return None
             if bound is not None:  # its own seconds now (host memory given back later only adds)
                 bound[stage.stage] = self._stage_seconds(stage, solutions[stage.stage])
@@ -256,7 +257,10 @@ class PipelinePlanner:
                 cache[key] = search(self.models[stage.stage], budget, method=method, min_streamed_bytes=streamed_bytes,
                                     min_placement_gain_s=gain)
             except InfeasibleError as err:
-                cache[key] = err
+                # kept without its traceback, whose frames hold this model: a cycle that would keep an evicted
+                # model (and all it memoised) alive until a full garbage collection
+                err.__context__ = None
+                cache[key] = err.with_traceback(None)
         found = cache[key]
         if isinstance(found, InfeasibleError):
             raise found

@@ -23,6 +23,7 @@ block adds its bytes to the budget and the streamed blocks present to each segme
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 from .costs import EMPTY, CostModel, Segment, SegmentCost
@@ -158,8 +159,12 @@ class _Walk:
     search needs the states up to the first that fits its budget, and each greedy step costs a minimax
     over the placement's candidates (most of a first plan of a 14B DiT when walked to the end)."""
 
+    @property
+    def model(self) -> CostModel:
+        return self._model()
+
     def __init__(self, model: CostModel, max_group: int):
-        self.model, self.max_group = model, max_group
+        self._model, self.max_group = weakref.ref(model), max_group  # the model keeps the walk: no cycle
         self.host, self.streamed = EMPTY, EMPTY
         self.peak, self.worst, _ = memory_minimax(model, EMPTY, EMPTY, max_group)
         self.states = [(EMPTY, EMPTY, self.peak)]

@@ -18,6 +18,7 @@ import logging
 import math
 import time
 import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -67,11 +68,16 @@ class _Costs(Sequence):
     compared by latency, which the solve's table already has)."""
 
     def __init__(self, model: CostModel, segments: list[Segment], host: frozenset[str], streamed: frozenset[str]):
-        self._args, self._costs = (model, segments, host, streamed), None
+        # the model memoises its solutions: a strong reference back would make a cycle that keeps an evicted
+        # model (and all it memoised) alive until a full garbage collection
+        self._args, self._costs = (weakref.ref(model), segments, host, streamed), None
 
     def _built(self) -> list[SegmentCost]:
         if self._costs is None:
-            model, segments, host, streamed = self._args
+            model_ref, segments, host, streamed = self._args
+            model = model_ref()
+            if model is None:  # pragma: no cover - a solution is used while its planner holds the model
+                raise RuntimeError("a solution's segment costs were asked for after its cost model was freed")
             self._costs = [model.cost(s, host, streamed) for s in segments]
         return self._costs
 
